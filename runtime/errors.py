@@ -1,0 +1,103 @@
+"""Errors raised by the runtime package.
+
+Every error derives from :class:`JaulaError`; the CLI prints ``str(err)`` on one line and
+exits non-zero.  Errors carry the container id or path they concern, so that the one line
+says what was wrong and, where there is one, what to do.
+"""
+
+from __future__ import annotations
+
+
+class JaulaError(Exception):
+    """Base of every error jaula raises on purpose."""
+
+
+class ContainerError(JaulaError):
+    """A container operation failed.
+
+    Attributes:
+        container_id: the full id of the container concerned, or ``None`` when unknown.
+    """
+
+    def __init__(self, message: str, container_id: str | None = None) -> None:
+        super().__init__(message)
+        self.container_id = container_id
+
+
+class InvalidContainerId(ContainerError):
+    """A name or id that is not well formed (see :mod:`runtime.store`)."""
+
+
+class ContainerExists(ContainerError):
+    """A container with this name already exists under the state root."""
+
+
+class ContainerNotFound(ContainerError):
+    """No container matches the given name or id prefix."""
+
+
+class AmbiguousContainer(ContainerError):
+    """An id prefix matches more than one container."""
+
+
+class InvalidStateTransition(ContainerError):
+    """An operation is not allowed in the container's current status.
+
+    Attributes:
+        current: status the container is in.
+        target: status the operation would have moved it to.
+    """
+
+    def __init__(self, container_id: str, current: str, target: str, action: str) -> None:
+        super().__init__(
+            f"container {container_id[:12]} is {current}: cannot {action} it (would move to {target})",
+            container_id,
+        )
+        self.current = current
+        self.target = target
+
+
+class ConfigError(JaulaError):
+    """Bad user input in a container configuration (limits, mounts, user, env...)."""
+
+
+class CgroupError(JaulaError):
+    """A cgroup operation failed.
+
+    Attributes:
+        path: the cgroupfs file or directory concerned.
+        errno: the OS errno, when the failure came from the kernel.
+    """
+
+    def __init__(self, message: str, path: str | None = None, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.errno = errno
+
+
+class MountError(JaulaError):
+    """A mount, unmount or pivot_root failed."""
+
+
+class NamespaceError(JaulaError):
+    """Creating or entering a namespace failed."""
+
+
+class ImageError(JaulaError):
+    """An image could not be imported, found or removed."""
+
+
+class UnsafeArchiveError(ImageError):
+    """A tar archive holds an entry that would escape its root or is not allowed.
+
+    Attributes:
+        entry: the name of the offending member as written in the archive.
+    """
+
+    def __init__(self, message: str, entry: str) -> None:
+        super().__init__(message)
+        self.entry = entry
+
+
+class NotRootError(JaulaError):
+    """The operation needs root (uid 0) and the caller is not root."""
