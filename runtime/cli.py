@@ -1,0 +1,329 @@
+"""``jaula``: the command line of the runtime.  Thin: parse, call the library, print.
+
+Flags are spelled as Podman spells them.  Exit codes follow Podman: 125 for jaula's own
+errors, 126 when a command cannot be invoked, 127 when it is not found, otherwise the
+container's or exec'd program's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from runtime.cgroups import Resources
+from runtime.container import Container, RunOptions, Runtime, require_root
+from runtime.errors import JaulaError
+from runtime.logs import read_log, write_record
+from runtime.spec import (
+    parse_capabilities,
+    parse_cpus,
+    parse_memory,
+    parse_pids_limit,
+    parse_signal,
+    parse_volume,
+)
+from runtime.state import ContainerStatus
+from runtime.store import default_root
+
+EXIT_ERROR = 125
+
+
+def configure_logging(level: str) -> None:
+    """Structured key=value logs on stderr, WARNING and above unless asked otherwise."""
+    lvl = getattr(logging, level.upper(), logging.WARNING)
+    structlog.configure(
+        processors=[structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso"),
+                    structlog.processors.KeyValueRenderer(key_order=["timestamp", "level",
+                                                                     "event"])],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaula", description="A container runtime built for "
+                                "checkpoint/restore and live migration.")
+    p.add_argument("--state-root", type=Path, default=None,
+                   help="state root (default: $JAULA_ROOT or /var/lib/jaula)")
+    p.add_argument("--log-level", default=os.environ.get("JAULA_LOG_LEVEL", "warning"),
+                   choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    img = sub.add_parser("image", help="manage images")
+    isub = img.add_subparsers(dest="image_cmd", required=True, metavar="COMMAND")
+    imp = isub.add_parser("import", help="import an OCI layout dir, oci-archive or docker-save tar")
+    imp.add_argument("path", type=Path)
+    imp.add_argument("--name", help="NAME[:TAG] to give the image")
+    isub.add_parser("ls", help="list images")
+    irm = isub.add_parser("rm", help="remove images")
+    irm.add_argument("images", nargs="+")
+
+    run = sub.add_parser("run", help="run a command in a new container")
+    run.add_argument("--name")
+    run.add_argument("-d", "--detach", action="store_true", help="run in the background")
+    run.add_argument("--memory", "-m", help="memory limit (bytes, or 512m, 1g...)")
+    run.add_argument("--cpus", help="CPU limit, e.g. 0.5")
+    run.add_argument("--pids-limit", help="maximum number of processes")
+    run.add_argument("-e", "--env", action="append", default=[], help="KEY=VALUE")
+    run.add_argument("-w", "--workdir")
+    run.add_argument("-u", "--user", help="UID[:GID] or NAME[:GROUP]")
+    run.add_argument("--hostname")
+    run.add_argument("--network", default="none", choices=["none", "host"])
+    run.add_argument("-v", "--volume", action="append", default=[], help="HOST:CTR[:ro]")
+    run.add_argument("--entrypoint", help="override the image's Entrypoint")
+    run.add_argument("--cap-add", action="append", default=[])
+    run.add_argument("--cap-drop", action="append", default=[])
+    run.add_argument("--privileged", action="store_true")
+    run.add_argument("image")
+    run.add_argument("command", nargs=argparse.REMAINDER)
+
+    ps = sub.add_parser("ps", help="list containers")
+    ps.add_argument("-a", "--all", action="store_true", help="show stopped containers too")
+    ps.add_argument("-q", "--quiet", action="store_true", help="print ids only")
+    ps.add_argument("--format", choices=["table", "json"], default="table")
+
+    ins = sub.add_parser("inspect", help="show a container's configuration and state (JSON)")
+    ins.add_argument("containers", nargs="+")
+
+    lg = sub.add_parser("logs", help="print a container's output")
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("container")
+
+    ex = sub.add_parser("exec", help="run a command in a running container")
+    ex.add_argument("-d", "--detach", action="store_true")
+    ex.add_argument("-e", "--env", action="append", default=[])
+    ex.add_argument("-w", "--workdir")
+    ex.add_argument("-u", "--user")
+    ex.add_argument("container")
+    ex.add_argument("command", nargs=argparse.REMAINDER)
+
+    for name, helptext in (("pause", "freeze a container's processes"),
+                           ("resume", "thaw a paused container")):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("containers", nargs="+")
+    sub._name_parser_map["unpause"] = sub._name_parser_map["resume"]
+
+    st = sub.add_parser("stop", help="stop containers (stop signal, then SIGKILL)")
+    st.add_argument("-t", "--time", type=float, default=10.0, help="seconds before SIGKILL")
+    st.add_argument("containers", nargs="+")
+
+    k = sub.add_parser("kill", help="send a signal to containers")
+    k.add_argument("-s", "--signal", default="KILL")
+    k.add_argument("containers", nargs="+")
+
+    rm = sub.add_parser("rm", help="remove containers")
+    rm.add_argument("-f", "--force", action="store_true", help="kill running containers first")
+    rm.add_argument("containers", nargs="+")
+
+    w = sub.add_parser("wait", help="wait for containers to stop; print their exit codes")
+    w.add_argument("containers", nargs="+")
+    return p
+
+
+def _ago(t: float) -> str:
+    d = max(0, int(time.time() - t))
+    for unit, secs in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if d >= secs:
+            n = d // secs
+            return f"{n} {unit}{'s' if n > 1 else ''}"
+    return f"{d} second{'s' if d != 1 else ''}"
+
+
+def _status_text(c: Container) -> str:
+    st = c.state
+    if st.status is ContainerStatus.RUNNING:
+        return f"Up {_ago(st.started_at)}"
+    if st.status is ContainerStatus.PAUSED:
+        return f"Up {_ago(st.started_at)} (paused)"
+    if st.status is ContainerStatus.STOPPED:
+        return f"Exited ({st.exit_code}) {_ago(st.finished_at)} ago"
+    if st.status is ContainerStatus.MIGRATED:
+        return f"Migrated to {st.migrated_to}"
+    return st.status.value.capitalize()
+
+
+def cmd_ps(rt: Runtime, a: argparse.Namespace) -> int:
+    cs = rt.list(all=a.all)
+    if a.quiet:
+        for c in cs:
+            print(c.id[:12])
+        return 0
+    if a.format == "json":
+        print(json.dumps([{"Id": c.id, "Name": c.name, "Image": c.config.image_ref,
+                           "Command": list(c.config.args), "Status": c.status.value,
+                           "Pid": c.state.pid, "ExitCode": c.state.exit_code,
+                           "Created": c.config.created_at} for c in cs], indent=1))
+        return 0
+    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES")]
+    for c in cs:
+        cmd = " ".join(c.config.args)
+        rows.append((c.id[:12], c.config.image_ref, cmd if len(cmd) <= 20 else cmd[:17] + "...",
+                     _ago(c.config.created_at) + " ago", _status_text(c), c.name))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    for r in rows:
+        print("  ".join(v.ljust(widths[i]) for i, v in enumerate(r)).rstrip())
+    return 0
+
+
+def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
+    cmd = list(a.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    opts = RunOptions(
+        image=a.image, command=tuple(cmd),
+        entrypoint=None if a.entrypoint is None else tuple(a.entrypoint.split()),
+        name=a.name, env=tuple(a.env), workdir=a.workdir, user=a.user, hostname=a.hostname,
+        network=a.network,
+        resources=Resources(
+            memory_bytes=parse_memory(a.memory) if a.memory else None,
+            cpu_quota_us=parse_cpus(a.cpus) if a.cpus else None,
+            pids_max=parse_pids_limit(a.pids_limit) if a.pids_limit else None),
+        mounts=tuple(parse_volume(v) for v in a.volume),
+        capabilities=parse_capabilities(a.cap_add, a.cap_drop, a.privileged),
+        privileged=a.privileged)
+    c = rt.run(opts)
+    if a.detach:
+        print(c.id)
+        return 0
+    return _attach(c)
+
+
+def _attach(c: Container) -> int:
+    """Stream the container's output until it exits; forward SIGINT/SIGTERM to it."""
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.kill(c.state.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, forward)
+
+    def done() -> bool:
+        c.refresh()
+        return c.status not in (ContainerStatus.RUNNING, ContainerStatus.PAUSED) \
+            and not c.monitor_alive()
+
+    for rec in read_log(c.dir / "ctr.log", follow=True, is_done=done):
+        write_record(rec)
+    code = c.wait()
+    return code if code is not None and code >= 0 else EXIT_ERROR
+
+
+def cmd_logs(rt: Runtime, a: argparse.Namespace) -> int:
+    c = rt.get(a.container)
+
+    def done() -> bool:
+        c.refresh()
+        return c.status not in (ContainerStatus.RUNNING, ContainerStatus.PAUSED) \
+            and not c.monitor_alive()
+
+    for rec in read_log(c.dir / "ctr.log", follow=a.follow, is_done=done):
+        write_record(rec)
+    return 0
+
+
+def cmd_exec(rt: Runtime, a: argparse.Namespace) -> int:
+    cmd = list(a.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    c = rt.get(a.container)
+    return c.exec(tuple(cmd), tuple(a.env), a.workdir, a.user, a.detach)
+
+
+def cmd_image(rt: Runtime, a: argparse.Namespace) -> int:
+    if a.image_cmd == "import":
+        img = rt.images.import_path(a.path, name=a.name, progress=sys.stderr.isatty())
+        print(img.id)
+        return 0
+    if a.image_cmd == "ls":
+        rows = [("REPOSITORY:TAG", "IMAGE ID", "LAYERS", "SIZE")]
+        for img in rt.images.list():
+            for n in img.names or ("<none>",):
+                rows.append((n, img.id[:12], str(len(img.layers)),
+                             f"{img.size_bytes / 1e6:.1f} MB"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            print("  ".join(v.ljust(widths[i]) for i, v in enumerate(r)).rstrip())
+        return 0
+    for ref in a.images:
+        rt.images.remove(ref, in_use=rt.image_in_use)
+        print(ref)
+    return 0
+
+
+def _each(a: argparse.Namespace, rt: Runtime, fn: object) -> int:
+    """Apply an operation to each named container; report each failure, keep going."""
+    rc = 0
+    for ref in a.containers:
+        try:
+            out = fn(rt.get(ref))  # type: ignore[operator]
+            print(ref if out is None else out)
+        except JaulaError as e:
+            print(f"jaula: error: {e}", file=sys.stderr)
+            rc = EXIT_ERROR
+    return rc
+
+
+def dispatch(rt: Runtime, a: argparse.Namespace) -> int:
+    match a.cmd:
+        case "image":
+            return cmd_image(rt, a)
+        case "run":
+            return cmd_run(rt, a)
+        case "ps":
+            return cmd_ps(rt, a)
+        case "inspect":
+            return _each(a, rt, lambda c: json.dumps(c.inspect(), indent=1))
+        case "logs":
+            return cmd_logs(rt, a)
+        case "exec":
+            return cmd_exec(rt, a)
+        case "pause":
+            return _each(a, rt, lambda c: c.pause())
+        case "resume" | "unpause":
+            return _each(a, rt, lambda c: c.resume())
+        case "stop":
+            return _each(a, rt, lambda c: (c.stop(a.time), None)[1])
+        case "kill":
+            sig = parse_signal(a.signal)
+            return _each(a, rt, lambda c: c.kill(sig))
+        case "rm":
+            return _each(a, rt, lambda c: c.delete(force=a.force))
+        case "wait":
+            return _each(a, rt, lambda c: c.wait())
+    raise AssertionError(a.cmd)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``jaula``; returns the exit code."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    configure_logging(a.log_level)
+    try:
+        require_root()
+        rt = Runtime(a.state_root or default_root())
+        return dispatch(rt, a)
+    except JaulaError as e:
+        print(f"jaula: error: {e}", file=sys.stderr)
+        if a.cmd == "exec" and "not found" in str(e):
+            return 127
+        if a.cmd == "exec" and str(e).startswith("exec failed"):
+            return 126
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,545 @@
+"""The container lifecycle: run, inspect, exec, pause/resume, stop/kill, delete.
+
+Every operation follows the same steps (STYLE.md, habit 2): take the container's lock,
+refresh its status from facts (the init's pid and start time, the monitor's ``exit.json``),
+check the transition, act, save.  ``run`` undoes every step it made when a later one fails,
+so a failed ``run`` leaves no mount, cgroup, process or directory behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import structlog
+
+from runtime import syscalls as sc
+from runtime.cgroups import CgroupManager, Resources, create_manager
+from runtime.errors import (
+    ConfigError,
+    ContainerError,
+    JaulaError,
+    NotRootError,
+)
+from runtime.exec_process import exec_in
+from runtime.image import ImageStore
+from runtime.rootfs.mounts import secure_join
+from runtime.rootfs.overlay import OverlayLayout, is_mountpoint, mount_overlay, unmount
+from runtime.spec import ContainerConfig, Mount, User, parse_env
+from runtime.state import (
+    ContainerStatus,
+    ExitRecord,
+    State,
+    atomic_write_json,
+    check_transition,
+    read_json,
+)
+from runtime.store import Store, flocked
+
+log = structlog.get_logger(__name__)
+S = ContainerStatus
+
+
+def require_root() -> None:
+    """Raise NotRootError unless the caller is uid 0."""
+    if os.geteuid() != 0:
+        raise NotRootError("jaula needs root to create namespaces, mounts and cgroups: "
+                           "run it as root (e.g. with sudo)")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What ``jaula run`` was asked for (already parsed; see :mod:`runtime.spec`).
+
+    ``command`` replaces the image's Cmd, ``entrypoint`` (when not None) its Entrypoint;
+    ``env`` items are ``K=V`` merged over the image's Env; ``user`` is ``UID[:GID]`` or a name
+    from the image's /etc/passwd."""
+
+    image: str
+    command: tuple[str, ...] = ()
+    entrypoint: tuple[str, ...] | None = None
+    name: str | None = None
+    env: tuple[str, ...] = ()
+    workdir: str | None = None
+    user: str | None = None
+    hostname: str | None = None
+    network: str = "none"
+    resources: Resources = field(default_factory=Resources)
+    mounts: tuple[Mount, ...] = ()
+    capabilities: tuple[str, ...] | None = None
+    privileged: bool = False
+
+
+class Container:
+    """One container of a :class:`Runtime`.  Attributes are read at construction; call
+    :meth:`refresh` (done by every operation under the lock) to re-read the facts."""
+
+    def __init__(self, rt: Runtime, container_id: str) -> None:
+        self.rt = rt
+        self.id = container_id
+        self.dir = rt.store.container_dir(container_id)
+        self.config = ContainerConfig.from_json(read_json(self.dir / "config.json"))
+        self.state = self._load_state()
+        self._refresh_from_facts()
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def status(self) -> ContainerStatus:
+        return self.state.status
+
+    def _load_state(self) -> State:
+        try:
+            return State.from_json(read_json(self.dir / "state.json"))
+        except FileNotFoundError:
+            return State()
+
+    def exit_record(self) -> ExitRecord | None:
+        """What the monitor recorded when the init exited, or None."""
+        try:
+            return ExitRecord(**read_json(self.dir / "exit.json"))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _refresh_from_facts(self) -> None:
+        st = self.state
+        if st.status in (S.RUNNING, S.PAUSED) and not sc.is_alive(st.pid, st.pid_start_time):
+            st.status = S.STOPPED
+            rec = self.exit_record()
+            if rec is not None:
+                st.exit_code, st.finished_at, st.oom_killed = (rec.exit_code, rec.finished_at,
+                                                                rec.oom_killed)
+            else:  # the monitor died too: the exit status is lost
+                st.exit_code = st.exit_code if st.exit_code is not None else -1
+                st.finished_at = st.finished_at or time.time()
+
+    def refresh(self) -> None:
+        """Re-read state.json and the facts."""
+        self.state = self._load_state()
+        self._refresh_from_facts()
+
+    def save(self) -> None:
+        atomic_write_json(self.dir / "state.json", self.state.to_json())
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold this container's lock, refreshed on entry."""
+        with flocked(self.dir / "lock"):
+            self.refresh()
+            yield
+
+    # -- helpers ---------------------------------------------------------------------------
+    def cgroup(self) -> CgroupManager:
+        return create_manager(self.id, root=self.rt.cgroup_root, parent=self.config.cgroup_parent)
+
+    @property
+    def rootfs(self) -> Path:
+        return self.dir / "merged"
+
+    @property
+    def upperdir(self) -> Path:
+        return self.dir / "upper"
+
+    def monitor_alive(self) -> bool:
+        return sc.is_alive(self.state.monitor_pid, self.state.monitor_start_time)
+
+    def _require(self, *allowed: ContainerStatus, action: str) -> None:
+        if self.status not in allowed:
+            raise ContainerError(
+                f"container {self.name} ({self.id[:12]}) is {self.status.value}: cannot {action} "
+                f"it (it must be {' or '.join(s.value for s in allowed)})", self.id)
+
+    # -- operations ------------------------------------------------------------------------
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the container init.  Raises ContainerError unless running/paused."""
+        with self.locked():
+            self._require(S.RUNNING, S.PAUSED, action="signal")
+            try:
+                os.kill(self.state.pid, sig)
+            except ProcessLookupError:
+                return
+            if self.status is S.PAUSED and sig == signal.SIGKILL:
+                self.cgroup().thaw()
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """Send the stop signal, wait up to ``timeout_s`` seconds, then SIGKILL every task.
+        Returns the exit code (None if the monitor could not record it).  Stopping a stopped
+        container is a no-op, as in Podman."""
+        with self.locked():
+            if self.status not in (S.RUNNING, S.PAUSED):
+                return self.state.exit_code
+            cg = self.cgroup()
+            try:
+                os.kill(self.state.pid, self.config.stop_signal)
+            except ProcessLookupError:
+                pass
+            if self.status is S.PAUSED:
+                cg.thaw()
+            if not self._wait_stopped(timeout_s):
+                cg.kill_all(signal.SIGKILL)
+                self._wait_stopped(10.0)
+            self._wait_monitor(10.0)
+            self.refresh()
+            if self.status is not S.STOPPED:
+                raise ContainerError(f"container {self.name} did not stop", self.id)
+            self.save()
+            return self.state.exit_code
+
+    def _wait_stopped(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not sc.is_alive(self.state.pid, self.state.pid_start_time):
+                return True
+            time.sleep(0.02)
+        return not sc.is_alive(self.state.pid, self.state.pid_start_time)
+
+    def _wait_monitor(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.monitor_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        """Block until the container stops; return its exit code.  Raises TimeoutError."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            self.refresh()
+            if self.status not in (S.RUNNING, S.PAUSED) and not self.monitor_alive():
+                self.refresh()
+                return self.state.exit_code
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"container {self.name} still running after {timeout_s} s")
+            time.sleep(0.05)
+
+    def pause(self) -> None:
+        """Freeze every task of the container (freezer cgroup)."""
+        with self.locked():
+            check_transition(self.id, self.status, S.PAUSED, "pause")
+            if self.status is S.PAUSED:
+                return
+            self.cgroup().freeze()
+            self.state.status = S.PAUSED
+            self.save()
+
+    def resume(self) -> None:
+        """Thaw a paused container."""
+        with self.locked():
+            if self.status is not S.PAUSED:
+                raise ContainerError(f"container {self.name} is {self.status.value}, not paused: "
+                                     "nothing to resume", self.id)
+            self.cgroup().thaw()
+            self.state.status = S.RUNNING
+            self.save()
+
+    def exec(self, args: tuple[str, ...], env: tuple[str, ...] = (), workdir: str | None = None,
+             user: str | None = None, detach: bool = False) -> int:
+        """Run ``args`` inside the running container (see :mod:`runtime.exec_process`).
+
+        Returns the program's exit code.  Raises ContainerError when the container is not
+        running or the program cannot be started."""
+        if not args:
+            raise ConfigError("exec needs a command to run")
+        with self.locked():
+            self._require(S.RUNNING, action="exec into")
+            pid = self.state.pid
+            cfg = self.config
+            u = resolve_user(self.rootfs, user) if user else cfg.user
+        return exec_in(pid, self.cgroup(), tuple(args), parse_env(list(env), cfg.env),
+                       workdir or cfg.cwd, u, cfg.capabilities, detach, self.id)
+
+    def delete(self, force: bool = False) -> None:
+        """Remove the container: its processes (with ``force``), cgroup, mount and directory.
+
+        Raises ContainerError when it is running or paused and ``force`` is False."""
+        with self.locked():
+            if self.status in (S.RUNNING, S.PAUSED, S.MIGRATING):
+                if not force:
+                    raise ContainerError(
+                        f"container {self.name} ({self.id[:12]}) is {self.status.value}: stop it "
+                        "first or use `rm -f`", self.id)
+            self._teardown()
+        self.rt.store.remove_dir(self.id)
+        log.info("container.removed", id=self.id[:12], name=self.name)
+
+    def _teardown(self) -> None:
+        """Kill every task, wait for the monitor, unmount, destroy the cgroup.  Errors are
+        collected and raised together, never dropped."""
+        errors: list[str] = []
+        cg = self.cgroup()
+        try:
+            if self.status in (S.RUNNING, S.PAUSED, S.MIGRATING) or cg.pids():
+                cg.kill_all(signal.SIGKILL)
+                self._wait_stopped(10.0)
+        except JaulaError as e:
+            errors.append(str(e))
+        self._wait_monitor(10.0)
+        if self.monitor_alive():
+            os.kill(self.state.monitor_pid, signal.SIGKILL)
+        try:
+            unmount(self.rootfs)
+        except JaulaError as e:
+            errors.append(str(e))
+        try:
+            cg.destroy()
+        except JaulaError as e:
+            errors.append(str(e))
+        if errors:
+            raise ContainerError(f"cleaning up {self.name} failed: " + "; ".join(errors), self.id)
+
+    def inspect(self) -> dict[str, object]:
+        """A JSON-able description: config, state, paths."""
+        self.refresh()
+        return {
+            "Id": self.id,
+            "Name": self.name,
+            "Image": self.config.image_ref,
+            "ImageId": self.config.image_id,
+            "Created": self.config.created_at,
+            "Config": self.config.to_json(),
+            "State": self.state.to_json(),
+            "Rootfs": str(self.rootfs),
+            "UpperDir": str(self.upperdir),
+            "LogPath": str(self.dir / "ctr.log"),
+            "CgroupPaths": {k: str(v) for k, v in self.cgroup().paths().items()},
+        }
+
+
+class Runtime:
+    """A node's containers and images under one state root.
+
+    Args:
+        root: the state root (default ``$JAULA_ROOT`` or ``/var/lib/jaula``).
+        cgroup_root: where cgroupfs is mounted.
+        cgroup_parent: directory under each hierarchy that holds this runtime's containers.
+    """
+
+    def __init__(self, root: Path | None = None, cgroup_root: Path = Path("/sys/fs/cgroup"),
+                 cgroup_parent: str = "jaula") -> None:
+        self.store = Store(root)
+        self.root = self.store.root
+        self.images = ImageStore(self.root)
+        self.cgroup_root = cgroup_root
+        self.cgroup_parent = cgroup_parent
+
+    def get(self, ref: str) -> Container:
+        """The container named ``ref`` or whose id (or unique id prefix) is ``ref``."""
+        return Container(self, self.store.resolve(ref))
+
+    def list(self, all: bool = False) -> list[Container]:
+        """Containers, oldest first; only running/paused ones unless ``all``."""
+        out = []
+        for cid in self.store.ids():
+            try:
+                c = Container(self, cid)
+            except (FileNotFoundError, ValueError):
+                continue  # being created or removed right now
+            if all or c.status in (S.RUNNING, S.PAUSED):
+                out.append(c)
+        return sorted(out, key=lambda c: c.config.created_at)
+
+    def image_in_use(self, image_id: str) -> bool:
+        return any(c.config.image_id == image_id for c in self.list(all=True))
+
+    def run(self, opts: RunOptions) -> Container:
+        """Create and start a container; returns it running.
+
+        Raises ImageError (no such image), ContainerExists (name taken), ConfigError (bad
+        user, workdir or command), MountError, CgroupError, ContainerError (the init failed
+        to start, with its reason).  On any failure nothing is left behind."""
+        require_root()
+        if opts.network not in ("none", "host"):
+            raise ConfigError(f"invalid --network {opts.network!r}: use none or host")
+        image = self.images.resolve(opts.image)
+        layer_dirs = self.images.layer_dirs(image)
+        icfg = image.config
+        entrypoint = icfg.entrypoint if opts.entrypoint is None else opts.entrypoint
+        cmd = opts.command or (icfg.cmd if opts.entrypoint is None else ())
+        args = tuple(entrypoint) + tuple(cmd)
+        if not args:
+            raise ConfigError(f"no command given and image {opts.image} has no Entrypoint or "
+                              "Cmd: give one after the image name")
+        from runtime.spec import DEFAULT_CAPABILITIES
+
+        with self.store.lock():
+            name = opts.name or self.store.new_name()
+            self.store.check_name(name)
+            cid = self.store.new_id()
+            cdir = self.store.create_dir(cid)
+            cfg = ContainerConfig(
+                id=cid, name=name, image_id=image.id, image_ref=opts.image,
+                layers=tuple(image.layers), args=args,
+                env=parse_env(list(opts.env), tuple(icfg.env)),
+                cwd=opts.workdir or icfg.working_dir or "/",
+                user_spec=opts.user or icfg.user or "",
+                hostname=opts.hostname or cid[:12], network=opts.network,
+                resources=opts.resources, mounts=opts.mounts,
+                capabilities=opts.capabilities or DEFAULT_CAPABILITIES,
+                privileged=opts.privileged,
+                stop_signal=_stop_signal(icfg.stop_signal),
+                cgroup_parent=self.cgroup_parent, created_at=time.time())
+            atomic_write_json(cdir / "config.json", cfg.to_json())
+            atomic_write_json(cdir / "state.json", State().to_json())
+        ctr: Container | None = None
+        layout = OverlayLayout.in_dir(cdir, layer_dirs)
+        cg = create_manager(cid, root=self.cgroup_root, parent=self.cgroup_parent)
+        try:
+            mount_overlay(layout)
+            user = resolve_user(layout.merged, cfg.user_spec) if cfg.user_spec else User()
+            check_command(layout.merged, cfg.args[0], cfg.env, cfg.cwd)
+            cfg = replace(cfg, user=user)
+            atomic_write_json(cdir / "config.json", cfg.to_json())
+            cg.create(cfg.resources)
+            ctr = Container(self, cid)
+            with ctr.locked():
+                pid, start, mon_pid = _start_monitor(cdir)
+                ctr.state = State(status=S.RUNNING, pid=pid, pid_start_time=start,
+                                  monitor_pid=mon_pid,
+                                  monitor_start_time=sc.proc_start_time(mon_pid),
+                                  started_at=time.time())
+                ctr.save()
+        except BaseException:
+            _rollback(cdir, layout, cg)
+            raise
+        log.info("container.started", id=cid[:12], name=name, pid=pid)
+        return ctr
+
+
+def _stop_signal(value: str | None) -> int:
+    from runtime.spec import parse_signal
+
+    try:
+        return parse_signal(value) if value else signal.SIGTERM
+    except ConfigError:
+        return signal.SIGTERM
+
+
+def _rollback(cdir: Path, layout: OverlayLayout, cg: CgroupManager) -> None:
+    """Undo a failed ``run``: processes, cgroup, mount, directory (in that order)."""
+    import shutil
+
+    try:
+        cg.destroy()
+    except Exception as e:  # noqa: BLE001 - keep undoing, but say so
+        log.error("run.rollback.cgroup", error=str(e))
+    try:
+        unmount(layout.merged)
+    except Exception as e:  # noqa: BLE001
+        log.error("run.rollback.unmount", error=str(e))
+    if not is_mountpoint(layout.merged):
+        shutil.rmtree(cdir, ignore_errors=True)
+
+
+def _start_monitor(cdir: Path) -> tuple[int, int, int]:
+    """Start the container's monitor detached (double fork, own session) and wait for its
+    report.  Returns (init host pid, init start time, monitor pid).  Raises ContainerError
+    with the init's own reason when it could not start."""
+    sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
+    pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
+    log_fd = os.open(cdir / "monitor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    first = os.fork()
+    if first == 0:
+        try:
+            os.setsid()
+            second = os.fork()
+            if second:
+                os.write(pid_w, str(second).encode())
+                os._exit(0)
+            devnull = os.open("/dev/null", os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            os.set_inheritable(sync_w, True)
+            from runtime.process import close_fds_except
+
+            close_fds_except({sync_w})
+            os.execv(sys.executable, [sys.executable, "-m", "runtime.monitor", str(cdir),
+                                      str(sync_w)])
+        finally:
+            os._exit(127)
+    os.close(sync_w)
+    os.close(pid_w)
+    os.close(log_fd)
+    os.waitpid(first, 0)
+    mon_pid = int(os.read(pid_r, 32) or b"0")
+    os.close(pid_r)
+    report = b""
+    while chunk := os.read(sync_r, 65536):
+        report += chunk
+    os.close(sync_r)
+    text = report.decode(errors="replace")
+    if text.startswith("ok "):
+        _, pid, start = text.split()
+        return int(pid), int(start), mon_pid
+    if text.startswith("error "):
+        raise ContainerError(f"the container failed to start: {text[6:]}")
+    tail = ""
+    with contextlib.suppress(OSError):
+        tail = (cdir / "monitor.log").read_text()[-500:].strip()
+    raise ContainerError(f"the container monitor died before starting it: {tail or 'no output'}")
+
+
+def resolve_user(rootfs: Path, spec: str) -> User:
+    """``UID[:GID]`` or ``NAME[:GROUP]`` against the image's /etc/passwd and /etc/group.
+
+    Raises ConfigError naming the user or group not found."""
+    user, _, group = spec.partition(":")
+    passwd = _read_db(rootfs, "/etc/passwd")
+    groups = _read_db(rootfs, "/etc/group")
+    if user.isdigit():
+        uid = int(user)
+        entry = next((e for e in passwd if e[2] == user), None)
+        gid = int(entry[3]) if entry else 0
+        uname = entry[0] if entry else None
+    else:
+        entry = next((e for e in passwd if e[0] == user), None)
+        if entry is None:
+            raise ConfigError(f"unable to find user {user}: no matching entries in the image's "
+                              "/etc/passwd; use a numeric UID[:GID]")
+        uid, gid, uname = int(entry[2]), int(entry[3]), entry[0]
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            g = next((e for e in groups if e[0] == group), None)
+            if g is None:
+                raise ConfigError(f"unable to find group {group}: no matching entries in the "
+                                  "image's /etc/group")
+            gid = int(g[2])
+    extra: tuple[int, ...] = ()
+    if uname:
+        extra = tuple(sorted({int(e[2]) for e in groups
+                              if len(e) > 3 and uname in e[3].split(",") and e[2].isdigit()}))
+    return User(uid, gid, extra)
+
+
+def _read_db(rootfs: Path, path: str) -> list[list[str]]:
+    try:
+        with open(secure_join(str(rootfs), path)) as f:
+            return [line.rstrip("\n").split(":") for line in f
+                    if line.strip() and not line.startswith("#") and line.count(":") >= 2]
+    except OSError:
+        return []
+
+
+def check_command(rootfs: Path, program: str, env: tuple[str, ...], cwd: str) -> None:
+    """Raise ConfigError when ``program`` is not found in the image (by path, or through the
+    container's ``PATH``), before anything is started."""
+    root = str(rootfs)
+    if "/" in program:
+        p = program if program.startswith("/") else os.path.join(cwd, program)
+        if not os.path.exists(secure_join(root, p)):
+            raise ConfigError(f"{program}: no such file or directory in the image")
+        return
+    path = dict(kv.partition("=")[::2] for kv in env).get("PATH", "")
+    for d in path.split(":"):
+        if d and os.path.exists(secure_join(root, os.path.join(d, program))):
+            return
+    raise ConfigError(f"executable file {program!r} not found in $PATH ({path}) of the image")

@@ -1,0 +1,78 @@
+"""Child side of ``run``: the container init, from fork to execve.
+
+The monitor has already called ``unshare(CLONE_NEWPID)``, so this process is pid 1 of a new
+pid namespace.  Sequence (parent = monitor)::
+
+    monitor                               init (this module)
+      fork ───────────────────────────────► wait for "go" on start pipe
+      add pid to the cgroup
+      write "go" ─────────────────────────► setsid; unshare(mnt|uts|ipc[|net])
+                                            make / rprivate; hostname; lo up
+                                            mounts (runtime.rootfs.mounts); pivot_root
+                                            stdio; drop privileges; execve
+      read error pipe: EOF = exec worked ◄── (O_CLOEXEC) or "message" + exit 127
+
+Why setsid first: CRIU dumps a tree only when its session and process-group leaders are
+inside it (DESIGN.md, "Pitfalls").
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import NoReturn
+
+from runtime import syscalls as sc
+from runtime.process import ExecFailed, close_fds_except, drop_privileges, exec_user_program
+from runtime.rootfs.mounts import pivot_into, prepare_rootfs
+from runtime.spec import ContainerConfig
+
+
+def run_init(cfg: ContainerConfig, rootfs: str, start_r: int, err_w: int,
+             stdout_w: int, stderr_w: int) -> NoReturn:
+    """Become the container init and exec its program; never returns.
+
+    On failure writes ``"<step>: <reason>"`` to ``err_w`` and exits 127."""
+    step = "wait for the monitor"
+    try:
+        os.read(start_r, 1)
+        os.close(start_r)
+        step = "setsid"
+        os.setsid()
+        step = "create namespaces"
+        flags = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
+        if cfg.network != "host":
+            flags |= sc.CLONE_NEWNET
+        sc.unshare(flags)
+        step = "make mounts private"
+        sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+        step = "set the hostname"
+        socket.sethostname(cfg.hostname or cfg.id[:12])
+        if cfg.network != "host":
+            step = "bring lo up"
+            sc.link_up("lo")
+        step = "mount the container filesystems"
+        prepare_rootfs(cfg, rootfs)
+        step = "pivot_root"
+        pivot_into(rootfs)
+        step = "set up stdio"
+        devnull = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(stdout_w, 1)
+        os.dup2(stderr_w, 2)
+        close_fds_except({err_w})
+        step = "drop privileges"
+        drop_privileges(cfg.user, cfg.capabilities)
+        step = "exec"
+        exec_user_program(cfg.args, cfg.env, cfg.cwd)
+    except ExecFailed as e:
+        _fail(err_w, str(e))
+    except BaseException as e:  # noqa: BLE001 - anything here must reach the parent
+        _fail(err_w, f"{step}: {e}")
+
+
+def _fail(err_w: int, message: str) -> NoReturn:
+    try:
+        os.write(err_w, message.encode()[:4000])
+    finally:
+        os._exit(127)

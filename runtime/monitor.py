@@ -1,0 +1,186 @@
+"""The per-container monitor: parent of the container init, keeper of its logs and exit status.
+
+Started by :meth:`runtime.container.Runtime.run` as ``python -m runtime.monitor DIR SYNC_FD``,
+detached (its own session, reparented away from the CLI), so it outlives the CLI.  It:
+
+1. becomes a child subreaper, opens the stdout/stderr pipes and ``unshare(CLONE_NEWPID)``;
+2. forks the init (:func:`runtime.init_process.run_init`), puts it in the cgroup, releases it;
+3. reports ``ok PID STARTTIME`` or ``error MESSAGE`` on ``SYNC_FD`` and closes it;
+4. copies the pipes into ``ctr.log`` until the init exits (pidfd), in the CRI log format
+   (``RFC3339NANO STREAM F|P TEXT``; ``P`` marks a partial line), the format Podman's
+   ``k8s-file`` driver writes;
+5. writes ``exit.json`` (exit code, 128+signal when killed, OOM flag), unmounts the rootfs and
+   exits.
+
+The container never writes into the state root: it only holds the write ends of the pipes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from runtime import syscalls as sc
+from runtime.cgroups import create_manager
+from runtime.init_process import run_init
+from runtime.rootfs.overlay import unmount
+from runtime.spec import ContainerConfig
+from runtime.state import ExitRecord, atomic_write_json
+
+_PARTIAL_FLUSH = 16 * 1024
+
+
+def _ts() -> str:
+    now = time.time_ns()
+    return datetime.fromtimestamp(now // 1_000_000_000, timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%S") + f".{now % 1_000_000_000:09d}Z"
+
+
+class LogWriter:
+    """Turns raw pipe bytes into CRI-format log lines in one append-only file."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.partial: dict[str, bytes] = {"stdout": b"", "stderr": b""}
+
+    def feed(self, stream: str, data: bytes) -> None:
+        buf = self.partial[stream] + data
+        lines = buf.split(b"\n")
+        out = [f"{_ts()} {stream} F ".encode() + line + b"\n" for line in lines[:-1]]
+        rest = lines[-1]
+        if len(rest) >= _PARTIAL_FLUSH:
+            out.append(f"{_ts()} {stream} P ".encode() + rest + b"\n")
+            rest = b""
+        self.partial[stream] = rest
+        if out:
+            os.write(self.fd, b"".join(out))
+
+    def flush(self) -> None:
+        for stream, rest in self.partial.items():
+            if rest:
+                os.write(self.fd, f"{_ts()} {stream} P ".encode() + rest + b"\n")
+                self.partial[stream] = b""
+
+
+def _report(sync_fd: int, message: str) -> None:
+    try:
+        os.write(sync_fd, message.encode())
+    except OSError:
+        pass
+    finally:
+        os.close(sync_fd)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point: ``argv = [container_dir, sync_fd]``."""
+    cdir = Path(argv[0])
+    sync_fd = int(argv[1])
+    for s in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    sc.set_process_name("jaula-monitor")
+    sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+    cfg = ContainerConfig.from_json(json.loads((cdir / "config.json").read_text()))
+    cgroup = create_manager(cfg.id, parent=cfg.cgroup_parent)
+    log = LogWriter(cdir / "ctr.log")
+
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    start_r, start_w = os.pipe2(os.O_CLOEXEC)
+    fail_r, fail_w = os.pipe2(os.O_CLOEXEC)
+    sc.unshare(sc.CLONE_NEWPID)
+    pid = os.fork()
+    if pid == 0:
+        os.close(sync_fd)
+        for fd in (out_r, err_r, start_w, fail_r):
+            os.close(fd)
+        run_init(cfg, str(cdir / "merged"), start_r, fail_w, out_w, err_w)
+    for fd in (out_w, err_w, start_r, fail_w):
+        os.close(fd)
+    try:
+        cgroup.add_process(pid)
+    except Exception as e:  # noqa: BLE001 - reported to the CLI, then the init is killed
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        _report(sync_fd, f"error cannot put the init in its cgroup: {e}")
+        return 1
+    os.write(start_w, b"g")
+    os.close(start_w)
+    failure = b""
+    while chunk := os.read(fail_r, 4096):
+        failure += chunk
+    os.close(fail_r)
+    if failure:
+        os.waitpid(pid, 0)
+        _report(sync_fd, "error " + failure.decode(errors="replace"))
+        return 1
+    start = sc.proc_start_time(pid)
+    _report(sync_fd, f"ok {pid} {start}")
+
+    status = _pump(pid, log, out_r, err_r)
+    code = os.waitstatus_to_exitcode(status)
+    sig = -code if code < 0 else 0
+    try:
+        oom = cgroup.oom_killed()
+    except Exception:  # noqa: BLE001 - the OOM flag is best effort
+        oom = False
+    record = ExitRecord(exit_code=128 + sig if sig else code, signal=sig,
+                        finished_at=time.time(), oom_killed=oom)
+    atomic_write_json(cdir / "exit.json", record.__dict__)
+    try:
+        unmount(cdir / "merged")
+    except Exception as e:  # noqa: BLE001 - rm retries; say it in the monitor log
+        print(f"monitor: {e}", file=sys.stderr)
+    return 0
+
+
+def _pump(pid: int, log: LogWriter, out_r: int, err_r: int) -> int:
+    """Copy the pipes into the log until the init exits; return its wait status."""
+    pidfd = os.pidfd_open(pid)
+    sel = selectors.DefaultSelector()
+    sel.register(out_r, selectors.EVENT_READ, "stdout")
+    sel.register(err_r, selectors.EVENT_READ, "stderr")
+    sel.register(pidfd, selectors.EVENT_READ, None)
+    status: int | None = None
+    open_streams = 2
+    deadline: float | None = None
+    while open_streams:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        events = sel.select(timeout)
+        if not events and deadline is not None:
+            break  # writers still open after the init died (e.g. leaked): stop waiting
+        for key, _ in events:
+            if key.data is None:
+                _, status = os.waitpid(pid, 0)
+                sel.unregister(pidfd)
+                os.close(pidfd)
+                deadline = time.monotonic() + 2.0
+                continue
+            data = os.read(key.fd, 65536)
+            if data:
+                log.feed(key.data, data)
+            else:
+                sel.unregister(key.fd)
+                os.close(key.fd)
+                open_streams -= 1
+    if status is None:
+        _, status = os.waitpid(pid, 0)
+        os.close(pidfd)
+    log.flush()
+    # Reap anything else that was reparented to us (we are a subreaper).
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,194 @@
+"""The one place where jaula calls libc and raw syscalls (through ctypes).
+
+Python 3.11's ``os`` module has no ``unshare``, ``setns``, ``mount`` or ``pivot_root``; these
+thin wrappers raise ``OSError`` with the errno and the arguments in the message, so callers can
+translate them into :mod:`runtime.errors` at their boundary.
+
+Sources: mount(2), umount(2), pivot_root(2), unshare(2), setns(2), prctl(2), capset(2),
+netdevice(7) for the interface flag ioctls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fcntl
+import os
+import platform
+import socket
+import struct
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+# mount(2) flags
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_MOVE = 0x2000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MNT_DETACH = 2
+
+# clone(2) / unshare(2) namespace flags
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+# prctl(2)
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_NAME = 15
+
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217}
+
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _b(value: str | os.PathLike[str] | None) -> bytes | None:
+    return None if value is None else os.fsencode(value)
+
+
+def mount(source: str | None, target: str | os.PathLike[str], fstype: str | None,
+          flags: int = 0, data: str | None = None) -> None:
+    """mount(2).  Raises OSError naming source, target and type."""
+    _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)),
+           f"mount {source or 'none'} on {os.fspath(target)} (type {fstype}, data {data!r})")
+
+
+def umount(target: str | os.PathLike[str], flags: int = 0) -> None:
+    """umount2(2).  Raises OSError naming the target."""
+    _check(_libc.umount2(_b(target), flags), f"umount {os.fspath(target)}")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    """pivot_root(2) (no glibc wrapper, so through syscall(2))."""
+    nr = _SYS_PIVOT_ROOT.get(platform.machine())
+    if nr is None:
+        raise OSError(38, f"pivot_root: unsupported machine {platform.machine()}")
+    _check(_libc.syscall(nr, _b(new_root), _b(put_old)), f"pivot_root {new_root} {put_old}")
+
+
+def unshare(flags: int) -> None:
+    """unshare(2) with ``CLONE_*`` flags."""
+    _check(_libc.unshare(flags), f"unshare {flags:#x}")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """setns(2): join the namespace behind ``fd`` (an open /proc/PID/ns/* file)."""
+    _check(_libc.setns(fd, nstype), f"setns fd {fd} type {nstype:#x}")
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    """prctl(2).  Returns the call's result; raises OSError on -1."""
+    ret = _libc.prctl(option, arg2, arg3, arg4, arg5)
+    if ret == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl {option}: {os.strerror(err)}")
+    return int(ret)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    """capset(2) on the calling thread, with 64-bit masks (bit N = capability number N)."""
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in range(2):
+        shift = 32 * i
+        data[i].effective = (effective >> shift) & 0xFFFFFFFF
+        data[i].permitted = (permitted >> shift) & 0xFFFFFFFF
+        data[i].inheritable = (inheritable >> shift) & 0xFFFFFFFF
+    _check(_libc.capset(ctypes.byref(hdr), data), "capset")
+
+
+def cap_last_cap() -> int:
+    """Highest capability number the kernel knows (/proc/sys/kernel/cap_last_cap)."""
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except OSError:
+        return 40
+
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+def link_up(ifname: str = "lo") -> None:
+    """Set IFF_UP on a network interface of the current net namespace (netdevice(7))."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifr = struct.pack("16sh14x", ifname.encode(), 0)
+        res = fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifr)
+        flags = struct.unpack("16sh14x", res)[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sh14x", ifname.encode(),
+                                                          flags | IFF_UP))
+
+
+def set_process_name(name: str) -> None:
+    """Name the calling thread (PR_SET_NAME, 15 bytes), as shown by ps and /proc/PID/comm."""
+    buf = ctypes.create_string_buffer(name.encode()[:15])
+    _libc.prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0, 0, 0, 0)
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), or None
+    when the process does not exist.  With the pid it identifies a process for good."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm may contain spaces and parentheses: split after the last ')'.
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[19])
+
+
+def is_alive(pid: int | None, start_time: int | None) -> bool:
+    """True when ``pid`` exists, is not a zombie, and started at ``start_time``."""
+    if not pid or start_time is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    fields = data[data.rindex(b")") + 2:].split()
+    return fields[0] != b"Z" and fields[0] != b"X" and int(fields[19]) == start_time
