@@ -1,0 +1,622 @@
+"""The cgroup drivers against a fake cgroupfs in tmp_path (no root needed).
+
+:class:`FakeKernfs` lays out plain files and directories the way the kernel does (v1: one
+mount dir per hierarchy; v2: one tree whose children get controller files from the parent's
+``cgroup.subtree_control``) and replaces the three kernel-facing primitives of
+:mod:`runtime.cgroups.fs` to emulate what kernfs does on mkdir, rmdir and write: control files
+appear on mkdir, rmdir refuses a cgroup with tasks or children (EBUSY), writes are checked
+like the kernel checks them (memsw >= limit, only available controllers in subtree_control)
+and have their side effects (freezer state, ``cgroup.events``, ``cgroup.kill``).  Every write
+is logged, so the tests can assert which files a driver writes, in what order, with what value.
+
+Pids used here are above the kernel's largest pid_max (2**22), and ``os.kill`` is replaced, so
+no real process can ever be signalled.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime.cgroups import (
+    CgroupMode,
+    CgroupStats,
+    FreezerState,
+    Resources,
+    create_manager,
+    detect_mode,
+    fs,
+)
+from runtime.cgroups.detect import parse_mountinfo
+from runtime.cgroups.v1 import V1Manager, find_v1_mounts
+from runtime.cgroups.v2 import V2Manager
+from runtime.errors import CgroupError
+
+FAKE_PID = 2**22 + 101  # above any pid_max: never a real process
+UNLIMITED_V1 = "9223372036854771712"  # what v1 memory limits read when unlimited (page rounded)
+
+V1_FILES: dict[str, dict[str, str]] = {
+    "": {"cgroup.procs": "", "tasks": "", "notify_on_release": "0"},
+    "memory": {
+        "memory.limit_in_bytes": UNLIMITED_V1,
+        "memory.memsw.limit_in_bytes": UNLIMITED_V1,
+        "memory.usage_in_bytes": "0",
+        "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 0",
+    },
+    "cpu": {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "-1", "cpu.shares": "1024"},
+    "cpuacct": {"cpuacct.usage": "0"},
+    "pids": {"pids.max": "max", "pids.current": "0"},
+    "freezer": {"freezer.state": "THAWED"},
+}
+
+V2_FILES: dict[str, dict[str, str]] = {
+    "": {
+        "cgroup.controllers": "", "cgroup.subtree_control": "", "cgroup.procs": "",
+        "cgroup.threads": "", "cgroup.events": "populated 0\nfrozen 0", "cgroup.freeze": "0",
+        "cgroup.kill": "", "cpu.stat": "usage_usec 0\nuser_usec 0\nsystem_usec 0",
+    },
+    "memory": {
+        "memory.max": "max", "memory.swap.max": "max", "memory.current": "0",
+        "memory.events": "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0",
+    },
+    "cpu": {"cpu.max": "max 100000", "cpu.weight": "100"},
+    "pids": {"pids.max": "max", "pids.current": "0"},
+}
+
+
+class FakeKernfs:
+    """A fake cgroupfs under ``root`` (see the module docstring)."""
+
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.root = root
+        self.writes: list[tuple[str, str]] = []  #: (path relative to root, value) in order
+        self.fail: dict[str, int] = {}  #: file name -> errno every write to it fails with
+        self.stuck_freezing = False  #: freezing never completes
+        self.unkillable: set[int] = set()  #: pids that survive SIGKILL
+        self.signals: list[tuple[int, int]] = []
+        self.v2_hierarchies: set[Path] = set()
+        monkeypatch.setattr(fs, "_write_raw", self._write)
+        monkeypatch.setattr(fs, "_mkdir_raw", self._mkdir)
+        monkeypatch.setattr(fs, "_rmdir_raw", self._rmdir)
+        monkeypatch.setattr(os, "kill", self._kill)
+
+    # --- building ---
+
+    @staticmethod
+    def _populate(path: Path, files: dict[str, str]) -> None:
+        for name, content in files.items():
+            (path / name).write_text(content)
+
+    def v1(self, *mount_dirs: str, symlinks: bool = False) -> Path:
+        """Mount v1 hierarchies named like their controllers ("cpu,cpuacct" co-mounts)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for name in mount_dirs:
+            mount = self.root / name
+            mount.mkdir()
+            self._populate(mount, V1_FILES[""])
+            (mount / "cgroup.sane_behavior").write_text("0")
+            if symlinks and "," in name:
+                for controller in name.split(","):
+                    (self.root / controller).symlink_to(name)
+        return self.root
+
+    def v2(self, controllers: str = "cpu io memory pids", at: str = "") -> Path:
+        """A cgroup2 mount at root/at whose root offers ``controllers``."""
+        mount = self.root / at if at else self.root
+        mount.mkdir(parents=True, exist_ok=True)
+        self._populate(mount, {"cgroup.controllers": controllers, "cgroup.subtree_control": "",
+                               "cgroup.procs": "", "cgroup.threads": "",
+                               "cpu.stat": "usage_usec 0"})
+        self.v2_hierarchies.add(mount)
+        return mount
+
+    def _v2_mount(self, path: Path) -> Path | None:
+        for mount in self.v2_hierarchies:
+            if path == mount or mount in path.parents:
+                return mount
+        return None
+
+    # --- kernfs emulation ---
+
+    def _mkdir(self, path: Path) -> None:
+        os.mkdir(path)
+        if self._v2_mount(path) is not None:
+            enabled = (path.parent / "cgroup.subtree_control").read_text().split()
+            self._populate(path, V2_FILES[""])
+            (path / "cgroup.controllers").write_text(" ".join(enabled))
+            for controller in enabled:
+                self._populate(path, V2_FILES.get(controller, {}))
+            return
+        mount = path.relative_to(self.root).parts[0]
+        self._populate(path, V1_FILES[""])
+        for controller in mount.split(","):
+            self._populate(path, V1_FILES.get(controller, {}))
+
+    def _rmdir(self, path: Path) -> None:
+        if not path.exists():
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        if any(p.is_dir() for p in path.iterdir()) or (path / "cgroup.procs").read_text().split():
+            raise OSError(errno.EBUSY, "Device or resource busy", str(path))
+        if not (path / "cgroup.procs").exists():
+            os.rmdir(path)  # a plain dir: fails with ENOTEMPTY as a real one would
+            return
+        for file in path.iterdir():
+            file.unlink()
+        os.rmdir(path)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        value = data.decode()
+        self.writes.append((str(path.relative_to(self.root)), value))
+        if path.name in self.fail:
+            code = self.fail[path.name]
+            raise OSError(code, os.strerror(code), str(path))
+        if not path.is_file():  # no O_CREAT: ENOENT for a missing file, EISDIR for a dir
+            fd = os.open(path, os.O_WRONLY)
+            os.close(fd)
+        handler = getattr(self, "_on_" + path.name.replace(".", "_"), None)
+        if handler is not None:
+            handler(path, value)
+        else:
+            path.write_text(value)
+
+    def _on_cgroup_procs(self, path: Path, value: str) -> None:
+        pid = int(value)
+        mount = self._v2_mount(path) or self.root / path.relative_to(self.root).parts[0]
+        for procs in mount.rglob("cgroup.procs"):
+            self._remove_pid(procs, pid)
+        path.write_text(path.read_text() + f"{pid}\n")
+        if (path.parent / "cgroup.events").exists():
+            self._set_events(path.parent, populated=1)
+
+    @staticmethod
+    def _remove_pid(procs: Path, pid: int) -> None:
+        lines = [line for line in procs.read_text().split() if line != str(pid)]
+        procs.write_text("".join(f"{line}\n" for line in lines))
+
+    def _limit(self, value: str) -> int:
+        number = int(value)
+        return int(UNLIMITED_V1) if number == -1 else number
+
+    def _on_memory_limit_in_bytes(self, path: Path, value: str) -> None:
+        memsw = path.parent / "memory.memsw.limit_in_bytes"
+        if memsw.exists() and self._limit(value) > int(memsw.read_text()):
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        path.write_text(str(self._limit(value)))
+
+    def _on_memory_memsw_limit_in_bytes(self, path: Path, value: str) -> None:
+        if self._limit(value) < int((path.parent / "memory.limit_in_bytes").read_text()):
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        path.write_text(str(self._limit(value)))
+
+    def _on_freezer_state(self, path: Path, value: str) -> None:
+        stuck = value == "FROZEN" and self.stuck_freezing
+        path.write_text("FREEZING" if stuck else value)
+
+    def _on_cgroup_subtree_control(self, path: Path, value: str) -> None:
+        enabled = path.read_text().split()
+        available = (path.parent / "cgroup.controllers").read_text().split()
+        for token in value.split():
+            name = token[1:]
+            if name not in available:
+                raise OSError(errno.ENOENT, "No such file or directory", str(path))
+            if token.startswith("+") and name not in enabled:
+                enabled.append(name)
+            elif token.startswith("-") and name in enabled:
+                enabled.remove(name)
+        path.write_text(" ".join(enabled))
+
+    @staticmethod
+    def _set_events(cgroup: Path, **values: int) -> None:
+        events = fs.read_keyed(cgroup / "cgroup.events")
+        events.update(values)
+        (cgroup / "cgroup.events").write_text("\n".join(f"{k} {v}" for k, v in events.items()))
+
+    def _on_cgroup_freeze(self, path: Path, value: str) -> None:
+        path.write_text(value)
+        frozen = 1 if value == "1" and not self.stuck_freezing else 0
+        self._set_events(path.parent, frozen=frozen)
+
+    def _on_cgroup_kill(self, path: Path, value: str) -> None:
+        for procs in path.parent.rglob("cgroup.procs"):
+            for pid in procs.read_text().split():
+                self._kill(int(pid), signal.SIGKILL)
+
+    def _kill(self, pid: int, sig: int) -> None:
+        assert pid > 2**22, f"the fake must never signal a real pid ({pid})"
+        self.signals.append((pid, sig))
+        if sig != signal.SIGKILL or pid in self.unkillable:
+            return
+        for procs in self.root.rglob("cgroup.procs"):
+            self._remove_pid(procs, pid)
+        for events in self.root.rglob("cgroup.events"):
+            if not (events.parent / "cgroup.procs").read_text().split():
+                self._set_events(events.parent, populated=0)
+
+    def written(self, prefix: str = "") -> list[tuple[str, str]]:
+        """Writes to files under ``prefix`` (relative to root)."""
+        return [(p, v) for p, v in self.writes if p.startswith(prefix)]
+
+
+@pytest.fixture
+def kernfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKernfs]:
+    yield FakeKernfs(tmp_path / "cgroup", monkeypatch)
+
+
+def mountinfo_file(tmp_path: Path, lines: list[str]) -> Path:
+    path = tmp_path / "mountinfo"
+    path.write_text("".join(f"{i + 30} 23 0:{i + 28} / {line}\n" for i, line in enumerate(lines)))
+    return path
+
+
+def _esc(path: Path) -> str:
+    return str(path).replace(" ", "\\040")
+
+
+# --- mode detection ---
+
+
+def test_detect_hybrid_like_this_machine(tmp_path: Path) -> None:
+    root = tmp_path / "cg"
+    info = mountinfo_file(tmp_path, [
+        f"{root} rw,relatime - tmpfs tmpfs rw,mode=755",
+        f"{root}/cpu rw,relatime - cgroup cgroup rw,cpu",
+        f"{root}/cpuacct rw,relatime - cgroup cgroup rw,cpuacct",
+        f"{root}/memory rw,relatime - cgroup cgroup rw,memory",
+        f"{root}/systemd rw,relatime - cgroup cgroup rw,name=systemd",
+        f"{root}/unified rw,relatime - cgroup2 cgroup2 rw",
+    ])
+    assert detect_mode(root, mountinfo=info) is CgroupMode.HYBRID
+
+
+def test_detect_legacy_comounted(tmp_path: Path) -> None:
+    root = tmp_path / "cg"
+    info = mountinfo_file(tmp_path, [
+        f"{root} rw - tmpfs tmpfs rw",
+        f"{root}/cpu,cpuacct rw shared:9 - cgroup cgroup rw,cpu,cpuacct",
+        f"{root}/pids rw - cgroup cgroup rw,pids",
+    ])
+    assert detect_mode(root, mountinfo=info) is CgroupMode.LEGACY
+
+
+def test_detect_unified_with_space_in_path(tmp_path: Path) -> None:
+    root = tmp_path / "a cg"
+    info = mountinfo_file(tmp_path, [
+        f"{_esc(root)} rw,nosuid shared:4 - tmpfs tmpfs rw",
+        f"{_esc(root)} rw,nosuid shared:5 - cgroup2 cgroup2 rw,nsdelegate",  # mounted on top
+    ])
+    assert detect_mode(root, mountinfo=info) is CgroupMode.UNIFIED
+
+
+def test_detect_nothing_mounted_names_root(tmp_path: Path) -> None:
+    root = tmp_path / "cg"
+    info = mountinfo_file(tmp_path, [
+        f"{root} rw - tmpfs tmpfs rw",
+        f"{root}/systemd rw - cgroup cgroup rw,name=systemd",  # a named hierarchy only
+    ])
+    with pytest.raises(CgroupError, match=f"no cgroup hierarchy is mounted at {root}"):
+        detect_mode(root, mountinfo=info)
+
+
+def test_parse_mountinfo_skips_garbage_and_reads_optional_fields() -> None:
+    entries = parse_mountinfo(
+        "garbage\n"
+        "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 master:2 - cgroup2 cgroup2 rw\n"
+    )
+    assert len(entries) == 1
+    assert entries[0].mount_point == Path("/sys/fs/cgroup/unified")
+    assert entries[0].fs_type == "cgroup2"
+
+
+def test_find_v1_mounts_separate_and_comounted(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("cpu,cpuacct", "memory", "net_cls,net_prio", symlinks=True)
+    (root / "empty-tmpfs-dir").mkdir()
+    mounts = find_v1_mounts(root)
+    assert mounts["cpu"] == mounts["cpuacct"] == root / "cpu,cpuacct"
+    assert mounts["memory"] == root / "memory"
+    assert "empty-tmpfs-dir" not in {p.name for p in mounts.values()}
+
+
+def test_create_manager_forced_modes(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("memory")
+    assert isinstance(create_manager("c1", root=root, mode=CgroupMode.HYBRID), V1Manager)
+    assert isinstance(create_manager("c1", root=root, mode=CgroupMode.UNIFIED), V2Manager)
+
+
+# --- v1 ---
+
+
+def test_v1_create_writes_limits_separate_cpu_cpuacct(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("cpu", "cpuacct", "memory", "pids", "freezer", "blkio")
+    mgr = V1Manager(root, "jaula/c1", CgroupMode.HYBRID)
+    mgr.create(Resources(memory_bytes=64 << 20, cpu_quota_us=150_000, pids_max=5))
+    assert kernfs.written("memory/") == [
+        ("memory/jaula/c1/memory.limit_in_bytes", str(64 << 20)),
+        ("memory/jaula/c1/memory.memsw.limit_in_bytes", str(64 << 20)),
+    ]
+    assert kernfs.written("cpu/") == [
+        ("cpu/jaula/c1/cpu.cfs_period_us", "100000"),
+        ("cpu/jaula/c1/cpu.cfs_quota_us", "150000"),
+    ]
+    assert kernfs.written("pids/") == [("pids/jaula/c1/pids.max", "5")]
+    assert (root / "cpuacct/jaula/c1").is_dir() and (root / "freezer/jaula/c1").is_dir()
+    assert not (root / "blkio/jaula").exists()
+    assert mgr.paths() == {c: root / c / "jaula/c1"
+                           for c in ("cpu", "cpuacct", "freezer", "memory", "pids")}
+
+
+def test_v1_comounted_cpu_cpuacct_one_dir(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("cpu,cpuacct", "memory", symlinks=True)
+    mgr = V1Manager(root, "jaula/c1")
+    mgr.create(Resources(cpu_quota_us=50_000, cpu_period_us=200_000))
+    assert mgr.paths()["cpu"] == mgr.paths()["cpuacct"] == root / "cpu,cpuacct/jaula/c1"
+    assert fs.read_text(root / "cpu,cpuacct/jaula/c1/cpu.cfs_quota_us") == "50000"
+    assert fs.read_text(root / "cpu,cpuacct/jaula/c1/cpu.cfs_period_us") == "200000"
+    mgr.add_process(FAKE_PID)
+    assert [p for p, _ in kernfs.written() if p.endswith("cgroup.procs")] == [
+        "cpu,cpuacct/jaula/c1/cgroup.procs", "memory/jaula/c1/cgroup.procs"]
+    assert mgr.pids() == [FAKE_PID]
+
+
+def test_v1_memory_update_keeps_memsw_above_limit(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("memory")
+    mgr = V1Manager(root, "jaula/c1")
+    mgr.create(Resources(memory_bytes=64 << 20))
+    mgr.create(Resources(memory_bytes=128 << 20))  # growing: memsw first
+    mgr.create(Resources(memory_bytes=32 << 20))  # shrinking: limit first
+    mgr.create(Resources())  # unlimited: memsw first
+    leaf = "memory/jaula/c1/memory."
+    assert kernfs.written()[2:] == [
+        (leaf + "memsw.limit_in_bytes", str(128 << 20)), (leaf + "limit_in_bytes", str(128 << 20)),
+        (leaf + "limit_in_bytes", str(32 << 20)), (leaf + "memsw.limit_in_bytes", str(32 << 20)),
+        (leaf + "memsw.limit_in_bytes", "-1"), (leaf + "limit_in_bytes", "-1"),
+    ]
+    assert fs.read_text(root / "memory/jaula/c1/memory.limit_in_bytes") == UNLIMITED_V1
+
+
+def test_v1_without_swap_accounting(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("memory")
+    mgr = V1Manager(root, "jaula/c1")
+    mgr.create(Resources())
+    (root / "memory/jaula/c1/memory.memsw.limit_in_bytes").unlink()
+    mgr.create(Resources(memory_bytes=1 << 30))
+    assert kernfs.writes[-1] == ("memory/jaula/c1/memory.limit_in_bytes", str(1 << 30))
+
+
+def test_v1_limit_for_unmounted_controller_is_named(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("memory", "freezer")
+    mgr = V1Manager(root, "jaula/c1")
+    with pytest.raises(CgroupError, match="controller 'pids' is not mounted") as info:
+        mgr.create(Resources(pids_max=10))
+    assert "pids limit 10" in str(info.value)
+    assert not (root / "memory/jaula").exists()  # checked before anything was created
+
+
+def test_v1_write_error_names_file_value_errno(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("memory")
+    mgr = V1Manager(root, "jaula/c1")
+    mgr.create(Resources())
+    kernfs.fail["memory.limit_in_bytes"] = errno.EBUSY
+    with pytest.raises(CgroupError) as info:
+        mgr.create(Resources(memory_bytes=4096))
+    err = info.value
+    path = root / "memory/jaula/c1/memory.limit_in_bytes"
+    assert err.errno == errno.EBUSY and err.path == str(path)
+    assert f"cannot write '4096' to {path}: Device or resource busy" in str(err)
+    assert isinstance(err.__cause__, OSError)
+
+
+def test_not_writable_file_is_named(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("pids")
+    mgr = V1Manager(root, "jaula/c1")
+    mgr.create(Resources())
+    kernfs.fail["pids.max"] = errno.EACCES
+    with pytest.raises(CgroupError, match=r"pids\.max: Permission denied: permission denied "
+                       r"\(needs root or a delegated cgroup\)") as info:
+        mgr.create(Resources(pids_max=3))
+    assert info.value.errno == errno.EACCES
+
+
+def test_missing_and_directory_files_fail_like_the_kernel(tmp_path: Path) -> None:
+    with pytest.raises(CgroupError, match="does not exist") as info:
+        fs.write(tmp_path / "pids.max", 5)
+    assert info.value.errno == errno.ENOENT and not (tmp_path / "pids.max").exists()
+    (tmp_path / "cpu.max").mkdir()
+    with pytest.raises(CgroupError, match="cpu.max") as info:
+        fs.write(tmp_path / "cpu.max", "max 100000")
+    assert info.value.errno == errno.EISDIR
+    (tmp_path / "pids.current").write_text("lots\n")
+    with pytest.raises(CgroupError, match="unexpected content 'lots'"):
+        fs.read_int(tmp_path / "pids.current")
+
+
+def test_resources_validate() -> None:
+    with pytest.raises(CgroupError, match="cpu_period_us=500 must be in 1000..1000000"):
+        Resources(cpu_quota_us=1000, cpu_period_us=500).validate()
+    with pytest.raises(CgroupError, match="memory_bytes=0 must be > 0; pids_max=-1"):
+        Resources(memory_bytes=0, pids_max=-1).validate()
+    Resources(memory_bytes=1, cpu_quota_us=1000, cpu_period_us=1_000_000, pids_max=1).validate()
+
+
+def test_v1_freeze_thaw_state(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("freezer")
+    mgr = V1Manager(root, "jaula/c1")
+    mgr.create(Resources())
+    assert mgr.freezer_state() is FreezerState.THAWED
+    mgr.freeze()
+    assert mgr.freezer_state() is FreezerState.FROZEN
+    mgr.thaw()
+    assert mgr.freezer_state() is FreezerState.THAWED
+
+
+def test_v1_freeze_timeout_thaws_back(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("freezer")
+    mgr = V1Manager(root, "jaula/c1")
+    mgr.create(Resources())
+    kernfs.stuck_freezing = True
+    with pytest.raises(CgroupError, match="did not freeze within 0.05 s") as info:
+        mgr.freeze(timeout_s=0.05)
+    assert info.value.errno == errno.ETIMEDOUT
+    assert mgr.freezer_state() is FreezerState.THAWED
+
+
+def test_v1_kill_all_freezes_signals_thaws(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("freezer", "memory")
+    mgr = V1Manager(root, "jaula/c1")
+    mgr.create(Resources())
+    mgr.add_process(FAKE_PID)
+    mgr.add_process(FAKE_PID + 1)
+    mgr.kill_all(signal.SIGTERM)
+    states = [v for p, v in kernfs.writes if p.endswith("freezer.state")]
+    assert states == ["FROZEN", "THAWED"]
+    assert kernfs.signals == [(FAKE_PID, signal.SIGTERM), (FAKE_PID + 1, signal.SIGTERM)]
+    mgr.freeze()  # a paused container stays paused after a non-fatal signal
+    mgr.kill_all(signal.SIGTERM)
+    assert mgr.freezer_state() is FreezerState.FROZEN
+    mgr.kill_all()  # SIGKILL always thaws, so the tasks can die
+    assert mgr.freezer_state() is FreezerState.THAWED and mgr.pids() == []
+
+
+def test_v1_stats_and_oom(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("cpu,cpuacct", "memory", "pids")
+    mgr = V1Manager(root, "jaula/c1")
+    mgr.create(Resources())
+    (root / "cpu,cpuacct/jaula/c1/cpuacct.usage").write_text("123456789\n")
+    (root / "memory/jaula/c1/memory.usage_in_bytes").write_text("4096\n")
+    (root / "pids/jaula/c1/pids.current").write_text("3\n")
+    assert mgr.stats() == CgroupStats(cpu_usage_ns=123456789, memory_bytes=4096, pids=3)
+    assert not mgr.oom_killed()
+    (root / "memory/jaula/c1/memory.oom_control").write_text(
+        "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+    assert mgr.oom_killed()
+
+
+def test_v1_destroy_removes_leaf_and_empty_parent_only(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("cpu", "cpuacct", "memory", "pids", "freezer")
+    one, two = V1Manager(root, "jaula/c1"), V1Manager(root, "jaula/c2")
+    one.create(Resources(pids_max=10))
+    two.create(Resources())
+    one.add_process(FAKE_PID)
+    one.destroy()
+    assert (FAKE_PID, signal.SIGKILL) in kernfs.signals
+    assert all(not p.exists() for p in one.paths().values())
+    assert all(p.parent.is_dir() for p in two.paths().values())  # c2 still lives in jaula/
+    two.destroy()
+    assert all(not p.parent.exists() for p in two.paths().values())
+    two.destroy()  # idempotent
+
+
+def test_v1_destroy_reports_tasks_that_do_not_die(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("memory", "freezer")
+    mgr = V1Manager(root, "jaula/c1")
+    mgr.create(Resources())
+    mgr.add_process(FAKE_PID)
+    kernfs.unkillable.add(FAKE_PID)
+    with pytest.raises(CgroupError, match=rf"busy.*tasks still there: \[{FAKE_PID}\]") as info:
+        mgr.destroy(timeout_s=0.05)
+    assert info.value.errno == errno.EBUSY
+    kernfs.unkillable.clear()
+    mgr.destroy()
+    assert not (root / "memory/jaula").exists()
+
+
+# --- v2 ---
+
+
+def test_v2_create_enables_controllers_top_down_and_writes_limits(kernfs: FakeKernfs) -> None:
+    root = kernfs.v2("cpuset cpu io memory hugetlb pids rdma")
+    mgr = V2Manager(root, "jaula/c1")
+    mgr.create(Resources(memory_bytes=64 << 20, cpu_quota_us=150_000, pids_max=5))
+    assert kernfs.writes == [
+        ("cgroup.subtree_control", "+cpu"),
+        ("cgroup.subtree_control", "+memory"),
+        ("cgroup.subtree_control", "+pids"),
+        ("jaula/cgroup.subtree_control", "+cpu"),
+        ("jaula/cgroup.subtree_control", "+memory"),
+        ("jaula/cgroup.subtree_control", "+pids"),
+        ("jaula/c1/memory.max", str(64 << 20)),
+        ("jaula/c1/memory.swap.max", "0"),
+        ("jaula/c1/cpu.max", "150000 100000"),
+        ("jaula/c1/pids.max", "5"),
+    ]
+    assert mgr.paths() == {"": root / "jaula/c1"}
+    kernfs.writes.clear()
+    mgr.create(Resources())  # idempotent: nothing re-enabled, limits reset
+    assert kernfs.writes == [("jaula/c1/memory.max", "max"), ("jaula/c1/memory.swap.max", "max"),
+                             ("jaula/c1/cpu.max", "max 100000"), ("jaula/c1/pids.max", "max")]
+
+
+def test_v2_unavailable_controller_is_named_and_nothing_created(kernfs: FakeKernfs) -> None:
+    root = kernfs.v2("cpu pids")  # like a hybrid host's unified mount: memory bound to v1
+    mgr = V2Manager(root, "jaula/c1")
+    with pytest.raises(CgroupError, match="controller 'memory' is not available in") as info:
+        mgr.create(Resources(memory_bytes=1 << 20, pids_max=4))
+    assert "cannot apply the memory limit of 1048576 bytes" in str(info.value)
+    assert "has: cpu pids" in str(info.value)
+    assert not (root / "jaula").exists()
+
+
+def test_v2_no_controllers_like_this_machines_unified(kernfs: FakeKernfs) -> None:
+    root = kernfs.v2("", at="unified")
+    mgr = V2Manager(root, "jaula/c1")
+    mgr.create(Resources())
+    assert kernfs.writes == []  # nothing to enable, no limit file exists
+    mgr.add_process(FAKE_PID)
+    assert mgr.pids() == [FAKE_PID]
+    assert mgr.stats() == CgroupStats(cpu_usage_ns=0, memory_bytes=0, pids=0)
+    assert not mgr.oom_killed()
+
+
+def test_v2_freeze_thaw_kill_destroy(kernfs: FakeKernfs) -> None:
+    root = kernfs.v2()
+    mgr = V2Manager(root, "jaula/c1")
+    mgr.create(Resources())
+    mgr.add_process(FAKE_PID)
+    mgr.freeze()
+    assert mgr.freezer_state() is FreezerState.FROZEN
+    mgr.thaw()
+    assert mgr.freezer_state() is FreezerState.THAWED
+    mgr.kill_all()
+    assert ("jaula/c1/cgroup.kill", "1") in kernfs.writes and mgr.pids() == []
+    mgr.destroy()
+    assert not (root / "jaula").exists()
+    mgr.destroy()
+
+
+def test_v2_freeze_timeout(kernfs: FakeKernfs) -> None:
+    root = kernfs.v2()
+    mgr = V2Manager(root, "jaula/c1")
+    mgr.create(Resources())
+    kernfs.stuck_freezing = True
+    with pytest.raises(CgroupError, match="did not freeze within"):
+        mgr.freeze(timeout_s=0.02)
+    assert fs.read_text(root / "jaula/c1/cgroup.freeze") == "0"
+
+
+def test_v2_stats_and_oom(kernfs: FakeKernfs) -> None:
+    root = kernfs.v2()
+    mgr = V2Manager(root, "jaula/c1")
+    mgr.create(Resources())
+    leaf = root / "jaula/c1"
+    (leaf / "cpu.stat").write_text("usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n")
+    (leaf / "memory.current").write_text("8192\n")
+    (leaf / "pids.current").write_text("2\n")
+    assert mgr.stats() == CgroupStats(cpu_usage_ns=1_500_000, memory_bytes=8192, pids=2)
+    (leaf / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    assert mgr.oom_killed()
+
+
+def test_v2_destroy_keeps_shared_parent(kernfs: FakeKernfs) -> None:
+    root = kernfs.v2()
+    one, two = V2Manager(root, "jaula/c1"), V2Manager(root, "jaula/c2")
+    one.create(Resources())
+    two.create(Resources())
+    two.add_process(FAKE_PID)
+    one.destroy()
+    assert (root / "jaula/c2").is_dir()
+    two.destroy()
+    assert not (root / "jaula").exists()
