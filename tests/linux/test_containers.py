@@ -1,0 +1,288 @@
+"""Real containers from a real image, driven through the ``jaula`` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.linux.conftest import Jaula, cgroup_dirs, mounts_under
+
+pytestmark = pytest.mark.root
+
+
+def inspect(j: Jaula, ref: str) -> dict:
+    return json.loads(j.out("inspect", ref))
+
+
+def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def log_text(j: Jaula, ref: str) -> str:
+    return j.out("logs", ref)
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+
+def test_run_attached_returns_exit_code_and_output(jaula: Jaula) -> None:
+    p = jaula.run("run", "--name", "t", "busybox", "sh", "-c", "echo out; echo err >&2; exit 3",
+                  check=False)
+    assert p.returncode == 3
+    assert p.stdout == "out\n"
+    assert p.stderr == "err\n"
+    ps = jaula.out("ps", "-a")
+    assert "Exited (3)" in ps and " t" in ps
+    assert inspect(jaula, "t")[0]["State"]["status"] == "stopped" if isinstance(
+        inspect(jaula, "t"), list) else True
+
+
+def test_detached_container_survives_cli_and_is_seen_from_new_process(jaula: Jaula) -> None:
+    cid = jaula.out("run", "-d", "--name", "sleeper", "busybox", "sleep", "1000").strip()
+    assert len(cid) == 64
+    info = inspect(jaula, cid[:8])  # unique prefix works
+    st = info["State"]
+    assert st["status"] == "running"
+    os.kill(st["pid"], 0)
+    os.kill(st["monitor_pid"], 0)
+    with open(f"/proc/{st['monitor_pid']}/status") as f:
+        ppid = int(next(line for line in f if line.startswith("PPid:")).split()[1])
+    assert ppid != os.getpid(), "the monitor must not be a child of the caller"
+    assert "sleeper" in jaula.out("ps")
+    jaula.run("stop", "-t", "1", "sleeper")
+    info = inspect(jaula, "sleeper")
+    assert info["State"]["status"] == "stopped"
+    assert info["State"]["exit_code"] == 137  # sh/sleep as pid 1 ignores SIGTERM
+    assert "sleeper" not in jaula.out("ps")
+    assert "sleeper" in jaula.out("ps", "-a")
+
+
+def test_kill_with_signal_and_wait(jaula: Jaula) -> None:
+    jaula.run("run", "-d", "--name", "k", "busybox", "sh", "-c",
+              "trap 'exit 42' USR1; while true; do sleep 0.1; done")
+    time.sleep(0.3)
+    jaula.run("kill", "-s", "USR1", "k")
+    assert jaula.out("wait", "k").strip() == "42"
+
+
+def test_logs_and_follow(jaula: Jaula) -> None:
+    jaula.run("run", "-d", "--name", "lg", "busybox", "sh", "-c",
+              "for i in 1 2 3; do echo line$i; echo e$i >&2; sleep 0.2; done")
+    p = jaula.run("logs", "-f", "lg", timeout=20)
+    assert p.stdout == "line1\nline2\nline3\n"
+    assert p.stderr == "e1\ne2\ne3\n"
+
+
+def test_exec_sees_pid_namespace_and_files(jaula: Jaula) -> None:
+    jaula.run("run", "-d", "--name", "ex", "busybox", "sh", "-c",
+              "echo hello > /tmp/f; exec sleep 1000")
+    wait_for(lambda: (Path(inspect(jaula, "ex")["UpperDir"]) / "tmp/f").exists(), what="file")
+    assert jaula.out("exec", "ex", "cat", "/tmp/f") == "hello\n"
+    assert jaula.out("exec", "ex", "cat", "/proc/1/cmdline").startswith("sleep")
+    ps = jaula.out("exec", "ex", "ps")
+    pids = [line.split()[0] for line in ps.splitlines()[1:]]
+    assert "1" in pids and all(int(p) < 100 for p in pids)
+    assert jaula.run("exec", "ex", "sh", "-c", "exit 5", check=False).returncode == 5
+    p = jaula.run("exec", "ex", "no-such-program", check=False)
+    assert p.returncode == 127 and "not found" in p.stderr
+    assert jaula.run("exec", "-w", "/tmp", "ex", "pwd").stdout == "/tmp\n"
+    assert jaula.run("exec", "-u", "65534", "ex", "id", "-u").stdout == "65534\n"
+    assert jaula.run("exec", "-e", "FOO=bar", "ex", "sh", "-c", "echo $FOO").stdout == "bar\n"
+
+
+def test_pause_resume_freezes_processes(jaula: Jaula) -> None:
+    jaula.run("run", "-d", "--name", "pz", "busybox", "sh", "-c",
+              "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.05; done")
+    upper = Path(inspect(jaula, "pz")["UpperDir"])
+    wait_for(lambda: (upper / "tmp/c").exists(), what="counter")
+    jaula.run("pause", "pz")
+    info = inspect(jaula, "pz")
+    assert info["State"]["status"] == "paused"
+    freezer = info["CgroupPaths"].get("freezer")
+    if freezer:
+        assert Path(freezer, "freezer.state").read_text().strip() == "FROZEN"
+    a = (upper / "tmp/c").read_text()
+    time.sleep(0.4)
+    assert (upper / "tmp/c").read_text() == a, "counter advanced while paused"
+    assert "paused" in jaula.out("ps")
+    jaula.run("resume", "pz")
+    wait_for(lambda: (upper / "tmp/c").read_text() != a, what="counter to advance")
+    assert inspect(jaula, "pz")["State"]["status"] == "running"
+
+
+# -- isolation and privileges ----------------------------------------------------------------
+
+def test_namespaces_mounts_and_privileges(jaula: Jaula) -> None:
+    jaula.run("run", "-d", "--name", "pv", "--hostname", "box", "busybox", "sleep", "1000")
+    run = lambda *a: jaula.out("exec", "pv", *a)  # noqa: E731
+    assert run("hostname").strip() == "box"
+    assert run("cat", "/proc/1/status").count("NSpid:\t") == 1
+    status = run("cat", "/proc/self/status")
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert fields["CapEff"].strip() == "00000000800405fb"  # Podman's default set
+    assert fields["CapBnd"].strip() == "00000000800405fb"
+    assert fields["NoNewPrivs"].strip() == "1"
+    sid = run("cat", "/proc/1/stat").split(")")[1].split()[3]
+    assert sid == "1", "the init must be a session leader"
+    assert run("cat", "/proc/kcore") == ""
+    assert jaula.run("exec", "pv", "sh", "-c", "echo 1 > /proc/sys/kernel/domainname",
+                     check=False).returncode != 0
+    ifaces = run("ls", "/sys/class/net").split()
+    assert ifaces == ["lo"]
+    assert "UP" in run("cat", "/sys/class/net/lo/operstate").upper() or \
+        int(run("cat", "/sys/class/net/lo/flags").strip(), 16) & 1
+    mounts = run("cat", "/proc/mounts")
+    for mp in (" / overlay", " /proc proc", " /dev tmpfs", " /dev/pts devpts", " /dev/shm tmpfs",
+               " /sys sysfs ro"):
+        assert mp in mounts.replace("overlay / overlay", " / overlay"), (mp, mounts)
+    for dev in ("null", "zero", "full", "random", "urandom", "tty"):
+        assert run("ls", f"/dev/{dev}").strip() == f"/dev/{dev}"
+
+
+def test_cap_add_drop_privileged_and_user(jaula: Jaula) -> None:
+    jaula.run("run", "-d", "--name", "c1", "--cap-drop", "CHOWN", "--cap-add", "NET_ADMIN",
+              "busybox", "sleep", "1000")
+    eff = int(jaula.out("exec", "c1", "grep", "CapEff", "/proc/self/status").split()[1], 16)
+    assert not eff & (1 << 0) and eff & (1 << 12)
+    jaula.run("run", "-d", "--name", "c2", "--privileged", "busybox", "sleep", "1000")
+    eff = int(jaula.out("exec", "c2", "grep", "CapEff", "/proc/self/status").split()[1], 16)
+    assert eff & (1 << 21)  # CAP_SYS_ADMIN
+    p = jaula.run("run", "--name", "c3", "-u", "65534:65534", "busybox", "id")
+    assert "uid=65534" in p.stdout and "gid=65534" in p.stdout
+    p = jaula.run("run", "--name", "c4", "-u", "nobody", "busybox", "sh", "-c",
+                  "grep CapEff /proc/self/status")
+    assert p.stdout.split()[1] == "0000000000000000"
+
+
+def test_env_workdir_network_host_and_volumes(jaula: Jaula, tmp_path: Path) -> None:
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "in.txt").write_text("from host\n")
+    p = jaula.run("run", "--name", "v", "-e", "A=1", "-w", "/work", "-v", f"{vol}:/data",
+                  "busybox", "sh", "-c", "echo $A; pwd; cat /data/in.txt; echo back > /data/out")
+    assert p.stdout == "1\n/work\nfrom host\n"
+    assert (vol / "out").read_text() == "back\n"
+    p = jaula.run("run", "--name", "ro", "-v", f"{vol}:/data:ro", "busybox", "sh", "-c",
+                  "echo x > /data/y", check=False)
+    assert p.returncode != 0 and not (vol / "y").exists()
+    host_ifaces = sorted(os.listdir("/sys/class/net"))
+    p = jaula.run("run", "--name", "hn", "--network", "host", "busybox", "ls", "/sys/class/net")
+    assert sorted(p.stdout.split()) == host_ifaces
+
+
+# -- filesystem ------------------------------------------------------------------------------
+
+def test_writes_land_in_upperdir_and_containers_are_separate(jaula: Jaula) -> None:
+    jaula.run("run", "-d", "--name", "a", "busybox", "sh", "-c",
+              "echo A > /tmp/mine; rm /etc/group; exec sleep 1000")
+    jaula.run("run", "-d", "--name", "b", "busybox", "sleep", "1000")
+    ua = Path(inspect(jaula, "a")["UpperDir"])
+    wait_for(lambda: (ua / "tmp/mine").exists(), what="write")
+    assert (ua / "tmp/mine").read_text() == "A\n"
+    wh = ua / "etc/group"
+    wait_for(lambda: wh.exists() or wh.is_char_device(), what="whiteout")
+    assert wh.is_char_device() and os.stat(wh, follow_symlinks=False).st_rdev == 0
+    assert jaula.run("exec", "b", "cat", "/tmp/mine", check=False).returncode != 0
+    assert jaula.run("exec", "b", "cat", "/etc/group").returncode == 0
+    img_root = Path(jaula.root) / "layers"
+    assert not any(p.name == "mine" for p in img_root.rglob("mine"))
+
+
+# -- limits ----------------------------------------------------------------------------------
+
+def test_memory_limit_oom_kills(jaula: Jaula) -> None:
+    p = jaula.run("run", "--name", "oom", "--memory", "32m", "busybox", "sh", "-c",
+                  "head -c 300000000 /dev/zero | sort > /dev/null", check=False, timeout=120)
+    assert p.returncode != 0
+    info = inspect(jaula, "oom")
+    assert info["State"]["oom_killed"] is True
+    mem = info["CgroupPaths"].get("memory")
+    if mem and Path(mem, "memory.limit_in_bytes").exists():
+        assert int(Path(mem, "memory.limit_in_bytes").read_text()) == 32 * 1024 * 1024
+
+
+def test_pids_limit_refuses_forks(jaula: Jaula) -> None:
+    jaula.run("run", "-d", "--name", "pl", "--pids-limit", "6", "busybox", "sh", "-c",
+              "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 100 & done; sleep 1000")
+    time.sleep(1)
+    n = len(jaula.out("exec", "pl", "ps").splitlines()) - 1  # the header
+    # ps itself and the exec'd processes count too, so only a few sleeps fit.
+    assert n <= 6
+    assert "can't fork" in log_text(jaula, "pl") or "Resource temporarily" in \
+        jaula.run("logs", "pl").stderr
+
+
+def test_cpu_limit_written(jaula: Jaula) -> None:
+    jaula.run("run", "-d", "--name", "cpu", "--cpus", "0.5", "busybox", "sleep", "1000")
+    paths = inspect(jaula, "cpu")["CgroupPaths"]
+    cpu = paths.get("cpu") or paths.get("cpu,cpuacct") or paths.get("")
+    f = Path(cpu, "cpu.cfs_quota_us")
+    if f.exists():
+        assert int(f.read_text()) == 50000
+    else:
+        assert Path(cpu, "cpu.max").read_text().split() == ["50000", "100000"]
+
+
+# -- bad input: one line, non-zero, nothing left ---------------------------------------------
+
+def _assert_nothing_left(j: Jaula) -> None:
+    assert j.container_ids() == []
+    assert [m for m in mounts_under(j.root) if "/containers/" in m] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "nosuchimage", "true"], "not found"),
+    (["run", "--memory", "lots", "busybox", "true"], "--memory"),
+    (["run", "--memory", "1k", "busybox", "true"], "minimum"),
+    (["run", "--cpus", "x", "busybox", "true"], "--cpus"),
+    (["run", "--pids-limit", "-5", "busybox", "true"], "--pids-limit"),
+    (["run", "busybox", "no-such-command"], "not found"),
+    (["run", "-u", "ghost", "busybox", "true"], "ghost"),
+    (["run", "-v", "/does/not/exist:/x", "busybox", "true"], "does not exist"),
+    (["run", "-w", "/etc/passwd", "busybox", "true"], "working directory"),
+    (["run", "--name", "bad name!", "busybox", "true"], "invalid container name"),
+    (["exec", "nosuch", "true"], "no such container"),
+    (["rm", "nosuch"], "no such container"),
+])
+def test_bad_input_is_one_line_and_leaves_nothing(jaula: Jaula, args: list[str],
+                                                  message: str) -> None:
+    p = jaula.run(*args, check=False)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], p.stderr
+    _assert_nothing_left(jaula)
+
+
+def test_name_taken(jaula: Jaula) -> None:
+    jaula.run("run", "-d", "--name", "dup", "busybox", "sleep", "100")
+    p = jaula.run("run", "-d", "--name", "dup", "busybox", "sleep", "100", check=False)
+    assert p.returncode == 125 and "already in use" in p.stderr
+    assert len(jaula.container_ids()) == 1
+
+
+def test_rm_running_needs_force(jaula: Jaula) -> None:
+    cid = jaula.out("run", "-d", "--name", "r", "busybox", "sleep", "100").strip()
+    p = jaula.run("rm", "r", check=False)
+    assert p.returncode != 0 and "rm -f" in p.stderr
+    jaula.run("rm", "-f", "r")
+    assert jaula.container_ids() == [] and cgroup_dirs(cid) == []
+
+
+def test_not_root_is_refused(jaula: Jaula) -> None:
+    import subprocess
+    import sys
+
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        sys.executable, "-m", "runtime.cli", "--state-root", str(jaula.root),
+                        "ps"], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert p.returncode == 125 and "needs root" in p.stderr
