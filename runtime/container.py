@@ -260,11 +260,10 @@ class Container:
 
         Raises ContainerError when it is running or paused and ``force`` is False."""
         with self.locked():
-            if self.status in (S.RUNNING, S.PAUSED, S.MIGRATING):
-                if not force:
-                    raise ContainerError(
-                        f"container {self.name} ({self.id[:12]}) is {self.status.value}: stop it "
-                        "first or use `rm -f`", self.id)
+            if self.status in (S.RUNNING, S.PAUSED, S.MIGRATING) and not force:
+                raise ContainerError(
+                    f"container {self.name} ({self.id[:12]}) is {self.status.value}: stop it "
+                    "first or use `rm -f`", self.id)
             self._teardown()
         self.rt.store.remove_dir(self.id)
         log.info("container.removed", id=self.id[:12], name=self.name)
@@ -387,8 +386,8 @@ class Runtime:
                 cgroup_parent=self.cgroup_parent, created_at=time.time())
             atomic_write_json(cdir / "config.json", cfg.to_json())
             atomic_write_json(cdir / "state.json", State().to_json())
-        ctr: Container | None = None
         layout = OverlayLayout.in_dir(cdir, layer_dirs)
+        mon_pid, mon_start = 0, None
         cg = create_manager(cid, root=self.cgroup_root, parent=self.cgroup_parent)
         try:
             mount_overlay(layout)
@@ -399,14 +398,15 @@ class Runtime:
             cg.create(cfg.resources)
             ctr = Container(self, cid)
             with ctr.locked():
-                pid, start, mon_pid = _start_monitor(cdir)
+                mon_pid, sync_r = _launch_monitor(cdir)
+                mon_start = sc.proc_start_time(mon_pid)
+                pid, start = _await_monitor(cdir, sync_r)
                 ctr.state = State(status=S.RUNNING, pid=pid, pid_start_time=start,
-                                  monitor_pid=mon_pid,
-                                  monitor_start_time=sc.proc_start_time(mon_pid),
+                                  monitor_pid=mon_pid, monitor_start_time=mon_start,
                                   started_at=time.time())
                 ctr.save()
         except BaseException:
-            _rollback(cdir, layout, cg)
+            _rollback(cdir, layout, cg, mon_pid, mon_start)
             raise
         log.info("container.started", id=cid[:12], name=name, pid=pid)
         return ctr
@@ -421,14 +421,20 @@ def _stop_signal(value: str | None) -> int:
         return signal.SIGTERM
 
 
-def _rollback(cdir: Path, layout: OverlayLayout, cg: CgroupManager) -> None:
-    """Undo a failed ``run``: processes, cgroup, mount, directory (in that order)."""
+def _rollback(cdir: Path, layout: OverlayLayout, cg: CgroupManager, mon_pid: int,
+              mon_start: int | None) -> None:
+    """Undo a failed ``run``: processes, cgroup, monitor, mount, directory (in that order)."""
     import shutil
 
     try:
         cg.destroy()
     except Exception as e:  # noqa: BLE001 - keep undoing, but say so
         log.error("run.rollback.cgroup", error=str(e))
+    deadline = time.monotonic() + 10
+    while sc.is_alive(mon_pid, mon_start) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if sc.is_alive(mon_pid, mon_start):
+        os.kill(mon_pid, signal.SIGKILL)
     try:
         unmount(layout.merged)
     except Exception as e:  # noqa: BLE001
@@ -437,10 +443,9 @@ def _rollback(cdir: Path, layout: OverlayLayout, cg: CgroupManager) -> None:
         shutil.rmtree(cdir, ignore_errors=True)
 
 
-def _start_monitor(cdir: Path) -> tuple[int, int, int]:
-    """Start the container's monitor detached (double fork, own session) and wait for its
-    report.  Returns (init host pid, init start time, monitor pid).  Raises ContainerError
-    with the init's own reason when it could not start."""
+def _launch_monitor(cdir: Path) -> tuple[int, int]:
+    """Start the container's monitor detached (double fork, own session, so it outlives the
+    caller and is not its child).  Returns (monitor pid, read end of its report pipe)."""
     sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
     log_fd = os.open(cdir / "monitor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -470,6 +475,12 @@ def _start_monitor(cdir: Path) -> tuple[int, int, int]:
     os.waitpid(first, 0)
     mon_pid = int(os.read(pid_r, 32) or b"0")
     os.close(pid_r)
+    return mon_pid, sync_r
+
+
+def _await_monitor(cdir: Path, sync_r: int) -> tuple[int, int]:
+    """Read the monitor's report.  Returns (init host pid, init start time).  Raises
+    ContainerError with the init's own reason when it could not start."""
     report = b""
     while chunk := os.read(sync_r, 65536):
         report += chunk
@@ -477,7 +488,7 @@ def _start_monitor(cdir: Path) -> tuple[int, int, int]:
     text = report.decode(errors="replace")
     if text.startswith("ok "):
         _, pid, start = text.split()
-        return int(pid), int(start), mon_pid
+        return int(pid), int(start)
     if text.startswith("error "):
         raise ContainerError(f"the container failed to start: {text[6:]}")
     tail = ""

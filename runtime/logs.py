@@ -39,7 +39,7 @@ def read_log(path: Path, follow: bool = False, is_done: Callable[[], bool] | Non
     """Yield records from ``path``; with ``follow`` keep reading until ``is_done()`` is true
     and the file has no more complete lines."""
     try:
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 - closed by the with below
     except FileNotFoundError:
         return
     with f:

@@ -23,7 +23,7 @@ import selectors
 import signal
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from runtime import syscalls as sc
@@ -38,7 +38,7 @@ _PARTIAL_FLUSH = 16 * 1024
 
 def _ts() -> str:
     now = time.time_ns()
-    return datetime.fromtimestamp(now // 1_000_000_000, timezone.utc).strftime(
+    return datetime.fromtimestamp(now // 1_000_000_000, UTC).strftime(
         "%Y-%m-%dT%H:%M:%S") + f".{now % 1_000_000_000:09d}Z"
 
 
