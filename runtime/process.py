@@ -18,8 +18,7 @@ import signal
 from typing import NoReturn
 
 from runtime import syscalls as sc
-from runtime.spec import capability_mask
-from runtime.spec import User
+from runtime.spec import User, capability_mask
 
 #: Signals whose disposition Python changes at start-up and a child would inherit on exec.
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGHUP, signal.SIGTERM,

@@ -148,7 +148,7 @@ def parse_cpus(value: str) -> int:
         raise ConfigError(f"invalid --cpus {value!r}: use a number of CPUs like 0.5 or 2") from None
     if not 0.01 <= f <= 1024:
         raise ConfigError(f"invalid --cpus {value!r}: must be between 0.01 and 1024")
-    return int(round(f * 100_000))
+    return round(f * 100_000)
 
 
 def parse_pids_limit(value: str) -> int | None:
