@@ -1,0 +1,341 @@
+"""CRIU, driven through its RPC (``criu swrk``) with pycriu's protobuf messages.
+
+This is the only module that imports pycriu.  pycriu's own ``criu.dump()/restore()`` send one
+request and read one reply, so they never see CRIU's notifications; jaula runs ``criu swrk
+FD`` itself over a ``SOCK_SEQPACKET`` socketpair and answers each ``NOTIFY``::
+
+    jaula                                criu swrk
+      criu_req{DUMP, opts} ────────────►
+                           ◄──────────── criu_resp{NOTIFY, "pre-dump"}
+      criu_req{NOTIFY, success} ───────►   ... "network-lock", "post-dump" (tasks frozen)
+                           ◄──────────── criu_resp{DUMP, success, cr_errno}
+
+Answering ``post-dump`` with failure makes CRIU resume the tasks instead of killing them; on
+restore, holding the ``pre-resume`` answer keeps the restored tasks stopped.  Both are the
+holds the two-phase migration needs (DESIGN.md, "The migration handoff").
+
+Sources: CRIU's images/rpc.proto, Documentation "RPC" and "Action scripts" on criu.org,
+criu-recipe.md in shared/ (options verified on these machines).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from migrate.errors import CriuError, CriuUnavailable
+
+log = structlog.get_logger(__name__)
+
+try:  # pycriu is built from CRIU's source tree by scripts/setup.sh
+    from pycriu import rpc_pb2 as rpc
+except ImportError:  # pragma: no cover - reported by find_criu()
+    rpc = None
+
+MIN_VERSION = (4, 1)
+_MAX_MSG = 4 << 20
+
+#: criu_cg_mode values (rpc.proto)
+CG_IGNORE, CG_NONE, CG_PROPS, CG_SOFT, CG_FULL, CG_STRICT = 0, 1, 2, 3, 4, 5
+
+
+@dataclass(frozen=True)
+class Notify:
+    """A CRIU notification: ``script`` is the action-script name (``post-dump``,
+    ``pre-resume``...), ``pid`` the root task's pid where CRIU sends one (else 0)."""
+
+    script: str
+    pid: int
+
+
+NotifyHandler = Callable[[Notify], bool]
+
+
+@dataclass(frozen=True)
+class DumpOptions:
+    """One ``criu dump`` request (rpc ``criu_opts``).
+
+    Attributes:
+        pid: host pid of the root task (the container init).
+        images_dir: where CRIU writes its images.
+        log_file: name of the log inside ``images_dir``.
+        leave_running: ``--leave-running``: resume the tasks after a successful dump.
+        freeze_cgroup: ``--freeze-cgroup``: freezer cgroup dir for a consistent freeze.
+        external: ``--external`` entries (``mnt[/data]:vol0``...).
+        file_locks / tcp_established / link_remap: as the CRIU options of that name.
+        ghost_limit_bytes: largest deleted-but-open file carried in the images
+            (``--ghost-limit``).
+        manage_cgroups_mode: ``--manage-cgroups`` (CG_SOFT by default).
+        notify: answer notifications (``--action-script`` semantics over RPC).
+        track_mem / parent_img / page_server: for pre-copy and post-copy strategies.
+    """
+
+    pid: int
+    images_dir: Path
+    log_file: str = "dump.log"
+    leave_running: bool = False
+    freeze_cgroup: str | None = None
+    external: tuple[str, ...] = ()
+    file_locks: bool = True
+    tcp_established: bool = True
+    link_remap: bool = False
+    ghost_limit_bytes: int = 64 << 20
+    manage_cgroups_mode: int = CG_SOFT
+    notify: bool = True
+    track_mem: bool = False
+    parent_img: str | None = None
+    lazy_pages: bool = False
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """One ``criu restore`` request.
+
+    Attributes:
+        images_dir: the dump's images.
+        root: ``--root``: the new container's merged overlay (mounted).
+        cg_root: ``--cgroup-root ctrl:/path`` pairs (ctrl "" for the v2 / global root).
+        external: ``--external`` entries for restore (``mnt[vol0]:/host/path``...).
+        inherit_fd: (key, fd) pairs, key like ``pipe:[12345]``; fd as this process sees it
+            (it is passed to swrk with the same number).
+        rst_sibling: make the restored root task a child of the caller (swrk only).
+        leave_stopped: ``--leave-stopped``.
+    """
+
+    images_dir: Path
+    root: str
+    log_file: str = "restore.log"
+    cg_root: tuple[tuple[str, str], ...] = ()
+    external: tuple[str, ...] = ()
+    inherit_fd: tuple[tuple[str, int], ...] = ()
+    rst_sibling: bool = True
+    file_locks: bool = True
+    tcp_established: bool = True
+    manage_cgroups_mode: int = CG_SOFT
+    notify: bool = True
+    leave_stopped: bool = False
+    lazy_pages: bool = False
+
+
+@dataclass
+class Result:
+    """What a successful action returned: ``pid`` of the restored root task (restore only),
+    seconds spent, and the notifications seen in order."""
+
+    pid: int = 0
+    duration_s: float = 0.0
+    notifications: list[str] = field(default_factory=list)
+
+
+def find_criu() -> str:
+    """Path of the ``criu`` binary (``$JAULA_CRIU``, PATH, /usr/local/sbin).
+
+    Raises CriuUnavailable naming what to do."""
+    if rpc is None:
+        raise CriuUnavailable("pycriu is not installed in this Python: run `make setup`")
+    for cand in (os.environ.get("JAULA_CRIU"), shutil.which("criu"), "/usr/local/sbin/criu"):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    raise CriuUnavailable("criu is not installed: run `make setup` (it builds CRIU 4.x)")
+
+
+def version(binary: str | None = None) -> tuple[int, int, int]:
+    """CRIU's version as (major, minor, sublevel), from ``criu --version``."""
+    binary = binary or find_criu()
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10,
+                         check=False)
+    m = re.search(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", out.stdout)
+    if not m:
+        raise CriuUnavailable(f"cannot read the version of {binary}: {out.stdout.strip()!r}")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+def require(min_version: tuple[int, int] = MIN_VERSION) -> str:
+    """Return the criu binary after checking it is at least ``min_version``."""
+    binary = find_criu()
+    v = version(binary)
+    if v[:2] < min_version:
+        raise CriuUnavailable(f"criu {'.'.join(map(str, v))} is too old: jaula needs "
+                              f"{'.'.join(map(str, min_version))} or newer (run `make setup`)")
+    return binary
+
+
+def log_excerpt(path: Path, lines: int = 6) -> str:
+    """The last ``Error`` lines of a CRIU log (or its last lines), joined with `` / ``.
+    The harmless RLIMIT_NOFILE complaint is left out."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errs = [ln.strip() for ln in text if ("Error" in ln or "Err " in ln) and "RLIMIT" not in ln]
+    chosen = errs[-lines:] if errs else [ln.strip() for ln in text[-lines:]]
+    return " / ".join(chosen)
+
+
+class _Swrk:
+    """One ``criu swrk`` process and its socket."""
+
+    def __init__(self, binary: str, pass_fds: tuple[int, ...] = ()) -> None:
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen([binary, "swrk", str(theirs.fileno())],
+                                     pass_fds=(theirs.fileno(), *pass_fds), close_fds=True,
+                                     stdin=subprocess.DEVNULL)
+        theirs.close()
+
+    def send(self, req: object) -> None:
+        self.sock.send(req.SerializeToString())  # type: ignore[attr-defined]
+
+    def recv(self) -> object:
+        data = self.sock.recv(_MAX_MSG)
+        if not data:
+            raise EOFError("criu swrk closed the connection")
+        resp = rpc.criu_resp()
+        resp.ParseFromString(data)
+        return resp
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _call(action: str, req_type: int, opts: object, images_dir: Path, log_file: str,
+          on_notify: NotifyHandler | None, pass_fds: tuple[int, ...]) -> tuple[object, Result]:
+    binary = require()
+    res = Result()
+    t0 = time.monotonic()
+    swrk = _Swrk(binary, pass_fds)
+    try:
+        req = rpc.criu_req(type=req_type)
+        req.opts.CopyFrom(opts)
+        swrk.send(req)
+        while True:
+            try:
+                resp = swrk.recv()
+            except (EOFError, OSError) as e:
+                raise CriuError(action, f"criu swrk died ({e})",
+                                log_path=str(images_dir / log_file),
+                                log_excerpt=log_excerpt(images_dir / log_file)) from e
+            if resp.type == rpc.NOTIFY:  # type: ignore[attr-defined]
+                n = Notify(resp.notify.script, resp.notify.pid)  # type: ignore[attr-defined]
+                res.notifications.append(n.script)
+                ok = True
+                if on_notify is not None:
+                    try:
+                        ok = bool(on_notify(n))
+                    except Exception as e:
+                        log.error("criu.notify.handler_failed", script=n.script, error=str(e))
+                        swrk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=False))
+                        _drain(swrk)
+                        raise
+                swrk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=ok))
+                continue
+            break
+    finally:
+        swrk.close()
+    res.duration_s = time.monotonic() - t0
+    if not resp.success:  # type: ignore[attr-defined]
+        path = images_dir / log_file
+        raise CriuError(action, resp.cr_errmsg or os.strerror(resp.cr_errno or 0)  # type: ignore[attr-defined]
+                        or "unknown error", errno=resp.cr_errno,  # type: ignore[attr-defined]
+                        log_path=str(path), log_excerpt=log_excerpt(path))
+    return resp, res
+
+
+def _drain(swrk: _Swrk) -> None:
+    """After a failed notification answer, read CRIU's remaining messages (answering any
+    further notification with success so it can finish rolling back)."""
+    try:
+        while True:
+            resp = swrk.recv()
+            if resp.type != rpc.NOTIFY:  # type: ignore[attr-defined]
+                return
+            swrk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=True))
+    except (EOFError, OSError):
+        return
+
+
+def dump(opts: DumpOptions, on_notify: NotifyHandler | None = None) -> Result:
+    """Checkpoint the tree rooted at ``opts.pid`` into ``opts.images_dir``.
+
+    ``on_notify`` is called for each notification and must return True to let CRIU go on;
+    returning False at ``post-dump`` resumes the tasks and fails the dump.  Raises
+    CriuUnavailable, CriuError (with the log's error lines)."""
+    opts.images_dir.mkdir(parents=True, exist_ok=True)
+    dfd = os.open(opts.images_dir, os.O_DIRECTORY | os.O_RDONLY)
+    try:
+        o = rpc.criu_opts(images_dir_fd=dfd, pid=opts.pid, log_level=4, log_file=opts.log_file,
+                          leave_running=opts.leave_running, file_locks=opts.file_locks,
+                          tcp_established=opts.tcp_established, link_remap=opts.link_remap,
+                          ghost_limit=opts.ghost_limit_bytes, notify_scripts=opts.notify,
+                          manage_cgroups=True, manage_cgroups_mode=opts.manage_cgroups_mode,
+                          track_mem=opts.track_mem, lazy_pages=opts.lazy_pages)
+        if opts.freeze_cgroup:
+            o.freeze_cgroup = opts.freeze_cgroup
+        if opts.parent_img:
+            o.parent_img = opts.parent_img
+        o.external.extend(opts.external)
+        _, res = _call("dump", rpc.DUMP, o, opts.images_dir, opts.log_file, on_notify, (dfd,))
+        return res
+    finally:
+        os.close(dfd)
+
+
+def restore(opts: RestoreOptions, on_notify: NotifyHandler | None = None) -> Result:
+    """Restore the tree in ``opts.images_dir`` onto ``opts.root``.
+
+    With ``rst_sibling`` the restored root task is a child of the calling process, which
+    must reap it.  Returns the Result with the root task's host pid.  Raises CriuError."""
+    dfd = os.open(opts.images_dir, os.O_DIRECTORY | os.O_RDONLY)
+    try:
+        o = rpc.criu_opts(images_dir_fd=dfd, log_level=4, log_file=opts.log_file,
+                          root=opts.root, rst_sibling=opts.rst_sibling,
+                          file_locks=opts.file_locks, tcp_established=opts.tcp_established,
+                          notify_scripts=opts.notify, manage_cgroups=True,
+                          manage_cgroups_mode=opts.manage_cgroups_mode,
+                          leave_stopped=opts.leave_stopped, lazy_pages=opts.lazy_pages)
+        for ctrl, path in opts.cg_root:
+            cg = o.cg_root.add()
+            if ctrl:
+                cg.ctrl = ctrl
+            cg.path = path
+        for key, fd in opts.inherit_fd:
+            ifd = o.inherit_fd.add()
+            ifd.key = key
+            ifd.fd = fd
+        o.external.extend(opts.external)
+        fds = (dfd, *(fd for _, fd in opts.inherit_fd))
+        resp, res = _call("restore", rpc.RESTORE, o, opts.images_dir, opts.log_file, on_notify,
+                          fds)
+        res.pid = resp.restore.pid  # type: ignore[attr-defined]
+        return res
+    finally:
+        os.close(dfd)
+
+
+def check_features(lazy_pages: bool = False, mem_track: bool = False) -> dict[str, bool]:
+    """Ask CRIU which optional features work here (rpc FEATURE_CHECK)."""
+    binary = require()
+    swrk = _Swrk(binary)
+    try:
+        req = rpc.criu_req(type=rpc.FEATURE_CHECK)
+        req.features.mem_track = mem_track
+        req.features.lazy_pages = lazy_pages
+        swrk.send(req)
+        resp = swrk.recv()
+    finally:
+        swrk.close()
+    f = resp.features  # type: ignore[attr-defined]
+    return {"mem_track": bool(f.mem_track), "lazy_pages": bool(f.lazy_pages)}
