@@ -101,3 +101,15 @@ class UnsafeArchiveError(ImageError):
 
 class NotRootError(JaulaError):
     """The operation needs root (uid 0) and the caller is not root."""
+
+
+class ImageNotFound(ImageError):
+    """No image matches the given name, id or id prefix."""
+
+
+class AmbiguousImage(ImageError):
+    """An image id prefix matches more than one image."""
+
+
+class ImageInUse(ImageError):
+    """The image cannot be removed: a container uses it."""

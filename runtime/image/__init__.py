@@ -1,0 +1,29 @@
+"""OCI images: import from layouts and archives, verify, unpack layers, keep them in a store.
+
+* :mod:`runtime.image.oci`: image layouts, oci-archive and docker-archive tars, descriptors,
+  digests, image configs (OCI image-spec ``image-layout.md``, ``manifest.md``, ``config.md``).
+* :mod:`runtime.image.layers`: safe unpacking of one layer tar into overlayfs form
+  (``layer.md`` "Whiteouts").
+* :mod:`runtime.image.store`: the content-addressed store under the state root.
+
+Typical use::
+
+    store = ImageStore(Path("/var/lib/jaula"))
+    image = store.import_path(Path("busybox.tar"))
+    lowerdirs = store.layer_dirs(store.resolve("busybox"))   # bottom -> top
+"""
+
+from runtime.image.layers import LayerStats, UnpackLimits, unpack_layer, verify_layer
+from runtime.image.oci import ImageConfig, normalize_name
+from runtime.image.store import Image, ImageStore
+
+__all__ = [
+    "Image",
+    "ImageConfig",
+    "ImageStore",
+    "LayerStats",
+    "UnpackLimits",
+    "normalize_name",
+    "unpack_layer",
+    "verify_layer",
+]
