@@ -63,6 +63,7 @@ trap 'printf "setup: ERROR: line %s failed (exit %s): %s\n" "$LINENO" "$?" "$BAS
 CLEANUP=()
 cleanup() { local c; for c in "${CLEANUP[@]}"; do eval "$c" || true; done; }
 trap cleanup EXIT
+trap 'exit 130' INT TERM    # so that the EXIT trap runs
 
 # run_logged NAME CMD...: run CMD with its output in .build/logs/NAME.log; on failure show
 # the end of the log and stop.
@@ -122,7 +123,7 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || die "python3 on PATH is $(python3 -V 2>&1); jaula needs >= 3.11"
 
 # --- CRIU helpers -----------------------------------------------------------------------
-criu_version() { "$1" --version 2>/dev/null | sed -n 's/^Version: *//p' | head -n1; }
+criu_version() { { "$1" --version 2>/dev/null || true; } | sed -n 's/^Version: *//p' | head -n1; }
 
 # criu_good BIN: BIN runs, is >= CRIU_MIN and `criu check` says "Looks good".
 criu_good() {
@@ -134,8 +135,9 @@ criu_good() {
     [[ $out == *"Looks good"* ]]
 }
 
-# apt_src SUITE ARGS...: apt-get/apt-cache with a private configuration that only knows the
-# deb-src entry of SUITE. Its lists live in .build, so the host's apt is left as it was.
+# apt_src_opts SUITE: sets APT_SRC_OPTS, options for apt-get/apt-cache to use a private
+# configuration that only knows the deb-src entry of SUITE (written by apt_src_update). Its
+# lists live in .build/criu-src/apt, so the host's apt sources and lists stay as they were.
 apt_src_opts() {
     local d="$SRC/apt/$1"
     APT_SRC_OPTS=(-o "Dir::Etc::SourceList=$d/sources.list" -o "Dir::Etc::SourceParts=$d/parts"
@@ -205,7 +207,7 @@ fetch_source() {
 # ensure_source [WANT]: a CRIU source tree, preferably of upstream version WANT; a cached
 # tree is used without touching the network. Sets SRC_TREE.
 ensure_source() {
-    local want=${1:-} t suite up ok_suites=() first=() rest=()
+    local want=${1:-} t suite later=()
     mkdir -p "$SRC" "$LOGS"
     if [ -n "$want" ] && [ -f "$SRC/criu-$want/.jaula-unpacked" ]; then
         SRC_TREE="$SRC/criu-$want"; return 0
@@ -219,23 +221,20 @@ ensure_source() {
         done
     fi
     say "criu: fetching the source from Debian ($CRIU_SUITES)"
+    # Suites in order; with WANT, a suite carrying another version is only a fallback.
+    # A suite's index is downloaded only if no earlier suite gave a usable source.
     for suite in $CRIU_SUITES; do
-        if apt_src_update "$suite"; then
-            ok_suites+=("$suite")
-        else
+        if ! apt_src_update "$suite"; then
             say "criu: could not read $suite's source index (see $LOGS/apt-src-$suite.log)" >&2
+            continue
         fi
-    done
-    # Prefer a suite that carries the version we want, then the configured order.
-    for suite in "${ok_suites[@]}"; do
-        up=$(upstream_of "$(apt_src_version "$suite")")
-        if [ -n "$want" ] && [ "$up" = "$want" ]; then first+=("$suite"); else rest+=("$suite"); fi
-    done
-    for suite in "${first[@]}" "${rest[@]}"; do
-        if SRC_TREE=$(fetch_source "$suite"); then
-            say "criu: got $(src_desc)"
-            return 0
+        if [ -n "$want" ] && [ "$(upstream_of "$(apt_src_version "$suite")")" != "$want" ]; then
+            later+=("$suite"); continue
         fi
+        if SRC_TREE=$(fetch_source "$suite"); then say "criu: got $(src_desc)"; return 0; fi
+    done
+    for suite in "${later[@]}"; do
+        if SRC_TREE=$(fetch_source "$suite"); then say "criu: got $(src_desc)"; return 0; fi
     done
     die "could not get CRIU's source from Debian suites: $CRIU_SUITES (logs in $LOGS)"
 }
@@ -307,8 +306,10 @@ fi
 # --- 4. pycriu --------------------------------------------------------------------------
 # Import pycriu as installed (-I: not from the cwd), use rpc_pb2, and turn an image message
 # with a repeated field into a dict and back (pb2dict is what breaks across protobuf majors).
+# Prints the version on stdout; errors (and warnings) go to .build/logs/pycriu-check.log.
 pycriu_version() {
-    (cd / && "$PY" -I - 2>&1) <<'EOF'
+    mkdir -p "$LOGS"
+    (cd / && "$PY" -I - 2>"$LOGS/pycriu-check.log") <<'EOF'
 import pycriu
 from pycriu import rpc_pb2
 from pycriu.images import pb, pb2dict
@@ -326,21 +327,23 @@ EOF
 }
 pyver=$(pycriu_version) && ok=1 || ok=0
 stamp=$(cat "$VENV/.jaula-pycriu-for" 2>/dev/null || true)
-# Reinstall when it does not work, or when it was made for another criu than the one in use.
+if [ "$ok" = 0 ] && (cd / && "$PY" -I -c 'import pycriu' >/dev/null 2>&1); then
+    # Installed but failing: perhaps the venv's packages drifted (protobuf upgraded by hand).
+    say "pycriu: installed but failing ($(tail -n1 "$LOGS/pycriu-check.log")); reinstalling jaula's dependencies"
+    run_logged pip-install "$PY" -m pip install -q -e "${ROOT}[test]"
+    pyver=$(pycriu_version) && ok=1 || ok=0
+fi
+# (Re)install when it does not work, or when it was made for another criu than the one in use.
 if [ "$ok" = 1 ] && { [ "$pyver" = "$CRIU_VER" ] || [ "$stamp" = "$CRIU_VER" ]; }; then
     say "pycriu $pyver ok (cached)"
 else
-    if [ "$ok" = 1 ]; then
-        say "pycriu: $pyver installed, criu is $CRIU_VER: reinstalling"
-    elif [ -n "$pyver" ] && "$PY" -c 'import pycriu' >/dev/null 2>&1; then
-        say "pycriu: installed but broken, reinstalling: $(printf '%s\n' "$pyver" | tail -n1)"
-    fi
+    [ "$ok" = 1 ] && say "pycriu: $pyver installed, criu is $CRIU_VER: reinstalling"
     ensure_source "$CRIU_VER"
     build_tree
     # Not editable: the venv must keep working after `make clean-build` removes .build.
     run_logged pycriu-install "$PY" -m pip install -q --no-deps --force-reinstall "$SRC_TREE/lib"
     pyver=$(pycriu_version) || die "pycriu does not work after install:
-$pyver
+$(tail -n 15 "$LOGS/pycriu-check.log")
 (protobuf in the venv: $("$PY" -c 'import google.protobuf as p; print(p.__version__)' 2>&1))"
     echo "$CRIU_VER" >"$VENV/.jaula-pycriu-for"
     [ "$pyver" = "$CRIU_VER" ] || say "note: pycriu $pyver is built from another CRIU version than criu $CRIU_VER"
