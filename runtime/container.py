@@ -393,6 +393,7 @@ class Runtime:
             mount_overlay(layout)
             user = resolve_user(layout.merged, cfg.user_spec) if cfg.user_spec else User()
             check_command(layout.merged, cfg.args[0], cfg.env, cfg.cwd)
+            make_workdir(layout.merged, cfg.cwd, user)
             cfg = replace(cfg, user=user)
             atomic_write_json(cdir / "config.json", cfg.to_json())
             cg.create(cfg.resources)
@@ -538,6 +539,20 @@ def _read_db(rootfs: Path, path: str) -> list[list[str]]:
                     if line.strip() and not line.startswith("#") and line.count(":") >= 2]
     except OSError:
         return []
+
+
+def make_workdir(rootfs: Path, cwd: str, user: User) -> None:
+    """Create the working directory in the rootfs when the image lacks it (as Podman does),
+    owned by the container's user.  Raises ConfigError when it exists but is not a
+    directory."""
+    host = secure_join(str(rootfs), cwd)
+    if os.path.isdir(host):
+        return
+    if os.path.lexists(host):
+        raise ConfigError(f"cannot use working directory {cwd}: it is not a directory in the "
+                          "image")
+    os.makedirs(host, mode=0o755)
+    os.chown(host, user.uid, user.gid)
 
 
 def check_command(rootfs: Path, program: str, env: tuple[str, ...], cwd: str) -> None:

@@ -31,7 +31,8 @@ class ExecFailed(Exception):
 
 def drop_privileges(user: User, capabilities: tuple[str, ...], no_new_privs: bool = True) -> None:
     """Keep only ``capabilities`` (names) in every set, become ``user``, set no_new_privs."""
-    keep = capability_mask(capabilities)
+    # Never ask for more than this process has (root here may lack some, e.g. SYS_RESOURCE).
+    keep = capability_mask(capabilities) & _permitted_now()
     for cap in range(sc.cap_last_cap() + 1):
         if not keep & (1 << cap):
             try:
@@ -49,6 +50,14 @@ def drop_privileges(user: User, capabilities: tuple[str, ...], no_new_privs: boo
         sc.capset(0, 0, 0)
     if no_new_privs:
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _permitted_now() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapPrm:"):
+                return int(line.split()[1], 16)
+    return 0
 
 
 def reset_signals() -> None:
