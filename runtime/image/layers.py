@@ -167,7 +167,11 @@ def unpack_layer(
             stream.entry = "<end of archive>"
             stream.drain()
             extractor.finish()
-        except (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError) as e:
+        except (ImageError, *_FORMAT_ERRORS) as e:
+            # A corrupt blob shows up as garbage first: name the digest when it is the cause.
+            _raise_if_blob_mismatch(blob, blob_digest, e)
+            if isinstance(e, ImageError):
+                raise
             raise ImageError(
                 f"layer {blob_digest or diff_id or ''} is not a valid tar stream: {e}"
             ) from e
@@ -204,10 +208,27 @@ def verify_layer(
     stream = _LayerStream(_decompress(blob, media_type), limits.max_layer_bytes)
     try:
         stream.drain()
-    except (EOFError, zlib.error, zstandard.ZstdError) as e:
+    except _FORMAT_ERRORS as e:
         raise ImageError(f"layer {diff_id or ''} cannot be decompressed: {e}") from e
     blob.finish()
     _check_diff_id(stream, diff_id, 0)
+
+
+_FORMAT_ERRORS = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile)
+
+
+def _raise_if_blob_mismatch(
+    blob: VerifyingReader, blob_digest: str | None, cause: BaseException
+) -> None:
+    """After a failure, read the rest of the blob; raise the digest mismatch if there is one."""
+    if blob_digest is None:
+        return
+    try:
+        blob.finish()
+    except ImageError as mismatch:
+        raise mismatch from cause
+    except OSError:
+        return
 
 
 def _check_diff_id(stream: _LayerStream, diff_id: str | None, entries: int) -> LayerStats:

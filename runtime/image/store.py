@@ -208,7 +208,9 @@ class ImageStore:
         size and by DiffID); layers not yet in the store are unpacked (see
         :mod:`runtime.image.layers`), present ones are only verified.  The image is named
         ``name`` if given, else by the archive's ``ref.name`` annotation or ``RepoTags``, else
-        it stays unnamed.  A name already used by another image moves to this one.  With
+        it stays unnamed.  A name already used by another image moves to this one.  Importing
+        an image that is already stored adds its names; a docker archive (which has no
+        manifest) then keeps the stored manifest, an OCI source replaces it.  With
         ``progress`` and a terminal on stderr, a progress bar is drawn there.
 
         Raises:
@@ -224,8 +226,12 @@ class ImageStore:
             log.info("importing image", path=str(path), format=src.format, id=image_id[:12])
             sizes, added = self._import_layers(opened, progress, path)
             try:
+                images = self._load()
+                old = images.get(image_id)
                 manifest, manifest_digest = src.manifest, src.manifest_digest
-                if manifest is None or manifest_digest is None:
+                if manifest_digest is None and old is not None:
+                    manifest_digest = old.manifest_digest  # keep the manifest we have
+                elif manifest is None or manifest_digest is None:
                     manifest = synthesize_manifest(
                         src.config_digest,
                         len(src.config),
@@ -233,8 +239,6 @@ class ImageStore:
                     )
                     manifest_digest = sha256_digest(manifest)
                 layer_ids = tuple(digest_hex(layer.diff_id) for layer in src.layers)
-                images = self._load()
-                old = images.get(image_id)
                 names = (want,) if want is not None else src.names
                 merged = tuple(dict.fromkeys((old.names if old else ()) + names))
                 image = Image(
@@ -249,7 +253,8 @@ class ImageStore:
                 image_dir = self.images_dir / image_id
                 image_dir.mkdir(mode=0o700, exist_ok=True)
                 _write_atomic(image_dir / "config.json", src.config)
-                _write_atomic(image_dir / "manifest.json", manifest)
+                if manifest is not None:
+                    _write_atomic(image_dir / "manifest.json", manifest)
                 for other in builtins.list(images.values()):
                     if other.id != image_id and set(other.names) & set(names):
                         moved = tuple(n for n in other.names if n not in names)

@@ -323,7 +323,13 @@ def test_overlay_of_layers_hides_deleted_files(
     assert "root:x:0:0" in (merged / "etc/passwd").read_text()
     # The rootfs works: absolute /bin/sh -> /bin/busybox resolves inside the chroot.
     out = subprocess.run(
-        ["chroot", str(merged), "/bin/sh", "-c", "cat /etc/added; ls /opt/data; echo ok > /tmp/w"],
+        [
+            shutil.which("chroot") or "/usr/sbin/chroot",
+            str(merged),
+            "/bin/sh",
+            "-c",
+            "cat /etc/added; ls /opt/data; echo ok > /tmp/w",
+        ],
         capture_output=True,
         text=True,
         check=True,
