@@ -530,15 +530,20 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     _fsync_dir(path.parent)
 
 
+#: Imports of fewer layer bytes than this (when the total is known) draw no progress bar.
+PROGRESS_MIN_BYTES = 16 * 1024 * 1024
+
+
 class _ProgressBar:
-    """A rich progress bar over bytes read, drawn on stderr only when it is a terminal."""
+    """A rich progress bar over layer bytes read, drawn on stderr only when it is a terminal
+    and the import is long (at least :data:`PROGRESS_MIN_BYTES`, or of unknown size)."""
 
     def __init__(self, enabled: bool, total_bytes: int, description: str) -> None:
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._total = total_bytes
         self._description = description
-        if enabled:
+        if enabled and not 0 < total_bytes < PROGRESS_MIN_BYTES:
             console = Console(stderr=True)
             if console.is_terminal:
                 self._progress = Progress(
