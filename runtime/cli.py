@@ -46,7 +46,8 @@ def configure_logging(level: str) -> None:
                     structlog.processors.KeyValueRenderer(key_order=["timestamp", "level",
                                                                      "event"])],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # resolve sys.stderr at each call: it may be replaced (tests, daemons)
+        logger_factory=lambda *args: structlog.PrintLogger(sys.stderr),
     )
 
 
