@@ -43,7 +43,7 @@ class Jaula:
 
     def run(self, *args: str, check: bool = True, timeout: float = 60,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run([*JAULA, "--state-root", str(self.root), *args], text=True,
+        p = subprocess.run([*JAULA, "--state-root", str(self.root), *args], text=True, check=False,
                            capture_output=True, timeout=timeout, input=input,
                            cwd=Path(__file__).resolve().parents[2])
         if check and p.returncode != 0:
@@ -96,3 +96,37 @@ def jaula(tmp_path_factory: pytest.TempPathFactory, busybox_image_layout: Path) 
     yield j
     problems = cleanup_root(root)
     assert not problems, "\n".join(problems)
+
+
+def _system_snapshot() -> dict[str, set[str]]:
+    """What a test run could leak: overlay mounts, jaula cgroups, monitors, criu processes."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = {" ".join(line.split()[4:5] + line.split()[-3:-2]) for line in f
+                  if " - overlay " in line or "jaula" in line or "pytest-of" in line}
+    cgroups = {str(p) for p in Path("/sys/fs/cgroup").glob("*/jaula*")}
+    cgroups |= {str(p) for p in Path("/sys/fs/cgroup").glob("jaula*")}
+    cgroups |= {str(p) for p in Path("/sys/fs/cgroup").glob("*/jaula*/*")}
+    procs = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                comm = (d / "comm").read_text().strip()
+                zombie = (d / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                continue
+            if comm in ("jaula-monitor", "criu") and not zombie:  # zombies hold nothing
+                procs.add(f"{d.name} {comm}")
+    return {"mounts": mounts, "cgroups": cgroups, "processes": procs}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_leaks_from_the_suite() -> Iterator[None]:
+    """After all root tests: mounts, cgroups and our processes are as before the suite."""
+    if os.geteuid() != 0:
+        yield
+        return
+    before = _system_snapshot()
+    yield
+    after = _system_snapshot()
+    leaked = {k: sorted(after[k] - before[k]) for k in after if after[k] - before[k]}
+    assert not leaked, f"the test suite leaked: {leaked}"
