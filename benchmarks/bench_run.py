@@ -27,7 +27,7 @@ from rich.progress import Progress
 from runtime.container import RunOptions, Runtime
 from tests.helpers.images import build_busybox_image
 
-JAULA = [sys.executable, "-m", "runtime.cli"]
+JAULA = [sys.executable, "-m", "migrate.cli"]
 
 
 def main(argv: list[str] | None = None) -> int:

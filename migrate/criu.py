@@ -109,11 +109,13 @@ class RestoreOptions:
             (it is passed to swrk with the same number).
         rst_sibling: make the restored root task a child of the caller (swrk only).
         leave_stopped: ``--leave-stopped``.
+        work_dir: where CRIU writes its log (``--work-dir``); the images dir by default.
     """
 
     images_dir: Path
     root: str
     log_file: str = "restore.log"
+    work_dir: Path | None = None
     cg_root: tuple[tuple[str, str], ...] = ()
     external: tuple[str, ...] = ()
     inherit_fd: tuple[tuple[str, int], ...] = ()
@@ -169,6 +171,10 @@ def require(min_version: tuple[int, int] = MIN_VERSION) -> str:
     return binary
 
 
+#: CRIU log lines that are harmless on these machines (criu-recipe.md, "harmless noise").
+_NOISE = ("RLIMIT", "ddress already assigned")
+
+
 def log_excerpt(path: Path, lines: int = 6) -> str:
     """The last ``Error`` lines of a CRIU log (or its last lines), joined with `` / ``.
     The harmless RLIMIT_NOFILE complaint is left out."""
@@ -176,7 +182,8 @@ def log_excerpt(path: Path, lines: int = 6) -> str:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    errs = [ln.strip() for ln in text if ("Error" in ln or "Err " in ln) and "RLIMIT" not in ln]
+    errs = [ln.strip() for ln in text
+            if ("Error" in ln or "Err " in ln) and not any(n in ln for n in _NOISE)]
     chosen = errs[-lines:] if errs else [ln.strip() for ln in text[-lines:]]
     return " / ".join(chosen)
 
@@ -248,9 +255,12 @@ def _call(action: str, req_type: int, opts: object, images_dir: Path, log_file: 
     res.duration_s = time.monotonic() - t0
     if not resp.success:  # type: ignore[attr-defined]
         path = images_dir / log_file
-        raise CriuError(action, resp.cr_errmsg or os.strerror(resp.cr_errno or 0)  # type: ignore[attr-defined]
-                        or "unknown error", errno=resp.cr_errno,  # type: ignore[attr-defined]
-                        log_path=str(path), log_excerpt=log_excerpt(path))
+        errmsg = resp.cr_errmsg or ""  # type: ignore[attr-defined]
+        errno_ = resp.cr_errno or 0  # type: ignore[attr-defined]
+        if not errmsg or any(n in errmsg for n in _NOISE):
+            errmsg = os.strerror(errno_) if errno_ else "see the log lines"
+        raise CriuError(action, errmsg, errno=errno_, log_path=str(path),
+                        log_excerpt=log_excerpt(path))
     return resp, res
 
 
@@ -299,8 +309,10 @@ def restore(opts: RestoreOptions, on_notify: NotifyHandler | None = None) -> Res
     With ``rst_sibling`` the restored root task is a child of the calling process, which
     must reap it.  Returns the Result with the root task's host pid.  Raises CriuError."""
     dfd = os.open(opts.images_dir, os.O_DIRECTORY | os.O_RDONLY)
+    wdir = opts.work_dir or opts.images_dir
+    wfd = os.open(wdir, os.O_DIRECTORY | os.O_RDONLY)
     try:
-        o = rpc.criu_opts(images_dir_fd=dfd, log_level=4, log_file=opts.log_file,
+        o = rpc.criu_opts(images_dir_fd=dfd, work_dir_fd=wfd, log_level=4, log_file=opts.log_file,
                           root=opts.root, rst_sibling=opts.rst_sibling,
                           file_locks=opts.file_locks, tcp_established=opts.tcp_established,
                           notify_scripts=opts.notify, manage_cgroups=True,
@@ -316,13 +328,13 @@ def restore(opts: RestoreOptions, on_notify: NotifyHandler | None = None) -> Res
             ifd.key = key
             ifd.fd = fd
         o.external.extend(opts.external)
-        fds = (dfd, *(fd for _, fd in opts.inherit_fd))
-        resp, res = _call("restore", rpc.RESTORE, o, opts.images_dir, opts.log_file, on_notify,
-                          fds)
+        fds = (dfd, wfd, *(fd for _, fd in opts.inherit_fd))
+        resp, res = _call("restore", rpc.RESTORE, o, wdir, opts.log_file, on_notify, fds)
         res.pid = resp.restore.pid  # type: ignore[attr-defined]
         return res
     finally:
         os.close(dfd)
+        os.close(wfd)
 
 
 def check_features(lazy_pages: bool = False, mem_track: bool = False) -> dict[str, bool]:

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -51,7 +52,18 @@ def configure_logging(level: str) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+class CliExtension(Protocol):
+    """Commands a higher layer adds to ``jaula`` (``migrate`` adds checkpoint, restore,
+    migrate, node) without the runtime importing it."""
+
+    def add_commands(self, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+        """Add subparsers."""
+
+    def dispatch(self, rt: Runtime, a: argparse.Namespace) -> int | None:
+        """Run ``a.cmd`` if it is one of this extension's commands, else return None."""
+
+
+def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaula", description="A container runtime built for "
                                 "checkpoint/restore and live migration.")
     p.add_argument("--state-root", type=Path, default=None,
@@ -128,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("wait", help="wait for containers to stop; print their exit codes")
     w.add_argument("containers", nargs="+")
+    for ext in extensions:
+        ext.add_commands(sub)
     return p
 
 
@@ -276,7 +290,12 @@ def _each(a: argparse.Namespace, rt: Runtime, fn: object) -> int:
     return rc
 
 
-def dispatch(rt: Runtime, a: argparse.Namespace) -> int:
+def dispatch(rt: Runtime, a: argparse.Namespace,
+             extensions: Sequence[CliExtension] = ()) -> int:
+    for ext in extensions:
+        rc = ext.dispatch(rt, a)
+        if rc is not None:
+            return rc
     match a.cmd:
         case "image":
             return cmd_image(rt, a)
@@ -306,15 +325,16 @@ def dispatch(rt: Runtime, a: argparse.Namespace) -> int:
     raise AssertionError(a.cmd)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``jaula``; returns the exit code."""
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, extensions: Sequence[CliExtension] = ()) -> int:
+    """Entry point of the runtime's commands; returns the exit code.  The ``jaula`` console
+    script is :func:`migrate.cli.jaula_main`, which adds the migration commands."""
+    parser = build_parser(extensions)
     a = parser.parse_args(argv)
     configure_logging(a.log_level)
     try:
         require_root()
         rt = Runtime(a.state_root or default_root())
-        return dispatch(rt, a)
+        return dispatch(rt, a, extensions)
     except JaulaError as e:
         print(f"jaula: error: {e}", file=sys.stderr)
         if a.cmd == "exec" and "not found" in str(e):

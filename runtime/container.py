@@ -193,7 +193,7 @@ class Container:
             if not self._wait_stopped(timeout_s):
                 cg.kill_all(signal.SIGKILL)
                 self._wait_stopped(10.0)
-            self._wait_monitor(10.0)
+            self.wait_monitor(10.0)
             self.refresh()
             if self.status is not S.STOPPED:
                 raise ContainerError(f"container {self.name} did not stop", self.id)
@@ -208,7 +208,8 @@ class Container:
             time.sleep(0.02)
         return not sc.is_alive(self.state.pid, self.state.pid_start_time)
 
-    def _wait_monitor(self, timeout_s: float) -> None:
+    def wait_monitor(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` seconds for the monitor to exit."""
         deadline = time.monotonic() + timeout_s
         while self.monitor_alive() and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -285,7 +286,7 @@ class Container:
                 self._wait_stopped(10.0)
         except JaulaError as e:
             errors.append(str(e))
-        self._wait_monitor(10.0)
+        self.wait_monitor(10.0)
         if self.monitor_alive():
             os.kill(self.state.monitor_pid, signal.SIGKILL)
         try:
@@ -419,6 +420,52 @@ class Runtime:
         return ctr
 
 
+    def revive(self, container_id: str, restorer: str, arg: str) -> Container:
+        """Bring a checkpointed container back to running through an external restorer.
+
+        The caller has put the container's upperdir in place.  This mounts the overlay,
+        creates the cgroup with the container's limits, and starts a monitor in restore
+        mode, which calls ``restorer`` (``"module:function"``, see :mod:`runtime.monitor`)
+        with ``arg`` so that the restored init is the monitor's child.  On failure every
+        step is undone and the container stays ``checkpointed``; the error is raised.
+
+        Raises ContainerError (wrong status, or the restorer's own error), MountError,
+        CgroupError, ImageError (a layer is missing)."""
+        require_root()
+        c = Container(self, container_id)
+        with c.locked():
+            if c.status is not S.CHECKPOINTED:
+                raise ContainerError(
+                    f"container {c.name} ({c.id[:12]}) is {c.status.value}: only a checkpointed "
+                    "container can be restored", c.id)
+            for layer in c.config.layers:
+                if not self.images.has_layer(layer):
+                    raise ContainerError(f"layer sha256:{layer} of container {c.name} is not in "
+                                         "this node's image store: import its image first",
+                                         c.id)
+            layout = OverlayLayout.in_dir(c.dir, [self.images.layer_dir(la)
+                                                  for la in c.config.layers])
+            (c.dir / "exit.json").unlink(missing_ok=True)
+            cg = c.cgroup()
+            mon_pid, mon_start = 0, None
+            try:
+                mount_overlay(layout)
+                cg.create(c.config.resources)
+                mon_pid, sync_r = _launch_monitor(c.dir, ("--restore-with", restorer, arg))
+                mon_start = sc.proc_start_time(mon_pid)
+                pid, start = _await_monitor(c.dir, sync_r)
+                c.state = State(status=S.RUNNING, pid=pid, pid_start_time=start,
+                                monitor_pid=mon_pid, monitor_start_time=mon_start,
+                                started_at=c.state.started_at or time.time(),
+                                extra={**c.state.extra, "restored_at": time.time()})
+                c.save()
+            except BaseException:
+                _undo_start(layout, cg, mon_pid, mon_start)
+                raise
+        log.info("container.restored", id=c.id[:12], name=c.name, pid=pid)
+        return c
+
+
 def _stop_signal(value: str | None) -> int:
     from runtime.spec import parse_signal
 
@@ -433,6 +480,14 @@ def _rollback(cdir: Path, layout: OverlayLayout, cg: CgroupManager, mon_pid: int
     """Undo a failed ``run``: processes, cgroup, monitor, mount, directory (in that order)."""
     import shutil
 
+    _undo_start(layout, cg, mon_pid, mon_start)
+    if not is_mountpoint(layout.merged):
+        shutil.rmtree(cdir, ignore_errors=True)
+
+
+def _undo_start(layout: OverlayLayout, cg: CgroupManager, mon_pid: int,
+                mon_start: int | None) -> None:
+    """Kill what a failed start or restore started and unmount; errors are logged."""
     try:
         cg.destroy()
     except Exception as e:  # noqa: BLE001 - keep undoing, but say so
@@ -446,11 +501,9 @@ def _rollback(cdir: Path, layout: OverlayLayout, cg: CgroupManager, mon_pid: int
         unmount(layout.merged)
     except Exception as e:  # noqa: BLE001
         log.error("run.rollback.unmount", error=str(e))
-    if not is_mountpoint(layout.merged):
-        shutil.rmtree(cdir, ignore_errors=True)
 
 
-def _launch_monitor(cdir: Path) -> tuple[int, int]:
+def _launch_monitor(cdir: Path, extra: tuple[str, ...] = ()) -> tuple[int, int]:
     """Start the container's monitor detached (double fork, own session, so it outlives the
     caller and is not its child).  Returns (monitor pid, read end of its report pipe)."""
     sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
@@ -473,7 +526,7 @@ def _launch_monitor(cdir: Path) -> tuple[int, int]:
 
             close_fds_except({sync_w})
             os.execv(sys.executable, [sys.executable, "-m", "runtime.monitor", str(cdir),
-                                      str(sync_w)])
+                                      str(sync_w), *extra])
         finally:
             os._exit(127)
     os.close(sync_w)

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from runtime import syscalls as sc
-from runtime.cgroups import create_manager
+from runtime.cgroups import CgroupManager, create_manager
 from runtime.init_process import run_init
 from runtime.rootfs.overlay import unmount
 from runtime.spec import ContainerConfig
@@ -78,9 +78,13 @@ def _report(sync_fd: int, message: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point: ``argv = [container_dir, sync_fd]``."""
+    """Entry point: ``argv = [container_dir, sync_fd]`` to start the container, or
+    ``[container_dir, sync_fd, "--restore-with", "MODULE:FUNCTION", ARG]`` to bring it back
+    from a checkpoint (see :func:`_restore`)."""
     cdir = Path(argv[0])
     sync_fd = int(argv[1])
+    if len(argv) == 5 and argv[2] == "--restore-with":
+        return _restore(cdir, sync_fd, argv[3], argv[4])
     for s in (signal.SIGINT, signal.SIGHUP):
         signal.signal(s, signal.SIG_IGN)
     sc.set_process_name("jaula-monitor")
@@ -122,7 +126,11 @@ def main(argv: list[str]) -> int:
     start = sc.proc_start_time(pid)
     _report(sync_fd, f"ok {pid} {start}")
 
-    status = _pump(pid, log, out_r, err_r)
+    return _finish(cdir, cgroup, pid, _pump(pid, log, out_r, err_r))
+
+
+def _finish(cdir: Path, cgroup: CgroupManager, pid: int, status: int) -> int:
+    """Record the init's exit in ``exit.json`` and unmount the rootfs."""
     code = os.waitstatus_to_exitcode(status)
     sig = -code if code < 0 else 0
     try:
@@ -137,6 +145,36 @@ def main(argv: list[str]) -> int:
     except Exception as e:  # noqa: BLE001 - rm retries; say it in the monitor log
         print(f"monitor: {e}", file=sys.stderr)
     return 0
+
+
+def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str) -> int:
+    """Restore mode: the monitor itself calls the restorer named ``MODULE:FUNCTION`` as
+    ``fn(cdir, stdout_w, stderr_w, arg) -> pid``, so that the restored init becomes this
+    process's child (CRIU's ``rst_sibling``) and is reaped here like a started one.  The
+    runtime does not import the restorer: it lives in a higher layer (``migrate``)."""
+    import importlib
+
+    for s in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    sc.set_process_name("jaula-monitor")
+    sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+    cfg = ContainerConfig.from_json(json.loads((cdir / "config.json").read_text()))
+    cgroup = create_manager(cfg.id, parent=cfg.cgroup_parent)
+    log = LogWriter(cdir / "ctr.log")
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        module, _, func = hook_name.partition(":")
+        restorer = getattr(importlib.import_module(module), func)
+        pid = int(restorer(cdir, out_w, err_w, arg))
+    except Exception as e:  # noqa: BLE001 - reported to the caller, which rolls back
+        _report(sync_fd, f"error {e}")
+        return 1
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    _report(sync_fd, f"ok {pid} {sc.proc_start_time(pid)}")
+    return _finish(cdir, cgroup, pid, _pump(pid, log, out_r, err_r))
 
 
 def _pump(pid: int, log: LogWriter, out_r: int, err_r: int) -> int:

@@ -9,7 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=.venv/bin/python
 WORK=$(mktemp -d /tmp/jaula-demo.XXXXXX)
 export JAULA_ROOT="$WORK/state"
-jaula() { "$PY" -m runtime.cli "$@"; }
+jaula() { "$PY" -m migrate.cli "$@"; }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 cleanup() {

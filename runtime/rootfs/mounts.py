@@ -82,7 +82,9 @@ def _mount_volumes(cfg: ContainerConfig, rootfs: str) -> None:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             if not os.path.exists(target):
                 open(target, "a").close()
-        sc.mount(m.source, target, None, sc.MS_BIND | sc.MS_REC)
+        # Not recursive: mounts below the source stay on the host (CRIU would have to be told
+        # about each of them, and they may be other containers' roots).
+        sc.mount(m.source, target, None, sc.MS_BIND)
         if m.readonly:
             sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
 

@@ -16,7 +16,7 @@ import pytest
 
 from runtime.cgroups import detect_mode
 
-JAULA = [sys.executable, "-m", "runtime.cli"]
+JAULA = [sys.executable, "-m", "migrate.cli"]
 CGROUP_PARENT = "jaula"
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")

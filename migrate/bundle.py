@@ -1,0 +1,245 @@
+"""The checkpoint bundle: everything needed to bring a container back, on this node or another.
+
+Layout (a directory; exported as one uncompressed tar of the same tree)::
+
+    manifest.json       written last, atomically; lists every other file with its size and
+                        sha256, so a bundle without it, or whose files do not match it, is
+                        incomplete and is refused
+    criu/               CRIU's images dir (inventory.img, pstree.img, pages-*.img, ...)
+    criu/dump.log       CRIU's log of the dump (listed too)
+    rootfs-diff.tar     the container's upperdir (see :mod:`migrate.rootfs_diff`)
+
+``manifest.json`` (format version 1)::
+
+    {"format_version": 1, "created_at": <s since epoch>, "source_node": "node1",
+     "kernel": "6.18.44", "criu_version": [4, 1, 1], "cpu_flags": ["fpu", ...],
+     "container": <ContainerConfig JSON>, "image": {"id": ..., "ref": ..., "layers": [...]},
+     "stdio": {"stdout": "pipe:[1234]", "stderr": "pipe:[1235]"},
+     "volumes": [{"key": "vol0", "destination": "/data", "source": "/srv/data"}],
+     "cgroup_mode": "hybrid", "dump": {"freeze_to_dump_s": ..., "pages_bytes": ...},
+     "files": [{"path": "criu/pages-1.img", "size": 1234, "sha256": "..."}, ...]}
+
+Sources: DESIGN.md ("checkpoint bundle"); STYLE.md habit 3 (manifest last, verified before
+anything is restored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from migrate.errors import BundleError
+from runtime.state import atomic_write_json
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CRIU_DIR = "criu"
+ROOTFS_DIFF = "rootfs-diff.tar"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of the bundle: ``path`` relative to the bundle root (POSIX), ``size`` in
+    bytes, ``sha256`` hex digest."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The bundle's manifest (see the module docstring for the JSON form)."""
+
+    container: dict[str, Any]
+    image: dict[str, Any]
+    criu_version: tuple[int, int, int]
+    stdio: dict[str, str | None] = field(default_factory=dict)
+    volumes: tuple[dict[str, str], ...] = ()
+    cgroup_mode: str = ""
+    source_node: str = ""
+    kernel: str = field(default_factory=platform.release)
+    cpu_flags: tuple[str, ...] = ()
+    created_at: float = field(default_factory=time.time)
+    dump: dict[str, Any] = field(default_factory=dict)
+    files: tuple[FileEntry, ...] = ()
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
+        if not isinstance(d, dict):
+            raise BundleError("the bundle manifest is not a JSON object")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(f"bundle format version {version!r} is not supported (this jaula "
+                              f"reads version {FORMAT_VERSION}): restore it with the jaula that "
+                              "made it, or make a new checkpoint")
+        try:
+            return cls(container=d["container"], image=d["image"],
+                       criu_version=tuple(d["criu_version"]),  # type: ignore[arg-type]
+                       stdio=d.get("stdio", {}), volumes=tuple(d.get("volumes", ())),
+                       cgroup_mode=d.get("cgroup_mode", ""), source_node=d.get("source_node", ""),
+                       kernel=d.get("kernel", ""), cpu_flags=tuple(d.get("cpu_flags", ())),
+                       created_at=float(d.get("created_at", 0)), dump=d.get("dump", {}),
+                       files=tuple(FileEntry(**f) for f in d["files"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"the bundle manifest is malformed: {e}") from e
+
+
+def cpu_flags() -> tuple[str, ...]:
+    """The CPU feature flags of this machine (``flags`` of the first CPU in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return tuple(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return ()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Bundle:
+    """A checkpoint bundle directory.
+
+    Args:
+        path: the bundle's root directory.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def criu_dir(self) -> Path:
+        return self.path / CRIU_DIR
+
+    @property
+    def rootfs_diff(self) -> Path:
+        return self.path / ROOTFS_DIFF
+
+    @classmethod
+    def create(cls, path: Path) -> Bundle:
+        """A new, empty bundle at ``path`` (a previous one there is removed)."""
+        if path.exists():
+            shutil.rmtree(path)
+        (path / CRIU_DIR).mkdir(parents=True, mode=0o700)
+        return cls(path)
+
+    def _files(self) -> Iterator[Path]:
+        for p in sorted(self.path.rglob("*")):
+            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".manifest"):
+                yield p
+
+    def finalize(self, manifest: Manifest) -> Manifest:
+        """Digest every file and write ``manifest.json`` last.  Returns the manifest written."""
+        entries = tuple(FileEntry(str(p.relative_to(self.path)), p.stat().st_size,
+                                  sha256_file(p)) for p in self._files())
+        m = Manifest(**{**asdict(manifest), "files": entries})  # type: ignore[arg-type]
+        m = Manifest.from_json(json.loads(json.dumps(m.to_json())))
+        atomic_write_json(self.path / MANIFEST, m.to_json())
+        return m
+
+    def manifest(self) -> Manifest:
+        """Read the manifest.  Raises BundleError when it is missing or malformed."""
+        try:
+            with open(self.path / MANIFEST) as f:
+                return Manifest.from_json(json.load(f))
+        except FileNotFoundError:
+            raise BundleError(f"{self.path} is not a complete checkpoint bundle: no "
+                              f"{MANIFEST}") from None
+        except ValueError as e:
+            raise BundleError(f"the manifest of {self.path} is not valid JSON: {e}") from e
+
+    def verify(self) -> Manifest:
+        """Check that the files are exactly those listed, with their sizes and digests.
+
+        Raises BundleError naming the first file that differs."""
+        m = self.manifest()
+        listed = {f.path: f for f in m.files}
+        present = {str(p.relative_to(self.path)) for p in self._files()}
+        if extra := sorted(present - set(listed)):
+            raise BundleError(f"the bundle has files its manifest does not list: {extra[:3]}")
+        for f in m.files:
+            p = self.path / f.path
+            if not p.is_file():
+                raise BundleError(f"the bundle is missing {f.path}")
+            if p.stat().st_size != f.size:
+                raise BundleError(f"{f.path} has {p.stat().st_size} bytes, the manifest says "
+                                  f"{f.size}: the bundle is truncated or corrupt")
+            if sha256_file(p) != f.sha256:
+                raise BundleError(f"{f.path} does not match its sha256 in the manifest: the "
+                                  "bundle is corrupt")
+        return m
+
+    def export(self, out: Path) -> int:
+        """Write the bundle as one uncompressed tar at ``out`` (atomically); returns bytes."""
+        self.manifest()
+        tmp = out.with_name(f".{out.name}.partial")
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
+            for p in self._files():
+                tf.add(p, arcname=str(p.relative_to(self.path)), recursive=False)
+            tf.add(self.path / MANIFEST, arcname=MANIFEST, recursive=False)
+        os.replace(tmp, out)
+        return out.stat().st_size
+
+    @classmethod
+    def import_tar(cls, tar_path: Path, dest: Path, max_bytes: int = 256 << 30) -> Bundle:
+        """Unpack an exported bundle into the new directory ``dest`` and verify it.
+
+        Only regular files at known places are accepted.  Raises BundleError naming the
+        offending entry; ``dest`` is removed on failure."""
+        if dest.exists():
+            raise BundleError(f"cannot import into {dest}: it exists")
+        (dest / CRIU_DIR).mkdir(parents=True, mode=0o700)
+        try:
+            total = 0
+            with tarfile.open(tar_path, "r:") as tf:
+                for m in tf:
+                    parts = PurePosixPath(m.name).parts
+                    ok_place = (m.name in (MANIFEST, ROOTFS_DIFF) or
+                                (len(parts) == 2 and parts[0] == CRIU_DIR
+                                 and parts[1] not in ("", ".", "..")))
+                    if not m.isreg() or not ok_place:
+                        raise BundleError(f"unexpected entry {m.name!r} in the bundle "
+                                          f"{tar_path}: not a bundle file")
+                    total += m.size
+                    if total > max_bytes:
+                        raise BundleError(f"the bundle {tar_path} is larger than {max_bytes} B")
+                    src = tf.extractfile(m)
+                    assert src is not None
+                    with src, open(dest / m.name, "xb") as out:
+                        shutil.copyfileobj(src, out, _CHUNK)
+        except (tarfile.TarError, FileExistsError) as e:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise BundleError(f"{tar_path} is not a valid bundle tar: {e}") from e
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        b = cls(dest)
+        try:
+            b.verify()
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        return b

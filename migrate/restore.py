@@ -1,0 +1,185 @@
+"""Restore a container from a checkpoint bundle (``jaula restore``).
+
+Two entry points:
+- :func:`restore`: from the container's own local checkpoint, or from an exported bundle tar
+  (``--import``), possibly under another state root (another node on the same host).
+- :func:`criu_restorer`: the restorer the container's monitor calls in restore mode
+  (``runtime.monitor --restore-with migrate.restore:criu_restorer``), so that the restored
+  init is the monitor's child and is reaped by it.
+
+Sequence::
+
+    preflight: bundle digests, format and CRIU version, CPU flags, layers, name  (nothing made)
+    container dir + config + status checkpointed; upperdir <- rootfs-diff.tar
+    Runtime.revive: overlay mounted, cgroup with the same limits created, monitor started
+      monitor: criu restore --root merged --cgroup-root ctrl:/jaula/ID
+               --inherit-fd pipe:[OLD]=<new pipe>  --external mnt[volN]:SOURCE  (rst_sibling)
+    status running; on any failure everything made here is undone
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import structlog
+
+from migrate import criu, rootfs_diff
+from migrate.bundle import Bundle, Manifest, cpu_flags
+from migrate.errors import BundleError, PreflightError
+from runtime.cgroups import CgroupMode, create_manager, detect_mode
+from runtime.container import Container, Runtime, require_root
+from runtime.errors import ContainerError, ContainerNotFound
+from runtime.spec import ContainerConfig
+from runtime.state import ContainerStatus, State, atomic_write_json
+
+log = structlog.get_logger(__name__)
+
+RESTORER = "migrate.restore:criu_restorer"
+
+#: CPU flags a restored program may rely on; missing on this node -> refuse.
+_USER_CPU_FLAGS = ("sse", "sse2", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma", "bmi1",
+                   "bmi2", "aes", "pclmulqdq", "sha_ni", "avx512f", "avx512bw", "avx512vl",
+                   "avx512dq", "avx512cd", "xsave", "xsavec", "xsaveopt", "movbe", "popcnt",
+                   "f16c", "adx", "rdrand", "rdseed", "vaes", "vpclmulqdq", "lzcnt", "abm")
+
+
+def check_compatible(m: Manifest) -> None:
+    """Refuse a bundle this node cannot restore: CRIU older than the one that dumped it, or
+    CPU features the source had and this node lacks.  Raises PreflightError."""
+    here = criu.version()
+    if here[:2] < tuple(m.criu_version[:2]):
+        raise PreflightError(
+            f"the checkpoint was made by CRIU {'.'.join(map(str, m.criu_version))}, this node "
+            f"has {'.'.join(map(str, here))}: upgrade CRIU here (`make setup`)")
+    if m.cpu_flags:
+        mine = set(cpu_flags())
+        missing = sorted(f for f in _USER_CPU_FLAGS if f in m.cpu_flags and f not in mine)
+        if missing:
+            raise PreflightError(f"this CPU lacks features the source CPU had ({', '.join(missing)})"
+                                 ": the restored programs could crash; restore on a node with "
+                                 "the same CPU features")
+
+
+def check_layers(rt: Runtime, m: Manifest) -> None:
+    """Every layer of the container's image is in this node's store.  Raises
+    PreflightError naming the first missing digest."""
+    for layer in m.image.get("layers", []):
+        if not rt.images.has_layer(layer):
+            raise PreflightError(
+                f"layer sha256:{layer} of image {m.image.get('ref')} is not on this node: "
+                "import the image here (`jaula image import`) and retry")
+
+
+def _restorer_arg(bundle: Path) -> str:
+    return json.dumps({"bundle": str(bundle)})
+
+
+def restore(rt: Runtime, ref: str | None = None, *, import_file: Path | None = None,
+            name: str | None = None) -> Container:
+    """Restore a container: its local checkpoint (``ref``), or an exported bundle
+    (``import_file``) into ``rt``'s state root, optionally under a new ``name``.
+
+    The container keeps its id (and name unless ``name`` is given).  Returns it running.
+    Raises BundleError, PreflightError, CriuError, ContainerError; on failure an imported
+    container is removed again and a local one stays ``checkpointed``."""
+    require_root()
+    criu.require()
+    if import_file is not None:
+        return _restore_import(rt, import_file, name)
+    if ref is None:
+        raise ContainerError("restore needs a container or --import FILE")
+    c = rt.get(ref)
+    if c.status is not ContainerStatus.CHECKPOINTED:
+        raise ContainerError(f"container {c.name} is {c.status.value}, not checkpointed: "
+                             "nothing to restore", c.id)
+    bundle = Bundle(c.dir / "checkpoint")
+    m = bundle.verify()
+    check_compatible(m)
+    check_layers(rt, m)
+    _fresh_upper(c.dir, bundle)
+    return rt.revive(c.id, RESTORER, _restorer_arg(bundle.path))
+
+
+def _fresh_upper(cdir: Path, bundle: Bundle) -> None:
+    for d in ("upper", "work"):
+        shutil.rmtree(cdir / d, ignore_errors=True)
+    rootfs_diff.extract(bundle.rootfs_diff, cdir / "upper")
+
+
+def _restore_import(rt: Runtime, tar_path: Path, name: str | None) -> Container:
+    if not tar_path.is_file():
+        raise BundleError(f"no bundle file at {tar_path}")
+    rt.store.ensure()
+    staging = rt.root / "tmp" / f"import-{secrets.token_hex(6)}"
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    bundle = Bundle.import_tar(tar_path, staging)
+    try:
+        m = bundle.manifest()
+        check_compatible(m)
+        check_layers(rt, m)
+        cfg = ContainerConfig.from_json(m.container)
+        cfg = replace(cfg, name=name or cfg.name, cgroup_parent=rt.cgroup_parent)
+        with rt.store.lock():
+            try:
+                other = rt.store.resolve(cfg.id)
+            except ContainerNotFound:
+                other = None
+            if other == cfg.id:
+                raise PreflightError(f"container {cfg.id[:12]} already exists on this node: "
+                                     "remove it first (`jaula rm -f`)")
+            try:
+                rt.store.check_name(cfg.name)
+            except ContainerError as e:
+                raise PreflightError(f"{e} (or restore with --name NEW)") from e
+            cdir = rt.store.create_dir(cfg.id)
+            atomic_write_json(cdir / "config.json", cfg.to_json())
+            atomic_write_json(cdir / "state.json",
+                              State(status=ContainerStatus.CHECKPOINTED).to_json())
+        staging.rename(cdir / "checkpoint")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        _fresh_upper(cdir, Bundle(cdir / "checkpoint"))
+        return rt.revive(cfg.id, RESTORER, _restorer_arg(cdir / "checkpoint"))
+    except BaseException:
+        shutil.rmtree(cdir, ignore_errors=True)
+        raise
+
+
+def cgroup_roots(cfg: ContainerConfig) -> tuple[tuple[str, str], ...]:
+    """``--cgroup-root`` pairs that put every controller's tasks in the container's cgroup."""
+    path = f"/{cfg.cgroup_parent}/{cfg.id}"
+    if detect_mode() is CgroupMode.UNIFIED:
+        return (("", path),)
+    return tuple((ctrl, path) for ctrl in create_manager(cfg.id, parent=cfg.cgroup_parent).paths())
+
+
+def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
+    """Run ``criu restore`` from inside the container's monitor; returns the init's host pid.
+
+    ``arg`` is JSON: ``{"bundle": PATH}``.  The restored init becomes the monitor's child
+    (``rst_sibling``); its stdout/stderr pipes are the monitor's new ones (``inherit_fd``)."""
+    a = json.loads(arg)
+    bundle = Bundle(Path(a["bundle"]))
+    m = bundle.manifest()
+    cfg = ContainerConfig.from_json(json.loads((cdir / "config.json").read_text()))
+    inherit: list[tuple[str, int]] = []
+    out_key, err_key = m.stdio.get("stdout"), m.stdio.get("stderr")
+    if out_key:
+        inherit.append((out_key, stdout_w))
+    if err_key and err_key != out_key:
+        inherit.append((err_key, stderr_w))
+    vols = {v["key"]: v for v in m.volumes}
+    sources = {mt.destination: mt.source for mt in cfg.mounts}
+    external = tuple(f"mnt[{k}]:{sources.get(v['destination'], v['source'])}"
+                     for k, v in vols.items())
+    res = criu.restore(criu.RestoreOptions(
+        images_dir=bundle.criu_dir, root=str(cdir / "merged"), cg_root=cgroup_roots(cfg),
+        work_dir=cdir,
+        inherit_fd=tuple(inherit), external=external))
+    return res.pid

@@ -1,0 +1,112 @@
+"""The container's upperdir as a tar: what a checkpoint carries of its filesystem.
+
+Written with GNU tar in POSIX (pax) format, which keeps everything overlayfs put in the
+upperdir: whiteouts (character devices 0/0), opaque and redirect xattrs
+(``trusted.overlay.*``), other xattrs, owners (numeric), modes, mtimes, hardlinks, symlinks,
+FIFOs and sparse files (``--sparse``).
+
+Reading a tar that came from elsewhere is checked first, entry by entry, with Python's
+tarfile (:func:`validate`): no absolute names or ``..``, nothing written through a symlink,
+hardlinks only to earlier regular entries, no device other than a whiteout, bounded sizes.
+Only then does GNU tar extract it.  ``trusted.overlay.origin`` is not restored: it names
+lower-layer inodes of the source node, which mean nothing here.
+
+Sources: overlayfs.rst ("whiteouts and opaque directories", "redirect_dir"), GNU tar manual
+("Extended File Attributes", "Archiving Sparse Files"), POSIX pax format.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tarfile
+from pathlib import Path, PurePosixPath
+
+from migrate.errors import BundleError
+
+MAX_TOTAL_BYTES = 64 << 30
+MAX_ENTRIES = 2_000_000
+_XATTR_ARGS = ["--xattrs", "--xattrs-include=*"]
+
+
+def write(upperdir: Path, out: Path) -> int:
+    """Tar ``upperdir`` into ``out``; returns the tar's size in bytes.
+
+    Raises BundleError with tar's message on failure."""
+    p = subprocess.run(["tar", "--create", "--file", str(out), "--directory", str(upperdir),
+                        "--format=posix", "--sparse", "--numeric-owner", "--acls", *_XATTR_ARGS,
+                        "."], capture_output=True, text=True, check=False)
+    if p.returncode != 0:
+        raise BundleError(f"cannot archive the upperdir {upperdir}: {p.stderr.strip()}")
+    return out.stat().st_size
+
+
+def _norm(name: str, entry: str) -> PurePosixPath:
+    if name.startswith("/"):
+        raise BundleError(f"unsafe entry {entry!r} in the rootfs diff: absolute path")
+    parts = [p for p in PurePosixPath(name).parts if p != "."]
+    if ".." in parts:
+        raise BundleError(f"unsafe entry {entry!r} in the rootfs diff: '..' in the path")
+    return PurePosixPath(*parts) if parts else PurePosixPath(".")
+
+
+def validate(tar_path: Path) -> int:
+    """Check every entry of a rootfs-diff tar; returns the number of entries.
+
+    Raises BundleError naming the first unsafe entry."""
+    symlinks: set[PurePosixPath] = set()
+    regular: set[PurePosixPath] = set()
+    total = entries = 0
+    try:
+        with tarfile.open(tar_path, "r:") as tf:
+            for m in tf:
+                entries += 1
+                if entries > MAX_ENTRIES:
+                    raise BundleError(f"the rootfs diff has more than {MAX_ENTRIES} entries")
+                path = _norm(m.name, m.name)
+                for parent in path.parents:
+                    if parent in symlinks:
+                        raise BundleError(f"unsafe entry {m.name!r} in the rootfs diff: it is "
+                                          f"written through the symlink {parent}")
+                if m.isdev():
+                    if not (m.ischr() and m.devmajor == 0 and m.devminor == 0):
+                        raise BundleError(f"unsafe entry {m.name!r} in the rootfs diff: device "
+                                          f"{m.devmajor}:{m.devminor} (only whiteouts allowed)")
+                elif m.islnk():
+                    target = _norm(m.linkname, m.name)
+                    if target not in regular:
+                        raise BundleError(f"unsafe entry {m.name!r} in the rootfs diff: "
+                                          f"hardlink to {m.linkname!r}, not an earlier file")
+                elif m.issym():
+                    symlinks.add(path)
+                elif m.isreg():
+                    regular.add(path)
+                    total += m.size
+                    if total > MAX_TOTAL_BYTES:
+                        raise BundleError("the rootfs diff is larger than "
+                                          f"{MAX_TOTAL_BYTES >> 30} GiB")
+                elif not (m.isdir() or m.isfifo()):
+                    raise BundleError(f"unsafe entry {m.name!r} in the rootfs diff: "
+                                      f"unsupported type {m.type!r}")
+                if not m.issym():
+                    symlinks.discard(path)  # replaced by a non-link entry
+    except tarfile.TarError as e:
+        raise BundleError(f"the rootfs diff {tar_path} is not a valid tar: {e}") from e
+    return entries
+
+
+def extract(tar_path: Path, upperdir: Path) -> None:
+    """Validate, then extract into an empty ``upperdir`` (created 0755 if missing).
+
+    Raises BundleError."""
+    validate(tar_path)
+    upperdir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if any(upperdir.iterdir()):
+        raise BundleError(f"cannot restore the rootfs diff into {upperdir}: it is not empty")
+    p = subprocess.run(["tar", "--extract", "--file", str(tar_path), "--directory",
+                        str(upperdir), "--same-owner", "--same-permissions", "--numeric-owner",
+                        "--acls", *_XATTR_ARGS, "--xattrs-exclude=trusted.overlay.origin"],
+                       capture_output=True, text=True, check=False)
+    if p.returncode != 0:
+        raise BundleError(f"cannot extract the rootfs diff into {upperdir}: {p.stderr.strip()}")
+    os.chmod(upperdir, 0o755)
