@@ -123,7 +123,7 @@ def test_pause_resume_freezes_processes(jaula: Jaula) -> None:
 
 def test_namespaces_mounts_and_privileges(jaula: Jaula) -> None:
     jaula.run("run", "-d", "--name", "pv", "--hostname", "box", "busybox", "sleep", "1000")
-    run = lambda *a: jaula.out("exec", "pv", *a)  # noqa: E731
+    run = lambda *a: jaula.out("exec", "pv", *a)
     assert run("hostname").strip() == "box"
     assert run("cat", "/proc/1/status").count("NSpid:\t") == 1
     status = run("cat", "/proc/self/status")

@@ -35,7 +35,7 @@ def test_failure_mid_run_rolls_back(jaula: Jaula, monkeypatch: pytest.MonkeyPatc
     before = {str(p) for p in Path("/sys/fs/cgroup").glob("*/jaula/*")}
     started: list[int] = []
     if step == "cgroup":
-        def boom(self, resources):  # noqa: ANN001
+        def boom(self, resources):
             raise CgroupError("injected: cgroup creation failed", path="/x")
         for cls in {type(rc.create_manager("0" * 64))}:
             monkeypatch.setattr(cls, "create", boom)
@@ -49,7 +49,7 @@ def test_failure_mid_run_rolls_back(jaula: Jaula, monkeypatch: pytest.MonkeyPatc
         real = rc._await_monitor
 
         def start_then_fail(cdir: Path, sync_r: int) -> tuple[int, int]:
-            pid, start = real(cdir, sync_r)
+            pid, _start = real(cdir, sync_r)
             started.append(pid)
             raise OSError(28, "injected: No space left on device")
         monkeypatch.setattr(rc, "_await_monitor", start_then_fail)
@@ -57,8 +57,8 @@ def test_failure_mid_run_rolls_back(jaula: Jaula, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(exc, match="injected"):
         rt.run(RunOptions(image="busybox", command=("sleep", "100"), name="fail"))
     for pid in started:  # the init that had started must be gone
-        assert not os.path.exists(f"/proc/{pid}") or \
-            open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z"
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split(")")[1].split()[0] == "Z"
     _nothing_left(rt, before)
     for cid in rt.store.ids():
         assert cgroup_dirs(cid) == []
