@@ -7,7 +7,6 @@ command) are in test_containers.py."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
