@@ -9,12 +9,26 @@ Real images (need root, ``umoci``, ``skopeo`` and Debian's ``busybox-static``):
 * :func:`oci_archive`, :func:`docker_archive`: the same image as an oci-archive tar or as a
   ``docker save``-style tarball (``skopeo copy oci:DIR:REF docker-archive:FILE:NAME``).
 
+Workload images for the checkpoint/restore tests, the demo and the benchmarks (root, umoci,
+and the host's Debian packages; :func:`workload_tools_missing` says what is lacking):
+
+* :func:`build_python_image`: busybox (every applet) plus Debian's python3.11 with its
+  stdlib and libraries, and the workloads of ``shared/cases`` under ``/opt/cases`` (the C
+  ones compiled statically).
+* :func:`build_redis_image`: busybox plus Debian's redis-server and redis-cli.
+* :func:`build_memory_image`: the python image plus ``/opt/workloads/memhog.py``
+  (``tests/workloads/memhog.py``).
+
+Each builds in one or two seconds.  From the shell (the demo and the benchmarks):
+``python -m tests.helpers.images {busybox,python,redis,memory} OUTDIR [--name NAME]``.
+
 Synthetic images (no root, no tools): :func:`make_layer_tar` and :func:`write_oci_layout`,
 :func:`write_docker_archive`.
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
 import io
@@ -22,8 +36,9 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +187,288 @@ def docker_archive(layout_dir: Path, out_tar: Path, name: str | None = None) -> 
         f"oci:{layout_dir}:{ref}", f"docker-archive:{out_tar}:{name or ref}",
     )  # fmt: skip
     return out_tar
+
+
+# --- workload images --------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED_CASES = REPO_ROOT.parent / "shared" / "cases"
+WORKLOADS = REPO_ROOT / "tests" / "workloads"
+MEMHOG = WORKLOADS / "memhog.py"
+PYTHON = Path("/usr/bin/python3.11")
+PYTHON_STDLIB = Path("/usr/lib/python3.11")
+# glibc dlopens libgcc_s for pthread_exit/pthread_cancel (daemon threads at interpreter exit).
+LIBGCC_S = Path("/lib") / sys.implementation._multiarch / "libgcc_s.so.1"
+REDIS_SERVER = Path("/usr/bin/redis-server")
+REDIS_CLI = Path("/usr/bin/redis-cli")
+WORKLOAD_PATH = "PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+# No .pyc files in the image (kept small) and none written at run time either, so a
+# container's upper dir holds only what its workload writes.
+PYTHON_ENV = (WORKLOAD_PATH, "PYTHONDONTWRITEBYTECODE=1")
+STDLIB_SKIP_DIRS = frozenset({
+    "__pycache__", "test", "tests", "idle_test", "idlelib", "tkinter", "turtledemo",
+    "ensurepip", f"config-3.11-{sys.implementation._multiarch}",  # libpython3.11.a: 25 MB
+})  # fmt: skip
+DYNLOAD_SKIP_PREFIXES = ("_test", "_ctypes_test", "_xxtestfuzz", "xxlimited", "_xxsubinterp")
+REDIS_CMD = (
+    "redis-server", "--port", "6379", "--bind", "127.0.0.1", "--save", "",
+    "--appendonly", "no", "--protected-mode", "no",
+)  # fmt: skip
+MEMHOG_CMD = ("python3", "/opt/workloads/memhog.py", "64")
+
+
+def workload_tools_missing(kind: str) -> str | None:
+    """Why the workload image ``kind`` (python, redis, memory) cannot be built, or ``None``."""
+    reason = tools_missing()
+    if reason is not None:
+        return reason
+    needs: list[tuple[Path, str]] = []
+    if kind in ("python", "memory"):
+        needs += [
+            (PYTHON, "apt-get install python3.11-minimal"),
+            (PYTHON_STDLIB / "os.py", "apt-get install libpython3.11-stdlib"),
+            (LIBGCC_S, "apt-get install libgcc-s1"),
+            (SHARED_CASES, "the shared/cases folder beside the repository is missing"),
+        ]
+        if shutil.which("gcc") is None:
+            return "gcc is not installed (apt-get install gcc libc6-dev)"
+    if kind == "memory":
+        needs.append((MEMHOG, "tests/workloads/memhog.py is missing"))
+    if kind == "redis":
+        needs += [
+            (REDIS_SERVER, "apt-get install redis-server"),
+            (REDIS_CLI, "apt-get install redis-tools"),
+        ]
+    if shutil.which("ldd") is None:
+        return "ldd is missing (apt-get install libc-bin)"
+    for path, hint in needs:
+        if not path.exists():
+            return f"{path} is missing ({hint})" if hint.startswith("apt") else hint
+    return None
+
+
+def shared_libraries(files: Iterable[Path]) -> set[Path]:
+    """The shared libraries ``ldd`` resolves for ``files`` (executables or shared objects),
+    as the paths ldd names (the dynamic loader included).  Raises when one is not found.
+    """
+    argv = ["ldd", *map(str, files)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+    libs: set[Path] = set()
+    for line in out.splitlines():
+        line = line.strip()
+        if "not found" in line:
+            raise RuntimeError(f"ldd: {line}")
+        if "=>" in line:
+            target = line.split("=>", 1)[1].split()
+            if target and target[0].startswith("/"):
+                libs.add(Path(target[0]))
+        elif line.startswith("/") and "(0x" in line:
+            libs.add(Path(line.split()[0]))
+    return libs
+
+
+def _copy_into(rootfs: Path, src: Path, dest: str | None = None, mode: int | None = None) -> Path:
+    """Copy the host file ``src`` (symlinks followed) to the same path, or ``dest``, in rootfs."""
+    target = rootfs / (dest or str(src)).lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, target)
+    if mode is not None:
+        os.chmod(target, mode)
+    return target
+
+
+def _install_libraries(rootfs: Path, files: Sequence[Path], dlopened: Sequence[Path] = ()) -> None:
+    """Copy the libraries ``files`` link against, and ``dlopened`` with theirs."""
+    for lib in sorted(shared_libraries([*files, *dlopened]) | set(dlopened)):
+        if not (rootfs / str(lib).lstrip("/")).exists():
+            _copy_into(rootfs, lib)
+
+
+def _install_all_applets(rootfs: Path) -> None:
+    """Link every busybox applet (``busybox --list-full``) not already present."""
+    out = subprocess.run(
+        [str(BUSYBOX), "--list-full"], capture_output=True, text=True, check=True
+    ).stdout
+    for rel in out.split():
+        link = rootfs / rel
+        if not os.path.lexists(link):
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink("/bin/busybox", link)
+
+
+def _dynload_modules() -> list[Path]:
+    return sorted(
+        p
+        for p in (PYTHON_STDLIB / "lib-dynload").glob("*.so")
+        if not p.name.startswith(DYNLOAD_SKIP_PREFIXES)
+    )
+
+
+def _install_python(rootfs: Path) -> None:
+    """Debian's interpreter, its stdlib (without tests, GUI, ensurepip, bytecode, the static
+    libpython) and the libraries the interpreter and its extension modules load."""
+    _copy_into(rootfs, PYTHON)
+    os.symlink("python3.11", rootfs / "usr/bin/python3")
+    dest_root = rootfs / str(PYTHON_STDLIB).lstrip("/")
+    for dirpath, dirnames, filenames in os.walk(PYTHON_STDLIB, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_SKIP_DIRS)
+        rel = Path(dirpath).relative_to(PYTHON_STDLIB)
+        (dest_root / rel).mkdir(parents=True, exist_ok=True)
+        for name in filenames:
+            src = Path(dirpath) / name
+            if rel == Path("lib-dynload") and name.startswith(DYNLOAD_SKIP_PREFIXES):
+                continue
+            if name.endswith((".pyc", ".pyo")) or not src.exists():
+                continue
+            shutil.copy2(src, dest_root / rel / name)  # follows links (sitecustomize.py)
+    _install_libraries(rootfs, [PYTHON, *_dynload_modules()], [LIBGCC_S])
+
+
+def _install_cases(rootfs: Path, cases: Path = SHARED_CASES) -> None:
+    """Every ``C*/`` folder of ``cases`` under ``/opt/cases``; ``*.c`` also compiled with
+    ``gcc -O2 -static`` beside the source (``C05/deleted_open.c`` -> ``C05/deleted_open``)."""
+    if not cases.is_dir():
+        raise FileNotFoundError(f"{cases}: the shared cases folder is missing")
+    for case in sorted(d for d in cases.glob("C*") if d.is_dir()):
+        dest = rootfs / "opt/cases" / case.name
+        dest.mkdir(parents=True, exist_ok=True)
+        for src in sorted(f for f in case.iterdir() if f.is_file()):
+            mode = 0o755 if os.access(src, os.X_OK) else 0o644
+            _copy_into(rootfs, src, f"/opt/cases/{case.name}/{src.name}", mode)
+            if src.suffix == ".c":
+                _run("gcc", "-O2", "-static", "-o", str(dest / src.stem), str(src))
+
+
+def _install_redis(rootfs: Path) -> None:
+    # /usr/bin/redis-server links to redis-check-rdb; redis picks its mode from argv[0].
+    _copy_into(rootfs, REDIS_SERVER, "/usr/bin/redis-server", 0o755)
+    _copy_into(rootfs, REDIS_CLI, "/usr/bin/redis-cli", 0o755)
+    (rootfs / "data").mkdir(mode=0o755, exist_ok=True)
+    _install_libraries(rootfs, [REDIS_SERVER, REDIS_CLI])
+
+
+def _set_image_config(layout: Path, **fields: object) -> None:
+    """Set ``fields`` (Env, Cmd, WorkingDir, ...) in the ``config`` of the layout's only
+    image: new config and manifest blobs, ``index.json`` pointing at them, old blobs removed.
+    (``umoci config`` drops empty arguments such as redis's ``--save ""``.)
+    """
+    index_path = layout / "index.json"
+    index = json.loads(index_path.read_text())
+    (entry,) = index["manifests"]
+    old_manifest = entry["digest"]
+    manifest = json.loads(_blob_path(layout, old_manifest).read_bytes())
+    old_config = manifest["config"]["digest"]
+    config = json.loads(_blob_path(layout, old_config).read_bytes())
+    config.setdefault("config", {}).update(fields)
+    manifest["config"]["digest"], manifest["config"]["size"] = _blob(
+        layout, json.dumps(config).encode()
+    )
+    entry["digest"], entry["size"] = _blob(layout, json.dumps(manifest).encode())
+    index_path.write_text(json.dumps(index))
+    for digest in (old_manifest, old_config):
+        if digest not in (entry["digest"], manifest["config"]["digest"]):
+            _blob_path(layout, digest).unlink()
+
+
+def _blob_path(layout: Path, digest: str) -> Path:
+    algo, hexd = digest.split(":", 1)
+    return layout / "blobs" / algo / hexd
+
+
+def _workload_config(env: Sequence[str], cmd: Sequence[str], working_dir: str) -> dict[str, object]:
+    return {"Env": list(env), "Cmd": list(cmd), "WorkingDir": working_dir, "StopSignal": "SIGTERM"}
+
+
+def _build_rootfs_image(
+    workdir: Path, name: str, populate: Callable[[Path], None],
+    env: Sequence[str], cmd: Sequence[str], working_dir: str,
+) -> Path:  # fmt: skip
+    """One-layer image: :func:`busybox_rootfs` with every applet, then ``populate(rootfs)``.
+    The unpacked bundle is removed afterwards."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    layout, bundle = workdir / "layout", workdir / "bundle"
+    image = f"{layout}:{_tag_of(name)}"
+    _run("umoci", "init", "--layout", str(layout))
+    _run("umoci", "new", "--image", image)
+    _run("umoci", "unpack", "--image", image, str(bundle))
+    rootfs = busybox_rootfs(bundle / "rootfs")
+    _install_all_applets(rootfs)
+    populate(rootfs)
+    _run("umoci", "repack", "--image", image, "--no-history", str(bundle))
+    shutil.rmtree(bundle)
+    _set_image_config(layout, **_workload_config(env, cmd, working_dir))
+    _run("umoci", "gc", "--layout", str(layout))
+    _set_ref_name(layout, name)
+    return layout
+
+
+def build_python_image(workdir: Path, name: str = "jaula-python:latest") -> Path:
+    """Build the python workload image in ``workdir/layout``.
+
+    One layer: :func:`busybox_rootfs` plus every busybox applet (``/usr/bin/env`` for the
+    ``#!/usr/bin/env python3`` scripts, ``mkfifo``, ``dd``, ``ps``...); Debian's
+    ``/usr/bin/python3.11`` (``python3`` links to it) with ``/usr/lib/python3.11`` minus
+    tests, idlelib, tkinter, turtledemo, ensurepip, bytecode and the static libpython; the
+    libraries ``ldd`` finds for the interpreter and its ``lib-dynload`` modules, and
+    libgcc_s (glibc loads it when a thread exits at interpreter shutdown); every
+    ``shared/cases/C*/`` file under ``/opt/cases/C*/`` with the C sources compiled
+    statically beside them (``/opt/cases/C05/deleted_open``, ``/opt/cases/C07/sysv_shm``).
+    Config: Env PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin and
+    PYTHONDONTWRITEBYTECODE=1, Cmd ``["python3"]``, WorkingDir ``/tmp``.
+    """
+
+    def populate(rootfs: Path) -> None:
+        _install_python(rootfs)
+        _install_cases(rootfs)
+
+    return _build_rootfs_image(workdir, name, populate, PYTHON_ENV, ["python3"], "/tmp")
+
+
+def build_redis_image(workdir: Path, name: str = "jaula-redis:latest") -> Path:
+    """Build the redis image in ``workdir/layout``.
+
+    One layer: :func:`busybox_rootfs` plus every busybox applet, Debian's redis-server and
+    redis-cli with the libraries ``ldd`` finds, an empty ``/data``.  Config: Env PATH as
+    in :func:`build_python_image`, WorkingDir ``/data``, Cmd :data:`REDIS_CMD` (port 6379 on
+    127.0.0.1, no RDB snapshots, no AOF, protected mode off).
+    """
+    env = (WORKLOAD_PATH,)
+    return _build_rootfs_image(workdir, name, _install_redis, env, REDIS_CMD, "/data")
+
+
+def build_memory_image(workdir: Path, name: str = "jaula-mem:latest") -> Path:
+    """Build the memory workload image in ``workdir/layout``.
+
+    The python image plus a second layer holding ``/opt/workloads/memhog.py``
+    (``tests/workloads/memhog.py``, see its docstring), added with ``umoci raw add-layer``.
+    Cmd: :data:`MEMHOG_CMD` (64 MiB, nothing re-dirtied).
+    """
+    layout = build_python_image(workdir, "work")  # umoci finds images by ref.name
+    layer = workdir / "memhog.tar"
+    layer.write_bytes(make_layer_tar([
+        TarEntry("opt/workloads/", kind="dir", mode=0o755),
+        TarEntry("opt/workloads/memhog.py", data=MEMHOG.read_bytes(), mode=0o755),
+    ]))  # fmt: skip
+    _run("umoci", "raw", "add-layer", "--image", f"{layout}:work", "--no-history", str(layer))
+    layer.unlink()
+    _set_image_config(layout, **_workload_config(PYTHON_ENV, MEMHOG_CMD, "/tmp"))
+    _run("umoci", "gc", "--layout", str(layout))
+    _set_ref_name(layout, name)
+    return layout
+
+
+BUILDERS: dict[str, Callable[[Path, str], Path]] = {
+    "busybox": build_busybox_image,
+    "python": build_python_image,
+    "redis": build_redis_image,
+    "memory": build_memory_image,
+}
+DEFAULT_NAMES = {
+    "busybox": "busybox:latest",
+    "python": "jaula-python:latest",
+    "redis": "jaula-redis:latest",
+    "memory": "jaula-mem:latest",
+}
 
 
 # --- synthetic images -------------------------------------------------------------------
@@ -361,3 +658,33 @@ def write_docker_archive(
         for info, data in members:
             tf.addfile(info, io.BytesIO(data) if data is not None else None)
     return f"sha256:{config_hex}"
+
+
+# --- command line -----------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.helpers.images KIND OUTDIR [--name NAME]``: build one image as an OCI
+    layout in ``OUTDIR/layout`` (an older one there is replaced) and print its path."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.helpers.images", description="Build a test image as an OCI layout."
+    )
+    parser.add_argument("kind", choices=sorted(BUILDERS))
+    parser.add_argument("outdir", type=Path)
+    parser.add_argument("--name", help="image name (default: %(choices)s's usual name)")
+    args = parser.parse_args(argv)
+    reason = tools_missing() if args.kind == "busybox" else workload_tools_missing(args.kind)
+    if reason is not None:
+        print(f"cannot build the {args.kind} image: {reason}", file=sys.stderr)
+        return 2
+    outdir = args.outdir.resolve()
+    for stale in (outdir / "layout", outdir / "bundle"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+    layout = BUILDERS[args.kind](outdir, args.name or DEFAULT_NAMES[args.kind])
+    print(layout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
