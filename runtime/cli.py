@@ -16,13 +16,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import structlog
 
 from runtime.cgroups import Resources
 from runtime.container import Container, RunOptions, Runtime, require_root
-from runtime.errors import JaulaError
+from runtime.errors import CommandNotExecutable, CommandNotFound, ConfigError, JaulaError
 from runtime.logs import read_log, write_record
 from runtime.spec import (
     parse_capabilities,
@@ -63,14 +63,31 @@ class CliExtension(Protocol):
         """Run ``a.cmd`` if it is one of this extension's commands, else return None."""
 
 
-def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaula", description="A container runtime built for "
-                                "checkpoint/restore and live migration.")
-    p.add_argument("--state-root", type=Path, default=None,
+class Parser(argparse.ArgumentParser):
+    """argparse with jaula's conventions: usage errors are one line and exit 125."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"jaula: error: {message} (see `{self.prog} --help`)\n")
+
+
+def global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
+    """--state-root and --log-level, accepted before or after the command."""
+    d = argparse.SUPPRESS if suppress else None
+    p.add_argument("--state-root", type=Path, default=d,
                    help="state root (default: $JAULA_ROOT or /var/lib/jaula)")
-    p.add_argument("--log-level", default=os.environ.get("JAULA_LOG_LEVEL", "warning"),
-                   choices=["debug", "info", "warning", "error"])
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   default=d if suppress else os.environ.get("JAULA_LOG_LEVEL", "warning"),
+                   help="log verbosity on stderr (default: warning)")
+
+
+def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentParser:
+    p = Parser(prog="jaula", description="A container runtime built for checkpoint/restore "
+               "and live migration.")
+    global_options(p, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    global_options(common, suppress=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
+                           parser_class=lambda **kw: Parser(parents=[common], **kw))
 
     img = sub.add_parser("image", help="manage images")
     isub = img.add_subparsers(dest="image_cmd", required=True, metavar="COMMAND")
@@ -82,23 +99,28 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     irm.add_argument("images", nargs="+")
 
     run = sub.add_parser("run", help="run a command in a new container")
-    run.add_argument("--name")
+    run.add_argument("--name", help="name of the container (default: a random one)")
     run.add_argument("-d", "--detach", action="store_true", help="run in the background")
+    run.add_argument("--rm", action="store_true",
+                     help="remove the container when it exits (not with -d)")
     run.add_argument("--memory", "-m", help="memory limit (bytes, or 512m, 1g...)")
     run.add_argument("--cpus", help="CPU limit, e.g. 0.5")
     run.add_argument("--pids-limit", help="maximum number of processes")
     run.add_argument("-e", "--env", action="append", default=[], help="KEY=VALUE")
     run.add_argument("-w", "--workdir")
     run.add_argument("-u", "--user", help="UID[:GID] or NAME[:GROUP]")
-    run.add_argument("--hostname")
+    run.add_argument("--hostname", help="hostname inside (default: the short id)")
     run.add_argument("--network", default="none", choices=["none", "host"])
     run.add_argument("-v", "--volume", action="append", default=[], help="HOST:CTR[:ro]")
     run.add_argument("--entrypoint", help="override the image's Entrypoint")
-    run.add_argument("--cap-add", action="append", default=[])
-    run.add_argument("--cap-drop", action="append", default=[])
-    run.add_argument("--privileged", action="store_true")
-    run.add_argument("image")
-    run.add_argument("command", nargs=argparse.REMAINDER)
+    run.add_argument("--cap-add", action="append", default=[], help="add a capability")
+    run.add_argument("--cap-drop", action="append", default=[],
+                     help="drop a capability (ALL drops every one)")
+    run.add_argument("--privileged", action="store_true",
+                     help="keep all capabilities, mask nothing")
+    run.add_argument("image", help="image name, id or id prefix")
+    run.add_argument("command", nargs=argparse.REMAINDER,
+                     help="command and arguments (default: the image's)")
 
     ps = sub.add_parser("ps", help="list containers")
     ps.add_argument("-a", "--all", action="store_true", help="show stopped containers too")
@@ -109,16 +131,17 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     ins.add_argument("containers", nargs="+")
 
     lg = sub.add_parser("logs", help="print a container's output")
-    lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing until it exits")
+    lg.add_argument("-n", "--tail", type=int, default=None, help="only the last N lines")
     lg.add_argument("container")
 
     ex = sub.add_parser("exec", help="run a command in a running container")
-    ex.add_argument("-d", "--detach", action="store_true")
-    ex.add_argument("-e", "--env", action="append", default=[])
-    ex.add_argument("-w", "--workdir")
-    ex.add_argument("-u", "--user")
-    ex.add_argument("container")
-    ex.add_argument("command", nargs=argparse.REMAINDER)
+    ex.add_argument("-d", "--detach", action="store_true", help="do not wait for the command")
+    ex.add_argument("-e", "--env", action="append", default=[], help="KEY=VALUE")
+    ex.add_argument("-w", "--workdir", help="working directory inside")
+    ex.add_argument("-u", "--user", help="UID[:GID] or NAME[:GROUP]")
+    ex.add_argument("container", help="name, id or id prefix")
+    ex.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments")
 
     for name, helptext in (("pause", "freeze a container's processes"),
                            ("resume", "thaw a paused container")):
@@ -127,7 +150,8 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     sub._name_parser_map["unpause"] = sub._name_parser_map["resume"]
 
     st = sub.add_parser("stop", help="stop containers (stop signal, then SIGKILL)")
-    st.add_argument("-t", "--time", type=float, default=10.0, help="seconds before SIGKILL")
+    st.add_argument("-t", "--time", type=float, default=10.0,
+                    help="seconds before SIGKILL (-1: wait forever)")
     st.add_argument("containers", nargs="+")
 
     k = sub.add_parser("kill", help="send a signal to containers")
@@ -206,11 +230,17 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
         mounts=tuple(parse_volume(v) for v in a.volume),
         capabilities=parse_capabilities(a.cap_add, a.cap_drop, a.privileged),
         privileged=a.privileged)
+    if a.rm and a.detach:
+        raise ConfigError("--rm goes with an attached run, not with -d")
     c = rt.run(opts)
     if a.detach:
         print(c.id)
         return 0
-    return _attach(c)
+    try:
+        return _attach(c)
+    finally:
+        if a.rm:
+            c.delete(force=True)
 
 
 def _attach(c: Container) -> int:
@@ -243,7 +273,19 @@ def cmd_logs(rt: Runtime, a: argparse.Namespace) -> int:
         return c.status not in (ContainerStatus.RUNNING, ContainerStatus.PAUSED) \
             and not c.monitor_alive()
 
-    for rec in read_log(c.dir / "ctr.log", follow=a.follow, is_done=done):
+    records = read_log(c.dir / "ctr.log", follow=a.follow, is_done=done)
+    if a.tail is not None:
+        import collections
+        import itertools
+
+        if a.follow:
+            # the last N lines so far, then follow
+            head = collections.deque(read_log(c.dir / "ctr.log"), maxlen=max(a.tail, 0))
+            n_seen = sum(1 for _ in read_log(c.dir / "ctr.log"))
+            records = itertools.chain(head, itertools.islice(records, n_seen, None))
+        else:
+            records = iter(collections.deque(records, maxlen=max(a.tail, 0)))
+    for rec in records:
         write_record(rec)
     return 0
 
@@ -304,7 +346,9 @@ def dispatch(rt: Runtime, a: argparse.Namespace,
         case "ps":
             return cmd_ps(rt, a)
         case "inspect":
-            return _each(a, rt, lambda c: json.dumps(c.inspect(), indent=1))
+            out = [rt.get(ref).inspect() for ref in a.containers]
+            print(json.dumps(out, indent=1))
+            return 0
         case "logs":
             return cmd_logs(rt, a)
         case "exec":
@@ -337,11 +381,17 @@ def main(argv: Sequence[str] | None = None, extensions: Sequence[CliExtension] =
         return dispatch(rt, a, extensions)
     except JaulaError as e:
         print(f"jaula: error: {e}", file=sys.stderr)
-        if a.cmd == "exec" and "not found" in str(e):
+        if isinstance(e, CommandNotFound) or (a.cmd == "exec" and "not found" in str(e)):
             return 127
-        if a.cmd == "exec" and str(e).startswith("exec failed"):
+        if isinstance(e, CommandNotExecutable) or (a.cmd == "exec"
+                                                   and str(e).startswith("exec failed")):
             return 126
         return EXIT_ERROR
+    except BrokenPipeError:
+        # the reader went away (`jaula logs x | head`): stop quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         return 130
 

@@ -23,6 +23,8 @@ import structlog
 from runtime import syscalls as sc
 from runtime.cgroups import CgroupManager, Resources, create_manager
 from runtime.errors import (
+    CommandNotExecutable,
+    CommandNotFound,
     ConfigError,
     ContainerError,
     JaulaError,
@@ -38,7 +40,6 @@ from runtime.state import (
     ExitRecord,
     State,
     atomic_write_json,
-    check_transition,
     read_json,
 )
 from runtime.store import Store, flocked
@@ -190,7 +191,7 @@ class Container:
                 pass
             if self.status is S.PAUSED:
                 cg.thaw()
-            if not self._wait_stopped(timeout_s):
+            if not self._wait_stopped(timeout_s if timeout_s >= 0 else float("inf")):
                 cg.kill_all(signal.SIGKILL)
                 self._wait_stopped(10.0)
             self.wait_monitor(10.0)
@@ -229,9 +230,11 @@ class Container:
     def pause(self) -> None:
         """Freeze every task of the container (freezer cgroup)."""
         with self.locked():
-            check_transition(self.id, self.status, S.PAUSED, "pause")
             if self.status is S.PAUSED:
-                return
+                raise ContainerError(f"container {self.name} is already paused", self.id)
+            if self.status is not S.RUNNING:
+                raise ContainerError(f"container {self.name} is {self.status.value}: only a "
+                                     "running container can be paused", self.id)
             self.cgroup().freeze()
             self.state.status = S.PAUSED
             self.save()
@@ -301,21 +304,44 @@ class Container:
             raise ContainerError(f"cleaning up {self.name} failed: " + "; ".join(errors), self.id)
 
     def inspect(self) -> dict[str, object]:
-        """A JSON-able description: config, state, paths."""
+        """A JSON-able description shaped like ``podman inspect``'s (Id, Name, Created,
+        State.Status/Pid/ExitCode/OOMKilled...), plus jaula's paths."""
         self.refresh()
+        st = self.state
         return {
             "Id": self.id,
             "Name": self.name,
-            "Image": self.config.image_ref,
-            "ImageId": self.config.image_id,
-            "Created": self.config.created_at,
+            "Created": _rfc3339(self.config.created_at),
+            "Image": self.config.image_id,
+            "ImageName": self.config.image_ref,
+            "Path": self.config.args[0] if self.config.args else "",
+            "Args": list(self.config.args[1:]),
+            "State": {
+                "Status": st.status.value,
+                "Running": st.status is S.RUNNING,
+                "Paused": st.status is S.PAUSED,
+                "Pid": st.pid if st.status in (S.RUNNING, S.PAUSED) else 0,
+                "ExitCode": st.exit_code if st.exit_code is not None else 0,
+                "OOMKilled": st.oom_killed,
+                "StartedAt": _rfc3339(st.started_at),
+                "FinishedAt": _rfc3339(st.finished_at),
+                "MonitorPid": st.monitor_pid,
+                "MigratedTo": st.migrated_to,
+            },
             "Config": self.config.to_json(),
-            "State": self.state.to_json(),
             "Rootfs": str(self.rootfs),
             "UpperDir": str(self.upperdir),
             "LogPath": str(self.dir / "ctr.log"),
             "CgroupPaths": {k: str(v) for k, v in self.cgroup().paths().items()},
         }
+
+
+def _rfc3339(t: float) -> str:
+    if not t:
+        return "0001-01-01T00:00:00Z"
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 class Runtime:
@@ -374,6 +400,7 @@ class Runtime:
                               "Cmd: give one after the image name")
         from runtime.spec import DEFAULT_CAPABILITIES
 
+        env = parse_env(list(opts.env), tuple(icfg.env))  # may raise: before anything is made
         with self.store.lock():
             name = opts.name or self.store.new_name()
             self.store.check_name(name)
@@ -382,12 +409,13 @@ class Runtime:
             cfg = ContainerConfig(
                 id=cid, name=name, image_id=image.id, image_ref=opts.image,
                 layers=tuple(image.layers), args=args,
-                env=parse_env(list(opts.env), tuple(icfg.env)),
+                env=env,
                 cwd=opts.workdir or icfg.working_dir or "/",
                 user_spec=opts.user or icfg.user or "",
                 hostname=opts.hostname or cid[:12], network=opts.network,
                 resources=opts.resources, mounts=opts.mounts,
-                capabilities=opts.capabilities or DEFAULT_CAPABILITIES,
+                capabilities=(DEFAULT_CAPABILITIES if opts.capabilities is None
+                              else opts.capabilities),
                 privileged=opts.privileged,
                 stop_signal=_stop_signal(icfg.stop_signal),
                 cgroup_parent=self.cgroup_parent, created_at=time.time())
@@ -618,13 +646,24 @@ def check_command(rootfs: Path, program: str, env: tuple[str, ...], cwd: str) ->
     """Raise ConfigError when ``program`` is not found in the image (by path, or through the
     container's ``PATH``), before anything is started."""
     root = str(rootfs)
+
+    def check_exec(host: str) -> None:
+        if os.path.isdir(host) or not os.access(host, os.X_OK):
+            raise CommandNotExecutable(f"{program}: permission denied: not an executable file "
+                                       "in the image")
+
     if "/" in program:
         p = program if program.startswith("/") else os.path.join(cwd, program)
-        if not os.path.exists(secure_join(root, p)):
-            raise ConfigError(f"{program}: no such file or directory in the image")
+        host = secure_join(root, p)
+        if not os.path.exists(host):
+            raise CommandNotFound(f"{program}: no such file or directory in the image")
+        check_exec(host)
         return
     path = dict(kv.partition("=")[::2] for kv in env).get("PATH", "")
     for d in path.split(":"):
-        if d and os.path.exists(secure_join(root, os.path.join(d, program))):
+        host = secure_join(root, os.path.join(d, program)) if d else ""
+        if host and os.path.exists(host):
+            check_exec(host)
             return
-    raise ConfigError(f"executable file {program!r} not found in $PATH ({path}) of the image")
+    raise CommandNotFound(f"executable file {program!r} not found in $PATH ({path}) of the "
+                          "image")

@@ -61,6 +61,14 @@ class ConfigError(JaulaError):
     """Bad user input in a container configuration (limits, mounts, user, env...)."""
 
 
+class CommandNotFound(ConfigError):
+    """The container's program does not exist in its image (exit code 127, as Podman)."""
+
+
+class CommandNotExecutable(ConfigError):
+    """The container's program exists but cannot be executed (exit code 126)."""
+
+
 class CgroupError(JaulaError):
     """A cgroup operation failed.
 

@@ -19,7 +19,7 @@ COUNTER = ("i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo \"tick $i
 
 
 def inspect(j: Jaula, ref: str) -> dict:
-    return json.loads(j.out("inspect", ref))
+    return json.loads(j.out("inspect", ref))[0]
 
 
 def count(j: Jaula, ref: str) -> int:
@@ -48,10 +48,10 @@ def assert_continuous(t: list[int]) -> None:
 def test_checkpoint_and_restore_continue_where_they_were(jaula: Jaula) -> None:
     jaula.run("run", "-d", "--name", "c", "busybox", "sh", "-c", COUNTER)
     wait_ticks(jaula, "c", 10)
-    pid_before = inspect(jaula, "c")["State"]["pid"]
+    pid_before = inspect(jaula, "c")["State"]["Pid"]
     jaula.run("checkpoint", "c")
     info = inspect(jaula, "c")
-    assert info["State"]["status"] == "checkpointed"
+    assert info["State"]["Status"] == "checkpointed"
     assert mounts_under(Path(info["Rootfs"])) == []
     at_dump = ticks(jaula, "c")[-1]
     upper_count = int((Path(info["UpperDir"]) / "tmp/count").read_text())
@@ -61,7 +61,7 @@ def test_checkpoint_and_restore_continue_where_they_were(jaula: Jaula) -> None:
     jaula.run("restore", "c")
     wait_ticks(jaula, "c", at_dump + 10)
     info = inspect(jaula, "c")
-    assert info["State"]["status"] == "running" and info["State"]["pid"] != pid_before
+    assert info["State"]["Status"] == "running" and info["State"]["Pid"] != pid_before
     assert count(jaula, "c") > at_dump
     assert_continuous(ticks(jaula, "c"))
     assert jaula.out("exec", "c", "cat", "/proc/1/cmdline").startswith("sh")
@@ -75,16 +75,16 @@ def test_exit_code_is_collected_after_restore(jaula: Jaula) -> None:
     jaula.run("restore", "x")
     jaula.run("kill", "-s", "USR1", "x")
     assert jaula.out("wait", "x").strip() == "42"
-    assert inspect(jaula, "x")["State"]["exit_code"] == 42
+    assert inspect(jaula, "x")["State"]["ExitCode"] == 42
 
 
 def test_leave_running(jaula: Jaula) -> None:
     jaula.run("run", "-d", "--name", "lr", "busybox", "sh", "-c", COUNTER)
     wait_ticks(jaula, "lr", 5)
-    pid = inspect(jaula, "lr")["State"]["pid"]
+    pid = inspect(jaula, "lr")["State"]["Pid"]
     jaula.run("checkpoint", "--leave-running", "lr")
     info = inspect(jaula, "lr")
-    assert info["State"]["status"] == "running" and info["State"]["pid"] == pid
+    assert info["State"]["Status"] == "running" and info["State"]["Pid"] == pid
     n = ticks(jaula, "lr")[-1]
     wait_ticks(jaula, "lr", n + 5)
     assert (Path(info["UpperDir"]).parent / "checkpoint" / "manifest.json").exists()
@@ -110,7 +110,7 @@ def test_export_import_into_another_state_root(jaula: Jaula, jaula2: Jaula,
     assert jaula2.out("restore", "--import", str(bundle)).strip() == cid
     info = inspect(jaula2, "mover")
     assert info["Id"] == cid and info["Name"] == "mover"
-    assert info["State"]["status"] == "running"
+    assert info["State"]["Status"] == "running"
     assert jaula2.out("exec", "mover", "cat", "/etc/motd") == "written-before\n"
     deadline = time.monotonic() + 10
     while count(jaula2, "mover") < at_dump + 10 and time.monotonic() < deadline:
@@ -164,7 +164,7 @@ def test_import_refuses_missing_layer_and_name_collision(jaula: Jaula, jaula2: J
     p = jaula2.run("restore", "--import", str(b), check=False)
     assert p.returncode == 125 and "--name" in p.stderr
     jaula2.run("restore", "--import", str(b), "--name", "n1-copy")
-    assert inspect(jaula2, "n1-copy")["State"]["status"] == "running"
+    assert inspect(jaula2, "n1-copy")["State"]["Status"] == "running"
 
 
 def test_failed_dump_leaves_the_container_running(jaula: Jaula) -> None:
@@ -177,7 +177,7 @@ def test_failed_dump_leaves_the_container_running(jaula: Jaula) -> None:
     assert p.returncode == 125 and "criu dump failed" in p.stderr
     assert "ghost" in p.stderr.lower()
     info = inspect(jaula, "ghost")
-    assert info["State"]["status"] == "running"
+    assert info["State"]["Status"] == "running"
     n = ticks(jaula, "ghost")[-1]
     wait_ticks(jaula, "ghost", n + 5)
     freezer = info["CgroupPaths"].get("freezer")
@@ -201,7 +201,7 @@ def test_bundle_write_failure_resumes_the_container(jaula: Jaula,
     monkeypatch.setattr(cp.rootfs_diff, "write", boom)
     with pytest.raises(Exception, match="injected|post-dump|criu dump failed"):
         cp.checkpoint(Runtime(jaula.root), "bw")
-    assert inspect(jaula, "bw")["State"]["status"] == "running"
+    assert inspect(jaula, "bw")["State"]["Status"] == "running"
     n = ticks(jaula, "bw")[-1]
     wait_ticks(jaula, "bw", n + 5)
     assert_continuous(ticks(jaula, "bw"))

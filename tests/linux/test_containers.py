@@ -15,7 +15,7 @@ pytestmark = pytest.mark.root
 
 
 def inspect(j: Jaula, ref: str) -> dict:
-    return json.loads(j.out("inspect", ref))
+    return json.loads(j.out("inspect", ref))[0]
 
 
 def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
@@ -42,8 +42,8 @@ def test_run_attached_returns_exit_code_and_output(jaula: Jaula) -> None:
     assert p.stderr == "err\n"
     ps = jaula.out("ps", "-a")
     assert "Exited (3)" in ps and " t" in ps
-    assert inspect(jaula, "t")[0]["State"]["status"] == "stopped" if isinstance(
-        inspect(jaula, "t"), list) else True
+    info = inspect(jaula, "t")
+    assert info["State"]["Status"] == "stopped" and info["State"]["ExitCode"] == 3
 
 
 def test_detached_container_survives_cli_and_is_seen_from_new_process(jaula: Jaula) -> None:
@@ -51,17 +51,17 @@ def test_detached_container_survives_cli_and_is_seen_from_new_process(jaula: Jau
     assert len(cid) == 64
     info = inspect(jaula, cid[:8])  # unique prefix works
     st = info["State"]
-    assert st["status"] == "running"
-    os.kill(st["pid"], 0)
-    os.kill(st["monitor_pid"], 0)
-    with open(f"/proc/{st['monitor_pid']}/status") as f:
+    assert st["Status"] == "running"
+    os.kill(st["Pid"], 0)
+    os.kill(st["MonitorPid"], 0)
+    with open(f"/proc/{st['MonitorPid']}/status") as f:
         ppid = int(next(line for line in f if line.startswith("PPid:")).split()[1])
     assert ppid != os.getpid(), "the monitor must not be a child of the caller"
     assert "sleeper" in jaula.out("ps")
     jaula.run("stop", "-t", "1", "sleeper")
     info = inspect(jaula, "sleeper")
-    assert info["State"]["status"] == "stopped"
-    assert info["State"]["exit_code"] == 137  # sh/sleep as pid 1 ignores SIGTERM
+    assert info["State"]["Status"] == "stopped"
+    assert info["State"]["ExitCode"] == 137  # sh/sleep as pid 1 ignores SIGTERM
     assert "sleeper" not in jaula.out("ps")
     assert "sleeper" in jaula.out("ps", "-a")
 
@@ -106,7 +106,7 @@ def test_pause_resume_freezes_processes(jaula: Jaula) -> None:
     wait_for(lambda: (upper / "tmp/c").exists(), what="counter")
     jaula.run("pause", "pz")
     info = inspect(jaula, "pz")
-    assert info["State"]["status"] == "paused"
+    assert info["State"]["Status"] == "paused"
     freezer = info["CgroupPaths"].get("freezer")
     if freezer:
         assert Path(freezer, "freezer.state").read_text().strip() == "FROZEN"
@@ -116,7 +116,7 @@ def test_pause_resume_freezes_processes(jaula: Jaula) -> None:
     assert "paused" in jaula.out("ps")
     jaula.run("resume", "pz")
     wait_for(lambda: (upper / "tmp/c").read_text() != a, what="counter to advance")
-    assert inspect(jaula, "pz")["State"]["status"] == "running"
+    assert inspect(jaula, "pz")["State"]["Status"] == "running"
 
 
 # -- isolation and privileges ----------------------------------------------------------------
@@ -207,7 +207,7 @@ def test_memory_limit_oom_kills(jaula: Jaula) -> None:
                   "head -c 300000000 /dev/zero | sort > /dev/null", check=False, timeout=120)
     assert p.returncode != 0
     info = inspect(jaula, "oom")
-    assert info["State"]["oom_killed"] is True
+    assert info["State"]["OOMKilled"] is True
     mem = info["CgroupPaths"].get("memory")
     if mem and Path(mem, "memory.limit_in_bytes").exists():
         assert int(Path(mem, "memory.limit_in_bytes").read_text()) == 32 * 1024 * 1024
@@ -222,7 +222,7 @@ def test_pids_limit_refuses_forks(jaula: Jaula) -> None:
     procs = (pids_dir / "cgroup.procs").read_text().split()
     assert 1 < len(procs) <= 6
     assert (pids_dir / "pids.max").read_text().strip() == "6"
-    assert inspect(jaula, "pl")["State"]["status"] == "running"
+    assert inspect(jaula, "pl")["State"]["Status"] == "running"
 
 
 def test_cpu_limit_written(jaula: Jaula) -> None:
@@ -291,3 +291,47 @@ def test_not_root_is_refused(jaula: Jaula, monkeypatch: pytest.MonkeyPatch,
     assert cli.main(["--state-root", str(jaula.root), "ps"]) == 125
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs root" in err[0]
+
+
+def test_cap_drop_all_drops_everything(jaula: Jaula) -> None:
+    p = jaula.run("run", "--name", "nocap", "--cap-drop", "ALL", "busybox", "grep", "Cap",
+                  "/proc/self/status")
+    caps = dict(line.split(":") for line in p.stdout.split("\n") if line)
+    assert all(int(caps[k], 16) == 0 for k in ("CapInh", "CapPrm", "CapEff", "CapBnd"))
+
+
+def test_exit_codes_as_podman(jaula: Jaula, tmp_path: Path) -> None:
+    assert jaula.run("run", "busybox", "nosuchcmd", check=False).returncode == 127
+    assert jaula.run("run", "busybox", "/etc/passwd", check=False).returncode == 126
+    p = jaula.run("run", "--network", "bridge", "busybox", "true", check=False)
+    assert p.returncode == 125 and p.stderr.startswith("jaula: error:")
+    p = jaula.run("stop", "-t", "abc", "x", check=False)
+    assert p.returncode == 125 and len(p.stderr.strip().splitlines()) == 1
+    # global options after the command work too
+    assert jaula.run("ps", "--state-root", str(jaula.root), check=False).returncode == 0
+
+
+def test_rm_flag_tail_inspect_array_and_closed_pipe(jaula: Jaula) -> None:
+    import subprocess
+
+    p = jaula.run("run", "--rm", "--name", "gone", "busybox", "sh", "-c",
+                  "for i in 1 2 3 4 5; do echo $i; done")
+    assert p.stdout.split() == ["1", "2", "3", "4", "5"]
+    assert "gone" not in jaula.out("ps", "-a")
+    jaula.run("run", "--name", "five", "busybox", "sh", "-c", "for i in 1 2 3 4 5; do echo $i; done")
+    assert jaula.out("logs", "--tail", "2", "five").split() == ["4", "5"]
+    jaula.run("run", "-d", "--name", "six", "busybox", "sleep", "100")
+    both = json.loads(jaula.out("inspect", "five", "six"))
+    assert [i["Name"] for i in both] == ["five", "six"]
+    assert both[1]["State"]["Running"] is True and both[0]["State"]["ExitCode"] == 0
+    cmd = " ".join([*__import__("tests.linux.conftest", fromlist=["JAULA"]).JAULA,
+                    "--state-root", str(jaula.root), "inspect", "five"])
+    r = subprocess.run(f"{cmd} | head -c 10", shell=True, capture_output=True, text=True,
+                       check=False, cwd=Path(__file__).resolve().parents[2])
+    assert "Traceback" not in r.stderr
+
+
+def test_failed_env_leaves_no_directory(jaula: Jaula) -> None:
+    p = jaula.run("run", "-e", "=x", "busybox", "true", check=False)
+    assert p.returncode == 125 and "-e" in p.stderr
+    assert jaula.container_ids() == []
