@@ -618,7 +618,7 @@ def write_oci_layout(
         entry["annotations"] = {"org.opencontainers.image.ref.name": ref_name}
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
     return SyntheticImage(
-        layout, manifest_digest, config_digest, [d["digest"] for d in layer_descs], diff_ids
+        layout, manifest_digest, config_digest, [str(d["digest"]) for d in layer_descs], diff_ids
     )
 
 
