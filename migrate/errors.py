@@ -70,3 +70,20 @@ class MigrationAborted(MigrationError):
     def __init__(self, message: str, phase: str) -> None:
         super().__init__(f"migration aborted during {phase}: {message}")
         self.phase = phase
+
+
+class NodeConfigError(MigrationError):
+    """A node, cluster or client configuration file, or a CURVE key file, is missing or wrong.
+
+    The message names the file, the key in it that was wrong (when there is one) and what to
+    write instead.
+
+    Attributes:
+        path: the file concerned (``None`` when no file was found at all).
+        key: the dotted TOML key concerned (``nodes.node1.public_key``), or ``None``.
+    """
+
+    def __init__(self, message: str, path: str | None = None, key: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.key = key

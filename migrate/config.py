@@ -1,0 +1,476 @@
+"""Node, cluster and client configuration files (TOML, read with :mod:`tomllib`).
+
+A node service reads its own file, which points at its secret key and at the cluster file::
+
+    # /etc/jaula/node1.toml
+    name = "node1"
+    listen = "tcp://127.0.0.1:7001"        # tcp://HOST:PORT (HOST may be * or an IP), or ipc://PATH
+    state_root = "/var/lib/jaula/node1"
+    secret_key = "keys/node1.key_secret"   # from `jaula node keygen`, mode 0600
+    cluster = "cluster.toml"
+    cgroup_parent = "jaula"                # optional (default "jaula")
+    max_message_bytes = 8388608            # optional (default 8 MiB): largest ZeroMQ frame accepted
+
+The cluster file is the allowlist: the transport accepts a connection only from a public key
+listed here (CURVE + ZAP, see :mod:`migrate.transport`), and knows the peer by that key::
+
+    # /etc/jaula/cluster.toml (the same file on every node)
+    [nodes.node1]
+    endpoint = "tcp://127.0.0.1:7001"      # where the others connect: no *
+    public_key = "keys/node1.key"          # path to a public certificate, or the 40 Z85 chars
+    [nodes.node2]
+    endpoint = "tcp://127.0.0.1:7002"
+    public_key = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"
+    [operators.alice]                      # CLIs and the balancer: they connect, never listen
+    public_key = "keys/alice.key"
+
+An operator's CLI reads ``$JAULA_CLIENT_CONFIG``, else ``$XDG_CONFIG_HOME/jaula/client.toml``
+(``~/.config/jaula/client.toml``)::
+
+    secret_key = "keys/alice.key_secret"
+    cluster = "cluster.toml"
+    max_message_bytes = 8388608            # optional, as for a node
+
+Relative paths are relative to the directory of the file that names them; ``~`` is expanded.
+Unknown keys are errors (a typo must not silently fall back to a default).  Every error is a
+:class:`~migrate.errors.NodeConfigError` whose message names the file, the dotted key, and
+what to write instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from migrate import keys
+from migrate.errors import NodeConfigError
+
+DEFAULT_CGROUP_PARENT = "jaula"
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+MIN_MAX_MESSAGE_BYTES = 4096
+MAX_MAX_MESSAGE_BYTES = 1024 * 1024 * 1024
+CLIENT_CONFIG_ENV = "JAULA_CLIENT_CONFIG"
+
+_TCP = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+|\*):(?P<port>[0-9]{1,5})")
+_IPC = re.compile(r"ipc://[^\s\x00]+")
+_CGROUP_PARENT = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
+
+
+class PeerKind(StrEnum):
+    """What a cluster entry is: a node service (has an endpoint) or an operator (a client)."""
+
+    NODE = "node"
+    OPERATOR = "operator"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One entry of the cluster file.
+
+    Attributes:
+        name: the table name (``node1`` in ``[nodes.node1]``).
+        kind: :class:`PeerKind` (a ``str``: compares equal to ``"node"``/``"operator"``).
+        public_key: its CURVE public key, 40 Z85 bytes.
+        endpoint: where its node service listens (``tcp://HOST:PORT``); ``None`` for operators.
+    """
+
+    name: str
+    kind: PeerKind
+    public_key: bytes
+    endpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The allowlist: every node and operator, each known by its public key.
+
+    Attributes:
+        nodes: node name -> :class:`Peer` (kind ``node``, with an endpoint).
+        operators: operator name -> :class:`Peer` (kind ``operator``, no endpoint).
+        source: the cluster file, when loaded from one.
+    """
+
+    nodes: dict[str, Peer]
+    operators: dict[str, Peer] = field(default_factory=dict)
+    source: Path | None = None
+    _by_key: dict[bytes, Peer] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index: dict[bytes, Peer] = {}
+        for peer in [*self.nodes.values(), *self.operators.values()]:
+            other = index.setdefault(peer.public_key, peer)
+            if other is not peer:
+                raise NodeConfigError(
+                    f"{self.source or 'cluster'}: {other.kind}s.{other.name} and "
+                    f"{peer.kind}s.{peer.name} have the same public key; give each its own "
+                    "keypair (`jaula node keygen`)", path=str(self.source) if self.source else None,
+                    key=f"{peer.kind}s.{peer.name}.public_key")
+        object.__setattr__(self, "_by_key", index)
+
+    def by_key(self, z85: bytes | str) -> Peer | None:
+        """The node or operator whose public key is ``z85`` (40 Z85 characters), or None."""
+        if isinstance(z85, str):
+            z85 = z85.encode("ascii", "replace")
+        return self._by_key.get(z85)
+
+    def node(self, name: str) -> Peer:
+        """The node called ``name``; NodeConfigError naming the known nodes when absent."""
+        try:
+            return self.nodes[name]
+        except KeyError:
+            known = ", ".join(sorted(self.nodes)) or "none"
+            where = f"cluster file {self.source}" if self.source else "the cluster"
+            raise NodeConfigError(f"no node {name!r} in {where} (known nodes: {known}); add a "
+                                  f"[nodes.{name}] table with endpoint and public_key",
+                                  path=str(self.source) if self.source else None,
+                                  key=f"nodes.{name}") from None
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A node service's own configuration (paths absolute, resolved against the file's dir).
+
+    Attributes:
+        name: this node's name; it must have a ``[nodes.NAME]`` entry in the cluster file.
+        listen: the endpoint the node service binds (``tcp://HOST:PORT`` or ``ipc://PATH``).
+        state_root: the runtime's state root for this node.
+        secret_key: this node's ``NAME.key_secret`` file.
+        cluster: the cluster file.
+        cgroup_parent: parent cgroup of this node's containers (relative, e.g. ``jaula``).
+        max_message_bytes: the largest single ZeroMQ frame accepted (libzmq MAXMSGSIZE).
+        source: the file this was loaded from.
+    """
+
+    name: str
+    listen: str
+    state_root: Path
+    secret_key: Path
+    cluster: Path
+    cgroup_parent: str = DEFAULT_CGROUP_PARENT
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    source: Path | None = None
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Who we are when we connect to node services: our keypair and the cluster file.
+
+    Attributes:
+        public_key: our CURVE public key, 40 Z85 bytes.
+        secret_key: our CURVE secret key, 40 Z85 bytes (kept out of ``repr``).
+        cluster: the cluster file (load it with :func:`load_cluster`).
+        max_message_bytes: the largest single frame we accept in replies.
+        source: the file this was loaded from.
+    """
+
+    public_key: bytes
+    secret_key: bytes = field(repr=False)
+    cluster: Path
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    source: Path | None = None
+
+    @classmethod
+    def from_node(cls, cfg: NodeConfig) -> ClientConfig:
+        """A node calling another node uses its own keypair and cluster file.
+
+        Raises:
+            NodeConfigError: the node's secret key file cannot be loaded (naming the node
+                config file and its ``secret_key`` key).
+        """
+        public, secret = _load_key(cfg.source, "secret_key", cfg.secret_key, keys.load_secret)
+        return cls(public, secret, cfg.cluster, cfg.max_message_bytes, cfg.source)
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+def _read_toml(path: Path, what: str, example: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as e:
+        raise NodeConfigError(f"{what} {path} does not exist; write one, e.g.:\n{example}",
+                              path=str(path)) from e
+    except tomllib.TOMLDecodeError as e:
+        raise NodeConfigError(f"{path}: not valid TOML: {e}", path=str(path)) from e
+    except OSError as e:
+        raise NodeConfigError(f"cannot read {what} {path}: {e.strerror or e}",
+                              path=str(path)) from e
+
+
+class _Table:
+    """A TOML table with the file and dotted prefix that every error message needs."""
+
+    def __init__(self, path: Path, data: Mapping[str, Any], prefix: str = "") -> None:
+        self.file = path
+        self.data = data
+        self.prefix = prefix
+
+    def key(self, k: str) -> str:
+        return f"{self.prefix}{k}"
+
+    def error(self, k: str, problem: str) -> NodeConfigError:
+        return NodeConfigError(f"{self.file}: {self.key(k)}: {problem}", path=str(self.file),
+                               key=self.key(k))
+
+    def only(self, allowed: Mapping[str, str]) -> None:
+        """Refuse keys not in ``allowed`` (key -> example line)."""
+        for k in self.data:
+            if k not in allowed:
+                lines = "; ".join(allowed.values())
+                where = f"[{self.prefix[:-1]}]" if self.prefix else "the top level"
+                raise self.error(k, f"unknown key; {where} takes only: {lines}")
+
+    def string(self, k: str, example: str, default: str | None = None) -> str:
+        v = self.data.get(k)
+        if v is None:
+            if default is not None:
+                return default
+            raise self.error(k, f"missing; write {example}")
+        if not isinstance(v, str) or not v:
+            raise self.error(k, f"must be a non-empty string, not {v!r}; write {example}")
+        return v
+
+    def integer(self, k: str, example: str, default: int, lo: int, hi: int) -> int:
+        v = self.data.get(k, default)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise self.error(k, f"must be an integer from {lo} to {hi}, not {v!r}; "
+                                f"write {example}")
+        return v
+
+    def path(self, k: str, example: str) -> Path:
+        p = Path(self.string(k, example)).expanduser()
+        return p if p.is_absolute() else self.file.parent / p
+
+    def name(self, k: str, value: str, example: str) -> str:
+        if not keys.NAME_PATTERN.fullmatch(value):
+            raise self.error(k, f"{value!r} is not a valid name: use 1 to 63 letters, "
+                                "digits, '_', '.' or '-', starting with a letter or digit; "
+                                f"write {example}")
+        return value
+
+    def endpoint(self, k: str, example: str, bind: bool) -> str:
+        v = self.string(k, example)
+        m = _TCP.fullmatch(v)
+        if m is not None:
+            if not bind and m["host"] == "*":
+                raise self.error(k, f"{v!r} is a bind address; peers need a host they can "
+                                    f"connect to: write {example}")
+            if not 1 <= int(m["port"]) <= 65535:
+                raise self.error(k, f"port {m['port']} is out of range 1-65535; write {example}")
+            return v
+        if _IPC.fullmatch(v):
+            return v
+        raise self.error(k, f"{v!r} is not a ZeroMQ endpoint; write {example} "
+                            "(tcp://HOST:PORT or ipc://PATH)")
+
+    def table(self, k: str, example: str, required: bool) -> dict[str, Any]:
+        v = self.data.get(k)
+        if v is None and not required:
+            return {}
+        if not isinstance(v, dict) or (required and not v):
+            raise self.error(k, f"missing or empty; add at least one table such as {example}")
+        return v
+
+
+def _abs_file(path: Path | str) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def _load_key(source: Path | None, key: str, key_file: Path, loader: Any) -> Any:
+    """Call ``loader(key_file)``, prefixing errors with the config file and key naming it."""
+    try:
+        return loader(key_file)
+    except NodeConfigError as e:
+        if source is None:
+            raise
+        raise NodeConfigError(f"{source}: {key}: {e}", path=str(source), key=key) from e
+
+
+_NODE_KEYS = {
+    "name": 'name = "node1"',
+    "listen": 'listen = "tcp://127.0.0.1:7001"',
+    "state_root": 'state_root = "/var/lib/jaula/node1"',
+    "secret_key": 'secret_key = "keys/node1.key_secret"',
+    "cluster": 'cluster = "cluster.toml"',
+    "cgroup_parent": 'cgroup_parent = "jaula"',
+    "max_message_bytes": f"max_message_bytes = {DEFAULT_MAX_MESSAGE_BYTES}",
+}
+
+
+def load_node_config(path: Path | str) -> NodeConfig:
+    """Read a node's TOML file (see the module docstring); key files are not read here.
+
+    Raises:
+        NodeConfigError: missing file, bad TOML, missing/unknown/ill-typed key.
+    """
+    path = _abs_file(path)
+    t = _Table(path, _read_toml(path, "node config file", "\n".join(
+        v for k, v in _NODE_KEYS.items() if k not in ("cgroup_parent", "max_message_bytes"))))
+    t.only(_NODE_KEYS)
+    cgroup_parent = t.string("cgroup_parent", _NODE_KEYS["cgroup_parent"],
+                             default=DEFAULT_CGROUP_PARENT)
+    if not _CGROUP_PARENT.fullmatch(cgroup_parent) or ".." in cgroup_parent.split("/"):
+        raise t.error("cgroup_parent", f"{cgroup_parent!r} must be a relative cgroup path "
+                                       "without '..' (letters, digits, '_.-', '/'); write "
+                                       + _NODE_KEYS["cgroup_parent"])
+    return NodeConfig(
+        name=t.name("name", t.string("name", _NODE_KEYS["name"]), _NODE_KEYS["name"]),
+        listen=t.endpoint("listen", _NODE_KEYS["listen"], bind=True),
+        state_root=t.path("state_root", _NODE_KEYS["state_root"]),
+        secret_key=t.path("secret_key", _NODE_KEYS["secret_key"]),
+        cluster=t.path("cluster", _NODE_KEYS["cluster"]),
+        cgroup_parent=cgroup_parent,
+        max_message_bytes=t.integer("max_message_bytes", _NODE_KEYS["max_message_bytes"],
+                                    DEFAULT_MAX_MESSAGE_BYTES, MIN_MAX_MESSAGE_BYTES,
+                                    MAX_MAX_MESSAGE_BYTES),
+        source=path,
+    )
+
+
+_CLUSTER_EXAMPLE = ('[nodes.node1]\nendpoint = "tcp://127.0.0.1:7001"\n'
+                    'public_key = "keys/node1.key"')
+_NODE_ENTRY_KEYS = {
+    "endpoint": 'endpoint = "tcp://127.0.0.1:7001"',
+    "public_key": 'public_key = "keys/node1.key" (or the 40 Z85 characters of the key)',
+}
+_OPERATOR_ENTRY_KEYS = {
+    "public_key": 'public_key = "keys/alice.key" (or the 40 Z85 characters of the key)',
+}
+
+
+def _public_key(t: _Table, k: str, example: str) -> bytes:
+    """A ``public_key`` value: the key's 40 Z85 characters, or a path to a ``NAME.key``."""
+    v = t.string(k, example)
+    if keys.is_z85_key(v) and not v.endswith(".key"):
+        return v.encode("ascii")
+    p = Path(v).expanduser()
+    p = p if p.is_absolute() else t.file.parent / p
+    try:
+        return keys.load_public(p)
+    except NodeConfigError as e:
+        raise t.error(k, f"{e}; write {example}") from e
+
+
+def load_cluster(path: Path | str) -> Cluster:
+    """Read the cluster file (see the module docstring) and every public key it points at.
+
+    Raises:
+        NodeConfigError: missing file, bad TOML, no nodes, unknown keys, bad names or
+            endpoints, unreadable or invalid keys, a name or a key used twice.
+    """
+    path = _abs_file(path)
+    top = _Table(path, _read_toml(path, "cluster file", _CLUSTER_EXAMPLE))
+    top.only({"nodes": "[nodes.NAME] tables", "operators": "[operators.NAME] tables"})
+    peers: dict[PeerKind, dict[str, Peer]] = {PeerKind.NODE: {}, PeerKind.OPERATOR: {}}
+    specs = ((PeerKind.NODE, "nodes", _NODE_ENTRY_KEYS, True),
+             (PeerKind.OPERATOR, "operators", _OPERATOR_ENTRY_KEYS, False))
+    seen_keys: dict[bytes, str] = {}
+    for kind, section, allowed, required in specs:
+        example = _CLUSTER_EXAMPLE if required else '[operators.alice]\npublic_key = "..."'
+        for name, entry in top.table(section, example, required).items():
+            t = _Table(path, entry if isinstance(entry, dict) else {}, f"{section}.{name}.")
+            if not isinstance(entry, dict):
+                raise top.error(f"{section}.{name}", f"must be a table; write [{section}."
+                                f"{name}] followed by " + "; ".join(allowed.values()))
+            top.name(f"{section}.{name}", name, f"[{section}.node1]")
+            other = "operators" if kind is PeerKind.NODE else "nodes"
+            if isinstance(top.data.get(other), dict) and name in top.data[other]:
+                raise top.error(f"{section}.{name}", f"the name {name!r} is also used in "
+                                f"[{other}.{name}]; give every node and operator its own name")
+            t.only(allowed)
+            endpoint = (t.endpoint("endpoint", allowed["endpoint"], bind=False)
+                        if kind is PeerKind.NODE else None)
+            key = _public_key(t, "public_key", allowed["public_key"])
+            if key in seen_keys:
+                raise t.error("public_key", f"the same key as {seen_keys[key]}; give every "
+                                            "node and operator its own keypair "
+                                            "(`jaula node keygen`)")
+            seen_keys[key] = f"{section}.{name}"
+            peers[kind][name] = Peer(name, kind, key, endpoint)
+    return Cluster(peers[PeerKind.NODE], peers[PeerKind.OPERATOR], path)
+
+
+def check_node_in_cluster(cfg: NodeConfig, cluster: Cluster, public_key: bytes) -> Peer:
+    """Check that ``cluster`` lists this node under its name with the key it serves with.
+
+    ``public_key`` is the public half of ``cfg.secret_key``.  Returns the node's own entry.
+
+    Raises:
+        NodeConfigError: the node is missing from the cluster file, or is listed with a
+            different public key (peers could then never authenticate it).
+    """
+    src = cluster.source or cfg.cluster
+    me = cluster.nodes.get(cfg.name)
+    if me is None:
+        raise NodeConfigError(
+            f"{src}: nodes.{cfg.name}: missing; node config {cfg.source} says name = "
+            f"{cfg.name!r}: add [nodes.{cfg.name}] with endpoint (where peers reach "
+            f"{cfg.listen}) and public_key (the NAME.key of {cfg.secret_key})",
+            path=str(src), key=f"nodes.{cfg.name}")
+    if me.public_key != public_key:
+        raise NodeConfigError(
+            f"{src}: nodes.{cfg.name}.public_key: {me.public_key.decode()} does not belong to "
+            f"this node's secret key {cfg.secret_key} (public key {public_key.decode()}); "
+            "point it at the NAME.key generated with that secret key",
+            path=str(src), key=f"nodes.{cfg.name}.public_key")
+    return me
+
+
+def load_node(path: Path | str) -> tuple[NodeConfig, Cluster]:
+    """Load a node config, its cluster file and its key, and check they agree
+    (:func:`check_node_in_cluster`).  Errors as the functions it calls."""
+    cfg = load_node_config(path)
+    cluster = _load_key(cfg.source, "cluster", cfg.cluster, load_cluster)
+    public, _ = _load_key(cfg.source, "secret_key", cfg.secret_key, keys.load_secret)
+    check_node_in_cluster(cfg, cluster, public)
+    return cfg, cluster
+
+
+_CLIENT_KEYS = {
+    "secret_key": 'secret_key = "keys/alice.key_secret"',
+    "cluster": 'cluster = "cluster.toml"',
+    "max_message_bytes": f"max_message_bytes = {DEFAULT_MAX_MESSAGE_BYTES}",
+}
+
+
+def default_client_config_path() -> Path:
+    """``$XDG_CONFIG_HOME/jaula/client.toml``, else ``~/.config/jaula/client.toml``."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "jaula" / "client.toml"
+
+
+def load_client_config(path: Path | str | None = None) -> ClientConfig:
+    """Read an operator's client config and its secret key.
+
+    Where: ``path`` when given, else ``$JAULA_CLIENT_CONFIG`` when set, else
+    :func:`default_client_config_path`.  The cluster file is not read here (see
+    :func:`load_cluster`).
+
+    Raises:
+        NodeConfigError: missing file (naming where it looked), bad TOML, missing/unknown
+            key, unreadable or invalid secret key (naming ``secret_key``).
+    """
+    if path is None:
+        env = os.environ.get(CLIENT_CONFIG_ENV)
+        path = env if env else default_client_config_path()
+        what = (f"client config file (from ${CLIENT_CONFIG_ENV})" if env else
+                f"client config file (${CLIENT_CONFIG_ENV} is not set; default)")
+    else:
+        what = "client config file"
+    path = _abs_file(path)
+    t = _Table(path, _read_toml(path, what, "\n".join(
+        (_CLIENT_KEYS["secret_key"], _CLIENT_KEYS["cluster"]))))
+    t.only(_CLIENT_KEYS)
+    secret_file = t.path("secret_key", _CLIENT_KEYS["secret_key"])
+    cluster = t.path("cluster", _CLIENT_KEYS["cluster"])
+    max_bytes = t.integer("max_message_bytes", _CLIENT_KEYS["max_message_bytes"],
+                          DEFAULT_MAX_MESSAGE_BYTES, MIN_MAX_MESSAGE_BYTES,
+                          MAX_MAX_MESSAGE_BYTES)
+    public, secret = _load_key(path, "secret_key", secret_file, keys.load_secret)
+    return ClientConfig(public, secret, cluster, max_bytes, path)
