@@ -197,8 +197,9 @@ WORKLOADS = REPO_ROOT / "tests" / "workloads"
 MEMHOG = WORKLOADS / "memhog.py"
 PYTHON = Path("/usr/bin/python3.11")
 PYTHON_STDLIB = Path("/usr/lib/python3.11")
+MULTIARCH = getattr(sys.implementation, "_multiarch", f"{os.uname().machine}-linux-gnu")
 # glibc dlopens libgcc_s for pthread_exit/pthread_cancel (daemon threads at interpreter exit).
-LIBGCC_S = Path("/lib") / sys.implementation._multiarch / "libgcc_s.so.1"
+LIBGCC_S = Path("/lib") / MULTIARCH / "libgcc_s.so.1"
 REDIS_SERVER = Path("/usr/bin/redis-server")
 REDIS_CLI = Path("/usr/bin/redis-cli")
 WORKLOAD_PATH = "PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
@@ -207,7 +208,7 @@ WORKLOAD_PATH = "PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 PYTHON_ENV = (WORKLOAD_PATH, "PYTHONDONTWRITEBYTECODE=1")
 STDLIB_SKIP_DIRS = frozenset({
     "__pycache__", "test", "tests", "idle_test", "idlelib", "tkinter", "turtledemo",
-    "ensurepip", f"config-3.11-{sys.implementation._multiarch}",  # libpython3.11.a: 25 MB
+    "ensurepip", f"config-3.11-{MULTIARCH}",  # libpython3.11.a: 25 MB
 })  # fmt: skip
 DYNLOAD_SKIP_PREFIXES = ("_test", "_ctypes_test", "_xxtestfuzz", "xxlimited", "_xxsubinterp")
 REDIS_CMD = (
