@@ -5,6 +5,8 @@
 * :mod:`runtime.image.layers`: safe unpacking of one layer tar into overlayfs form
   (``layer.md`` "Whiteouts").
 * :mod:`runtime.image.store`: the content-addressed store under the state root.
+* :mod:`runtime.image.transfer`: sending an image to another node's store (layer tars re-made
+  from the unpacked layers, the image record), for migrations.
 
 Typical use::
 
@@ -16,6 +18,7 @@ Typical use::
 from runtime.image.layers import LayerStats, UnpackLimits, unpack_layer, verify_layer
 from runtime.image.oci import ImageConfig, normalize_name
 from runtime.image.store import Image, ImageStore
+from runtime.image.transfer import export_layer, image_record, import_layer, register_image
 
 __all__ = [
     "Image",
@@ -23,7 +26,11 @@ __all__ = [
     "ImageStore",
     "LayerStats",
     "UnpackLimits",
+    "export_layer",
+    "image_record",
+    "import_layer",
     "normalize_name",
+    "register_image",
     "unpack_layer",
     "verify_layer",
 ]

@@ -358,6 +358,83 @@ class ImageStore:
             raise
         return sizes, added
 
+    def add_layer(self, layer_id: str, unpack: Callable[[Path], dict[str, Any]]) -> bool:
+        """Add one layer unless it is already stored; ``unpack(diff_dir)`` fills the new, empty
+        ``diff_dir`` and returns the record for ``layer.json`` (see the module docstring).
+
+        Runs under the writers' lock and is atomic like :meth:`import_path`: the layer is
+        unpacked in ``layers/.tmp``, synced, then renamed into place.  The layer is not yet
+        referenced by any image: a :meth:`gc` before the image is added deletes it.
+
+        Returns:
+            True when the layer was added, False when it was already present (``unpack`` is
+            then not called).
+
+        Raises:
+            ImageError: invalid layer id, or whatever ``unpack`` raises (nothing is left behind).
+        """
+        lid = self.layer_dir(layer_id).parent.name  # validates the id
+        with self._locked():
+            if self.has_layer(lid):
+                return False
+            staging = Path(tempfile.mkdtemp(prefix=f"{lid[:12]}-", dir=self._tmp))
+            try:
+                (staging / "diff").mkdir(mode=0o755)
+                meta = unpack(staging / "diff")
+                _write_atomic(staging / "layer.json", _dumps(meta))
+                os.sync()  # the layer's contents are durable before it appears in layers/
+                if (self.layers_dir / lid).exists():  # incomplete leftover (no layer.json)
+                    self._delete_layer(lid)
+                os.rename(staging, self.layers_dir / lid)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            _fsync_dir(self.layers_dir)
+            return True
+
+    def add_image(self, image: Image, config: bytes, manifest: bytes) -> Image:
+        """Register ``image`` whose layers are already stored, with its verbatim ``config``
+        and ``manifest`` blobs (the caller has verified them).
+
+        Unlike :meth:`import_path`, names never move: a name another image holds stays
+        with it (logged) and is not given to ``image``.  If the image is already stored only
+        its free new names are added (its config and manifest files are kept as they are).
+
+        Raises:
+            ImageError: a layer is missing from the store (named); the index is unreadable.
+        """
+        with self._locked():
+            for lid in image.layers:
+                if not self.has_layer(lid):
+                    raise ImageError(
+                        f"layer {lid[:12]} of image {image.id[:12]} is missing from the store; "
+                        "send the layer before the image"
+                    )
+            images = self._load()
+            taken = {n for other in images.values() if other.id != image.id for n in other.names}
+            kept = tuple(n for n in image.names if n not in taken)
+            if len(kept) < len(image.names):
+                log.warning(
+                    "image names kept by other images",
+                    id=image.id[:12],
+                    names=sorted(set(image.names) - set(kept)),
+                )
+            old = images.get(image.id)
+            if old is not None:
+                merged = tuple(dict.fromkeys(old.names + kept))
+                if merged != old.names:
+                    images[image.id] = _replace_names(old, merged)
+                    self._save(images)
+                return images[image.id]
+            image_dir = self.images_dir / image.id
+            image_dir.mkdir(mode=0o700, exist_ok=True)
+            _write_atomic(image_dir / "config.json", config)
+            _write_atomic(image_dir / "manifest.json", manifest)
+            images[image.id] = _replace_names(image, kept)
+            self._save(images)
+            log.info("image added", id=image.id[:12], names=builtins.list(kept))
+            return images[image.id]
+
     def remove(self, ref: str, in_use: Callable[[str], bool] | None = None) -> None:
         """Remove an image and the layers no other image uses.
 
