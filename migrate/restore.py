@@ -162,24 +162,58 @@ def cgroup_roots(cfg: ContainerConfig) -> tuple[tuple[str, str], ...]:
 def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
     """Run ``criu restore`` from inside the container's monitor; returns the init's host pid.
 
-    ``arg`` is JSON: ``{"bundle": PATH}``.  The restored init becomes the monitor's child
-    (``rst_sibling``); its stdout/stderr pipes are the monitor's new ones (``inherit_fd``)."""
+    ``arg`` is JSON: ``{"bundle": PATH}`` for a checkpoint bundle (stdio and volumes from its
+    manifest), or ``{"bundle": STAGING, "stdio": {...}, "volumes": [...], "hold": SOCKET}``
+    for an incoming migration, whose tasks are held at CRIU's ``pre-resume`` until the
+    destination service says ``resume`` or ``abort`` on the unix socket ``hold``.  The
+    restored init becomes the monitor's child (``rst_sibling``); its stdout/stderr are the
+    monitor's new pipes (``inherit_fd``)."""
     a = json.loads(arg)
     bundle = Bundle(Path(a["bundle"]))
-    m = bundle.manifest()
+    if "stdio" in a:
+        stdio, volumes = a["stdio"], a["volumes"]
+    else:
+        m = bundle.manifest()
+        stdio, volumes = m.stdio, list(m.volumes)
     cfg = ContainerConfig.from_json(json.loads((cdir / "config.json").read_text()))
     inherit: list[tuple[str, int]] = []
-    out_key, err_key = m.stdio.get("stdout"), m.stdio.get("stderr")
+    out_key, err_key = stdio.get("stdout"), stdio.get("stderr")
     if out_key:
         inherit.append((out_key, stdout_w))
     if err_key and err_key != out_key:
         inherit.append((err_key, stderr_w))
-    vols = {v["key"]: v for v in m.volumes}
     sources = {mt.destination: mt.source for mt in cfg.mounts}
-    external = tuple(f"mnt[{k}]:{sources.get(v['destination'], v['source'])}"
-                     for k, v in vols.items())
+    external = tuple(f"mnt[{v['key']}]:{sources.get(v['destination'], v['source'])}"
+                     for v in volumes)
+    hold = a.get("hold")
+
+    def on_notify(n: criu.Notify) -> bool:
+        if n.script == "pre-resume" and hold:
+            return _wait_for_decision(hold)
+        return True
+
     res = criu.restore(criu.RestoreOptions(
         images_dir=bundle.criu_dir, root=str(cdir / "merged"), cg_root=cgroup_roots(cfg),
-        work_dir=cdir,
-        inherit_fd=tuple(inherit), external=external))
+        work_dir=cdir, inherit_fd=tuple(inherit), external=external), on_notify)
     return res.pid
+
+
+def _wait_for_decision(path: str) -> bool:
+    """Tell the destination service the tasks are held; return its decision (True: resume).
+
+    If the service goes away, keep the tasks held and reconnect (a restarted service asks
+    the source for the outcome): a held copy is never discarded on a timeout alone."""
+    import socket
+    import time
+
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(path)
+                s.sendall(b"held\n")
+                answer = s.makefile("rb").readline().strip()
+            if answer in (b"resume", b"abort"):
+                return answer == b"resume"
+        except OSError:
+            pass
+        time.sleep(0.5)

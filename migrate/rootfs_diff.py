@@ -110,3 +110,74 @@ def extract(tar_path: Path, upperdir: Path) -> None:
     if p.returncode != 0:
         raise BundleError(f"cannot extract the rootfs diff into {upperdir}: {p.stderr.strip()}")
     os.chmod(upperdir, 0o755)
+
+
+#: what identifies a version of an upperdir entry: (mode, size, mtime ns, ctime ns, inode)
+EntryStamp = tuple[int, int, int, int, int]
+
+
+def snapshot(upperdir: Path) -> dict[str, EntryStamp]:
+    """Every entry of ``upperdir`` (relative path -> stamp), without following symlinks.
+    Taken before a pre-copy, it lets :func:`write_delta` send only what changed since."""
+    out: dict[str, EntryStamp] = {}
+    root = str(upperdir)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            out[os.path.relpath(full, root)] = (st.st_mode, st.st_size, st.st_mtime_ns,
+                                                st.st_ctime_ns, st.st_ino)
+    return out
+
+
+def write_delta(upperdir: Path, before: dict[str, EntryStamp], out: Path) -> tuple[list[str], int]:
+    """Tar what changed in ``upperdir`` since ``before`` into ``out`` (no recursion: each
+    new or changed entry alone, directories for their metadata).  Returns (paths to delete
+    first on the receiving side, number of entries in the tar).  A path whose type changed is
+    in both: deleted, then written anew."""
+    now = snapshot(upperdir)
+    deleted = sorted(p for p in before if p not in now)
+    changed = sorted(p for p, st in now.items() if before.get(p) != st)
+    deleted += [p for p in changed if p in before and (before[p][0] >> 12) != (now[p][0] >> 12)]
+    lst = out.with_suffix(".list")
+    lst.write_bytes(b"".join(os.fsencode(p) + b"\0" for p in changed))
+    try:
+        p = subprocess.run(["tar", "--create", "--file", str(out), "--directory", str(upperdir),
+                            "--format=posix", "--sparse", "--numeric-owner", "--acls",
+                            *_XATTR_ARGS, "--no-recursion", "--null", "--files-from", str(lst)],
+                           capture_output=True, text=True, check=False)
+    finally:
+        lst.unlink()
+    if p.returncode != 0:
+        raise BundleError(f"cannot archive the changes of {upperdir}: {p.stderr.strip()}")
+    return sorted(set(deleted)), len(changed)
+
+
+def apply_deleted(upperdir: Path, deleted: list[str]) -> None:
+    """Remove ``deleted`` (relative paths from :func:`write_delta`) from ``upperdir``,
+    refusing any path that would leave it.  Raises BundleError."""
+    import shutil
+
+    root = os.path.realpath(upperdir)
+    for rel in sorted(deleted, key=lambda p: -p.count("/")):
+        _norm(rel, rel)
+        full = os.path.join(root, rel)
+        parent = os.path.realpath(os.path.dirname(full))
+        if parent != root and not parent.startswith(root + os.sep):
+            raise BundleError(f"unsafe deleted path {rel!r}: it leaves the upperdir")
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full)
+        elif os.path.lexists(full):
+            os.unlink(full)
+
+
+def extract_over(tar_path: Path, upperdir: Path) -> None:
+    """Validate, then extract a delta tar over an existing ``upperdir``."""
+    validate(tar_path)
+    p = subprocess.run(["tar", "--extract", "--file", str(tar_path), "--directory",
+                        str(upperdir), "--same-owner", "--same-permissions", "--numeric-owner",
+                        "--acls", *_XATTR_ARGS, "--xattrs-exclude=trusted.overlay.origin",
+                        "--overwrite", "--no-recursion"],
+                       capture_output=True, text=True, check=False)
+    if p.returncode != 0:
+        raise BundleError(f"cannot extract the rootfs delta into {upperdir}: {p.stderr.strip()}")

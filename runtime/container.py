@@ -138,11 +138,20 @@ class Container:
         atomic_write_json(self.dir / "state.json", self.state.to_json())
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold this container's lock, refreshed on entry."""
-        with flocked(self.dir / "lock"):
+    def locked(self, blocking: bool = True) -> Iterator[None]:
+        """Hold this container's lock, refreshed on entry.  With ``blocking=False`` raise
+        ContainerError at once when another operation holds it."""
+        try:
+            cm = flocked(self.dir / "lock", blocking=blocking)
+            cm.__enter__()
+        except BlockingIOError:
+            raise ContainerError(f"container {self.name} is busy: another operation (a "
+                                 "checkpoint or a migration?) is in progress", self.id) from None
+        try:
             self.refresh()
             yield
+        finally:
+            cm.__exit__(None, None, None)
 
     # -- helpers ---------------------------------------------------------------------------
     def cgroup(self) -> CgroupManager:

@@ -52,11 +52,14 @@ def default_root() -> Path:
 
 
 @contextlib.contextmanager
-def flocked(path: Path, shared: bool = False) -> Iterator[None]:
-    """Hold an flock(2) on ``path`` (created if missing) for the ``with`` block."""
+def flocked(path: Path, shared: bool = False, blocking: bool = True) -> Iterator[None]:
+    """Hold an flock(2) on ``path`` (created if missing) for the ``with`` block.
+
+    With ``blocking=False`` raises BlockingIOError at once when someone else holds it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        flags = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        fcntl.flock(fd, flags if blocking else flags | fcntl.LOCK_NB)
         yield
     finally:
         os.close(fd)

@@ -1,0 +1,175 @@
+"""The jaula wire protocol: versioned msgpack messages with a schema check.
+
+Every ZeroMQ message is one or two frames: frame 0 is a msgpack map ``{"v": 1, "type": T,
+...fields}``; a ``chunk`` carries its data as raw bytes in frame 1 (no re-encoding of bulk
+data).  :func:`decode` checks the version, the type and every field's type and size against
+:data:`SCHEMAS` and raises :class:`ProtocolError` otherwise; the service answers such a
+message with an ``error`` reply and carries on.  Never pickle.
+
+Requests from an operator (or a balancer) to a node, each answered by one reply (``migrate``
+first streams ``progress`` messages)::
+
+    ping -> pong {node, containers, load}        ps {all} -> containers {items}
+    inspect {container} -> inspected {info}      logs {container, tail} -> logs {data}
+    exec {container, args, env} -> exec_result {exit_code, stdout, stderr}
+    stop {container, timeout_s} -> ok            rm {container, force} -> ok
+    migrate {container, destination, strategy} -> progress* -> migrated {report}
+    any -> error {code, message}
+
+A migration session between the source node (DEALER) and the destination (ROUTER), after
+DESIGN.md "The migration handoff"::
+
+    source                                          destination
+    offer {session, container, image, criu...} ──►  preflight
+                                               ◄──  accept {missing_layers} | error
+    file_begin/chunk*/file_end (layers, rootfs)──►  digest checked per file
+                                               ◄──  credit {n} (flow control), file_ok
+    [freeze + dump; CRIU holds the tasks at post-dump]
+    file_* (CRIU images, rootfs delta)        ──►
+    restore {stdio, volumes, deleted}         ──►  criu restore, held at pre-resume
+                                               ◄──  ready {restore_s}
+    [commit point: source records migrated -> destination, its copy dies]
+    resume {session}                          ──►  tasks resume
+                                               ◄──  resumed {resume_s}
+    abort {session, reason} (before commit)   ──►  held copy discarded ◄── aborted
+    outcome {session} (destination recovering)──►  source's durable record decides
+
+Source: the zguide, chapter 7 ("File transfer": credit-based flow control).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from migrate.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 20
+
+_STR = (str, 4096)
+_NAME = (str, 256)
+_BIG = (str, 1 << 20)
+_INT = (int, None)
+_NUM = ((int, float), None)
+_BOOL = (bool, None)
+_MAP = (dict, 10_000)
+_LIST = (list, 100_000)
+
+#: type -> {field: (python type(s), max length or None, required)}
+SCHEMAS: dict[str, dict[str, tuple[Any, int | None, bool]]] = {
+    # operator <-> node
+    "ping": {},
+    "pong": {"node": (*_NAME, True), "containers": (*_INT, True), "load": (*_MAP, False)},
+    "ps": {"all": (*_BOOL, False)},
+    "containers": {"items": (*_LIST, True), "node": (*_NAME, False)},
+    "inspect": {"container": (*_NAME, True)},
+    "inspected": {"info": (*_MAP, True)},
+    "logs": {"container": (*_NAME, True), "tail": (*_INT, False), "data": (bytes, 64 << 20, False)},
+    "exec": {"container": (*_NAME, True), "args": (*_LIST, True), "env": (*_LIST, False)},
+    "exec_result": {"exit_code": (*_INT, True), "stdout": (bytes, 64 << 20, True),
+                    "stderr": (bytes, 64 << 20, True)},
+    "stop": {"container": (*_NAME, True), "timeout_s": (*_NUM, False)},
+    "rm": {"container": (*_NAME, True), "force": (*_BOOL, False)},
+    "ok": {"message": (*_STR, False)},
+    "migrate": {"container": (*_NAME, True), "destination": (*_NAME, True),
+                "strategy": (*_NAME, False)},
+    "progress": {"phase": (*_NAME, True), "done_bytes": (*_INT, False),
+                 "total_bytes": (*_INT, False), "message": (*_STR, False)},
+    "migrated": {"report": (*_MAP, True)},
+    "error": {"code": (*_NAME, True), "message": (*_BIG, True), "session": (*_NAME, False)},
+    # node <-> node (migration session)
+    "offer": {"session": (*_NAME, True), "container": (*_MAP, True), "image": (*_MAP, True),
+              "criu_version": (*_LIST, True), "cpu_flags": (*_LIST, False),
+              "estimate_bytes": (*_INT, False), "strategy": (*_NAME, False),
+              "source_node": (*_NAME, False)},
+    "accept": {"session": (*_NAME, True), "missing_layers": (*_LIST, True)},
+    "file_begin": {"session": (*_NAME, True), "file": (*_INT, True), "name": (*_STR, True),
+                   "kind": (*_NAME, True)},
+    "chunk": {"session": (*_NAME, True), "file": (*_INT, True), "offset": (*_INT, True)},
+    "file_end": {"session": (*_NAME, True), "file": (*_INT, True), "size": (*_INT, True),
+                 "sha256": (str, 64, True)},
+    "credit": {"session": (*_NAME, True), "n": (*_INT, True)},
+    "file_ok": {"session": (*_NAME, True), "file": (*_INT, True)},
+    "restore": {"session": (*_NAME, True), "stdio": (*_MAP, True), "volumes": (*_LIST, True),
+                "deleted": (*_LIST, True), "dump": (*_MAP, False)},
+    "ready": {"session": (*_NAME, True), "restore_s": (*_NUM, False)},
+    "resume": {"session": (*_NAME, True)},
+    "resumed": {"session": (*_NAME, True), "resume_s": (*_NUM, False)},
+    "abort": {"session": (*_NAME, True), "reason": (*_STR, True)},
+    "aborted": {"session": (*_NAME, True)},
+    "outcome": {"session": (*_NAME, True), "container": (*_NAME, False)},
+    "outcome_is": {"session": (*_NAME, True), "committed": (*_BOOL, True)},
+}
+
+
+def encode(mtype: str, data: bytes | None = None, **fields: Any) -> list[bytes]:
+    """Frames for one message.  Raises ProtocolError for an unknown type or a field that
+    breaks the schema (we check what we send too)."""
+    msg = {"v": PROTOCOL_VERSION, "type": mtype, **fields}
+    _check(msg)
+    frames = [msgpack.packb(msg, use_bin_type=True)]
+    if data is not None:
+        frames.append(data)
+    return frames
+
+
+def decode(frames: list[bytes]) -> tuple[dict[str, Any], bytes | None]:
+    """Parse and check one message.  Returns (fields, payload frame or None).
+
+    Raises ProtocolError naming what is wrong (malformed msgpack, version, type, field)."""
+    if not frames or len(frames) > 2:
+        raise ProtocolError(f"a message has 1 or 2 frames, got {len(frames)}")
+    if len(frames[0]) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"message header of {len(frames[0])} bytes is over the "
+                            f"{MAX_HEADER_BYTES}-byte limit")
+    try:
+        msg = msgpack.unpackb(frames[0], raw=False, strict_map_key=True, max_buffer_size=MAX_HEADER_BYTES)
+    except Exception as e:  # noqa: BLE001 - msgpack raises several types
+        raise ProtocolError(f"not a msgpack message: {e}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("a message must be a msgpack map")
+    _check(msg)
+    payload = frames[1] if len(frames) == 2 else None
+    if payload is not None and msg["type"] != "chunk":
+        raise ProtocolError(f"a {msg['type']} message carries no payload frame")
+    if msg["type"] == "chunk" and payload is None:
+        raise ProtocolError("a chunk message needs its data frame")
+    return msg, payload
+
+
+def _check(msg: dict[str, Any]) -> None:
+    v = msg.get("v")
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {v!r} is not supported (this node speaks "
+                            f"{PROTOCOL_VERSION})")
+    mtype = msg.get("type")
+    if not isinstance(mtype, str) or mtype not in SCHEMAS:
+        raise ProtocolError(f"unknown message type {mtype!r}")
+    schema = SCHEMAS[mtype]
+    for name, value in msg.items():
+        if name in ("v", "type", "id"):
+            continue
+        if name not in schema:
+            raise ProtocolError(f"{mtype}: unknown field {name!r}")
+        types, limit, _ = schema[name]
+        if isinstance(value, bool) and types is int:
+            raise ProtocolError(f"{mtype}.{name}: expected int, got bool")
+        if not isinstance(value, types):
+            raise ProtocolError(f"{mtype}.{name}: expected {getattr(types, '__name__', types)}, "
+                                f"got {type(value).__name__}")
+        if limit is not None and hasattr(value, "__len__") and len(value) > limit:
+            raise ProtocolError(f"{mtype}.{name}: {len(value)} items/bytes, over the limit of "
+                                f"{limit}")
+    for name, (_, _, required) in schema.items():
+        if required and name not in msg:
+            raise ProtocolError(f"{mtype}: missing field {name!r}")
+    if "id" in msg and not isinstance(msg["id"], (int, str)):
+        raise ProtocolError("id must be an int or a string")
+
+
+def error(code: str, message: str, **extra: Any) -> list[bytes]:
+    """An ``error`` reply."""
+    return encode("error", code=code, message=message[: 1 << 20], **extra)

@@ -1,0 +1,681 @@
+"""The two halves of a migration session: :class:`SourceSession` runs on the node that has
+the container, :class:`DestinationSession` on the node that receives it.  Message sequence
+and the commit point: see :mod:`migrate.protocol` and DESIGN.md "The migration handoff".
+
+Strategy ``cold`` (stop-and-copy), in phases::
+
+    preflight  local checks (CRIU, undumpable objects), then the destination's (offer/accept)
+    precopy    image layers the destination lacks, and the upperdir, sent while it runs
+    dump       freeze (freezer cgroup) and CRIU dump; CRIU holds the frozen tasks (post-dump)
+    transfer   CRIU images and what changed in the upperdir since the pre-copy
+    restore    the destination restores and holds its tasks before they resume (pre-resume)
+    commit     the source records "migrated -> destination" durably; its copy dies
+    resume     the destination lets its tasks run
+    cleanup    the source drops its images and rootfs
+
+Downtime is measured on the source from the dump request (the freeze starts within
+milliseconds) to the arrival of ``resumed``: an upper bound of the time the tasks did not
+run.  Post-copy (lazy pages) and iterative pre-copy are further strategies that change the
+``dump`` and ``transfer`` phases only; the offer carries the strategy so the destination can
+refuse one it cannot do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from migrate import criu, rootfs_diff
+from migrate.bundle import cpu_flags
+from migrate.checkpoint import _stdio_keys, freezer_path, preflight
+from migrate.errors import (
+    MigrationAborted,
+    MigrationError,
+    PeerUnavailable,
+    PreflightError,
+    ProtocolError,
+    TransferError,
+)
+from migrate.protocol import CHUNK_BYTES, decode, encode
+from runtime.container import Container, Runtime
+from runtime.errors import ContainerNotFound, JaulaError
+from runtime.spec import ContainerConfig
+from runtime.state import ContainerStatus, State, atomic_write_json
+
+log = structlog.get_logger(__name__)
+S = ContainerStatus
+
+STRATEGIES = ("cold",)
+WINDOW_CHUNKS = 16
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class MigrationReport:
+    """What a migration did.  Times in seconds, sizes in bytes.
+
+    Attributes:
+        phases_s: seconds per phase (preflight, precopy, dump, transfer, restore, commit,
+            resume, cleanup).
+        downtime_s: from the freeze on the source to the tasks resumed on the destination.
+        total_s: from the request to the source cleaned up.
+        bytes_sent: payload bytes streamed to the destination.
+        resume_confirmed: the destination confirmed the tasks run (else the destination
+            resumes them on its own after asking for the outcome).
+    """
+
+    session: str
+    container_id: str
+    name: str
+    source: str
+    destination: str
+    strategy: str
+    phases_s: dict[str, float] = field(default_factory=dict)
+    downtime_s: float = 0.0
+    total_s: float = 0.0
+    bytes_sent: int = 0
+    files: int = 0
+    resume_confirmed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Link:
+    """The source's side of one session's messages: a reader task demultiplexing replies,
+    the credit window, and send helpers."""
+
+    def __init__(self, client: Any, session: str, peer_timeout_s: float) -> None:
+        self.client = client
+        self.session = session
+        self.timeout = peer_timeout_s
+        self.inbox: dict[str, asyncio.Queue[dict[str, Any]]] = defaultdict(asyncio.Queue)
+        self.credits = WINDOW_CHUNKS
+        self.credit_event = asyncio.Event()
+        self.failure: MigrationError | None = None
+        self.failed = asyncio.Event()
+        self.last_heard = time.monotonic()
+        self.bytes_sent = 0
+        self.files = 0
+        self._reader: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._reader = asyncio.create_task(self._read())
+
+    async def close(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001, S110 - closing
+                pass
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                frames = await self.client.recv(timeout_s=1.0)
+            except PeerUnavailable:
+                continue
+            try:
+                msg, _ = decode(frames)
+            except ProtocolError as e:
+                self._fail(ProtocolError(f"the destination sent a bad message: {e}"))
+                continue
+            if msg.get("session") != self.session:
+                continue
+            self.last_heard = time.monotonic()
+            if msg["type"] == "credit":
+                self.credits += msg["n"]
+                self.credit_event.set()
+            elif msg["type"] == "error":
+                self._fail(TransferError(f"the destination refused: {msg['message']}"))
+            else:
+                self.inbox[msg["type"]].put_nowait(msg)
+
+    def _fail(self, err: MigrationError) -> None:
+        if self.failure is None:
+            self.failure = err
+        self.failed.set()
+        self.credit_event.set()
+
+    async def send(self, mtype: str, data: bytes | None = None, **fields: Any) -> None:
+        await self.client.send(encode(mtype, data, session=self.session, **fields))
+
+    async def expect(self, mtype: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """The next ``mtype`` message; raises the session's failure, or PeerUnavailable
+        when the destination said nothing for ``timeout_s`` (default: the peer timeout)."""
+        limit = timeout_s if timeout_s is not None else self.timeout
+        get = asyncio.ensure_future(self.inbox[mtype].get())
+        fail = asyncio.ensure_future(self.failed.wait())
+        try:
+            done, _ = await asyncio.wait({get, fail}, timeout=limit,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (get, fail):
+                if not t.done():
+                    t.cancel()
+        if get in done:
+            return get.result()
+        if self.failure:
+            raise self.failure
+        raise PeerUnavailable(f"the destination did not answer {mtype} within {limit:.0f} s")
+
+    async def _take_credit(self) -> None:
+        while self.credits <= 0:
+            if self.failure:
+                raise self.failure
+            self.credit_event.clear()
+            try:
+                await asyncio.wait_for(self.credit_event.wait(), self.timeout)
+            except TimeoutError:
+                raise PeerUnavailable(f"the destination stopped acknowledging data for "
+                                      f"{self.timeout:.0f} s") from None
+        if self.failure:
+            raise self.failure
+        self.credits -= 1
+
+    async def send_file(self, path: Path, name: str, kind: str,
+                        progress: Callable[[int], None] | None = None) -> int:
+        """Stream one file in chunks under the credit window; returns its size in bytes."""
+        fid = self.files
+        self.files += 1
+        await self.send("file_begin", file=fid, name=name, kind=kind)
+        h = hashlib.sha256()
+        off = 0
+        with open(path, "rb") as f:  # noqa: ASYNC230 - 1 MiB reads, from the page cache
+            while data := f.read(CHUNK_BYTES):
+                await self._take_credit()
+                h.update(data)
+                await self.send("chunk", data, file=fid, offset=off)
+                off += len(data)
+                self.bytes_sent += len(data)
+                if progress:
+                    progress(len(data))
+        await self.send("file_end", file=fid, size=off, sha256=h.hexdigest())
+        return off
+
+    async def wait_files_ok(self) -> None:
+        for _ in range(self.files - self._acked):
+            await self.expect("file_ok")
+            self._acked += 1
+
+    _acked = 0
+
+
+class SourceSession:
+    """Migrate one container from this node to ``destination`` (a node of the cluster).
+
+    Args:
+        rt: this node's runtime; ref: the container; node_name: this node's name.
+        connect: coroutine returning a connected transport Client for a node name.
+        peer_timeout_s: how long the destination may stay silent before we abort.
+        progress: called with (phase, done_bytes, total_bytes).
+    """
+
+    def __init__(self, rt: Runtime, ref: str, destination: str, node_name: str,
+                 connect: Callable[[str], Any], strategy: str = "cold",
+                 peer_timeout_s: float = 20.0, progress: ProgressFn | None = None) -> None:
+        if strategy not in STRATEGIES:
+            raise PreflightError(f"unknown strategy {strategy!r}: this node does "
+                                 f"{', '.join(STRATEGIES)}")
+        if destination == node_name:
+            raise PreflightError(f"container is already on {node_name}: pick another node")
+        self.rt = rt
+        self.ref = ref
+        self.destination = destination
+        self.node_name = node_name
+        self.connect = connect
+        self.strategy = strategy
+        self.peer_timeout_s = peer_timeout_s
+        self.progress = progress or (lambda *_: None)
+        self.session = secrets.token_hex(8)
+
+    async def run(self) -> MigrationReport:
+        """Do the migration.  Returns the report once the source is cleaned up.
+
+        Raises PreflightError (nothing touched), MigrationAborted (rolled back: the container
+        runs here again), ContainerError (busy, not running)."""
+        t0 = time.monotonic()
+        c = self.rt.get(self.ref)
+        rep = MigrationReport(self.session, c.id, c.name, self.node_name, self.destination,
+                              self.strategy)
+        mark = t0
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            rep.phases_s[name] = round(now - mark, 6)
+            mark = now
+            self.progress(name, 0, 0)
+
+        with c.locked(blocking=False):
+            preflight(c)
+            client = await self.connect(self.destination)
+            link = _Link(client, self.session, self.peer_timeout_s)
+            link.start()
+            work = self.rt.root / "tmp" / f"outgoing-{self.session}"
+            work.mkdir(parents=True)
+            try:
+                await self._offer(c, link)
+                phase("preflight")
+                c.state.status = S.MIGRATING
+                c.save()
+                await self._run_locked(c, link, work, rep, phase)
+            finally:
+                await link.close()
+                client.close()
+                shutil.rmtree(work, ignore_errors=True)
+        rep.total_s = round(time.monotonic() - t0, 6)
+        rep.bytes_sent = link.bytes_sent
+        rep.files = link.files
+        log.info("migration.done", **{k: v for k, v in rep.to_json().items() if k != "phases_s"})
+        return rep
+
+    async def _offer(self, c: Container, link: _Link) -> None:
+        from runtime.image.transfer import image_record
+
+        usage = 0
+        try:
+            usage = c.cgroup().stats().memory_bytes
+        except JaulaError:
+            pass
+        await link.send("offer", container=c.config.to_json(),
+                        image=image_record(self.rt.images, c.config.image_id),
+                        criu_version=list(criu.version()), cpu_flags=list(cpu_flags()),
+                        estimate_bytes=int(usage + _du(c.upperdir)), strategy=self.strategy,
+                        source_node=self.node_name)
+        accept = await link.expect("accept")
+        self.missing_layers = [str(x) for x in accept["missing_layers"]]
+
+    async def _run_locked(self, c: Container, link: _Link, work: Path, rep: MigrationReport,
+                          phase: Callable[[str], None]) -> None:
+        from runtime.image.transfer import export_layer
+
+        committed = False
+        decision = threading.Event()
+        verdict = [False]
+        dump_task: asyncio.Future[Any] | None = None
+        t_freeze = 0.0
+        try:
+            # -- precopy: layers the destination lacks, then the upperdir while it runs
+            for layer in self.missing_layers:
+                tar = work / f"layer-{layer}.tar"
+                await asyncio.to_thread(export_layer, self.rt.images, layer, tar)
+                await link.send_file(tar, f"layers/{layer}.tar", "layer")
+                tar.unlink()
+            before = await asyncio.to_thread(rootfs_diff.snapshot, c.upperdir)
+            base = work / "rootfs-base.tar"
+            await asyncio.to_thread(rootfs_diff.write, c.upperdir, base)
+            total = base.stat().st_size
+            await link.send_file(base, "rootfs-base.tar", "rootfs",
+                                 lambda n: self.progress("precopy", link.bytes_sent, total))
+            phase("precopy")
+
+            # -- dump: CRIU freezes and dumps, then holds the tasks at post-dump
+            loop = asyncio.get_running_loop()
+            post_dump = asyncio.Event()
+            images = work / "criu"
+            stdio = _stdio_keys(c)
+
+            def on_notify(n: criu.Notify) -> bool:
+                if n.script == "post-dump":
+                    loop.call_soon_threadsafe(post_dump.set)
+                    decision.wait()
+                    return verdict[0]
+                return True
+
+            t_freeze = time.monotonic()
+            volumes = [{"key": f"vol{i}", "destination": m.destination, "source": m.source}
+                       for i, m in enumerate(c.config.mounts)]
+            dump_task = asyncio.ensure_future(asyncio.to_thread(criu.dump, criu.DumpOptions(
+                pid=c.state.pid, images_dir=images, freeze_cgroup=freezer_path(c),
+                external=tuple(f"mnt[{v['destination']}]:{v['key']}" for v in volumes)),
+                on_notify))
+            waiter = asyncio.ensure_future(post_dump.wait())
+            await asyncio.wait({dump_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if not post_dump.is_set():
+                waiter.cancel()
+                dump_task.result()  # raises CriuError: the tasks were never held
+                raise MigrationError("CRIU finished the dump without holding the tasks")
+            phase("dump")
+
+            # -- transfer: CRIU images and the upperdir's changes
+            delta = work / "rootfs-delta.tar"
+            deleted, _ = await asyncio.to_thread(rootfs_diff.write_delta, c.upperdir, before,
+                                                 delta)
+            files = sorted(p for p in images.iterdir() if p.is_file())
+            total = sum(p.stat().st_size for p in files) + delta.stat().st_size
+            sent0 = link.bytes_sent
+            for p in [*files, delta]:
+                name = f"criu/{p.name}" if p.parent == images else "rootfs-delta.tar"
+                await link.send_file(p, name, "criu" if p.parent == images else "rootfs",
+                                     lambda n: self.progress("transfer", link.bytes_sent - sent0,
+                                                             total))
+            await link.wait_files_ok()
+            phase("transfer")
+
+            # -- restore on the destination, held before resuming
+            await link.send("restore", stdio=stdio, volumes=volumes, deleted=deleted,
+                            dump={"freeze_to_post_dump_s": rep.phases_s.get("dump", 0.0)})
+            await link.expect("ready", timeout_s=max(120.0, self.peer_timeout_s))
+            phase("restore")
+
+            # -- commit point: durable record, then our copy dies
+            c.state.status = S.MIGRATED
+            c.state.migrated_to = self.destination
+            c.state.extra = {**c.state.extra, "session": self.session,
+                             "migrated_at": time.time()}
+            c.save()
+            committed = True
+            verdict[0] = True
+            decision.set()
+            await dump_task
+            phase("commit")
+        except BaseException as e:
+            if committed:
+                raise
+            verdict[0] = False
+            decision.set()
+            if dump_task is not None:
+                try:
+                    await dump_task
+                except Exception:  # noqa: BLE001, S110 - expected: post-dump answered "failure"
+                    pass
+            await self._roll_back(c, link, str(e))
+            where = next((p for p in ("preflight", "precopy", "dump", "transfer", "restore")
+                          if p not in rep.phases_s), "restore")
+            if isinstance(e, MigrationError | JaulaError):
+                raise MigrationAborted(f"{e}; the container keeps running on {self.node_name}",
+                                       where) from e
+            raise
+        # -- resume on the destination (it decides from our record if this is lost)
+        try:
+            await link.send("resume")
+            await link.expect("resumed", timeout_s=max(60.0, self.peer_timeout_s))
+            rep.resume_confirmed = True
+        except MigrationError as e:
+            log.warning("migration.resume_unconfirmed", session=self.session, error=str(e))
+        rep.downtime_s = round(time.monotonic() - t_freeze, 6)
+        phase("resume")
+        await asyncio.to_thread(self._cleanup_source, c)
+        phase("cleanup")
+
+    async def _roll_back(self, c: Container, link: _Link, reason: str) -> None:
+        try:
+            await link.send("abort", reason=reason[:4000])
+        except Exception:  # noqa: BLE001, S110 - best effort: the destination times out too
+            pass
+        try:
+            c.cgroup().thaw()
+        except JaulaError as e:
+            log.error("migration.rollback.thaw", error=str(e))
+        c.refresh()
+        if c.status is S.MIGRATING:
+            c.state.status = S.RUNNING
+            c.save()
+        log.warning("migration.aborted", session=self.session, reason=reason)
+
+    def _cleanup_source(self, c: Container) -> None:
+        """After the commit: the tasks are dead; drop the cgroup, mount and rootfs, keep the
+        record that says where the container went."""
+        c.wait_monitor(10.0)
+        errors = []
+        try:
+            c.cgroup().destroy()
+        except JaulaError as e:
+            errors.append(str(e))
+        from runtime.rootfs.overlay import unmount
+
+        try:
+            unmount(c.rootfs)
+        except JaulaError as e:
+            errors.append(str(e))
+        for d in ("upper", "work", "merged", "checkpoint"):
+            shutil.rmtree(c.dir / d, ignore_errors=True)
+        if errors:
+            log.error("migration.cleanup", errors=errors)
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+# ------------------------------------------------------------------------------------------
+# destination
+
+_NAME_RE = re.compile(r"^(criu/[A-Za-z0-9_.\-]{1,200}|layers/[0-9a-f]{64}\.tar|"
+                      r"rootfs-base\.tar|rootfs-delta\.tar)$")
+
+
+@dataclass
+class _IncomingFile:
+    fd: int
+    name: str
+    kind: str
+    size: int = 0
+    h: Any = field(default_factory=hashlib.sha256)
+
+
+class DestinationSession:
+    """The receiving half of one migration: staging files, restore held at pre-resume,
+    resume on the source's word.
+
+    Args:
+        rt: this node's runtime; send: coroutine sending frames back to the source;
+        offer: the decoded ``offer``; source: the source node's authenticated name.
+    """
+
+    def __init__(self, rt: Runtime, send: Callable[[list[bytes]], Any], offer: dict[str, Any],
+                 source: str) -> None:
+        self.rt = rt
+        self._send = send
+        self.offer = offer
+        self.source = source
+        self.session: str = offer["session"]
+        self.staging = rt.root / "tmp" / f"incoming-{self.session}"
+        self.files: dict[int, _IncomingFile] = {}
+        self.cfg: ContainerConfig | None = None
+        self.revive_task: asyncio.Future[Any] | None = None
+        self.held = asyncio.Event()
+        self.hold_decision: asyncio.Future[bool] = asyncio.get_event_loop().create_future()
+        self.hold_server: asyncio.AbstractServer | None = None
+        self.finished = False
+        self.t_resume = 0.0
+
+    async def send(self, mtype: str, **fields: Any) -> None:
+        await self._send(encode(mtype, session=self.session, **fields))
+
+    # -- offer ------------------------------------------------------------------------------
+    async def on_offer(self) -> None:
+        """Preflight here, before the source freezes anything; answer accept or error."""
+        from migrate.bundle import Manifest
+        from migrate.restore import check_compatible
+
+        o = self.offer
+        if o.get("strategy", "cold") not in STRATEGIES:
+            raise PreflightError(f"this node cannot do strategy {o.get('strategy')!r}")
+        cfg = ContainerConfig.from_json(o["container"])
+        check_compatible(Manifest(container=o["container"], image=o["image"],
+                                  criu_version=tuple(o["criu_version"]),  # type: ignore[arg-type]
+                                  cpu_flags=tuple(o.get("cpu_flags", ()))))
+        try:
+            existing = Container(self.rt, cfg.id)
+        except (FileNotFoundError, JaulaError):
+            existing = None
+        if existing is not None and existing.status is not S.MIGRATED:
+            raise PreflightError(f"container {cfg.id[:12]} already exists on this node "
+                                 f"({existing.status.value})")
+        for cid in self.rt.store.ids():
+            if cid != cfg.id and self.rt.store.name_of(cid) == cfg.name:
+                raise PreflightError(f"the name {cfg.name!r} is taken on this node by "
+                                     f"{cid[:12]}")
+        st = os.statvfs(self.rt.root)
+        free = st.f_bavail * st.f_frsize
+        need = int(o.get("estimate_bytes", 0) * 2.2) + (64 << 20)
+        if free < need:
+            raise PreflightError(f"not enough disk under {self.rt.root}: {free >> 20} MiB free, "
+                                 f"about {need >> 20} MiB needed")
+        missing = [la for la in o["image"].get("layers", []) if not self.rt.images.has_layer(la)]
+        self.cfg = cfg
+        (self.staging / "criu").mkdir(parents=True)
+        (self.staging / "layers").mkdir()
+        await self.send("accept", missing_layers=missing)
+
+    # -- files ------------------------------------------------------------------------------
+    async def on_file_begin(self, m: dict[str, Any]) -> None:
+        name = m["name"]
+        if not _NAME_RE.match(name) or m["file"] in self.files:
+            raise ProtocolError(f"unexpected file {name!r} (#{m['file']}) in the session")
+        fd = os.open(self.staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     0o600)
+        self.files[m["file"]] = _IncomingFile(fd, name, m["kind"])
+
+    async def on_chunk(self, m: dict[str, Any], data: bytes) -> None:
+        f = self.files.get(m["file"])
+        if f is None or f.fd < 0 or m["offset"] != f.size:
+            raise ProtocolError(f"chunk at offset {m['offset']} of file #{m['file']} is out of "
+                                "order")
+        try:
+            os.write(f.fd, data)
+        except OSError as e:
+            raise TransferError(f"cannot write {f.name} here: {e.strerror}") from e
+        f.h.update(data)
+        f.size += len(data)
+        await self.send("credit", n=1)
+
+    async def on_file_end(self, m: dict[str, Any]) -> None:
+        f = self.files.get(m["file"])
+        if f is None or f.fd < 0:
+            raise ProtocolError(f"file_end for unknown file #{m['file']}")
+        os.close(f.fd)
+        f.fd = -1
+        if f.size != m["size"] or f.h.hexdigest() != m["sha256"]:
+            raise TransferError(f"{f.name} arrived corrupt: {f.size} bytes with sha256 "
+                                f"{f.h.hexdigest()[:16]}..., the source sent {m['size']} bytes "
+                                f"with {m['sha256'][:16]}...")
+        if f.kind == "layer":
+            from runtime.image.transfer import import_layer
+
+            layer = f.name.split("/")[1].removesuffix(".tar")
+            await asyncio.to_thread(import_layer, self.rt.images, layer, self.staging / f.name)
+            os.unlink(self.staging / f.name)
+        await self.send("file_ok", file=m["file"])
+
+    # -- restore, held ------------------------------------------------------------------------
+    async def on_restore(self, m: dict[str, Any]) -> None:
+        from runtime.image.transfer import register_image
+
+        assert self.cfg is not None
+        if any(f.fd >= 0 for f in self.files.values()):
+            raise ProtocolError("restore before every file was complete")
+        await asyncio.to_thread(register_image, self.rt.images, self.offer["image"])
+        cfg = ContainerConfig.from_json({**self.cfg.to_json(),
+                                         "cgroup_parent": self.rt.cgroup_parent})
+        cdir = await asyncio.to_thread(self._make_container, cfg, m)
+        hold = self.staging / "hold.sock"
+        self.hold_server = await asyncio.start_unix_server(self._on_hold, path=str(hold))
+        arg = json.dumps({"bundle": str(self.staging), "stdio": m["stdio"],
+                          "volumes": m["volumes"], "hold": str(hold)})
+        from migrate.restore import RESTORER
+
+        t0 = time.monotonic()
+        self.revive_task = asyncio.ensure_future(
+            asyncio.to_thread(self.rt.revive, cfg.id, RESTORER, arg))
+        held = asyncio.ensure_future(self.held.wait())
+        await asyncio.wait({self.revive_task, held}, return_when=asyncio.FIRST_COMPLETED)
+        if not self.held.is_set():
+            held.cancel()
+            try:
+                self.revive_task.result()
+                raise MigrationError("the restore finished without being held")
+            finally:
+                await asyncio.to_thread(shutil.rmtree, cdir, True)
+        await self.send("ready", restore_s=round(time.monotonic() - t0, 6))
+
+    def _make_container(self, cfg: ContainerConfig, m: dict[str, Any]) -> Path:
+        store = self.rt.store
+        with store.lock():
+            cdir = store.containers_dir / cfg.id
+            if cdir.exists():  # an old record of this container having left this node
+                shutil.rmtree(cdir)
+            cdir = store.create_dir(cfg.id)
+            atomic_write_json(cdir / "config.json", cfg.to_json())
+            atomic_write_json(cdir / "state.json", State(
+                status=S.MIGRATING, extra={"session": self.session, "from": self.source}
+            ).to_json())
+        rootfs_diff.extract(self.staging / "rootfs-base.tar", cdir / "upper")
+        rootfs_diff.apply_deleted(cdir / "upper", [str(p) for p in m["deleted"]])
+        rootfs_diff.extract_over(self.staging / "rootfs-delta.tar", cdir / "upper")
+        return cdir
+
+    async def _on_hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            if not line.startswith(b"held"):
+                return
+            self.held.set()
+            ok = await self.hold_decision
+            writer.write(b"resume\n" if ok else b"abort\n")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    async def on_resume(self) -> None:
+        if not self.held.is_set() or self.revive_task is None:
+            raise ProtocolError("resume before the restore was held")
+        t0 = time.monotonic()
+        self.hold_decision.set_result(True)
+        await self.revive_task
+        await self.finish()
+        await self.send("resumed", resume_s=round(time.monotonic() - t0, 6))
+
+    async def on_abort(self, reason: str) -> None:
+        """Discard the held copy (or whatever arrived): the source keeps the container."""
+        log.warning("migration.incoming.aborted", session=self.session, reason=reason)
+        if not self.hold_decision.done():
+            self.hold_decision.set_result(False)
+        if self.revive_task is not None:
+            try:
+                await self.revive_task
+            except Exception:  # noqa: BLE001, S110 - expected: the restore was refused
+                pass
+        if self.cfg is not None:
+            cdir = self.rt.store.containers_dir / self.cfg.id
+            try:
+                c = Container(self.rt, self.cfg.id)
+                if c.status is S.MIGRATING:
+                    await asyncio.to_thread(shutil.rmtree, cdir, True)
+            except (FileNotFoundError, ContainerNotFound, JaulaError):
+                pass
+        await self.finish()
+
+    async def finish(self) -> None:
+        self.finished = True
+        for f in self.files.values():
+            if f.fd >= 0:
+                os.close(f.fd)
+                f.fd = -1
+        if self.hold_server is not None:
+            self.hold_server.close()
+        await asyncio.to_thread(shutil.rmtree, self.staging, True)
