@@ -41,7 +41,8 @@ try:  # pycriu is built from CRIU's source tree by scripts/setup.sh
 except ImportError:  # pragma: no cover - reported by find_criu()
     rpc = None
 
-MIN_VERSION = (4, 1)
+#: 4.1 cannot dump TCP/UDP sockets on kernels 6.16+ (SO_PASSCRED, CRIU issue 2718)
+MIN_VERSION = (4, 2)
 _MAX_MSG = 4 << 20
 
 #: criu_cg_mode values (rpc.proto)

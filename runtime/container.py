@@ -471,10 +471,10 @@ class Runtime:
         require_root()
         c = Container(self, container_id)
         with c.locked():
-            if c.status is not S.CHECKPOINTED:
+            if c.status not in (S.CHECKPOINTED, S.MIGRATING):
                 raise ContainerError(
                     f"container {c.name} ({c.id[:12]}) is {c.status.value}: only a checkpointed "
-                    "container can be restored", c.id)
+                    "or incoming container can be restored", c.id)
             for layer in c.config.layers:
                 if not self.images.has_layer(layer):
                     raise ContainerError(f"layer sha256:{layer} of container {c.name} is not in "

@@ -5,7 +5,7 @@
 # run takes a second or two. What it does:
 #   1. Debian packages (apt-get update only when a package is missing). Services are not
 #      started by package scripts (policy-rc.d).
-#   2. CRIU >= 4.1 that passes `criu check`: /usr/local/sbin/criu if good, else a good criu
+#   2. CRIU >= 4.2 that passes `criu check`: /usr/local/sbin/criu if good, else a good criu
 #      on PATH, else built from Debian's trixie (then sid) source and installed to
 #      /usr/local/sbin/criu. Debian 12's own criu 3.17 fails on recent kernels: never used.
 #   3. The venv .venv (python3 >= 3.11) with `pip install -e '.[test]'`, redone only when
@@ -17,8 +17,10 @@
 #
 # Knobs (environment):
 #   JAULA_CRIU_SUITES  Debian suites to take the CRIU source from, in order (default
-#                      "trixie sid": trixie is a stable release, so every node built from it
-#                      gets the same CRIU; sid is the fallback).
+#                      "sid forky trixie"). CRIU 4.2 or newer is needed: on kernels 6.16+
+#                      4.1 cannot dump any TCP/UDP socket ("Can't get 1:16 opt", CRIU
+#                      issue 2718, fixed in 4.2), so trixie's 4.1.1 is only a last resort
+#                      that the version check then refuses.
 #   JAULA_CRIU_PREFIX  where to install criu (default /usr/local/sbin). When set, a criu
 #                      elsewhere on PATH is not accepted: useful to test the build path.
 set -Eeuo pipefail
@@ -31,8 +33,8 @@ BUILD="$ROOT/.build"
 SRC="$BUILD/criu-src"
 LOGS="$BUILD/logs"
 VENV="$ROOT/.venv"
-CRIU_MIN=4.1
-CRIU_SUITES=${JAULA_CRIU_SUITES:-trixie sid}
+CRIU_MIN=4.2
+CRIU_SUITES=${JAULA_CRIU_SUITES:-sid forky trixie}
 CRIU_PREFIX=${JAULA_CRIU_PREFIX:-/usr/local/sbin}
 CRIU_BIN="$CRIU_PREFIX/criu"
 DEBIAN_MIRROR=http://deb.debian.org/debian
