@@ -118,7 +118,7 @@ def export_layer(store: ImageStore, layer_id: str, out: Path) -> int:
         writer = _LayerWriter(lid, layer_fd)
         with open(tmp, "wb") as f:
             with tarfile.open(
-                fileobj=f,
+                fileobj=cast(IO[bytes], _Output(f)),
                 mode="w",
                 format=tarfile.PAX_FORMAT,
                 encoding="utf-8",
@@ -138,7 +138,7 @@ def export_layer(store: ImageStore, layer_id: str, out: Path) -> int:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError):
+        if isinstance(e, OSError):  # _WriteError included
             raise ImageError(f"layer {lid[:12]}: cannot write {out}: {e.strerror or e}") from e
         raise
     finally:
@@ -365,6 +365,26 @@ def _pax_xattrs(info: tarfile.TarInfo, xattrs: dict[str, bytes]) -> None:
         info.pax_headers = {**info.pax_headers, **records}
 
 
+class _WriteError(OSError):
+    """Writing the tar failed (told apart from failing to read the layer)."""
+
+
+class _Output:
+    """The tar file as tarfile sees it: write errors become :class:`_WriteError`."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            raise _WriteError(e.errno, e.strerror) from e
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
 class _LayerWriter:
     """Walks one layer's ``diff`` directory (only through fds, never following a symlink) and
     writes its entries in the order of the module docstring."""
@@ -379,7 +399,7 @@ class _LayerWriter:
     def write(self, tf: tarfile.TarFile) -> None:
         try:
             self._write(tf)
-        except ImageError:
+        except (ImageError, _WriteError):
             raise
         except OSError as e:
             raise ImageError(

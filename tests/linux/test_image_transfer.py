@@ -528,3 +528,26 @@ def test_register_keeps_names_the_destination_uses(
     # Once the name is free, registering again adds it.
     store_b.remove("two:1")
     assert register_image(store_b, record).names == ("two:1",)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs under tmp_path, unmounted by the finalizer."""
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+def test_export_to_a_full_disk_names_the_output(
+    store_a: ImageStore, tmp_path: Path, small_fs: Path
+) -> None:
+    write_oci_layout(tmp_path / "img", [make_layer_tar([F("big", data=os.urandom(256 * 1024))])])
+    (lid,) = store_a.import_path(tmp_path / "img").layers
+    out = small_fs / "layer.tar"
+    with pytest.raises(ImageError, match=rf"layer {lid[:12]}: cannot write {out}: No space"):
+        export_layer(store_a, lid, out)
+    assert os.listdir(small_fs) == []
