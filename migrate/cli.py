@@ -1,8 +1,12 @@
 """Command lines of the migrate layer.
 
-- ``jaula``: the runtime's commands (:mod:`runtime.cli`) plus ``checkpoint`` and ``restore``
-  (and, as they land, ``migrate`` and ``node``).
+- ``jaula``: the runtime's commands (:mod:`runtime.cli`) plus ``checkpoint``, ``restore``,
+  ``migrate``, ``node keygen|serve|ls``, and ``--node NAME`` before ``ps``, ``inspect``,
+  ``logs``, ``exec``, ``stop`` and ``rm`` to act on a node of the cluster through its service.
 - ``migrate CTR NODE``: the same as ``jaula migrate CTR NODE``.
+
+Who we are on the network: ``--client-config FILE`` (else ``$JAULA_CLIENT_CONFIG``, else
+``~/.config/jaula/client.toml``): an operator keypair and the cluster file.
 
 Thin: parse, call the library, print.  Exit codes as :mod:`runtime.cli` (125 for jaula's own
 errors).
@@ -11,18 +15,33 @@ errors).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
+from migrate.errors import MigrationError, PeerUnavailable
 from runtime import cli as runtime_cli
 from runtime.container import Runtime
 
+REMOTE_COMMANDS = ("ps", "inspect", "logs", "exec", "stop", "rm")
+
 
 class MigrateCommands:
-    """``checkpoint`` and ``restore`` for ``jaula`` (a :class:`runtime.cli.CliExtension`)."""
+    """The migrate layer's commands for ``jaula`` (a :class:`runtime.cli.CliExtension`)."""
+
+    def add_global_options(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--node", help="act on this node of the cluster, through its service "
+                       "(ps, inspect, logs, exec, stop, rm)")
+        p.add_argument("--client-config", type=Path, help="operator keypair and cluster file "
+                       "(default: $JAULA_CLIENT_CONFIG or ~/.config/jaula/client.toml)")
+
+    def is_remote(self, a: argparse.Namespace) -> bool:
+        return (a.node is not None and a.cmd in REMOTE_COMMANDS) or a.cmd == "migrate" or (
+            a.cmd == "node" and a.node_cmd == "ls")
 
     def add_commands(self, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         cp = sub.add_parser("checkpoint", help="checkpoint a running container with CRIU")
@@ -31,17 +50,34 @@ class MigrateCommands:
         cp.add_argument("-e", "--export", type=Path, metavar="FILE",
                         help="also write the checkpoint bundle as one tar file")
         cp.add_argument("--json", action="store_true", help="print the report as JSON")
-        cp.add_argument("container")
+        cp.add_argument("container", help="name, id or id prefix")
         rs = sub.add_parser("restore", help="restore a checkpointed container")
         rs.add_argument("-i", "--import", dest="import_file", type=Path, metavar="FILE",
                         help="restore from an exported checkpoint bundle")
         rs.add_argument("-n", "--name", help="name for the restored container (with --import)")
-        rs.add_argument("container", nargs="?")
+        rs.add_argument("container", nargs="?", help="a checkpointed container")
 
-    def dispatch(self, rt: Runtime, a: argparse.Namespace) -> int | None:
+        mg = sub.add_parser("migrate", help="move a running container to another node")
+        add_migrate_arguments(mg)
+
+        node = sub.add_parser("node", help="node services: keys, serve, list")
+        nsub = node.add_subparsers(dest="node_cmd", required=True, metavar="COMMAND")
+        kg = nsub.add_parser("keygen", help="make a CURVE keypair (NAME.key, NAME.key_secret)")
+        kg.add_argument("--out", type=Path, required=True, help="directory for the key files")
+        kg.add_argument("--name", default="node", help="file name stem (default: node)")
+        sv = nsub.add_parser("serve", help="run this node's migration service")
+        sv.add_argument("--config", type=Path, required=True, help="the node's TOML config")
+        sv.add_argument("--peer-timeout", type=float, default=20.0,
+                        help="seconds a peer may stay silent in a migration (default 20)")
+        nsub.add_parser("ls", help="every node of the cluster: reachable, load, containers")
+
+    def dispatch(self, rt: Runtime | None, a: argparse.Namespace) -> int | None:
+        if self.is_remote(a):
+            return asyncio.run(remote(a))
         if a.cmd == "checkpoint":
             from migrate.checkpoint import checkpoint
 
+            assert rt is not None
             r = checkpoint(rt, a.container, leave_running=a.leave_running, export=a.export)
             if a.json:
                 print(json.dumps({k: str(v) if isinstance(v, Path) else v
@@ -55,6 +91,7 @@ class MigrateCommands:
         if a.cmd == "restore":
             from migrate.restore import restore
 
+            assert rt is not None
             if (a.container is None) == (a.import_file is None):
                 print("jaula: error: restore takes a container or --import FILE (one of them)",
                       file=sys.stderr)
@@ -65,7 +102,220 @@ class MigrateCommands:
             c = restore(rt, a.container, import_file=a.import_file, name=a.name)
             print(c.id)
             return 0
+        if a.cmd == "node" and a.node_cmd == "keygen":
+            from migrate.keys import keygen_command, load_public
+
+            pub, sec = keygen_command(a.out, a.name)
+            print(f"{pub}\n{sec}\npublic key: {load_public(pub).decode()}")
+            return 0
+        if a.cmd == "node" and a.node_cmd == "serve":
+            from migrate.config import load_node
+            from migrate.node import NodeService
+
+            cfg, cluster = load_node(a.config)
+            try:
+                asyncio.run(NodeService(cfg, cluster, a.peer_timeout).serve())
+            except KeyboardInterrupt:
+                pass
+            return 0
         return None
+
+
+def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("container", help="name, id or id prefix of a running container")
+    p.add_argument("destination", help="name of the node to move it to")
+    p.add_argument("--from", dest="source", help="the node it runs on (default: found by "
+                   "asking every node)")
+    p.add_argument("--strategy", default="cold", choices=["cold"],
+                   help="cold: stop-and-copy (default)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+# -- talking to node services -------------------------------------------------------------------
+
+class Nodes:
+    """Request/reply with the cluster's node services, as an operator."""
+
+    def __init__(self, client_config: Path | None) -> None:
+        from migrate.config import load_client_config, load_cluster
+
+        self.client_cfg = load_client_config(client_config)
+        self.cluster = load_cluster(self.client_cfg.cluster)
+        self._next = 0
+
+    async def request(self, node: str, mtype: str, wait_s: float = 30.0,
+                      on_progress: Any = None, **fields: Any) -> dict[str, Any]:
+        """Send one request to ``node`` and return its reply (``progress`` messages go to
+        ``on_progress``).  Raises PeerUnavailable, MigrationError with the node's error."""
+        from migrate.protocol import decode, encode
+        from migrate.transport import Client
+
+        self._next += 1
+        rid = self._next
+        client = await Client.for_peer(self.client_cfg, self.cluster, node)
+        try:
+            await client.send(encode(mtype, id=rid, **fields))
+            while True:
+                msg, _ = decode(await client.recv(timeout_s=wait_s))
+                if msg.get("id") != rid:
+                    continue
+                if msg["type"] == "progress":
+                    if on_progress:
+                        on_progress(msg)
+                    continue
+                if msg["type"] == "error":
+                    raise MigrationError(f"{node}: {msg['message']}")
+                return msg
+        finally:
+            client.close()
+
+
+async def remote(a: argparse.Namespace) -> int:
+    nodes = Nodes(a.client_config)
+    if a.cmd == "node":
+        return await _node_ls(nodes)
+    if a.cmd == "migrate":
+        return await _migrate(nodes, a)
+    node = a.node
+    match a.cmd:
+        case "ps":
+            r = await nodes.request(node, "ps", all=a.all)
+            _print_ps(r["items"], a.quiet, a.format)
+        case "inspect":
+            out = [(await nodes.request(node, "inspect", container=c))["info"]
+                   for c in a.containers]
+            print(json.dumps(out, indent=1))
+        case "logs":
+            r = await nodes.request(node, "logs", container=a.container,
+                                    **({"tail": a.tail} if a.tail else {}))
+            sys.stdout.buffer.write(r["data"])
+        case "exec":
+            cmd = [x for x in a.command if x != "--"] if a.command[:1] == ["--"] else a.command
+            r = await nodes.request(node, "exec", wait_s=90, container=a.container,
+                                    args=list(cmd), env=list(a.env))
+            sys.stdout.buffer.write(r["stdout"])
+            sys.stderr.buffer.write(r["stderr"])
+            return int(r["exit_code"])
+        case "stop":
+            for c in a.containers:
+                await nodes.request(node, "stop", max(30.0, a.time + 30), container=c,
+                                    timeout_s=a.time)
+                print(c)
+        case "rm":
+            for c in a.containers:
+                await nodes.request(node, "rm", container=c, force=a.force)
+                print(c)
+    return 0
+
+
+def _print_ps(items: list[dict[str, Any]], quiet: bool = False, fmt: str = "table") -> None:
+    if quiet:
+        for i in items:
+            print(i["id"][:12])
+        return
+    if fmt == "json":
+        print(json.dumps(items, indent=1))
+        return
+    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "STATUS", "NAMES")]
+    for i in items:
+        status = i["status"] + (f" -> {i['migrated_to']}" if i.get("migrated_to") else "")
+        cmd = i["command"] if len(i["command"]) <= 20 else i["command"][:17] + "..."
+        rows.append((i["id"][:12], i["image"], cmd, status, i["name"]))
+    widths = [max(len(r[k]) for r in rows) for k in range(5)]
+    for r in rows:
+        print("  ".join(v.ljust(widths[k]) for k, v in enumerate(r)).rstrip())
+
+
+async def _node_ls(nodes: Nodes) -> int:
+    rows = [("NODE", "ENDPOINT", "REACHABLE", "LOAD", "MEM FREE", "CONTAINERS")]
+    for name, peer in sorted(nodes.cluster.nodes.items()):
+        try:
+            pong = await nodes.request(name, "ping", wait_s=3.0)
+            ps = await nodes.request(name, "ps", wait_s=5.0)
+            load = pong.get("load", {})
+            names = ",".join(i["name"] for i in ps["items"]) or "-"
+            rows.append((name, peer.endpoint or "", "yes", f"{load.get('loadavg1', 0):.2f}",
+                         f"{load.get('mem_available_bytes', 0) / 2**30:.1f} GiB", names))
+        except (PeerUnavailable, MigrationError) as e:
+            rows.append((name, peer.endpoint or "", "no", "-", "-", str(e)[:60]))
+    widths = [max(len(r[k]) for r in rows) for k in range(6)]
+    for r in rows:
+        print("  ".join(v.ljust(widths[k]) for k, v in enumerate(r)).rstrip())
+    return 0
+
+
+async def find_container(nodes: Nodes, ref: str) -> str:
+    """The node where ``ref`` is running (asks every node)."""
+    found = []
+    for name in sorted(nodes.cluster.nodes):
+        try:
+            r = await nodes.request(name, "ps", wait_s=5.0, all=False)
+        except (PeerUnavailable, MigrationError):
+            continue
+        if any(ref in (i["name"], i["id"]) or i["id"].startswith(ref) for i in r["items"]):
+            found.append(name)
+    if not found:
+        raise MigrationError(f"no reachable node runs a container {ref!r} (see `jaula node ls`)")
+    if len(found) > 1:
+        raise MigrationError(f"{ref!r} runs on several nodes ({', '.join(found)}): give --from")
+    return found[0]
+
+
+async def _migrate(nodes: Nodes, a: argparse.Namespace) -> int:
+    source = a.source or await find_container(nodes, a.container)
+    progress = _Progress(enabled=sys.stderr.isatty() and not a.json)
+    try:
+        r = await nodes.request(source, "migrate", wait_s=600.0, on_progress=progress.update,
+                                container=a.container, destination=a.destination,
+                                strategy=a.strategy)
+    finally:
+        progress.close()
+    rep = r["report"]
+    if a.json:
+        print(json.dumps(rep, indent=1))
+        return 0
+    print(f"migrated {rep['name']} ({rep['container_id'][:12]}) {rep['source']} -> "
+          f"{rep['destination']}")
+    for ph, t in rep["phases_s"].items():
+        print(f"  {ph:<10} {t:8.3f} s")
+    print(f"downtime {rep['downtime_s']:.3f} s, total {rep['total_s']:.3f} s, "
+          f"{rep['bytes_sent'] / 1e6:.1f} MB sent in {rep['files']} files"
+          + ("" if rep["resume_confirmed"] else " (resume not yet confirmed by the destination)"))
+    return 0
+
+
+class _Progress:
+    """A rich progress bar for the byte-moving phases, on a terminal only."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+        self.tasks: dict[str, Any] = {}
+
+    def update(self, msg: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+
+        if self.bar is None:
+            self.bar = Progress(TextColumn("{task.description:<10}"), BarColumn(),
+                                DownloadColumn(), TransferSpeedColumn(), transient=True)
+            self.bar.start()
+        phase = msg["phase"]
+        total = msg.get("total_bytes") or None
+        if phase not in self.tasks:
+            self.tasks[phase] = self.bar.add_task(phase, total=total)
+        self.bar.update(self.tasks[phase], completed=msg.get("done_bytes", 0), total=total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 EXTENSIONS = (MigrateCommands(),)
@@ -78,7 +328,12 @@ def jaula_main(argv: Sequence[str] | None = None) -> int:
 
 def migrate_main(argv: Sequence[str] | None = None) -> int:
     """The ``migrate`` console script: ``migrate CTR NODE`` = ``jaula migrate CTR NODE``."""
-    return jaula_main(["migrate", *(sys.argv[1:] if argv is None else argv)])
+    args = list(sys.argv[1:] if argv is None else argv)
+    globals_ = []
+    while args and args[0] in ("--client-config", "--log-level"):
+        globals_ += args[:2]
+        args = args[2:]
+    return jaula_main([*globals_, "migrate", *args])
 
 
 if __name__ == "__main__":

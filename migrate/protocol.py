@@ -105,14 +105,14 @@ SCHEMAS: dict[str, dict[str, tuple[Any, int | None, bool]]] = {
 }
 
 
-def encode(mtype: str, data: bytes | None = None, **fields: Any) -> list[bytes]:
+def encode(mtype: str, payload: bytes | None = None, **fields: Any) -> list[bytes]:
     """Frames for one message.  Raises ProtocolError for an unknown type or a field that
     breaks the schema (we check what we send too)."""
     msg = {"v": PROTOCOL_VERSION, "type": mtype, **fields}
     _check(msg)
     frames = [msgpack.packb(msg, use_bin_type=True)]
-    if data is not None:
-        frames.append(data)
+    if payload is not None:
+        frames.append(payload)
     return frames
 
 
@@ -126,7 +126,7 @@ def decode(frames: list[bytes]) -> tuple[dict[str, Any], bytes | None]:
         raise ProtocolError(f"message header of {len(frames[0])} bytes is over the "
                             f"{MAX_HEADER_BYTES}-byte limit")
     try:
-        msg = msgpack.unpackb(frames[0], raw=False, strict_map_key=True, max_buffer_size=MAX_HEADER_BYTES)
+        msg = msgpack.unpackb(frames[0], raw=False, strict_map_key=True)
     except Exception as e:  # noqa: BLE001 - msgpack raises several types
         raise ProtocolError(f"not a msgpack message: {e}") from None
     if not isinstance(msg, dict):

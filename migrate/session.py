@@ -152,8 +152,8 @@ class _Link:
         self.failed.set()
         self.credit_event.set()
 
-    async def send(self, mtype: str, data: bytes | None = None, **fields: Any) -> None:
-        await self.client.send(encode(mtype, data, session=self.session, **fields))
+    async def send(self, mtype: str, payload: bytes | None = None, **fields: Any) -> None:
+        await self.client.send(encode(mtype, payload, session=self.session, **fields))
 
     async def expect(self, mtype: str, timeout_s: float | None = None) -> dict[str, Any]:
         """The next ``mtype`` message; raises the session's failure, or PeerUnavailable

@@ -59,7 +59,13 @@ class CliExtension(Protocol):
     def add_commands(self, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         """Add subparsers."""
 
-    def dispatch(self, rt: Runtime, a: argparse.Namespace) -> int | None:
+    def add_global_options(self, p: argparse.ArgumentParser) -> None:
+        """Add options that go before the command (``jaula --node N ps``)."""
+
+    def is_remote(self, a: argparse.Namespace) -> bool:
+        """True when the command acts on another node: no root and no local state needed."""
+
+    def dispatch(self, rt: Runtime | None, a: argparse.Namespace) -> int | None:
         """Run ``a.cmd`` if it is one of this extension's commands, else return None."""
 
 
@@ -84,6 +90,8 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     p = Parser(prog="jaula", description="A container runtime built for checkpoint/restore "
                "and live migration.")
     global_options(p, suppress=False)
+    for ext in extensions:
+        ext.add_global_options(p)
     common = argparse.ArgumentParser(add_help=False)
     global_options(common, suppress=True)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
@@ -332,12 +340,13 @@ def _each(a: argparse.Namespace, rt: Runtime, fn: object) -> int:
     return rc
 
 
-def dispatch(rt: Runtime, a: argparse.Namespace,
+def dispatch(rt: Runtime | None, a: argparse.Namespace,
              extensions: Sequence[CliExtension] = ()) -> int:
     for ext in extensions:
         rc = ext.dispatch(rt, a)
         if rc is not None:
             return rc
+    assert rt is not None, "a remote command fell through to the local runtime"
     match a.cmd:
         case "image":
             return cmd_image(rt, a)
@@ -376,8 +385,10 @@ def main(argv: Sequence[str] | None = None, extensions: Sequence[CliExtension] =
     a = parser.parse_args(argv)
     configure_logging(a.log_level)
     try:
-        require_root()
-        rt = Runtime(a.state_root or default_root())
+        rt = None
+        if not any(ext.is_remote(a) for ext in extensions):
+            require_root()
+            rt = Runtime(a.state_root or default_root())
         return dispatch(rt, a, extensions)
     except JaulaError as e:
         print(f"jaula: error: {e}", file=sys.stderr)

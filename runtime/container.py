@@ -490,6 +490,10 @@ class Runtime:
                 cg.create(c.config.resources)
                 mon_pid, sync_r = _launch_monitor(c.dir, ("--restore-with", restorer, arg))
                 mon_start = sc.proc_start_time(mon_pid)
+                # recorded before the (possibly long, held) restore, so that a restarted
+                # node service can find the monitor holding the restored tasks
+                c.state.monitor_pid, c.state.monitor_start_time = mon_pid, mon_start
+                c.save()
                 pid, start = _await_monitor(c.dir, sync_r)
                 c.state = State(status=S.RUNNING, pid=pid, pid_start_time=start,
                                 monitor_pid=mon_pid, monitor_start_time=mon_start,

@@ -1,0 +1,416 @@
+"""The node migration service: one per node, ``jaula node serve --config FILE``.
+
+It binds a ROUTER socket (CURVE, ZAP allowlist: :mod:`migrate.transport`) and serves:
+- operators (and the balancer): ping, ps, inspect, logs, exec, stop, rm, migrate;
+- peer nodes: migration sessions (this node as destination) and outcome queries.
+
+Requests run as concurrent tasks; the messages of one incoming session are handled in order
+by that session's own task.  A malformed or unknown message gets an ``error`` reply; the
+service never crashes on input.  Who a peer is comes from its authenticated key only.
+
+On start the service reconciles what a crash may have left (:meth:`NodeService.recover`):
+- outgoing containers still marked ``migrating`` whose tasks run: CRIU resumed them when
+  the service died before the commit, so they are ``running`` again;
+- incoming containers whose restore was held at pre-resume: the source's durable record
+  decides (``outcome``), never a timeout alone; the rest of an unfinished incoming session
+  is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from migrate.config import ClientConfig, Cluster, NodeConfig, PeerKind
+from migrate.errors import MigrationError, PeerUnavailable, ProtocolError
+from migrate.protocol import decode, encode, error
+from migrate.session import DestinationSession, MigrationReport, SourceSession
+from migrate.transport import Client, Incoming, Server
+from runtime.container import Container, Runtime
+from runtime.errors import JaulaError
+from runtime.logs import read_log
+from runtime.state import ContainerStatus
+
+log = structlog.get_logger(__name__)
+S = ContainerStatus
+
+OPERATOR_REQUESTS = {"ping", "ps", "inspect", "logs", "exec", "stop", "rm", "migrate"}
+SESSION_MESSAGES = {"file_begin", "chunk", "file_end", "restore", "resume", "abort"}
+
+
+def container_summary(c: Container) -> dict[str, Any]:
+    """What ``ps`` shows of a container, JSON-able."""
+    return {"id": c.id, "name": c.name, "image": c.config.image_ref, "status": c.status.value,
+            "pid": c.state.pid, "created": c.config.created_at,
+            "command": " ".join(c.config.args), "exit_code": c.state.exit_code,
+            "migrated_to": c.state.migrated_to or ""}
+
+
+class NodeService:
+    """One node's service.
+
+    Args:
+        cfg / cluster: this node's configuration and the cluster it belongs to.
+        peer_timeout_s: how long a peer may stay silent in a session before it is aborted.
+    """
+
+    def __init__(self, cfg: NodeConfig, cluster: Cluster, peer_timeout_s: float = 20.0) -> None:
+        self.cfg = cfg
+        self.cluster = cluster
+        self.peer_timeout_s = peer_timeout_s
+        self.rt = Runtime(cfg.state_root, cgroup_parent=cfg.cgroup_parent)
+        self.rt.store.ensure()
+        self.client_cfg = ClientConfig.from_node(cfg)
+        self.incoming: dict[str, tuple[DestinationSession, asyncio.Queue[Any]]] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.server: Server | None = None
+
+    # -- life -------------------------------------------------------------------------------
+    async def serve(self, started: asyncio.Event | None = None) -> None:
+        """Bind, recover, then serve until cancelled."""
+        self.server = await Server.start(self.cfg, self.cluster)
+        try:
+            await self.recover()
+            log.info("node.serving", node=self.cfg.name, listen=self.cfg.listen)
+            if started is not None:
+                started.set()
+            while True:
+                inc = await self.server.recv()
+                try:
+                    await self._dispatch(inc)
+                except Exception as e:  # noqa: BLE001 - one bad message never stops the node
+                    log.error("node.dispatch_failed", peer=inc.peer.name, error=str(e))
+        finally:
+            for t in list(self.tasks):
+                t.cancel()
+            await self.server.close()
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.create_task(coro)
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    async def reply(self, inc: Incoming, frames: list[bytes]) -> None:
+        assert self.server is not None
+        try:
+            await self.server.send(inc.routing_id, frames)
+        except Exception as e:  # noqa: BLE001 - the peer went away: nothing to tell it
+            log.info("node.reply_dropped", peer=inc.peer.name, error=str(e))
+
+    async def connect(self, node: str) -> Client:
+        """A client to another node of the cluster, with this node's key."""
+        return await Client.for_peer(self.client_cfg, self.cluster, node)
+
+    # -- dispatch ---------------------------------------------------------------------------
+    async def _dispatch(self, inc: Incoming) -> None:
+        try:
+            msg, payload = decode(inc.frames)
+        except ProtocolError as e:
+            log.warning("node.bad_message", peer=inc.peer.name, error=str(e))
+            await self.reply(inc, error("bad_message", str(e)))
+            return
+        mtype = msg["type"]
+        rid = msg.get("id")
+        if mtype in OPERATOR_REQUESTS:
+            self._spawn(self._request(inc, msg, rid))
+        elif inc.peer.kind is not PeerKind.NODE and (mtype in SESSION_MESSAGES
+                                                     or mtype in ("offer", "outcome")):
+            await self.reply(inc, error("forbidden", f"{mtype} is for nodes, and "
+                                        f"{inc.peer.name} is an operator"))
+        elif mtype == "offer":
+            await self._offer(inc, msg)
+        elif mtype == "outcome":
+            await self.reply(inc, encode("outcome_is", session=msg["session"],
+                                         committed=self._committed(msg["session"])))
+        elif mtype in SESSION_MESSAGES:
+            entry = self.incoming.get(msg["session"])
+            if entry is None:
+                await self.reply(inc, error("unknown_session", f"no session {msg['session']}",
+                                            session=msg["session"]))
+                return
+            entry[1].put_nowait((msg, payload))
+        else:
+            await self.reply(inc, error("unexpected", f"{mtype} is not a request",
+                                        session=msg.get("session", "")))
+
+    async def _request(self, inc: Incoming, msg: dict[str, Any], rid: Any) -> None:
+        extra = {"id": rid} if rid is not None else {}
+        try:
+            frames = await self._handle(inc, msg, extra)
+        except JaulaError as e:
+            frames = encode("error", code=type(e).__name__, message=str(e), **extra)
+        except Exception as e:
+            log.exception("node.request_failed", type=msg["type"])
+            frames = encode("error", code="internal", message=f"{type(e).__name__}: {e}",
+                            **extra)
+        await self.reply(inc, frames)
+
+    async def _handle(self, inc: Incoming, msg: dict[str, Any],
+                      extra: dict[str, Any]) -> list[bytes]:
+        rt = self.rt
+        match msg["type"]:
+            case "ping":
+                running = [c for c in rt.list() if c.status is S.RUNNING]
+                return encode("pong", node=self.cfg.name, containers=len(running),
+                              load=_load(), **extra)
+            case "ps":
+                items = [container_summary(c) for c in rt.list(all=msg.get("all", False))]
+                return encode("containers", items=items, node=self.cfg.name, **extra)
+            case "inspect":
+                info = await asyncio.to_thread(lambda: rt.get(msg["container"]).inspect())
+                return encode("inspected", info=info, **extra)
+            case "logs":
+                c = rt.get(msg["container"])
+                recs = list(read_log(c.dir / "ctr.log"))
+                if msg.get("tail"):
+                    recs = recs[-msg["tail"]:]
+                data = b"".join(r.data for r in recs)[-(32 << 20):]
+                return encode("logs", container=c.name, data=data, **extra)
+            case "exec":
+                return await self._exec(msg, extra)
+            case "stop":
+                await asyncio.to_thread(rt.get(msg["container"]).stop,
+                                        float(msg.get("timeout_s", 10.0)))
+                return encode("ok", **extra)
+            case "rm":
+                await asyncio.to_thread(rt.get(msg["container"]).delete,
+                                        bool(msg.get("force", False)))
+                return encode("ok", **extra)
+            case "migrate":
+                report = await self.migrate(msg["container"], msg["destination"],
+                                            msg.get("strategy", "cold"), inc, extra)
+                return encode("migrated", report=report.to_json(), **extra)
+        raise ProtocolError(f"unhandled request {msg['type']}")
+
+    async def _exec(self, msg: dict[str, Any], extra: dict[str, Any]) -> list[bytes]:
+        """Run the command through the CLI (it forks and enters the namespaces; a service
+        with threads must not), output captured, at most 60 s."""
+        self.rt.get(msg["container"])
+        env_args = [a for kv in msg.get("env", []) for a in ("-e", str(kv))]
+        cmd = [sys.executable, "-m", "migrate.cli", "--state-root", str(self.rt.root), "exec",
+               *env_args, msg["container"], *[str(a) for a in msg["args"]]]
+        p = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, timeout=60,
+                                    check=False, stdin=subprocess.DEVNULL)
+        return encode("exec_result", exit_code=p.returncode, stdout=p.stdout[-(16 << 20):],
+                      stderr=p.stderr[-(1 << 20):], **extra)
+
+    # -- migration, as the source ---------------------------------------------------------------
+    async def migrate(self, ref: str, destination: str, strategy: str = "cold",
+                      requester: Incoming | None = None,
+                      extra: dict[str, Any] | None = None) -> MigrationReport:
+        """Migrate ``ref`` from this node to ``destination``; progress goes to the requester."""
+        if destination not in self.cluster.nodes:
+            raise MigrationError(f"unknown node {destination!r}: the cluster has "
+                                 f"{', '.join(sorted(self.cluster.nodes))}")
+        loop = asyncio.get_running_loop()
+        last: dict[str, float] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if requester is None:
+                return
+            now = loop.time()
+            if done and total and done < total and now - last.get(phase, 0) < 0.1:
+                return
+            last[phase] = now
+            frames = encode("progress", phase=phase, done_bytes=int(done),
+                            total_bytes=int(total), **(extra or {}))
+            loop.create_task(self.reply(requester, frames))
+
+        session = SourceSession(self.rt, ref, destination, self.cfg.name, self.connect,
+                                strategy, self.peer_timeout_s, progress)
+        return await session.run()
+
+    def _committed(self, session: str) -> bool:
+        for c in self.rt.list(all=True):
+            if c.state.extra.get("session") == session and c.status is S.MIGRATED:
+                return True
+        return False
+
+    # -- incoming sessions ------------------------------------------------------------------------
+    async def _offer(self, inc: Incoming, msg: dict[str, Any]) -> None:
+        sid = msg["session"]
+        if sid in self.incoming:
+            await self.reply(inc, error("duplicate_session", f"session {sid} exists",
+                                        session=sid))
+            return
+
+        async def send(frames: list[bytes]) -> None:
+            await self.reply(inc, frames)
+
+        ds = DestinationSession(self.rt, send, msg, inc.peer.name)
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        self.incoming[sid] = (ds, q)
+        self._spawn(self._run_incoming(ds, q))
+
+    async def _run_incoming(self, ds: DestinationSession, q: asyncio.Queue[Any]) -> None:
+        sid = ds.session
+        try:
+            await ds.on_offer()
+            while not ds.finished:
+                try:
+                    msg, payload = await asyncio.wait_for(q.get(), self._idle_limit(ds))
+                except TimeoutError:
+                    await self._source_silent(ds)
+                    continue
+                mtype = msg["type"]
+                if mtype == "file_begin":
+                    await ds.on_file_begin(msg)
+                elif mtype == "chunk":
+                    await ds.on_chunk(msg, payload)
+                elif mtype == "file_end":
+                    await ds.on_file_end(msg)
+                elif mtype == "restore":
+                    await ds.on_restore(msg)
+                elif mtype == "resume":
+                    await ds.on_resume()
+                elif mtype == "abort":
+                    await ds.on_abort(msg["reason"])
+                    await ds.send("aborted")
+        except Exception as e:  # noqa: BLE001 - any failure aborts the incoming copy
+            log.warning("migration.incoming.failed", session=sid, error=str(e))
+            try:
+                await ds.send("error", code=type(e).__name__, message=str(e))
+            finally:
+                await ds.on_abort(str(e))
+        finally:
+            self.incoming.pop(sid, None)
+
+    def _idle_limit(self, ds: DestinationSession) -> float | None:
+        # Held after READY: the source decides; ask it rather than time out blindly.
+        return self.peer_timeout_s * (3 if not ds.held.is_set() else 1)
+
+    async def _source_silent(self, ds: DestinationSession) -> None:
+        """The source said nothing for too long.  Before the hold: give up (the source, if
+        alive, still has its copy).  While held: ask the source's durable record."""
+        if not ds.held.is_set():
+            raise MigrationError(f"the source {ds.source} went silent")
+        committed = await self.ask_outcome(ds.source, ds.session)
+        if committed is None:
+            return  # cannot know yet: stay held and ask again later
+        if committed:
+            await ds.on_resume()
+        else:
+            await ds.on_abort("the source did not commit")
+
+    async def ask_outcome(self, source: str, session: str) -> bool | None:
+        """The source's durable answer for ``session``, or None if it cannot be reached."""
+        try:
+            client = await self.connect(source)
+        except (MigrationError, JaulaError):
+            return None
+        try:
+            await client.send(encode("outcome", session=session))
+            msg, _ = decode(await client.recv(timeout_s=5.0))
+            return bool(msg.get("committed")) if msg["type"] == "outcome_is" else None
+        except (PeerUnavailable, ProtocolError):
+            return None
+        finally:
+            client.close()
+
+    # -- recovery ---------------------------------------------------------------------------
+    async def recover(self) -> None:
+        """Reconcile what a crash of this service may have left (see the module doc)."""
+        tmp = self.rt.root / "tmp"
+        for c in self.rt.list(all=True):
+            if c.status is not S.MIGRATING:
+                continue
+            came_from = c.state.extra.get("from")
+            if came_from is None:  # outgoing, never committed
+                c.refresh()
+                alive = c.state.pid and os.path.exists(f"/proc/{c.state.pid}")
+                with c.locked():
+                    c.state.status = S.RUNNING if alive else S.STOPPED
+                    c.save()
+                try:
+                    c.cgroup().thaw()
+                except JaulaError:
+                    pass
+                log.warning("recover.outgoing", id=c.id[:12], status=c.state.status.value)
+                continue
+            session = c.state.extra.get("session", "")
+            hold = tmp / f"incoming-{session}" / "hold.sock"
+            if c.monitor_alive():
+                self._spawn(self._recover_held(c, came_from, session, hold))
+            else:
+                shutil.rmtree(c.dir, ignore_errors=True)
+                log.warning("recover.incoming_removed", id=c.id[:12])
+        if tmp.is_dir():
+            active = {f"incoming-{c.state.extra.get('session')}" for c in self.rt.list(all=True)
+                      if c.status is S.MIGRATING}
+            for d in tmp.iterdir():
+                if d.name not in active:
+                    shutil.rmtree(d, ignore_errors=True)
+
+    async def _recover_held(self, c: Container, source: str, session: str, hold: Path) -> None:
+        """A restore held at pre-resume when this service died: ask the source, answer the
+        held restorer on its socket, until decided."""
+        while True:
+            committed = await self.ask_outcome(source, session)
+            if committed is not None:
+                break
+            await asyncio.sleep(2.0)
+        decided = asyncio.Event()
+
+        async def on_hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if (await reader.readline()).startswith(b"held"):
+                writer.write(b"resume\n" if committed else b"abort\n")
+                await writer.drain()
+                decided.set()
+            writer.close()
+
+        hold.unlink(missing_ok=True)
+        server = await asyncio.start_unix_server(on_hold, path=str(hold))
+        try:
+            await decided.wait()
+        finally:
+            server.close()
+        if committed:
+            # The service that waited for the monitor's report is gone: record the restored
+            # init (the monitor's child) ourselves.
+            from runtime import syscalls as sc
+
+            mon = c.state.monitor_pid
+            for _ in range(200):
+                kids = Path(f"/proc/{mon}/task/{mon}/children").read_text().split()
+                if kids:
+                    with c.locked():
+                        c.state.status = S.RUNNING
+                        c.state.pid = int(kids[0])
+                        c.state.pid_start_time = sc.proc_start_time(int(kids[0]))
+                        c.save()
+                    break
+                await asyncio.sleep(0.05)
+        else:
+            c.wait_monitor(10.0)
+            c.refresh()
+            if c.status is S.MIGRATING:
+                shutil.rmtree(c.dir, ignore_errors=True)
+        log.warning("recover.incoming_decided", id=c.id[:12], committed=committed)
+
+
+def _load() -> dict[str, Any]:
+    la = os.getloadavg()
+    mem = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            k, v = line.split(":", 1)
+            mem[k] = int(v.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    return {"loadavg1": la[0], "cpus": os.cpu_count() or 1,
+            "mem_available_bytes": mem.get("MemAvailable", 0),
+            "mem_total_bytes": mem.get("MemTotal", 0)}
+
+
+async def serve(cfg: NodeConfig, cluster: Cluster) -> None:
+    """Run a node service until cancelled (``jaula node serve``)."""
+    await NodeService(cfg, cluster).serve()
+
+
