@@ -12,7 +12,10 @@ On disk, under the state root given to :class:`ImageStore`::
       .tmp/                    work in progress: layers being unpacked, layers being deleted,
                                decompressed archives (emptied whenever a writer takes the lock)
       <layer id>/diff/         the unpacked layer in overlay form: one overlayfs lowerdir
-      <layer id>/layer.json    {"diff_id", "size_bytes", "entries", "blob_digest", "media_type"}
+      <layer id>/layer.json    {"diff_id", "size_bytes", "entries", "blob_digest", "media_type"},
+                               plus "transferred": true for a layer received from another node
+                               (:mod:`runtime.image.transfer`: sizes and blob digest are those of
+                               the re-made tar it came in)
 
 **Layer id = hex sha256 of the layer DiffID**, i.e. of the *uncompressed* layer tar
 (image-spec ``config.md`` "Layer DiffID").  Rationale: the config lists the DiffIDs, so the id
