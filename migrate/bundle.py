@@ -8,6 +8,7 @@ Layout (a directory; exported as one uncompressed tar of the same tree)::
     criu/               CRIU's images dir (inventory.img, pstree.img, pages-*.img, ...)
     criu/dump.log       CRIU's log of the dump (listed too)
     rootfs-diff.tar     the container's upperdir (see :mod:`migrate.rootfs_diff`)
+    ctr.log             the container's output so far (CRI log format), when it has any
 
 ``manifest.json`` (format version 1)::
 
@@ -44,6 +45,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CRIU_DIR = "criu"
 ROOTFS_DIFF = "rootfs-diff.tar"
+LOG = "ctr.log"
 _CHUNK = 1 << 20
 
 
@@ -217,7 +219,7 @@ class Bundle:
             with tarfile.open(tar_path, "r:") as tf:
                 for m in tf:
                     parts = PurePosixPath(m.name).parts
-                    ok_place = (m.name in (MANIFEST, ROOTFS_DIFF) or
+                    ok_place = (m.name in (MANIFEST, ROOTFS_DIFF, LOG) or
                                 (len(parts) == 2 and parts[0] == CRIU_DIR
                                  and parts[1] not in ("", ".", "..")))
                     if not m.isreg() or not ok_place:

@@ -47,6 +47,8 @@ _MAX_MSG = 4 << 20
 
 #: criu_cg_mode values (rpc.proto)
 CG_IGNORE, CG_NONE, CG_PROPS, CG_SOFT, CG_FULL, CG_STRICT = 0, 1, 2, 3, 4, 5
+#: criu_network_lock_method values (rpc.proto)
+NET_LOCK_IPTABLES, NET_LOCK_NFTABLES, NET_LOCK_SKIP = 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,9 @@ class DumpOptions:
         manage_cgroups_mode: ``--manage-cgroups`` (CG_SOFT by default).
         notify: answer notifications (``--action-script`` semantics over RPC).
         track_mem / parent_img / page_server: for pre-copy and post-copy strategies.
+        network_lock: ``--network-lock``: NET_LOCK_IPTABLES, or NET_LOCK_SKIP for a net
+            namespace nobody else can reach (only ``lo``): locking it is pointless and costs
+            about 0.1 s of downtime on each side (iptables-restore runs).
     """
 
     pid: int
@@ -88,13 +93,14 @@ class DumpOptions:
     external: tuple[str, ...] = ()
     file_locks: bool = True
     tcp_established: bool = True
-    link_remap: bool = False
+    link_remap: bool = True
     ghost_limit_bytes: int = 64 << 20
     manage_cgroups_mode: int = CG_SOFT
     notify: bool = True
     track_mem: bool = False
     parent_img: str | None = None
     lazy_pages: bool = False
+    network_lock: int = 1
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,7 @@ class RestoreOptions:
     notify: bool = True
     leave_stopped: bool = False
     lazy_pages: bool = False
+    network_lock: int = 1
 
 
 @dataclass
@@ -292,7 +299,8 @@ def dump(opts: DumpOptions, on_notify: NotifyHandler | None = None) -> Result:
                           tcp_established=opts.tcp_established, link_remap=opts.link_remap,
                           ghost_limit=opts.ghost_limit_bytes, notify_scripts=opts.notify,
                           manage_cgroups=True, manage_cgroups_mode=opts.manage_cgroups_mode,
-                          track_mem=opts.track_mem, lazy_pages=opts.lazy_pages)
+                          track_mem=opts.track_mem, lazy_pages=opts.lazy_pages,
+                          network_lock=opts.network_lock)
         if opts.freeze_cgroup:
             o.freeze_cgroup = opts.freeze_cgroup
         if opts.parent_img:
@@ -318,7 +326,8 @@ def restore(opts: RestoreOptions, on_notify: NotifyHandler | None = None) -> Res
                           file_locks=opts.file_locks, tcp_established=opts.tcp_established,
                           notify_scripts=opts.notify, manage_cgroups=True,
                           manage_cgroups_mode=opts.manage_cgroups_mode,
-                          leave_stopped=opts.leave_stopped, lazy_pages=opts.lazy_pages)
+                          leave_stopped=opts.leave_stopped, lazy_pages=opts.lazy_pages,
+                          network_lock=opts.network_lock)
         for ctrl, path in opts.cg_root:
             cg = o.cg_root.add()
             if ctrl:

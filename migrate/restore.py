@@ -145,6 +145,8 @@ def _restore_import(rt: Runtime, tar_path: Path, name: str | None) -> Container:
         raise
     try:
         _fresh_upper(cdir, Bundle(cdir / "checkpoint"))
+        if (cdir / "checkpoint" / "ctr.log").exists():
+            shutil.copyfile(cdir / "checkpoint" / "ctr.log", cdir / "ctr.log")
         return rt.revive(cfg.id, RESTORER, _restorer_arg(cdir / "checkpoint"))
     except BaseException:
         shutil.rmtree(cdir, ignore_errors=True)
@@ -163,13 +165,16 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
     """Run ``criu restore`` from inside the container's monitor; returns the init's host pid.
 
     ``arg`` is JSON: ``{"bundle": PATH}`` for a checkpoint bundle (stdio and volumes from its
-    manifest), or ``{"bundle": STAGING, "stdio": {...}, "volumes": [...], "hold": SOCKET}``
-    for an incoming migration, whose tasks are held at CRIU's ``pre-resume`` until the
+    manifest), or ``{"bundle": STAGING, "hold": SOCKET, "params": FILE}`` for an incoming
+    migration (FILE holds ``{"stdio": {...}, "volumes": [...]}``, written just before the
+    armed monitor is told to go), whose tasks are held at CRIU's ``pre-resume`` until the
     destination service says ``resume`` or ``abort`` on the unix socket ``hold``.  The
     restored init becomes the monitor's child (``rst_sibling``); its stdout/stderr are the
     monitor's new pipes (``inherit_fd``)."""
     a = json.loads(arg)
     bundle = Bundle(Path(a["bundle"]))
+    if "params" in a:  # armed ahead of time: the rest was written just before "go"
+        a.update(json.loads(Path(a["params"]).read_text()))
     if "stdio" in a:
         stdio, volumes = a["stdio"], a["volumes"]
     else:
@@ -192,9 +197,12 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
             return _wait_for_decision(hold)
         return True
 
+    from migrate.checkpoint import network_lock
+
     res = criu.restore(criu.RestoreOptions(
         images_dir=bundle.criu_dir, root=str(cdir / "merged"), cg_root=cgroup_roots(cfg),
-        work_dir=cdir, inherit_fd=tuple(inherit), external=external), on_notify)
+        work_dir=cdir, inherit_fd=tuple(inherit), external=external,
+        network_lock=network_lock(cfg)), on_notify)
     return res.pid
 
 

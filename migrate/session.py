@@ -41,7 +41,7 @@ import structlog
 
 from migrate import criu, rootfs_diff
 from migrate.bundle import cpu_flags
-from migrate.checkpoint import _stdio_keys, freezer_path, preflight
+from migrate.checkpoint import _stdio_keys, freezer_path, network_lock, preflight
 from migrate.errors import (
     MigrationAborted,
     MigrationError,
@@ -339,11 +339,14 @@ class SourceSession:
                 return True
 
             t_freeze = time.monotonic()
+            # Freeze first ourselves: CRIU polls the freezer every 100 ms, we poll from 1 ms
+            # (it then finds the cgroup FROZEN at once).  The downtime starts here.
+            await asyncio.to_thread(c.cgroup().freeze)
             volumes = [{"key": f"vol{i}", "destination": m.destination, "source": m.source}
                        for i, m in enumerate(c.config.mounts)]
             dump_task = asyncio.ensure_future(asyncio.to_thread(criu.dump, criu.DumpOptions(
                 pid=c.state.pid, images_dir=images, freeze_cgroup=freezer_path(c),
-                external=tuple(f"mnt[{v['destination']}]:{v['key']}" for v in volumes)),
+                network_lock=network_lock(c.config), external=tuple(f"mnt[{v['destination']}]:{v['key']}" for v in volumes)),
                 on_notify))
             waiter = asyncio.ensure_future(post_dump.wait())
             await asyncio.wait({dump_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -358,11 +361,15 @@ class SourceSession:
             deleted, _ = await asyncio.to_thread(rootfs_diff.write_delta, c.upperdir, before,
                                                  delta)
             files = sorted(p for p in images.iterdir() if p.is_file())
-            total = sum(p.stat().st_size for p in files) + delta.stat().st_size
+            ctr_log = c.dir / "ctr.log"
+            extra = [(delta, "rootfs-delta.tar", "rootfs")]
+            if ctr_log.exists():  # the container's output so far travels with it
+                extra.append((ctr_log, "ctr.log", "log"))
+            todo = [(p, f"criu/{p.name}", "criu") for p in files] + extra
+            total = sum(p.stat().st_size for p, _, _ in todo)
             sent0 = link.bytes_sent
-            for p in [*files, delta]:
-                name = f"criu/{p.name}" if p.parent == images else "rootfs-delta.tar"
-                await link.send_file(p, name, "criu" if p.parent == images else "rootfs",
+            for p, name, kind in todo:
+                await link.send_file(p, name, kind,
                                      lambda n: self.progress("transfer", link.bytes_sent - sent0,
                                                              total))
             await link.wait_files_ok()
@@ -465,7 +472,7 @@ def _du(path: Path) -> int:
 # destination
 
 _NAME_RE = re.compile(r"^(criu/[A-Za-z0-9_.\-]{1,200}|layers/[0-9a-f]{64}\.tar|"
-                      r"rootfs-base\.tar|rootfs-delta\.tar)$")
+                      r"rootfs-base\.tar|rootfs-delta\.tar|ctr\.log)$")
 
 
 @dataclass
@@ -500,6 +507,8 @@ class DestinationSession:
         self.held = asyncio.Event()
         self.hold_decision: asyncio.Future[bool] = asyncio.get_event_loop().create_future()
         self.hold_server: asyncio.AbstractServer | None = None
+        self.armed: Any = None
+        self.cdir: Path | None = None
         self.finished = False
         self.t_resume = 0.0
 
@@ -537,10 +546,22 @@ class DestinationSession:
             raise PreflightError(f"not enough disk under {self.rt.root}: {free >> 20} MiB free, "
                                  f"about {need >> 20} MiB needed")
         missing = [la for la in o["image"].get("layers", []) if not self.rt.images.has_layer(la)]
-        self.cfg = cfg
+        self.cfg = ContainerConfig.from_json({**cfg.to_json(),
+                                              "cgroup_parent": self.rt.cgroup_parent})
         (self.staging / "criu").mkdir(parents=True)
         (self.staging / "layers").mkdir()
+        await asyncio.to_thread(self._make_container_dir, self.cfg)
         await self.send("accept", missing_layers=missing)
+        # Start the monitor now, waiting: its start-up is then not part of the downtime.
+        from migrate.restore import RESTORER
+
+        arg = json.dumps({"bundle": str(self.staging), "hold": str(self.hold_path),
+                          "params": str(self.staging / "restore.json")})
+        self.armed = await asyncio.to_thread(self.rt.arm, self.cfg.id, RESTORER, arg)
+
+    @property
+    def hold_path(self) -> Path:
+        return self.staging / "hold.sock"
 
     # -- files ------------------------------------------------------------------------------
     async def on_file_begin(self, m: dict[str, Any]) -> None:
@@ -586,34 +607,30 @@ class DestinationSession:
     async def on_restore(self, m: dict[str, Any]) -> None:
         from runtime.image.transfer import register_image
 
-        assert self.cfg is not None
+        assert self.cfg is not None and self.armed is not None
         if any(f.fd >= 0 for f in self.files.values()):
             raise ProtocolError("restore before every file was complete")
+        t0 = time.monotonic()
         await asyncio.to_thread(register_image, self.rt.images, self.offer["image"])
-        cfg = ContainerConfig.from_json({**self.cfg.to_json(),
-                                         "cgroup_parent": self.rt.cgroup_parent})
-        cdir = await asyncio.to_thread(self._make_container, cfg, m)
-        hold = self.staging / "hold.sock"
-        self.hold_server = await asyncio.start_unix_server(self._on_hold, path=str(hold))
-        arg = json.dumps({"bundle": str(self.staging), "stdio": m["stdio"],
-                          "volumes": m["volumes"], "hold": str(hold)})
+        await asyncio.to_thread(self._fill_container, m)
+        atomic_write_json(self.staging / "restore.json",
+                          {"stdio": m["stdio"], "volumes": m["volumes"]})
+        self.hold_server = await asyncio.start_unix_server(self._on_hold,
+                                                           path=str(self.hold_path))
         from migrate.restore import RESTORER
 
-        t0 = time.monotonic()
+        armed, self.armed = self.armed, None
         self.revive_task = asyncio.ensure_future(
-            asyncio.to_thread(self.rt.revive, cfg.id, RESTORER, arg))
+            asyncio.to_thread(self.rt.revive, self.cfg.id, RESTORER, "", armed))
         held = asyncio.ensure_future(self.held.wait())
         await asyncio.wait({self.revive_task, held}, return_when=asyncio.FIRST_COMPLETED)
         if not self.held.is_set():
             held.cancel()
-            try:
-                self.revive_task.result()
-                raise MigrationError("the restore finished without being held")
-            finally:
-                await asyncio.to_thread(shutil.rmtree, cdir, True)
+            self.revive_task.result()  # raises the restore's error; on_abort cleans up
+            raise MigrationError("the restore finished without being held")
         await self.send("ready", restore_s=round(time.monotonic() - t0, 6))
 
-    def _make_container(self, cfg: ContainerConfig, m: dict[str, Any]) -> Path:
+    def _make_container_dir(self, cfg: ContainerConfig) -> Path:
         store = self.rt.store
         with store.lock():
             cdir = store.containers_dir / cfg.id
@@ -624,9 +641,16 @@ class DestinationSession:
             atomic_write_json(cdir / "state.json", State(
                 status=S.MIGRATING, extra={"session": self.session, "from": self.source}
             ).to_json())
+        self.cdir = cdir
+        return cdir
+
+    def _fill_container(self, m: dict[str, Any]) -> Path:
+        cdir = self.cdir
         rootfs_diff.extract(self.staging / "rootfs-base.tar", cdir / "upper")
         rootfs_diff.apply_deleted(cdir / "upper", [str(p) for p in m["deleted"]])
         rootfs_diff.extract_over(self.staging / "rootfs-delta.tar", cdir / "upper")
+        if (self.staging / "ctr.log").exists():
+            os.replace(self.staging / "ctr.log", cdir / "ctr.log")
         return cdir
 
     async def _on_hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -660,12 +684,14 @@ class DestinationSession:
                 await self.revive_task
             except Exception:  # noqa: BLE001, S110 - expected: the restore was refused
                 pass
-        if self.cfg is not None:
-            cdir = self.rt.store.containers_dir / self.cfg.id
+        if self.armed is not None:
+            armed, self.armed = self.armed, None
+            await asyncio.to_thread(self.rt.disarm, armed)
+        if self.cdir is not None:
             try:
-                c = Container(self.rt, self.cfg.id)
+                c = Container(self.rt, self.cdir.name)
                 if c.status is S.MIGRATING:
-                    await asyncio.to_thread(shutil.rmtree, cdir, True)
+                    await asyncio.to_thread(shutil.rmtree, self.cdir, True)
             except (FileNotFoundError, ContainerNotFound, JaulaError):
                 pass
         await self.finish()

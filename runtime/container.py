@@ -457,7 +457,34 @@ class Runtime:
         return ctr
 
 
-    def revive(self, container_id: str, restorer: str, arg: str) -> Container:
+    def arm(self, container_id: str, restorer: str, arg: str) -> ArmedRestore:
+        """Start the container's monitor in restore mode ahead of time: it loads
+        ``restorer`` and waits for :meth:`revive` (``armed=``) or :meth:`disarm`.  Saves the
+        interpreter's start-up (about 0.2 s) from a migration's downtime."""
+        c = Container(self, container_id)
+        fifo = c.dir / "go.fifo"
+        fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo, 0o600)
+        mon_pid, sync_r = _launch_monitor(c.dir, ("--restore-with", restorer, arg, "--armed"))
+        armed = ArmedRestore(container_id, mon_pid, sc.proc_start_time(mon_pid), sync_r, fifo)
+        with c.locked():
+            c.state.monitor_pid, c.state.monitor_start_time = armed.mon_pid, armed.mon_start
+            c.save()
+        return armed
+
+    def disarm(self, armed: ArmedRestore) -> None:
+        """Call off an armed restore: the monitor exits without restoring."""
+        _tell_monitor(armed, b"cancel\n")
+        try:
+            _await_monitor(Path(armed.fifo).parent, armed.sync_r)
+        except ContainerError:
+            pass
+        deadline = time.monotonic() + 5
+        while sc.is_alive(armed.mon_pid, armed.mon_start) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def revive(self, container_id: str, restorer: str, arg: str,
+               armed: ArmedRestore | None = None) -> Container:
         """Bring a checkpointed container back to running through an external restorer.
 
         The caller has put the container's upperdir in place.  This mounts the overlay,
@@ -488,8 +515,13 @@ class Runtime:
             try:
                 mount_overlay(layout)
                 cg.create(c.config.resources)
-                mon_pid, sync_r = _launch_monitor(c.dir, ("--restore-with", restorer, arg))
-                mon_start = sc.proc_start_time(mon_pid)
+                if armed is not None:
+                    mon_pid, mon_start, sync_r = armed.mon_pid, armed.mon_start, armed.sync_r
+                    _tell_monitor(armed, b"go\n")
+                    armed = None  # told: from here on it is a plain restore
+                else:
+                    mon_pid, sync_r = _launch_monitor(c.dir, ("--restore-with", restorer, arg))
+                    mon_start = sc.proc_start_time(mon_pid)
                 # recorded before the (possibly long, held) restore, so that a restarted
                 # node service can find the monitor holding the restored tasks
                 c.state.monitor_pid, c.state.monitor_start_time = mon_pid, mon_start
@@ -501,10 +533,46 @@ class Runtime:
                                 extra={**c.state.extra, "restored_at": time.time()})
                 c.save()
             except BaseException:
+                if armed is not None:  # failed before the monitor was told to go
+                    with contextlib.suppress(ContainerError):
+                        _tell_monitor(armed, b"cancel\n", timeout_s=1.0)
+                    mon_pid, mon_start = armed.mon_pid, armed.mon_start
                 _undo_start(layout, cg, mon_pid, mon_start)
                 raise
         log.info("container.restored", id=c.id[:12], name=c.name, pid=pid)
         return c
+
+
+@dataclass(frozen=True)
+class ArmedRestore:
+    """A monitor started in restore mode, waiting for ``go`` on ``fifo`` (see
+    :meth:`Runtime.arm`)."""
+
+    container_id: str
+    mon_pid: int
+    mon_start: int | None
+    sync_r: int
+    fifo: Path
+
+
+def _tell_monitor(armed: ArmedRestore, word: bytes, timeout_s: float = 10.0) -> None:
+    """Write ``word`` to an armed monitor's FIFO; raises ContainerError if it is gone."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fd = os.open(armed.fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno != 6 or time.monotonic() > deadline or not sc.is_alive(
+                    armed.mon_pid, armed.mon_start):  # 6: ENXIO, no reader yet
+                raise ContainerError(f"the armed monitor {armed.mon_pid} is not waiting: "
+                                     f"{e.strerror}", armed.container_id) from e
+            time.sleep(0.002)
+            continue
+        try:
+            os.write(fd, word)
+        finally:
+            os.close(fd)
+        return
 
 
 def _stop_signal(value: str | None) -> int:

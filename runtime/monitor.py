@@ -83,8 +83,8 @@ def main(argv: list[str]) -> int:
     from a checkpoint (see :func:`_restore`)."""
     cdir = Path(argv[0])
     sync_fd = int(argv[1])
-    if len(argv) == 5 and argv[2] == "--restore-with":
-        return _restore(cdir, sync_fd, argv[3], argv[4])
+    if len(argv) in (5, 6) and argv[2] == "--restore-with":
+        return _restore(cdir, sync_fd, argv[3], argv[4], armed=argv[5:] == ["--armed"])
     for s in (signal.SIGINT, signal.SIGHUP):
         signal.signal(s, signal.SIG_IGN)
     sc.set_process_name("jaula-monitor")
@@ -147,25 +147,34 @@ def _finish(cdir: Path, cgroup: CgroupManager, pid: int, status: int) -> int:
     return 0
 
 
-def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str) -> int:
+def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = False) -> int:
     """Restore mode: the monitor itself calls the restorer named ``MODULE:FUNCTION`` as
     ``fn(cdir, stdout_w, stderr_w, arg) -> pid``, so that the restored init becomes this
     process's child (CRIU's ``rst_sibling``) and is reaped here like a started one.  The
-    runtime does not import the restorer: it lives in a higher layer (``migrate``)."""
+    runtime does not import the restorer: it lives in a higher layer (``migrate``).
+
+    ``armed``: start, import the restorer, then wait for ``go`` (or anything else: give up)
+    on the FIFO ``go.fifo`` before restoring; this takes the interpreter's start-up out of a
+    migration's downtime (:meth:`runtime.container.Runtime.arm`)."""
     import importlib
 
     for s in (signal.SIGINT, signal.SIGHUP):
         signal.signal(s, signal.SIG_IGN)
     sc.set_process_name("jaula-monitor")
     sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
-    cfg = ContainerConfig.from_json(json.loads((cdir / "config.json").read_text()))
-    cgroup = create_manager(cfg.id, parent=cfg.cgroup_parent)
-    log = LogWriter(cdir / "ctr.log")
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
         module, _, func = hook_name.partition(":")
         restorer = getattr(importlib.import_module(module), func)
+        if armed:
+            with open(cdir / "go.fifo", "rb") as fifo:
+                word = fifo.readline().strip()
+            if word != b"go":
+                raise RuntimeError(f"restore called off ({word.decode(errors='replace')})")
+        cfg = ContainerConfig.from_json(json.loads((cdir / "config.json").read_text()))
+        cgroup = create_manager(cfg.id, parent=cfg.cgroup_parent)
+        log = LogWriter(cdir / "ctr.log")
         pid = int(restorer(cdir, out_w, err_w, arg))
     except Exception as e:  # noqa: BLE001 - reported to the caller, which rolls back
         _report(sync_fd, f"error {e}")
