@@ -2,7 +2,8 @@
 
 Sequence::
 
-    preflight (CRIU version, objects CRIU cannot dump, foreign file locks): nothing touched
+    preflight (CRIU version, the process tree, objects CRIU cannot dump, FIFOs on volumes,
+               foreign file locks): nothing touched
     criu dump --freeze-cgroup <the container's freezer>      tasks frozen
       post-dump notification: tasks still frozen ─► tar the upperdir into the bundle
         answer success: CRIU kills the tasks (or resumes them with --leave-running)
@@ -19,9 +20,11 @@ and are recorded as CRIU external pipes, handed to the new monitor at restore
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,34 +78,191 @@ def tasks_of(c: Container) -> list[int]:
     return sorted(c.cgroup().pids())
 
 
+def process_tree(root: int) -> list[int]:
+    """Host pids of ``root`` and of all its descendants, zombies included: the tree CRIU
+    dumps (``/proc/PID/task/TID/children``)."""
+    seen: list[int] = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.append(pid)
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            try:
+                todo += map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
+            except OSError:
+                continue
+    return seen
+
+
+def _status(pid: int) -> dict[str, str]:
+    """``/proc/PID/status`` as a dict (empty when the process is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return {k: v.strip() for k, _, v in (ln.partition(":") for ln in text.splitlines())}
+
+
+#: CAP_SYS_RESOURCE (linux/capability.h)
+_CAP_SYS_RESOURCE = 24
+
+
+def has_cap_sys_resource() -> bool:
+    """Whether this process has CAP_SYS_RESOURCE in its effective set."""
+    return bool(int(_status(os.getpid()).get("CapEff", "0"), 16) >> _CAP_SYS_RESOURCE & 1)
+
+
+#: statfs(2) f_type of the memfd_secret(2) pseudo filesystem (include/uapi/linux/magic.h)
+_SECRETMEM_MAGIC = 0x5345434D
+
+
+def _fs_magic(path: str) -> int | None:
+    """statfs(2) f_type of ``path`` (None when it cannot be read)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is the first long
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        return None
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def _mount_of_fd(pid: int, fd: str) -> tuple[str, str]:
+    """(mount point, filesystem type) of the file open at ``fd`` of ``pid``, as seen in
+    the process's own mount namespace; ("", "") when unknown."""
+    try:
+        info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        mnt_id = next(ln.split()[1] for ln in info.splitlines() if ln.startswith("mnt_id:"))
+        for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+            f = line.split()
+            if f[0] == mnt_id:
+                return f[4], f[f.index("-") + 1]
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    return "", ""
+
+
 def preflight(c: Container) -> None:
     """Refuse, before anything is frozen, what the dump would not bring back intact.
 
-    Raises CriuUnavailable (missing or old CRIU), PreflightError naming the process and the
-    object (io_uring and the like; a file lock shared with a process outside the
-    container), ContainerError when the container is not running."""
+    Checked, each refusal naming the process and the object:
+    - the process tree: every task of the container's cgroup is in the init's tree (an
+      attached ``jaula exec`` still running is not: CRIU would leave it out silently), every
+      live task of the tree is in the cgroup (a process entered from the host), and no task
+      has a session or process group whose leader is outside the container (CRIU cannot
+      restore it; shared/cases C09);
+    - without CAP_SYS_RESOURCE, tasks running as another uid or gid than ours: CRIU must
+      read every task's rlimits and the kernel refuses that (prlimit(2));
+    - objects CRIU cannot dump: io_uring and the like, memfd_secret memory (shared/cases C26);
+    - a FIFO on a volume: the volume is not shipped with the checkpoint, its node could be
+      missing where the container is restored (shared/cases C11);
+    - a file lock shared with a process outside the container (shared/cases C08).
+
+    Raises CriuUnavailable (missing or old CRIU), PreflightError, ContainerError when the
+    container is not running."""
     criu.require()
     if c.status is not ContainerStatus.RUNNING:
         raise ContainerError(f"container {c.name} is {c.status.value}: only a running container "
                              "can be checkpointed", c.id)
-    pids = tasks_of(c)
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except FileNotFoundError:
+    in_cgroup = set(tasks_of(c))
+    tree = process_tree(c.state.pid)
+    keeps = "; the container keeps running"
+    for pid in sorted(in_cgroup - set(tree)):
+        st = _status(pid)
+        if st and not st.get("State", "").startswith("Z"):
+            raise PreflightError(
+                f"cannot checkpoint {c.name}: process {pid} ({st.get('Name', '?')}) is in the "
+                "container's cgroup but not in its process tree (an attached `jaula exec` still "
+                "running?), so CRIU would leave it out: wait for it to finish, or use "
+                f"`exec -d`{keeps}")
+    check_ids = not has_cap_sys_resource()
+    my_uid, my_gid = str(os.getuid()), str(os.getgid())
+    for pid in tree:
+        st = _status(pid)
+        if not st:
             continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            for prefix, what in UNDUMPABLE_FDS.items():
-                if target.startswith(prefix):
-                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
-                    raise PreflightError(
-                        f"cannot checkpoint {c.name}: process {pid} ({comm}) holds {what} "
-                        f"(fd {fd}), which CRIU cannot dump; the container keeps running")
-    _check_foreign_locks(c, set(pids))
+        comm, zombie = st.get("Name", "?"), st.get("State", "").startswith("Z")
+        for key, what in (("NSsid", "session"), ("NSpgid", "process group")):
+            if st.get(key, "").split()[-1:] == ["0"]:
+                raise PreflightError(
+                    f"cannot checkpoint {c.name}: {'zombie ' if zombie else ''}process {pid} "
+                    f"({comm}) belongs to a {what} whose leader is outside the container (it "
+                    "was started from the host without a session of its own, e.g. by nsenter), "
+                    "which CRIU cannot restore: "
+                    + ("have its parent reap it" if zombie else "stop it") + keeps)
+        if zombie:
+            continue
+        if pid not in in_cgroup:
+            raise PreflightError(
+                f"cannot checkpoint {c.name}: process {pid} ({comm}) is in the container's "
+                "process tree but not in its cgroup (entered from the host?), so the freeze "
+                f"would miss it: stop it{keeps}")
+        if check_ids:
+            uids, gids = st.get("Uid", "").split()[:3], st.get("Gid", "").split()[:3]
+            if any(u != my_uid for u in uids) or any(g != my_gid for g in gids):
+                raise PreflightError(
+                    f"cannot checkpoint {c.name}: process {pid} ({comm}) runs as uid "
+                    f"{uids[0] if uids else '?'} gid {gids[0] if gids else '?'}; CRIU must read "
+                    "its resource limits, which the kernel allows for another user only with "
+                    "CAP_SYS_RESOURCE, and this node's root lacks it (run the container as "
+                    f"root, or give the node CAP_SYS_RESOURCE){keeps}")
+        _check_objects(c, pid, comm)
+    _check_foreign_locks(c, in_cgroup | set(tree))
+
+
+def _check_objects(c: Container, pid: int, comm: str) -> None:
+    """Refuse the objects of one process that CRIU cannot dump or restore intact."""
+    keeps = "; the container keeps running"
+    volumes = [m.destination for m in c.config.mounts]
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return
+    for fd in fds:
+        link = f"/proc/{pid}/fd/{fd}"
+        try:
+            target = os.readlink(link)
+        except OSError:
+            continue
+        for prefix, what in UNDUMPABLE_FDS.items():
+            if target.startswith(prefix):
+                raise PreflightError(
+                    f"cannot checkpoint {c.name}: process {pid} ({comm}) holds {what} "
+                    f"(fd {fd}), which CRIU cannot dump{keeps}")
+        if target.startswith(("pipe:", "socket:", "anon_inode:")):
+            continue
+        if target == "/secretmem (deleted)" and _fs_magic(link) == _SECRETMEM_MAGIC:
+            raise PreflightError(
+                f"cannot checkpoint {c.name}: process {pid} ({comm}) holds memfd_secret "
+                f"memory (fd {fd}), which CRIU cannot dump{keeps}")
+        try:
+            is_fifo = stat.S_ISFIFO(os.stat(link).st_mode)
+        except OSError:
+            continue
+        if is_fifo:
+            mnt, fstype = _mount_of_fd(pid, fd)
+            on_volume = any(mnt == v or mnt.startswith(v.rstrip("/") + "/") for v in volumes)
+            if on_volume or (mnt != "/" and fstype != "tmpfs"):
+                raise PreflightError(
+                    f"cannot checkpoint {c.name}: process {pid} ({comm}) has the FIFO {target} "
+                    f"open (fd {fd}) on the mount {mnt or '?'} ({fstype or '?'}), which is not "
+                    "shipped with the checkpoint, so the FIFO could be missing where it is "
+                    f"restored: put it in the container's own filesystem{keeps}")
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    except OSError:
+        return
+    for line in maps:
+        if line.endswith("/secretmem (deleted)"):
+            area = line.split()[0]
+            if _fs_magic(f"/proc/{pid}/map_files/{area}") == _SECRETMEM_MAGIC:
+                raise PreflightError(
+                    f"cannot checkpoint {c.name}: process {pid} ({comm}) maps memfd_secret "
+                    f"memory ({area}), which CRIU cannot dump{keeps}")
 
 
 def _check_foreign_locks(c: Container, pids: set[int]) -> None:
