@@ -9,7 +9,7 @@ A node service reads its own file, which points at its secret key and at the clu
     secret_key = "keys/node1.key_secret"   # from `jaula node keygen`, mode 0600
     cluster = "cluster.toml"
     cgroup_parent = "jaula"                # optional (default "jaula")
-    max_message_bytes = 8388608            # optional (default 8 MiB): largest ZeroMQ frame accepted
+    max_message_bytes = 8388608            # optional (default 8 MiB): largest frame payload
 
 The cluster file is the allowlist: the transport accepts a connection only from a public key
 listed here (CURVE + ZAP, see :mod:`migrate.transport`), and knows the peer by that key::
@@ -143,7 +143,8 @@ class NodeConfig:
         secret_key: this node's ``NAME.key_secret`` file.
         cluster: the cluster file.
         cgroup_parent: parent cgroup of this node's containers (relative, e.g. ``jaula``).
-        max_message_bytes: the largest single ZeroMQ frame accepted (libzmq MAXMSGSIZE).
+        max_message_bytes: the largest frame payload accepted, in bytes (each frame of a
+            message; a larger one makes libzmq drop the connection, see migrate.transport).
         source: the file this was loaded from.
     """
 
@@ -165,7 +166,7 @@ class ClientConfig:
         public_key: our CURVE public key, 40 Z85 bytes.
         secret_key: our CURVE secret key, 40 Z85 bytes (kept out of ``repr``).
         cluster: the cluster file (load it with :func:`load_cluster`).
-        max_message_bytes: the largest single frame we accept in replies.
+        max_message_bytes: the largest frame payload we accept in replies, in bytes.
         source: the file this was loaded from.
     """
 

@@ -8,9 +8,10 @@ Shape (zguide chapter 3, "Advanced Request-Reply Patterns"; chapter 5, "Ironhous
     Client: DEALER, CURVE client ----tcp----> Server: ROUTER, CURVE server, ZAP domain "jaula"
             (knows the server's public key)            |  handshake: libzmq asks the ZAP
                                                        v  handler (inproc://zeromq.zap.01)
-                                           AsyncioAuthenticator -> _AllowList.callback(key):
-                                           200 (User-Id = z85 key) only for keys in the
-                                           cluster file, else 400 + log ``transport.refused``
+                                           _ZapHandler (pyzmq Authenticator, driven from the
+                                           event loop) -> _AllowList.callback(key): 200
+                                           (User-Id = z85 key) only for keys in the cluster
+                                           file, else 400 + log ``transport.refused``
 
 Frames are opaque bytes here; :mod:`migrate.protocol` gives them meaning (versioned msgpack).
 A request from a client arrives at :meth:`Server.recv` as ``Incoming(routing_id, peer,
@@ -35,10 +36,14 @@ Security (ZMTP 3.0 CURVE, ZeroMQ RFC 26 "CurveZMQ"; ZAP, RFC 27 "ZAP"):
 - Routing ids are chosen by the peer's side (ZMTP ``ROUTING_ID``) and are only addresses: a
   session must check ``incoming.peer`` on every message, never trust a routing id alone.
 
-Bounds: ``MAXMSGSIZE`` (``max_message_bytes``) applies to each frame; a peer sending a larger
+Bounds: ``max_message_bytes`` bounds the payload of each frame; a peer sending a larger
 frame is disconnected by libzmq (its DEALER reconnects; that message is lost) and nobody else
-notices.  libzmq does not bound the number of frames of a multipart message, so
-:meth:`Server.recv` drops messages with more than ``max_frames`` frames after they arrive.
+notices.  libzmq applies ``MAXMSGSIZE`` to the frame *on the wire*, which under CURVE is the
+encrypted MESSAGE command, :data:`CURVE_MESSAGE_OVERHEAD_BYTES` longer than the payload
+(measured with libzmq 4.3.5: a 65503-byte frame passes MAXMSGSIZE 65536, 65504 does not), so
+the option is set to ``max_message_bytes`` plus that overhead.  libzmq does not bound the
+number of frames of a multipart message, so :meth:`Server.recv` drops messages with more than
+``max_frames`` frames after they arrive.
 High-water marks (``SNDHWM``/``RCVHWM``, :data:`HWM_MESSAGES`) count whole messages; bulk data
 moves as credit-based chunks (zguide chapter 7, "Credit-Based Flow Control"), so they are
 not reached in normal operation.  Heartbeats (ZMTP 3.1 PING/PONG, :data:`HEARTBEAT_IVL_MS`,
@@ -46,22 +51,37 @@ not reached in normal operation.  Heartbeats (ZMTP 3.1 PING/PONG, :data:`HEARTBE
 
 Resources: each :class:`Server` and each :class:`Client` owns its own ZeroMQ context (the
 ZAP endpoint is per context, so two node services can live in one process); ``close()``
-destroys it with linger 0.  pyzmq documentation: https://pyzmq.readthedocs.io/ (``zmq.asyncio``,
-``zmq.auth``, ``Frame.get``).
+destroys it with linger 0.  Frames are sent copied: pyzmq's zero-copy sends (``copy=False``,
+frames over 64 KiB) start a process-wide garbage-collector thread with a context of its own,
+for one memcpy saved per chunk.
+
+Why not :class:`zmq.auth.asyncio.AsyncioAuthenticator`: its ``stop()`` closes the ZAP socket
+while the poll it is waiting in still has the socket's fd registered with the event loop (the
+task is cancelled, not awaited).  A socket created right after, before the loop runs again,
+can reuse that fd number; the late clean-up then unregisters the new one.  Seen here: a
+Server started right after another was closed in the same loop never had its ZAP requests
+answered, so every handshake stalled.  :class:`_ZapHandler` drives the same pyzmq
+:class:`~zmq.auth.Authenticator` (its ZAP logic and ``configure_curve_callback``) with a
+reader it removes synchronously before closing the socket.
+
+pyzmq documentation: https://pyzmq.readthedocs.io/ (``zmq.asyncio``, ``zmq.auth``,
+``Frame.get``); libzmq: zmq_setsockopt(3), zmq_socket_monitor(3), zmq_msg_gets(3).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import structlog
 import zmq
 import zmq.asyncio
-from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.auth import Authenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from migrate import keys
@@ -96,11 +116,14 @@ SEND_TIMEOUT_S = 10.0
 """Default time a send may wait for room under the high-water mark."""
 REFUSAL_LOG_INTERVAL_S = 60.0
 """Log a refused key at most once per this interval (a refused client keeps retrying)."""
+CURVE_MESSAGE_OVERHEAD_BYTES = 33
+"""Bytes CURVE adds to each frame on the wire: command name (1 + 7 "MESSAGE"), short nonce
+(8), flags (1), Poly1305 MAC (16) (RFC 26, MESSAGE command)."""
 
 
 def _common_options(sock: zmq.Socket[Any], max_message_bytes: int) -> None:
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes + CURVE_MESSAGE_OVERHEAD_BYTES)
     sock.setsockopt(zmq.SNDHWM, HWM_MESSAGES)
     sock.setsockopt(zmq.RCVHWM, HWM_MESSAGES)
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
@@ -156,6 +179,46 @@ class _AllowList:
         return False
 
 
+class _ZapHandler:
+    """The ZAP handler of one context (RFC 27): pyzmq's :class:`~zmq.auth.Authenticator`
+    answering requests from a task of the running loop.
+
+    ``inproc://zeromq.zap.01`` is bound at construction, so create it before the socket it
+    guards binds.  The ZAP socket's ZMQ_FD is edge-triggered: the task reads every queued
+    request (``EVENTS`` & POLLIN) before waiting for the fd again.
+    """
+
+    def __init__(self, ctx: zmq.asyncio.Context, allow: _AllowList) -> None:
+        self.auth = Authenticator(ctx, log=logging.getLogger("zmq.auth"))
+        self.auth.start()  # a blocking-API REP socket, only used with NOBLOCK below
+        try:
+            self.auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=allow)
+            self._loop = asyncio.get_running_loop()
+            self._fd = cast(int, self.auth.zap_socket.getsockopt(zmq.FD))
+            self._readable = asyncio.Event()
+            self._loop.add_reader(self._fd, self._readable.set)
+        except BaseException:
+            self.auth.stop()
+            raise
+        self._task = asyncio.create_task(self._serve(), name="jaula-zap-handler")
+
+    async def _serve(self) -> None:
+        sock = self.auth.zap_socket
+        while True:
+            self._readable.clear()
+            while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                await self.auth.handle_zap_message(sock.recv_multipart(zmq.NOBLOCK))
+            await self._readable.wait()
+
+    async def stop(self) -> None:
+        """Unregister the fd, end the task, then close the ZAP socket (in that order)."""
+        self._loop.remove_reader(self._fd)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.auth.stop()
+
+
 class Server:
     """A node service's ROUTER socket: CURVE server, clients allowed by the cluster file.
 
@@ -164,11 +227,11 @@ class Server:
     """
 
     def __init__(self, ctx: zmq.asyncio.Context, sock: zmq.asyncio.Socket,
-                 auth: AsyncioAuthenticator, allow: _AllowList, cfg: NodeConfig,
+                 zap: _ZapHandler, allow: _AllowList, cfg: NodeConfig,
                  max_frames: int) -> None:
         self._ctx = ctx
         self._socket = sock
-        self._auth = auth
+        self._zap = zap
         self._allow = allow
         self._cfg = cfg
         self._max_frames = max_frames
@@ -195,13 +258,11 @@ class Server:
                                   key="secret_key") from e
         check_node_in_cluster(cfg, cluster, public)
         ctx = zmq.asyncio.Context()
-        auth: AsyncioAuthenticator | None = None
+        zap: _ZapHandler | None = None
         sock: zmq.asyncio.Socket | None = None
         try:
-            auth = AsyncioAuthenticator(ctx)
-            auth.start()  # before bind: without a ZAP handler libzmq accepts every key
             allow = _AllowList(cluster, cfg.listen)
-            auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=allow)
+            zap = _ZapHandler(ctx, allow)  # before bind: without a ZAP handler any key passes
             sock = ctx.socket(zmq.ROUTER)
             _common_options(sock, cfg.max_message_bytes)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown routing id: error, not a drop
@@ -219,11 +280,11 @@ class Server:
         except BaseException:
             if sock is not None:
                 sock.close(linger=0)
-            if auth is not None:
-                auth.stop()
+            if zap is not None:
+                await zap.stop()
             ctx.destroy(linger=0)
             raise
-        server = cls(ctx, sock, auth, allow, cfg, max_frames)
+        server = cls(ctx, sock, zap, allow, cfg, max_frames)
         log.info("transport.listening", node=cfg.name, endpoint=server.endpoint,
                  nodes=len(cluster.nodes), operators=len(cluster.operators))
         return server
@@ -283,7 +344,7 @@ class Server:
             raise ValueError("a message needs at least one frame")
         try:
             await asyncio.wait_for(
-                self._socket.send_multipart([routing_id, *frames], copy=False), timeout_s)
+                self._socket.send_multipart([routing_id, *frames]), timeout_s)
         except zmq.ZMQError as e:
             if e.errno == zmq.EHOSTUNREACH:
                 raise PeerUnavailable(f"{self.endpoint}: the peer connection "
@@ -305,7 +366,7 @@ class Server:
             return
         self._closed = True
         self._socket.close(linger=0)
-        self._auth.stop()
+        await self._zap.stop()
         self._ctx.destroy(linger=0)
         log.info("transport.closed", node=self._cfg.name, endpoint=self.endpoint)
 
@@ -456,7 +517,7 @@ class Client:
             raise ValueError("a message needs at least one frame")
         self._drain_monitor()
         try:
-            await asyncio.wait_for(self._socket.send_multipart(frames, copy=False), timeout_s)
+            await asyncio.wait_for(self._socket.send_multipart(frames), timeout_s)
         except TimeoutError as e:
             raise self._unavailable(f"could not queue a message for {timeout_s} s") from e
 
@@ -470,8 +531,7 @@ class Client:
         self._drain_monitor()
         if not await self._socket.poll(timeout=max(0, int(timeout_s * 1000))):  # POLLIN
             raise self._unavailable(f"no answer within {timeout_s} s")
-        msg = await self._socket.recv_multipart(copy=False)
-        return [f.bytes for f in msg]
+        return list(await self._socket.recv_multipart())
 
     def close(self) -> None:
         """Close the socket and its monitor with linger 0 (unsent messages are dropped) and

@@ -1,0 +1,47 @@
+"""Fixtures for tests that run node services on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.cluster_setup import ClusterFiles, write_cluster
+
+
+@pytest.fixture
+def cluster_files(tmp_path: Path) -> ClusterFiles:
+    """A fresh cluster in ``tmp_path``: nodes ``node1`` and ``node2`` on free ports of
+    127.0.0.1 and operator ``alice``, with real CURVE keypairs.
+
+    Returns a :class:`tests.integration.cluster_setup.ClusterFiles`: the paths of the cluster
+    file, of each node's config (``.nodes["node1"]``), of alice's client config
+    (``.clients["alice"]``), the keys dir and the endpoints, plus loaders
+    (``.node_config(name)``, ``.load_cluster()``, ``.client_config(name)`` for alice or a
+    node, ``.public_key(name)``).  Nothing is started; the files are removed with tmp_path.
+    """
+    return write_cluster(tmp_path)
+
+
+def _zmq_threads() -> list[str]:
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if name.startswith("ZMQbg"):
+            names.append(name)
+    return names
+
+
+@pytest.fixture
+def zmq_leak_check() -> Iterator[None]:
+    """Fail the test if it leaves ZeroMQ contexts open (their ``ZMQbg/*`` threads alive)."""
+    before = len(_zmq_threads())
+    yield
+    after = _zmq_threads()
+    assert len(after) <= before, f"ZeroMQ contexts left open (threads {after})"
