@@ -347,6 +347,26 @@ def restore(opts: RestoreOptions, on_notify: NotifyHandler | None = None) -> Res
         os.close(wfd)
 
 
+def pipe_buffer_sizes(images_dir: Path) -> list[int]:
+    """Buffer sizes of the pipes and FIFOs in a dump's images (``pipes-data.img``,
+    ``fifo-data.img``: one entry per pipe whose read end a dumped task holds, with the size
+    F_GETPIPE_SZ gave at dump time).  CRIU sets each again at restore (F_SETPIPE_SZ), which
+    fails with EPERM above ``fs.pipe-max-size`` without CAP_SYS_RESOURCE."""
+    if rpc is None:
+        raise CriuUnavailable("pycriu is not installed in this Python: run `make setup`")
+    from pycriu import images
+
+    sizes: list[int] = []
+    for name in ("pipes-data.img", "fifo-data.img"):
+        path = images_dir / name
+        if not path.exists():
+            continue
+        with open(path, "rb") as f:
+            sizes += [int(e["size"]) for e in images.load(f, no_payload=True)["entries"]
+                      if e.get("size")]
+    return sizes
+
+
 def check_features(lazy_pages: bool = False, mem_track: bool = False) -> dict[str, bool]:
     """Ask CRIU which optional features work here (rpc FEATURE_CHECK)."""
     binary = require()

@@ -9,7 +9,8 @@ Two entry points:
 
 Sequence::
 
-    preflight: bundle digests, format and CRIU version, CPU flags, layers, name  (nothing made)
+    preflight: bundle digests, format and CRIU version, CPU flags, cgroups, pipe sizes,
+               layers, name                                                   (nothing made)
     container dir + config + status checkpointed; upperdir <- rootfs-diff.tar
     Runtime.revive: overlay mounted, cgroup with the same limits created, monitor started
       monitor: criu restore --root merged --cgroup-root ctrl:/jaula/ID
@@ -30,7 +31,7 @@ import structlog
 from migrate import criu, rootfs_diff
 from migrate.bundle import Bundle, Manifest, cpu_flags
 from migrate.errors import BundleError, PreflightError
-from runtime.cgroups import CgroupMode, create_manager, detect_mode
+from runtime.cgroups import CgroupMode, Resources, create_manager, detect_mode
 from runtime.container import Container, Runtime, require_root
 from runtime.errors import ContainerError, ContainerNotFound
 from runtime.spec import ContainerConfig
@@ -48,8 +49,9 @@ _USER_CPU_FLAGS = ("sse", "sse2", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "f
 
 
 def check_compatible(m: Manifest) -> None:
-    """Refuse a bundle this node cannot restore: CRIU older than the one that dumped it, or
-    CPU features the source had and this node lacks.  Raises PreflightError."""
+    """Refuse a bundle this node cannot restore: CRIU older than the one that dumped it, CPU
+    features the source had and this node lacks, cgroups that cannot hold the container
+    (:func:`check_cgroups`).  Raises PreflightError."""
     here = criu.version()
     if here[:2] < tuple(m.criu_version[:2]):
         raise PreflightError(
@@ -62,6 +64,71 @@ def check_compatible(m: Manifest) -> None:
             raise PreflightError(f"this CPU lacks features the source CPU had ({', '.join(missing)})"
                                  ": the restored programs could crash; restore on a node with "
                                  "the same CPU features")
+    check_cgroups(m)
+
+
+def _controllers_here(mode: CgroupMode) -> set[str]:
+    root = Path("/sys/fs/cgroup")
+    if mode is CgroupMode.UNIFIED:
+        try:
+            return set((root / "cgroup.controllers").read_text().split())
+        except OSError:
+            return set()
+    from runtime.cgroups.v1 import find_v1_mounts
+
+    return set(find_v1_mounts(root))
+
+
+def check_cgroups(m: Manifest) -> None:
+    """Refuse a container whose cgroups this node cannot give back (shared/cases C19): a
+    checkpoint made on a node with the other cgroup version (CRIU's cgroup images name v1
+    controllers or the v2 tree), or a limit whose controller this node lacks (the restored
+    tasks would run unlimited).  An empty ``m.cgroup_mode`` (not recorded) skips the first
+    check.  Raises PreflightError."""
+    here = detect_mode()
+    if m.cgroup_mode:
+        src_v2 = m.cgroup_mode == CgroupMode.UNIFIED.value
+        if src_v2 != (here is CgroupMode.UNIFIED):
+            def kind(v2: bool) -> str:
+                return "v2 (unified)" if v2 else "v1 (legacy or hybrid)"
+
+            raise PreflightError(
+                f"the checkpoint was made on a node with cgroup {kind(src_v2)} ({m.cgroup_mode})"
+                f", this node has cgroup {kind(not src_v2)} ({here.value}): CRIU cannot move "
+                "the tasks' cgroups across versions; restore on a node with the same cgroup "
+                "version")
+    res = Resources(**(m.container.get("resources") or {}))
+    needs = {"memory": res.memory_bytes, "pids": res.pids_max, "cpu": res.cpu_quota_us}
+    have = _controllers_here(here)
+    missing = sorted(ctrl for ctrl, limit in needs.items() if limit is not None
+                     and ctrl not in have)
+    if missing:
+        raise PreflightError(
+            f"this node cannot enforce the container's limits: no {' and no '.join(missing)} "
+            f"cgroup controller here ({here.value} cgroups, controllers: "
+            f"{' '.join(sorted(have)) or 'none'}); restore on a node that has "
+            f"{'them' if len(missing) > 1 else 'it'}")
+
+
+def check_pipes(bundle: Bundle) -> None:
+    """Refuse a checkpoint holding a pipe or FIFO whose buffer is larger than this node lets
+    CRIU make it (shared/cases C12): above ``fs.pipe-max-size``, F_SETPIPE_SZ needs
+    CAP_SYS_RESOURCE, and CRIU aborts the restore on its EPERM.  Raises PreflightError."""
+    from migrate.checkpoint import has_cap_sys_resource
+
+    sizes = criu.pipe_buffer_sizes(bundle.criu_dir)
+    if not sizes or has_cap_sys_resource():
+        return
+    try:
+        limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    except (OSError, ValueError):
+        return
+    if max(sizes) > limit:
+        raise PreflightError(
+            f"the checkpoint holds a pipe with a {max(sizes)}-byte buffer; this node's "
+            f"fs.pipe-max-size is {limit} and it lacks CAP_SYS_RESOURCE, so the pipe cannot be "
+            f"made that large again: raise fs.pipe-max-size to at least {max(sizes)} here "
+            "(sysctl) or restore on another node")
 
 
 def check_layers(rt: Runtime, m: Manifest) -> None:
@@ -84,6 +151,9 @@ def restore(rt: Runtime, ref: str | None = None, *, import_file: Path | None = N
     (``import_file``) into ``rt``'s state root, optionally under a new ``name``.
 
     The container keeps its id (and name unless ``name`` is given).  Returns it running.
+    A stopped container whose checkpoint was kept (``checkpoint --leave-running``) can be
+    restored too: it goes back to that checkpoint, its filesystem rolled back with it.
+
     Raises BundleError, PreflightError, CriuError, ContainerError; on failure an imported
     container is removed again and a local one stays ``checkpointed``."""
     require_root()
@@ -93,14 +163,26 @@ def restore(rt: Runtime, ref: str | None = None, *, import_file: Path | None = N
     if ref is None:
         raise ContainerError("restore needs a container or --import FILE")
     c = rt.get(ref)
-    if c.status is not ContainerStatus.CHECKPOINTED:
-        raise ContainerError(f"container {c.name} is {c.status.value}, not checkpointed: "
-                             "nothing to restore", c.id)
     bundle = Bundle(c.dir / "checkpoint")
-    m = bundle.verify()
-    check_compatible(m)
-    check_layers(rt, m)
-    _fresh_upper(c.dir, bundle)
+    with c.locked():
+        kept = c.status is ContainerStatus.STOPPED and (bundle.path / "manifest.json").exists()
+        if c.status is not ContainerStatus.CHECKPOINTED and not kept:
+            raise ContainerError(f"container {c.name} is {c.status.value}, not checkpointed: "
+                                 "nothing to restore", c.id)
+        m = bundle.verify()
+        check_compatible(m)
+        check_pipes(bundle)
+        check_layers(rt, m)
+        if kept:
+            # A stopped container with a checkpoint kept from `checkpoint --leave-running`
+            # (shared/cases C17): restoring rolls it back to that checkpoint, filesystem
+            # included.  From here its upperdir is the checkpoint's.
+            c.wait_monitor(10.0)
+            if c.monitor_alive():
+                raise ContainerError(f"container {c.name} is still shutting down: retry", c.id)
+            c.state.status = ContainerStatus.CHECKPOINTED
+            c.save()
+        _fresh_upper(c.dir, bundle)
     return rt.revive(c.id, RESTORER, _restorer_arg(bundle.path))
 
 
@@ -120,6 +202,7 @@ def _restore_import(rt: Runtime, tar_path: Path, name: str | None) -> Container:
     try:
         m = bundle.manifest()
         check_compatible(m)
+        check_pipes(bundle)
         check_layers(rt, m)
         cfg = ContainerConfig.from_json(m.container)
         cfg = replace(cfg, name=name or cfg.name, cgroup_parent=rt.cgroup_parent)
