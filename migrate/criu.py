@@ -75,6 +75,12 @@ class DumpOptions:
         freeze_cgroup: ``--freeze-cgroup``: freezer cgroup dir for a consistent freeze.
         external: ``--external`` entries (``mnt[/data]:vol0``...).
         file_locks / tcp_established / link_remap: as the CRIU options of that name.
+            ``link_remap`` is on: a deleted-but-open file of a lower layer still has a link
+            count of 1 through overlayfs, so CRIU wants a link remap for it and, without the
+            option, fails the dump ("Can't create link remap ... Use link-remap option");
+            with it, linkat fails with ENOENT and CRIU falls back to a ghost file
+            (shared/cases C05).  A remap CRIU does make is removed at restore, or when the
+            tasks are resumed after a failed or ``leave_running`` dump.
         ghost_limit_bytes: largest deleted-but-open file carried in the images
             (``--ghost-limit``).
         manage_cgroups_mode: ``--manage-cgroups`` (CG_SOFT by default).
