@@ -31,7 +31,12 @@ import structlog
 from migrate.config import ClientConfig, Cluster, NodeConfig, PeerKind
 from migrate.errors import MigrationError, PeerUnavailable, ProtocolError
 from migrate.protocol import decode, encode, error
-from migrate.session import DestinationSession, MigrationReport, SourceSession
+from migrate.session import (
+    DestinationSession,
+    MigrationReport,
+    SourceSession,
+    hold_socket_path,
+)
 from migrate.transport import Client, Incoming, Server
 from runtime.container import Container, Runtime
 from runtime.errors import JaulaError
@@ -335,8 +340,11 @@ class NodeService:
                 log.warning("recover.outgoing", id=c.id[:12], status=c.state.status.value)
                 continue
             session = c.state.extra.get("session", "")
-            hold = tmp / f"incoming-{session}" / "hold.sock"
-            if c.monitor_alive():
+            hold = hold_socket_path(session)
+            if c.armed_monitor_waiting():  # the session died before the restore began
+                await asyncio.to_thread(c.delete, True)
+                log.warning("recover.incoming_removed", id=c.id[:12], armed=True)
+            elif c.monitor_alive():
                 self._spawn(self._recover_held(c, came_from, session, hold))
             else:
                 shutil.rmtree(c.dir, ignore_errors=True)

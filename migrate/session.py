@@ -471,6 +471,31 @@ def _du(path: Path) -> int:
 # ------------------------------------------------------------------------------------------
 # destination
 
+#: where held restores talk to their node service (short: unix socket paths are limited to
+#: 107 bytes, and state roots can be long)
+HOLD_DIR = Path("/run/jaula")
+
+
+def hold_socket_path(session: str) -> Path:
+    """The unix socket on which a held restore of ``session`` waits for its decision."""
+    HOLD_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return HOLD_DIR / f"hold-{session}.sock"
+
+
+def from_root(writer: asyncio.StreamWriter) -> bool:
+    """Whether the peer of a unix socket connection runs as root (SO_PEERCRED)."""
+    import socket
+    import struct
+
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return False
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid == 0
+
+
 _NAME_RE = re.compile(r"^(criu/[A-Za-z0-9_.\-]{1,200}|layers/[0-9a-f]{64}\.tar|"
                       r"rootfs-base\.tar|rootfs-delta\.tar|ctr\.log)$")
 
@@ -561,7 +586,7 @@ class DestinationSession:
 
     @property
     def hold_path(self) -> Path:
-        return self.staging / "hold.sock"
+        return hold_socket_path(self.session)
 
     # -- files ------------------------------------------------------------------------------
     async def on_file_begin(self, m: dict[str, Any]) -> None:
@@ -655,6 +680,8 @@ class DestinationSession:
 
     async def _on_hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            if not from_root(writer):
+                return
             line = await reader.readline()
             if not line.startswith(b"held"):
                 return
@@ -704,4 +731,5 @@ class DestinationSession:
                 f.fd = -1
         if self.hold_server is not None:
             self.hold_server.close()
+            self.hold_path.unlink(missing_ok=True)
         await asyncio.to_thread(shutil.rmtree, self.staging, True)

@@ -168,6 +168,11 @@ class Container:
     def monitor_alive(self) -> bool:
         return sc.is_alive(self.state.monitor_pid, self.state.monitor_start_time)
 
+    def armed_monitor_waiting(self) -> bool:
+        """Whether a monitor armed for a restore (:meth:`Runtime.arm`) still waits for its
+        ``go`` (it removes ``go.fifo`` once told)."""
+        return self.monitor_alive() and (self.dir / "go.fifo").exists()
+
     def _require(self, *allowed: ContainerStatus, action: str) -> None:
         if self.status not in allowed:
             raise ContainerError(
@@ -293,11 +298,16 @@ class Container:
         errors: list[str] = []
         cg = self.cgroup()
         try:
-            if self.status in (S.RUNNING, S.PAUSED, S.MIGRATING) or cg.pids():
+            if cg.pids():
                 cg.kill_all(signal.SIGKILL)
                 self._wait_stopped(10.0)
         except JaulaError as e:
             errors.append(str(e))
+        if self.armed_monitor_waiting():  # armed for a restore that never came
+            with contextlib.suppress(OSError):
+                fd = os.open(self.dir / "go.fifo", os.O_WRONLY | os.O_NONBLOCK)
+                os.write(fd, b"cancel\n")
+                os.close(fd)
         self.wait_monitor(10.0)
         if self.monitor_alive():
             os.kill(self.state.monitor_pid, signal.SIGKILL)

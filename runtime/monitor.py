@@ -170,6 +170,7 @@ def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = F
         if armed:
             with open(cdir / "go.fifo", "rb") as fifo:
                 word = fifo.readline().strip()
+            (cdir / "go.fifo").unlink(missing_ok=True)
             if word != b"go":
                 raise RuntimeError(f"restore called off ({word.decode(errors='replace')})")
         cfg = ContainerConfig.from_json(json.loads((cdir / "config.json").read_text()))

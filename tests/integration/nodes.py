@@ -1,0 +1,123 @@
+"""Two real node services on 127.0.0.1 for migration tests: started as subprocesses
+(``jaula node serve``), each with its own state root, cgroup parent and keys; an operator
+client (alice).  Everything is stopped and removed by :meth:`Cluster2.close`, which also
+reports leaks (mounts, cgroups, processes) of the containers the nodes ever had."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.integration.cluster_setup import ClusterFiles, write_cluster
+from tests.linux.conftest import JAULA, Jaula, mounts_under
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Cluster2:
+    files: ClusterFiles
+    peer_timeout_s: float = 3.0
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    seen_ids: set[str] = field(default_factory=set)
+
+    def state_root(self, node: str) -> Path:
+        return self.files.root / "state" / node
+
+    def local(self, node: str) -> Jaula:
+        """The node's runtime through the local CLI (``--state-root``)."""
+        return Jaula(self.state_root(node))
+
+    def start(self, node: str) -> None:
+        log = open(self.files.root / f"{node}.log", "ab")  # noqa: SIM115 - owned by the proc
+        p = subprocess.Popen([*JAULA, "--log-level", "info", "node", "serve", "--config",
+                              str(self.files.nodes[node]), "--peer-timeout",
+                              str(self.peer_timeout_s)], stdout=log, stderr=log, cwd=REPO,
+                             start_new_session=True)
+        log.close()
+        self.procs[node] = p
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.op("node", "ls", check=False, timeout=10).stdout.count(" yes ") >= 1 and \
+                    self._reachable(node):
+                return
+            if p.poll() is not None:
+                raise AssertionError(f"{node} service died: {self.log(node)}")
+            time.sleep(0.2)
+        raise AssertionError(f"{node} service did not come up: {self.log(node)}")
+
+    def _reachable(self, node: str) -> bool:
+        out = self.op("node", "ls", check=False, timeout=10).stdout
+        return any(line.split()[:1] == [node] and " yes " in line for line in out.splitlines())
+
+    def kill(self, node: str, sig: int = signal.SIGKILL) -> None:
+        p = self.procs.pop(node, None)
+        if p is not None and p.poll() is None:
+            os.kill(p.pid, sig)
+            p.wait(timeout=20)
+
+    def log(self, node: str) -> str:
+        f = self.files.root / f"{node}.log"
+        return f.read_text()[-3000:] if f.exists() else ""
+
+    def op(self, *args: str, check: bool = True, timeout: float = 120,
+           client: str = "alice") -> subprocess.CompletedProcess[str]:
+        """The CLI as operator ``client`` (remote commands, migrate, node ls)."""
+        p = subprocess.run([*JAULA, "--client-config", str(self.files.clients[client]), *args],
+                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                           check=False)
+        if check and p.returncode != 0:
+            raise AssertionError(f"jaula {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n"
+                                 f"{p.stderr}\nnode1: {self.log('node1')}\nnode2: "
+                                 f"{self.log('node2')}")
+        return p
+
+    def where(self, name: str) -> dict[str, str]:
+        """node -> status of container ``name`` there (per the nodes' own state)."""
+        out = {}
+        for node in self.files.nodes:
+            for c in json.loads(self.local(node).out("ps", "-a", "--format", "json")):
+                self.seen_ids.add(c["Id"])
+                if c["Name"] == name:
+                    out[node] = c["Status"]
+        return out
+
+    def close(self) -> list[str]:
+        problems = []
+        for node in list(self.procs):
+            self.kill(node, signal.SIGTERM)
+        for node in self.files.nodes:
+            j = self.local(node)
+            for cid in j.container_ids():
+                self.seen_ids.add(cid)
+                p = j.run("rm", "-f", cid, check=False)
+                if p.returncode:
+                    problems.append(f"{node}: rm -f {cid[:12]}: {p.stderr.strip()}")
+        for m in mounts_under(self.files.root):
+            problems.append(f"leaked mount {m}")
+            subprocess.run(["umount", "-l", m], check=False)
+        for cid in self.seen_ids:
+            for d in Path("/sys/fs/cgroup").glob(f"*/jaula-test-node*/{cid}"):
+                problems.append(f"leaked cgroup {d}")
+        for node in self.files.nodes:
+            for parent in Path("/sys/fs/cgroup").glob(f"*/jaula-test-{node}"):
+                try:
+                    parent.rmdir()
+                except OSError:
+                    pass
+        return problems
+
+
+def make_cluster(root: Path, busybox_layout: Path, peer_timeout_s: float = 3.0,
+                 import_on: tuple[str, ...] = ("node1", "node2")) -> Cluster2:
+    c = Cluster2(write_cluster(root), peer_timeout_s)
+    for node in import_on:
+        c.local(node).run("image", "import", str(busybox_layout), "--name", "busybox:latest")
+    return c
+
+

@@ -1,0 +1,300 @@
+"""Live migration between two real node services on 127.0.0.1, with real CRIU, and the
+faults of the migration issue: after each, the container runs on exactly one node (normally
+the source), its memory state continues, and nothing stray is left on either node."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.nodes import REPO, Cluster2, make_cluster
+from tests.linux.conftest import JAULA, Jaula, needs_criu
+
+pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
+
+COUNTER = ("i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo \"tick $i\"; "
+           "sleep 0.05; done")
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, busybox_image_layout: Path) -> Iterator[Cluster2]:
+    c = make_cluster(tmp_path / "cluster", busybox_image_layout)
+    try:
+        c.start("node1")
+        c.start("node2")
+        yield c
+    finally:
+        problems = c.close()
+        assert not problems, "\n".join(problems)
+
+
+def ticks(j: Jaula, name: str) -> list[int]:
+    return [int(m) for m in re.findall(r"^tick (\d+)$", j.out("logs", name), re.MULTILINE)]
+
+
+def wait_ticks(j: Jaula, name: str, n: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        t = ticks(j, name)
+        if t and t[-1] >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{name} did not reach tick {n}: {ticks(j, name)[-3:]}")
+
+
+def assert_continuous(t: list[int]) -> None:
+    assert t == list(range(1, len(t) + 1)), "a tick was lost or ran twice"
+
+
+def only_on(nodes: Cluster2, name: str, node: str) -> None:
+    where = nodes.where(name)
+    running = [n for n, s in where.items() if s == "running"]
+    assert running == [node], f"{name} runs on {running}, expected only {node}: {where}"
+
+
+def test_migrate_moves_the_running_container_and_back(nodes: Cluster2) -> None:
+    n1, n2 = nodes.local("node1"), nodes.local("node2")
+    n1.run("run", "-d", "--name", "web", "busybox", "sh", "-c", COUNTER)
+    wait_ticks(n1, "web", 10)
+    p = nodes.op("migrate", "web", "node2", "--json")
+    rep = json.loads(p.stdout)
+    assert rep["source"] == "node1" and rep["destination"] == "node2"
+    assert rep["resume_confirmed"] is True
+    assert 0 < rep["downtime_s"] < rep["total_s"]
+    assert rep["bytes_sent"] > 0 and rep["files"] > 0
+    for phase in ("preflight", "precopy", "dump", "transfer", "restore", "commit", "resume"):
+        assert phase in rep["phases_s"]
+    only_on(nodes, "web", "node2")
+    assert nodes.where("web")["node1"] == "migrated"
+    n = ticks(n2, "web")[-1]
+    wait_ticks(n2, "web", n + 10)
+    assert_continuous(ticks(n2, "web"))  # the log travelled too, without gap or repeat
+    info = json.loads(n1.out("inspect", "web"))[0]
+    assert info["State"]["MigratedTo"] == "node2"
+    assert not Path(info["UpperDir"]).exists()
+    # the remote commands see it where it is
+    assert "web" in nodes.op("--node", "node2", "ps").stdout
+    assert int(nodes.op("--node", "node2", "exec", "web", "cat", "/tmp/count").stdout) > n
+    # and back, onto the node that keeps the record of its departure
+    nodes.op("migrate", "web", "node1")
+    only_on(nodes, "web", "node1")
+    n = ticks(n1, "web")[-1]
+    wait_ticks(n1, "web", n + 5)
+    assert_continuous(ticks(n1, "web"))
+
+
+def test_missing_image_layers_are_sent_first(tmp_path: Path, busybox_image_layout: Path) -> None:
+    c = make_cluster(tmp_path / "cluster", busybox_image_layout, import_on=("node1",))
+    try:
+        c.start("node1")
+        c.start("node2")
+        n1, n2 = c.local("node1"), c.local("node2")
+        n1.run("run", "-d", "--name", "lone", "busybox", "sh", "-c", COUNTER)
+        wait_ticks(n1, "lone", 5)
+        assert "busybox" not in n2.out("image", "ls")
+        c.op("migrate", "lone", "node2")
+        assert "busybox:latest" in n2.out("image", "ls")
+        only_on(c, "lone", "node2")
+        n = ticks(n2, "lone")[-1]
+        wait_ticks(n2, "lone", n + 5)
+    finally:
+        problems = c.close()
+        assert not problems, "\n".join(problems)
+
+
+def test_unknown_key_is_refused(nodes: Cluster2, tmp_path: Path) -> None:
+    from migrate import keys
+
+    keys.generate(tmp_path / "mallory", "mallory")
+    client = tmp_path / "mallory.toml"
+    client.write_text(f'secret_key = "{tmp_path}/mallory/mallory.key_secret"\n'
+                      f'cluster = "{nodes.files.cluster}"\n')
+    p = subprocess.run([*JAULA, "--client-config", str(client), "--node", "node1", "ps"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
+    assert p.returncode == 125 and "node1" in p.stderr
+    assert "transport.refused" in nodes.log("node1")
+    assert "node1" in nodes.op("node", "ls").stdout  # still serving the others
+
+
+def test_garbage_from_a_valid_key_gets_an_error_reply(nodes: Cluster2) -> None:
+    import asyncio
+
+    from migrate.config import load_client_config, load_cluster
+    from migrate.protocol import decode, encode
+    from migrate.transport import Client
+
+    async def talk() -> list[dict]:
+        cfg = load_client_config(nodes.files.clients["alice"])
+        client = await Client.for_peer(cfg, load_cluster(cfg.cluster), "node1")
+        replies = []
+        try:
+            for frames in ([b"\xc1\xff not msgpack"], [b"\x93\x01\x02\x03"],
+                           encode("ps")[:1] + [b"extra frame"],
+                           [__import__("msgpack").packb({"v": 9, "type": "ps"})],
+                           [__import__("msgpack").packb({"v": 1, "type": "rm"})],
+                           encode("ping")):
+                await client.send(frames)
+                replies.append(decode(await client.recv(timeout_s=10))[0])
+        finally:
+            client.close()
+        return replies
+
+    replies = asyncio.run(talk())
+    assert [r["type"] for r in replies] == ["error"] * 5 + ["pong"]
+    assert "version" in replies[3]["message"] and "container" in replies[4]["message"]
+
+
+def test_offer_from_an_operator_key_is_forbidden(nodes: Cluster2) -> None:
+    import asyncio
+
+    from migrate.config import load_client_config, load_cluster
+    from migrate.protocol import decode, encode
+    from migrate.transport import Client
+
+    async def talk() -> dict:
+        cfg = load_client_config(nodes.files.clients["alice"])
+        client = await Client.for_peer(cfg, load_cluster(cfg.cluster), "node2")
+        try:
+            await client.send(encode("offer", session="s1", container={}, image={},
+                                     criu_version=[4, 2, 1], source_node="node1"))
+            return decode(await client.recv(timeout_s=10))[0]
+        finally:
+            client.close()
+
+    r = asyncio.run(talk())
+    assert r["type"] == "error" and r["code"] == "forbidden"
+
+
+def _big_container(n1: Jaula, name: str, mib: int = 300) -> None:
+    # A large upperdir makes the pre-copy last long enough to break things in the middle.
+    n1.run("run", "-d", "--name", name, "busybox", "sh", "-c",
+           f"head -c {mib}000000 /dev/urandom > /big; " + COUNTER)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not ticks(n1, name):
+        time.sleep(0.1)
+
+
+def _migrate_async(nodes: Cluster2, name: str, dest: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*JAULA, "--client-config", str(nodes.files.clients["alice"]),
+                             "migrate", name, dest], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def _wait_incoming(nodes: Cluster2, dest: str, min_bytes: int = 20 << 20) -> None:
+    tmp = nodes.state_root(dest) / "tmp"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for f in tmp.glob("incoming-*/rootfs-base.tar"):
+            if f.stat().st_size >= min_bytes:
+                return
+        time.sleep(0.02)
+    raise AssertionError("the transfer never started")
+
+
+def _continues_on(nodes: Cluster2, name: str, node: str) -> None:
+    j = nodes.local(node)
+    only_on(nodes, name, node)
+    n = ticks(j, name)[-1]
+    wait_ticks(j, name, n + 5)
+    assert_continuous(ticks(j, name))
+
+
+def _nothing_on(nodes: Cluster2, node: str) -> None:
+    root = nodes.state_root(node)
+    assert nodes.local(node).container_ids() == [] or all(
+        s == "migrated" for s in nodes.where("x").values())
+    assert not list((root / "tmp").glob("incoming-*")) if (root / "tmp").exists() else True
+
+
+def test_destination_killed_during_transfer(nodes: Cluster2) -> None:
+    n1 = nodes.local("node1")
+    _big_container(n1, "big")
+    mig = _migrate_async(nodes, "big", "node2")
+    _wait_incoming(nodes, "node2")
+    nodes.kill("node2")
+    out, err = mig.communicate(timeout=120)
+    assert mig.returncode == 125 and "aborted" in err and "keeps running on node1" in err
+    _continues_on(nodes, "big", "node1")
+    nodes.start("node2")  # its recovery removes what the dead session left
+    assert nodes.local("node2").container_ids() == []
+    assert not list((nodes.state_root("node2") / "tmp").glob("incoming-*"))
+
+
+def test_source_cli_killed_mid_migration(nodes: Cluster2) -> None:
+    n1 = nodes.local("node1")
+    _big_container(n1, "cli")
+    mig = _migrate_async(nodes, "cli", "node2")
+    _wait_incoming(nodes, "node2")
+    mig.send_signal(signal.SIGKILL)
+    mig.wait(timeout=10)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the node service carries on by itself
+        where = nodes.where("cli")
+        if where.get("node2") == "running" and where.get("node1") == "migrated":
+            break
+        time.sleep(0.2)
+    _continues_on(nodes, "cli", "node2")
+
+
+def test_destination_disk_too_small_is_refused_before_freezing(nodes: Cluster2) -> None:
+    n1 = nodes.local("node1")
+    _big_container(n1, "fat", mib=100)
+    root2 = nodes.state_root("node2")
+    nodes.kill("node2")
+    import shutil
+
+    shutil.rmtree(root2)
+    root2.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(root2)], check=True)
+    try:
+        nodes.local("node2").run("image", "import", str(next(
+            Path(nodes.files.root).parent.parent.glob("busybox-image*/layout"), None)
+            or _busybox_from(nodes)), "--name", "busybox:latest")
+        nodes.start("node2")
+        p = nodes.op("migrate", "fat", "node2", check=False)
+        assert p.returncode == 125 and "not enough disk" in p.stderr
+        _continues_on(nodes, "fat", "node1")
+        assert nodes.local("node2").container_ids() == []
+    finally:
+        nodes.kill("node2")
+        subprocess.run(["umount", "-l", str(root2)], check=False)
+
+
+def _busybox_from(nodes: Cluster2) -> Path:
+    from tests.helpers.images import build_busybox_image
+
+    return build_busybox_image(nodes.files.root / "bb")
+
+
+def test_missing_layer_the_source_cannot_send(tmp_path: Path,
+                                              busybox_image_layout: Path) -> None:
+    c = make_cluster(tmp_path / "cluster", busybox_image_layout, import_on=("node1",))
+    layers = c.state_root("node1") / "layers"
+    moved: list[tuple[Path, Path]] = []
+    try:
+        c.start("node1")
+        c.start("node2")
+        n1 = c.local("node1")
+        n1.run("run", "-d", "--name", "nolayer", "busybox", "sh", "-c", COUNTER)
+        time.sleep(0.5)
+        for d in layers.iterdir():  # the running overlay keeps its own references
+            if len(d.name) == 64:
+                away = tmp_path / f"away-{d.name}"
+                d.rename(away)
+                moved.append((away, d))
+        p = c.op("migrate", "nolayer", "node2", check=False)
+        assert p.returncode == 125 and "layer" in p.stderr and "keeps running on node1" in p.stderr
+        _continues_on(c, "nolayer", "node1")
+        assert c.local("node2").container_ids() == []
+    finally:
+        for away, d in moved:
+            away.rename(d)
+        problems = c.close()
+        assert not problems, "\n".join(problems)
