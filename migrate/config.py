@@ -116,7 +116,9 @@ class Cluster:
     def by_key(self, z85: bytes | str) -> Peer | None:
         """The node or operator whose public key is ``z85`` (40 Z85 characters), or None."""
         if isinstance(z85, str):
-            z85 = z85.encode("ascii", "replace")
+            if not z85.isascii():
+                return None
+            z85 = z85.encode("ascii")
         return self._by_key.get(z85)
 
     def node(self, name: str) -> Peer:
@@ -195,7 +197,8 @@ def _read_toml(path: Path, what: str, example: str) -> dict[str, Any]:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError as e:
-        raise NodeConfigError(f"{what} {path} does not exist; write one, e.g.:\n{example}",
+        raise NodeConfigError(f"{what} {path} does not exist; write one with lines such as: "
+                              f"{example}",
                               path=str(path)) from e
     except tomllib.TOMLDecodeError as e:
         raise NodeConfigError(f"{path}: not valid TOML: {e}", path=str(path)) from e
@@ -311,7 +314,7 @@ def load_node_config(path: Path | str) -> NodeConfig:
         NodeConfigError: missing file, bad TOML, missing/unknown/ill-typed key.
     """
     path = _abs_file(path)
-    t = _Table(path, _read_toml(path, "node config file", "\n".join(
+    t = _Table(path, _read_toml(path, "node config file", "; ".join(
         v for k, v in _NODE_KEYS.items() if k not in ("cgroup_parent", "max_message_bytes"))))
     t.only(_NODE_KEYS)
     cgroup_parent = t.string("cgroup_parent", _NODE_KEYS["cgroup_parent"],
@@ -334,7 +337,7 @@ def load_node_config(path: Path | str) -> NodeConfig:
     )
 
 
-_CLUSTER_EXAMPLE = ('[nodes.node1]\nendpoint = "tcp://127.0.0.1:7001"\n'
+_CLUSTER_EXAMPLE = ('[nodes.node1]; endpoint = "tcp://127.0.0.1:7001"; '
                     'public_key = "keys/node1.key"')
 _NODE_ENTRY_KEYS = {
     "endpoint": 'endpoint = "tcp://127.0.0.1:7001"',
@@ -373,7 +376,7 @@ def load_cluster(path: Path | str) -> Cluster:
              (PeerKind.OPERATOR, "operators", _OPERATOR_ENTRY_KEYS, False))
     seen_keys: dict[bytes, str] = {}
     for kind, section, allowed, required in specs:
-        example = _CLUSTER_EXAMPLE if required else '[operators.alice]\npublic_key = "..."'
+        example = _CLUSTER_EXAMPLE if required else '[operators.alice]; public_key = "..."'
         for name, entry in top.table(section, example, required).items():
             t = _Table(path, entry if isinstance(entry, dict) else {}, f"{section}.{name}.")
             if not isinstance(entry, dict):
@@ -465,7 +468,7 @@ def load_client_config(path: Path | str | None = None) -> ClientConfig:
     else:
         what = "client config file"
     path = _abs_file(path)
-    t = _Table(path, _read_toml(path, what, "\n".join(
+    t = _Table(path, _read_toml(path, what, "; ".join(
         (_CLIENT_KEYS["secret_key"], _CLIENT_KEYS["cluster"]))))
     t.only(_CLIENT_KEYS)
     secret_file = t.path("secret_key", _CLIENT_KEYS["secret_key"])

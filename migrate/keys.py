@@ -55,7 +55,12 @@ _Z85_INDEX = {c: i for i, c in enumerate(_Z85_CHARS)}
 
 def is_z85_key(text: str | bytes) -> bool:
     """True when ``text`` is a 40-character Z85 encoding of a 32-byte key (RFC 32)."""
-    raw = text.encode("ascii", "replace") if isinstance(text, str) else text
+    if isinstance(text, str):
+        if not text.isascii():
+            return False
+        raw = text.encode("ascii")
+    else:
+        raw = text
     if len(raw) != Z85_KEY_LEN or not set(raw) <= _Z85_ALPHABET:
         return False
     # each 5-character group must encode a value below 2**32

@@ -71,7 +71,6 @@ pyzmq documentation: https://pyzmq.readthedocs.io/ (``zmq.asyncio``, ``zmq.auth`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -214,9 +213,10 @@ class _ZapHandler:
         """Unregister the fd, end the task, then close the ZAP socket (in that order)."""
         self._loop.remove_reader(self._fd)
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self.auth.stop()
+        try:
+            await asyncio.wait([self._task])  # never raises the task's CancelledError
+        finally:  # even if we are cancelled meanwhile: the task only ever waits on an Event
+            self.auth.stop()
 
 
 class Server:
@@ -366,8 +366,10 @@ class Server:
             return
         self._closed = True
         self._socket.close(linger=0)
-        await self._zap.stop()
-        self._ctx.destroy(linger=0)
+        try:
+            await self._zap.stop()
+        finally:
+            self._ctx.destroy(linger=0)
         log.info("transport.closed", node=self._cfg.name, endpoint=self.endpoint)
 
     async def __aenter__(self) -> Self:

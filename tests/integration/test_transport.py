@@ -408,3 +408,36 @@ def test_restart_in_the_same_event_loop(cluster_files: ClusterFiles) -> None:
                 await server.close()
 
     run(scenario)
+
+
+def test_cancelled_service_loop_closes_and_frees_the_endpoint(
+        cluster_files: ClusterFiles) -> None:
+    """The node service's shape: a task loops on recv() and closes the server in ``finally``
+    when cancelled; the endpoint can be bound again at once."""
+    async def serve_forever(server: Server, seen: list[Incoming]) -> None:
+        try:
+            while True:
+                seen.append(await server.recv())
+        finally:
+            await server.close()
+
+    async def scenario(stack: AsyncExitStack) -> None:
+        cfg, cluster = cluster_files.node_config("node1"), cluster_files.load_cluster()
+        seen: list[Incoming] = []
+        task = asyncio.create_task(serve_forever(await Server.start(cfg, cluster), seen))
+        client = await connect(stack, cluster_files, "node2")
+        await client.send([b"one"])
+        for _ in range(60):
+            if seen:
+                break
+            await asyncio.sleep(0.05)
+        assert [m.frames for m in seen] == [[b"one"]]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        server = await serve(stack, cfg, cluster)
+        await client.send([b"two"])  # the DEALER reconnects to the new server
+        got = await asyncio.wait_for(server.recv(), 3)
+        assert (got.peer.name, got.frames) == ("node2", [b"two"])
+
+    run(scenario)
