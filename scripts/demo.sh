@@ -1,51 +1,86 @@
 #!/usr/bin/env bash
-# `make demo`: the main job on a local default.
+# `make demo`: the main job on a local two-node default.
 #
-# Builds a real OCI image (Debian's busybox-static packed by umoci), imports it into a
-# throw-away state root, runs a container from it, execs into it, reads its logs, removes
-# it, and checks that nothing (mount, cgroup, process) is left behind.
+# Starts two node services (node1, node2) on 127.0.0.1 with their own CURVE keys and state
+# roots, runs a Redis container (Debian's redis-server in an OCI image the demo builds) on
+# node1, fills it with data, migrates it live to node2, shows the same data served there
+# and nothing left on node1, prints the downtime, then stops the nodes and cleans up.
 set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=.venv/bin/python
 WORK=$(mktemp -d /tmp/jaula-demo.XXXXXX)
-export JAULA_ROOT="$WORK/state"
+export JAULA_CLIENT_CONFIG="$WORK/admin-client.toml"
 jaula() { "$PY" -m migrate.cli "$@"; }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+PIDS=()
 
 cleanup() {
-    for id in $(jaula ps -a -q 2>/dev/null); do jaula rm -f "$id" >/dev/null || true; done
+    set +e
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+    for n in node1 node2; do
+        for id in $(jaula --state-root "$WORK/state/$n" ps -a -q 2>/dev/null); do
+            jaula --state-root "$WORK/state/$n" rm -f "$id" >/dev/null
+        done
+    done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-step "Build a busybox OCI image with umoci"
-LAYOUT=$("$PY" -c 'import sys; from pathlib import Path
-from tests.helpers.images import build_busybox_image
-print(build_busybox_image(Path(sys.argv[1])))' "$WORK/image")
-echo "$LAYOUT"
+step "A local cluster: keys, cluster file and configs for node1, node2 and operator admin"
+"$PY" - "$WORK" <<'PYEOF'
+import sys
+from pathlib import Path
+from tests.integration.cluster_setup import write_cluster
+c = write_cluster(Path(sys.argv[1]), operators=("admin",))
+for n, e in c.endpoints.items():
+    print(f"{n}: {e}  state root {c.root / 'state' / n}")
+PYEOF
 
-step "jaula image import"
-jaula image import "$LAYOUT" --name busybox:latest
-jaula image ls
+step "Build a Redis OCI image (Debian's redis-server) and import it on node1 only"
+LAYOUT=$("$PY" -m tests.helpers.images redis "$WORK/image" | tail -n 1)
+jaula --state-root "$WORK/state/node1" image import "$LAYOUT" --name jaula-redis:latest >/dev/null
+jaula --state-root "$WORK/state/node1" image ls
 
-step "jaula run -d: a counter with a memory limit, in its own namespaces"
-jaula run -d --name demo --memory 64m --pids-limit 32 --hostname demo busybox \
-    sh -c 'i=0; while true; do i=$((i+1)); echo "tick $i"; sleep 0.2; done'
-sleep 1
-jaula ps
+step "Start the two node services (ZeroMQ + CURVE on 127.0.0.1)"
+for n in node1 node2; do
+    "$PY" -m migrate.cli node serve --config "$WORK/$n.toml" >"$WORK/$n.log" 2>&1 &
+    PIDS+=($!)
+done
+for _ in $(seq 50); do
+    [ "$(jaula node ls 2>/dev/null | grep -c ' yes ')" = 2 ] && break
+    sleep 0.2
+done
+jaula node ls
 
-step "jaula exec: the container's own pid namespace, hostname and mounts"
-jaula exec demo sh -c 'hostname; ps; grep -E " / | /proc | /dev " /proc/mounts'
+step "Run Redis on node1 and fill it: 100000 keys plus one we will read back"
+jaula --state-root "$WORK/state/node1" run -d --name redis jaula-redis:latest >/dev/null
+for _ in $(seq 50); do
+    jaula --node node1 exec redis redis-cli ping 2>/dev/null | grep -q PONG && break
+    sleep 0.2
+done
+jaula --node node1 exec redis sh -c \
+    'seq 1 100000 | awk "{print \"SET key:\" \$1 \" value:\" \$1}" | redis-cli --pipe' | tail -n 1
+jaula --node node1 exec redis redis-cli SET greeting "hello from node1" >/dev/null
+echo "node1: DBSIZE $(jaula --node node1 exec redis redis-cli DBSIZE), greeting: $(jaula --node node1 exec redis redis-cli GET greeting)"
+RUNID1=$(jaula --node node1 exec redis redis-cli INFO server | grep run_id | tr -d '\r')
+jaula node ls
 
-step "jaula logs"
-jaula logs demo | tail -n 3
+step "migrate redis node2"
+jaula migrate redis node2
 
-step "jaula pause / resume"
-jaula pause demo && jaula ps && jaula resume demo
+step "The same data, served on node2 by the same process"
+echo "node2: DBSIZE $(jaula --node node2 exec redis redis-cli DBSIZE), greeting: $(jaula --node node2 exec redis redis-cli GET greeting)"
+RUNID2=$(jaula --node node2 exec redis redis-cli INFO server | grep run_id | tr -d '\r')
+echo "redis $RUNID1 before, $RUNID2 after: $([ "$RUNID1" = "$RUNID2" ] && echo 'the same server, not restarted' || echo 'DIFFERENT')"
+[ "$RUNID1" = "$RUNID2" ]
+jaula --node node2 exec redis redis-cli SET after "written on node2" >/dev/null
+echo "node2 keeps taking writes: $(jaula --node node2 exec redis redis-cli GET after)"
 
-step "jaula rm -f"
-CID=$(jaula inspect demo | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["Id"])')
-jaula rm -f demo
-left=$( (grep -c "$CID" /proc/mounts || true; find /sys/fs/cgroup -name "$CID" | wc -l) | awk "{s+=\$1} END {print s}")
-if [ "$left" != "0" ]; then echo "demo: something was left behind for $CID" >&2; exit 1; fi
-echo "nothing left behind: no mount, cgroup or process of $CID"
+step "Nothing left on node1 (only the record of where it went)"
+jaula --node node1 ps -a
+CID=$(jaula --node node2 inspect redis | "$PY" -c 'import json,sys; print(json.load(sys.stdin)[0]["Id"])')
+left=$(grep -c "$WORK/state/node1/containers/$CID" /proc/mounts || true)
+left=$((left + $(find /sys/fs/cgroup -path "*jaula-test-node1*" -name "$CID" | wc -l)))
+if [ "$left" != 0 ]; then echo "demo: node1 still has mounts or cgroups of $CID" >&2; exit 1; fi
+echo "node1 holds no mount, cgroup or process of $CID"
+jaula node ls
