@@ -10,7 +10,12 @@ a few seconds.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, TypeVar
@@ -441,3 +446,63 @@ def test_cancelled_service_loop_closes_and_frees_the_endpoint(
         assert (got.peer.name, got.frames) == ("node2", [b"two"])
 
     run(scenario)
+
+
+ECHO_SERVER = """
+import asyncio, sys
+from migrate.config import load_node
+from migrate.transport import Server
+
+async def main():
+    cfg, cluster = load_node(sys.argv[1])
+    server = await Server.start(cfg, cluster)
+    print("READY", flush=True)
+    while True:
+        m = await server.recv()
+        await server.send(m.routing_id, m.frames)
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def echo_server_process(cluster_files: ClusterFiles) -> Iterator[subprocess.Popen[str]]:
+    """node1 as an echo server in a child process (killed by pid at the end)."""
+    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(cluster_files.nodes["node1"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 10
+        for line in proc.stdout:  # structlog writes its own lines first
+            if line.strip() == "READY" or time.monotonic() > deadline:
+                break
+        assert proc.poll() is None, "the echo server did not start"
+        yield proc
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_a_stopped_peer_is_noticed_by_heartbeats(
+        cluster_files: ClusterFiles, echo_server_process: subprocess.Popen[str]) -> None:
+    """A peer that stops answering without closing its TCP connection (SIGSTOP) is declared
+    lost after the heartbeat timeout (3 s), not only after a long TCP timeout."""
+    async def scenario(stack: AsyncExitStack) -> float:
+        client = await connect(stack, cluster_files, "alice")
+        await client.send([b"ping"])
+        assert await client.recv(5) == [b"ping"]
+        os.kill(echo_server_process.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        await client.send([b"anyone?"])
+        while True:
+            with pytest.raises(PeerUnavailable) as e:
+                await client.recv(0.5)
+            if "connection was lost" in str(e.value):
+                return time.monotonic() - t0
+            assert "connected and authenticated, but it did not answer" in str(e.value)
+            assert time.monotonic() - t0 < 6
+
+    lost_after_s = run(scenario)
+    assert 2.0 <= lost_after_s < 6
