@@ -362,6 +362,10 @@ def checkpoint(rt: Runtime, ref: str, *, leave_running: bool = False,
         if leave_running:
             c.cgroup().thaw()  # CRIU leaves a cgroup as frozen as it found it
         t_released = time.monotonic()
+        if not leave_running:
+            # The monitor drains the container's stdout/stderr pipes into ctr.log once the
+            # tasks are dead, then exits: copying the log before that loses its last lines.
+            c.wait_monitor(10.0)
         if (c.dir / "ctr.log").exists():
             shutil.copyfile(c.dir / "ctr.log", bundle.path / "ctr.log")
         manifest = bundle.finalize(Manifest(
@@ -376,7 +380,6 @@ def checkpoint(rt: Runtime, ref: str, *, leave_running: bool = False,
             c.state.status = ContainerStatus.CHECKPOINTED
             c.state.extra = {**c.state.extra, "checkpointed_at": time.time()}
             c.save()
-            c.wait_monitor(10.0)
             c.cgroup().destroy()
     size = sum(f.size for f in manifest.files)
     exported = None
