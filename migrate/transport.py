@@ -114,7 +114,7 @@ MAX_FRAMES = 64
 SEND_TIMEOUT_S = 10.0
 """Default time a send may wait for room under the high-water mark."""
 REFUSAL_LOG_INTERVAL_S = 60.0
-"""Log a refused key at most once per this interval (a refused client keeps retrying)."""
+"""Log a refused key at most once per this interval (a refused client may keep retrying)."""
 CURVE_MESSAGE_OVERHEAD_BYTES = 33
 """Bytes CURVE adds to each frame on the wire: command name (1 + 7 "MESSAGE"), short nonce
 (8), flags (1), Poly1305 MAC (16) (RFC 26, MESSAGE command)."""
@@ -206,7 +206,19 @@ class _ZapHandler:
         while True:
             self._readable.clear()
             while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                await self.auth.handle_zap_message(sock.recv_multipart(zmq.NOBLOCK))
+                request = sock.recv_multipart(zmq.NOBLOCK)
+                try:
+                    await self.auth.handle_zap_message(request)
+                except Exception as e:  # noqa: BLE001 - one bad request never stops ZAP
+                    log.error("transport.zap_failed", error=repr(e))
+                    # answer 500 (RFC 27: refused) so that the REP socket may receive again;
+                    # EFSM means the reply was already sent
+                    if len(request) > 1:
+                        try:
+                            sock.send_multipart([b"1.0", request[1], b"500",
+                                                 b"Internal error", b"", b""])
+                        except zmq.ZMQError:
+                            pass
             await self._readable.wait()
 
     async def stop(self) -> None:
@@ -485,9 +497,12 @@ class Client:
                 if self._authenticated and self._problem is None:
                     self._problem = "the connection was lost"
                 self._authenticated = False
-            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self._problem = (f"it refused our key (ZAP status {value}): list our public "
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400:
+                self._problem = (f"it refused our key (ZAP status 400): list our public "
                                  f"key {self._own_public.decode()} in that node's cluster file")
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._problem = (f"its authentication failed (ZAP status {value}, RFC 27: 300 "
+                                 "temporary, 500 internal error): see that node's log")
             elif event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
                            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
                 self._problem = (f"the CURVE handshake failed: the server key we used "

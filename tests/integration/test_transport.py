@@ -506,3 +506,35 @@ def test_a_stopped_peer_is_noticed_by_heartbeats(
 
     lost_after_s = run(scenario)
     assert 2.0 <= lost_after_s < 6
+
+
+def test_a_failing_zap_check_refuses_and_zap_goes_on(cluster_files: ClusterFiles,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from migrate import transport
+
+    real = transport._AllowList.callback
+    calls: list[bytes] = []
+
+    def flaky(self: Any, domain: str, key: bytes) -> bool:
+        calls.append(key)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(self, domain, key)
+
+    monkeypatch.setattr(transport._AllowList, "callback", flaky)
+
+    async def scenario(stack: AsyncExitStack) -> None:
+        server = await serve(stack, cluster_files.node_config("node1"),
+                             cluster_files.load_cluster())
+        alice = await connect(stack, cluster_files, "alice")
+        await alice.send([b"first"])
+        with pytest.raises(PeerUnavailable, match="ZAP status 500"):
+            await alice.recv(1.0)
+        node2 = await connect(stack, cluster_files, "node2")
+        await node2.send([b"second"])
+        got = await asyncio.wait_for(server.recv(), 3)
+        assert (got.peer.name, got.frames) == ("node2", [b"second"])
+
+    with capture_logs() as logs:
+        run(scenario)
+    assert any(e["event"] == "transport.zap_failed" and "boom" in e["error"] for e in logs)
