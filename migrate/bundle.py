@@ -17,6 +17,7 @@ Layout (a directory; exported as one uncompressed tar of the same tree)::
      "container": <ContainerConfig JSON>, "image": {"id": ..., "ref": ..., "layers": [...]},
      "stdio": {"stdout": "pipe:[1234]", "stderr": "pipe:[1235]"},
      "volumes": [{"key": "vol0", "destination": "/data", "source": "/srv/data"}],
+     "netns": "external" (CRIU did not save the lo-only net namespace: give it a new one),
      "cgroup_mode": "hybrid", "dump": {"freeze_to_dump_s": ..., "pages_bytes": ...},
      "files": [{"path": "criu/pages-1.img", "size": 1234, "sha256": "..."}, ...]}
 
@@ -68,6 +69,7 @@ class Manifest:
     criu_version: tuple[int, int, int]
     stdio: dict[str, str | None] = field(default_factory=dict)
     volumes: tuple[dict[str, str], ...] = ()
+    netns: str = ""
     cgroup_mode: str = ""
     source_node: str = ""
     kernel: str = field(default_factory=platform.release)
@@ -93,6 +95,7 @@ class Manifest:
             return cls(container=d["container"], image=d["image"],
                        criu_version=tuple(d["criu_version"]),  # type: ignore[arg-type]
                        stdio=d.get("stdio", {}), volumes=tuple(d.get("volumes", ())),
+                       netns=d.get("netns", ""),
                        cgroup_mode=d.get("cgroup_mode", ""), source_node=d.get("source_node", ""),
                        kernel=d.get("kernel", ""), cpu_flags=tuple(d.get("cpu_flags", ())),
                        created_at=float(d.get("created_at", 0)), dump=d.get("dump", {}),

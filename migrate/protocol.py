@@ -94,7 +94,7 @@ SCHEMAS: dict[str, dict[str, tuple[Any, int | None, bool]]] = {
     "credit": {"session": (*_NAME, True), "n": (*_INT, True)},
     "file_ok": {"session": (*_NAME, True), "file": (*_INT, True)},
     "restore": {"session": (*_NAME, True), "stdio": (*_MAP, True), "volumes": (*_LIST, True),
-                "deleted": (*_LIST, True), "dump": (*_MAP, False)},
+                "deleted": (*_LIST, True), "dump": (*_MAP, False), "netns": (*_NAME, False)},
     "ready": {"session": (*_NAME, True), "restore_s": (*_NUM, False)},
     "resume": {"session": (*_NAME, True)},
     "resumed": {"session": (*_NAME, True), "resume_s": (*_NUM, False)},

@@ -21,6 +21,7 @@ Sequence::
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 from dataclasses import replace
@@ -30,6 +31,7 @@ import structlog
 
 from migrate import criu, rootfs_diff
 from migrate.bundle import Bundle, Manifest, cpu_flags
+from migrate.checkpoint import NETNS_KEY
 from migrate.errors import BundleError, PreflightError
 from runtime.cgroups import CgroupMode, Resources, create_manager, detect_mode
 from runtime.container import Container, Runtime, require_root
@@ -259,10 +261,10 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
     if "params" in a:  # armed ahead of time: the rest was written just before "go"
         a.update(json.loads(Path(a["params"]).read_text()))
     if "stdio" in a:
-        stdio, volumes = a["stdio"], a["volumes"]
+        stdio, volumes, netns = a["stdio"], a["volumes"], a.get("netns", "")
     else:
         m = bundle.manifest()
-        stdio, volumes = m.stdio, list(m.volumes)
+        stdio, volumes, netns = m.stdio, list(m.volumes), m.netns
     cfg = ContainerConfig.from_json(json.loads((cdir / "config.json").read_text()))
     inherit: list[tuple[str, int]] = []
     out_key, err_key = stdio.get("stdout"), stdio.get("stderr")
@@ -270,6 +272,8 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
         inherit.append((out_key, stdout_w))
     if err_key and err_key != out_key:
         inherit.append((err_key, stderr_w))
+    if netns == "external":
+        inherit.append((NETNS_KEY, fresh_netns()))
     sources = {mt.destination: mt.source for mt in cfg.mounts}
     external = tuple(f"mnt[{v['key']}]:{sources.get(v['destination'], v['source'])}"
                      for v in volumes)
@@ -287,6 +291,22 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
         work_dir=cdir, inherit_fd=tuple(inherit), external=external,
         network_lock=network_lock(cfg)), on_notify)
     return res.pid
+
+
+def fresh_netns() -> int:
+    """A new net namespace with ``lo`` up, as an open fd; the caller stays in its own."""
+    from runtime import syscalls as sc
+
+    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        sc.unshare(sc.CLONE_NEWNET)
+        try:
+            sc.link_up("lo")
+            return os.open("/proc/self/ns/net", os.O_RDONLY)
+        finally:
+            sc.setns(own, sc.CLONE_NEWNET)
+    finally:
+        os.close(own)
 
 
 def _wait_for_decision(path: str) -> bool:

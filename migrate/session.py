@@ -41,7 +41,14 @@ import structlog
 
 from migrate import criu, rootfs_diff
 from migrate.bundle import cpu_flags
-from migrate.checkpoint import _stdio_keys, freezer_path, network_lock, preflight
+from migrate.checkpoint import (
+    _stdio_keys,
+    dump_externals,
+    external_netns,
+    freezer_path,
+    network_lock,
+    preflight,
+)
 from migrate.errors import (
     MigrationAborted,
     MigrationError,
@@ -330,6 +337,7 @@ class SourceSession:
             post_dump = asyncio.Event()
             images = work / "criu"
             stdio = _stdio_keys(c)
+            netns = external_netns(c)
 
             def on_notify(n: criu.Notify) -> bool:
                 if n.script == "post-dump":
@@ -346,7 +354,7 @@ class SourceSession:
                        for i, m in enumerate(c.config.mounts)]
             dump_task = asyncio.ensure_future(asyncio.to_thread(criu.dump, criu.DumpOptions(
                 pid=c.state.pid, images_dir=images, freeze_cgroup=freezer_path(c),
-                network_lock=network_lock(c.config), external=tuple(f"mnt[{v['destination']}]:{v['key']}" for v in volumes)),
+                network_lock=network_lock(c.config), external=dump_externals(volumes, netns)),
                 on_notify))
             waiter = asyncio.ensure_future(post_dump.wait())
             await asyncio.wait({dump_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -377,6 +385,7 @@ class SourceSession:
 
             # -- restore on the destination, held before resuming
             await link.send("restore", stdio=stdio, volumes=volumes, deleted=deleted,
+                            netns="external" if netns else "",
                             dump={"freeze_to_post_dump_s": rep.phases_s.get("dump", 0.0)})
             await link.expect("ready", timeout_s=max(120.0, self.peer_timeout_s))
             phase("restore")
@@ -620,6 +629,12 @@ class DestinationSession:
             raise TransferError(f"{f.name} arrived corrupt: {f.size} bytes with sha256 "
                                 f"{f.h.hexdigest()[:16]}..., the source sent {m['size']} bytes "
                                 f"with {m['sha256'][:16]}...")
+        if f.name == "rootfs-base.tar" and self.cdir is not None:
+            # Unpack the pre-copied upperdir now, while the source still runs: only the
+            # delta is left for the downtime.
+            await asyncio.to_thread(rootfs_diff.extract, self.staging / f.name,
+                                    self.cdir / "upper")
+            os.unlink(self.staging / f.name)
         if f.kind == "layer":
             from runtime.image.transfer import import_layer
 
@@ -639,7 +654,8 @@ class DestinationSession:
         await asyncio.to_thread(register_image, self.rt.images, self.offer["image"])
         await asyncio.to_thread(self._fill_container, m)
         atomic_write_json(self.staging / "restore.json",
-                          {"stdio": m["stdio"], "volumes": m["volumes"]})
+                          {"stdio": m["stdio"], "volumes": m["volumes"],
+                           "netns": m.get("netns", "")})
         self.hold_server = await asyncio.start_unix_server(self._on_hold,
                                                            path=str(self.hold_path))
         from migrate.restore import RESTORER
@@ -671,7 +687,7 @@ class DestinationSession:
 
     def _fill_container(self, m: dict[str, Any]) -> Path:
         cdir = self.cdir
-        rootfs_diff.extract(self.staging / "rootfs-base.tar", cdir / "upper")
+        assert cdir is not None and (cdir / "upper").is_dir(), "the pre-copy never arrived"
         rootfs_diff.apply_deleted(cdir / "upper", [str(p) for p in m["deleted"]])
         rootfs_diff.extract_over(self.staging / "rootfs-delta.tar", cdir / "upper")
         if (self.staging / "ctr.log").exists():

@@ -41,10 +41,9 @@ class Cluster2:
                              start_new_session=True)
         log.close()
         self.procs[node] = p
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if self.op("node", "ls", check=False, timeout=10).stdout.count(" yes ") >= 1 and \
-                    self._reachable(node):
+            if self._reachable(node):
                 return
             if p.poll() is not None:
                 raise AssertionError(f"{node} service died: {self.log(node)}")
@@ -52,8 +51,7 @@ class Cluster2:
         raise AssertionError(f"{node} service did not come up: {self.log(node)}")
 
     def _reachable(self, node: str) -> bool:
-        out = self.op("node", "ls", check=False, timeout=10).stdout
-        return any(line.split()[:1] == [node] and " yes " in line for line in out.splitlines())
+        return self.op("--node", node, "ps", check=False, timeout=30).returncode == 0
 
     def kill(self, node: str, sig: int = signal.SIGKILL) -> None:
         p = self.procs.pop(node, None)
