@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 import structlog
 
@@ -86,16 +86,26 @@ def global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
                    help="log verbosity on stderr (default: warning)")
 
 
+_COMMON = argparse.ArgumentParser(add_help=False)
+global_options(_COMMON, suppress=True)
+
+
+class SubParser(Parser):
+    """A command's parser: also takes the global options after the command."""
+
+    def __init__(self, **kw: Any) -> None:
+        kw.setdefault("parents", [_COMMON])
+        super().__init__(**kw)
+
+
 def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentParser:
     p = Parser(prog="jaula", description="A container runtime built for checkpoint/restore "
                "and live migration.")
     global_options(p, suppress=False)
     for ext in extensions:
         ext.add_global_options(p)
-    common = argparse.ArgumentParser(add_help=False)
-    global_options(common, suppress=True)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
-                           parser_class=lambda **kw: Parser(parents=[common], **kw))
+                           parser_class=SubParser)
 
     img = sub.add_parser("image", help="manage images")
     isub = img.add_subparsers(dest="image_cmd", required=True, metavar="COMMAND")
