@@ -297,9 +297,9 @@ def _stdio_keys(c: Container) -> dict[str, str | None]:
         if t.startswith("pipe:"):
             monitor_pipes.add(t)
     keys: dict[str, str | None] = {}
-    for fd, stream in ((1, "stdout"), (2, "stderr")):
+    for num, stream in ((1, "stdout"), (2, "stderr")):
         try:
-            t = os.readlink(f"/proc/{c.state.pid}/fd/{fd}")
+            t = os.readlink(f"/proc/{c.state.pid}/fd/{num}")
         except OSError:
             t = ""
         keys[stream] = t if t in monitor_pipes else None
