@@ -25,7 +25,7 @@ from typing import NoReturn
 from runtime import syscalls as sc
 from runtime.cgroups import CgroupManager
 from runtime.errors import ContainerError, NamespaceError
-from runtime.process import ExecFailed, drop_privileges, exec_user_program
+from runtime.process import ExecFailed, drop_privileges, exec_user_program, fail_to_parent
 from runtime.spec import User
 
 #: Namespaces joined, in order (mnt last: it changes what /proc paths mean).
@@ -93,13 +93,7 @@ def _helper(ns_fds: list[int], cgroup: CgroupManager, args: tuple[str, ...],
         code = os.waitstatus_to_exitcode(status)
         os._exit(128 - code if code < 0 else code)
     except ExecFailed as e:
-        _fail(err_w, str(e))
+        fail_to_parent(err_w, str(e), 126)
     except BaseException as e:  # noqa: BLE001 - anything here must reach the caller
-        _fail(err_w, f"{step}: {e}")
+        fail_to_parent(err_w, f"{step}: {e}", 126)
 
-
-def _fail(err_w: int, message: str) -> NoReturn:
-    try:
-        os.write(err_w, message.encode()[:4000])
-    finally:
-        os._exit(126)

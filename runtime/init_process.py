@@ -23,7 +23,13 @@ import socket
 from typing import NoReturn
 
 from runtime import syscalls as sc
-from runtime.process import ExecFailed, close_fds_except, drop_privileges, exec_user_program
+from runtime.process import (
+    ExecFailed,
+    close_fds_except,
+    drop_privileges,
+    exec_user_program,
+    fail_to_parent,
+)
 from runtime.rootfs.mounts import pivot_into, prepare_rootfs
 from runtime.spec import ContainerConfig
 
@@ -66,13 +72,7 @@ def run_init(cfg: ContainerConfig, rootfs: str, start_r: int, err_w: int,
         step = "exec"
         exec_user_program(cfg.args, cfg.env, cfg.cwd)
     except ExecFailed as e:
-        _fail(err_w, str(e))
+        fail_to_parent(err_w, str(e), 127)
     except BaseException as e:  # noqa: BLE001 - anything here must reach the parent
-        _fail(err_w, f"{step}: {e}")
+        fail_to_parent(err_w, f"{step}: {e}", 127)
 
-
-def _fail(err_w: int, message: str) -> NoReturn:
-    try:
-        os.write(err_w, message.encode()[:4000])
-    finally:
-        os._exit(127)

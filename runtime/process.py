@@ -29,6 +29,15 @@ class ExecFailed(Exception):
     """Raised in the child before execve; its message goes back to the parent."""
 
 
+def fail_to_parent(err_w: int, message: str, exit_code: int) -> NoReturn:
+    """In a forked child that could not exec: send ``message`` on the close-on-exec error
+    pipe and exit with ``exit_code`` (127: not found, 126: cannot run, as the shells)."""
+    try:
+        os.write(err_w, message.encode()[:4000])
+    finally:
+        os._exit(exit_code)
+
+
 def drop_privileges(user: User, capabilities: tuple[str, ...], no_new_privs: bool = True) -> None:
     """Keep only ``capabilities`` (names) in every set, become ``user``, set no_new_privs."""
     # Never ask for more than this process has (root here may lack some, e.g. SYS_RESOURCE).

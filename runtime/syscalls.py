@@ -168,27 +168,27 @@ def set_process_name(name: str) -> None:
     _libc.prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0, 0, 0, 0)
 
 
-def proc_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), or None
-    when the process does not exist.  With the pid it identifies a process for good."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """Fields of /proc/PID/stat after ``comm`` (state first), or None if there is no such
+    process.  ``comm`` may hold spaces and parentheses: split after the last ``)``."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    # comm may contain spaces and parentheses: split after the last ')'.
-    fields = data[data.rindex(b")") + 2:].split()
-    return int(fields[19])
+    return data[data.rindex(b")") + 2:].split()
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), or None
+    when the process does not exist.  With the pid it identifies a process for good."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
 
 
 def is_alive(pid: int | None, start_time: int | None) -> bool:
     """True when ``pid`` exists, is not a zombie, and started at ``start_time``."""
     if not pid or start_time is None:
         return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    fields = data[data.rindex(b")") + 2:].split()
-    return fields[0] != b"Z" and fields[0] != b"X" and int(fields[19]) == start_time
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in (b"Z", b"X") and int(fields[19]) == start_time

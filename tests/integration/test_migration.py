@@ -5,7 +5,6 @@ the source), its memory state continues, and nothing stray is left on either nod
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import time
@@ -14,13 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.counter import (
+    COUNTER,
+    assert_continuous,
+    ticks,
+    wait_ticks,
+)
 from tests.integration.nodes import REPO, Cluster2, make_cluster
 from tests.linux.conftest import JAULA, Jaula, needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
-
-COUNTER = ("i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo \"tick $i\"; "
-           "sleep 0.05; done")
 
 
 @pytest.fixture
@@ -33,24 +35,6 @@ def nodes(tmp_path: Path, busybox_image_layout: Path) -> Iterator[Cluster2]:
     finally:
         problems = c.close()
         assert not problems, "\n".join(problems)
-
-
-def ticks(j: Jaula, name: str) -> list[int]:
-    return [int(m) for m in re.findall(r"^tick (\d+)$", j.out("logs", name), re.MULTILINE)]
-
-
-def wait_ticks(j: Jaula, name: str, n: int, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        t = ticks(j, name)
-        if t and t[-1] >= n:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{name} did not reach tick {n}: {ticks(j, name)[-3:]}")
-
-
-def assert_continuous(t: list[int]) -> None:
-    assert t == list(range(1, len(t) + 1)), "a tick was lost or ran twice"
 
 
 def only_on(nodes: Cluster2, name: str, node: str) -> None:

@@ -2,47 +2,23 @@
 
 from __future__ import annotations
 
-import json
-import re
 import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.counter import (
+    COUNTER,
+    assert_continuous,
+    count,
+    inspect,
+    ticks,
+    wait_ticks,
+)
 from tests.linux.conftest import Jaula, mounts_under, needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
-
-COUNTER = ("i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo \"tick $i\"; "
-           "sleep 0.05; done")
-
-
-def inspect(j: Jaula, ref: str) -> dict:
-    return json.loads(j.out("inspect", ref))[0]
-
-
-def count(j: Jaula, ref: str) -> int:
-    return int(j.out("exec", ref, "cat", "/tmp/count"))
-
-
-def ticks(j: Jaula, ref: str) -> list[int]:
-    return [int(m) for m in re.findall(r"^tick (\d+)$", j.out("logs", ref), re.MULTILINE)]
-
-
-def wait_ticks(j: Jaula, ref: str, n: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        t = ticks(j, ref)
-        if t and t[-1] >= n:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{ref} did not reach tick {n}: {ticks(j, ref)[-3:]}")
-
-
-def assert_continuous(t: list[int]) -> None:
-    """Every tick once, in order: nothing lost, nothing run twice."""
-    assert t == list(range(1, len(t) + 1)), t
 
 
 def test_checkpoint_and_restore_continue_where_they_were(jaula: Jaula) -> None:
