@@ -34,10 +34,10 @@ import structlog
 from migrate import criu, rootfs_diff
 from migrate.bundle import Bundle, Manifest, cpu_flags
 from migrate.errors import MigrationError, PreflightError
+from migrate.restorer import NETNS_KEY, network_lock
 from runtime.cgroups import detect_mode
 from runtime.container import Container, Runtime
 from runtime.errors import ContainerError
-from runtime.spec import ContainerConfig
 from runtime.state import ContainerStatus
 
 log = structlog.get_logger(__name__)
@@ -245,6 +245,12 @@ def _check_objects(c: Container, pid: int, comm: str) -> None:
             continue
         if is_fifo:
             mnt, fstype = _mount_of_fd(pid, fd)
+            try:
+                still = os.readlink(link)
+            except OSError:
+                continue
+            if still != target or not mnt:
+                continue  # the fd changed while we looked (a shell's `> file` redirect)
             on_volume = any(mnt == v or mnt.startswith(v.rstrip("/") + "/") for v in volumes)
             if on_volume or (mnt != "/" and fstype != "tmpfs"):
                 raise PreflightError(
@@ -304,16 +310,6 @@ def _stdio_keys(c: Container) -> dict[str, str | None]:
             t = ""
         keys[stream] = t if t in monitor_pipes else None
     return keys
-
-
-def network_lock(cfg: ContainerConfig) -> int:
-    """CRIU's network lock for this container: none is needed for a private net namespace
-    with only ``lo`` (nobody outside can send it anything while it is frozen)."""
-    return criu.NET_LOCK_SKIP if cfg.network == "none" else criu.NET_LOCK_IPTABLES
-
-
-#: the key under which a container's net namespace is external to CRIU (see external_netns)
-NETNS_KEY = "jaula-netns"
 
 
 def external_netns(c: Container) -> str | None:

@@ -30,11 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import structlog
-
 from migrate.errors import CriuError, CriuUnavailable
 
-log = structlog.get_logger(__name__)
+
+def _log() -> object:
+    # structlog costs ~70 ms to import: not on the restore path of an armed monitor
+    import structlog
+
+    return structlog.get_logger(__name__)
 
 try:  # pycriu is built from CRIU's source tree by scripts/setup.sh
     from pycriu import rpc_pb2 as rpc
@@ -257,7 +260,8 @@ def _call(action: str, req_type: int, opts: object, images_dir: Path, log_file: 
                     try:
                         ok = bool(on_notify(n))
                     except Exception as e:
-                        log.error("criu.notify.handler_failed", script=n.script, error=str(e))
+                        _log().error(  # type: ignore[attr-defined]
+                            "criu.notify.handler_failed", script=n.script, error=str(e))
                         swrk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=False))
                         _drain(swrk)
                         raise

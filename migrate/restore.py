@@ -3,9 +3,8 @@
 Two entry points:
 - :func:`restore`: from the container's own local checkpoint, or from an exported bundle tar
   (``--import``), possibly under another state root (another node on the same host).
-- :func:`criu_restorer`: the restorer the container's monitor calls in restore mode
-  (``runtime.monitor --restore-with migrate.restore:criu_restorer``), so that the restored
-  init is the monitor's child and is reaped by it.
+- the restorer the container's monitor calls in restore mode is
+  :func:`migrate.restorer.criu_restorer` (kept in a module of its own, light to import).
 
 Sequence::
 
@@ -21,7 +20,6 @@ Sequence::
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 from dataclasses import replace
@@ -31,9 +29,8 @@ import structlog
 
 from migrate import criu, rootfs_diff
 from migrate.bundle import Bundle, Manifest, cpu_flags
-from migrate.checkpoint import NETNS_KEY
 from migrate.errors import BundleError, PreflightError
-from runtime.cgroups import CgroupMode, Resources, create_manager, detect_mode
+from runtime.cgroups import CgroupMode, Resources, detect_mode
 from runtime.container import Container, Runtime, require_root
 from runtime.errors import ContainerError, ContainerNotFound
 from runtime.spec import ContainerConfig
@@ -41,7 +38,7 @@ from runtime.state import ContainerStatus, State, atomic_write_json
 
 log = structlog.get_logger(__name__)
 
-RESTORER = "migrate.restore:criu_restorer"
+RESTORER = "migrate.restorer:criu_restorer"
 
 #: CPU flags a restored program may rely on; missing on this node -> refuse.
 _USER_CPU_FLAGS = ("sse", "sse2", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma", "bmi1",
@@ -236,95 +233,3 @@ def _restore_import(rt: Runtime, tar_path: Path, name: str | None) -> Container:
     except BaseException:
         shutil.rmtree(cdir, ignore_errors=True)
         raise
-
-
-def cgroup_roots(cfg: ContainerConfig) -> tuple[tuple[str, str], ...]:
-    """``--cgroup-root`` pairs that put every controller's tasks in the container's cgroup."""
-    path = f"/{cfg.cgroup_parent}/{cfg.id}"
-    if detect_mode() is CgroupMode.UNIFIED:
-        return (("", path),)
-    return tuple((ctrl, path) for ctrl in create_manager(cfg.id, parent=cfg.cgroup_parent).paths())
-
-
-def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
-    """Run ``criu restore`` from inside the container's monitor; returns the init's host pid.
-
-    ``arg`` is JSON: ``{"bundle": PATH}`` for a checkpoint bundle (stdio and volumes from its
-    manifest), or ``{"bundle": STAGING, "hold": SOCKET, "params": FILE}`` for an incoming
-    migration (FILE holds ``{"stdio": {...}, "volumes": [...]}``, written just before the
-    armed monitor is told to go), whose tasks are held at CRIU's ``pre-resume`` until the
-    destination service says ``resume`` or ``abort`` on the unix socket ``hold``.  The
-    restored init becomes the monitor's child (``rst_sibling``); its stdout/stderr are the
-    monitor's new pipes (``inherit_fd``)."""
-    a = json.loads(arg)
-    bundle = Bundle(Path(a["bundle"]))
-    if "params" in a:  # armed ahead of time: the rest was written just before "go"
-        a.update(json.loads(Path(a["params"]).read_text()))
-    if "stdio" in a:
-        stdio, volumes, netns = a["stdio"], a["volumes"], a.get("netns", "")
-    else:
-        m = bundle.manifest()
-        stdio, volumes, netns = m.stdio, list(m.volumes), m.netns
-    cfg = ContainerConfig.from_json(json.loads((cdir / "config.json").read_text()))
-    inherit: list[tuple[str, int]] = []
-    out_key, err_key = stdio.get("stdout"), stdio.get("stderr")
-    if out_key:
-        inherit.append((out_key, stdout_w))
-    if err_key and err_key != out_key:
-        inherit.append((err_key, stderr_w))
-    if netns == "external":
-        inherit.append((NETNS_KEY, fresh_netns()))
-    sources = {mt.destination: mt.source for mt in cfg.mounts}
-    external = tuple(f"mnt[{v['key']}]:{sources.get(v['destination'], v['source'])}"
-                     for v in volumes)
-    hold = a.get("hold")
-
-    def on_notify(n: criu.Notify) -> bool:
-        if n.script == "pre-resume" and hold:
-            return _wait_for_decision(hold)
-        return True
-
-    from migrate.checkpoint import network_lock
-
-    res = criu.restore(criu.RestoreOptions(
-        images_dir=bundle.criu_dir, root=str(cdir / "merged"), cg_root=cgroup_roots(cfg),
-        work_dir=cdir, inherit_fd=tuple(inherit), external=external,
-        network_lock=network_lock(cfg)), on_notify)
-    return res.pid
-
-
-def fresh_netns() -> int:
-    """A new net namespace with ``lo`` up, as an open fd; the caller stays in its own."""
-    from runtime import syscalls as sc
-
-    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        sc.unshare(sc.CLONE_NEWNET)
-        try:
-            sc.link_up("lo")
-            return os.open("/proc/self/ns/net", os.O_RDONLY)
-        finally:
-            sc.setns(own, sc.CLONE_NEWNET)
-    finally:
-        os.close(own)
-
-
-def _wait_for_decision(path: str) -> bool:
-    """Tell the destination service the tasks are held; return its decision (True: resume).
-
-    If the service goes away, keep the tasks held and reconnect (a restarted service asks
-    the source for the outcome): a held copy is never discarded on a timeout alone."""
-    import socket
-    import time
-
-    while True:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.connect(path)
-                s.sendall(b"held\n")
-                answer = s.makefile("rb").readline().strip()
-            if answer in (b"resume", b"abort"):
-                return answer == b"resume"
-        except OSError:
-            pass
-        time.sleep(0.5)
