@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """memhog: a memory workload whose whole memory can be checked after checkpoint/restore.
 
-usage: memhog.py MIB [--dirty-pct P] [--heartbeat PATH]
+usage: memhog.py MIB [--dirty-pct P] [--heartbeat PATH] [--maxgap]
 
 Memory
     One private anonymous mapping of MIB MiB (``mmap(-1, size, MAP_PRIVATE)``, the kind of
@@ -37,6 +37,16 @@ Heartbeat
     between two values seen from outside measures how long the process was frozen.  The
     interpreter's thread switch interval is lowered to 1 ms so the heartbeat keeps its pace
     while the main thread verifies.
+
+Longest gap (``--maxgap``, for the benchmarks)
+    The heartbeat thread (started by ``--maxgap`` even without ``--heartbeat``) also keeps the
+    longest wall-clock gap between two consecutive beats and the ``time.time()`` of the beat
+    that ended it: with a beat every millisecond, a gap much longer than that is time the
+    process did not run (frozen, dumped, moved, restored).  VERIFY lines then end with
+    `` maxgap_ms=G maxgap_at=T`` (the longest gap since the start or the last reset, taken
+    when the verification starts, so the verification itself is not in it).  SIGUSR2, at the
+    end of the current tick: forget the longest gap and print ``RESET <counter>``.  Without
+    ``--maxgap`` nothing of this happens and SIGUSR2 keeps its default action.
 
 Output is line-buffered on stdout (flushed per line); nothing else is printed.
 """
@@ -131,11 +141,35 @@ class MemHog:
         )
 
 
-def heartbeat(path: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    while True:
-        os.pwrite(fd, b"%.6f\n" % time.time(), 0)
-        time.sleep(0.001)
+class Heartbeat:
+    """The heartbeat thread's state: the file it writes, the longest gap between beats."""
+
+    def __init__(self, path: str | None) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if path else -1
+        self.lock = threading.Lock()
+        self.last = 0.0
+        self.max_gap = 0.0
+        self.max_at = 0.0
+
+    def run(self) -> None:
+        while True:
+            now = time.time()
+            with self.lock:
+                if self.last and now - self.last > self.max_gap:
+                    self.max_gap, self.max_at = now - self.last, now
+                self.last = now
+            if self.fd >= 0:
+                os.pwrite(self.fd, b"%.6f\n" % now, 0)
+            time.sleep(0.001)
+
+    def longest(self) -> str:
+        with self.lock:
+            return f"maxgap_ms={self.max_gap * 1000:.3f} maxgap_at={self.max_at:.6f}"
+
+    def reset(self) -> None:
+        with self.lock:
+            self.max_gap = self.max_at = 0.0
+            self.last = time.time()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,24 +182,38 @@ def main(argv: list[str] | None = None) -> int:
         help="percent of pages re-dirtied every 100 ms (default 0)",
     )
     parser.add_argument("--heartbeat", metavar="PATH", help="write time.time() here every 1 ms")
+    parser.add_argument(
+        "--maxgap",
+        action="store_true",
+        help="keep the longest gap between heartbeats, print it with VERIFY, reset on SIGUSR2",
+    )
     args = parser.parse_args(argv)
     if args.mib <= 0 or not 0 <= args.dirty_pct <= 100:
         parser.error("MIB must be positive and --dirty-pct within 0..100")
 
     verify_requested = False
+    reset_requested = False
 
     def on_usr1(signum: int, frame: object) -> None:
         nonlocal verify_requested
         verify_requested = True
 
+    def on_usr2(signum: int, frame: object) -> None:
+        nonlocal reset_requested
+        reset_requested = True
+
     signal.signal(signal.SIGUSR1, on_usr1)
+    if args.maxgap:
+        signal.signal(signal.SIGUSR2, on_usr2)
     signal.signal(signal.SIGTERM, lambda s, f: sys.exit(0))
     signal.signal(signal.SIGINT, lambda s, f: sys.exit(0))
 
     hog = MemHog(args.mib, args.dirty_pct)
-    if args.heartbeat:
+    beat = None
+    if args.heartbeat or args.maxgap:
         sys.setswitchinterval(0.001)
-        threading.Thread(target=heartbeat, args=(args.heartbeat,), daemon=True).start()
+        beat = Heartbeat(args.heartbeat)
+        threading.Thread(target=beat.run, daemon=True).start()
     print(f"READY {os.getpid()}", flush=True)
 
     next_tick = time.monotonic() + TICK_S
@@ -176,9 +224,15 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(next_tick - now)
             continue
         hog.tick()
+        if reset_requested and beat is not None:
+            reset_requested = False
+            beat.reset()
+            print(f"RESET {hog.counter}", flush=True)
         if verify_requested:
             verify_requested = False
-            print(hog.verify(), flush=True)
+            gap = beat.longest() if beat is not None and args.maxgap else ""
+            result = hog.verify()
+            print(f"{result} {gap}".rstrip(), flush=True)
         next_tick = max(next_tick + TICK_S, time.monotonic())
 
 
