@@ -36,6 +36,7 @@ from migrate.session import (
     MigrationReport,
     SourceSession,
     hold_socket_path,
+    scratch_dirs,
 )
 from migrate.transport import Client, Incoming, Server
 from runtime.container import Container, Runtime
@@ -322,7 +323,6 @@ class NodeService:
     # -- recovery ---------------------------------------------------------------------------
     async def recover(self) -> None:
         """Reconcile what a crash of this service may have left (see the module doc)."""
-        tmp = self.rt.root / "tmp"
         for c in self.rt.list(all=True):
             if c.status is not S.MIGRATING:
                 continue
@@ -349,12 +349,13 @@ class NodeService:
             else:
                 shutil.rmtree(c.dir, ignore_errors=True)
                 log.warning("recover.incoming_removed", id=c.id[:12])
-        if tmp.is_dir():
-            active = {f"incoming-{c.state.extra.get('session')}" for c in self.rt.list(all=True)
-                      if c.status is S.MIGRATING}
-            for d in tmp.iterdir():
-                if d.name not in active:
-                    shutil.rmtree(d, ignore_errors=True)
+        active = {f"incoming-{c.state.extra.get('session')}" for c in self.rt.list(all=True)
+                  if c.status is S.MIGRATING}
+        for scratch in scratch_dirs(self.rt):
+            if scratch.is_dir():
+                for d in scratch.iterdir():
+                    if d.name not in active:
+                        shutil.rmtree(d, ignore_errors=True)
 
     async def _recover_held(self, c: Container, source: str, session: str, hold: Path) -> None:
         """A restore held at pre-resume when this service died: ask the source, answer the

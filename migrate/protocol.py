@@ -47,7 +47,7 @@ from migrate.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 4 << 20  #: fits the default 8 MiB frame limit (max_message_bytes)
 
 _STR = (str, 4096)
 _NAME = (str, 256)

@@ -67,6 +67,35 @@ log = structlog.get_logger(__name__)
 S = ContainerStatus
 
 STRATEGIES = ("cold",)
+#: where the CRIU images of a migration live for the seconds they exist: memory (tmpfs)
+#: when it has room, so that a large dump is not also written back to disk
+SCRATCH_TMPFS = Path("/dev/shm")
+
+
+def scratch_dir(rt: Runtime, need_bytes: int) -> Path:
+    """A directory for a session's transient files: under /dev/shm when it has room for
+    ``need_bytes`` (plus a quarter), else under the state root's ``tmp``.  One per state
+    root, since several nodes can share a host."""
+    import hashlib as _h
+
+    tag = _h.sha1(str(rt.root.resolve()).encode()).hexdigest()[:10]
+    try:
+        st = os.statvfs(SCRATCH_TMPFS)
+        if st.f_bavail * st.f_frsize > need_bytes * 5 // 4:
+            d = SCRATCH_TMPFS / f"jaula-{tag}"
+            d.mkdir(mode=0o700, exist_ok=True)
+            return d
+    except OSError:
+        pass
+    return rt.root / "tmp"
+
+
+def scratch_dirs(rt: Runtime) -> list[Path]:
+    """Every place :func:`scratch_dir` may have used for ``rt`` (for recovery)."""
+    import hashlib as _h
+
+    tag = _h.sha1(str(rt.root.resolve()).encode()).hexdigest()[:10]
+    return [SCRATCH_TMPFS / f"jaula-{tag}", rt.root / "tmp"]
 WINDOW_CHUNKS = 16
 ProgressFn = Callable[[str, int, int], None]
 
@@ -203,10 +232,11 @@ class _Link:
         await self.send("file_begin", file=fid, name=name, kind=kind)
         h = hashlib.sha256()
         off = 0
-        with open(path, "rb") as f:  # noqa: ASYNC230 - 1 MiB reads, from the page cache
+        with open(path, "rb") as f:  # noqa: ASYNC230 - chunk-sized reads, from memory
             while data := f.read(CHUNK_BYTES):
                 await self._take_credit()
-                h.update(data)
+                # hashlib lets go of the GIL: hash on a worker while the loop keeps sending
+                await asyncio.to_thread(h.update, data)
                 await self.send("chunk", data, file=fid, offset=off)
                 off += len(data)
                 self.bytes_sent += len(data)
@@ -274,7 +304,8 @@ class SourceSession:
             client = await self.connect(self.destination)
             link = _Link(client, self.session, self.peer_timeout_s)
             link.start()
-            work = self.rt.root / "tmp" / f"outgoing-{self.session}"
+            est = int(c.cgroup().stats().memory_bytes + _du(c.upperdir))
+            work = scratch_dir(self.rt, est) / f"outgoing-{self.session}"
             work.mkdir(parents=True)
             try:
                 await self._offer(c, link)
@@ -509,6 +540,13 @@ _NAME_RE = re.compile(r"^(criu/[A-Za-z0-9_.\-]{1,200}|layers/[0-9a-f]{64}\.tar|"
                       r"rootfs-base\.tar|rootfs-delta\.tar|ctr\.log)$")
 
 
+def _write_and_hash(fd: int, h: Any, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    h.update(data)
+
+
 @dataclass
 class _IncomingFile:
     fd: int
@@ -534,7 +572,8 @@ class DestinationSession:
         self.offer = offer
         self.source = source
         self.session: str = offer["session"]
-        self.staging = rt.root / "tmp" / f"incoming-{self.session}"
+        self.staging = scratch_dir(rt, int(offer.get("estimate_bytes", 0))) / \
+            f"incoming-{self.session}"
         self.files: dict[int, _IncomingFile] = {}
         self.cfg: ContainerConfig | None = None
         self.revive_task: asyncio.Future[Any] | None = None
@@ -611,13 +650,12 @@ class DestinationSession:
         if f is None or f.fd < 0 or m["offset"] != f.size:
             raise ProtocolError(f"chunk at offset {m['offset']} of file #{m['file']} is out of "
                                 "order")
+        await self.send("credit", n=1)  # the write below is ours: the window moves on
         try:
-            os.write(f.fd, data)
+            await asyncio.to_thread(_write_and_hash, f.fd, f.h, data)
         except OSError as e:
             raise TransferError(f"cannot write {f.name} here: {e.strerror}") from e
-        f.h.update(data)
         f.size += len(data)
-        await self.send("credit", n=1)
 
     async def on_file_end(self, m: dict[str, Any]) -> None:
         f = self.files.get(m["file"])
@@ -691,7 +729,7 @@ class DestinationSession:
         rootfs_diff.apply_deleted(cdir / "upper", [str(p) for p in m["deleted"]])
         rootfs_diff.extract_over(self.staging / "rootfs-delta.tar", cdir / "upper")
         if (self.staging / "ctr.log").exists():
-            os.replace(self.staging / "ctr.log", cdir / "ctr.log")
+            shutil.move(self.staging / "ctr.log", cdir / "ctr.log")  # maybe across filesystems
         return cdir
 
     async def _on_hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

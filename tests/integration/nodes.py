@@ -29,6 +29,17 @@ class Cluster2:
     def state_root(self, node: str) -> Path:
         return self.files.root / "state" / node
 
+    def scratch(self, node: str) -> list[Path]:
+        """Where the node's sessions keep their transient files (tmpfs or state root)."""
+        from migrate.session import scratch_dirs
+        from runtime.container import Runtime
+
+        return scratch_dirs(Runtime(self.state_root(node)))
+
+    def incoming(self, node: str) -> list[Path]:
+        """The node's unfinished incoming session dirs."""
+        return [d for s in self.scratch(node) if s.is_dir() for d in s.glob("incoming-*")]
+
     def local(self, node: str) -> Jaula:
         """The node's runtime through the local CLI (``--state-root``)."""
         return Jaula(self.state_root(node))
@@ -103,6 +114,15 @@ class Cluster2:
             for d in Path("/sys/fs/cgroup").glob(f"*/jaula-test-node*/{cid}"):
                 problems.append(f"leaked cgroup {d}")
         for node in self.files.nodes:
+            for scratch in self.scratch(node):
+                if scratch.is_dir():
+                    left = list(scratch.iterdir())
+                    if left:
+                        problems.append(f"{node}: session files left in {scratch}: {left}")
+                    if scratch.is_relative_to("/dev/shm"):
+                        import shutil
+
+                        shutil.rmtree(scratch, ignore_errors=True)
             for parent in Path("/sys/fs/cgroup").glob(f"*/jaula-test-{node}"):
                 try:
                     parent.rmdir()
