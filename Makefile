@@ -20,3 +20,13 @@ test-unit: setup
 
 clean-build:
 	rm -rf .build
+
+# Syntax-check the Ansible deployment in ansible/ with ansible-core in a throw-away venv (not
+# a project dependency); the `ansible` package brings the ansible.posix collection it uses.
+ANSIBLE_VENV ?= /tmp/jaula-ansible-venv
+.PHONY: ansible-check
+ansible-check:
+	@test -x $(ANSIBLE_VENV)/bin/ansible-playbook || { python3 -m venv $(ANSIBLE_VENV) && \
+	    $(ANSIBLE_VENV)/bin/pip install -q --disable-pip-version-check ansible-core ansible; }
+	@cd ansible && ANSIBLE_HOME=$(ANSIBLE_VENV)/home $(ANSIBLE_VENV)/bin/ansible-playbook \
+	    -i inventory.example.ini --syntax-check site.yml
