@@ -385,6 +385,7 @@ def checkpoint(rt: Runtime, ref: str, *, leave_running: bool = False,
         if leave_running:
             c.cgroup().thaw()  # CRIU leaves a cgroup as frozen as it found it
         t_released = time.monotonic()
+        criu.rearm_expired_timerfds(bundle.criu_dir)
         if not leave_running:
             # The monitor drains the container's stdout/stderr pipes into ctr.log once the
             # tasks are dead, then exits: copying the log before that loses its last lines.
