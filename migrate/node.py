@@ -250,8 +250,10 @@ class NodeService:
         async def send(frames: list[bytes]) -> None:
             await self.reply(inc, frames)
 
-        ds = DestinationSession(self.rt, send, msg, inc.peer.name)
         q: asyncio.Queue[Any] = asyncio.Queue()
+        ds = DestinationSession(self.rt, send, msg, inc.peer.name, queue=q,
+                                listen=self.cfg.listen,
+                                max_message_bytes=self.cfg.max_message_bytes)
         self.incoming[sid] = (ds, q)
         self._spawn(self._run_incoming(ds, q))
 

@@ -21,8 +21,11 @@ DESIGN.md "The migration handoff"::
 
     source                                          destination
     offer {session, container, image, criu...} ──►  preflight
-                                               ◄──  accept {missing_layers} | error
+                                               ◄──  accept {missing_layers, data_endpoint,
+                                                            data_key} | error
     file_begin/chunk*/file_end (layers, rootfs)──►  digest checked per file
+      (chunks go on the bulk data channel when one was offered: a plain socket, each chunk
+       sealed with AES-256-GCM under data_key, see migrate.sealing)
                                                ◄──  credit {n} (flow control), file_ok
     [freeze + dump; CRIU holds the tasks at post-dump]
     file_* (CRIU images, rootfs delta)        ──►
@@ -84,11 +87,13 @@ SCHEMAS: dict[str, dict[str, tuple[Any, int | None, bool]]] = {
     "offer": {"session": (*_NAME, True), "container": (*_MAP, True), "image": (*_MAP, True),
               "criu_version": (*_LIST, True), "cpu_flags": (*_LIST, False),
               "estimate_bytes": (*_INT, False), "strategy": (*_NAME, False),
-              "source_node": (*_NAME, False)},
-    "accept": {"session": (*_NAME, True), "missing_layers": (*_LIST, True)},
+              "source_node": (*_NAME, False), "bulk": (*_LIST, False)},
+    "accept": {"session": (*_NAME, True), "missing_layers": (*_LIST, True),
+               "data_endpoint": (*_STR, False), "data_key": (bytes, 64, False)},
     "file_begin": {"session": (*_NAME, True), "file": (*_INT, True), "name": (*_STR, True),
                    "kind": (*_NAME, True)},
-    "chunk": {"session": (*_NAME, True), "file": (*_INT, True), "offset": (*_INT, True)},
+    "chunk": {"session": (*_NAME, True), "file": (*_INT, True), "offset": (*_INT, True),
+              "seq": (*_INT, False)},
     "file_end": {"session": (*_NAME, True), "file": (*_INT, True), "size": (*_INT, True),
                  "sha256": (str, 64, True)},
     "credit": {"session": (*_NAME, True), "n": (*_INT, True)},

@@ -148,11 +148,22 @@ class _Link:
         self.bytes_sent = 0
         self.files = 0
         self._reader: asyncio.Task[None] | None = None
+        self.data: Any = None  # DataSender of the bulk channel, when the destination has one
+        self.data_key = b""
 
     def start(self) -> None:
         self._reader = asyncio.create_task(self._read())
 
+    def open_data_channel(self, endpoint: str, key: bytes) -> None:
+        from migrate.transport import DataSender
+
+        self.data = DataSender.connect(endpoint)
+        self.data_key = key
+
     async def close(self) -> None:
+        if self.data is not None:
+            self.data.close()
+            self.data = None
         if self._reader:
             self._reader.cancel()
             try:
@@ -232,12 +243,20 @@ class _Link:
         await self.send("file_begin", file=fid, name=name, kind=kind)
         h = hashlib.sha256()
         off = 0
+        seq = 0
         with open(path, "rb") as f:  # noqa: ASYNC230 - chunk-sized reads, from memory
             while data := f.read(CHUNK_BYTES):
                 await self._take_credit()
-                # hashlib lets go of the GIL: hash on a worker while the loop keeps sending
-                await asyncio.to_thread(h.update, data)
-                await self.send("chunk", data, file=fid, offset=off)
+                # hashlib and AES-GCM let go of the GIL: on a worker, while the loop goes on
+                if self.data is not None:
+                    sealed = await asyncio.to_thread(_hash_and_seal, h, self.data_key,
+                                                     self.session, fid, seq, off, data)
+                    await self.data.send(encode("chunk", sealed, session=self.session,
+                                                file=fid, offset=off, seq=seq))
+                else:
+                    await asyncio.to_thread(h.update, data)
+                    await self.send("chunk", data, file=fid, offset=off)
+                seq += 1
                 off += len(data)
                 self.bytes_sent += len(data)
                 if progress:
@@ -251,6 +270,14 @@ class _Link:
             self._acked += 1
 
     _acked = 0
+
+
+def _hash_and_seal(h: Any, key: bytes, session: str, file: int, seq: int, offset: int,
+                   data: bytes) -> bytes:
+    from migrate.sealing import seal_chunk
+
+    h.update(data)
+    return seal_chunk(key, session, file, seq, offset, data)
 
 
 class SourceSession:
@@ -335,9 +362,11 @@ class SourceSession:
                         image=image_record(self.rt.images, c.config.image_id),
                         criu_version=list(criu.version()), cpu_flags=list(cpu_flags()),
                         estimate_bytes=int(usage + _du(c.upperdir)), strategy=self.strategy,
-                        source_node=self.node_name)
+                        source_node=self.node_name, bulk=["aes-256-gcm"])
         accept = await link.expect("accept")
         self.missing_layers = [str(x) for x in accept["missing_layers"]]
+        if accept.get("data_endpoint") and accept.get("data_key"):
+            link.open_data_channel(accept["data_endpoint"], accept["data_key"])
 
     async def _run_locked(self, c: Container, link: _Link, work: Path, rep: MigrationReport,
                           phase: Callable[[str], None]) -> None:
@@ -540,11 +569,17 @@ _NAME_RE = re.compile(r"^(criu/[A-Za-z0-9_.\-]{1,200}|layers/[0-9a-f]{64}\.tar|"
                       r"rootfs-base\.tar|rootfs-delta\.tar|ctr\.log)$")
 
 
-def _write_and_hash(fd: int, h: Any, data: bytes) -> None:
+def _unseal_write_hash(fd: int, h: Any, data: bytes, key: bytes, session: str,
+                       m: dict[str, Any]) -> int:
+    if "seq" in m:
+        from migrate.sealing import open_chunk
+
+        data = open_chunk(key, session, m["file"], m["seq"], m["offset"], data)
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
     h.update(data)
+    return len(data)
 
 
 @dataclass
@@ -554,6 +589,7 @@ class _IncomingFile:
     kind: str
     size: int = 0
     h: Any = field(default_factory=hashlib.sha256)
+    pending_end: dict[str, Any] | None = None
 
 
 class DestinationSession:
@@ -566,7 +602,8 @@ class DestinationSession:
     """
 
     def __init__(self, rt: Runtime, send: Callable[[list[bytes]], Any], offer: dict[str, Any],
-                 source: str) -> None:
+                 source: str, queue: asyncio.Queue[Any] | None = None, listen: str = "",
+                 max_message_bytes: int = 8 << 20) -> None:
         self.rt = rt
         self._send = send
         self.offer = offer
@@ -584,6 +621,13 @@ class DestinationSession:
         self.cdir: Path | None = None
         self.finished = False
         self.t_resume = 0.0
+        self.queue = queue
+        self.listen = listen
+        self.max_message_bytes = max_message_bytes
+        self.data: Any = None  # DataReceiver of the bulk channel
+        self.data_key = b""
+        self._data_reader: asyncio.Task[None] | None = None
+        self.early: dict[int, list[tuple[dict[str, Any], bytes]]] = {}
 
     async def send(self, mtype: str, **fields: Any) -> None:
         await self._send(encode(mtype, session=self.session, **fields))
@@ -624,13 +668,38 @@ class DestinationSession:
         (self.staging / "criu").mkdir(parents=True)
         (self.staging / "layers").mkdir()
         await asyncio.to_thread(self._make_container_dir, self.cfg)
-        await self.send("accept", missing_layers=missing)
+        bulk = {}
+        if "aes-256-gcm" in o.get("bulk", []) and self.listen.startswith("tcp://") \
+                and self.queue is not None:
+            from migrate.sealing import new_key
+            from migrate.transport import DataReceiver
+
+            self.data = DataReceiver.bind(self.listen, self.max_message_bytes)
+            self.data_key = new_key()
+            self._data_reader = asyncio.ensure_future(self._read_data())
+            bulk = {"data_endpoint": self.data.endpoint, "data_key": self.data_key}
+        await self.send("accept", missing_layers=missing, **bulk)
         # Start the monitor now, waiting: its start-up is then not part of the downtime.
         from migrate.restore import RESTORER
 
         arg = json.dumps({"bundle": str(self.staging), "hold": str(self.hold_path),
                           "params": str(self.staging / "restore.json")})
         self.armed = await asyncio.to_thread(self.rt.arm, self.cfg.id, RESTORER, arg)
+
+    async def _read_data(self) -> None:
+        """Chunks from the bulk channel join the session's queue (unsealed by on_chunk)."""
+        assert self.data is not None and self.queue is not None
+        while True:
+            frames = await self.data.recv()
+            try:
+                msg, payload = decode(frames)
+            except ProtocolError as e:
+                log.warning("migration.data.bad_message", session=self.session, error=str(e))
+                continue
+            if msg["type"] != "chunk" or msg["session"] != self.session or "seq" not in msg:
+                log.warning("migration.data.unexpected", session=self.session)
+                continue
+            self.queue.put_nowait((msg, payload))
 
     @property
     def hold_path(self) -> Path:
@@ -644,23 +713,40 @@ class DestinationSession:
         fd = os.open(self.staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                      0o600)
         self.files[m["file"]] = _IncomingFile(fd, name, m["kind"])
+        for cm, data in self.early.pop(m["file"], []):
+            await self.on_chunk(cm, data)
 
     async def on_chunk(self, m: dict[str, Any], data: bytes) -> None:
         f = self.files.get(m["file"])
+        if f is None and "seq" in m and m["file"] >= 0:
+            # the bulk channel overtook file_begin on the control channel: keep it for then
+            self.early.setdefault(m["file"], []).append((m, data))
+            return
         if f is None or f.fd < 0 or m["offset"] != f.size:
             raise ProtocolError(f"chunk at offset {m['offset']} of file #{m['file']} is out of "
                                 "order")
+        if "seq" in m and not self.data_key:
+            raise ProtocolError("a sealed chunk in a session without a bulk channel")
+        if "seq" not in m and self.data_key:
+            raise ProtocolError("an unsealed chunk in a session with a bulk channel")
         await self.send("credit", n=1)  # the write below is ours: the window moves on
         try:
-            await asyncio.to_thread(_write_and_hash, f.fd, f.h, data)
+            n = await asyncio.to_thread(_unseal_write_hash, f.fd, f.h, data, self.data_key,
+                                        self.session, m)
         except OSError as e:
             raise TransferError(f"cannot write {f.name} here: {e.strerror}") from e
-        f.size += len(data)
+        f.size += n
+        if f.pending_end is not None:  # file_end came first, on the other channel
+            await self.on_file_end(f.pending_end)
 
     async def on_file_end(self, m: dict[str, Any]) -> None:
         f = self.files.get(m["file"])
         if f is None or f.fd < 0:
             raise ProtocolError(f"file_end for unknown file #{m['file']}")
+        if f.size < m["size"] and self.data is not None:
+            f.pending_end = m  # chunks still on their way on the bulk channel
+            return
+        f.pending_end = None
         os.close(f.fd)
         f.fd = -1
         if f.size != m["size"] or f.h.hexdigest() != m["sha256"]:
@@ -779,6 +865,11 @@ class DestinationSession:
 
     async def finish(self) -> None:
         self.finished = True
+        if self._data_reader is not None:
+            self._data_reader.cancel()
+        if self.data is not None:
+            self.data.close()
+            self.data = None
         for f in self.files.values():
             if f.fd >= 0:
                 os.close(f.fd)

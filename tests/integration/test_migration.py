@@ -372,25 +372,26 @@ def test_connection_cut_during_transfer(tmp_path: Path, busybox_image_layout: Pa
 def test_corrupted_chunk_is_detected_and_rolled_back(tmp_path: Path,
                                                      busybox_image_layout: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """node1's service runs in this process so that one chunk can be corrupted after its
-    digest was taken (a fault that cannot be caused for real: CURVE authenticates every
-    frame on the wire)."""
+    """node1's service runs in this process so that one chunk can be corrupted after it was
+    sealed (a fault that cannot be caused for real on demand): the destination's check of
+    the chunk fails and the migration is rolled back."""
     import asyncio
     import threading
 
     from migrate import session as sess
     from migrate.node import NodeService
 
-    real_send = sess._Link.send
+    real_seal = sess._hash_and_seal
     corrupted = []
 
-    async def corrupting_send(self, mtype, payload=None, **fields):
-        if mtype == "chunk" and not corrupted and payload:
-            corrupted.append(fields["file"])
-            payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
-        return await real_send(self, mtype, payload, **fields)
+    def corrupting_seal(h, key, session, file, seq, offset, data):
+        sealed = real_seal(h, key, session, file, seq, offset, data)
+        if not corrupted:
+            corrupted.append(file)
+            sealed = bytes([sealed[0] ^ 0xFF]) + sealed[1:]
+        return sealed
 
-    monkeypatch.setattr(sess._Link, "send", corrupting_send)
+    monkeypatch.setattr(sess, "_hash_and_seal", corrupting_seal)
     c = make_cluster(tmp_path / "cluster", busybox_image_layout)
     loop = asyncio.new_event_loop()
     svc = NodeService(c.files.node_config("node1"), c.files.load_cluster(), peer_timeout_s=3)
@@ -414,7 +415,7 @@ def test_corrupted_chunk_is_detected_and_rolled_back(tmp_path: Path,
         n1.run("run", "-d", "--name", "bad", "busybox", "sh", "-c", COUNTER)
         wait_ticks(n1, "bad", 5)
         p = c.op("migrate", "bad", "node2", "--from", "node1", check=False)
-        assert corrupted, "no chunk went through the corrupting send"
+        assert corrupted, "no chunk went through the corrupting seal"
         assert p.returncode == 125 and "corrupt" in p.stderr
         assert "keeps running on node1" in p.stderr
         _continues_on(c, "bad", "node1")

@@ -174,3 +174,22 @@ def test_rootfs_diff_refuses_garbage(tmp_path: Path) -> None:
     (tmp_path / "g.tar").write_bytes(b"not a tar" * 100)
     with pytest.raises(BundleError, match="not a valid tar"):
         validate(tmp_path / "g.tar")
+
+
+# -- sealing of bulk data ----------------------------------------------------------------------
+
+def test_sealed_chunks_open_only_where_they_belong() -> None:
+    from migrate.errors import TransferError
+    from migrate.sealing import new_key, open_chunk, seal_chunk
+
+    k = new_key()
+    sealed = seal_chunk(k, "s1", 3, 7, 4096, b"payload")
+    assert open_chunk(k, "s1", 3, 7, 4096, sealed) == b"payload"
+    tampered = bytes([sealed[0] ^ 1]) + sealed[1:]
+    for args in (("s1", 3, 7, 4096, tampered), ("s2", 3, 7, 4096, sealed),
+                 ("s1", 4, 7, 4096, sealed), ("s1", 3, 8, 4096, sealed),
+                 ("s1", 3, 7, 0, sealed)):
+        with pytest.raises(TransferError, match="authentication"):
+            open_chunk(k, *args)  # type: ignore[arg-type]
+    with pytest.raises(TransferError):
+        open_chunk(new_key(), "s1", 3, 7, 4096, sealed)
