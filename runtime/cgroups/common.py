@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from runtime.cgroups import fs
 from runtime.errors import CgroupError
@@ -54,3 +56,23 @@ def raise_collected(errors: list[CgroupError], what: str,
         left = []
     suffix = f" (tasks still there: {left})" if left else ""
     raise CgroupError(f"{what}: {detail}{suffix}", path=first.path, errno=first.errno) from first
+
+
+def signal_frozen(manager: Any, sig: int) -> None:
+    """Signal every task of ``manager``'s cgroup with nothing escaping by forking: freeze,
+    signal, thaw (unless the cgroup was frozen before and ``sig`` is not SIGKILL).  A cgroup
+    that cannot freeze (a task stuck in FREEZING) is killed anyway for SIGKILL."""
+    from runtime.cgroups import FreezerState
+
+    was_frozen = manager.freezer_state() is FreezerState.FROZEN
+    if not was_frozen:
+        try:
+            manager.freeze()
+        except CgroupError:
+            if sig != signal.SIGKILL:
+                raise
+    try:
+        signal_all(manager.pids(), sig)
+    finally:
+        if sig == signal.SIGKILL or not was_frozen:
+            manager.thaw()

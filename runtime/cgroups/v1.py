@@ -42,7 +42,7 @@ from runtime.cgroups import (
     Resources,
     fs,
 )
-from runtime.cgroups.common import raise_collected, rmdir_until, signal_all
+from runtime.cgroups.common import raise_collected, rmdir_until, signal_all, signal_frozen
 from runtime.cgroups.detect import KNOWN_V1_CONTROLLERS
 from runtime.errors import CgroupError
 
@@ -249,19 +249,7 @@ class V1Manager:
                 signal_all(new, sig)
                 signalled |= new
             return
-        was_frozen = self.freezer_state() is FreezerState.FROZEN
-        if not was_frozen:
-            try:
-                self.freeze()
-            except CgroupError:
-                if sig != signal.SIGKILL:
-                    raise
-                # a task stuck in FREEZING (e.g. in an uninterruptible sleep): kill anyway
-        try:
-            signal_all(self.pids(), sig)
-        finally:
-            if sig == signal.SIGKILL or not was_frozen:
-                self.thaw()
+        signal_frozen(self, sig)
 
     # --- accounting ---
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from runtime.cgroups import CgroupMode, CgroupStats, FreezerState, Resources, fs
-from runtime.cgroups.common import raise_collected, rmdir_until, signal_all
+from runtime.cgroups.common import raise_collected, rmdir_until, signal_frozen
 from runtime.errors import CgroupError
 
 #: Controllers jaula enables for its containers, where the host makes them available.
@@ -181,18 +181,7 @@ class V2Manager:
         if sig == signal.SIGKILL and (self.path / "cgroup.kill").exists():
             fs.write(self.path / "cgroup.kill", 1)
             return
-        was_frozen = self.freezer_state() is FreezerState.FROZEN
-        if not was_frozen:
-            try:
-                self.freeze()
-            except CgroupError:
-                if sig != signal.SIGKILL:
-                    raise
-        try:
-            signal_all(self.pids(), sig)
-        finally:
-            if sig == signal.SIGKILL or not was_frozen:
-                self.thaw()
+        signal_frozen(self, sig)
 
     # --- accounting ---
 
