@@ -18,6 +18,16 @@ test: setup
 test-unit: setup
 	@$(VENV)/bin/pytest -p no:cacheprovider tests/unit
 
+# Live migration side by side with runc and Podman (benchmarks/harness.py); results in
+# results/<date>/. bench-quick takes about two minutes.
+bench: setup
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[bench]'
+	@$(PY) -m benchmarks.harness
+
+bench-quick: setup
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[bench]'
+	@$(PY) -m benchmarks.harness --quick
+
 clean-build:
 	rm -rf .build
 
