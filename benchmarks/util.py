@@ -192,8 +192,14 @@ def remove_cgroup(rel: str) -> list[str]:
                     except ProcessLookupError:
                         pass
                 time.sleep(0.1)
-            try:
-                sub.rmdir()
-            except OSError as e:
-                problems.append(f"cannot remove cgroup {sub}: {e.strerror}")
+            for attempt in range(50):  # EBUSY while a killed task is not yet reaped
+                try:
+                    sub.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if attempt == 49:
+                        problems.append(f"cannot remove cgroup {sub}: {e.strerror}")
+                    time.sleep(0.1)
     return problems
