@@ -56,7 +56,15 @@ from benchmarks.systems import System
 from benchmarks.systems.jaula import JaulaCluster, JaulaSystem, strategies
 from benchmarks.systems.podman import PodmanSystem
 from benchmarks.systems.runc import RuncSystem
-from benchmarks.util import RunError, one_line, run_cmd, tail, unmount_under
+from benchmarks.util import (
+    RunError,
+    cgroup_mounts,
+    one_line,
+    remove_cgroup,
+    run_cmd,
+    tail,
+    unmount_under,
+)
 from benchmarks.workloads import Workload, build_images, images_missing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -342,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                 problems += s.cleanup()
             except Exception as e:  # noqa: BLE001 - go on with the others
                 problems.append(f"{s.key} cleanup: {type(e).__name__}: {e}")
+        problems += sweep_cgroups(tag)
         left = unmount_under(work)
         if left:
             problems.append(f"mounts remain under {work}, not removed: {left}")
@@ -363,6 +372,19 @@ def main(argv: list[str] | None = None) -> int:
     if interrupted:
         return 130
     return 0 if recs and all(r["ok"] for r in recs) and not meta["setup_errors"] else 1
+
+
+def sweep_cgroups(tag: str) -> list[str]:
+    """Top-level cgroups this process made that are still there after every system's
+    cleanup (jaula's node parents, Podman's and runc's parents): removed, and named."""
+    prefixes = (f"jaula-bench-{tag}-", f"jaula-bench-podman-{tag}-",
+                f"jaula-bench-runc-{os.getpid()}-")
+    found = sorted({d.name for m in cgroup_mounts() if m.is_dir() for d in m.iterdir()
+                    if d.is_dir() and d.name.startswith(prefixes)})
+    problems = []
+    for name in found:
+        problems += [f"left after cleanup, removed: cgroup {name}"] + remove_cgroup(name)
+    return problems
 
 
 def _line(r: Run) -> str:

@@ -147,6 +147,29 @@ def table(recs: Sequence[Rec], setup_errors: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def merged_table(recs: Sequence[Rec], setup_errors: dict[str, str]) -> str:
+    """Every workload in one table (a workload column), for the README."""
+    cols = [c for c in COLUMNS if c[0] != "rss_peak_mib"]
+    lines = ["| workload | system | ok | " + " | ".join(h for _k, h, _s, _f in cols)
+             + " | jaula peak RSS MiB |", "|---|---|---|" + "---|" * (len(cols) + 1)]
+    for wl, label in workloads_in(recs):
+        mine = [r for r in recs if r["workload"] == wl]
+        ref = [r for r in mine if r["system"] == "runc" and r["ok"]]
+        for s in systems_in(mine):
+            allr = [r for r in mine if r["system"] == s]
+            good = [r for r in allr if r["ok"]]
+            if s in setup_errors:
+                lines.append(f"| {label} | {s} | cannot run here |" + " |" * (len(cols) + 1))
+                continue
+            cells = [_cell(_vals(good, k), sc, f, _vals(ref, k) if s != "runc" else None)
+                     for k, _h, sc, f in cols]
+            rss = _vals(good, "rss_peak_mib")
+            rss_cell = f"{statistics.median(rss):.0f}" if rss else "-"
+            lines.append(f"| {label} | {s} | {len(good)}/{len(allr)} | " + " | ".join(cells)
+                         + f" | {rss_cell} |")
+    return "\n".join(lines)
+
+
 def copy_limit_rows(recs: Sequence[Rec], meta: dict[str, Any]) -> list[str]:
     cl = meta.get("copy_limit") or {}
     rate = cl.get("bytes_per_s")
@@ -321,8 +344,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Write summary.md and downtime.png again from a "
                                  "results folder of benchmarks.harness")
     ap.add_argument("folder", type=Path)
+    ap.add_argument("--readme", action="store_true",
+                    help="print one table of every workload (for README.md), write nothing")
     a = ap.parse_args(argv)
     recs, meta = load(a.folder)
+    if a.readme:
+        print(merged_table(recs, meta.get("setup_errors", {})))
+        print()
+        print("\n".join(copy_limit_rows(recs, meta)))
+        for n in agreement(recs):
+            print(f"\n- {n}")
+        return 0
     print(write(a.folder, recs, meta))
     return 0
 
