@@ -97,8 +97,9 @@ def test_process_tree_with_threads_and_pipes(py: Jaula, py2: Jaula, tmp_path: Pa
            workload("checkpoint_tree.py"))
     wait_lines(py, "tree", r"^round \d+ ", count=3)
     before = processes(py, "tree")
-    assert before == [("1", "0", False, 2), ("2", "1", False, 3), ("3", "1", False, 3),
-                      ("4", "1", False, 3)]
+    # the children's pids depend on how their threads and the next fork interleave
+    kids = sorted((p for p, _, _, _ in before[1:]), key=int)
+    assert before == [("1", "0", False, 2), *((k, "1", False, 3) for k in kids)], before
     n = move(py, py2, "tree", tmp_path / "tree.tar")
     last = last_number(py, "tree", r"^round (\d+) ")
     assert processes(py2, "tree") == before
@@ -112,7 +113,7 @@ def test_process_tree_with_threads_and_pipes(py: Jaula, py2: Jaula, tmp_path: Pa
     assert host_zombies_under(monitor) == []
     py2.run("kill", "-s", "USR1", "tree")
     done = wait_lines(py2, "tree", r"^(reaped|all reaped)", after=n, count=4)
-    assert done == ["reaped 2 exit=10", "reaped 3 exit=11", "reaped 4 exit=12", "all reaped"]
+    assert done == [*(f"reaped {k} exit={10 + i}" for i, k in enumerate(kids)), "all reaped"]
     assert processes(py2, "tree") == [("1", "0", False, 2)]
     assert host_zombies_under(monitor) == []
     no_fail(py2, "tree")
