@@ -147,12 +147,23 @@ def table(recs: Sequence[Rec], setup_errors: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def short_label(workload: str) -> str:
+    """``memory-256`` -> ``memhog 256 MiB``, ``redis-100000`` -> ``Redis 100,000 keys``."""
+    kind, _, size = workload.partition("-")
+    if kind == "memory":
+        return f"memhog {size} MiB"
+    if kind == "redis":
+        return f"Redis {int(size):,} keys"
+    return "idle shell" if kind == "idle" else workload
+
+
 def merged_table(recs: Sequence[Rec], setup_errors: dict[str, str]) -> str:
     """Every workload in one table (a workload column), for the README."""
     cols = [c for c in COLUMNS if c[0] != "rss_peak_mib"]
     lines = ["| workload | system | ok | " + " | ".join(h for _k, h, _s, _f in cols)
              + " | jaula peak RSS MiB |", "|---|---|---|" + "---|" * (len(cols) + 1)]
-    for wl, label in workloads_in(recs):
+    for wl, _long in workloads_in(recs):
+        label = short_label(wl)
         mine = [r for r in recs if r["workload"] == wl]
         ref = [r for r in mine if r["system"] == "runc" and r["ok"]]
         for s in systems_in(mine):
