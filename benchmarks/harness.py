@@ -351,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001 - go on with the others
                 problems.append(f"{s.key} cleanup: {type(e).__name__}: {e}")
         problems += sweep_cgroups(tag)
+        time.sleep(2)  # once more: an empty runc cgroup has been seen to reappear late
+        problems += sweep_cgroups(tag)
         left = unmount_under(work)
         if left:
             problems.append(f"mounts remain under {work}, not removed: {left}")
