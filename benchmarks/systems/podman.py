@@ -7,8 +7,11 @@ so the system's podman store and configuration are untouched:
 * two stores, "source" and "destination", each with its own ``--root``, ``--runroot`` and
   ``--tmpdir`` (as two hosts); the workload images loaded into both from oci-archives;
 * ``CONTAINERS_CONF`` pointing at a containers.conf of our own: file locks under the tmpdir
-  instead of the shared ``/dev/shm/libpod_lock``, the network config dir under the work dir,
-  ``--cgroup-manager=cgroupfs``, events to a file; ``TMPDIR`` under the work dir;
+  instead of the shared ``/dev/shm/libpod_lock``, the network config dir under the work
+  dir, ``--cgroup-manager=cgroupfs``, events to a file; ``TMPDIR`` under the work dir.  The
+  only paths outside the work dir it then makes are runc's state of each container in
+  /run/runc (removed with the container) and an empty /run/containers/networks (removed at
+  the end when it was not there before);
 * ``--runtime runc`` (crun cannot start containers on hybrid cgroups); runc finds the CRIU
   on PATH;
 * ``--network none``, ``--cgroup-parent`` a cgroup of our own (removed at the end), and
@@ -47,6 +50,9 @@ from benchmarks.util import (
 from benchmarks.workloads import Image, Probe, Workload
 
 PODMAN = "podman"
+# Made by podman on first use whatever its flags (netavark's run dir): removed at the end if
+# it was not there before and is still empty.
+RUN_DIRS = (Path("/run/containers/networks"), Path("/run/containers"))
 ULIMITS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096")
 
 
@@ -108,6 +114,7 @@ class PodmanSystem(System):
         self.images: dict[str, Image] = {}
         self.where: dict[str, str] = {}  # container name -> store
         self.ids: set[str] = set()
+        self.run_dirs_before = {d: d.exists() for d in RUN_DIRS}
 
     def version(self) -> str:
         try:
@@ -212,4 +219,10 @@ class PodmanSystem(System):
         problems += remove_cgroup(self.cgroup_parent)
         left = unmount_under(self.work)
         problems += [f"mount left: {m}" for m in left]
+        for d in RUN_DIRS:
+            if not self.run_dirs_before[d]:
+                try:
+                    d.rmdir()  # only when empty
+                except OSError:
+                    pass
         return problems
