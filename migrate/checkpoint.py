@@ -355,7 +355,9 @@ def checkpoint(rt: Runtime, ref: str, *, leave_running: bool = False,
     c = rt.get(ref)
     with c.locked():
         preflight(c)
-        bundle = Bundle.create(c.dir / "checkpoint")
+        # Written aside and renamed over the previous checkpoint only once complete: a failed
+        # dump neither leaves a partial bundle nor loses the last good one.
+        bundle = Bundle.create(c.dir / "checkpoint.new")
         cfg = c.config
         stdio = _stdio_keys(c)
         netns = external_netns(c)
@@ -381,6 +383,7 @@ def checkpoint(rt: Runtime, ref: str, *, leave_running: bool = False,
                 on_notify)
         except MigrationError:
             _make_sure_running(c)
+            shutil.rmtree(bundle.path, ignore_errors=True)
             raise
         if leave_running:
             c.cgroup().thaw()  # CRIU leaves a cgroup as frozen as it found it
@@ -401,6 +404,10 @@ def checkpoint(rt: Runtime, ref: str, *, leave_running: bool = False,
             cpu_flags=cpu_flags(),
             dump={"dump_s": marks["post_dump"] - t_dump, "criu_s": result.duration_s,
                   "leave_running": leave_running}))
+        final = c.dir / "checkpoint"
+        shutil.rmtree(final, ignore_errors=True)
+        bundle.path.rename(final)
+        bundle = Bundle(final)
         if not leave_running:
             c.state.status = ContainerStatus.CHECKPOINTED
             c.state.extra = {**c.state.extra, "checkpointed_at": time.time()}

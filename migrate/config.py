@@ -8,7 +8,7 @@ A node service reads its own file, which points at its secret key and at the clu
     state_root = "/var/lib/jaula/node1"
     secret_key = "keys/node1.key_secret"   # from `jaula node keygen`, mode 0600
     cluster = "cluster.toml"
-    cgroup_parent = "jaula"                # optional (default "jaula")
+    cgroup_parent = "jaula"                # optional (default: jaula-<hash of state_root>)
     max_message_bytes = 8388608            # optional (default 8 MiB): largest frame payload
 
 The cluster file is the allowlist: the transport accepts a connection only from a public key
@@ -155,7 +155,7 @@ class NodeConfig:
     state_root: Path
     secret_key: Path
     cluster: Path
-    cgroup_parent: str = DEFAULT_CGROUP_PARENT
+    cgroup_parent: str | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     source: Path | None = None
 
@@ -317,12 +317,14 @@ def load_node_config(path: Path | str) -> NodeConfig:
     t = _Table(path, _read_toml(path, "node config file", "; ".join(
         v for k, v in _NODE_KEYS.items() if k not in ("cgroup_parent", "max_message_bytes"))))
     t.only(_NODE_KEYS)
-    cgroup_parent = t.string("cgroup_parent", _NODE_KEYS["cgroup_parent"],
-                             default=DEFAULT_CGROUP_PARENT)
-    if not _CGROUP_PARENT.fullmatch(cgroup_parent) or ".." in cgroup_parent.split("/"):
-        raise t.error("cgroup_parent", f"{cgroup_parent!r} must be a relative cgroup path "
-                                       "without '..' (letters, digits, '_.-', '/'); write "
-                                       + _NODE_KEYS["cgroup_parent"])
+    cgroup_parent: str | None = None  # not given: the runtime derives one per state root
+    if "cgroup_parent" in t.data:
+        cgroup_parent = t.string("cgroup_parent", _NODE_KEYS["cgroup_parent"],
+                                 default=DEFAULT_CGROUP_PARENT)
+        if not _CGROUP_PARENT.fullmatch(cgroup_parent) or ".." in cgroup_parent.split("/"):
+            raise t.error("cgroup_parent", f"{cgroup_parent!r} must be a relative cgroup path "
+                                           "without '..' (letters, digits, '_.-', '/'); write "
+                                           + _NODE_KEYS["cgroup_parent"])
     return NodeConfig(
         name=t.name("name", t.string("name", _NODE_KEYS["name"]), _NODE_KEYS["name"]),
         listen=t.endpoint("listen", _NODE_KEYS["listen"], bind=True),

@@ -90,6 +90,16 @@ def scratch_dir(rt: Runtime, need_bytes: int) -> Path:
     return rt.root / "tmp"
 
 
+def _remove_scratch(d: Path) -> None:
+    """Remove a session's directory, and its tmpfs parent when nothing else is in it."""
+    shutil.rmtree(d, ignore_errors=True)
+    if d.parent.parent == SCRATCH_TMPFS:
+        try:
+            d.parent.rmdir()
+        except OSError:
+            pass  # another session of this node is using it
+
+
 def scratch_dirs(rt: Runtime) -> list[Path]:
     """Every place :func:`scratch_dir` may have used for ``rt`` (for recovery)."""
     import hashlib as _h
@@ -343,7 +353,7 @@ class SourceSession:
             finally:
                 await link.close()
                 client.close()
-                shutil.rmtree(work, ignore_errors=True)
+                _remove_scratch(work)
         rep.total_s = round(time.monotonic() - t0, 6)
         rep.bytes_sent = link.bytes_sent
         rep.files = link.files
@@ -423,6 +433,10 @@ class SourceSession:
                 dump_task.result()  # raises CriuError: the tasks were never held
                 raise MigrationError("CRIU finished the dump without holding the tasks")
             phase("dump")
+
+            # CRIU 4.2 restores an expired, unread periodic timerfd disarmed (CRIU issue
+            # 3162): re-arm those in the images before they travel.
+            await asyncio.to_thread(criu.rearm_expired_timerfds, images)
 
             # -- transfer: CRIU images and the upperdir's changes
             delta = work / "rootfs-delta.tar"
@@ -774,7 +788,11 @@ class DestinationSession:
         assert self.cfg is not None and self.armed is not None
         if any(f.fd >= 0 for f in self.files.values()):
             raise ProtocolError("restore before every file was complete")
+        from migrate.bundle import Bundle
+        from migrate.restore import check_pipes
+
         t0 = time.monotonic()
+        check_pipes(Bundle(self.staging))  # pipe sizes this node cannot give back: refuse
         await asyncio.to_thread(register_image, self.rt.images, self.offer["image"])
         await asyncio.to_thread(self._fill_container, m)
         atomic_write_json(self.staging / "restore.json",
@@ -877,4 +895,4 @@ class DestinationSession:
         if self.hold_server is not None:
             self.hold_server.close()
             self.hold_path.unlink(missing_ok=True)
-        await asyncio.to_thread(shutil.rmtree, self.staging, True)
+        await asyncio.to_thread(_remove_scratch, self.staging)

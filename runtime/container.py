@@ -369,16 +369,17 @@ class Runtime:
     Args:
         root: the state root (default ``$JAULA_ROOT`` or ``/var/lib/jaula``).
         cgroup_root: where cgroupfs is mounted.
-        cgroup_parent: directory under each hierarchy that holds this runtime's containers.
+        cgroup_parent: directory under each hierarchy that holds this runtime's containers
+            (default: see :func:`default_cgroup_parent`).
     """
 
     def __init__(self, root: Path | None = None, cgroup_root: Path = Path("/sys/fs/cgroup"),
-                 cgroup_parent: str = "jaula") -> None:
+                 cgroup_parent: str | None = None) -> None:
         self.store = Store(root)
         self.root = self.store.root
         self.images = ImageStore(self.root)
         self.cgroup_root = cgroup_root
-        self.cgroup_parent = cgroup_parent
+        self.cgroup_parent = cgroup_parent or default_cgroup_parent(self.root)
 
     def get(self, ref: str) -> Container:
         """The container named ``ref`` or whose id (or unique id prefix) is ``ref``."""
@@ -551,6 +552,19 @@ class Runtime:
                 raise
         log.info("container.restored", id=c.id[:12], name=c.name, pid=pid)
         return c
+
+
+def default_cgroup_parent(root: Path) -> str:
+    """``jaula`` for the default state root, ``jaula-<hash of the root>`` for any other: two
+    state roots on one host (two nodes) may hold the same container id (a migrated or
+    imported container keeps its id), and must not share its cgroup."""
+    from runtime.store import DEFAULT_ROOT
+
+    if Path(root).resolve() == DEFAULT_ROOT:
+        return "jaula"
+    import hashlib
+
+    return "jaula-" + hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)

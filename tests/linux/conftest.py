@@ -31,10 +31,14 @@ def mounts_under(path: Path) -> list[str]:
         return [line.split()[4] for line in f if line.split()[4].startswith(p)]
 
 
-def cgroup_dirs(container_id: str) -> list[Path]:
-    """Directories of this container under any mounted hierarchy."""
-    return [d for d in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_PARENT}/{container_id}")
-            ] + list(Path("/sys/fs/cgroup").glob(f"{CGROUP_PARENT}/{container_id}"))
+def cgroup_dirs(container_id: str, root: Path | None = None) -> list[Path]:
+    """Directories of this container under any mounted hierarchy: in the cgroup parent of
+    state root ``root`` only, or under any jaula parent (two roots may hold one id)."""
+    from runtime.container import default_cgroup_parent
+
+    parent = default_cgroup_parent(root) if root is not None else f"{CGROUP_PARENT}*"
+    return [d for d in Path("/sys/fs/cgroup").glob(f"*/{parent}/{container_id}")
+            ] + list(Path("/sys/fs/cgroup").glob(f"{parent}/{container_id}"))
 
 
 @dataclass
@@ -75,7 +79,7 @@ def cleanup_root(root: Path) -> list[str]:
         problems.append(f"leaked mount {m}")
         subprocess.run(["umount", "-l", m], check=False)
     for cid in ids:
-        for d in cgroup_dirs(cid):
+        for d in cgroup_dirs(cid, root):
             problems.append(f"leaked cgroup {d}")
             try:
                 d.rmdir()

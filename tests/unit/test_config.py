@@ -306,7 +306,7 @@ def test_node_config_resolves_relative_paths(tmp_path: Path) -> None:
     assert cfg == NodeConfig(
         name="node1", listen="tcp://127.0.0.1:7001", state_root=tmp_path / "etc" / "state",
         secret_key=tmp_path / "etc" / "keys" / "node1.key_secret",
-        cluster=tmp_path / "etc" / "cluster.toml", cgroup_parent="jaula",
+        cluster=tmp_path / "etc" / "cluster.toml", cgroup_parent=None,
         max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, source=f)
     assert DEFAULT_MAX_MESSAGE_BYTES == 8 * 1024 * 1024
 
