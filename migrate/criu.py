@@ -210,7 +210,11 @@ class _Swrk:
 
     def __init__(self, binary: str, pass_fds: tuple[int, ...] = ()) -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.proc = subprocess.Popen([binary, "swrk", str(theirs.fileno())],
+        # PR_SET_PDEATHSIG (set by util-linux's setpriv, kept across exec): if the thread that
+        # started it dies (a monitor killed during a restore), CRIU must not live on orphaned,
+        # blocked on a socket nobody reads.  (Not preexec_fn: unsafe in a threaded process.)
+        wrap = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+        self.proc = subprocess.Popen([*wrap, binary, "swrk", str(theirs.fileno())],
                                      pass_fds=(theirs.fileno(), *pass_fds), close_fds=True,
                                      stdin=subprocess.DEVNULL)
         theirs.close()
