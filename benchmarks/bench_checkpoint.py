@@ -57,6 +57,7 @@ from rich.progress import Progress
 
 from benchmarks import runc as runc_mod
 from benchmarks.runc import Runc, RuncContainer, RuncError, wait_child
+from benchmarks.util import remove_cgroup_dir
 from tests.helpers.images import PYTHON_ENV, build_memory_image, ref_name, workload_tools_missing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -287,31 +288,8 @@ class JaulaSide:
             for m in cgroup_mounts():
                 d = m / "jaula" / cid
                 if d.is_dir():
-                    problems += _remove_cgroup(d)
+                    problems += remove_cgroup_dir(d)
         return problems
-
-
-def _remove_cgroup(d: Path) -> list[str]:
-    """Kill the tasks of ``d`` (a cgroup this benchmark made) and remove it."""
-    for sub in sorted((x for x in d.rglob("*") if x.is_dir()), reverse=True) + [d]:
-        for _ in range(50):
-            try:
-                pids = [int(x) for x in (sub / "cgroup.procs").read_text().split()]
-            except OSError:
-                pids = []
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
-        try:
-            sub.rmdir()
-        except OSError as e:
-            return [f"cannot remove cgroup {sub}: {e.strerror}"]
-    return [f"removed leftover cgroup {d}"]
 
 
 # --- runc -------------------------------------------------------------------------------

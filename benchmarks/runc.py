@@ -39,13 +39,14 @@ import os
 import resource
 import secrets
 import shutil
-import signal
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
+
+from benchmarks.util import remove_cgroup_dir, wait_child
 
 RUNC = "runc"
 CRIU_FALLBACK = Path("/usr/local/sbin/criu")
@@ -269,44 +270,7 @@ class Runc:
             except subprocess.TimeoutExpired:
                 problems.append(f"runc delete -f {ctr_id} timed out")
         for d in self.cgroup_dirs():
-            for sub in sorted((x for x in d.rglob("*") if x.is_dir()), reverse=True) + [d]:
-                for _ in range(50):
-                    pids = _cgroup_pids(sub)
-                    if not pids:
-                        break
-                    for pid in pids:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-                    time.sleep(0.1)
-                try:
-                    sub.rmdir()
-                except OSError as e:
-                    problems.append(f"cannot remove cgroup {sub}: {e.strerror}")
+            problems += remove_cgroup_dir(d)
         return problems
 
 
-def _cgroup_pids(d: Path) -> list[int]:
-    try:
-        return [int(x) for x in (d / "cgroup.procs").read_text().split()]
-    except OSError:
-        return []
-
-
-def wait_child(proc: subprocess.Popen[str] | subprocess.Popen[bytes], timeout_s: float) -> int:
-    """Wait for ``proc``; on Ctrl-C (which the child, in our process group, got too) give it
-    up to 30 s to stop by itself before killing it, then re-raise."""
-    try:
-        return proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise
-    except KeyboardInterrupt:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        raise

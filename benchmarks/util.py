@@ -178,6 +178,15 @@ def remove_cgroup(rel: str) -> list[str]:
         if not d.is_dir() or d.resolve() in seen:
             continue
         seen.add(d.resolve())
+        problems += remove_cgroup_dir(d)
+    return problems
+
+
+def remove_cgroup_dir(d: Path) -> list[str]:
+    """Kill the tasks of the cgroup directory ``d`` (one a benchmark made) and of its
+    children, then remove them, deepest first; return the problems."""
+    problems = []
+    if d.is_dir():
         for sub in sorted((x for x in d.rglob("*") if x.is_dir()), reverse=True) + [d]:
             for _ in range(50):
                 try:
