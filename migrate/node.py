@@ -37,6 +37,7 @@ from migrate.session import (
     SourceSession,
     hold_socket_path,
     scratch_dirs,
+    stale_hold_sockets,
 )
 from migrate.transport import Client, Incoming, Server
 from runtime.container import Container, Runtime
@@ -342,7 +343,7 @@ class NodeService:
                 log.warning("recover.outgoing", id=c.id[:12], status=c.state.status.value)
                 continue
             session = c.state.extra.get("session", "")
-            hold = hold_socket_path(session)
+            hold = hold_socket_path(self.rt, session)
             if c.armed_monitor_waiting():  # the session died before the restore began
                 await asyncio.to_thread(c.delete, True)
                 log.warning("recover.incoming_removed", id=c.id[:12], armed=True)
@@ -353,6 +354,10 @@ class NodeService:
                 log.warning("recover.incoming_removed", id=c.id[:12])
         active = {f"incoming-{c.state.extra.get('session')}" for c in self.rt.list(all=True)
                   if c.status is S.MIGRATING}
+        sessions = {c.state.extra.get("session", "") for c in self.rt.list(all=True)
+                    if c.status is S.MIGRATING}
+        for sock in stale_hold_sockets(self.rt, sessions):
+            sock.unlink(missing_ok=True)
         for scratch in scratch_dirs(self.rt):
             if scratch.is_dir():
                 for d in scratch.iterdir():

@@ -76,9 +76,7 @@ def scratch_dir(rt: Runtime, need_bytes: int) -> Path:
     """A directory for a session's transient files: under /dev/shm when it has room for
     ``need_bytes`` (plus a quarter), else under the state root's ``tmp``.  One per state
     root, since several nodes can share a host."""
-    import hashlib as _h
-
-    tag = _h.sha1(str(rt.root.resolve()).encode()).hexdigest()[:10]
+    tag = _root_tag(rt)
     try:
         st = os.statvfs(SCRATCH_TMPFS)
         if st.f_bavail * st.f_frsize > need_bytes * 5 // 4:
@@ -102,10 +100,7 @@ def _remove_scratch(d: Path) -> None:
 
 def scratch_dirs(rt: Runtime) -> list[Path]:
     """Every place :func:`scratch_dir` may have used for ``rt`` (for recovery)."""
-    import hashlib as _h
-
-    tag = _h.sha1(str(rt.root.resolve()).encode()).hexdigest()[:10]
-    return [SCRATCH_TMPFS / f"jaula-{tag}", rt.root / "tmp"]
+    return [SCRATCH_TMPFS / f"jaula-{_root_tag(rt)}", rt.root / "tmp"]
 WINDOW_CHUNKS = 16
 ProgressFn = Callable[[str, int, int], None]
 
@@ -559,10 +554,26 @@ def _du(path: Path) -> int:
 HOLD_DIR = Path("/run/jaula")
 
 
-def hold_socket_path(session: str) -> Path:
-    """The unix socket on which a held restore of ``session`` waits for its decision."""
+def hold_socket_path(rt: Runtime, session: str) -> Path:
+    """The unix socket on which a held restore of ``session`` on ``rt``'s node waits for its
+    decision (named after the node's state root too: nodes may share a host)."""
     HOLD_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return HOLD_DIR / f"hold-{session}.sock"
+    return HOLD_DIR / f"hold-{_root_tag(rt)}-{session}.sock"
+
+
+def stale_hold_sockets(rt: Runtime, active: set[str]) -> list[Path]:
+    """This node's hold sockets whose session is not in ``active`` (left by a crash)."""
+    if not HOLD_DIR.is_dir():
+        return []
+    prefix = f"hold-{_root_tag(rt)}-"
+    return [p for p in HOLD_DIR.glob(prefix + "*.sock")
+            if p.name[len(prefix):-len(".sock")] not in active]
+
+
+def _root_tag(rt: Runtime) -> str:
+    import hashlib as _h
+
+    return _h.sha1(str(rt.root.resolve()).encode()).hexdigest()[:10]
 
 
 def from_root(writer: asyncio.StreamWriter) -> bool:
@@ -717,7 +728,7 @@ class DestinationSession:
 
     @property
     def hold_path(self) -> Path:
-        return hold_socket_path(self.session)
+        return hold_socket_path(self.rt, self.session)
 
     # -- files ------------------------------------------------------------------------------
     async def on_file_begin(self, m: dict[str, Any]) -> None:

@@ -113,7 +113,13 @@ class Cluster2:
         for cid in self.seen_ids:
             for d in Path("/sys/fs/cgroup").glob(f"*/jaula-test-node*/{cid}"):
                 problems.append(f"leaked cgroup {d}")
+        from migrate.session import stale_hold_sockets
+        from runtime.container import Runtime
+
         for node in self.files.nodes:
+            for sock in stale_hold_sockets(Runtime(self.state_root(node)), set()):
+                problems.append(f"{node}: hold socket left: {sock}")
+                sock.unlink(missing_ok=True)
             for scratch in self.scratch(node):
                 if scratch.is_dir():
                     left = list(scratch.iterdir())
