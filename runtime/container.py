@@ -40,6 +40,7 @@ from runtime.state import (
     ExitRecord,
     State,
     atomic_write_json,
+    check_transition,
     read_json,
 )
 from runtime.store import Store, flocked
@@ -106,9 +107,11 @@ class Container:
 
     def _load_state(self) -> State:
         try:
-            return State.from_json(read_json(self.dir / "state.json"))
+            st = State.from_json(read_json(self.dir / "state.json"))
         except FileNotFoundError:
-            return State()
+            st = State()
+        self._saved_status = st.status  # what is on disk: save() checks the move from it
+        return st
 
     def exit_record(self) -> ExitRecord | None:
         """What the monitor recorded when the init exited, or None."""
@@ -135,7 +138,12 @@ class Container:
         self._refresh_from_facts()
 
     def save(self) -> None:
+        """Write state.json atomically.  Raises InvalidStateTransition when the status moved
+        in a way :data:`runtime.state.TRANSITIONS` does not allow (a bug, not user input)."""
+        if self.state.status is not self._saved_status:
+            check_transition(self.id, self._saved_status, self.state.status, "save")
         atomic_write_json(self.dir / "state.json", self.state.to_json())
+        self._saved_status = self.state.status
 
     @contextlib.contextmanager
     def locked(self, blocking: bool = True) -> Iterator[None]:

@@ -44,7 +44,7 @@ TRANSITIONS: dict[ContainerStatus, frozenset[ContainerStatus]] = {
     S.CREATED: frozenset({S.RUNNING, S.STOPPED}),
     S.RUNNING: frozenset({S.PAUSED, S.STOPPED, S.CHECKPOINTED, S.MIGRATING}),
     S.PAUSED: frozenset({S.RUNNING, S.STOPPED, S.CHECKPOINTED, S.MIGRATING}),
-    S.STOPPED: frozenset({S.RUNNING}),
+    S.STOPPED: frozenset({S.RUNNING, S.CHECKPOINTED}),  # restore of a kept checkpoint (C17)
     S.CHECKPOINTED: frozenset({S.RUNNING, S.STOPPED}),
     S.MIGRATING: frozenset({S.RUNNING, S.PAUSED, S.MIGRATED, S.STOPPED}),
     S.MIGRATED: frozenset({S.RUNNING}),
