@@ -8,13 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from runtime.cgroups import detect_mode
+from runtime.rootfs.overlay import overlay_supported
 
 JAULA = [sys.executable, "-m", "migrate.cli"]
 CGROUP_PARENT = "jaula"
@@ -162,3 +163,41 @@ def jaula2(tmp_path_factory: pytest.TempPathFactory, busybox_image_layout: Path,
     yield j
     problems = cleanup_root(root)
     assert not problems, "\n".join(problems)
+
+
+@pytest.fixture
+def overlay(tmp_path: Path) -> Iterator[Callable[[list[Path]], Path]]:
+    """``mount(layer_dirs_bottom_to_top) -> merged dir`` under tmp_path; the finalizer
+    unmounts every mount and fails the test if one had to be forced or is left."""
+    if not overlay_supported():
+        pytest.skip("overlayfs is not available")
+    mounted: list[Path] = []
+
+    def mount(lowers: list[Path]) -> Path:
+        base = tmp_path / f"overlay{len(mounted)}"
+        upper, work, merged = base / "upper", base / "work", base / "merged"
+        for d in (upper, work, merged):
+            d.mkdir(parents=True)
+        lowerdir = ":".join(str(d) for d in reversed(lowers))  # overlayfs wants top first
+        opts = f"lowerdir={lowerdir},upperdir={upper},workdir={work}"
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        mounted.append(merged)
+        return merged
+
+    try:
+        yield mount
+    finally:
+        problems = []
+        for m in reversed(mounted):
+            if subprocess.run(["umount", str(m)], check=False, capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(m)], check=False, capture_output=True)
+                problems.append(f"{m} needed a lazy unmount")
+        left = mounts_under(tmp_path)
+        for point in left:
+            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+        assert not problems and not left, problems + left

@@ -196,44 +196,6 @@ def overlay_supported() -> bool:
     return subprocess.run(["modprobe", "overlay"], check=False, capture_output=True).returncode == 0
 
 
-@pytest.fixture
-def overlay(tmp_path: Path) -> Iterator[Callable[[list[Path]], Path]]:
-    """``mount(layer_dirs_bottom_to_top) -> merged dir`` under tmp_path; the finalizer
-    unmounts every mount and fails the test if one had to be forced or is left."""
-    if not overlay_supported():
-        pytest.skip("overlayfs is not available")
-    mounted: list[Path] = []
-
-    def mount(lowers: list[Path]) -> Path:
-        base = tmp_path / f"overlay{len(mounted)}"
-        upper, work, merged = base / "upper", base / "work", base / "merged"
-        for d in (upper, work, merged):
-            d.mkdir(parents=True)
-        lowerdir = ":".join(str(d) for d in reversed(lowers))  # overlayfs wants top first
-        opts = f"lowerdir={lowerdir},upperdir={upper},workdir={work}"
-        subprocess.run(
-            ["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        mounted.append(merged)
-        return merged
-
-    try:
-        yield mount
-    finally:
-        problems = []
-        for m in reversed(mounted):
-            if subprocess.run(["umount", str(m)], check=False, capture_output=True).returncode != 0:
-                subprocess.run(["umount", "-l", str(m)], check=False, capture_output=True)
-                problems.append(f"{m} needed a lazy unmount")
-        left = mounts_under(tmp_path)
-        for point in left:
-            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
-        assert not problems and not left, problems + left
-
-
 def tar_members(path: Path) -> list[tarfile.TarInfo]:
     with tarfile.open(path, encoding="utf-8", errors="surrogateescape") as tf:
         return tf.getmembers()

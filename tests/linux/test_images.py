@@ -15,7 +15,7 @@ import shutil
 import stat
 import subprocess
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,45 +90,6 @@ def unpack_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(store_mod, "unpack_layer", counting)
     return calls
-
-
-@pytest.fixture
-def overlay(tmp_path: Path) -> Iterator[Callable[[list[Path]], Path]]:
-    """``mount(layer_dirs_bottom_to_top) -> merged dir``: an overlay with an upper dir, under
-    tmp_path.  The finalizer unmounts every mount (lazily if it must) and fails the test if
-    any had to be forced or is left."""
-    if not overlay_supported():
-        pytest.skip("overlayfs is not available")
-    mounted: list[Path] = []
-
-    def mount(lowers: list[Path]) -> Path:
-        base = tmp_path / f"overlay{len(mounted)}"
-        upper, work, merged = base / "upper", base / "work", base / "merged"
-        for d in (upper, work, merged):
-            d.mkdir(parents=True)
-        lowerdir = ":".join(str(d) for d in reversed(lowers))  # overlayfs wants top first
-        opts = f"lowerdir={lowerdir},upperdir={upper},workdir={work}"
-        subprocess.run(
-            ["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        mounted.append(merged)
-        return merged
-
-    try:
-        yield mount
-    finally:
-        problems = []
-        for m in reversed(mounted):
-            if subprocess.run(["umount", str(m)], check=False, capture_output=True).returncode != 0:
-                subprocess.run(["umount", "-l", str(m)], check=False, capture_output=True)
-                problems.append(f"{m} needed a lazy unmount")
-        left = mounts_under(tmp_path)
-        for m in left:
-            subprocess.run(["umount", "-l", m], check=False, capture_output=True)
-        assert not problems and not left, problems + left
 
 
 def files(d: Path) -> set[str]:
