@@ -5,9 +5,13 @@
 # run takes a second or two. What it does:
 #   1. Debian packages (apt-get update only when a package is missing). Services are not
 #      started by package scripts (policy-rc.d).
-#   2. CRIU >= 4.2 that passes `criu check`: /usr/local/sbin/criu if good, else a good criu
-#      on PATH, else built from Debian's trixie (then sid) source and installed to
-#      /usr/local/sbin/criu. Debian 12's own criu 3.17 fails on recent kernels: never used.
+#   2. CRIU >= 4.2 that passes `criu check` and is jaula's build: Debian's sid (then forky,
+#      trixie) source with scripts/criu-patches/*.patch applied, installed to
+#      /usr/local/sbin/criu; `criu --version` shows "GitID: jaula-<hash of the patches>".
+#      The build keeps CRIU's kernel-feature cache (criu.kdat) in /run, or in /dev/shm when
+#      /run is not a tmpfs (CRIU keeps the cache only on a tmpfs; without it every dump and
+#      restore probes the kernel again, ~10 ms of downtime each). Debian 12's own criu 3.17
+#      fails on recent kernels: never used.
 #   3. The venv .venv (python3 >= 3.11) with `pip install -e '.[test]'`, redone only when
 #      pyproject.toml changes.
 #   4. pycriu (not on PyPI), built from the same CRIU source tree, installed into the venv.
@@ -53,7 +57,7 @@ APT_PACKAGES=(
     protobuf-compiler
     # to build CRIU (the minimal set found by building 4.1.1 and 4.2.1 here; libbsd and
     # gnutls are optional for CRIU but named so that every node builds the same features)
-    gcc make libc6-dev pkg-config xz-utils
+    gcc make libc6-dev pkg-config xz-utils patch
     libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler
     libnl-3-dev libnet1-dev libcap-dev uuid-dev libbsd-dev libgnutls28-dev
 )
@@ -125,6 +129,11 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || die "python3 on PATH is $(python3 -V 2>&1); jaula needs >= 3.11"
 
 # --- CRIU helpers -----------------------------------------------------------------------
+PATCHES=("$ROOT"/scripts/criu-patches/*.patch)
+if [ "$(stat -f -c %T /run 2>/dev/null)" = tmpfs ]; then KDAT_DIR=/run; else KDAT_DIR=/dev/shm; fi
+BUILD_ID="jaula-$( { cat "${PATCHES[@]}"; echo "$KDAT_DIR"; } | sha256sum | cut -c1-10)"
+# criu_ours BIN: BIN is jaula's build of CRIU (the patches and kdat dir of this checkout).
+criu_ours() { [[ $({ "$1" --version 2>/dev/null || true; }) == *"GitID: $BUILD_ID"* ]]; }
 criu_version() { { "$1" --version 2>/dev/null || true; } | sed -n 's/^Version: *//p' | head -n1; }
 
 # criu_good BIN: BIN runs, is >= CRIU_MIN and `criu check` says "Looks good".
@@ -241,31 +250,49 @@ ensure_source() {
     die "could not get CRIU's source from Debian suites: $CRIU_SUITES (logs in $LOGS)"
 }
 
-# build_tree: build the criu binary and lib/ (libcriu, pycriu's generated modules).
+# build_tree: build the criu binary and lib/ (libcriu, pycriu's generated modules) in a
+# copy of the source tree with jaula's patches applied; sets SRC_TREE to that copy.
 build_tree() {
-    if [ -f "$SRC_TREE/.jaula-built" ] && [ -x "$SRC_TREE/criu/criu" ] \
-        && [ -f "$SRC_TREE/lib/pycriu/rpc_pb2.py" ]; then
-        return 0
+    local out="$SRC_TREE.$BUILD_ID" p
+    if [ -f "$out/.jaula-built" ] && [ -x "$out/criu/criu" ] \
+        && [ -f "$out/lib/pycriu/rpc_pb2.py" ]; then
+        SRC_TREE=$out; return 0
     fi
-    say "criu: building $(basename "$SRC_TREE") (make -j$JOBS criu lib, ~30 s)"
+    rm -rf "$out" "$out.tmp"
+    cp -a "$SRC_TREE" "$out.tmp"
+    rm -f "$out.tmp/.jaula-built"
+    for p in "${PATCHES[@]}"; do
+        if patch -d "$out.tmp" -p1 --forward --dry-run <"$p" >>"$LOGS/criu-patch.log" 2>&1; then
+            patch -d "$out.tmp" -p1 --forward <"$p" >>"$LOGS/criu-patch.log" 2>&1
+            say "criu: applied $(basename "$p")"
+        else
+            say "WARNING: $(basename "$p") does not apply to $(basename "$SRC_TREE"); building without it (see $LOGS/criu-patch.log)" >&2
+        fi
+    done
+    say "criu: building $(basename "$SRC_TREE") as $BUILD_ID (make -j$JOBS criu lib, ~40 s)"
     local t0=$SECONDS
-    run_logged criu-build make -C "$SRC_TREE" -j"$JOBS" criu
-    run_logged criu-build-lib make -C "$SRC_TREE" -j"$JOBS" lib
-    touch "$SRC_TREE/.jaula-built"
+    run_logged criu-clean make -C "$out.tmp" clean
+    run_logged criu-build make -C "$out.tmp" -j"$JOBS" criu RUNDIR="$KDAT_DIR" GITID="$BUILD_ID"
+    run_logged criu-build-lib make -C "$out.tmp" -j"$JOBS" lib RUNDIR="$KDAT_DIR" GITID="$BUILD_ID"
+    touch "$out.tmp/.jaula-built"
+    mv "$out.tmp" "$out"
+    SRC_TREE=$out
     say "criu: built in $((SECONDS - t0)) s"
 }
 
 # --- 2. CRIU ----------------------------------------------------------------------------
 CRIU=""
-if criu_good "$CRIU_BIN"; then
+if criu_good "$CRIU_BIN" && criu_ours "$CRIU_BIN"; then
     CRIU=$CRIU_BIN
     say "criu $(criu_version "$CRIU") ok (cached, $CRIU)"
 elif [ -z "${JAULA_CRIU_PREFIX:-}" ] && sys=$(command -v criu) && [ "$sys" != "$CRIU_BIN" ] \
-        && criu_good "$sys"; then
+        && criu_good "$sys" && criu_ours "$sys"; then
     CRIU=$sys
     say "criu $(criu_version "$CRIU") ok (system, $CRIU)"
 else
-    if [ -e "$CRIU_BIN" ]; then
+    if criu_good "$CRIU_BIN"; then
+        say "criu: $CRIU_BIN is not $BUILD_ID (scripts/criu-patches, kdat in $KDAT_DIR); rebuilding"
+    elif [ -e "$CRIU_BIN" ]; then
         say "criu: $CRIU_BIN ($(criu_version "$CRIU_BIN" || true)) fails the check; rebuilding"
     fi
     ensure_source ""
