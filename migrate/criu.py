@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from migrate.certs import TlsFiles
 from migrate.errors import CriuError, CriuUnavailable
 
 
@@ -88,7 +89,13 @@ class DumpOptions:
             (``--ghost-limit``).
         manage_cgroups_mode: ``--manage-cgroups`` (CG_SOFT by default).
         notify: answer notifications (``--action-script`` semantics over RPC).
-        track_mem / parent_img / page_server: for pre-copy and post-copy strategies.
+        track_mem / parent_img: for a pre-copy strategy.
+        page_server: (address, port) of a ``criu page-server`` that receives the memory
+            pages (``--page-server --address --port``): the images dir then holds no
+            ``pagemap-*``/``pages-*`` images, the page server's images dir has them.
+        tls: certificate files for the page-server connection (``--tls``,
+            ``--tls-cacert/--tls-cert/--tls-key``, ``--tls-no-cn-verify``: the CA file
+            pins the peer's certificate, see :mod:`migrate.certs`).
         network_lock: ``--network-lock``: NET_LOCK_IPTABLES, or NET_LOCK_SKIP for a net
             namespace nobody else can reach (only ``lo``): locking it is pointless and costs
             about 0.1 s of downtime on each side (iptables-restore runs).
@@ -110,6 +117,8 @@ class DumpOptions:
     parent_img: str | None = None
     lazy_pages: bool = False
     network_lock: int = 1
+    page_server: tuple[str, int] | None = None
+    tls: TlsFiles | None = None
 
 
 @dataclass(frozen=True)
@@ -319,6 +328,12 @@ def dump(opts: DumpOptions, on_notify: NotifyHandler | None = None) -> Result:
             o.freeze_cgroup = opts.freeze_cgroup
         if opts.parent_img:
             o.parent_img = opts.parent_img
+        if opts.page_server:
+            o.ps.address, o.ps.port = opts.page_server
+        if opts.tls:
+            o.tls, o.tls_no_cn_verify = True, True
+            o.tls_cacert, o.tls_cert, o.tls_key = (str(opts.tls.cacert), str(opts.tls.cert),
+                                                   str(opts.tls.key))
         o.external.extend(opts.external)
         _, res = _call("dump", rpc.DUMP, o, opts.images_dir, opts.log_file, on_notify, (dfd,))
         return res
@@ -359,6 +374,112 @@ def restore(opts: RestoreOptions, on_notify: NotifyHandler | None = None) -> Res
     finally:
         os.close(dfd)
         os.close(wfd)
+
+
+class PageServer:
+    """A ``criu page-server`` that receives one dump's memory pages into ``images_dir``
+    (``pagemap-*.img`` and ``pages-*.img``), then exits: the destination's half of CRIU's
+    ``--page-server`` (criu(8) "page-server"; criu/page-xfer.c).
+
+    Listens on ``address`` at a port the kernel picks (``--port 0``), over TLS when ``tls``
+    is given.  It serves one connection: the dumping CRIU's, which closes it before its
+    ``post-dump`` notification, so by then every page has arrived.  Start it from a thread
+    that outlives it (it is killed with that thread, ``PR_SET_PDEATHSIG``).
+
+    Attributes:
+        port: the TCP port it listens on.
+        log_path: its log (``-v4``).
+
+    Raises CriuUnavailable, CriuError (it did not come up; the log's error lines)."""
+
+    def __init__(self, images_dir: Path, address: str, tls: TlsFiles | None, work_dir: Path,
+                 ready_timeout_s: float = 10.0) -> None:
+        self.log_path = work_dir / "page-server.log"
+        # `criu page-server` refuses --port 0: take a free port from the kernel, and try
+        # again in the unlikely case another process took it in between.
+        for attempt in range(3):
+            self.port = _free_port(address)
+            if self._start(images_dir, address, tls, work_dir, ready_timeout_s):
+                return
+            if "Address already in use" not in self._log():
+                break
+        raise CriuError("page-server", "the page server did not start",
+                        log_path=str(self.log_path), log_excerpt=log_excerpt(self.log_path))
+
+    def _start(self, images_dir: Path, address: str, tls: TlsFiles | None, work_dir: Path,
+               ready_timeout_s: float) -> bool:
+        import select
+
+        binary = require()
+        r, w = os.pipe()
+        args = [binary, "page-server", "--images-dir", str(images_dir), "--work-dir",
+                str(work_dir), "-o", self.log_path.name, "-v4", "--address", address,
+                "--port", str(self.port), "--status-fd", str(w)]
+        if tls is not None:
+            args += ["--tls", "--tls-no-cn-verify", "--tls-cacert", str(tls.cacert),
+                     "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+        wrap = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+        try:
+            self.proc = subprocess.Popen([*wrap, *args], pass_fds=(w,), close_fds=True,
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+        finally:
+            os.close(w)
+        try:
+            ready, _, _ = select.select([r], [], [], ready_timeout_s)
+            up = bool(ready) and os.read(r, 1) == b"\0"
+        finally:
+            os.close(r)
+        if not up:
+            self.kill()
+        return up
+
+    def _log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait(self, timeout_s: float) -> None:
+        """Wait until it has written every page and exited.  Raises CriuError when it
+        failed or is still running after ``timeout_s`` seconds (it is then killed)."""
+        try:
+            rc = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise CriuError("page-server", f"the page server was still running after "
+                            f"{timeout_s:.0f} s", log_path=str(self.log_path),
+                            log_excerpt=log_excerpt(self.log_path)) from None
+        if rc != 0:
+            raise CriuError("page-server", f"the page server exited with status {rc}",
+                            log_path=str(self.log_path), log_excerpt=log_excerpt(self.log_path))
+
+    def kill(self) -> None:
+        """Stop it (idempotent)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def _free_port(address: str) -> int:
+    """A TCP port free on ``address`` now (bound to port 0, then released)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+def dump_stats(images_dir: Path) -> dict[str, int]:
+    """CRIU's ``stats-dump`` image of a dump as a dict (``pages_written``,
+    ``frozen_time`` in microseconds, ...); empty when there is none."""
+    path = images_dir / "stats-dump"
+    if rpc is None or not path.exists():
+        return {}
+    from pycriu import images
+
+    with open(path, "rb") as f:
+        entries = images.load(f)["entries"]
+    return dict(entries[0].get("dump", {})) if entries else {}
 
 
 def pipe_buffer_sizes(images_dir: Path) -> list[int]:

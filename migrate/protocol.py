@@ -20,15 +20,18 @@ A migration session between the source node (DEALER) and the destination (ROUTER
 DESIGN.md "The migration handoff"::
 
     source                                          destination
-    offer {session, container, image, criu...} ──►  preflight
+    offer {session, container, image, criu...,     preflight; starts `criu page-server`
+           page_server ["tls"], ps_cert}      ──►    (TLS, the source's cert as its CA)
                                                ◄──  accept {missing_layers, data_endpoint,
-                                                            data_key} | error
+                                                            data_key, page_server {address,
+                                                            port, cert}} | error
     file_begin/chunk*/file_end (layers, rootfs)──►  digest checked per file
       (chunks go on the bulk data channel when one was offered: a plain socket, each chunk
        sealed with AES-256-GCM under data_key, see migrate.sealing)
                                                ◄──  credit {n} (flow control), file_ok
-    [freeze + dump; CRIU holds the tasks at post-dump]
-    file_* (CRIU images, rootfs delta)        ──►
+    [freeze + dump; the memory pages go to the page server as CRIU dumps them (TLS, each
+     side pinned to the other's certificate); CRIU holds the tasks at post-dump]
+    file_* (other CRIU images, rootfs delta)  ──►
     restore {stdio, volumes, deleted}         ──►  criu restore, held at pre-resume
                                                ◄──  ready {restore_s}
     [commit point: source records migrated -> destination, its copy dies]
@@ -87,9 +90,11 @@ SCHEMAS: dict[str, dict[str, tuple[Any, int | None, bool]]] = {
     "offer": {"session": (*_NAME, True), "container": (*_MAP, True), "image": (*_MAP, True),
               "criu_version": (*_LIST, True), "cpu_flags": (*_LIST, False),
               "estimate_bytes": (*_INT, False), "strategy": (*_NAME, False),
-              "source_node": (*_NAME, False), "bulk": (*_LIST, False)},
+              "source_node": (*_NAME, False), "bulk": (*_LIST, False),
+              "page_server": (*_LIST, False), "ps_cert": (bytes, 8192, False)},
     "accept": {"session": (*_NAME, True), "missing_layers": (*_LIST, True),
-               "data_endpoint": (*_STR, False), "data_key": (bytes, 64, False)},
+               "data_endpoint": (*_STR, False), "data_key": (bytes, 64, False),
+               "page_server": (dict, 16, False)},
     "file_begin": {"session": (*_NAME, True), "file": (*_INT, True), "name": (*_STR, True),
                    "kind": (*_NAME, True)},
     "chunk": {"session": (*_NAME, True), "file": (*_INT, True), "offset": (*_INT, True),

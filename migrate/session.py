@@ -6,8 +6,10 @@ Strategy ``cold`` (stop-and-copy), in phases::
 
     preflight  local checks (CRIU, undumpable objects), then the destination's (offer/accept)
     precopy    image layers the destination lacks, and the upperdir, sent while it runs
-    dump       freeze (freezer cgroup) and CRIU dump; CRIU holds the frozen tasks (post-dump)
-    transfer   CRIU images and what changed in the upperdir since the pre-copy
+    dump       freeze (freezer cgroup) and CRIU dump, its memory pages streamed as it goes
+               to a ``criu page-server`` on the destination (TLS); CRIU holds the frozen
+               tasks (post-dump)
+    transfer   the other CRIU images and what changed in the upperdir since the pre-copy
     restore    the destination restores and holds its tasks before they resume (pre-resume)
     commit     the source records "migrated -> destination" durably; its copy dies
     resume     the destination lets its tasks run
@@ -114,7 +116,9 @@ class MigrationReport:
             resume, cleanup).
         downtime_s: from the freeze on the source to the tasks resumed on the destination.
         total_s: from the request to the source cleaned up.
-        bytes_sent: payload bytes streamed to the destination.
+        bytes_sent: payload bytes streamed to the destination (files and memory pages).
+        page_server_bytes: of which memory pages sent by CRIU to the destination's page
+            server (0 when the destination had none and the pages went as files).
         resume_confirmed: the destination confirmed the tasks run (else the destination
             resumes them on its own after asking for the outcome).
     """
@@ -129,6 +133,7 @@ class MigrationReport:
     downtime_s: float = 0.0
     total_s: float = 0.0
     bytes_sent: int = 0
+    page_server_bytes: int = 0
     files: int = 0
     resume_confirmed: bool = False
 
@@ -277,6 +282,12 @@ class _Link:
     _acked = 0
 
 
+def _endpoint_host(endpoint: str) -> str:
+    """``HOST`` of ``tcp://HOST:PORT`` (brackets of an IPv6 address removed)."""
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
+    return host.strip("[]")
+
+
 def _hash_and_seal(h: Any, key: bytes, session: str, file: int, seq: int, offset: int,
                    data: bytes) -> bytes:
     from migrate.sealing import seal_chunk
@@ -340,7 +351,7 @@ class SourceSession:
             work = scratch_dir(self.rt, est) / f"outgoing-{self.session}"
             work.mkdir(parents=True)
             try:
-                await self._offer(c, link)
+                await self._offer(c, link, work)
                 phase("preflight")
                 c.state.status = S.MIGRATING
                 c.save()
@@ -350,14 +361,16 @@ class SourceSession:
                 client.close()
                 _remove_scratch(work)
         rep.total_s = round(time.monotonic() - t0, 6)
-        rep.bytes_sent = link.bytes_sent
+        rep.bytes_sent = link.bytes_sent + rep.page_server_bytes
         rep.files = link.files
         log.info("migration.done", **{k: v for k, v in rep.to_json().items() if k != "phases_s"})
         return rep
 
-    async def _offer(self, c: Container, link: _Link) -> None:
+    async def _offer(self, c: Container, link: _Link, work: Path) -> None:
+        from migrate import certs
         from runtime.image.transfer import image_record
 
+        ps_cert, cert, key = await asyncio.to_thread(certs.make_identity, work, "source")
         usage = 0
         try:
             usage = c.cgroup().stats().memory_bytes
@@ -367,11 +380,28 @@ class SourceSession:
                         image=image_record(self.rt.images, c.config.image_id),
                         criu_version=list(criu.version()), cpu_flags=list(cpu_flags()),
                         estimate_bytes=int(usage + _du(c.upperdir)), strategy=self.strategy,
-                        source_node=self.node_name, bulk=["aes-256-gcm"])
+                        source_node=self.node_name, bulk=["aes-256-gcm"],
+                        page_server=["tls"], ps_cert=ps_cert)
         accept = await link.expect("accept")
         self.missing_layers = [str(x) for x in accept["missing_layers"]]
         if accept.get("data_endpoint") and accept.get("data_key"):
             link.open_data_channel(accept["data_endpoint"], accept["data_key"])
+        self.page_server: tuple[str, int] | None = None
+        self.ps_tls: certs.TlsFiles | None = None
+        ps = accept.get("page_server")
+        if ps:
+            port, address, peer = ps.get("port"), ps.get("address"), ps.get("cert")
+            if not (isinstance(port, int) and 0 < port < 65536 and isinstance(address, str)
+                    and len(address) < 256):
+                raise ProtocolError(f"the destination offered a bad page server: {ps!r:.200}")
+            try:
+                cacert = certs.trust_peer(work, peer)
+            except ValueError as e:
+                raise ProtocolError(f"the destination's page server: {e}") from e
+            if address in ("", "*", "0.0.0.0", "::"):
+                address = _endpoint_host(getattr(link.client, "endpoint", ""))
+            self.page_server = (address, port)
+            self.ps_tls = certs.TlsFiles(cacert, cert, key)
 
     async def _run_locked(self, c: Container, link: _Link, work: Path, rep: MigrationReport,
                           phase: Callable[[str], None]) -> None:
@@ -419,7 +449,8 @@ class SourceSession:
                        for i, m in enumerate(c.config.mounts)]
             dump_task = asyncio.ensure_future(asyncio.to_thread(criu.dump, criu.DumpOptions(
                 pid=c.state.pid, images_dir=images, freeze_cgroup=freezer_path(c),
-                network_lock=network_lock(c.config), external=dump_externals(volumes, netns)),
+                network_lock=network_lock(c.config), external=dump_externals(volumes, netns),
+                page_server=self.page_server, tls=self.ps_tls),
                 on_notify))
             waiter = asyncio.ensure_future(post_dump.wait())
             await asyncio.wait({dump_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -467,8 +498,7 @@ class SourceSession:
             c.save()
             committed = True
             verdict[0] = True
-            decision.set()
-            await dump_task
+            decision.set()  # CRIU kills our frozen copy: it can never run again
             phase("commit")
         except BaseException as e:
             if committed:
@@ -487,7 +517,8 @@ class SourceSession:
                 raise MigrationAborted(f"{e}; the container keeps running on {self.node_name}",
                                        where) from e
             raise
-        # -- resume on the destination (it decides from our record if this is lost)
+        # -- resume on the destination (it decides from our record if this is lost), while
+        # CRIU kills our frozen copy (seconds for a large one: not worth waiting for first)
         try:
             await link.send("resume")
             await link.expect("resumed", timeout_s=max(60.0, self.peer_timeout_s))
@@ -496,6 +527,13 @@ class SourceSession:
             log.warning("migration.resume_unconfirmed", session=self.session, error=str(e))
         rep.downtime_s = round(time.monotonic() - t_freeze, 6)
         phase("resume")
+        try:
+            await dump_task
+        except Exception as e:  # noqa: BLE001 - after the commit: the cleanup kills what is left
+            log.error("migration.source_dump_finish", session=self.session, error=str(e))
+        if self.page_server:
+            stats = await asyncio.to_thread(criu.dump_stats, work / "criu")
+            rep.page_server_bytes = int(stats.get("pages_written", 0)) * 4096
         await asyncio.to_thread(self._cleanup_source, c)
         phase("cleanup")
 
@@ -653,6 +691,7 @@ class DestinationSession:
         self.data_key = b""
         self._data_reader: asyncio.Task[None] | None = None
         self.early: dict[int, list[tuple[dict[str, Any], bytes]]] = {}
+        self.page_server: criu.PageServer | None = None
 
     async def send(self, mtype: str, **fields: Any) -> None:
         await self._send(encode(mtype, session=self.session, **fields))
@@ -703,13 +742,36 @@ class DestinationSession:
             self.data_key = new_key()
             self._data_reader = asyncio.ensure_future(self._read_data())
             bulk = {"data_endpoint": self.data.endpoint, "data_key": self.data_key}
-        await self.send("accept", missing_layers=missing, **bulk)
+        ps = self._start_page_server()
+        await self.send("accept", missing_layers=missing, **bulk, **ps)
         # Start the monitor now, waiting: its start-up is then not part of the downtime.
         from migrate.restore import RESTORER
 
         arg = json.dumps({"bundle": str(self.staging), "hold": str(self.hold_path),
                           "params": str(self.staging / "restore.json")})
         self.armed = await asyncio.to_thread(self.rt.arm, self.cfg.id, RESTORER, arg)
+
+    def _start_page_server(self) -> dict[str, Any]:
+        """Start a ``criu page-server`` (TLS) for the dump's memory pages when the source
+        offered one; returns the ``accept`` fields that describe it, or nothing (the pages
+        then come as files).  Started from the service's own thread: the page server is
+        killed with the thread that started it (``PR_SET_PDEATHSIG``)."""
+        from migrate import certs
+
+        o = self.offer
+        if "tls" not in o.get("page_server", []) or not o.get("ps_cert") \
+                or not self.listen.startswith("tcp://"):
+            return {}
+        host = _endpoint_host(self.listen)
+        address = "0.0.0.0" if host == "*" else host
+        try:
+            tls, pem = certs.session_tls(self.staging, "destination", o["ps_cert"])
+            self.page_server = criu.PageServer(self.staging / "criu", address, tls,
+                                               self.staging)
+        except (ValueError, JaulaError, OSError) as e:
+            log.warning("migration.page_server.unavailable", session=self.session, error=str(e))
+            return {}
+        return {"page_server": {"address": host, "port": self.page_server.port, "cert": pem}}
 
     async def _read_data(self) -> None:
         """Chunks from the bulk channel join the session's queue (unsealed by on_chunk)."""
@@ -803,6 +865,8 @@ class DestinationSession:
         from migrate.restore import check_pipes
 
         t0 = time.monotonic()
+        if self.page_server is not None:  # the dump closed its connection before post-dump
+            await asyncio.to_thread(self.page_server.wait, 30.0)
         check_pipes(Bundle(self.staging))  # pipe sizes this node cannot give back: refuse
         await asyncio.to_thread(register_image, self.rt.images, self.offer["image"])
         await asyncio.to_thread(self._fill_container, m)
@@ -867,8 +931,8 @@ class DestinationSession:
         t0 = time.monotonic()
         self.hold_decision.set_result(True)
         await self.revive_task
-        await self.finish()
         await self.send("resumed", resume_s=round(time.monotonic() - t0, 6))
+        await self.finish()  # after the answer: removing a large staging dir takes a while
 
     async def on_abort(self, reason: str) -> None:
         """Discard the held copy (or whatever arrived): the source keeps the container."""
@@ -894,6 +958,8 @@ class DestinationSession:
 
     async def finish(self) -> None:
         self.finished = True
+        if self.page_server is not None:
+            self.page_server.kill()
         if self._data_reader is not None:
             self._data_reader.cancel()
         if self.data is not None:
