@@ -75,17 +75,22 @@ def make_identity(directory: Path, name: str) -> tuple[bytes, Path, Path]:
 def trust_peer(directory: Path, peer_pem: bytes) -> Path:
     """Write the peer's certificate as this side's CA file; returns its path.
 
-    Raises ValueError when ``peer_pem`` is not one PEM certificate of a sane size."""
+    Raises ValueError when ``peer_pem`` is not exactly one PEM certificate of a sane size."""
     from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
 
     if not isinstance(peer_pem, bytes) or len(peer_pem) > MAX_CERT_BYTES:
         raise ValueError("the peer's page-server certificate is missing or too large")
     try:
-        x509.load_pem_x509_certificate(peer_pem)
+        found = x509.load_pem_x509_certificates(peer_pem)
     except ValueError as e:
         raise ValueError(f"the peer's page-server certificate does not parse: {e}") from e
+    if len(found) != 1 or peer_pem.count(b"-----BEGIN") != 1:
+        raise ValueError("the peer sent more than one PEM block for its page-server "
+                         "certificate: exactly one certificate is trusted")
     path = directory / "peer-ca.pem"
-    _write_private(path, peer_pem)
+    # written as parsed, so nothing but that one certificate reaches CRIU's CA file
+    _write_private(path, found[0].public_bytes(serialization.Encoding.PEM))
     return path
 
 

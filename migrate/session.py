@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -763,15 +764,19 @@ class DestinationSession:
                 or not self.listen.startswith("tcp://"):
             return {}
         host = _endpoint_host(self.listen)
-        address = "0.0.0.0" if host == "*" else host
         try:
+            # `criu page-server --address` takes an IP address, not a host name
+            address = "0.0.0.0" if host == "*" else \
+                str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
             tls, pem = certs.session_tls(self.staging, "destination", o["ps_cert"])
             self.page_server = criu.PageServer(self.staging / "criu", address, tls,
                                                self.staging)
-        except (ValueError, JaulaError, OSError) as e:
+        except (ValueError, JaulaError, OSError) as e:  # socket.gaierror is an OSError
             log.warning("migration.page_server.unavailable", session=self.session, error=str(e))
             return {}
-        return {"page_server": {"address": host, "port": self.page_server.port, "cert": pem}}
+        # the address it is bound to (a wildcard: the source uses the host it reached us on)
+        return {"page_server": {"address": host if host == "*" else address,
+                                "port": self.page_server.port, "cert": pem}}
 
     async def _read_data(self) -> None:
         """Chunks from the bulk channel join the session's queue (unsealed by on_chunk)."""

@@ -227,6 +227,7 @@ ensure_source() {
         for suite in $CRIU_SUITES; do
             # a tree already unpacked from a suite we would pick: no network needed
             for t in "$SRC"/criu-*/.jaula-unpacked; do
+                case $t in *.jaula-*/.jaula-unpacked) continue ;; esac  # a patched build copy
                 [ -f "$t" ] && [ "$(cut -d' ' -f2 "$t")" = "$suite" ] && { SRC_TREE=$(dirname "$t"); return 0; }
             done
         done

@@ -1,11 +1,10 @@
 """The page-server fallback of a migration, with two real node services and real CRIU: a
 destination that cannot offer a ``criu page-server`` answers the source's offer without one,
 so the memory pages travel as files over the CURVE channel; the migration still works and the
-report says no byte went through a page server.  Two real reasons: node2 listens on
-``ipc://`` (no TCP host for a page server), or on a host *name* (``tcp://localhost:PORT``, which
-the configuration accepts but ``criu page-server --address`` refuses: it takes IP literals
-only, so the page server does not start).  Back onto node1 (tcp://127.0.0.1) the page server
-is used again."""
+report says no byte went through a page server.  The real reason here: node2 listens on
+``ipc://`` (no TCP host for a page server).  A node listening on a host *name*
+(``tcp://localhost:PORT``) does get one (the name is resolved: ``criu page-server --address``
+takes IP literals only).  Back onto node1 (tcp://127.0.0.1) the page server is used again."""
 
 from __future__ import annotations
 
@@ -63,7 +62,7 @@ def _only_on(c: Cluster2, name: str, node: str) -> None:
     assert running == [node], f"{name} runs on {running}, expected only {node}: {where}"
 
 
-def test_migration_without_a_page_server_sends_the_pages_as_files(
+def test_migration_with_or_without_a_page_server(
         fallback_nodes: Cluster2) -> None:
     c = fallback_nodes
     listen = c.files.node_config("node2").listen
@@ -73,17 +72,17 @@ def test_migration_without_a_page_server_sends_the_pages_as_files(
     rep = json.loads(c.op("migrate", "fb", "node2", "--json").stdout)
     assert rep["source"] == "node1" and rep["destination"] == "node2"
     assert rep["resume_confirmed"] is True
-    assert rep["page_server_bytes"] == 0  # no page server: the pages went as files
+    if listen.startswith("ipc://"):
+        assert rep["page_server_bytes"] == 0  # no page server: the pages went as files
+    else:  # a host name is resolved for `criu page-server --address`
+        assert 0 < rep["page_server_bytes"] < rep["bytes_sent"]
     assert rep["bytes_sent"] > 0 and rep["files"] > 0
     _only_on(c, "fb", "node2")
     n = ticks(n2, "fb")[-1]
     wait_ticks(n2, "fb", n + 10, timeout=30)
     assert_continuous(ticks(n2, "fb"))  # the memory state continued, nothing ran twice
     log2 = (c.files.root / "node2.log").read_text()
-    if listen.startswith("ipc://"):  # not a failure: there is nothing to offer
-        assert "migration.page_server.unavailable" not in log2
-    else:  # the page server could not start: said so, and the migration went on without it
-        assert "migration.page_server.unavailable" in log2 and "Invalid server address" in log2
+    assert "migration.page_server.unavailable" not in log2  # nothing failed to start
     # back onto the TCP node: its page server takes the pages again
     rep = json.loads(c.op("migrate", "fb", "node1", "--json").stdout)
     assert rep["resume_confirmed"] is True

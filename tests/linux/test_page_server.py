@@ -381,8 +381,9 @@ def _ps_procs(staging: Path) -> list[str]:
     ("tcp://127.0.0.1:1", {"page_server": ["plain"], "ps_cert": "SOURCE"}, False),
     ("tcp://127.0.0.1:1", {"page_server": ["tls"], "ps_cert": b"garbage"}, False),
     ("ipc:///run/jaula/none.ipc", {"page_server": ["tls"], "ps_cert": "SOURCE"}, False),
-    # a host name: `criu page-server --address` takes IP literals only, it does not start
-    ("tcp://localhost:1", {"page_server": ["tls"], "ps_cert": "SOURCE"}, False),
+    # a host name: resolved first (`criu page-server --address` takes IP literals only)
+    ("tcp://localhost:1", {"page_server": ["tls"], "ps_cert": "SOURCE"}, True),
+    ("tcp://no-such-host.invalid:1", {"page_server": ["tls"], "ps_cert": "SOURCE"}, False),
 ])
 def test_destination_offers_a_page_server_only_when_it_can(
         tmp_path: Path, ids: Identities, listen: str, offer: dict[str, Any],

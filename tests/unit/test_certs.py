@@ -98,7 +98,7 @@ def test_trust_peer_size_limit(tmp_path: Path, peer_pem: bytes) -> None:
     # up to MAX_CERT_BYTES is accepted (a certificate padded with blank lines) ...
     padded = peer_pem + b"\n" * (certs.MAX_CERT_BYTES - len(peer_pem))
     assert len(padded) == certs.MAX_CERT_BYTES
-    assert certs.trust_peer(tmp_path, padded).read_bytes() == padded
+    assert certs.trust_peer(tmp_path, padded).read_bytes() == peer_pem  # written as parsed
     (tmp_path / "peer-ca.pem").unlink()
     # ... one byte more is refused before anything is parsed or written
     with pytest.raises(ValueError, match="too large"):
@@ -108,15 +108,14 @@ def test_trust_peer_size_limit(tmp_path: Path, peer_pem: bytes) -> None:
     assert not (tmp_path / "peer-ca.pem").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="trust_peer only parses the first PEM block: a PEM "
-                   "holding two certificates is written whole into the CA file, so GnuTLS "
-                   "trusts both (the CA file no longer pins exactly one peer certificate)")
 def test_trust_peer_refuses_more_than_one_certificate(tmp_path: Path, peer_pem: bytes) -> None:
+    # the CA file must pin exactly one certificate: GnuTLS would trust every one in it
     other = tmp_path / "other"
     other.mkdir()
-    second, _, _ = certs.make_identity(other, "stranger")
-    with pytest.raises(ValueError):
-        certs.trust_peer(tmp_path, peer_pem + second)
+    second, _, key = certs.make_identity(other, "stranger")
+    for value in (peer_pem + second, peer_pem + key.read_bytes()):
+        with pytest.raises(ValueError, match="more than one PEM block"):
+            certs.trust_peer(tmp_path, value)
     assert not (tmp_path / "peer-ca.pem").exists()
 
 
