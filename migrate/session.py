@@ -6,7 +6,8 @@ Strategy ``cold`` (stop-and-copy), in phases::
 
     preflight  local checks (CRIU, undumpable objects), then the destination's (offer/accept)
     precopy    image layers the destination lacks, and the upperdir, sent while it runs
-    dump       freeze (freezer cgroup) and CRIU dump, its memory pages streamed as it goes
+    freeze     the freezer cgroup, until every task is frozen
+    dump       CRIU dump, its memory pages streamed as it goes
                to a ``criu page-server`` on the destination (TLS); CRIU holds the frozen
                tasks (post-dump)
     transfer   the other CRIU images and what changed in the upperdir since the pre-copy
@@ -113,8 +114,8 @@ class MigrationReport:
     """What a migration did.  Times in seconds, sizes in bytes.
 
     Attributes:
-        phases_s: seconds per phase (preflight, precopy, dump, transfer, restore, commit,
-            resume, cleanup).
+        phases_s: seconds per phase (preflight, precopy, freeze, dump, transfer, restore,
+            commit, resume, cleanup).
         downtime_s: from the freeze on the source to the tasks resumed on the destination.
         total_s: from the request to the source cleaned up.
         bytes_sent: payload bytes streamed to the destination (files and memory pages).
@@ -446,6 +447,7 @@ class SourceSession:
             # Freeze first ourselves: CRIU polls the freezer every 100 ms, we poll from 1 ms
             # (it then finds the cgroup FROZEN at once).  The downtime starts here.
             await asyncio.to_thread(c.cgroup().freeze)
+            phase("freeze")
             volumes = [{"key": f"vol{i}", "destination": m.destination, "source": m.source}
                        for i, m in enumerate(c.config.mounts)]
             dump_task = asyncio.ensure_future(asyncio.to_thread(criu.dump, criu.DumpOptions(
@@ -512,7 +514,8 @@ class SourceSession:
                 except Exception:  # noqa: BLE001, S110 - expected: post-dump answered "failure"
                     pass
             await self._roll_back(c, link, str(e))
-            where = next((p for p in ("preflight", "precopy", "dump", "transfer", "restore")
+            where = next((p for p in ("preflight", "precopy", "freeze", "dump", "transfer",
+                                      "restore")
                           if p not in rep.phases_s), "restore")
             if isinstance(e, MigrationError | JaulaError):
                 raise MigrationAborted(f"{e}; the container keeps running on {self.node_name}",

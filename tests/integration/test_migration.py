@@ -55,7 +55,8 @@ def test_migrate_moves_the_running_container_and_back(nodes: Cluster2) -> None:
     assert rep["bytes_sent"] > 0 and rep["files"] > 0
     # the memory went through the destination's page server (TLS), not as files
     assert 0 < rep["page_server_bytes"] < rep["bytes_sent"]
-    for phase in ("preflight", "precopy", "dump", "transfer", "restore", "commit", "resume"):
+    for phase in ("preflight", "precopy", "freeze", "dump", "transfer", "restore", "commit",
+                  "resume"):
         assert phase in rep["phases_s"]
     only_on(nodes, "web", "node2")
     assert nodes.where("web")["node1"] == "migrated"
