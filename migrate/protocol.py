@@ -31,7 +31,8 @@ DESIGN.md "The migration handoff"::
                                                ◄──  credit {n} (flow control), file_ok
     [freeze + dump; the memory pages go to the page server as CRIU dumps them (TLS, each
      side pinned to the other's certificate); CRIU holds the tasks at post-dump]
-    file_* (other CRIU images, rootfs delta)  ──►
+    file_* (other CRIU images, small ones     ──►
+            packed; rootfs delta)
     restore {stdio, volumes, deleted}         ──►  criu restore, held at pre-resume
                                                ◄──  ready {restore_s}
     [commit point: source records migrated -> destination, its copy dies]

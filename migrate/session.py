@@ -10,7 +10,8 @@ Strategy ``cold`` (stop-and-copy), in phases::
     dump       CRIU dump, its memory pages streamed as it goes
                to a ``criu page-server`` on the destination (TLS); CRIU holds the frozen
                tasks (post-dump)
-    transfer   the other CRIU images and what changed in the upperdir since the pre-copy
+    transfer   the other CRIU images (the small ones packed into one tar, migrate.image_pack)
+               and what changed in the upperdir since the pre-copy
     restore    the destination restores and holds its tasks before they resume (pre-resume)
     commit     the source records "migrated -> destination" durably; its copy dies
     resume     the destination lets its tasks run
@@ -43,7 +44,7 @@ from typing import Any
 
 import structlog
 
-from migrate import criu, rootfs_diff
+from migrate import criu, image_pack, rootfs_diff
 from migrate.bundle import cpu_flags
 from migrate.checkpoint import (
     _stdio_keys,
@@ -471,12 +472,16 @@ class SourceSession:
             delta = work / "rootfs-delta.tar"
             deleted, _ = await asyncio.to_thread(rootfs_diff.write_delta, c.upperdir, before,
                                                  delta)
-            files = sorted(p for p in images.iterdir() if p.is_file())
+            small, large = image_pack.split(sorted(p for p in images.iterdir()
+                                                   if p.is_file()))
+            packed = work / "criu-images.tar"  # one file's round of messages, not twenty
+            await asyncio.to_thread(image_pack.pack, small, packed)
             ctr_log = c.dir / "ctr.log"
             extra = [(delta, "rootfs-delta.tar", "rootfs")]
             if ctr_log.exists():  # the container's output so far travels with it
                 extra.append((ctr_log, "ctr.log", "log"))
-            todo = [(p, f"criu/{p.name}", "criu") for p in files] + extra
+            todo = [(packed, "criu-images.tar", "criu-pack"),
+                    *((p, f"criu/{p.name}", "criu") for p in large), *extra]
             total = sum(p.stat().st_size for p, _, _ in todo)
             sent0 = link.bytes_sent
             for p, name, kind in todo:
@@ -633,7 +638,7 @@ def from_root(writer: asyncio.StreamWriter) -> bool:
 
 
 _NAME_RE = re.compile(r"^(criu/[A-Za-z0-9_.\-]{1,200}|layers/[0-9a-f]{64}\.tar|"
-                      r"rootfs-base\.tar|rootfs-delta\.tar|ctr\.log)$")
+                      r"criu-images\.tar|rootfs-base\.tar|rootfs-delta\.tar|ctr\.log)$")
 
 
 def _unseal_write_hash(fd: int, h: Any, data: bytes, key: bytes, session: str,
@@ -853,6 +858,10 @@ class DestinationSession:
             # delta is left for the downtime.
             await asyncio.to_thread(rootfs_diff.extract, self.staging / f.name,
                                     self.cdir / "upper")
+            os.unlink(self.staging / f.name)
+        if f.name == "criu-images.tar":  # the small CRIU images, packed (migrate.image_pack)
+            await asyncio.to_thread(image_pack.unpack, self.staging / f.name,
+                                    self.staging / "criu", f.size)
             os.unlink(self.staging / f.name)
         if f.kind == "layer":
             from runtime.image.transfer import import_layer
