@@ -2,19 +2,17 @@
 destination of a migration starts it: only the holder of the session's pinned identity can
 write memory pages into its images dir.
 
-The clients here speak CRIU's page-server protocol themselves (:func:`forged_pages`, the
-``page_server_iov`` commands of criu/page-xfer.c): one page of a made-up pid.  Two controls
-show that this conversation does write ``pagemap-*.img`` and ``pages-*.img`` (without TLS,
-and over TLS with the pinned identity), so the refusals are the TLS pinning at work, not a
-malformed stream.  The last tests dump a real container through the page server with real
+The clients here speak CRIU's page-server protocol themselves
+(:func:`tests.helpers.page_server.forged_pages`, the ``page_server_iov`` commands of
+criu/page-xfer.c): one page of a made-up pid.  Two controls show that this conversation does
+write ``pagemap-*.img`` and ``pages-*.img`` (without TLS, and over TLS with the pinned
+identity), so the refusals are the TLS pinning at work, not a malformed stream.  The last tests dump a real container through the page server with real
 CRIU.  Every server is killed by the fixture's finalizer, and the test fails if a CRIU
 process working below its tmp dir is left."""
 
 from __future__ import annotations
 
 import socket
-import ssl
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,32 +23,11 @@ import pytest
 from migrate import certs, criu
 from migrate.errors import CriuError
 from tests.helpers.counter import COUNTER, assert_continuous, ticks, wait_ticks
+from tests.helpers.page_server import FORGED_PID, WAIT_S, forged_pages, page_images
+from tests.helpers.page_server import send_tls as _send_tls
 from tests.linux.conftest import Jaula, _leaks, needs_criu, needs_root
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_root, needs_criu]
-
-#: CRIU page-server commands (criu/page-xfer.c) and the pagemap type of a task's memory
-PS_IOV_ADD, PS_IOV_OPEN, PS_IOV_CLOSE, PS_TYPE_PID = 1, 3, 0x1023, 1
-FORGED_PID = 4242
-WAIT_S = 60.0
-
-
-def forged_pages(pid: int = FORGED_PID) -> list[bytes]:
-    """The messages of a page-server client writing one page of task ``pid``: open its
-    pagemap, add one present page (header, then the 4096 bytes), close.  Each message is
-    sent on its own (over TLS, CRIU's server reads a page only after polling the socket)."""
-
-    def iov(cmd: int, nr_pages: int, vaddr: int) -> bytes:
-        # struct page_server_iov { u32 cmd; u64 nr_pages; u64 vaddr; u64 dst_id; }
-        return struct.pack("<I4xQQQ", cmd, nr_pages, vaddr, pid << 8 | PS_TYPE_PID)
-
-    return [iov(PS_IOV_OPEN, 0, 0), iov(PS_IOV_ADD, 1, 0x10000), b"\xab" * 4096,
-            iov(PS_IOV_CLOSE, 0, 0)]
-
-
-def page_images(d: Path) -> list[str]:
-    """The ``pagemap-*.img`` and ``pages-*.img`` in ``d``."""
-    return sorted(p.name for p in d.iterdir() if p.name.startswith(("pagemap-", "pages-")))
 
 
 @dataclass(frozen=True)
@@ -127,38 +104,6 @@ def _send_plain(port: int, parts: list[bytes]) -> bytes:
             return s.recv(64)
         except OSError:
             return b""
-
-
-def _send_tls(port: int, parts: list[bytes], cert: Path | None, key: Path | None,
-              cacert: Path | None) -> bytes:
-    """Connect over TLS (Python's ``ssl``), presenting ``cert``/``key`` when given and
-    checking the server against ``cacert`` when given; send ``parts`` one by one and return
-    the 4-byte answer to the close command (b"" when the server hung up)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    if cacert is None:
-        ctx.verify_mode = ssl.CERT_NONE
-    else:
-        ctx.load_verify_locations(cacert)
-    if cert is not None and key is not None:
-        ctx.load_cert_chain(cert, key)
-    raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
-    try:
-        t = ctx.wrap_socket(raw)  # raw is detached into t
-    except (ssl.SSLError, OSError):
-        raw.close()
-        return b""
-    try:
-        for part in parts:
-            t.sendall(part)
-        answer = t.recv(4)
-        if answer:  # a clean TLS close: the server waits for ours, then for the EOF
-            t.unwrap().close()
-        return answer
-    except (ssl.SSLError, OSError):
-        return b""
-    finally:
-        t.close()
 
 
 def _refused(s: Started) -> str:
