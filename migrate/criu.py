@@ -20,6 +20,7 @@ criu-recipe.md in shared/ (options verified on these machines).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -187,10 +188,17 @@ def version(binary: str | None = None) -> tuple[int, int, int]:
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
+@functools.lru_cache(maxsize=8)
+def _version_of(binary: str, mtime_ns: int) -> tuple[int, int, int]:
+    return version(binary)
+
+
 def require(min_version: tuple[int, int] = MIN_VERSION) -> str:
-    """Return the criu binary after checking it is at least ``min_version``."""
+    """Return the criu binary after checking it is at least ``min_version``.  The version
+    is asked once per binary (and again when the file changes): `criu --version` is a
+    process start, which a dump or a restore would otherwise pay while the tasks wait."""
     binary = find_criu()
-    v = version(binary)
+    v = _version_of(binary, os.stat(binary).st_mtime_ns)
     if v[:2] < min_version:
         raise CriuUnavailable(f"criu {'.'.join(map(str, v))} is too old: jaula needs "
                               f"{'.'.join(map(str, min_version))} or newer (run `make setup`)")

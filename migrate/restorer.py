@@ -81,6 +81,12 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
     return res.pid
 
 
+def warm_up() -> None:
+    """What an armed monitor does before it waits for ``go``: check CRIU now (a process
+    start) rather than in the downtime."""
+    criu.require()
+
+
 def fresh_netns() -> int:
     """A new net namespace with ``lo`` up, as an open fd; the caller stays in its own."""
     from runtime import syscalls as sc

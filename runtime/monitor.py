@@ -153,7 +153,8 @@ def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = F
     process's child (CRIU's ``rst_sibling``) and is reaped here like a started one.  The
     runtime does not import the restorer: it lives in a higher layer (``migrate``).
 
-    ``armed``: start, import the restorer, then wait for ``go`` (or anything else: give up)
+    ``armed``: start, import the restorer (and call its module's ``warm_up()`` if it has
+    one), then wait for ``go`` (or anything else: give up)
     on the FIFO ``go.fifo`` before restoring; this takes the interpreter's start-up out of a
     migration's downtime (:meth:`runtime.container.Runtime.arm`)."""
     import importlib
@@ -166,8 +167,11 @@ def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = F
     err_r, err_w = os.pipe()
     try:
         module, _, func = hook_name.partition(":")
-        restorer = getattr(importlib.import_module(module), func)
+        mod = importlib.import_module(module)
+        restorer = getattr(mod, func)
         if armed:
+            if callable(warm_up := getattr(mod, "warm_up", None)):
+                warm_up()  # the restorer's own preparation, out of the downtime
             with open(cdir / "go.fifo", "rb") as fifo:
                 word = fifo.readline().strip()
             (cdir / "go.fifo").unlink(missing_ok=True)
