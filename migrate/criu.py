@@ -207,17 +207,21 @@ def require(min_version: tuple[int, int] = MIN_VERSION) -> str:
 
 #: CRIU log lines that are harmless on these machines (criu-recipe.md, "harmless noise").
 _NOISE = ("RLIMIT", "ddress already assigned")
+#: CRIU log lines below the error level that name the cause of a failure
+_CAUSES = ("Can't connect to server",)
 
 
 def log_excerpt(path: Path, lines: int = 6) -> str:
-    """The last ``Error`` lines of a CRIU log (or its last lines), joined with `` / ``.
+    """The last ``Error`` lines of a CRIU log (or its last lines), joined with `` / ``, with
+    the few informational lines that name a cause (a page server it could not reach).
     The harmless RLIMIT_NOFILE complaint is left out."""
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
     errs = [ln.strip() for ln in text
-            if ("Error" in ln or "Err " in ln) and not any(n in ln for n in _NOISE)]
+            if ("Error" in ln or "Err " in ln or any(c in ln for c in _CAUSES))
+            and not any(n in ln for n in _NOISE)]
     chosen = errs[-lines:] if errs else [ln.strip() for ln in text[-lines:]]
     return " / ".join(chosen)
 

@@ -341,6 +341,7 @@ def test_stranger_first_on_the_page_server_port(nodes: Cluster2, bg: Background,
     assert "Invalid certificate" in got["log"] or "NOT trusted" in got["log"], got["log"]
     assert got["written"] == [], f"the page server wrote {got['written']}"
     _names_the_cause(err)
+    assert "Can't connect to server" in err, err  # the cause, not only its aftermath
     _continues_on(c, "st", "node1")
     _nothing_left_on_node2(c, ps)
     _nothing_left_on_node1(c)
