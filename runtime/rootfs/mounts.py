@@ -9,6 +9,7 @@ host path of the rootfs.  The resulting mount table inside the container is::
     /dev/pts          devpts          newinstance, ptmx mode 0666
     /dev/shm          tmpfs           mode 1777 (saved with the container by CRIU)
     /sys              sysfs           read-only
+    masked dirs       bind, read-only of /dev/.masked (empty); masked files: bind of /dev/null
     <volumes>         bind mounts     from -v HOST:CTR[:ro]
 
 Sources: OCI runtime-spec ``config-linux.md`` ("Default Filesystems", "Default Devices",
@@ -106,14 +107,31 @@ def _mount_dev(rootfs: str) -> None:
              sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "mode=1777,size=65536k")
 
 
+#: an empty directory of the container's own /dev, bound read-only over the masked
+#: directories (runc mounts a read-only tmpfs on each instead).  A bind of a mount CRIU
+#: saves anyway costs nothing to checkpoint; a tmpfs of its own costs a tar+gzip at every
+#: dump and a mount at every restore, about 6 ms and 3 ms each, all of it downtime.
+MASK_DIR = "/dev/.masked"
+
+
+def _bind_ro(source: str, target: str) -> None:
+    sc.mount(source, target, None, sc.MS_BIND)
+    sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID
+             | sc.MS_NODEV | sc.MS_NOEXEC)
+
+
 def _mask_paths(rootfs: str) -> None:
     devnull = os.path.join(rootfs, "dev", "null")
+    empty = os.path.join(rootfs, MASK_DIR.lstrip("/"))
     for path in MASKED_PATHS:
         target = secure_join(rootfs, path)
         if not os.path.lexists(target):
             continue
         if os.path.isdir(target):
-            sc.mount("tmpfs", target, "tmpfs", sc.MS_RDONLY, None)
+            if not os.path.isdir(empty):
+                os.mkdir(empty, 0o000)
+                _bind_ro(empty, empty)  # not writable from inside either
+            _bind_ro(empty, target)
         else:
             sc.mount(devnull, target, None, sc.MS_BIND)
     for path in READONLY_PATHS:

@@ -137,6 +137,13 @@ def test_namespaces_mounts_and_privileges(jaula: Jaula) -> None:
         if os.path.exists(masked):  # the host kernel has it: the container sees it empty
             assert run("cat", masked) == ""
             assert f" {masked} " in run("cat", "/proc/mounts")
+    for masked in ("/proc/acpi", "/sys/firmware"):  # directories: empty and read-only
+        if os.path.isdir(masked) and os.listdir(masked):
+            assert run("ls", "-A", masked) == ""
+            assert f" {masked} " in run("cat", "/proc/mounts")
+            assert jaula.run("exec", "pv", "touch", f"{masked}/x", check=False).returncode != 0
+    # the empty dir they are bound from cannot be filled from inside either
+    assert jaula.run("exec", "pv", "mkdir", "/dev/.masked/x", check=False).returncode != 0
     assert jaula.run("exec", "pv", "sh", "-c", "echo 1 > /proc/sys/kernel/domainname",
                      check=False).returncode != 0
     ifaces = run("ls", "/sys/class/net").split()
