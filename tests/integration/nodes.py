@@ -96,6 +96,12 @@ class Cluster2:
                     out[node] = c["Status"]
         return out
 
+    def assert_only_on(self, name: str, node: str) -> None:
+        """Container ``name`` runs on ``node`` and on no other node."""
+        where = self.where(name)
+        running = [n for n, s in where.items() if s == "running"]
+        assert running == [node], f"{name} runs on {running}, expected only {node}: {where}"
+
     def close(self) -> list[str]:
         problems = []
         for node in list(self.procs):

@@ -37,11 +37,6 @@ def nodes(tmp_path: Path, busybox_image_layout: Path) -> Iterator[Cluster2]:
         assert not problems, "\n".join(problems)
 
 
-def only_on(nodes: Cluster2, name: str, node: str) -> None:
-    where = nodes.where(name)
-    running = [n for n, s in where.items() if s == "running"]
-    assert running == [node], f"{name} runs on {running}, expected only {node}: {where}"
-
 
 def test_migrate_moves_the_running_container_and_back(nodes: Cluster2) -> None:
     n1, n2 = nodes.local("node1"), nodes.local("node2")
@@ -58,7 +53,7 @@ def test_migrate_moves_the_running_container_and_back(nodes: Cluster2) -> None:
     for phase in ("preflight", "precopy", "freeze", "dump", "transfer", "restore", "commit",
                   "resume"):
         assert phase in rep["phases_s"]
-    only_on(nodes, "web", "node2")
+    nodes.assert_only_on("web", "node2")
     assert nodes.where("web")["node1"] == "migrated"
     n = ticks(n2, "web")[-1]
     wait_ticks(n2, "web", n + 10)
@@ -71,7 +66,7 @@ def test_migrate_moves_the_running_container_and_back(nodes: Cluster2) -> None:
     assert int(nodes.op("--node", "node2", "exec", "web", "cat", "/tmp/count").stdout) > n
     # and back, onto the node that keeps the record of its departure
     nodes.op("migrate", "web", "node1")
-    only_on(nodes, "web", "node1")
+    nodes.assert_only_on("web", "node1")
     n = ticks(n1, "web")[-1]
     wait_ticks(n1, "web", n + 5)
     assert_continuous(ticks(n1, "web"))
@@ -88,7 +83,7 @@ def test_missing_image_layers_are_sent_first(tmp_path: Path, busybox_image_layou
         assert "busybox" not in n2.out("image", "ls")
         c.op("migrate", "lone", "node2")
         assert "busybox:latest" in n2.out("image", "ls")
-        only_on(c, "lone", "node2")
+        c.assert_only_on("lone", "node2")
         n = ticks(n2, "lone")[-1]
         wait_ticks(n2, "lone", n + 5)
     finally:
@@ -188,7 +183,7 @@ def _wait_incoming(nodes: Cluster2, dest: str, min_bytes: int = 20 << 20) -> Non
 
 def _continues_on(nodes: Cluster2, name: str, node: str) -> None:
     j = nodes.local(node)
-    only_on(nodes, name, node)
+    nodes.assert_only_on(name, node)
     n = ticks(j, name)[-1]
     wait_ticks(j, name, n + 5)
     assert_continuous(ticks(j, name))
@@ -385,7 +380,7 @@ def test_corrupted_chunk_is_detected_and_rolled_back(tmp_path: Path,
     from migrate.node import NodeService
 
     real_seal = sess._hash_and_seal
-    corrupted = []
+    corrupted: list[int] = []
 
     def corrupting_seal(h, key, session, file, seq, offset, data):
         sealed = real_seal(h, key, session, file, seq, offset, data)

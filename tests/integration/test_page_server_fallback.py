@@ -56,11 +56,6 @@ def fallback_nodes(request: pytest.FixtureRequest, tmp_path: Path,
         assert not problems, "\n".join(problems)
 
 
-def _only_on(c: Cluster2, name: str, node: str) -> None:
-    where = c.where(name)
-    running = [n for n, s in where.items() if s == "running"]
-    assert running == [node], f"{name} runs on {running}, expected only {node}: {where}"
-
 
 def test_migration_with_or_without_a_page_server(
         fallback_nodes: Cluster2) -> None:
@@ -77,7 +72,7 @@ def test_migration_with_or_without_a_page_server(
     else:  # a host name is resolved for `criu page-server --address`
         assert 0 < rep["page_server_bytes"] < rep["bytes_sent"]
     assert rep["bytes_sent"] > 0 and rep["files"] > 0
-    _only_on(c, "fb", "node2")
+    c.assert_only_on("fb", "node2")
     n = ticks(n2, "fb")[-1]
     wait_ticks(n2, "fb", n + 10, timeout=30)
     assert_continuous(ticks(n2, "fb"))  # the memory state continued, nothing ran twice
@@ -87,7 +82,7 @@ def test_migration_with_or_without_a_page_server(
     rep = json.loads(c.op("migrate", "fb", "node1", "--json").stdout)
     assert rep["resume_confirmed"] is True
     assert 0 < rep["page_server_bytes"] < rep["bytes_sent"]
-    _only_on(c, "fb", "node1")
+    c.assert_only_on("fb", "node1")
     n = ticks(n1, "fb")[-1]
     wait_ticks(n1, "fb", n + 10, timeout=30)
     assert_continuous(ticks(n1, "fb"))

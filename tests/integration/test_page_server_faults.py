@@ -221,15 +221,10 @@ def _big_counter(j: Jaula, name: str, mib: int = 200) -> None:
     wait_ticks(j, name, 3, timeout=120)
 
 
-def _only_on(c: Cluster2, name: str, node: str) -> None:
-    where = c.where(name)
-    running = [n for n, s in where.items() if s == "running"]
-    assert running == [node], f"{name} runs on {running}, expected only {node}: {where}"
-
 
 def _continues_on(c: Cluster2, name: str, node: str) -> None:
     j = c.local(node)
-    _only_on(c, name, node)
+    c.assert_only_on(name, node)
     n = ticks(j, name)[-1]
     wait_ticks(j, name, n + 5, timeout=30)
     assert_continuous(ticks(j, name))
