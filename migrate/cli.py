@@ -278,8 +278,10 @@ async def _migrate(nodes: Nodes, a: argparse.Namespace) -> int:
           f"{rep['destination']}")
     for ph, t in rep["phases_s"].items():
         print(f"  {ph:<10} {t:8.3f} s")
+    ps = rep.get("page_server_bytes", 0)
+    pages = f" (memory pages {ps / 1e6:.1f} MB through the page server)" if ps else ""
     print(f"downtime {rep['downtime_s']:.3f} s, total {rep['total_s']:.3f} s, "
-          f"{rep['bytes_sent'] / 1e6:.1f} MB sent in {rep['files']} files"
+          f"{rep['bytes_sent'] / 1e6:.1f} MB sent{pages}, {rep['files']} files"
           + ("" if rep["resume_confirmed"] else " (resume not yet confirmed by the destination)"))
     return 0
 
