@@ -6,7 +6,7 @@ Documentation "TLS" on criu.org, criu/tls.c).  Both ends use GnuTLS with a certi
 key and a CA file, and each verifies the other's certificate against its CA file.
 
 jaula never uses a long-lived CA for this: each side of a session makes a fresh self-signed
-certificate (ECDSA P-256, valid for an hour) and the two certificates are exchanged inside
+certificate (ECDSA P-256, valid from a day before to 30 days after) and the two certificates are exchanged inside
 the session's CURVE-authenticated messages (``offer`` and ``accept``).  Each side's CA file
 holds exactly the peer's certificate, so the only TLS peer it accepts is the one that holds
 that session's private key.  The host-name check is off (``--tls-no-cn-verify``): the pin
@@ -20,8 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-#: the longest a certificate of a session stays valid, seconds
-VALIDITY_S = 3600
+#: how long a session's certificate stays valid, seconds (from a day before it was made)
+VALIDITY_S = 30 * 86400
 #: the largest PEM certificate accepted from a peer, bytes
 MAX_CERT_BYTES = 8192
 
@@ -52,7 +52,9 @@ def make_identity(directory: Path, name: str) -> tuple[bytes, Path, Path]:
             .subject_name(subject).issuer_name(subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
+            # wide on purpose: the pin on this exact certificate is the security, and a
+            # node's clock a few minutes off, or a long pre-copy, must not fail a migration
+            .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(seconds=VALIDITY_S))
             # a self-signed trust anchor: GnuTLS checks the peer's chain against it
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -102,6 +104,14 @@ def session_tls(directory: Path, name: str, peer_pem: bytes) -> tuple[TlsFiles, 
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    # a new file renamed into place: never written through a link left there
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

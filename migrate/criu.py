@@ -435,6 +435,9 @@ class PageServer:
             self.proc = subprocess.Popen([*wrap, *args], pass_fds=(w,), close_fds=True,
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL)
+        except OSError:
+            os.close(r)
+            raise
         finally:
             os.close(w)
         try:

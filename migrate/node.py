@@ -49,7 +49,7 @@ log = structlog.get_logger(__name__)
 S = ContainerStatus
 
 OPERATOR_REQUESTS = {"ping", "ps", "inspect", "logs", "exec", "stop", "rm", "migrate"}
-SESSION_MESSAGES = {"file_begin", "chunk", "file_end", "restore", "resume", "abort"}
+SESSION_MESSAGES = {"file_begin", "chunk", "file_end", "restore", "resume", "abort", "dumping"}
 
 
 def container_summary(c: Container) -> dict[str, Any]:
@@ -252,9 +252,13 @@ class NodeService:
             await self.reply(inc, frames)
 
         q: asyncio.Queue[Any] = asyncio.Queue()
-        ds = DestinationSession(self.rt, send, msg, inc.peer.name, queue=q,
-                                listen=self.cfg.listen,
-                                max_message_bytes=self.cfg.max_message_bytes)
+        try:
+            ds = DestinationSession(self.rt, send, msg, inc.peer.name, queue=q,
+                                    listen=self.cfg.listen,
+                                    max_message_bytes=self.cfg.max_message_bytes)
+        except JaulaError as e:  # e.g. a scratch dir someone else made: refuse, say why
+            await self.reply(inc, error(type(e).__name__, str(e), session=sid))
+            return
         self.incoming[sid] = (ds, q)
         self._spawn(self._run_incoming(ds, q))
 

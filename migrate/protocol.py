@@ -31,6 +31,7 @@ DESIGN.md "The migration handoff"::
                                                ◄──  credit {n} (flow control), file_ok
     [freeze + dump; the memory pages go to the page server as CRIU dumps them (TLS, each
      side pinned to the other's certificate); CRIU holds the tasks at post-dump]
+    dumping {session} (every few s of a long dump)──►  the source is alive: no idle abort
     file_* (other CRIU images, small ones     ──►
             packed; rootfs delta)
     restore {stdio, volumes, deleted}         ──►  criu restore, held at pre-resume
@@ -108,6 +109,7 @@ SCHEMAS: dict[str, dict[str, tuple[Any, int | None, bool]]] = {
                 "deleted": (*_LIST, True), "dump": (*_MAP, False), "netns": (*_NAME, False)},
     "ready": {"session": (*_NAME, True), "restore_s": (*_NUM, False)},
     "resume": {"session": (*_NAME, True)},
+    "dumping": {"session": (*_NAME, True)},
     "resumed": {"session": (*_NAME, True), "resume_s": (*_NUM, False)},
     "abort": {"session": (*_NAME, True), "reason": (*_STR, True)},
     "aborted": {"session": (*_NAME, True)},

@@ -34,6 +34,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import threading
 import time
 from collections import defaultdict
@@ -87,10 +88,24 @@ def scratch_dir(rt: Runtime, need_bytes: int) -> Path:
         if st.f_bavail * st.f_frsize > need_bytes * 5 // 4:
             d = SCRATCH_TMPFS / f"jaula-{tag}"
             d.mkdir(mode=0o700, exist_ok=True)
+            _check_private_dir(d)
             return d
     except OSError:
         pass
     return rt.root / "tmp"
+
+
+def _check_private_dir(d: Path) -> None:
+    """/dev/shm is writable by everyone: a directory of that name made by someone else
+    (before us, after a reboot) would let them swap the images root restores, or the
+    session's certificates.  Ours must be a real directory, ours, closed to others.
+
+    Raises PreflightError naming it."""
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise PreflightError(f"{d} is not a private directory of this user (owner uid "
+                             f"{st.st_uid}, mode {stat.filemode(st.st_mode)}): someone else "
+                             "made it; remove it, then migrate again")
 
 
 def _remove_scratch(d: Path) -> None:
@@ -285,6 +300,21 @@ class _Link:
     _acked = 0
 
 
+def _resolve(host: str) -> str:
+    """An IP address of ``host``, IPv4 first (ZeroMQ binds a host name's IPv4 address).
+    Raises OSError (socket.gaierror) when it has none."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    infos.sort(key=lambda i: i[0] != socket.AF_INET)
+    return str(infos[0][4][0])
+
+
+async def _best_effort(aw: Any) -> None:
+    try:
+        await aw
+    except Exception:  # noqa: BLE001, S110 - a courtesy to a peer that may be gone
+        pass
+
+
 def _endpoint_host(endpoint: str) -> str:
     """``HOST`` of ``tcp://HOST:PORT`` (brackets of an IPv6 address removed)."""
     host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
@@ -354,7 +384,11 @@ class SourceSession:
             work = scratch_dir(self.rt, est) / f"outgoing-{self.session}"
             work.mkdir(parents=True)
             try:
-                await self._offer(c, link, work)
+                try:
+                    await self._offer(c, link, work)
+                except MigrationError as e:  # the destination may have prepared: release it
+                    await _best_effort(link.send("abort", reason=str(e)[:4000]))
+                    raise
                 phase("preflight")
                 c.state.status = S.MIGRATING
                 c.save()
@@ -457,7 +491,13 @@ class SourceSession:
                 page_server=self.page_server, tls=self.ps_tls),
                 on_notify))
             waiter = asyncio.ensure_future(post_dump.wait())
-            await asyncio.wait({dump_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            # the pages go to the page server, not through this channel: tell the
+            # destination we are alive, or it gives up on a dump longer than its idle limit
+            alive = asyncio.ensure_future(self._keepalive(link))
+            try:
+                await asyncio.wait({dump_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                alive.cancel()
             if not post_dump.is_set():
                 waiter.cancel()
                 dump_task.result()  # raises CriuError: the tasks were never held
@@ -545,6 +585,15 @@ class SourceSession:
             rep.page_server_bytes = int(stats.get("pages_written", 0)) * 4096
         await asyncio.to_thread(self._cleanup_source, c)
         phase("cleanup")
+
+    async def _keepalive(self, link: _Link) -> None:
+        """Send ``dumping`` every third of the peer timeout until cancelled."""
+        while True:
+            await asyncio.sleep(self.peer_timeout_s / 3)
+            try:
+                await link.send("dumping")
+            except MigrationError:
+                return  # the dump's own end tells what happened
 
     async def _roll_back(self, c: Container, link: _Link, reason: str) -> None:
         try:
@@ -774,8 +823,7 @@ class DestinationSession:
         host = _endpoint_host(self.listen)
         try:
             # `criu page-server --address` takes an IP address, not a host name
-            address = "0.0.0.0" if host == "*" else \
-                str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
+            address = "0.0.0.0" if host == "*" else _resolve(host)
             tls, pem = certs.session_tls(self.staging, "destination", o["ps_cert"])
             self.page_server = criu.PageServer(self.staging / "criu", address, tls,
                                                self.staging)

@@ -8,10 +8,10 @@
 #   2. CRIU >= 4.2 that passes `criu check` and is jaula's build: Debian's sid (then forky,
 #      trixie) source with scripts/criu-patches/*.patch applied, installed to
 #      /usr/local/sbin/criu; `criu --version` shows "GitID: jaula-<hash of the patches>".
-#      The build keeps CRIU's kernel-feature cache (criu.kdat) in /run, or in /dev/shm when
-#      /run is not a tmpfs (CRIU keeps the cache only on a tmpfs; without it every dump and
-#      restore probes the kernel again, ~10 ms of downtime each). Debian 12's own criu 3.17
-#      fails on recent kernels: never used.
+#      CRIU keeps its kernel-feature cache (/run/criu.kdat) only when /run is a tmpfs, as
+#      on systemd hosts; elsewhere (this VM) every dump and restore probes the kernel again,
+#      ~10 ms each. Never in a world-writable place: root's CRIU trusts that file. Debian
+#      12's own criu 3.17 fails on recent kernels: never used.
 #   3. The venv .venv (python3 >= 3.11) with `pip install -e '.[test]'`, redone only when
 #      pyproject.toml changes.
 #   4. pycriu (not on PyPI), built from the same CRIU source tree, installed into the venv.
@@ -130,10 +130,11 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 
 # --- CRIU helpers -----------------------------------------------------------------------
 PATCHES=("$ROOT"/scripts/criu-patches/*.patch)
-if [ "$(stat -f -c %T /run 2>/dev/null)" = tmpfs ]; then KDAT_DIR=/run; else KDAT_DIR=/dev/shm; fi
-BUILD_ID="jaula-$( { cat "${PATCHES[@]}"; echo "$KDAT_DIR"; } | sha256sum | cut -c1-10)"
-# criu_ours BIN: BIN is jaula's build of CRIU (the patches and kdat dir of this checkout).
+BUILD_ID="jaula-$(cat "${PATCHES[@]}" | sha256sum | cut -c1-10)"
+# criu_ours BIN: BIN is jaula's build of CRIU (the patches of this checkout; a build where
+# some did not apply is marked "-partial" and said again at every run).
 criu_ours() { [[ $({ "$1" --version 2>/dev/null || true; }) == *"GitID: $BUILD_ID"* ]]; }
+criu_partial() { [[ $({ "$1" --version 2>/dev/null || true; }) == *"GitID: $BUILD_ID-partial"* ]]; }
 criu_version() { { "$1" --version 2>/dev/null || true; } | sed -n 's/^Version: *//p' | head -n1; }
 
 # criu_good BIN: BIN runs, is >= CRIU_MIN and `criu check` says "Looks good".
@@ -259,22 +260,25 @@ build_tree() {
         && [ -f "$out/lib/pycriu/rpc_pb2.py" ]; then
         SRC_TREE=$out; return 0
     fi
-    rm -rf "$out" "$out.tmp"
+    rm -rf "$out" "$out.tmp" "$SRC_TREE".jaula-*  # older builds: one is enough
     cp -a "$SRC_TREE" "$out.tmp"
     rm -f "$out.tmp/.jaula-built"
+    local gitid=$BUILD_ID
     for p in "${PATCHES[@]}"; do
-        if patch -d "$out.tmp" -p1 --forward --dry-run <"$p" >>"$LOGS/criu-patch.log" 2>&1; then
-            patch -d "$out.tmp" -p1 --forward <"$p" >>"$LOGS/criu-patch.log" 2>&1
+        # --fuzz=0: on a newer CRIU a hunk applies exactly where it was written, or not at all
+        if patch -d "$out.tmp" -p1 --forward --fuzz=0 --dry-run <"$p" >>"$LOGS/criu-patch.log" 2>&1; then
+            patch -d "$out.tmp" -p1 --forward --fuzz=0 <"$p" >>"$LOGS/criu-patch.log" 2>&1
             say "criu: applied $(basename "$p")"
         else
+            gitid=$BUILD_ID-partial
             say "WARNING: $(basename "$p") does not apply to $(basename "$SRC_TREE"); building without it (see $LOGS/criu-patch.log)" >&2
         fi
     done
-    say "criu: building $(basename "$SRC_TREE") as $BUILD_ID (make -j$JOBS criu lib, ~40 s)"
+    say "criu: building $(basename "$SRC_TREE") as $gitid (make -j$JOBS criu lib, ~40 s)"
     local t0=$SECONDS
     run_logged criu-clean make -C "$out.tmp" clean
-    run_logged criu-build make -C "$out.tmp" -j"$JOBS" criu RUNDIR="$KDAT_DIR" GITID="$BUILD_ID"
-    run_logged criu-build-lib make -C "$out.tmp" -j"$JOBS" lib RUNDIR="$KDAT_DIR" GITID="$BUILD_ID"
+    run_logged criu-build make -C "$out.tmp" -j"$JOBS" criu GITID="$gitid"
+    run_logged criu-build-lib make -C "$out.tmp" -j"$JOBS" lib GITID="$gitid"
     touch "$out.tmp/.jaula-built"
     mv "$out.tmp" "$out"
     SRC_TREE=$out
@@ -292,7 +296,7 @@ elif [ -z "${JAULA_CRIU_PREFIX:-}" ] && sys=$(command -v criu) && [ "$sys" != "$
     say "criu $(criu_version "$CRIU") ok (system, $CRIU)"
 else
     if criu_good "$CRIU_BIN"; then
-        say "criu: $CRIU_BIN is not $BUILD_ID (scripts/criu-patches, kdat in $KDAT_DIR); rebuilding"
+        say "criu: $CRIU_BIN is not $BUILD_ID (scripts/criu-patches); rebuilding"
     elif [ -e "$CRIU_BIN" ]; then
         say "criu: $CRIU_BIN ($(criu_version "$CRIU_BIN" || true)) fails the check; rebuilding"
     fi
@@ -307,6 +311,7 @@ else
     CRIU=$CRIU_BIN
     say "criu $(criu_version "$CRIU") ok (built from $(src_desc), installed as $CRIU)"
 fi
+criu_partial "$CRIU" && say "WARNING: $CRIU lacks some of scripts/criu-patches (they did not apply to its source): it works, with longer downtimes" >&2
 CRIU_VER=$(criu_version "$CRIU")
 if [ -z "${JAULA_CRIU_PREFIX:-}" ]; then
     onpath=$(command -v criu || true)

@@ -129,7 +129,7 @@ def _mask_paths(rootfs: str) -> None:
             continue
         if os.path.isdir(target):
             if not os.path.isdir(empty):
-                os.mkdir(empty, 0o000)
+                os.mkdir(empty, 0o555)  # listable, as runc's empty tmpfs is
                 _bind_ro(empty, empty)  # not writable from inside either
             _bind_ro(empty, target)
         else:

@@ -312,6 +312,36 @@ def test_dump_refuses_a_page_server_it_does_not_pin(
     _keeps_running(j)
 
 
+def test_dump_to_a_silent_peer_fails_instead_of_staying_frozen(
+        ids: Identities, counter: Counter, tmp_path: Path) -> None:
+    """A "page server" that accepts the connection and then says nothing (a hung host, a
+    cut network): jaula's CRIU (patch 0005) gives the connection a time limit, so the dump
+    fails and the tasks run again, rather than staying frozen for as long as the peer is
+    silent.  (No timing is asserted: only that it ends, with the cause in the error.)"""
+    import socket
+    import threading
+
+    j, c = counter
+    held: list[Any] = []
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        port = lst.getsockname()[1]
+        t = threading.Thread(target=lambda: held.append(lst.accept()), daemon=True)
+        t.start()
+        c.cgroup().freeze()  # as a migration does, before CRIU
+        try:
+            with pytest.raises(CriuError) as e:
+                criu.dump(_dump_opts(c, tmp_path / "local-images", port, ids.source))
+        finally:
+            c.cgroup().thaw()
+            for conn, _ in held:
+                conn.close()
+    assert "handshake" in str(e.value) or "handshake" in e.value.log_excerpt, str(e.value)
+    assert page_images(tmp_path / "local-images") == []
+    _keeps_running(j)
+
+
 # -- the destination's choice: a page server only when it can offer one ---------------------
 
 def _ps_procs(staging: Path) -> list[str]:
