@@ -29,14 +29,26 @@ MAX_ENTRIES = 2_000_000
 _XATTR_ARGS = ["--xattrs", "--xattrs-include=*"]
 
 
-def write(upperdir: Path, out: Path) -> int:
+#: what GNU tar says (exit status 1) of a file the running container changes while it is
+#: read: harmless for a pre-copy, whose changed files are sent again after the freeze
+_LIVE_CHANGES = ("file changed as we read it", "File removed before we read it",
+                 "File shrank by")
+
+
+def write(upperdir: Path, out: Path, live: bool = False) -> int:
     """Tar ``upperdir`` into ``out``; returns the tar's size in bytes.
+
+    ``live``: the container runs meanwhile (a migration's pre-copy, taken after a
+    :func:`snapshot`): a file it changes or removes while tar reads it is not an error,
+    since :func:`write_delta` sends every entry whose stamp changed since the snapshot.
 
     Raises BundleError with tar's message on failure."""
     p = subprocess.run(["tar", "--create", "--file", str(out), "--directory", str(upperdir),
                         "--format=posix", "--sparse", "--numeric-owner", "--acls", *_XATTR_ARGS,
                         "."], capture_output=True, text=True, check=False)
-    if p.returncode != 0:
+    harmless = live and p.returncode == 1 and all(
+        any(m in line for m in _LIVE_CHANGES) for line in p.stderr.strip().splitlines())
+    if p.returncode != 0 and not harmless:
         raise BundleError(f"cannot archive the upperdir {upperdir}: {p.stderr.strip()}")
     return out.stat().st_size
 

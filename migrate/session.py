@@ -458,7 +458,7 @@ class SourceSession:
                 tar.unlink()
             before = await asyncio.to_thread(rootfs_diff.snapshot, c.upperdir)
             base = work / "rootfs-base.tar"
-            await asyncio.to_thread(rootfs_diff.write, c.upperdir, base)
+            await asyncio.to_thread(rootfs_diff.write, c.upperdir, base, True)
             total = base.stat().st_size
             await link.send_file(base, "rootfs-base.tar", "rootfs",
                                  lambda n: self.progress("precopy", link.bytes_sent, total))
