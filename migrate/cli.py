@@ -26,6 +26,7 @@ from typing import Any
 from migrate.errors import MigrationError, PeerUnavailable
 from runtime import cli as runtime_cli
 from runtime.container import Runtime
+from runtime.errors import JaulaError
 
 REMOTE_COMMANDS = ("ps", "inspect", "logs", "exec", "stop", "rm")
 
@@ -74,6 +75,11 @@ class MigrateCommands:
     def dispatch(self, rt: Runtime | None, a: argparse.Namespace) -> int | None:
         if self.is_remote(a):
             return asyncio.run(remote(a))
+        if a.node is not None:  # never act on the local state root instead of that node
+            raise JaulaError(f"--node works with {', '.join(REMOTE_COMMANDS)}, `migrate` and "
+                             f"`node ls`, not with `{a.cmd}`: run `{a.cmd}` on node "
+                             f"{a.node}'s host, or here with --state-root set to its "
+                             "state root")
         if a.cmd == "checkpoint":
             from migrate.checkpoint import checkpoint
 
@@ -186,6 +192,9 @@ async def remote(a: argparse.Namespace) -> int:
                    for c in a.containers]
             print(json.dumps(out, indent=1))
         case "logs":
+            if getattr(a, "follow", False):
+                raise JaulaError("logs -f is local only: without -f, --node prints the log "
+                                 "once")
             r = await nodes.request(node, "logs", container=a.container,
                                     **({"tail": a.tail} if a.tail else {}))
             sys.stdout.buffer.write(r["data"])
@@ -247,15 +256,20 @@ async def _node_ls(nodes: Nodes) -> int:
 async def find_container(nodes: Nodes, ref: str) -> str:
     """The node where ``ref`` is running (asks every node)."""
     found = []
+    unreachable = []
     for name in sorted(nodes.cluster.nodes):
         try:
             r = await nodes.request(name, "ps", wait_s=5.0, all=False)
         except (PeerUnavailable, MigrationError):
+            unreachable.append(name)
             continue
         if any(ref in (i["name"], i["id"]) or i["id"].startswith(ref) for i in r["items"]):
             found.append(name)
     if not found:
-        raise MigrationError(f"no reachable node runs a container {ref!r} (see `jaula node ls`)")
+        down = (f"; not reachable, so not asked: {', '.join(unreachable)} (start their "
+                "service, or give --from)") if unreachable else ""
+        raise MigrationError(f"no reachable node runs a container {ref!r} (see `jaula node "
+                             f"ls`){down}")
     if len(found) > 1:
         raise MigrationError(f"{ref!r} runs on several nodes ({', '.join(found)}): give --from")
     return found[0]
@@ -263,6 +277,11 @@ async def find_container(nodes: Nodes, ref: str) -> str:
 
 async def _migrate(nodes: Nodes, a: argparse.Namespace) -> int:
     source = a.source or await find_container(nodes, a.container)
+    try:  # a short question first: a migration may rightly take minutes, a ping not
+        await nodes.request(source, "ping", wait_s=5.0)
+    except PeerUnavailable as e:
+        raise MigrationError(f"{source} is not reachable ({e}): start its service (`jaula node "
+                             "serve`) or check the cluster file; nothing was done") from e
     progress = _Progress(enabled=sys.stderr.isatty() and not a.json)
     try:
         r = await nodes.request(source, "migrate", wait_s=600.0, on_progress=progress.update,

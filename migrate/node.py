@@ -19,6 +19,7 @@ On start the service reconciles what a crash may have left (:meth:`NodeService.r
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import subprocess
@@ -29,7 +30,7 @@ from typing import Any
 import structlog
 
 from migrate.config import ClientConfig, Cluster, NodeConfig, PeerKind
-from migrate.errors import MigrationError, PeerUnavailable, ProtocolError
+from migrate.errors import MigrationError, NodeConfigError, PeerUnavailable, ProtocolError
 from migrate.protocol import decode, encode, error
 from migrate.session import (
     DestinationSession,
@@ -81,7 +82,32 @@ class NodeService:
 
     # -- life -------------------------------------------------------------------------------
     async def serve(self, started: asyncio.Event | None = None) -> None:
-        """Bind, recover, then serve until cancelled."""
+        """Lock the state root, bind, recover, then serve until cancelled.
+
+        Raises NodeConfigError when another service already serves this state root (two
+        would both act on its containers)."""
+        lock = self._lock_state_root()
+        try:
+            await self._serve(started)
+        finally:
+            os.close(lock)
+
+    def _lock_state_root(self) -> int:
+        path = self.rt.root / "node.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise NodeConfigError(f"another node service (pid {holder}) already serves the "
+                                  f"state root {self.rt.root}: one service per state root; "
+                                  "stop it first, or give this node its own state_root") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    async def _serve(self, started: asyncio.Event | None) -> None:
         self.server = await Server.start(self.cfg, self.cluster)
         try:
             await self.recover()

@@ -419,7 +419,12 @@ class SourceSession:
                         estimate_bytes=int(usage + _du(c.upperdir)), strategy=self.strategy,
                         source_node=self.node_name, bulk=["aes-256-gcm"],
                         page_server=["tls"], ps_cert=ps_cert)
-        accept = await link.expect("accept")
+        try:
+            accept = await link.expect("accept")
+        except PeerUnavailable as e:
+            raise PreflightError(f"{self.destination} did not answer the migration offer ({e}): "
+                                 f"is its service running? (`jaula node ls`); nothing was "
+                                 f"frozen, {c.name} keeps running on {self.node_name}") from e
         self.missing_layers = [str(x) for x in accept["missing_layers"]]
         if accept.get("data_endpoint") and accept.get("data_key"):
             link.open_data_channel(accept["data_endpoint"], accept["data_key"])
