@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.cluster_setup import ClusterFiles, write_cluster
+from tests.integration.nodes import Cluster2, make_cluster, serving
 
 
 @pytest.fixture
@@ -45,3 +46,11 @@ def zmq_leak_check() -> Iterator[None]:
     yield
     after = _zmq_threads()
     assert len(after) <= before, f"ZeroMQ contexts left open (threads {after})"
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, busybox_image_layout: Path) -> Iterator[Cluster2]:
+    """node1 and node2 serving on 127.0.0.1 with busybox on both; stopped and leak-checked
+    at the end (:func:`tests.integration.nodes.serving`)."""
+    with serving(make_cluster(tmp_path / "cluster", busybox_image_layout)) as c:
+        yield c

@@ -5,11 +5,13 @@ reports leaks (mounts, cgroups, processes) of the containers the nodes ever had.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +143,19 @@ class Cluster2:
                 except OSError:
                     pass
         return problems
+
+
+@contextlib.contextmanager
+def serving(c: Cluster2, *names: str) -> Iterator[Cluster2]:
+    """Start ``names`` (default node1 and node2) and yield; at the end stop every service,
+    remove every container and fail on anything left (mounts, cgroups, session files)."""
+    try:
+        for n in names or ("node1", "node2"):
+            c.start(n)
+        yield c
+    finally:
+        problems = c.close()
+        assert not problems, "\n".join(problems)
 
 
 def make_cluster(root: Path, busybox_layout: Path, peer_timeout_s: float = 3.0,

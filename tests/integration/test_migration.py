@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,17 +23,6 @@ from tests.linux.conftest import JAULA, Jaula, needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 
-
-@pytest.fixture
-def nodes(tmp_path: Path, busybox_image_layout: Path) -> Iterator[Cluster2]:
-    c = make_cluster(tmp_path / "cluster", busybox_image_layout)
-    try:
-        c.start("node1")
-        c.start("node2")
-        yield c
-    finally:
-        problems = c.close()
-        assert not problems, "\n".join(problems)
 
 
 

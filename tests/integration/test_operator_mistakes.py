@@ -5,28 +5,15 @@ refused at once with a message that says what to do, and nothing is done on the 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.helpers.counter import COUNTER, wait_ticks
-from tests.integration.nodes import JAULA, REPO, Cluster2, make_cluster
+from tests.integration.nodes import JAULA, REPO, Cluster2
 from tests.linux.conftest import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 
-
-@pytest.fixture
-def nodes(tmp_path: Path, busybox_image_layout: Path) -> Iterator[Cluster2]:
-    c = make_cluster(tmp_path / "cluster", busybox_image_layout)
-    try:
-        c.start("node1")
-        c.start("node2")
-        yield c
-    finally:
-        problems = c.close()
-        assert not problems, "\n".join(problems)
 
 
 def test_node_option_on_a_local_only_command_is_refused(nodes: Cluster2) -> None:
@@ -44,7 +31,7 @@ def test_node_option_on_a_local_only_command_is_refused(nodes: Cluster2) -> None
 
 def test_a_second_service_on_one_state_root_is_refused(nodes: Cluster2) -> None:
     p = subprocess.run([*JAULA, "node", "serve", "--config", str(nodes.files.nodes["node2"])],
-                       capture_output=True, text=True, timeout=60, cwd=REPO)
+                       check=False, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert p.returncode == 125
     assert "already serves the state root" in p.stderr, p.stderr
     assert nodes.op("--node", "node2", "ps").returncode == 0  # the first one still serves

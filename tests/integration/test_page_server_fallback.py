@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.counter import COUNTER, assert_continuous, ticks, wait_ticks
-from tests.integration.nodes import Cluster2, make_cluster
+from tests.integration.nodes import Cluster2, make_cluster, serving
 from tests.linux.conftest import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
@@ -46,14 +46,9 @@ def fallback_nodes(request: pytest.FixtureRequest, tmp_path: Path,
     """node1 on tcp://127.0.0.1, node2 listening where it cannot offer a page server; both
     started, stopped and leak-checked."""
     c = make_cluster(tmp_path / "cluster", busybox_image_layout)
-    try:
-        _relisten(c, "node2", request.param)
-        c.start("node1")
-        c.start("node2")
+    _relisten(c, "node2", request.param)
+    with serving(c):
         yield c
-    finally:
-        problems = c.close()
-        assert not problems, "\n".join(problems)
 
 
 
