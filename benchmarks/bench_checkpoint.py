@@ -47,7 +47,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -57,7 +56,7 @@ from rich.progress import Progress
 
 from benchmarks import runc as runc_mod
 from benchmarks.runc import Runc, RuncContainer, RuncError, wait_child
-from benchmarks.util import remove_cgroup_dir
+from benchmarks.util import RunError, remove_cgroup_dir, wait_for
 from tests.helpers.images import PYTHON_ENV, build_memory_image, ref_name, workload_tools_missing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,8 +75,6 @@ def ready_timeout_s(mib: int) -> float:
     return 60 + mib * 0.25
 
 
-class CycleError(Exception):
-    """One cycle failed; the message says where and why."""
 
 
 @dataclass
@@ -117,26 +114,9 @@ def dir_bytes(path: Path) -> int:
 
 def criu_stats(path: Path) -> dict[str, int] | None:
     """The entry of a CRIU ``stats-dump``/``stats-restore`` file, or ``None``."""
-    try:
-        import pycriu.images  # built from CRIU's tree by scripts/setup.sh
+    from migrate.criu import read_stats
 
-        with open(path, "rb") as f:
-            entry = pycriu.images.load(f)["entries"][0]
-        return dict(next(iter(entry.values())))
-    except Exception:  # noqa: BLE001  absent, unreadable, undecodable: a missing detail only
-        return None
-
-
-def wait_for(pred: Callable[[], str | None], timeout_s: float, what: str) -> str:
-    """Poll ``pred`` (returns a truthy string when done) every 50 ms for ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise CycleError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.05)
+    return read_stats(path) or None
 
 
 def line_with(text: str, needle: str) -> str | None:
@@ -199,12 +179,12 @@ class JaulaSide:
         self.names: dict[str, str | None] = {}  # name -> id
         rc, _out, err, _ = run_cmd([*self.cli, "image", "import", str(layout), "--name", IMAGE])
         if rc != 0:
-            raise CycleError(f"jaula image import failed ({rc}): {_tail(err)}")
+            raise RunError(f"jaula image import failed ({rc}): {_tail(err)}")
 
     def _inspect(self, name: str) -> dict[str, object]:
         rc, out, err, _ = run_cmd([*self.cli, "inspect", name], 60)
         if rc != 0:
-            raise CycleError(f"jaula inspect {name} failed ({rc}): {_tail(err)}")
+            raise RunError(f"jaula inspect {name} failed ({rc}): {_tail(err)}")
         (info,) = json.loads(out)
         return dict(info)
 
@@ -216,7 +196,7 @@ class JaulaSide:
             rc, out, err, _ = run_cmd([*self.cli, "run", "-d", "--name", name, IMAGE,
                                        *memhog_argv(mib)], 120)
             if rc != 0:
-                raise CycleError(f"jaula run failed ({rc}): {_tail(err)}")
+                raise RunError(f"jaula run failed ({rc}): {_tail(err)}")
             self.names[name] = out.strip()
             info = self._inspect(name)
             log = Path(str(info["LogPath"]))
@@ -228,14 +208,14 @@ class JaulaSide:
             os.sync()
             rc, out, err, cy.dump_s = run_cmd([*self.cli, "checkpoint", "--json", name])
             if rc != 0:
-                raise CycleError(f"jaula checkpoint failed ({rc}): {_tail(err)}")
+                raise RunError(f"jaula checkpoint failed ({rc}): {_tail(err)}")
             report = json.loads(out)
             cy.frozen_s = float(report["frozen_s"])
             state = self._inspect(name)["State"]
             if not isinstance(state, dict):
-                raise CycleError(f"jaula inspect {name}: no State")
+                raise RunError(f"jaula inspect {name}: no State")
             if state.get("Status") != "checkpointed" or state.get("Pid"):
-                raise CycleError(f"after checkpoint the container is {state.get('Status')} "
+                raise RunError(f"after checkpoint the container is {state.get('Status')} "
                                  f"(pid {state.get('Pid')}), not checkpointed and gone")
             bundle = Path(report["bundle"])
             cy.bundle_bytes = dir_bytes(bundle)
@@ -248,22 +228,22 @@ class JaulaSide:
             os.sync()
             rc, _out, err, cy.restore_s = run_cmd([*self.cli, "restore", name])
             if rc != 0:
-                raise CycleError(f"jaula restore failed ({rc}): {_tail(err)}")
+                raise RunError(f"jaula restore failed ({rc}): {_tail(err)}")
             rst = criu_stats(log.parent / "stats-restore")
             if rst:
                 cy.criu_restore_s = rst["restore_time"] / 1e6
             rc, _out, err, _ = run_cmd([*self.cli, "kill", "-s", "USR1", name], 60)
             if rc != 0:
-                raise CycleError(f"jaula kill -s USR1 failed ({rc}): {_tail(err)}")
+                raise RunError(f"jaula kill -s USR1 failed ({rc}): {_tail(err)}")
 
             def verified() -> str | None:
                 return line_with(log.read_text(errors="replace"), "VERIFY")
 
             cy.verify = wait_for(verified, ready_timeout_s(mib), "VERIFY after restore")
             if not cy.verify.startswith("VERIFY OK"):
-                raise CycleError(f"after restore: {cy.verify}")
+                raise RunError(f"after restore: {cy.verify}")
             cy.ok = True
-        except (CycleError, OSError, ValueError, KeyError, subprocess.TimeoutExpired) as e:
+        except (RunError, OSError, ValueError, KeyError, subprocess.TimeoutExpired) as e:
             cy.error = str(e)
         finally:
             self.remove(name)
@@ -302,7 +282,7 @@ class RuncSide:
 
     def __init__(self, work: Path, layout: Path) -> None:
         if shutil.which(runc_mod.RUNC) is None:
-            raise CycleError(f"{runc_mod.RUNC} is not installed (apt-get install runc)")
+            raise RunError(f"{runc_mod.RUNC} is not installed (apt-get install runc)")
         self.work = work / "runc"
         self.work.mkdir()
         self.runc = Runc(self.work)
@@ -311,7 +291,7 @@ class RuncSide:
         rc, _out, err, _ = run_cmd(["umoci", "unpack", "--image",
                                     f"{layout}:{ref_name(layout)}", str(unpacked)], 300)
         if rc != 0:
-            raise CycleError(f"umoci unpack failed ({rc}): {_tail(err)}")
+            raise RunError(f"umoci unpack failed ({rc}): {_tail(err)}")
         self.rootfs = unpacked / "rootfs"
 
     def cycle(self, mib: int, run: int, tag: str) -> Cycle:
@@ -333,7 +313,7 @@ class RuncSide:
             self.runc.checkpoint(c, images, dump_wd)
             cy.dump_s = time.perf_counter() - t0
             if not c.wait_output_closed(30) or self.runc.exists(ctr):
-                raise CycleError("after runc checkpoint the container still runs")
+                raise RunError("after runc checkpoint the container still runs")
             cy.bundle_bytes = dir_bytes(images)
             dump = criu_stats(dump_wd / "stats-dump")
             if dump:
@@ -352,9 +332,9 @@ class RuncSide:
             cy.verify = wait_for(lambda: line_with(r.output(), "VERIFY"), ready_timeout_s(mib),
                                  "VERIFY after restore")
             if not cy.verify.startswith("VERIFY OK"):
-                raise CycleError(f"after restore: {cy.verify}")
+                raise RunError(f"after restore: {cy.verify}")
             cy.ok = True
-        except (CycleError, RuncError, OSError, ValueError, subprocess.TimeoutExpired) as e:
+        except (RunError, RuncError, OSError, ValueError, subprocess.TimeoutExpired) as e:
             cy.error = str(e).strip()
         finally:
             self.runc.delete(ctr)
@@ -494,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         for system, cls in (("jaula", JaulaSide), ("runc", RuncSide)):
             try:
                 sides.append(cls(work, layout))
-            except (CycleError, RuncError, OSError) as e:
+            except (RunError, RuncError, OSError) as e:
                 setup_errors[system] = str(e)
                 print(f"{system} cannot run here: {e}", file=sys.stderr)
         with open(out_dir / "runs.jsonl", "a") as jl, \

@@ -178,8 +178,15 @@ def find_criu() -> str:
 
 
 def version(binary: str | None = None) -> tuple[int, int, int]:
-    """CRIU's version as (major, minor, sublevel), from ``criu --version``."""
+    """CRIU's version as (major, minor, sublevel), from ``criu --version``, asked once per
+    binary (and again when the file changes): it is a process start, which a dump or a
+    restore would otherwise pay while the tasks wait."""
     binary = binary or find_criu()
+    return _version_of(binary, os.stat(binary).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _version_of(binary: str, mtime_ns: int) -> tuple[int, int, int]:
     out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10,
                          check=False)
     m = re.search(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", out.stdout)
@@ -188,17 +195,10 @@ def version(binary: str | None = None) -> tuple[int, int, int]:
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
-@functools.lru_cache(maxsize=8)
-def _version_of(binary: str, mtime_ns: int) -> tuple[int, int, int]:
-    return version(binary)
-
-
 def require(min_version: tuple[int, int] = MIN_VERSION) -> str:
-    """Return the criu binary after checking it is at least ``min_version``.  The version
-    is asked once per binary (and again when the file changes): `criu --version` is a
-    process start, which a dump or a restore would otherwise pay while the tasks wait."""
+    """Return the criu binary after checking it is at least ``min_version``."""
     binary = find_criu()
-    v = _version_of(binary, os.stat(binary).st_mtime_ns)
+    v = version(binary)
     if v[:2] < min_version:
         raise CriuUnavailable(f"criu {'.'.join(map(str, v))} is too old: jaula needs "
                               f"{'.'.join(map(str, min_version))} or newer (run `make setup`)")
@@ -484,17 +484,25 @@ def _free_port(address: str) -> int:
         return int(s.getsockname()[1])
 
 
-def dump_stats(images_dir: Path) -> dict[str, int]:
-    """CRIU's ``stats-dump`` image of a dump as a dict (``pages_written``,
-    ``frozen_time`` in microseconds, ...); empty when there is none."""
-    path = images_dir / "stats-dump"
+def read_stats(path: Path) -> dict[str, int]:
+    """A CRIU ``stats-dump`` or ``stats-restore`` image as a dict (``pages_written``,
+    ``frozen_time``, ``restore_time`` in microseconds, ...); empty when there is none or
+    it cannot be read (a missing detail, never an error)."""
     if rpc is None or not path.exists():
         return {}
     from pycriu import images
 
-    with open(path, "rb") as f:
-        entries = images.load(f)["entries"]
-    return dict(entries[0].get("dump", {})) if entries else {}
+    try:
+        with open(path, "rb") as f:
+            entries = images.load(f)["entries"]
+        return dict(next(iter(entries[0].values()))) if entries else {}
+    except Exception:  # noqa: BLE001 - unreadable or undecodable: no statistics
+        return {}
+
+
+def dump_stats(images_dir: Path) -> dict[str, int]:
+    """:func:`read_stats` of a dump's ``stats-dump``."""
+    return read_stats(images_dir / "stats-dump")
 
 
 def pipe_buffer_sizes(images_dir: Path) -> list[int]:

@@ -385,7 +385,7 @@ class SourceSession:
             work.mkdir(parents=True)
             try:
                 try:
-                    await self._offer(c, link, work)
+                    await self._offer(c, link, work, est)
                 except MigrationError as e:  # the destination may have prepared: release it
                     await _best_effort(link.send("abort", reason=str(e)[:4000]))
                     raise
@@ -403,20 +403,15 @@ class SourceSession:
         log.info("migration.done", **{k: v for k, v in rep.to_json().items() if k != "phases_s"})
         return rep
 
-    async def _offer(self, c: Container, link: _Link, work: Path) -> None:
+    async def _offer(self, c: Container, link: _Link, work: Path, estimate: int) -> None:
         from migrate import certs
         from runtime.image.transfer import image_record
 
         ps_cert, cert, key = await asyncio.to_thread(certs.make_identity, work, "source")
-        usage = 0
-        try:
-            usage = c.cgroup().stats().memory_bytes
-        except JaulaError:
-            pass
         await link.send("offer", container=c.config.to_json(),
                         image=image_record(self.rt.images, c.config.image_id),
                         criu_version=list(criu.version()), cpu_flags=list(cpu_flags()),
-                        estimate_bytes=int(usage + _du(c.upperdir)), strategy=self.strategy,
+                        estimate_bytes=estimate, strategy=self.strategy,
                         source_node=self.node_name, bulk=["aes-256-gcm"],
                         page_server=["tls"], ps_cert=ps_cert)
         try:
@@ -515,14 +510,15 @@ class SourceSession:
 
             # -- transfer: CRIU images and the upperdir's changes
             delta = work / "rootfs-delta.tar"
-            deleted, _ = await asyncio.to_thread(rootfs_diff.write_delta, c.upperdir, before,
-                                                 delta)
+            deleted, changed = await asyncio.to_thread(rootfs_diff.write_delta, c.upperdir,
+                                                       before, delta)
             small, large = image_pack.split(sorted(p for p in images.iterdir()
                                                    if p.is_file()))
             packed = work / "criu-images.tar"  # one file's round of messages, not twenty
             await asyncio.to_thread(image_pack.pack, small, packed)
             ctr_log = c.dir / "ctr.log"
-            extra = [(delta, "rootfs-delta.tar", "rootfs")]
+            # nothing changed since the pre-copy (the usual case): no file, no tar to run
+            extra = [(delta, "rootfs-delta.tar", "rootfs")] if changed else []
             if ctr_log.exists():  # the container's output so far travels with it
                 extra.append((ctr_log, "ctr.log", "log"))
             todo = [(packed, "criu-images.tar", "criu-pack"),
@@ -976,7 +972,8 @@ class DestinationSession:
         cdir = self.cdir
         assert cdir is not None and (cdir / "upper").is_dir(), "the pre-copy never arrived"
         rootfs_diff.apply_deleted(cdir / "upper", [str(p) for p in m["deleted"]])
-        rootfs_diff.extract_over(self.staging / "rootfs-delta.tar", cdir / "upper")
+        if (self.staging / "rootfs-delta.tar").exists():  # absent: nothing changed
+            rootfs_diff.extract_over(self.staging / "rootfs-delta.tar", cdir / "upper")
         if (self.staging / "ctr.log").exists():
             shutil.move(self.staging / "ctr.log", cdir / "ctr.log")  # maybe across filesystems
         return cdir
