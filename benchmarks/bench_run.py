@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                     ids.append(rt.run(RunOptions(image="bb", command=("sleep", "1000"))).id)
                     jaula_s.append(time.perf_counter() - t0)
                     info = json.loads(subprocess.run([*jaula, "inspect", cid], check=True,
-                                                     capture_output=True, text=True).stdout)
-                    with open(f"/proc/{info['State']['monitor_pid']}/status") as f:
+                                                     capture_output=True, text=True).stdout)[0]
+                    with open(f"/proc/{info['State']['MonitorPid']}/status") as f:
                         rss_kib.append(int(next(ln for ln in f if ln.startswith("VmRSS:"))
                                            .split()[1]))
                     t0 = time.perf_counter()
