@@ -132,8 +132,10 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("destination", help="name of the node to move it to")
     p.add_argument("--from", dest="source", help="the node it runs on (default: found by "
                    "asking every node)")
-    p.add_argument("--strategy", default="cold", choices=["cold"],
-                   help="cold: stop-and-copy (default)")
+    p.add_argument("--strategy", default="cold", choices=["cold", "postcopy"],
+                   help="cold: stop-and-copy (default); postcopy: restore first and fetch "
+                   "the memory pages after the resume (CRIU lazy pages): shorter downtime, "
+                   "but until the last page arrives the container needs both nodes")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -302,6 +304,12 @@ async def _migrate(nodes: Nodes, a: argparse.Namespace) -> int:
     print(f"downtime {rep['downtime_s']:.3f} s, total {rep['total_s']:.3f} s, "
           f"{rep['bytes_sent'] / 1e6:.1f} MB sent{pages}, {rep['files']} files"
           + ("" if rep["resume_confirmed"] else " (resume not yet confirmed by the destination)"))
+    if rep.get("postcopy_s"):
+        print(f"post-copy: the last page arrived {rep['postcopy_s']:.3f} s after the resume")
+    if rep.get("postcopy_error"):
+        print(f"error: post-copy failed after the commit: {rep['postcopy_error']}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

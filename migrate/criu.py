@@ -94,6 +94,12 @@ class DumpOptions:
         page_server: (address, port) of a ``criu page-server`` that receives the memory
             pages (``--page-server --address --port``): the images dir then holds no
             ``pagemap-*``/``pages-*`` images, the page server's images dir has them.
+        lazy_pages: ``--lazy-pages`` (post-copy): the pages of private anonymous memory
+            stay in CRIU's page pipes and are served, after a successful ``post-dump``,
+            to the destination's ``criu lazy-pages`` on ``ps_socket``; the tasks are
+            killed before the first page is served (jaula's patch 0006).
+        ps_socket: a connected TCP socket for the page-server connection (rpc ``ps.fd``,
+            ``--ps-socket``), made by the caller; passed to CRIU with the same number.
         tls: certificate files for the page-server connection (``--tls``,
             ``--tls-cacert/--tls-cert/--tls-key``, ``--tls-no-cn-verify``: the CA file
             pins the peer's certificate, see :mod:`migrate.certs`).
@@ -120,6 +126,7 @@ class DumpOptions:
     network_lock: int = 1
     page_server: tuple[str, int] | None = None
     tls: TlsFiles | None = None
+    ps_socket: int | None = None
 
 
 @dataclass(frozen=True)
@@ -342,12 +349,15 @@ def dump(opts: DumpOptions, on_notify: NotifyHandler | None = None) -> Result:
             o.parent_img = opts.parent_img
         if opts.page_server:
             o.ps.address, o.ps.port = opts.page_server
+        if opts.ps_socket is not None:
+            o.ps.port, o.ps.fd = 0, opts.ps_socket
         if opts.tls:
             o.tls, o.tls_no_cn_verify = True, True
             o.tls_cacert, o.tls_cert, o.tls_key = (str(opts.tls.cacert), str(opts.tls.cert),
                                                    str(opts.tls.key))
         o.external.extend(opts.external)
-        _, res = _call("dump", rpc.DUMP, o, opts.images_dir, opts.log_file, on_notify, (dfd,))
+        fds = (dfd,) if opts.ps_socket is None else (dfd, opts.ps_socket)
+        _, res = _call("dump", rpc.DUMP, o, opts.images_dir, opts.log_file, on_notify, fds)
         return res
     finally:
         os.close(dfd)
@@ -388,51 +398,25 @@ def restore(opts: RestoreOptions, on_notify: NotifyHandler | None = None) -> Res
         os.close(wfd)
 
 
-class PageServer:
-    """A ``criu page-server`` that receives one dump's memory pages into ``images_dir``
-    (``pagemap-*.img`` and ``pages-*.img``), then exits: the destination's half of CRIU's
-    ``--page-server`` (criu(8) "page-server"; criu/page-xfer.c).
+class _CriuDaemon:
+    """A CRIU process that reports on ``--status-fd`` once it is ready; by default killed
+    with the thread that started it (``PR_SET_PDEATHSIG``)."""
 
-    Listens on ``address`` at a port the kernel picks (``--port 0``), over TLS when ``tls``
-    is given.  It serves one connection: the dumping CRIU's, which closes it before its
-    ``post-dump`` notification, so by then every page has arrived.  Start it from a thread
-    that outlives it (it is killed with that thread, ``PR_SET_PDEATHSIG``).
+    action = "criu"  # the CRIU command, as CriuError's action
+    what = "criu"  # its name in messages
+    proc: subprocess.Popen[bytes]
+    log_path: Path
 
-    Attributes:
-        port: the TCP port it listens on.
-        log_path: its log (``-v4``).
-
-    Raises CriuUnavailable, CriuError (it did not come up; the log's error lines)."""
-
-    def __init__(self, images_dir: Path, address: str, tls: TlsFiles | None, work_dir: Path,
-                 ready_timeout_s: float = 10.0) -> None:
-        self.log_path = work_dir / "page-server.log"
-        # `criu page-server` refuses --port 0: take a free port from the kernel, and try
-        # again in the unlikely case another process took it in between.
-        for attempt in range(3):
-            self.port = _free_port(address)
-            if self._start(images_dir, address, tls, work_dir, ready_timeout_s):
-                return
-            if "Address already in use" not in self._log():
-                break
-        raise CriuError("page-server", "the page server did not start",
-                        log_path=str(self.log_path), log_excerpt=log_excerpt(self.log_path))
-
-    def _start(self, images_dir: Path, address: str, tls: TlsFiles | None, work_dir: Path,
-               ready_timeout_s: float) -> bool:
+    def _start(self, args: list[str], ready_timeout_s: float, pass_fds: tuple[int, ...] = (),
+               die_with_thread: bool = True) -> bool:
         import select
 
-        binary = require()
         r, w = os.pipe()
-        args = [binary, "page-server", "--images-dir", str(images_dir), "--work-dir",
-                str(work_dir), "-o", self.log_path.name, "-v4", "--address", address,
-                "--port", str(self.port), "--status-fd", str(w)]
-        if tls is not None:
-            args += ["--tls", "--tls-no-cn-verify", "--tls-cacert", str(tls.cacert),
-                     "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
-        wrap = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+        wrap = ["setpriv", "--pdeathsig", "KILL", "--"] \
+            if die_with_thread and shutil.which("setpriv") else []
         try:
-            self.proc = subprocess.Popen([*wrap, *args], pass_fds=(w,), close_fds=True,
+            self.proc = subprocess.Popen([*wrap, require(), *args, "--status-fd", str(w)],
+                                         pass_fds=(w, *pass_fds), close_fds=True,
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL)
         except OSError:
@@ -455,25 +439,100 @@ class PageServer:
         except OSError:
             return ""
 
+    def _error(self, message: str) -> CriuError:
+        return CriuError(self.action, message, log_path=str(self.log_path),
+                         log_excerpt=log_excerpt(self.log_path))
+
     def wait(self, timeout_s: float) -> None:
-        """Wait until it has written every page and exited.  Raises CriuError when it
-        failed or is still running after ``timeout_s`` seconds (it is then killed)."""
+        """Wait until it has done its work and exited.  Raises CriuError when it failed,
+        or is still running after ``timeout_s`` seconds (it is then killed)."""
         try:
             rc = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise CriuError("page-server", f"the page server was still running after "
-                            f"{timeout_s:.0f} s", log_path=str(self.log_path),
-                            log_excerpt=log_excerpt(self.log_path)) from None
+            raise self._error(f"the {self.what} was still running after "
+                              f"{timeout_s:.0f} s") from None
         if rc != 0:
-            raise CriuError("page-server", f"the page server exited with status {rc}",
-                            log_path=str(self.log_path), log_excerpt=log_excerpt(self.log_path))
+            raise self._error(f"the {self.what} exited with status {rc}")
 
     def kill(self) -> None:
         """Stop it (idempotent)."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+def _tls_args(tls: TlsFiles | None) -> list[str]:
+    if tls is None:
+        return []
+    return ["--tls", "--tls-no-cn-verify", "--tls-cacert", str(tls.cacert), "--tls-cert",
+            str(tls.cert), "--tls-key", str(tls.key)]
+
+
+class PageServer(_CriuDaemon):
+    """A ``criu page-server`` that receives one dump's memory pages into ``images_dir``
+    (``pagemap-*.img`` and ``pages-*.img``), then exits: the destination's half of CRIU's
+    ``--page-server`` (criu(8) "page-server"; criu/page-xfer.c).
+
+    Listens on ``address`` at a port the kernel picks (``--port 0``), over TLS when ``tls``
+    is given.  It serves one connection: the dumping CRIU's, which closes it before its
+    ``post-dump`` notification, so by then every page has arrived.  Start it from a thread
+    that outlives it (it is killed with that thread, ``PR_SET_PDEATHSIG``).
+
+    Attributes:
+        port: the TCP port it listens on.
+        log_path: its log (``-v4``).
+
+    Raises CriuUnavailable, CriuError (it did not come up; the log's error lines)."""
+
+    action, what = "page-server", "page server"
+
+    def __init__(self, images_dir: Path, address: str, tls: TlsFiles | None, work_dir: Path,
+                 ready_timeout_s: float = 10.0) -> None:
+        self.log_path = work_dir / "page-server.log"
+        # `criu page-server` refuses --port 0: take a free port from the kernel, and try
+        # again in the unlikely case another process took it in between.
+        for _attempt in range(3):
+            self.port = _free_port(address)
+            args = ["page-server", "--images-dir", str(images_dir), "--work-dir",
+                    str(work_dir), "-o", self.log_path.name, "-v4", "--address", address,
+                    "--port", str(self.port), *_tls_args(tls)]
+            if self._start(args, ready_timeout_s):
+                return
+            if "Address already in use" not in self._log():
+                break
+        raise self._error("the page server did not start")
+
+
+class LazyPagesDaemon(_CriuDaemon):
+    """``criu lazy-pages``: the destination's half of post-copy (criu(8) "lazy-pages",
+    criu/uffd.c).  A restore with ``lazy_pages`` hands it each task's userfaultfd over
+    ``lazy-pages.socket`` in ``work_dir`` (so the restore needs the same work dir); it
+    then fetches the missing pages from the source's lazy page server on ``ps_socket``
+    (a connected TCP socket, TLS when ``tls`` is given): the ones a task faults on first,
+    the rest in the background.  It exits once every page has arrived, or when every
+    restored task has exited.
+
+    If it dies before that, the kernel fills the pages still missing with zeros for the
+    tasks: whoever started it must then kill the restored tasks.  So it is not tied to the
+    life of its starter: a node service that dies during a post-copy leaves it to finish
+    (before the commit it ends on its own: the source closes the connection).
+
+    Attributes:
+        log_path: its log (``-v4``).
+
+    Raises CriuUnavailable, CriuError (it did not come up; the log's error lines)."""
+
+    action, what = "lazy-pages", "lazy-pages daemon"
+
+    def __init__(self, images_dir: Path, work_dir: Path, ps_socket: int, tls: TlsFiles | None,
+                 ready_timeout_s: float = 10.0) -> None:
+        self.log_path = work_dir / "lazy-pages.log"
+        args = ["lazy-pages", "--page-server", "--ps-socket", str(ps_socket), "--images-dir",
+                str(images_dir), "--work-dir", str(work_dir), "-o", self.log_path.name,
+                "-v4", *_tls_args(tls)]
+        if not self._start(args, ready_timeout_s, (ps_socket,), die_with_thread=False):
+            raise self._error("the lazy-pages daemon did not start")
 
 
 def _free_port(address: str) -> int:
@@ -503,6 +562,30 @@ def read_stats(path: Path) -> dict[str, int]:
 def dump_stats(images_dir: Path) -> dict[str, int]:
     """:func:`read_stats` of a dump's ``stats-dump``."""
     return read_stats(images_dir / "stats-dump")
+
+
+#: pagemap entry flags (criu/include/pagemap.h)
+PE_LAZY = 1 << 1
+
+
+def lazy_pages_bytes(images_dir: Path) -> int:
+    """Bytes of memory a lazy dump left for post-copy: the pagemap entries flagged
+    ``PE_LAZY`` in ``pagemap-*.img`` (CRIU's own ``pages_lazy`` statistic is reset when
+    its lazy page server starts).  0 when there are none or they cannot be read."""
+    if rpc is None:
+        return 0
+    from pycriu import images
+
+    total = 0
+    for path in images_dir.glob("pagemap-*.img"):
+        try:
+            with open(path, "rb") as f:
+                entries = images.load(f)["entries"]
+        except Exception:  # noqa: BLE001, S112 - unreadable: counted as nothing
+            continue
+        total += sum(int(e.get("nr_pages", 0)) for e in entries[1:]
+                     if int(e.get("flags", 0)) & PE_LAZY)
+    return total * 4096
 
 
 def pipe_buffer_sizes(images_dir: Path) -> list[int]:

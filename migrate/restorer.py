@@ -41,8 +41,9 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
 
     ``arg`` is JSON: ``{"bundle": PATH}`` for a checkpoint bundle (stdio and volumes from its
     manifest), or ``{"bundle": STAGING, "hold": SOCKET, "params": FILE}`` for an incoming
-    migration (FILE holds ``{"stdio": {...}, "volumes": [...]}``, written just before the
-    armed monitor is told to go), whose tasks are held at CRIU's ``pre-resume`` until the
+    migration (FILE holds ``{"stdio": {...}, "volumes": [...], "lazy": BOOL}``, written
+    just before the armed monitor is told to go; ``lazy``: a post-copy restore, whose
+    pages ``criu lazy-pages`` brings in), whose tasks are held at CRIU's ``pre-resume`` until the
     destination service says ``resume`` or ``abort`` on the unix socket ``hold``.  The
     restored init becomes the monitor's child (``rst_sibling``); its stdout/stderr are the
     monitor's new pipes (``inherit_fd``)."""
@@ -77,7 +78,7 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
     res = criu.restore(criu.RestoreOptions(
         images_dir=bundle.criu_dir, root=str(cdir / "merged"), cg_root=cgroup_roots(cfg),
         work_dir=cdir, inherit_fd=tuple(inherit), external=external,
-        network_lock=network_lock(cfg)), on_notify)
+        network_lock=network_lock(cfg), lazy_pages=bool(a.get("lazy"))), on_notify)
     return res.pid
 
 

@@ -17,11 +17,30 @@ Strategy ``cold`` (stop-and-copy), in phases::
     resume     the destination lets its tasks run
     cleanup    the source drops its images and rootfs
 
+Strategy ``postcopy`` (CRIU lazy pages) changes ``dump``, ``transfer`` and what follows
+the resume::
+
+    preflight  as cold; the destination also checks userfaultfd (CRIU's lazy_pages
+               feature) and listens for one TCP connection, which the source opens and
+               authenticates with a token from the (CURVE) accept
+    dump       CRIU dump --lazy-pages: private memory stays in CRIU's page pipes on the
+               source, only the rest (and the stack and rseq pages) goes in the images
+    transfer   the images, as cold: a few hundred KiB whatever the memory size
+    restore    ``criu lazy-pages`` on the destination takes the restored tasks'
+               userfaultfds; the restore holds at pre-resume without any page
+    commit     as cold: CRIU kills the source's tasks, then serves their pages over that
+               connection (TLS, the session's pinned certificates)
+    resume     the tasks run on the destination, faulting pages in as they touch them
+    postcopy   the rest of the pages, in the background: the time to the last page
+    cleanup    as cold
+
+Between the commit and the last page the container's memory is split between the two
+nodes: if either is lost then, the container is lost (the destination kills its copy
+rather than let it run on missing pages).  ``cold`` has no such window.
+
 Downtime is measured on the source from the dump request (the freeze starts within
 milliseconds) to the arrival of ``resumed``: an upper bound of the time the tasks did not
-run.  Post-copy (lazy pages) and iterative pre-copy are further strategies that change the
-``dump`` and ``transfer`` phases only; the offer carries the strategy so the destination can
-refuse one it cannot do.
+run.  The offer carries the strategy so the destination can refuse one it cannot do.
 """
 
 from __future__ import annotations
@@ -35,6 +54,7 @@ import secrets
 import shutil
 import socket
 import stat
+import struct
 import threading
 import time
 from collections import defaultdict
@@ -72,7 +92,13 @@ from runtime.state import ContainerStatus, State, atomic_write_json
 log = structlog.get_logger(__name__)
 S = ContainerStatus
 
-STRATEGIES = ("cold",)
+STRATEGIES = ("cold", "postcopy")
+#: how long the destination's lazy-pages daemon may take to fetch every page after the
+#: resume before the post-copy is given up (the container is then killed, never left
+#: running with pages missing)
+POSTCOPY_LIMIT_S = 3600.0
+#: bytes of the token that the source sends first on its post-copy page connection
+LAZY_TOKEN_BYTES = 32
 #: where the CRIU images of a migration live for the seconds they exist: memory (tmpfs)
 #: when it has room, so that a large dump is not also written back to disk
 SCRATCH_TMPFS = Path("/dev/shm")
@@ -136,7 +162,13 @@ class MigrationReport:
         total_s: from the request to the source cleaned up.
         bytes_sent: payload bytes streamed to the destination (files and memory pages).
         page_server_bytes: of which memory pages sent by CRIU to the destination's page
-            server (0 when the destination had none and the pages went as files).
+            server (0 when the destination had none and the pages went as files); for
+            ``postcopy``, the pages served after the resume.
+        postcopy_s: ``postcopy`` only: seconds from the resume to the last page served
+            (``phases_s["postcopy"]``), the time the container ran with memory still on
+            the source.
+        postcopy_error: ``postcopy`` only: why the transfer of the pages failed after the
+            commit (the destination then killed the container), else empty.
         resume_confirmed: the destination confirmed the tasks run (else the destination
             resumes them on its own after asking for the outcome).
     """
@@ -154,6 +186,8 @@ class MigrationReport:
     page_server_bytes: int = 0
     files: int = 0
     resume_confirmed: bool = False
+    postcopy_s: float = 0.0
+    postcopy_error: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -396,6 +430,9 @@ class SourceSession:
             finally:
                 await link.close()
                 client.close()
+                ps_sock = getattr(self, "ps_sock", None)
+                if ps_sock is not None:
+                    ps_sock.close()  # CRIU has its own copy while it serves
                 _remove_scratch(work)
         rep.total_s = round(time.monotonic() - t0, 6)
         rep.bytes_sent = link.bytes_sent + rep.page_server_bytes
@@ -421,6 +458,7 @@ class SourceSession:
                                  f"is its service running? (`jaula node ls`); nothing was "
                                  f"frozen, {c.name} keeps running on {self.node_name}") from e
         self.missing_layers = [str(x) for x in accept["missing_layers"]]
+        self.ps_sock: socket.socket | None = None
         if accept.get("data_endpoint") and accept.get("data_key"):
             link.open_data_channel(accept["data_endpoint"], accept["data_key"])
         self.page_server: tuple[str, int] | None = None
@@ -439,6 +477,19 @@ class SourceSession:
                 address = _endpoint_host(getattr(link.client, "endpoint", ""))
             self.page_server = (address, port)
             self.ps_tls = certs.TlsFiles(cacert, cert, key)
+        if self.strategy == "postcopy":
+            token = ps.get("token") if ps else None
+            if not isinstance(token, bytes) or len(token) != LAZY_TOKEN_BYTES \
+                    or self.page_server is None:
+                raise ProtocolError(f"{self.destination} accepted a post-copy without a page "
+                                    "connection for it")
+            try:
+                self.ps_sock = await asyncio.to_thread(_connect_lazy, *self.page_server, token)
+            except OSError as e:
+                raise PreflightError(
+                    f"cannot open the post-copy page connection to {self.destination} at "
+                    f"{self.page_server[0]}:{self.page_server[1]} ({e.strerror or e}): is that "
+                    f"port reachable from {self.node_name}? nothing was frozen") from e
 
     async def _run_locked(self, c: Container, link: _Link, work: Path, rep: MigrationReport,
                           phase: Callable[[str], None]) -> None:
@@ -485,10 +536,12 @@ class SourceSession:
             phase("freeze")
             volumes = [{"key": f"vol{i}", "destination": m.destination, "source": m.source}
                        for i, m in enumerate(c.config.mounts)]
+            lazy = self.ps_sock is not None
             dump_task = asyncio.ensure_future(asyncio.to_thread(criu.dump, criu.DumpOptions(
                 pid=c.state.pid, images_dir=images, freeze_cgroup=freezer_path(c),
                 network_lock=network_lock(c.config), external=dump_externals(volumes, netns),
-                page_server=self.page_server, tls=self.ps_tls),
+                page_server=None if lazy else self.page_server, tls=self.ps_tls,
+                lazy_pages=lazy, ps_socket=self.ps_sock.fileno() if self.ps_sock else None),
                 on_notify))
             waiter = asyncio.ensure_future(post_dump.wait())
             # the pages go to the page server, not through this channel: tell the
@@ -578,10 +631,20 @@ class SourceSession:
         rep.downtime_s = round(time.monotonic() - t_freeze, 6)
         phase("resume")
         try:
+            # post-copy: CRIU serves the pages until the destination has them all
             await dump_task
         except Exception as e:  # noqa: BLE001 - after the commit: the cleanup kills what is left
             log.error("migration.source_dump_finish", session=self.session, error=str(e))
-        if self.page_server:
+            if self.ps_sock is not None:
+                rep.postcopy_error = (f"the memory pages did not all reach {self.destination} "
+                                      f"({e}); it stops the container rather than run it "
+                                      "with pages missing")
+        if self.ps_sock is not None:
+            phase("postcopy")
+            rep.postcopy_s = rep.phases_s["postcopy"]
+        if self.ps_sock is not None:
+            rep.page_server_bytes = await asyncio.to_thread(criu.lazy_pages_bytes, work / "criu")
+        elif self.page_server:
             stats = await asyncio.to_thread(criu.dump_stats, work / "criu")
             rep.page_server_bytes = int(stats.get("pages_written", 0)) * 4096
         await asyncio.to_thread(self._cleanup_source, c)
@@ -630,6 +693,56 @@ class SourceSession:
             shutil.rmtree(c.dir / d, ignore_errors=True)
         if errors:
             log.error("migration.cleanup", errors=errors)
+
+
+async def accept_with_token(lsock: socket.socket, token: bytes, session: str = "",
+                            first_bytes_timeout_s: float = 5.0) -> socket.socket:
+    """Accept connections on the listening, non-blocking ``lsock`` until one sends
+    ``token`` first; return it (blocking, the token read) and close ``lsock``.  Any other
+    is closed and logged: a stranger on the port of a post-copy cannot take the source's
+    place, nor end the wait.  One that sends nothing is dropped after
+    ``first_bytes_timeout_s`` seconds."""
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            conn, peer = await loop.sock_accept(lsock)
+            got = b""
+            try:
+                async with asyncio.timeout(first_bytes_timeout_s):
+                    while len(got) < len(token):
+                        more = await loop.sock_recv(conn, len(token) - len(got))
+                        if not more:
+                            break
+                        got += more
+            except (TimeoutError, OSError):
+                got = b""
+            if len(got) == len(token) and secrets.compare_digest(got, token):
+                conn.setblocking(True)
+                return conn
+            log.warning("migration.lazy.stranger", session=session, peer=str(peer))
+            conn.close()
+    finally:
+        lsock.close()
+
+
+def _connect_lazy(address: str, port: int, token: bytes) -> socket.socket:
+    """Open the post-copy page connection to the destination and authenticate it with
+    ``token`` (its listener drops any connection that does not start with it).  The
+    socket gets 30 s send and receive limits and TCP_USER_TIMEOUT, as CRIU's own
+    page-server client (patch 0005): a destination gone silent fails the transfer rather
+    than hold the source's CRIU forever.  Raises OSError."""
+    sock = socket.create_connection((address, port), timeout=10.0)
+    try:
+        sock.sendall(token)
+        sock.settimeout(None)
+        tmo = struct.pack("ll", 30, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tmo)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tmo)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 30_000)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _du(path: Path) -> int:
@@ -751,6 +864,10 @@ class DestinationSession:
         self._data_reader: asyncio.Task[None] | None = None
         self.early: dict[int, list[tuple[dict[str, Any], bytes]]] = {}
         self.page_server: criu.PageServer | None = None
+        self.postcopy = offer.get("strategy", "cold") == "postcopy"
+        self.lazy_conn: asyncio.Future[socket.socket] | None = None  # the source's, checked
+        self.lazy_tls: Any = None  # certs.TlsFiles of the post-copy connection
+        self.lazy_daemon: criu.LazyPagesDaemon | None = None
 
     async def send(self, mtype: str, **fields: Any) -> None:
         await self._send(encode(mtype, session=self.session, **fields))
@@ -801,7 +918,7 @@ class DestinationSession:
             self.data_key = new_key()
             self._data_reader = asyncio.ensure_future(self._read_data())
             bulk = {"data_endpoint": self.data.endpoint, "data_key": self.data_key}
-        ps = self._start_page_server()
+        ps = await self._listen_lazy() if self.postcopy else self._start_page_server()
         await self.send("accept", missing_layers=missing, **bulk, **ps)
         # Start the monitor now, waiting: its start-up is then not part of the downtime.
         from migrate.restore import RESTORER
@@ -834,6 +951,45 @@ class DestinationSession:
         # the address it is bound to (a wildcard: the source uses the host it reached us on)
         return {"page_server": {"address": host if host == "*" else address,
                                 "port": self.page_server.port, "cert": pem}}
+
+    async def _listen_lazy(self) -> dict[str, Any]:
+        """Post-copy: listen for the source's page connection; returns the ``accept``
+        fields that describe it.  The connection is kept when its first bytes are the token
+        sent here over CURVE; any other is dropped and the wait goes on, so a stranger on
+        the port changes nothing.
+
+        Raises PreflightError when this node cannot do post-copy (no TCP endpoint, no
+        userfaultfd for CRIU)."""
+        from migrate import certs
+
+        o = self.offer
+        if not self.listen.startswith("tcp://"):
+            raise PreflightError(f"post-copy needs a tcp:// listen endpoint on this node, not "
+                                 f"{self.listen!r}: use --strategy cold")
+        if "tls" not in o.get("page_server", []) or not o.get("ps_cert"):
+            raise PreflightError("the source offered post-copy without a TLS certificate")
+        features = await asyncio.to_thread(criu.check_features, True)
+        if not features.get("lazy_pages"):
+            raise PreflightError("CRIU cannot restore with lazy pages on this node (it needs "
+                                 "userfaultfd: vm.unprivileged_userfaultfd or root, and "
+                                 "CONFIG_USERFAULTFD): use --strategy cold")
+        host = _endpoint_host(self.listen)
+        address = "0.0.0.0" if host == "*" else _resolve(host)
+        self.lazy_tls, pem = certs.session_tls(self.staging, "destination", o["ps_cert"])
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        lsock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            lsock.bind((address, 0))
+            lsock.listen(8)
+            lsock.setblocking(False)
+        except OSError:
+            lsock.close()
+            raise
+        token = secrets.token_bytes(LAZY_TOKEN_BYTES)
+        self.lazy_conn = asyncio.ensure_future(accept_with_token(lsock, token, self.session))
+        return {"page_server": {"address": host if host == "*" else address,
+                                "port": lsock.getsockname()[1], "cert": pem,
+                                "token": token}}
 
     async def _read_data(self) -> None:
         """Chunks from the bulk channel join the session's queue (unsealed by on_chunk)."""
@@ -938,7 +1094,9 @@ class DestinationSession:
         await asyncio.to_thread(self._fill_container, m)
         atomic_write_json(self.staging / "restore.json",
                           {"stdio": m["stdio"], "volumes": m["volumes"],
-                           "netns": m.get("netns", "")})
+                           "netns": m.get("netns", ""), "lazy": self.postcopy})
+        if self.postcopy:
+            await self._start_lazy_daemon()
         self.hold_server = await asyncio.start_unix_server(self._on_hold,
                                                            path=str(self.hold_path))
         from migrate.restore import RESTORER
@@ -953,6 +1111,39 @@ class DestinationSession:
             self.revive_task.result()  # raises the restore's error; on_abort cleans up
             raise MigrationError("the restore finished without being held")
         await self.send("ready", restore_s=round(time.monotonic() - t0, 6))
+
+    async def _start_lazy_daemon(self) -> None:
+        """Post-copy: start ``criu lazy-pages`` on the source's page connection, before
+        the restore (which hands it the userfaultfds).  Started from the service's own
+        thread: it dies with it (``PR_SET_PDEATHSIG``).  Raises MigrationError when the
+        source never connected, CriuError when the daemon does not start."""
+        assert self.lazy_conn is not None and self.cdir is not None
+        try:
+            conn = await asyncio.wait_for(asyncio.shield(self.lazy_conn), 10.0)
+        except TimeoutError:
+            raise MigrationError(f"{self.source} never opened its post-copy page "
+                                 "connection") from None
+        try:
+            self.lazy_daemon = criu.LazyPagesDaemon(self.staging / "criu", self.cdir,
+                                                    conn.fileno(), self.lazy_tls)
+        finally:
+            conn.close()  # the daemon has its own copy
+
+    async def _await_postcopy(self) -> None:
+        """Post-copy, after the resume: wait for the lazy-pages daemon to have every page.
+        If it fails, the kernel would fill the missing pages with zeros: kill the
+        container instead, and say so."""
+        assert self.lazy_daemon is not None and self.cfg is not None
+        try:
+            await asyncio.to_thread(self.lazy_daemon.wait, POSTCOPY_LIMIT_S)
+        except JaulaError as e:
+            log.error("migration.postcopy.failed", session=self.session, error=str(e),
+                      action="killing the container: its memory is incomplete")
+            try:
+                await asyncio.to_thread(Container(self.rt, self.cfg.id).kill)
+            except (JaulaError, FileNotFoundError) as ke:
+                log.error("migration.postcopy.kill_failed", session=self.session,
+                          error=str(ke))
 
     def _make_container_dir(self, cfg: ContainerConfig) -> Path:
         store = self.rt.store
@@ -999,6 +1190,8 @@ class DestinationSession:
         self.hold_decision.set_result(True)
         await self.revive_task
         await self.send("resumed", resume_s=round(time.monotonic() - t0, 6))
+        if self.lazy_daemon is not None:
+            await self._await_postcopy()
         await self.finish()  # after the answer: removing a large staging dir takes a while
 
     async def on_abort(self, reason: str) -> None:
@@ -1027,6 +1220,13 @@ class DestinationSession:
         self.finished = True
         if self.page_server is not None:
             self.page_server.kill()
+        if self.lazy_daemon is not None:
+            self.lazy_daemon.kill()
+        if self.lazy_conn is not None:
+            if not self.lazy_conn.done():
+                self.lazy_conn.cancel()
+            elif not self.lazy_conn.cancelled() and self.lazy_conn.exception() is None:
+                self.lazy_conn.result().close()
         if self._data_reader is not None:
             self._data_reader.cancel()
         if self.data is not None:
