@@ -33,6 +33,9 @@ _XATTR_ARGS = ["--xattrs", "--xattrs-include=*"]
 #: read: harmless for a pre-copy, whose changed files are sent again after the freeze
 _LIVE_CHANGES = ("file changed as we read it", "File removed before we read it",
                  "File shrank by")
+#: what GNU tar warns of with exit status 0: a unix socket's inode (CRIU binds it again at
+#: restore), not content
+_NOTICES = ("socket ignored",)
 
 
 def write(upperdir: Path, out: Path, live: bool = False) -> int:
@@ -47,7 +50,8 @@ def write(upperdir: Path, out: Path, live: bool = False) -> int:
                         "--format=posix", "--sparse", "--numeric-owner", "--acls", *_XATTR_ARGS,
                         "."], capture_output=True, text=True, check=False)
     harmless = live and p.returncode == 1 and all(
-        any(m in line for m in _LIVE_CHANGES) for line in p.stderr.strip().splitlines())
+        any(m in line for m in (*_LIVE_CHANGES, *_NOTICES))
+        for line in p.stderr.strip().splitlines())
     if p.returncode != 0 and not harmless:
         raise BundleError(f"cannot archive the upperdir {upperdir}: {p.stderr.strip()}")
     return out.stat().st_size

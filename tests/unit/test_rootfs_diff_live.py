@@ -85,6 +85,20 @@ def test_live_precopy_tolerates_a_file_changing_and_the_delta_catches_up(
     assert _member(tmp_path / "delta.tar", "tmp/hb") == final
 
 
+def test_live_precopy_with_a_socket_beside_the_changing_file(upper: Path,
+                                                            tmp_path: Path) -> None:
+    """tar warns "socket ignored" for a bound unix socket (a Redis's) in the same run as
+    "file changed": together they are still a harmless pre-copy, not an abort."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(upper / "tmp" / "redis.sock"))
+        saw, err, _ = _race(upper, tmp_path / "base.tar", live=True)
+    assert err is None, err
+    if not saw:
+        pytest.skip("tar never caught the file changing in 20 tries on this machine")
+
+
 def test_without_live_a_file_changing_is_an_error(upper: Path, tmp_path: Path) -> None:
     saw, err, _ = _race(upper, tmp_path / "base.tar", live=False)
     if not saw:
