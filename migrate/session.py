@@ -169,6 +169,10 @@ class MigrationReport:
             the source.
         postcopy_error: ``postcopy`` only: why the transfer of the pages failed after the
             commit (the destination then killed the container), else empty.
+        restore_steps_s: the destination's ``restore`` phase in seconds per step:
+            ``pages`` (the page server's last writes), ``prepare`` (checks, upperdir delta,
+            image record), ``lazy_daemon`` (post-copy), ``criu_restore`` (the monitor's
+            CRIU restore up to ``pre-resume``).
         resume_confirmed: the destination confirmed the tasks run (else the destination
             resumes them on its own after asking for the outcome).
     """
@@ -188,6 +192,7 @@ class MigrationReport:
     resume_confirmed: bool = False
     postcopy_s: float = 0.0
     postcopy_error: str = ""
+    restore_steps_s: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -589,7 +594,9 @@ class SourceSession:
             await link.send("restore", stdio=stdio, volumes=volumes, deleted=deleted,
                             netns="external" if netns else "",
                             dump={"freeze_to_post_dump_s": rep.phases_s.get("dump", 0.0)})
-            await link.expect("ready", timeout_s=max(120.0, self.peer_timeout_s))
+            ready = await link.expect("ready", timeout_s=max(120.0, self.peer_timeout_s))
+            rep.restore_steps_s = {str(k): float(v) for k, v in
+                                   dict(ready.get("steps_s") or {}).items()}
             phase("restore")
 
             # -- commit point: durable record, then our copy dies
@@ -1086,17 +1093,28 @@ class DestinationSession:
         from migrate.bundle import Bundle
         from migrate.restore import check_pipes
 
-        t0 = time.monotonic()
+        t0 = mark = time.monotonic()
+        steps: dict[str, float] = {}
+
+        def step(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            steps[name] = round(now - mark, 6)
+            mark = now
+
         if self.page_server is not None:  # the dump closed its connection before post-dump
             await asyncio.to_thread(self.page_server.wait, 30.0)
+            step("pages")
         check_pipes(Bundle(self.staging))  # pipe sizes this node cannot give back: refuse
         await asyncio.to_thread(register_image, self.rt.images, self.offer["image"])
         await asyncio.to_thread(self._fill_container, m)
         atomic_write_json(self.staging / "restore.json",
                           {"stdio": m["stdio"], "volumes": m["volumes"],
                            "netns": m.get("netns", ""), "lazy": self.postcopy})
+        step("prepare")
         if self.postcopy:
             await self._start_lazy_daemon()
+            step("lazy_daemon")
         self.hold_server = await asyncio.start_unix_server(self._on_hold,
                                                            path=str(self.hold_path))
         from migrate.restore import RESTORER
@@ -1110,13 +1128,14 @@ class DestinationSession:
             held.cancel()
             self.revive_task.result()  # raises the restore's error; on_abort cleans up
             raise MigrationError("the restore finished without being held")
-        await self.send("ready", restore_s=round(time.monotonic() - t0, 6))
+        step("criu_restore")
+        await self.send("ready", restore_s=round(time.monotonic() - t0, 6), steps_s=steps)
 
     async def _start_lazy_daemon(self) -> None:
         """Post-copy: start ``criu lazy-pages`` on the source's page connection, before
-        the restore (which hands it the userfaultfds).  Started from the service's own
-        thread: it dies with it (``PR_SET_PDEATHSIG``).  Raises MigrationError when the
-        source never connected, CriuError when the daemon does not start."""
+        the restore (which hands it the userfaultfds); it outlives this service (see
+        :class:`migrate.criu.LazyPagesDaemon`).  Raises MigrationError when the source never
+        connected, CriuError when the daemon does not start."""
         assert self.lazy_conn is not None and self.cdir is not None
         try:
             conn = await asyncio.wait_for(asyncio.shield(self.lazy_conn), 10.0)
