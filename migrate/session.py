@@ -925,14 +925,16 @@ class DestinationSession:
             self.data_key = new_key()
             self._data_reader = asyncio.ensure_future(self._read_data())
             bulk = {"data_endpoint": self.data.endpoint, "data_key": self.data_key}
-        ps = await self._listen_lazy() if self.postcopy else self._start_page_server()
-        await self.send("accept", missing_layers=missing, **bulk, **ps)
-        # Start the monitor now, waiting: its start-up is then not part of the downtime.
+        # Start the monitor now, waiting, and accept once it is ready: its start-up is then
+        # not part of the downtime, even when the container is small and the host busy.
         from migrate.restore import RESTORER
 
         arg = json.dumps({"bundle": str(self.staging), "hold": str(self.hold_path),
                           "params": str(self.staging / "restore.json")})
         self.armed = await asyncio.to_thread(self.rt.arm, self.cfg.id, RESTORER, arg)
+        ps = await self._listen_lazy() if self.postcopy else self._start_page_server()
+        await asyncio.to_thread(self.rt.wait_armed, self.armed)
+        await self.send("accept", missing_layers=missing, **bulk, **ps)
 
     def _start_page_server(self) -> dict[str, Any]:
         """Start a ``criu page-server`` (TLS) for the dump's memory pages when the source

@@ -491,6 +491,24 @@ class Runtime:
             c.save()
         return armed
 
+    def wait_armed(self, armed: ArmedRestore, timeout_s: float = 30.0) -> None:
+        """Wait until an armed monitor has loaded its restorer and waits for ``go``: its
+        start-up (about 0.15 s of interpreter and imports, more on a busy host) is then
+        over before anything freezes.  Raises ContainerError if it died or is not ready
+        after ``timeout_s`` seconds."""
+        from runtime.monitor import ARMED_MARK
+
+        mark = Path(armed.fifo).parent / ARMED_MARK
+        deadline = time.monotonic() + timeout_s
+        while not mark.exists():
+            if not sc.is_alive(armed.mon_pid, armed.mon_start):
+                raise ContainerError(f"the armed monitor {armed.mon_pid} died before it was "
+                                     "ready", armed.container_id)
+            if time.monotonic() > deadline:
+                raise ContainerError(f"the armed monitor {armed.mon_pid} was not ready after "
+                                     f"{timeout_s:.0f} s", armed.container_id)
+            time.sleep(0.002)
+
     def disarm(self, armed: ArmedRestore) -> None:
         """Call off an armed restore: the monitor exits without restoring."""
         _tell_monitor(armed, b"cancel\n")

@@ -147,6 +147,10 @@ def _finish(cdir: Path, cgroup: CgroupManager, pid: int, status: int) -> int:
     return 0
 
 
+#: the file an armed monitor makes in the container dir once it waits for ``go``
+ARMED_MARK = "armed"
+
+
 def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = False) -> int:
     """Restore mode: the monitor itself calls the restorer named ``MODULE:FUNCTION`` as
     ``fn(cdir, stdout_w, stderr_w, arg) -> pid``, so that the restored init becomes this
@@ -154,7 +158,7 @@ def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = F
     runtime does not import the restorer: it lives in a higher layer (``migrate``).
 
     ``armed``: start, import the restorer (and call its module's ``warm_up()`` if it has
-    one), then wait for ``go`` (or anything else: give up)
+    one), make the file ``armed`` in ``cdir``, then wait for ``go`` (or anything else: give up)
     on the FIFO ``go.fifo`` before restoring; this takes the interpreter's start-up out of a
     migration's downtime (:meth:`runtime.container.Runtime.arm`)."""
     import importlib
@@ -172,9 +176,11 @@ def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = F
         if armed:
             if callable(warm_up := getattr(mod, "warm_up", None)):
                 warm_up()  # the restorer's own preparation, out of the downtime
+            (cdir / ARMED_MARK).touch()  # ready: Runtime.wait_armed
             with open(cdir / "go.fifo", "rb") as fifo:
                 word = fifo.readline().strip()
             (cdir / "go.fifo").unlink(missing_ok=True)
+            (cdir / ARMED_MARK).unlink(missing_ok=True)
             if word != b"go":
                 raise RuntimeError(f"restore called off ({word.decode(errors='replace')})")
         cfg = ContainerConfig.from_json(json.loads((cdir / "config.json").read_text()))
