@@ -69,17 +69,39 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
     external = tuple(f"mnt[{v['key']}]:{sources.get(v['destination'], v['source'])}"
                      for v in volumes)
     hold = a.get("hold")
+    root = [0]
 
     def on_notify(n: criu.Notify) -> bool:
-        if n.script == "pre-resume" and hold:
-            return _wait_for_decision(hold)
+        if n.script == "post-restore" and n.pid:
+            root[0] = n.pid  # the restored init's host pid (CRIU sends it here)
+        if n.script == "pre-resume" and hold and not _wait_for_decision(hold):
+            _kill_restored(root[0], cfg)
+            raise criu.StopCriu("the migration was called off: the restored copy was "
+                                "killed before it ran")
         return True
 
     res = criu.restore(criu.RestoreOptions(
         images_dir=bundle.criu_dir, root=str(cdir / "merged"), cg_root=cgroup_roots(cfg),
         work_dir=cdir, inherit_fd=tuple(inherit), external=external,
-        network_lock=network_lock(cfg), lazy_pages=bool(a.get("lazy"))), on_notify)
+        network_lock=network_lock(cfg), lazy_pages=bool(a.get("lazy")),
+        cgroup_yard=criu.host_cgroup_yard(bundle.criu_dir)), on_notify)
     return res.pid
+
+
+def _kill_restored(root_pid: int, cfg: ContainerConfig) -> None:
+    """SIGKILL the restored tasks, held at ``pre-resume`` (stopped, traced by CRIU): the
+    init of their pid namespace (which takes the namespace with it) and every task in the
+    container's cgroup."""
+    import signal
+
+    pids = set(create_manager(cfg.id, parent=cfg.cgroup_parent).pids())
+    if root_pid:
+        pids.add(root_pid)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def warm_up() -> None:

@@ -518,6 +518,9 @@ class SourceSession:
             total = base.stat().st_size
             await link.send_file(base, "rootfs-base.tar", "rootfs",
                                  lambda n: self.progress("precopy", link.bytes_sent, total))
+            # everything sent so far arrived whole (and the upperdir is in place there)
+            # before anything freezes: a broken pre-copy is refused while the tasks run
+            await link.wait_files_ok()
             phase("precopy")
 
             # -- dump: CRIU freezes and dumps, then holds the tasks at post-dump
