@@ -39,6 +39,7 @@ from runtime.cgroups import detect_mode
 from runtime.container import Container, Runtime
 from runtime.errors import ContainerError
 from runtime.state import ContainerStatus
+from runtime.syscalls import is_alive
 
 log = structlog.get_logger(__name__)
 
@@ -160,7 +161,9 @@ def preflight(c: Container) -> None:
     - objects CRIU cannot dump: io_uring and the like, memfd_secret memory (shared/cases C26);
     - a FIFO on a volume: the volume is not shipped with the checkpoint, its node could be
       missing where the container is restored (shared/cases C11);
-    - a file lock shared with a process outside the container (shared/cases C08).
+    - a file lock shared with a process outside the container (shared/cases C08);
+    - a container whose memory is still arriving from a post-copy (its lazy-pages daemon
+      runs): the pages not fetched yet would be left out.
 
     Raises CriuUnavailable (missing or old CRIU), PreflightError, ContainerError when the
     container is not running."""
@@ -168,9 +171,16 @@ def preflight(c: Container) -> None:
     if c.status is not ContainerStatus.RUNNING:
         raise ContainerError(f"container {c.name} is {c.status.value}: only a running container "
                              "can be checkpointed", c.id)
+    keeps = "; the container keeps running"
+    pc = c.state.extra.get("postcopy")
+    if isinstance(pc, dict) and is_alive(pc.get("daemon_pid"), pc.get("daemon_start")):
+        # the pages not yet fetched look absent to CRIU: a dump would leave them out
+        raise PreflightError(f"container {c.name} is still receiving its memory from "
+                             f"{pc.get('from', 'its source')} (post-copy, session "
+                             f"{pc.get('session', '?')}): checkpoint or migrate it once that "
+                             f"is over{keeps}")
     in_cgroup = set(tasks_of(c))
     tree = process_tree(c.state.pid)
-    keeps = "; the container keeps running"
     for pid in sorted(in_cgroup - set(tree)):
         st = _status(pid)
         if st and not st.get("State", "").startswith("Z"):

@@ -278,12 +278,15 @@ def log_excerpt(path: Path, lines: int = 6) -> str:
 class _Swrk:
     """One ``criu swrk`` process and its socket."""
 
-    def __init__(self, binary: str, pass_fds: tuple[int, ...] = ()) -> None:
+    def __init__(self, binary: str, pass_fds: tuple[int, ...] = (),
+                 die_with_thread: bool = True) -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # PR_SET_PDEATHSIG (set by util-linux's setpriv, kept across exec): if the thread that
         # started it dies (a monitor killed during a restore), CRIU must not live on orphaned,
         # blocked on a socket nobody reads.  (Not preexec_fn: unsafe in a threaded process.)
-        wrap = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+        # Not for a lazy dump: after the commit it serves the only copy of the memory.
+        wrap = ["setpriv", "--pdeathsig", "KILL", "--"] \
+            if die_with_thread and shutil.which("setpriv") else []
         self.proc = subprocess.Popen([*wrap, binary, "swrk", str(theirs.fileno())],
                                      pass_fds=(theirs.fileno(), *pass_fds), close_fds=True,
                                      stdin=subprocess.DEVNULL, env=criu_env())
@@ -310,11 +313,12 @@ class _Swrk:
 
 
 def _call(action: str, req_type: int, opts: object, images_dir: Path, log_file: str,
-          on_notify: NotifyHandler | None, pass_fds: tuple[int, ...]) -> tuple[object, Result]:
+          on_notify: NotifyHandler | None, pass_fds: tuple[int, ...],
+          die_with_thread: bool = True) -> tuple[object, Result]:
     binary = require()
     res = Result()
     t0 = time.monotonic()
-    swrk = _Swrk(binary, pass_fds)
+    swrk = _Swrk(binary, pass_fds, die_with_thread)
     try:
         req = rpc.criu_req(type=req_type)
         req.opts.CopyFrom(opts)
@@ -403,7 +407,11 @@ def dump(opts: DumpOptions, on_notify: NotifyHandler | None = None) -> Result:
                                                    str(opts.tls.key))
         o.external.extend(opts.external)
         fds = (dfd,) if opts.ps_socket is None else (dfd, opts.ps_socket)
-        _, res = _call("dump", rpc.DUMP, o, opts.images_dir, opts.log_file, on_notify, fds)
+        # A lazy dump outlives its caller: once post-dump is answered with success it holds
+        # the only copy of the memory.  Before that, a caller that dies closes the RPC
+        # socket, which CRIU takes as a failed post-dump: the tasks resume.
+        _, res = _call("dump", rpc.DUMP, o, opts.images_dir, opts.log_file, on_notify, fds,
+                       die_with_thread=not opts.lazy_pages)
         return res
     finally:
         os.close(dfd)
@@ -491,15 +499,16 @@ class _CriuDaemon:
         return CriuError(self.action, message, log_path=str(self.log_path),
                          log_excerpt=log_excerpt(self.log_path))
 
-    def wait(self, timeout_s: float) -> None:
-        """Wait until it has done its work and exited.  Raises CriuError when it failed,
-        or is still running after ``timeout_s`` seconds (it is then killed)."""
+    def wait(self, timeout_s: float | None) -> None:
+        """Wait until it has done its work and exited (``timeout_s`` None: however long it
+        takes).  Raises CriuError when it failed, or is still running after ``timeout_s``
+        seconds (it is then killed)."""
         try:
             rc = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
             raise self._error(f"the {self.what} was still running after "
-                              f"{timeout_s:.0f} s") from None
+                              f"{timeout_s or 0:.0f} s") from None
         if rc != 0:
             raise self._error(f"the {self.what} exited with status {rc}")
 

@@ -46,12 +46,14 @@ run.  The offer carries the strategy so the destination can refuse one it cannot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -88,15 +90,21 @@ from runtime.container import Container, Runtime
 from runtime.errors import ContainerNotFound, JaulaError
 from runtime.spec import ContainerConfig
 from runtime.state import ContainerStatus, State, atomic_write_json
+from runtime.syscalls import is_alive as sc_alive
+from runtime.syscalls import proc_start_time
 
 log = structlog.get_logger(__name__)
 S = ContainerStatus
 
 STRATEGIES = ("cold", "postcopy")
-#: how long the destination's lazy-pages daemon may take to fetch every page after the
-#: resume before the post-copy is given up (the container is then killed, never left
-#: running with pages missing)
-POSTCOPY_LIMIT_S = 3600.0
+#: what this node's sessions can do beyond the protocol's first version, offered by the
+#: source (``offer.features``): ``restore_steps``, the destination's restore per step in
+#: ``ready``.  An older destination refuses the offer (unknown field) before anything
+#: freezes; an older source offers none and gets none.
+FEATURES = ("restore_steps",)
+#: TCP_USER_TIMEOUT and keepalive of the post-copy page connection, both ends (seconds):
+#: a peer gone silent fails the transfer instead of leaving a post-copy waiting
+LAZY_CONN_TIMEOUT_S = 30
 #: bytes of the token that the source sends first on its post-copy page connection
 LAZY_TOKEN_BYTES = 32
 #: where the CRIU images of a migration live for the seconds they exist: memory (tmpfs)
@@ -455,7 +463,7 @@ class SourceSession:
                         criu_version=list(criu.version()), cpu_flags=list(cpu_flags()),
                         estimate_bytes=estimate, strategy=self.strategy,
                         source_node=self.node_name, bulk=["aes-256-gcm"],
-                        page_server=["tls"], ps_cert=ps_cert)
+                        page_server=["tls"], ps_cert=ps_cert, features=list(FEATURES))
         try:
             accept = await link.expect("accept")
         except PeerUnavailable as e:
@@ -599,7 +607,8 @@ class SourceSession:
                             dump={"freeze_to_post_dump_s": rep.phases_s.get("dump", 0.0)})
             ready = await link.expect("ready", timeout_s=max(120.0, self.peer_timeout_s))
             rep.restore_steps_s = {str(k): float(v) for k, v in
-                                   dict(ready.get("steps_s") or {}).items()}
+                                   dict(ready.get("steps_s") or {}).items()
+                                   if isinstance(v, int | float)}
             phase("restore")
 
             # -- commit point: durable record, then our copy dies
@@ -708,31 +717,62 @@ class SourceSession:
 async def accept_with_token(lsock: socket.socket, token: bytes, session: str = "",
                             first_bytes_timeout_s: float = 5.0) -> socket.socket:
     """Accept connections on the listening, non-blocking ``lsock`` until one sends
-    ``token`` first; return it (blocking, the token read) and close ``lsock``.  Any other
-    is closed and logged: a stranger on the port of a post-copy cannot take the source's
-    place, nor end the wait.  One that sends nothing is dropped after
-    ``first_bytes_timeout_s`` seconds."""
+    ``token`` first; return it (blocking, the token read) and close ``lsock``.  Each
+    connection is checked on its own, so a stranger on the port of a post-copy can neither
+    take the source's place nor hold up its connection; one that sends something else is
+    closed and logged at once, one that sends nothing after ``first_bytes_timeout_s``."""
     loop = asyncio.get_running_loop()
-    try:
+    winner: asyncio.Future[socket.socket] = loop.create_future()
+    checks: set[asyncio.Task[None]] = set()
+
+    async def check(conn: socket.socket, peer: Any) -> None:
+        kept = False
+        try:
+            got = b""
+            async with asyncio.timeout(first_bytes_timeout_s):
+                while len(got) < len(token):
+                    more = await loop.sock_recv(conn, len(token) - len(got))
+                    if not more:
+                        break
+                    got += more
+            if len(got) == len(token) and secrets.compare_digest(got, token) \
+                    and not winner.done():
+                winner.set_result(conn)
+                kept = True
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            if not kept:
+                log.warning("migration.lazy.stranger", session=session, peer=str(peer))
+                conn.close()
+
+    async def accept() -> None:
         while True:
             conn, peer = await loop.sock_accept(lsock)
-            got = b""
-            try:
-                async with asyncio.timeout(first_bytes_timeout_s):
-                    while len(got) < len(token):
-                        more = await loop.sock_recv(conn, len(token) - len(got))
-                        if not more:
-                            break
-                        got += more
-            except (TimeoutError, OSError):
-                got = b""
-            if len(got) == len(token) and secrets.compare_digest(got, token):
-                conn.setblocking(True)
-                return conn
-            log.warning("migration.lazy.stranger", session=session, peer=str(peer))
-            conn.close()
+            task = asyncio.ensure_future(check(conn, peer))
+            checks.add(task)
+            task.add_done_callback(checks.discard)
+
+    acceptor = asyncio.ensure_future(accept())
+    try:
+        conn = await winner
+        conn.setblocking(True)
+        return conn
     finally:
+        acceptor.cancel()
+        for task in list(checks):
+            task.cancel()
         lsock.close()
+
+
+def _set_conn_timeouts(sock: socket.socket) -> None:
+    """TCP_USER_TIMEOUT and keepalive (:data:`LAZY_CONN_TIMEOUT_S`) on a post-copy page
+    connection: the side that waits for pages notices a peer that vanished."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, LAZY_CONN_TIMEOUT_S * 1000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, LAZY_CONN_TIMEOUT_S // 5))
 
 
 def _connect_lazy(address: str, port: int, token: bytes) -> socket.socket:
@@ -745,10 +785,10 @@ def _connect_lazy(address: str, port: int, token: bytes) -> socket.socket:
     try:
         sock.sendall(token)
         sock.settimeout(None)
-        tmo = struct.pack("ll", 30, 0)
+        tmo = struct.pack("ll", LAZY_CONN_TIMEOUT_S, 0)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tmo)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tmo)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 30_000)
+        _set_conn_timeouts(sock)
     except OSError:
         sock.close()
         raise
@@ -1134,7 +1174,11 @@ class DestinationSession:
             self.revive_task.result()  # raises the restore's error; on_abort cleans up
             raise MigrationError("the restore finished without being held")
         step("criu_restore")
-        await self.send("ready", restore_s=round(time.monotonic() - t0, 6), steps_s=steps)
+        if self.lazy_daemon is not None and self.lazy_daemon.proc.poll() is not None:
+            raise MigrationError("the lazy-pages daemon exited before the commit (see "
+                                 f"{self.lazy_daemon.log_path})")
+        extra = {"steps_s": steps} if "restore_steps" in self.offer.get("features", []) else {}
+        await self.send("ready", restore_s=round(time.monotonic() - t0, 6), **extra)
 
     async def _start_lazy_daemon(self) -> None:
         """Post-copy: start ``criu lazy-pages`` on the source's page connection, before
@@ -1148,26 +1192,53 @@ class DestinationSession:
             raise MigrationError(f"{self.source} never opened its post-copy page "
                                  "connection") from None
         try:
-            self.lazy_daemon = criu.LazyPagesDaemon(self.staging / "criu", self.cdir,
-                                                    conn.fileno(), self.lazy_tls)
+            _set_conn_timeouts(conn)
+            self.lazy_daemon = await asyncio.to_thread(
+                criu.LazyPagesDaemon, self.staging / "criu", self.cdir, conn.fileno(),
+                self.lazy_tls)
         finally:
             conn.close()  # the daemon has its own copy
 
     async def _await_postcopy(self) -> None:
         """Post-copy, after the resume: wait for the lazy-pages daemon to have every page.
-        If it fails, the kernel would fill the missing pages with zeros: kill the
-        container instead, and say so."""
+        If it fails, the kernel fills the missing pages with zeros: kill the container at
+        once (its init, without waiting for the container's lock), and say so."""
         assert self.lazy_daemon is not None and self.cfg is not None
         try:
-            await asyncio.to_thread(self.lazy_daemon.wait, POSTCOPY_LIMIT_S)
+            await asyncio.to_thread(self.lazy_daemon.wait, None)
         except JaulaError as e:
             log.error("migration.postcopy.failed", session=self.session, error=str(e),
                       action="killing the container: its memory is incomplete")
             try:
-                await asyncio.to_thread(Container(self.rt, self.cfg.id).kill)
-            except (JaulaError, FileNotFoundError) as ke:
+                c = Container(self.rt, self.cfg.id)
+                if c.state.pid and sc_alive(c.state.pid, c.state.pid_start_time):
+                    os.kill(c.state.pid, signal.SIGKILL)
+            except (JaulaError, OSError) as ke:
                 log.error("migration.postcopy.kill_failed", session=self.session,
                           error=str(ke))
+        finally:
+            await asyncio.to_thread(self._mark_postcopy, False)
+
+    def _mark_postcopy(self, on: bool) -> None:
+        """Record in the container's state that its memory is still arriving (the
+        lazy-pages daemon's pid and start time), or that it has all of it: a dump meanwhile
+        would leave out the pages not yet here (:func:`migrate.checkpoint.preflight`
+        refuses it)."""
+        assert self.cfg is not None and self.lazy_daemon is not None
+        try:
+            c = Container(self.rt, self.cfg.id)
+            with c.locked():
+                c.refresh()
+                if on:
+                    pid = self.lazy_daemon.proc.pid
+                    c.state.extra = {**c.state.extra, "postcopy": {
+                        "session": self.session, "from": self.source, "daemon_pid": pid,
+                        "daemon_start": proc_start_time(pid)}}
+                else:
+                    c.state.extra = {k: v for k, v in c.state.extra.items() if k != "postcopy"}
+                c.save()
+        except (JaulaError, OSError) as e:
+            log.warning("migration.postcopy.mark", session=self.session, error=str(e))
 
     def _make_container_dir(self, cfg: ContainerConfig) -> Path:
         store = self.rt.store
@@ -1211,8 +1282,20 @@ class DestinationSession:
         if not self.held.is_set() or self.revive_task is None:
             raise ProtocolError("resume before the restore was held")
         t0 = time.monotonic()
+        if self.lazy_daemon is not None and self.lazy_daemon.proc.poll() is not None:
+            # committed on the source, but the pages cannot come: never run on zero-fill
+            log.error("migration.postcopy.daemon_gone", session=self.session,
+                      log=str(self.lazy_daemon.log_path))
+            self.hold_decision.set_result(False)
+            with contextlib.suppress(Exception):
+                await self.revive_task
+            raise MigrationError(f"the lazy-pages daemon on this node died before the "
+                                 f"resume: the container's memory cannot arrive, so it was "
+                                 f"not resumed (see {self.lazy_daemon.log_path})")
         self.hold_decision.set_result(True)
         await self.revive_task
+        if self.lazy_daemon is not None:
+            await asyncio.to_thread(self._mark_postcopy, True)
         await self.send("resumed", resume_s=round(time.monotonic() - t0, 6))
         if self.lazy_daemon is not None:
             await self._await_postcopy()

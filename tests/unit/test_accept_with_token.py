@@ -1,6 +1,7 @@
 """The post-copy page connection's listener (migrate.session.accept_with_token) on real
 loopback sockets: strangers who connect first, with a wrong token, a short one or none
-at all, are dropped; the connection that starts with the token is the one returned."""
+at all, are dropped, and a silent one does not hold up the others; the connection that
+starts with the token is the one returned."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ async def _run() -> tuple[bytes, bool]:
     lsock.setblocking(False)
     port = lsock.getsockname()[1]
     waiting = asyncio.ensure_future(accept_with_token(lsock, TOKEN, "t",
-                                                      first_bytes_timeout_s=0.3))
+                                                      first_bytes_timeout_s=30))
     strangers = []
     for first in (b"\0" * 32, TOKEN[:16], b""):  # wrong, short then closed, silent
         s = socket.create_connection(("127.0.0.1", port))
@@ -32,6 +33,7 @@ async def _run() -> tuple[bytes, bool]:
     assert not waiting.done()  # none of them was taken
     good = socket.create_connection(("127.0.0.1", port))
     good.sendall(TOKEN + b"after")
+    # the silent stranger (checked for up to 30 s) does not hold the good one up
     conn = await asyncio.wait_for(waiting, 5)
     got = conn.recv(5)
     conn.close()
