@@ -22,8 +22,10 @@ import asyncio
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -357,6 +359,9 @@ class NodeService:
     async def recover(self) -> None:
         """Reconcile what a crash of this service may have left (see the module doc)."""
         for c in self.rt.list(all=True):
+            if c.status is S.MIGRATED:
+                await asyncio.to_thread(self._kill_migrated_copy, c)
+                continue
             if c.status is not S.MIGRATING:
                 continue
             came_from = c.state.extra.get("from")
@@ -393,6 +398,40 @@ class NodeService:
                 for d in scratch.iterdir():
                     if d.name not in active:
                         shutil.rmtree(d, ignore_errors=True)
+
+    def _kill_migrated_copy(self, c: Container) -> None:
+        """A container recorded ``migrated`` whose tasks still run here: this service died
+        between writing that record and telling CRIU so, and CRIU let the frozen copy go
+        on, while the destination, reading the record, resumed its own.  The record
+        decides: kill this copy and drop its cgroup and root mount."""
+        try:
+            left = c.cgroup().pids()
+        except JaulaError:
+            return
+        if not left:
+            return
+        log.error("recover.migrated_copy_killed", id=c.id[:12], name=c.name,
+                  migrated_to=c.state.migrated_to, pids=left)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        from runtime.rootfs.overlay import unmount
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if not c.cgroup().pids():
+                    break
+            except JaulaError:
+                break
+            time.sleep(0.02)
+        for step in (c.cgroup().destroy, lambda: unmount(c.rootfs)):
+            try:
+                step()
+            except JaulaError as e:
+                log.error("recover.migrated_copy_cleanup", id=c.id[:12], error=str(e))
 
     async def _recover_held(self, c: Container, source: str, session: str, hold: Path) -> None:
         """A restore held at pre-resume when this service died: ask the source, answer the
