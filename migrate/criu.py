@@ -20,6 +20,7 @@ criu-recipe.md in shared/ (options verified on these machines).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -248,6 +249,12 @@ def criu_env() -> dict[str, str]:
 
     if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077:
         env["CRIU_KDAT_DIR"] = str(KDAT_DIR)
+        # CRIU writes the cache to criu.kdat.tmp (O_EXCL) then renames it: one killed in
+        # between leaves a file that stops every later save until reboot
+        tmp = KDAT_DIR / "criu.kdat.tmp"
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.lstat().st_mtime > 10:
+                tmp.unlink()
     else:
         _log().warning("criu.kdat_dir.untrusted", path=str(KDAT_DIR),  # type: ignore[attr-defined]
                        owner=st.st_uid, mode=oct(st.st_mode & 0o7777))

@@ -62,3 +62,16 @@ def test_a_dir_open_to_others_is_not_used(kdat_dir: Path) -> None:
     log = _check({**os.environ, "CRIU_KDAT_DIR": str(kdat_dir)})
     assert "is not a private directory" in log
     assert not (kdat_dir / "criu.kdat").exists()
+
+
+def test_a_stale_temporary_file_is_cleared(kdat_dir: Path) -> None:
+    """A CRIU killed while saving leaves criu.kdat.tmp, which CRIU creates with O_EXCL:
+    left there, no later run could save the cache."""
+    criu.criu_env()
+    tmp = kdat_dir / "criu.kdat.tmp"
+    tmp.write_bytes(b"half")
+    os.utime(tmp, (0, 0))
+    env = criu.criu_env()
+    assert not tmp.exists()
+    _check(env)
+    assert (kdat_dir / "criu.kdat").is_file()
