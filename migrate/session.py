@@ -1294,10 +1294,10 @@ class DestinationSession:
                                  f"not resumed (see {self.lazy_daemon.log_path})")
         self.hold_decision.set_result(True)
         await self.revive_task
-        if self.lazy_daemon is not None:
-            await asyncio.to_thread(self._mark_postcopy, True)
         await self.send("resumed", resume_s=round(time.monotonic() - t0, 6))
         if self.lazy_daemon is not None:
+            # (after the answer: the source measures the downtime up to it)
+            await asyncio.to_thread(self._mark_postcopy, True)
             await self._await_postcopy()
         await self.finish()  # after the answer: removing a large staging dir takes a while
 
