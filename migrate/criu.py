@@ -714,6 +714,14 @@ def rearm_expired_timerfds(images_dir: Path) -> int:
     that state at most freezes.  Such an entry (it_value 0, an interval, ticks pending) can
     only be an expired periodic timer, since timerfd_settime clears the ticks; its
     ``it_value`` becomes one interval, so it fires again within a period of the restore.
+
+    The same entry with no tick yet is a periodic timer caught between its expiry time and
+    the hrtimer callback that counts it (microseconds; longer on a busy VM): fdinfo then
+    shows the remaining time clamped to 0 and the tick not yet counted, and CRIU restored it
+    disarmed for good (seen once in CI: a 50 ms timer never fired after restore).  It gets
+    the tick it was about to count and one interval.  A timer someone disarmed with a zero
+    ``it_value`` but a non-zero interval looks the same and would fire once more: rare, and
+    far less harmful than a periodic timer that silently stops.
     Rewrites ``files.img`` in place."""
     path = images_dir / "files.img"
     if rpc is None or not path.exists():
@@ -725,8 +733,9 @@ def rearm_expired_timerfds(images_dir: Path) -> int:
     fixed = 0
     for e in img["entries"]:
         t = e.get("tfd") if e.get("type") == "TIMERFD" else None
-        if t and not (t["vsec"] or t["vnsec"]) and (t["isec"] or t["insec"]) and t["ticks"]:
-            t["vsec"], t["vnsec"] = t["isec"], t["insec"]
+        if t and not (t.get("vsec") or t.get("vnsec")) and (t.get("isec") or t.get("insec")):
+            t["vsec"], t["vnsec"] = t.get("isec", 0), t.get("insec", 0)
+            t["ticks"] = t.get("ticks") or 1  # an expiry not counted yet, see above
             fixed += 1
     if fixed:
         tmp = path.with_name(f".{path.name}.tmp")
