@@ -22,10 +22,8 @@ import asyncio
 import fcntl
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -403,7 +401,8 @@ class NodeService:
         """A container recorded ``migrated`` whose tasks still run here: this service died
         between writing that record and telling CRIU so, and CRIU let the frozen copy go
         on, while the destination, reading the record, resumed its own.  The record
-        decides: kill this copy and drop its cgroup and root mount."""
+        decides: kill this copy (the cgroup's ``destroy`` kills what is left) and drop its
+        root mount."""
         try:
             left = c.cgroup().pids()
         except JaulaError:
@@ -412,21 +411,8 @@ class NodeService:
             return
         log.error("recover.migrated_copy_killed", id=c.id[:12], name=c.name,
                   migrated_to=c.state.migrated_to, pids=left)
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         from runtime.rootfs.overlay import unmount
 
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if not c.cgroup().pids():
-                    break
-            except JaulaError:
-                break
-            time.sleep(0.02)
         for step in (c.cgroup().destroy, lambda: unmount(c.rootfs)):
             try:
                 step()

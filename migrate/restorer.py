@@ -91,7 +91,8 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
 def _kill_restored(root_pid: int, cfg: ContainerConfig) -> None:
     """SIGKILL the restored tasks, held at ``pre-resume`` (stopped, traced by CRIU): the
     init of their pid namespace (which takes the namespace with it) and every task in the
-    container's cgroup."""
+    container's cgroup.  Not the cgroup's ``kill_all``: it freezes first, and a frozen
+    traced task is not woken by the SIGKILL until thawed."""
     import signal
 
     pids = set(create_manager(cfg.id, parent=cfg.cgroup_parent).pids())
