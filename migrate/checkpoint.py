@@ -206,7 +206,9 @@ def preflight(c: Container) -> None:
                     + ("have its parent reap it" if zombie else "stop it") + keeps)
         if zombie:
             continue
-        if pid not in in_cgroup:
+        if pid not in in_cgroup:  # or forked since that look (children inherit the cgroup)
+            in_cgroup |= set(tasks_of(c))
+        if pid not in in_cgroup and _status(pid):
             raise PreflightError(
                 f"cannot checkpoint {c.name}: process {pid} ({comm}) is in the container's "
                 "process tree but not in its cgroup (entered from the host?), so the freeze "
