@@ -75,8 +75,6 @@ def ready_timeout_s(mib: int) -> float:
     return 60 + mib * 0.25
 
 
-
-
 @dataclass
 class Cycle:
     """One checkpoint/restore cycle of one system (a JSON line)."""
@@ -122,7 +120,7 @@ def criu_stats(path: Path) -> dict[str, int] | None:
 def line_with(text: str, needle: str) -> str | None:
     for ln in text.splitlines():
         if needle in ln:
-            return ln[ln.index(needle):].strip()
+            return ln[ln.index(needle) :].strip()
     return None
 
 
@@ -130,8 +128,7 @@ def run_cmd(argv: list[str], timeout_s: float = 600) -> tuple[int, str, str, flo
     """Run ``argv``; return its exit code, stdout, stderr and wall time."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                text=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True)
         rc = wait_child(proc, timeout_s)
         wall = time.perf_counter() - t0
         out.seek(0)
@@ -193,8 +190,9 @@ class JaulaSide:
         name = f"jb-{mib}-{run}-{tag}"
         self.names[name] = None
         try:
-            rc, out, err, _ = run_cmd([*self.cli, "run", "-d", "--name", name, IMAGE,
-                                       *memhog_argv(mib)], 120)
+            rc, out, err, _ = run_cmd(
+                [*self.cli, "run", "-d", "--name", name, IMAGE, *memhog_argv(mib)], 120
+            )
             if rc != 0:
                 raise RunError(f"jaula run failed ({rc}): {_tail(err)}")
             self.names[name] = out.strip()
@@ -215,16 +213,17 @@ class JaulaSide:
             if not isinstance(state, dict):
                 raise RunError(f"jaula inspect {name}: no State")
             if state.get("Status") != "checkpointed" or state.get("Pid"):
-                raise RunError(f"after checkpoint the container is {state.get('Status')} "
-                                 f"(pid {state.get('Pid')}), not checkpointed and gone")
+                raise RunError(
+                    f"after checkpoint the container is {state.get('Status')} "
+                    f"(pid {state.get('Pid')}), not checkpointed and gone"
+                )
             bundle = Path(report["bundle"])
             cy.bundle_bytes = dir_bytes(bundle)
             dump = criu_stats(bundle / "criu" / "stats-dump")
             if dump:
                 cy.criu_frozen_s = (dump["freezing_time"] + dump["frozen_time"]) / 1e6
                 cy.pages_written = dump["pages_written"]
-            cy.detail = {k: report[k] for k in ("dump_s", "rootfs_s", "total_s",
-                                                 "bundle_bytes")}
+            cy.detail = {k: report[k] for k in ("dump_s", "rootfs_s", "total_s", "bundle_bytes")}
             os.sync()
             rc, _out, err, cy.restore_s = run_cmd([*self.cli, "restore", name])
             if rc != 0:
@@ -288,8 +287,9 @@ class RuncSide:
         self.runc = Runc(self.work)
         self.rootfs: Path | None = None
         unpacked = self.work / "unpacked"
-        rc, _out, err, _ = run_cmd(["umoci", "unpack", "--image",
-                                    f"{layout}:{ref_name(layout)}", str(unpacked)], 300)
+        rc, _out, err, _ = run_cmd(
+            ["umoci", "unpack", "--image", f"{layout}:{ref_name(layout)}", str(unpacked)], 300
+        )
         if rc != 0:
             raise RunError(f"umoci unpack failed ({rc}): {_tail(err)}")
         self.rootfs = unpacked / "rootfs"
@@ -303,8 +303,9 @@ class RuncSide:
         images, dump_wd, restore_wd = base / "images", base / "dump", base / "restore"
         c: RuncContainer | None = None
         try:
-            bundle = self.runc.make_bundle(base / ctr, self.rootfs, memhog_argv(mib),
-                                           list(PYTHON_ENV), CWD)
+            bundle = self.runc.make_bundle(
+                base / ctr, self.rootfs, memhog_argv(mib), list(PYTHON_ENV), CWD
+            )
             c = self.runc.run(ctr, bundle, base / "run.out", base / "run.err")
             cc = c
             wait_for(lambda: line_with(cc.output(), "READY"), ready_timeout_s(mib), "READY")
@@ -322,15 +323,17 @@ class RuncSide:
                 cy.pages_written = dump["pages_written"]
             os.sync()
             t0 = time.perf_counter()
-            r = self.runc.restore(c, images, restore_wd, base / "restore.out",
-                                  base / "restore.err")
+            r = self.runc.restore(c, images, restore_wd, base / "restore.out", base / "restore.err")
             cy.restore_s = time.perf_counter() - t0
             rst = criu_stats(restore_wd / "stats-restore")
             if rst:
                 cy.criu_restore_s = rst["restore_time"] / 1e6
             os.kill(r.pid, signal.SIGUSR1)
-            cy.verify = wait_for(lambda: line_with(r.output(), "VERIFY"), ready_timeout_s(mib),
-                                 "VERIFY after restore")
+            cy.verify = wait_for(
+                lambda: line_with(r.output(), "VERIFY"),
+                ready_timeout_s(mib),
+                "VERIFY after restore",
+            )
             if not cy.verify.startswith("VERIFY OK"):
                 raise RunError(f"after restore: {cy.verify}")
             cy.ok = True
@@ -359,14 +362,21 @@ def _values(cycles: list[Cycle], attr: str) -> list[float]:
     return [float(getattr(c, attr)) for c in cycles if c.ok and getattr(c, attr) is not None]
 
 
-COLUMNS = (("dump_s", 1.0, ".3f"), ("restore_s", 1.0, ".3f"), ("bundle_bytes", MB, ".1f"),
-           ("frozen_s", 1.0, ".3f"))
+COLUMNS = (
+    ("dump_s", 1.0, ".3f"),
+    ("restore_s", 1.0, ".3f"),
+    ("bundle_bytes", MB, ".1f"),
+    ("frozen_s", 1.0, ".3f"),
+)
 
 
-def table(mib: int, cycles: list[Cycle], systems: list[str],
-          setup_errors: dict[str, str]) -> str:
-    lines = [f"### {mib} MiB touched (memhog, 0 % dirty)", "",
-             "| system | dump s | restore s | bundle MB | frozen s |", "|---|---|---|---|---|"]
+def table(mib: int, cycles: list[Cycle], systems: list[str], setup_errors: dict[str, str]) -> str:
+    lines = [
+        f"### {mib} MiB touched (memhog, 0 % dirty)",
+        "",
+        "| system | dump s | restore s | bundle MB | frozen s |",
+        "|---|---|---|---|---|",
+    ]
     by = {s: [c for c in cycles if c.system == s] for s in systems}
     for s in systems:
         if s in setup_errors:
@@ -384,8 +394,11 @@ def table(mib: int, cycles: list[Cycle], systems: list[str],
         ratios = []
         for a, _sc, _f in COLUMNS:
             j, r = _values(by["jaula"], a), _values(by["runc"], a)
-            ratios.append(f"{statistics.median(j) / statistics.median(r):.2f}x"
-                          if j and r and statistics.median(r) > 0 else "-")
+            ratios.append(
+                f"{statistics.median(j) / statistics.median(r):.2f}x"
+                if j and r and statistics.median(r) > 0
+                else "-"
+            )
         lines.append("| jaula/runc (medians) | " + " | ".join(ratios) + " |")
     crit = []
     for s in systems:
@@ -393,8 +406,11 @@ def table(mib: int, cycles: list[Cycle], systems: list[str],
         if fz or rs:
             crit.append(f"{s} {_stat(fz)} / {_stat(rs)}")
     if crit:
-        lines += ["", "CRIU's own figures, frozen (stats-dump freezing+frozen) / restore "
-                  "(stats-restore restore_time), s: " + "; ".join(crit) + "."]
+        lines += [
+            "",
+            "CRIU's own figures, frozen (stats-dump freezing+frozen) / restore "
+            "(stats-restore restore_time), s: " + "; ".join(crit) + ".",
+        ]
     fails = [c for s in systems for c in by[s] if not c.ok]
     if fails:
         lines += ["", "Failures:"]
@@ -425,9 +441,13 @@ def versions() -> dict[str, str]:
         except (OSError, IndexError, subprocess.TimeoutExpired):
             return "unknown"
 
-    return {"kernel": platform.release(), "criu": first(["criu", "--version"]).replace("Version:", "CRIU"),
-            "runc": Runc.version(), "cpus": str(os.cpu_count()),
-            "python": platform.python_version()}
+    return {
+        "kernel": platform.release(),
+        "criu": first(["criu", "--version"]).replace("Version:", "CRIU"),
+        "runc": Runc.version(),
+        "cpus": str(os.cpu_count()),
+        "python": platform.python_version(),
+    }
 
 
 # --- main -------------------------------------------------------------------------------
@@ -439,8 +459,11 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="16,256,1024",
-                    help="MiB of touched memory, comma-separated (default 16,256,1024)")
+    ap.add_argument(
+        "--sizes",
+        default="16,256,1024",
+        help="MiB of touched memory, comma-separated (default 16,256,1024)",
+    )
     ap.add_argument("--runs", type=int, default=5, help="cycles per system and size (default 5)")
     a = ap.parse_args(argv)
     try:
@@ -458,8 +481,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     out_dir = results_dir()
-    meta = {"sizes_mib": sizes, "runs": a.runs, "started": dt.datetime.now().isoformat(),
-            **versions()}
+    meta = {
+        "sizes_mib": sizes,
+        "runs": a.runs,
+        "started": dt.datetime.now().isoformat(),
+        **versions(),
+    }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     signal.signal(signal.SIGTERM, _interrupt)
     tag = secrets.token_hex(3)
@@ -477,9 +504,10 @@ def main(argv: list[str] | None = None) -> int:
             except (RunError, RuncError, OSError) as e:
                 setup_errors[system] = str(e)
                 print(f"{system} cannot run here: {e}", file=sys.stderr)
-        with open(out_dir / "runs.jsonl", "a") as jl, \
-                Progress(console=console, transient=True,
-                         disable=not console.is_terminal) as progress:
+        with (
+            open(out_dir / "runs.jsonl", "a") as jl,
+            Progress(console=console, transient=True, disable=not console.is_terminal) as progress,
+        ):
             task = progress.add_task("checkpoint/restore", total=len(sizes) * a.runs * 2)
             for mib in sizes:
                 for run in range(1, a.runs + 1):
@@ -487,15 +515,18 @@ def main(argv: list[str] | None = None) -> int:
                         cy = Cycle(system, mib, run, error=f"cannot run: {err}")
                         jl.write(json.dumps(asdict(cy)) + "\n")
                     for side in sides:
-                        progress.update(task, description=f"{side.system} {mib} MiB "
-                                                          f"run {run}/{a.runs}")
+                        progress.update(
+                            task, description=f"{side.system} {mib} MiB run {run}/{a.runs}"
+                        )
                         cy = side.cycle(mib, run, tag)
                         cycles.append(cy)
                         jl.write(json.dumps(asdict(cy)) + "\n")
                         jl.flush()
                         if not cy.ok:
-                            console.print(f"[red]{cy.system} {mib} MiB run {run} failed:[/] "
-                                          f"{_one_line(cy.error or '?', 300)}")
+                            console.print(
+                                f"[red]{cy.system} {mib} MiB run {run} failed:[/] "
+                                f"{_one_line(cy.error or '?', 300)}"
+                            )
                         progress.advance(task)
                     progress.advance(task, 2 - len(sides))
     except KeyboardInterrupt:
@@ -520,15 +551,16 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     systems = ["jaula", "runc"]
-    head = (f"runs per system and size: {a.runs} (interleaved jaula, runc); median "
-            f"[min-max] over the good runs; MB = 10^6 bytes; {meta['criu']}, {meta['runc']}, "
-            f"kernel {meta['kernel']}")
+    head = (
+        f"runs per system and size: {a.runs} (interleaved jaula, runc); median "
+        f"[min-max] over the good runs; MB = 10^6 bytes; {meta['criu']}, {meta['runc']}, "
+        f"kernel {meta['kernel']}"
+    )
     if interrupted:
         head += f"\n\n**Interrupted** after {len(cycles)} cycles: partial figures."
     parts = [head]
     for mib in sizes:
-        parts.append(table(mib, [c for c in cycles if c.size_mib == mib], systems,
-                           setup_errors))
+        parts.append(table(mib, [c for c in cycles if c.size_mib == mib], systems, setup_errors))
     text = "\n\n".join(parts)
     print(text)
     (out_dir / "table.md").write_text(text + "\n")

@@ -39,11 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         root = work / "state"
         jaula = [*JAULA, "--state-root", str(root)]
         layout = build_busybox_image(work / "img")
-        subprocess.run([*jaula, "image", "import", str(layout), "--name", "bb"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [*jaula, "image", "import", str(layout), "--name", "bb"],
+            check=True,
+            capture_output=True,
+        )
         rootfs = work / "chroot"
-        subprocess.run(["cp", "-a", str(next((root / "layers").glob("*/diff"))), str(rootfs)],
-                       check=True)
+        subprocess.run(
+            ["cp", "-a", str(next((root / "layers").glob("*/diff"))), str(rootfs)], check=True
+        )
         rt = Runtime(root)
         cli_s: list[float] = []
         jaula_s: list[float] = []
@@ -55,18 +59,26 @@ def main(argv: list[str] | None = None) -> int:
                 task = progress.add_task("jaula run vs chroot", total=a.n)
                 for _ in range(a.n):
                     t0 = time.perf_counter()
-                    cid = subprocess.run([*jaula, "run", "-d", "bb", "sleep", "1000"], check=True,
-                                         capture_output=True, text=True).stdout.strip()
+                    cid = subprocess.run(
+                        [*jaula, "run", "-d", "bb", "sleep", "1000"],
+                        check=True,
+                        capture_output=True,
+                        text=True,
+                    ).stdout.strip()
                     cli_s.append(time.perf_counter() - t0)
                     ids.append(cid)
                     t0 = time.perf_counter()
                     ids.append(rt.run(RunOptions(image="bb", command=("sleep", "1000"))).id)
                     jaula_s.append(time.perf_counter() - t0)
-                    info = json.loads(subprocess.run([*jaula, "inspect", cid], check=True,
-                                                     capture_output=True, text=True).stdout)[0]
+                    info = json.loads(
+                        subprocess.run(
+                            [*jaula, "inspect", cid], check=True, capture_output=True, text=True
+                        ).stdout
+                    )[0]
                     with open(f"/proc/{info['State']['MonitorPid']}/status") as f:
-                        rss_kib.append(int(next(ln for ln in f if ln.startswith("VmRSS:"))
-                                           .split()[1]))
+                        rss_kib.append(
+                            int(next(ln for ln in f if ln.startswith("VmRSS:")).split()[1])
+                        )
                     t0 = time.perf_counter()
                     subprocess.run(["chroot", str(rootfs), "true"], check=True)
                     chroot_s.append(time.perf_counter() - t0)
@@ -74,17 +86,22 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for cid in ids:
                 subprocess.run([*jaula, "rm", "-f", cid], capture_output=True, check=False)
+
     def row(what: str, xs: list[float]) -> str:
         m = statistics.median(xs)
-        return (f"| {what} | {m * 1000:.0f} ms | {min(xs) * 1000:.0f}-{max(xs) * 1000:.0f} ms | "
-                f"{m / statistics.median(chroot_s):.1f}x |")
+        return (
+            f"| {what} | {m * 1000:.0f} ms | {min(xs) * 1000:.0f}-{max(xs) * 1000:.0f} ms | "
+            f"{m / statistics.median(chroot_s):.1f}x |"
+        )
 
     print(f"runs: {a.n}\n| what | median | min-max | ratio to chroot |\n|---|---|---|---|")
     print(row("`jaula run -d` (CLI) until the init has exec'd", cli_s))
     print(row("`Runtime.run` (library) until the init has exec'd", jaula_s))
     print(row("baseline: `chroot ROOTFS true`", chroot_s))
-    print(f"| monitor RSS per container | {statistics.median(rss_kib) / 1024:.1f} MiB | "
-          f"{min(rss_kib) / 1024:.1f}-{max(rss_kib) / 1024:.1f} MiB | |")
+    print(
+        f"| monitor RSS per container | {statistics.median(rss_kib) / 1024:.1f} MiB | "
+        f"{min(rss_kib) / 1024:.1f}-{max(rss_kib) / 1024:.1f} MiB | |"
+    )
     return 0
 
 

@@ -116,10 +116,16 @@ def one_run(system: System, wl: Workload, run: int, tag: str) -> Run:
             checked = wl.before(system.probe(ctr))
             os.sync()  # the writeback of earlier runs' files stays out of this one
             moved = system.migrate(ctr)
-            r.downtime_s, r.total_s, r.wire_bytes = moved.downtime_s, moved.total_s, \
-                moved.wire_bytes
-            r.cpu_src_s, r.cpu_dst_s, r.cpu_client_s = moved.cpu_src_s, moved.cpu_dst_s, \
-                moved.cpu_client_s
+            r.downtime_s, r.total_s, r.wire_bytes = (
+                moved.downtime_s,
+                moved.total_s,
+                moved.wire_bytes,
+            )
+            r.cpu_src_s, r.cpu_dst_s, r.cpu_client_s = (
+                moved.cpu_src_s,
+                moved.cpu_dst_s,
+                moved.cpu_client_s,
+            )
             r.rss_peak_mib, r.monitor_rss_mib = moved.rss_peak_mib, moved.monitor_rss_mib
             r.window, r.detail = moved.window, moved.detail
             checked = wl.after(system.probe(ctr), checked)
@@ -135,8 +141,16 @@ def one_run(system: System, wl: Workload, run: int, tag: str) -> Run:
             problems = system.remove(name)
             if problems:
                 r.detail = {**r.detail, "cleanup": problems}
-    except (RunError, OSError, ValueError, KeyError, IndexError, TypeError, AssertionError,
-            subprocess.TimeoutExpired) as e:
+    except (
+        RunError,
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AssertionError,
+        subprocess.TimeoutExpired,
+    ) as e:
         r.error = f"{type(e).__name__}: {e}" if not isinstance(e, RunError) else str(e)
     return r
 
@@ -160,8 +174,13 @@ def copy_limit(tag: str, tries: int = 3) -> dict[str, Any]:
                 return {"error": f"dd failed: {tail(err, 200)}"}
             runs.append(wall)
         best = min(runs)
-        return {"bytes": GIB, "runs_s": runs, "best_s": best, "bytes_per_s": GIB / best,
-                "how": "dd bs=1M from a 1 GiB /dev/shm file to another"}
+        return {
+            "bytes": GIB,
+            "runs_s": runs,
+            "best_s": best,
+            "bytes_per_s": GIB / best,
+            "how": "dd bs=1M from a 1 GiB /dev/shm file to another",
+        }
     finally:
         a.unlink(missing_ok=True)
         b.unlink(missing_ok=True)
@@ -208,27 +227,50 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="about two minutes: 16 and 256 MiB and the idle shell, two runs each, "
-                    "no Redis")
-    ap.add_argument("--sizes", help="memhog MiB, comma-separated (full: 16,256,1024,4096 "
-                    "when memory allows; quick: 16,256)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="about two minutes: 16 and 256 MiB and the idle shell, two runs each, no Redis",
+    )
+    ap.add_argument(
+        "--sizes",
+        help="memhog MiB, comma-separated (full: 16,256,1024,4096 "
+        "when memory allows; quick: 16,256)",
+    )
     ap.add_argument("--runs", type=int, help="runs per system and workload (full 5, quick 2)")
-    ap.add_argument("--systems", default=",".join(SYSTEMS),
-                    help="comma-separated among jaula,runc,podman (default: all)")
-    ap.add_argument("--redis-keys", help="Redis dataset sizes in keys, comma-separated; 0 for "
-                    "none (full: 100000,1000000; quick: none)")
+    ap.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="comma-separated among jaula,runc,podman (default: all)",
+    )
+    ap.add_argument(
+        "--redis-keys",
+        help="Redis dataset sizes in keys, comma-separated; 0 for "
+        "none (full: 100000,1000000; quick: none)",
+    )
     ap.add_argument("--no-idle", action="store_true", help="leave out the idle shell")
-    ap.add_argument("--dirty-pct", type=float, default=1.0,
-                    help="percent of memhog's pages re-dirtied every 100 ms (default 1)")
+    ap.add_argument(
+        "--dirty-pct",
+        type=float,
+        default=1.0,
+        help="percent of memhog's pages re-dirtied every 100 ms (default 1)",
+    )
     ap.add_argument("--out", type=Path, help="results root (default: results/ in the repo)")
     a = ap.parse_args(argv)
     a.mode = "quick" if a.quick else "full"
     try:
-        a.size_list = [int(x) for x in (a.sizes or ",".join(
-            map(str, QUICK_SIZES if a.quick else FULL_SIZES))).split(",") if x.strip()]
-        a.redis_list = [int(x) for x in (a.redis_keys or (
-            "0" if a.quick else "100000,1000000")).split(",") if x.strip() and int(x) > 0]
+        a.size_list = [
+            int(x)
+            for x in (a.sizes or ",".join(map(str, QUICK_SIZES if a.quick else FULL_SIZES))).split(
+                ","
+            )
+            if x.strip()
+        ]
+        a.redis_list = [
+            int(x)
+            for x in (a.redis_keys or ("0" if a.quick else "100000,1000000")).split(",")
+            if x.strip() and int(x) > 0
+        ]
     except ValueError:
         ap.error("--sizes and --redis-keys take integers")
     a.runs = a.runs or (2 if a.quick else 5)
@@ -253,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         need = 5 * 4096
         if mem_available_mib() < need:
             sizes.remove(4096)
-            notes.append(f"4096 MiB left out: {mem_available_mib()} MiB available, "
-                         f"{need} MiB wanted.")
+            notes.append(
+                f"4096 MiB left out: {mem_available_mib()} MiB available, {need} MiB wanted."
+            )
     workloads = [Workload("memory", n, a.dirty_pct) for n in sizes]
     workloads += [Workload("redis", k) for k in a.redis_list]
     if not a.no_idle:
@@ -269,12 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     tag = secrets.token_hex(3)
     work = Path(tempfile.mkdtemp(prefix="jaula-bench."))
     meta: dict[str, Any] = {
-        "date": dt.date.today().isoformat(), "mode": a.mode, "runs": a.runs,
+        "date": dt.date.today().isoformat(),
+        "mode": a.mode,
+        "runs": a.runs,
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "args": {k: v for k, v in vars(a).items() if k != "out"},
         "machine": f"{os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / GIB:.0f} GiB, "
-                   f"kernel {platform.release()}",
-        "loadavg_start": round(os.getloadavg()[0], 2), "notes": notes, "setup_errors": {},
+        f"kernel {platform.release()}",
+        "loadavg_start": round(os.getloadavg()[0], 2),
+        "notes": notes,
+        "setup_errors": {},
         "workdir": str(work),
     }
     signal.signal(signal.SIGTERM, _interrupt)
@@ -309,21 +356,34 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"[red]{s.key} cannot run here:[/] {one_line(str(e), 400)}")
         (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         total = len(workloads) * a.runs * len(systems)
-        with open(out_dir / "runs.jsonl", "a") as jl, Progress(
-                TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                                                                          "{task.total}"),
-                TimeElapsedColumn(), console=console, transient=True,
-                disable=not console.is_terminal) as progress:
+        with (
+            open(out_dir / "runs.jsonl", "a") as jl,
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+                disable=not console.is_terminal,
+            ) as progress,
+        ):
             task = progress.add_task("migrations", total=total)
             for wl in workloads:
                 for run in range(1, a.runs + 1):
                     for s in systems:
-                        progress.update(task, description=f"{s.key:14} {wl.label} "
-                                                          f"run {run}/{a.runs}")
+                        progress.update(
+                            task, description=f"{s.key:14} {wl.label} run {run}/{a.runs}"
+                        )
                         if s not in ready:
-                            r = Run(s.key, wl.key, wl.label, run,
-                                    wl.size if wl.kind == "memory" else None,
-                                    error=f"cannot run here: {meta['setup_errors'][s.key]}")
+                            r = Run(
+                                s.key,
+                                wl.key,
+                                wl.label,
+                                run,
+                                wl.size if wl.kind == "memory" else None,
+                                error=f"cannot run here: {meta['setup_errors'][s.key]}",
+                            )
                         else:
                             r = one_run(s, wl, run, tag)
                         rec = asdict(r)
@@ -379,10 +439,20 @@ def main(argv: list[str] | None = None) -> int:
 def sweep_cgroups(tag: str) -> list[str]:
     """Top-level cgroups this process made that are still there after every system's
     cleanup (jaula's node parents, Podman's and runc's parents): removed, and named."""
-    prefixes = (f"jaula-bench-{tag}-", f"jaula-bench-podman-{tag}-",
-                f"jaula-bench-runc-{os.getpid()}-")
-    found = sorted({d.name for m in cgroup_mounts() if m.is_dir() for d in m.iterdir()
-                    if d.is_dir() and d.name.startswith(prefixes)})
+    prefixes = (
+        f"jaula-bench-{tag}-",
+        f"jaula-bench-podman-{tag}-",
+        f"jaula-bench-runc-{os.getpid()}-",
+    )
+    found = sorted(
+        {
+            d.name
+            for m in cgroup_mounts()
+            if m.is_dir()
+            for d in m.iterdir()
+            if d.is_dir() and d.name.startswith(prefixes)
+        }
+    )
     problems = []
     for name in found:
         problems += [f"left after cleanup, removed: cgroup {name}"] + remove_cgroup(name)
@@ -391,11 +461,15 @@ def sweep_cgroups(tag: str) -> list[str]:
 
 def _line(r: Run) -> str:
     if not r.ok:
-        return f"[red]{r.system} {r.workload} run {r.run} failed:[/] {one_line(r.error or '?', 300)}"
+        return (
+            f"[red]{r.system} {r.workload} run {r.run} failed:[/] {one_line(r.error or '?', 300)}"
+        )
     gap = f"gap {r.gap_s:.3f} s, " if r.gap_s is not None else ""
-    return (f"{r.system:14} {r.workload:12} run {r.run}: downtime {r.downtime_s:.3f} s, {gap}"
-            f"total {r.total_s:.2f} s, {(r.wire_bytes or 0) / 1e6:.1f} MB, CPU "
-            f"{r.cpu_src_s:.2f}+{r.cpu_dst_s:.2f} s")
+    return (
+        f"{r.system:14} {r.workload:12} run {r.run}: downtime {r.downtime_s:.3f} s, {gap}"
+        f"total {r.total_s:.2f} s, {(r.wire_bytes or 0) / 1e6:.1f} MB, CPU "
+        f"{r.cpu_src_s:.2f}+{r.cpu_dst_s:.2f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -85,16 +85,25 @@ def agreement(recs: Sequence[Rec]) -> list[str]:
     for system in systems_in(recs):
         if not system.startswith("jaula"):
             continue
-        mine = [r for r in recs if r["system"] == system and r["ok"]
-                and isinstance(r.get("gap_s"), float) and r.get("gap_in_window") is not False]
+        mine = [
+            r
+            for r in recs
+            if r["system"] == system
+            and r["ok"]
+            and isinstance(r.get("gap_s"), float)
+            and r.get("gap_in_window") is not False
+        ]
         if not mine:
             continue
         diffs = [r["downtime_s"] - r["gap_s"] for r in mine]
-        resume = [float((r.get("detail") or {}).get("phases_s", {}).get("resume", 0.0))
-                  for r in mine]
-        head = (f"{system}: its own downtime minus the workload's longest heartbeat gap, over "
-                f"{len(diffs)} runs: median {statistics.median(diffs) * 1000:+.1f} ms "
-                f"[{min(diffs) * 1000:+.1f} .. {max(diffs) * 1000:+.1f}]")
+        resume = [
+            float((r.get("detail") or {}).get("phases_s", {}).get("resume", 0.0)) for r in mine
+        ]
+        head = (
+            f"{system}: its own downtime minus the workload's longest heartbeat gap, over "
+            f"{len(diffs)} runs: median {statistics.median(diffs) * 1000:+.1f} ms "
+            f"[{min(diffs) * 1000:+.1f} .. {max(diffs) * 1000:+.1f}]"
+        )
         if max(abs(d) for d in diffs) <= AGREE_S:
             notes.append(head + f": they agree within {AGREE_S * 1000:.0f} ms.")
             continue
@@ -112,37 +121,48 @@ def agreement(recs: Sequence[Rec]) -> list[str]:
                 f"{max(resume) * 1000:.1f}] in these runs; the difference minus that phase is "
                 f"{statistics.median(rest) * 1000:+.1f} ms [{min(rest) * 1000:+.1f} .. "
                 f"{max(rest) * 1000:+.1f}], the heartbeat's own resolution and jitter around "
-                "the freeze (a beat every ~1 ms, later when the 2 CPUs are busy)")
+                "the freeze (a beat every ~1 ms, later when the 2 CPUs are busy)"
+            )
         if min(diffs) < -AGREE_S:
             why.append(
                 "where the difference is negative the workload stalled outside jaula's "
                 "window (a stall before the freeze or after the resume, e.g. faulting its "
-                "memory back in, or the machine busy with other work)")
-        notes.append(head + f": more than {AGREE_S * 1000:.0f} ms apart. Why: "
-                     + "; ".join(why) + ".")
+                "memory back in, or the machine busy with other work)"
+            )
+        notes.append(
+            head + f": more than {AGREE_S * 1000:.0f} ms apart. Why: " + "; ".join(why) + "."
+        )
     out = [r for r in recs if r["ok"] and r.get("gap_in_window") is False]
     if out:
-        notes.append(f"{len(out)} run(s) had their longest heartbeat gap outside the migration "
-                     "window (a stall of the workload, not the migration's); their gap is left "
-                     "out of the figures: " + ", ".join(f"{r['system']} {r['workload']} run "
-                                                       f"{r['run']}" for r in out) + ".")
+        notes.append(
+            f"{len(out)} run(s) had their longest heartbeat gap outside the migration "
+            "window (a stall of the workload, not the migration's); their gap is left "
+            "out of the figures: "
+            + ", ".join(f"{r['system']} {r['workload']} run {r['run']}" for r in out)
+            + "."
+        )
     return notes
 
 
 def table(recs: Sequence[Rec], setup_errors: dict[str, str]) -> str:
     systems = systems_in(recs)
-    lines = ["| system | ok | " + " | ".join(h for _k, h, _s, _f in COLUMNS) + " |",
-             "|---|---|" + "---|" * len(COLUMNS)]
+    lines = [
+        "| system | ok | " + " | ".join(h for _k, h, _s, _f in COLUMNS) + " |",
+        "|---|---|" + "---|" * len(COLUMNS),
+    ]
     good = {s: [r for r in recs if r["system"] == s and r["ok"]] for s in systems}
     ref = good.get("runc", [])
     for s in systems:
         allr = [r for r in recs if r["system"] == s]
         if s in setup_errors:
-            lines.append(f"| {s} | cannot run here: {one_line(setup_errors[s], 200)} |"
-                         + " |" * len(COLUMNS))
+            lines.append(
+                f"| {s} | cannot run here: {one_line(setup_errors[s], 200)} |" + " |" * len(COLUMNS)
+            )
             continue
-        cells = [_cell(_vals(good[s], k), sc, f, _vals(ref, k) if s != "runc" else None)
-                 for k, _h, sc, f in COLUMNS]
+        cells = [
+            _cell(_vals(good[s], k), sc, f, _vals(ref, k) if s != "runc" else None)
+            for k, _h, sc, f in COLUMNS
+        ]
         lines.append(f"| {s} | {len(good[s])}/{len(allr)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -160,8 +180,12 @@ def short_label(workload: str) -> str:
 def merged_table(recs: Sequence[Rec], setup_errors: dict[str, str]) -> str:
     """Every workload in one table (a workload column), for the README."""
     cols = [c for c in COLUMNS if c[0] != "rss_peak_mib"]
-    lines = ["| workload | system | ok | " + " | ".join(h for _k, h, _s, _f in cols)
-             + " | jaula peak RSS MiB |", "|---|---|---|" + "---|" * (len(cols) + 1)]
+    lines = [
+        "| workload | system | ok | "
+        + " | ".join(h for _k, h, _s, _f in cols)
+        + " | jaula peak RSS MiB |",
+        "|---|---|---|" + "---|" * (len(cols) + 1),
+    ]
     for wl, _long in workloads_in(recs):
         label = short_label(wl)
         mine = [r for r in recs if r["workload"] == wl]
@@ -172,12 +196,17 @@ def merged_table(recs: Sequence[Rec], setup_errors: dict[str, str]) -> str:
             if s in setup_errors:
                 lines.append(f"| {label} | {s} | cannot run here |" + " |" * (len(cols) + 1))
                 continue
-            cells = [_cell(_vals(good, k), sc, f, _vals(ref, k) if s != "runc" else None)
-                     for k, _h, sc, f in cols]
+            cells = [
+                _cell(_vals(good, k), sc, f, _vals(ref, k) if s != "runc" else None)
+                for k, _h, sc, f in cols
+            ]
             rss = _vals(good, "rss_peak_mib")
             rss_cell = f"{statistics.median(rss):.0f}" if rss else "-"
-            lines.append(f"| {label} | {s} | {len(good)}/{len(allr)} | " + " | ".join(cells)
-                         + f" | {rss_cell} |")
+            lines.append(
+                f"| {label} | {s} | {len(good)}/{len(allr)} | "
+                + " | ".join(cells)
+                + f" | {rss_cell} |"
+            )
     return "\n".join(lines)
 
 
@@ -186,23 +215,35 @@ def copy_limit_rows(recs: Sequence[Rec], meta: dict[str, Any]) -> list[str]:
     rate = cl.get("bytes_per_s")
     if not rate:
         return [f"Copy limit: not measured ({cl.get('error', 'skipped')})."]
-    lines = [(f"Copy limit of this machine, measured in the same run: 1 GiB copied through tmpfs "
-             f"(`dd bs=1M` from one /dev/shm file to another) in {cl['best_s']:.3f} s, best of "
-             f"{len(cl['runs_s'])} (median {statistics.median(cl['runs_s']):.3f} s): "
-             f"{rate / 1e9:.2f} GB/s.  Below, the time to copy each memory size once at that "
-             "rate against the median total migration time:"), "",
-             "| memory | copy once | " + " | ".join(f"{s} total (x copy)"
-                                                   for s in systems_in(recs)) + " |",
-             "|---|---|" + "---|" * len(systems_in(recs))]
+    lines = [
+        (
+            f"Copy limit of this machine, measured in the same run: 1 GiB copied through tmpfs "
+            f"(`dd bs=1M` from one /dev/shm file to another) in {cl['best_s']:.3f} s, best of "
+            f"{len(cl['runs_s'])} (median {statistics.median(cl['runs_s']):.3f} s): "
+            f"{rate / 1e9:.2f} GB/s.  Below, the time to copy each memory size once at that "
+            "rate against the median total migration time:"
+        ),
+        "",
+        "| memory | copy once | "
+        + " | ".join(f"{s} total (x copy)" for s in systems_in(recs))
+        + " |",
+        "|---|---|" + "---|" * len(systems_in(recs)),
+    ]
     sizes = sorted({r["mem_mib"] for r in recs if r.get("mem_mib")})
     for mib in sizes:
         copy_s = mib * 2**20 / rate
         cells = []
         for s in systems_in(recs):
-            xs = [r["total_s"] for r in recs if r["system"] == s and r["ok"]
-                  and r.get("mem_mib") == mib]
-            cells.append(f"{statistics.median(xs):.2f} s ({statistics.median(xs) / copy_s:.0f}x)"
-                         if xs else "-")
+            xs = [
+                r["total_s"]
+                for r in recs
+                if r["system"] == s and r["ok"] and r.get("mem_mib") == mib
+            ]
+            cells.append(
+                f"{statistics.median(xs):.2f} s ({statistics.median(xs) / copy_s:.0f}x)"
+                if xs
+                else "-"
+            )
         lines.append(f"| {mib} MiB | {copy_s:.3f} s | " + " | ".join(cells) + " |")
     return lines
 
@@ -233,12 +274,18 @@ services, reset before each migration.  `sync` before each migration.  Each cell
 
 def summary(recs: Sequence[Rec], meta: dict[str, Any]) -> str:
     setup_errors: dict[str, str] = meta.get("setup_errors", {})
-    head = [f"# Migration benchmark, {meta.get('date', '?')}", "",
-            (f"{meta.get('mode', '?')} run: {meta.get('runs', '?')} run(s) per system and "
+    head = [
+        f"# Migration benchmark, {meta.get('date', '?')}",
+        "",
+        (
+            f"{meta.get('mode', '?')} run: {meta.get('runs', '?')} run(s) per system and "
             f"workload, interleaved ({', '.join(systems_in(recs))}); "
             f"{meta.get('machine', '')}; {'; '.join(meta.get('versions', []))}; "
             f"load average {meta.get('loadavg_start', '?')} at the start, "
-            f"{meta.get('loadavg_end', '?')} at the end."), ""]
+            f"{meta.get('loadavg_end', '?')} at the end."
+        ),
+        "",
+    ]
     if meta.get("interrupted"):
         head += ["**Interrupted**: partial figures.", ""]
     for note in meta.get("notes", []):
@@ -255,8 +302,10 @@ def summary(recs: Sequence[Rec], meta: dict[str, Any]) -> str:
     fails = [r for r in recs if not r["ok"] and r["system"] not in setup_errors]
     if fails:
         body += ["Failures (not in the figures):", ""]
-        body += [f"- {r['system']} {r['workload']} run {r['run']}: {one_line(r['error'] or '?')}"
-                 for r in fails] + [""]
+        body += [
+            f"- {r['system']} {r['workload']} run {r['run']}: {one_line(r['error'] or '?')}"
+            for r in fails
+        ] + [""]
     for s, e in setup_errors.items():
         body += [f"- {s} cannot run here: {one_line(e, 600)}"]
     if setup_errors:
@@ -299,20 +348,36 @@ def plot(recs: Sequence[Rec], meta: dict[str, Any], out: Path) -> Path | None:
 
     for s in systems_in(mem):
         c = fixed.get(s) or next(jaula_colors, "tab:gray")
-        for ax, key, style, label in ((ax1, "gap_s", "-o", f"{s}: heartbeat gap"),
-                                      (ax1, "downtime_s", "--", f"{s}: own figure"),
-                                      (ax2, "total_s", "-o", s)):
+        for ax, key, style, label in (
+            (ax1, "gap_s", "-o", f"{s}: heartbeat gap"),
+            (ax1, "downtime_s", "--", f"{s}: own figure"),
+            (ax2, "total_s", "-o", s),
+        ):
             xs, med, err = series(s, key)
             if xs:
-                ax.errorbar(xs, med, yerr=err, fmt=style, color=c, label=label, capsize=3,
-                            alpha=1.0 if style != "--" else 0.6)
+                ax.errorbar(
+                    xs,
+                    med,
+                    yerr=err,
+                    fmt=style,
+                    color=c,
+                    label=label,
+                    capsize=3,
+                    alpha=1.0 if style != "--" else 0.6,
+                )
     rate = (meta.get("copy_limit") or {}).get("bytes_per_s")
     sizes = sorted({r["mem_mib"] for r in mem})
     if rate:
-        ax2.plot(sizes, [m * 2**20 / rate for m in sizes], ":k",
-                 label=f"copy limit ({rate / 1e9:.1f} GB/s)")
-    for ax, title in ((ax1, "downtime (workload's longest heartbeat gap)"),
-                      (ax2, "total migration time")):
+        ax2.plot(
+            sizes,
+            [m * 2**20 / rate for m in sizes],
+            ":k",
+            label=f"copy limit ({rate / 1e9:.1f} GB/s)",
+        )
+    for ax, title in (
+        (ax1, "downtime (workload's longest heartbeat gap)"),
+        (ax2, "total migration time"),
+    ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(sizes, [str(s) for s in sizes])
@@ -324,8 +389,11 @@ def plot(recs: Sequence[Rec], meta: dict[str, Any], out: Path) -> Path | None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"jaula, runc, Podman: live migration on one host, {meta.get('date', '')} "
-                 f"(median, min-max bars)", fontsize=10)
+    fig.suptitle(
+        f"jaula, runc, Podman: live migration on one host, {meta.get('date', '')} "
+        f"(median, min-max bars)",
+        fontsize=10,
+    )
     fig.tight_layout()
     path = out / "downtime.png"
     fig.savefig(path, dpi=110)
@@ -334,8 +402,7 @@ def plot(recs: Sequence[Rec], meta: dict[str, Any], out: Path) -> Path | None:
 
 
 def load(folder: Path) -> tuple[list[Rec], dict[str, Any]]:
-    recs = [json.loads(ln) for ln in (folder / "runs.jsonl").read_text().splitlines()
-            if ln.strip()]
+    recs = [json.loads(ln) for ln in (folder / "runs.jsonl").read_text().splitlines() if ln.strip()]
     meta = json.loads((folder / "meta.json").read_text())
     return recs, meta
 
@@ -352,11 +419,16 @@ def write(folder: Path, recs: Sequence[Rec], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Write summary.md and downtime.png again from a "
-                                 "results folder of benchmarks.harness")
+    ap = argparse.ArgumentParser(
+        description="Write summary.md and downtime.png again from a "
+        "results folder of benchmarks.harness"
+    )
     ap.add_argument("folder", type=Path)
-    ap.add_argument("--readme", action="store_true",
-                    help="print one table of every workload (for README.md), write nothing")
+    ap.add_argument(
+        "--readme",
+        action="store_true",
+        help="print one table of every workload (for README.md), write nothing",
+    )
     a = ap.parse_args(argv)
     recs, meta = load(a.folder)
     if a.readme:

@@ -136,16 +136,24 @@ class Runc:
             return f"runc: {e.strerror}"
         return p.stdout.splitlines()[0] if p.returncode == 0 and p.stdout else "runc: unknown"
 
-    def make_bundle(self, bundle: Path, rootfs: Path, args: list[str], env: list[str],
-                    cwd: str = "/", hostname: str = "runc-bench") -> Path:
+    def make_bundle(
+        self,
+        bundle: Path,
+        rootfs: Path,
+        args: list[str],
+        env: list[str],
+        cwd: str = "/",
+        hostname: str = "runc-bench",
+    ) -> Path:
         """Write ``bundle/config.json`` from ``runc spec`` for ``args`` in ``rootfs``; the
         cgroup is ``/<parent>/<bundle dir name>``, so give each container its own bundle
         dir (it holds only config.json)."""
         bundle.mkdir(parents=True, exist_ok=True)
         cfg_path = bundle / "config.json"
         cfg_path.unlink(missing_ok=True)
-        p = subprocess.run([RUNC, "spec", "--bundle", str(bundle)], capture_output=True,
-                           text=True, check=False)
+        p = subprocess.run(
+            [RUNC, "spec", "--bundle", str(bundle)], capture_output=True, text=True, check=False
+        )
         if p.returncode != 0:
             raise RuncError(f"runc spec failed ({p.returncode}): {p.stderr.strip()}")
         cfg = json.loads(cfg_path.read_text())
@@ -162,8 +170,17 @@ class Runc:
         cfg_path.write_text(json.dumps(cfg, indent=1))
         return bundle
 
-    def _spawn(self, what: str, argv: list[str], ctr_id: str, bundle: Path, pid_file: Path,
-               stdout: Path, stderr: Path, timeout_s: float) -> RuncContainer:
+    def _spawn(
+        self,
+        what: str,
+        argv: list[str],
+        ctr_id: str,
+        bundle: Path,
+        pid_file: Path,
+        stdout: Path,
+        stderr: Path,
+        timeout_s: float,
+    ) -> RuncContainer:
         """Run a ``runc run -d``/``restore -d`` command with pipes as its stdio."""
         pid_file.unlink(missing_ok=True)
         r0, w0 = os.pipe()
@@ -174,13 +191,16 @@ class Runc:
         runc_log.unlink(missing_ok=True)
         self.containers.add(ctr_id)
         try:
-            proc = subprocess.Popen([*argv[:1], "--log", str(runc_log), *argv[1:]],
-                                    stdin=r0, stdout=w1, stderr=w2)
+            proc = subprocess.Popen(
+                [*argv[:1], "--log", str(runc_log), *argv[1:]], stdin=r0, stdout=w1, stderr=w2
+            )
         finally:
             for fd in (r0, w1, w2):
                 os.close(fd)
-        threads = [threading.Thread(target=_drain, args=(fd, out), daemon=True)
-                   for fd, out in ((r1, stdout), (r2, stderr))]
+        threads = [
+            threading.Thread(target=_drain, args=(fd, out), daemon=True)
+            for fd, out in ((r1, stdout), (r2, stderr))
+        ]
         for t in threads:
             t.start()
         rc = wait_child(proc, timeout_s)
@@ -190,21 +210,28 @@ class Runc:
         pid = int(pid_file.read_text().strip())
         return RuncContainer(ctr_id, bundle, pid, stdout, stderr, threads)
 
-    def run(self, ctr_id: str, bundle: Path, stdout: Path, stderr: Path,
-            timeout_s: float = 60) -> RuncContainer:
+    def run(
+        self, ctr_id: str, bundle: Path, stdout: Path, stderr: Path, timeout_s: float = 60
+    ) -> RuncContainer:
         """``runc run -d``: start the container; return once its init runs."""
         pid_file = self.workdir / f"{ctr_id}.pid"
-        argv = self._argv("run", "-d", "--pid-file", str(pid_file), "--bundle", str(bundle),
-                          ctr_id)
+        argv = self._argv("run", "-d", "--pid-file", str(pid_file), "--bundle", str(bundle), ctr_id)
         return self._spawn("run", argv, ctr_id, bundle, pid_file, stdout, stderr, timeout_s)
 
-    def checkpoint(self, c: RuncContainer, image_dir: Path, work_dir: Path,
-                   timeout_s: float = 600, extra: tuple[str, ...] = ()) -> None:
+    def checkpoint(
+        self,
+        c: RuncContainer,
+        image_dir: Path,
+        work_dir: Path,
+        timeout_s: float = 600,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         """``runc checkpoint``: dump the container into ``image_dir`` (CRIU's log and stats
         in ``work_dir``); the container is gone afterwards unless ``--leave-running`` is in
         ``extra``."""
-        argv = self._argv("checkpoint", "--image-path", str(image_dir), "--work-path",
-                          str(work_dir), *extra, c.id)
+        argv = self._argv(
+            "checkpoint", "--image-path", str(image_dir), "--work-path", str(work_dir), *extra, c.id
+        )
         err_file = work_dir.parent / f"{work_dir.name}.runc-stderr"
         with open(err_file, "w+") as err_f:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err_f, stderr=err_f)
@@ -212,20 +239,38 @@ class Runc:
             err_f.seek(0)
             err = err_f.read()
         if rc != 0:
-            raise RuncError(f"runc checkpoint {c.id} failed ({rc}): {err.strip()[-600:]}\n"
-                            f"{criu_log_errors(work_dir / 'dump.log')}")
+            raise RuncError(
+                f"runc checkpoint {c.id} failed ({rc}): {err.strip()[-600:]}\n"
+                f"{criu_log_errors(work_dir / 'dump.log')}"
+            )
 
-    def restore(self, c: RuncContainer, image_dir: Path, work_dir: Path, stdout: Path,
-                stderr: Path, timeout_s: float = 600) -> RuncContainer:
+    def restore(
+        self,
+        c: RuncContainer,
+        image_dir: Path,
+        work_dir: Path,
+        stdout: Path,
+        stderr: Path,
+        timeout_s: float = 600,
+    ) -> RuncContainer:
         """``runc restore -d``: bring the container back from ``image_dir``; return it with
         its new host pid, its output copied into ``stdout``/``stderr``."""
         pid_file = self.workdir / f"{c.id}.pid"
-        argv = self._argv("restore", "-d", "--pid-file", str(pid_file), "--image-path",
-                          str(image_dir), "--work-path", str(work_dir), "--bundle",
-                          str(c.bundle), c.id)
+        argv = self._argv(
+            "restore",
+            "-d",
+            "--pid-file",
+            str(pid_file),
+            "--image-path",
+            str(image_dir),
+            "--work-path",
+            str(work_dir),
+            "--bundle",
+            str(c.bundle),
+            c.id,
+        )
         try:
-            return self._spawn("restore", argv, c.id, c.bundle, pid_file, stdout, stderr,
-                               timeout_s)
+            return self._spawn("restore", argv, c.id, c.bundle, pid_file, stdout, stderr, timeout_s)
         except RuncError as e:
             raise RuncError(f"{e}\n{criu_log_errors(work_dir / 'restore.log')}") from None
 
@@ -235,8 +280,9 @@ class Runc:
 
     def delete(self, ctr_id: str) -> None:
         """``runc delete -f`` (kills it if it runs); silent if it does not exist."""
-        subprocess.run(self._argv("delete", "-f", ctr_id), capture_output=True, check=False,
-                       timeout=60)
+        subprocess.run(
+            self._argv("delete", "-f", ctr_id), capture_output=True, check=False, timeout=60
+        )
         self.containers.discard(ctr_id)
 
     # --- cleanup ------------------------------------------------------------------------
@@ -261,8 +307,7 @@ class Runc:
         (empty when everything is gone)."""
         problems: list[str] = []
         ids = set(self.containers)
-        p = subprocess.run(self._argv("list", "-q"), capture_output=True, text=True,
-                           check=False)
+        p = subprocess.run(self._argv("list", "-q"), capture_output=True, text=True, check=False)
         ids.update(p.stdout.split())
         for ctr_id in sorted(ids):
             try:
@@ -272,5 +317,3 @@ class Runc:
         for d in self.cgroup_dirs():
             problems += remove_cgroup_dir(d)
         return problems
-
-

@@ -50,13 +50,24 @@ def wait_child(proc: subprocess.Popen[str] | subprocess.Popen[bytes], timeout_s:
         raise
 
 
-def run_cmd(argv: Sequence[str], timeout_s: float = 600, env: dict[str, str] | None = None,
-            cwd: Path | None = None) -> tuple[int, str, str, float]:
+def run_cmd(
+    argv: Sequence[str],
+    timeout_s: float = 600,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> tuple[int, str, str, float]:
     """Run ``argv``; return its exit code, stdout, stderr and wall time."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                text=True, env=env, cwd=cwd)
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            text=True,
+            env=env,
+            cwd=cwd,
+        )
         rc = wait_child(proc, timeout_s)
         wall = time.perf_counter() - t0
         out.seek(0)
@@ -64,8 +75,9 @@ def run_cmd(argv: Sequence[str], timeout_s: float = 600, env: dict[str, str] | N
         return rc, out.read(), err.read(), wall
 
 
-def check_cmd(what: str, argv: Sequence[str], timeout_s: float = 600,
-              env: dict[str, str] | None = None) -> str:
+def check_cmd(
+    what: str, argv: Sequence[str], timeout_s: float = 600, env: dict[str, str] | None = None
+) -> str:
     """Run ``argv``; its stdout, or :class:`RunError` naming ``what`` with its stderr."""
     rc, out, err, _ = run_cmd(argv, timeout_s, env)
     if rc != 0:
@@ -87,7 +99,7 @@ def wait_for(pred: Callable[[], str | None], timeout_s: float, what: str) -> str
 
 def lines_with(text: str, needle: str) -> list[str]:
     """Every line holding ``needle``, from ``needle`` on (log prefixes dropped)."""
-    return [ln[ln.index(needle):].strip() for ln in text.splitlines() if needle in ln]
+    return [ln[ln.index(needle) :].strip() for ln in text.splitlines() if needle in ln]
 
 
 def children_cpu_s() -> float:

@@ -59,8 +59,9 @@ MEMHOG = "/opt/workloads/memhog.py"
 MEMHOG_SRC = WORKLOADS / "memhog.py"
 REDIS_SOCK = "/tmp/redis.sock"
 REDIS_VALUE_BYTES = 100
-IDLE_SCRIPT = ('n=0; trap "echo ALIVE \\$n" USR1; trap "exit 0" TERM; '
-               "while :; do n=$((n+1)); sleep 1; done")
+IDLE_SCRIPT = (
+    'n=0; trap "echo ALIVE \\$n" USR1; trap "exit 0" TERM; while :; do n=$((n+1)); sleep 1; done'
+)
 _VERIFY = re.compile(r"VERIFY (OK|FAIL) (\d+)(?:.* maxgap_ms=([\d.]+) maxgap_at=([\d.]+))?")
 
 
@@ -81,13 +82,17 @@ def images_missing(kinds: set[str]) -> str | None:
         return reason
     needs: list[tuple[Path, str]] = []
     if kinds & {"memory", "redis"}:
-        needs += [(PYTHON, "apt-get install python3.11-minimal"),
-                  (PYTHON_STDLIB / "os.py", "apt-get install libpython3.11-stdlib"),
-                  (LIBGCC_S, "apt-get install libgcc-s1"),
-                  (MEMHOG_SRC, "tests/workloads/memhog.py is missing")]
+        needs += [
+            (PYTHON, "apt-get install python3.11-minimal"),
+            (PYTHON_STDLIB / "os.py", "apt-get install libpython3.11-stdlib"),
+            (LIBGCC_S, "apt-get install libgcc-s1"),
+            (MEMHOG_SRC, "tests/workloads/memhog.py is missing"),
+        ]
     if "redis" in kinds:
-        needs += [(REDIS_SERVER, "apt-get install redis-server"),
-                  (REDIS_CLI, "apt-get install redis-tools")]
+        needs += [
+            (REDIS_SERVER, "apt-get install redis-server"),
+            (REDIS_CLI, "apt-get install redis-tools"),
+        ]
     for path, hint in needs:
         if not path.exists():
             return f"{path} is missing ({hint})"
@@ -118,8 +123,9 @@ def build_images(work: Path, kinds: set[str]) -> dict[str, Image]:
             layout = build_busybox_image(d, name)
         else:
             populate = functools.partial(_populate, redis=kind == "redis")
-            layout = _build_rootfs_image(d, name, populate, PYTHON_ENV,
-                                         ["python3", MEMHOG, "64"], "/tmp")
+            layout = _build_rootfs_image(
+                d, name, populate, PYTHON_ENV, ["python3", MEMHOG, "64"], "/tmp"
+            )
         assert ref_name(layout) == name
         out[kind] = Image(kind, layout, oci_archive(layout, d / "oci-archive.tar"), name)
     return out
@@ -177,13 +183,26 @@ class Workload:
 
     def argv(self) -> list[str]:
         if self.kind == "memory":
-            return ["python3", MEMHOG, str(self.size), "--dirty-pct", f"{self.dirty_pct:g}",
-                    "--heartbeat", "/tmp/hb", "--maxgap"]
+            return [
+                "python3",
+                MEMHOG,
+                str(self.size),
+                "--dirty-pct",
+                f"{self.dirty_pct:g}",
+                "--heartbeat",
+                "/tmp/hb",
+                "--maxgap",
+            ]
         if self.kind == "redis":
-            return ["sh", "-c",
-                    (f'redis-server --port 0 --unixsocket {REDIS_SOCK} --save "" '
-                     "--appendonly no --enable-debug-command yes & "
-                     f"exec python3 {MEMHOG} 1 --heartbeat /tmp/hb --maxgap")]
+            return [
+                "sh",
+                "-c",
+                (
+                    f'redis-server --port 0 --unixsocket {REDIS_SOCK} --save "" '
+                    "--appendonly no --enable-debug-command yes & "
+                    f"exec python3 {MEMHOG} 1 --heartbeat /tmp/hb --maxgap"
+                ),
+            ]
         return ["sh", "-c", IDLE_SCRIPT]
 
     def env(self) -> list[str]:
@@ -203,9 +222,11 @@ class Workload:
         """Wait until it runs (memhog's READY; Redis answers PING) and fill Redis."""
         if self.kind == "idle":
             return
-        wait_for(lambda: "READY" if lines_with(p.log(), "READY") else None, self.timeout_s(),
-                 "READY")
+        wait_for(
+            lambda: "READY" if lines_with(p.log(), "READY") else None, self.timeout_s(), "READY"
+        )
         if self.kind == "redis":
+
             def pong() -> str | None:
                 try:
                     return "ok" if p.exec(self._cli("PING"), 30).strip() == "PONG" else None
@@ -213,8 +234,10 @@ class Workload:
                     return None
 
             wait_for(pong, 60, "redis PING")
-            p.exec(self._cli("DEBUG", "POPULATE", str(self.size), "key",
-                             str(REDIS_VALUE_BYTES)), self.timeout_s())
+            p.exec(
+                self._cli("DEBUG", "POPULATE", str(self.size), "key", str(REDIS_VALUE_BYTES)),
+                self.timeout_s(),
+            )
 
     def before(self, p: Probe) -> Checked:
         """The checks right before the migration: memory verified, counter read, gap reset."""
@@ -228,8 +251,11 @@ class Workload:
             c.extra = self._redis_state(p)
         n = len(lines_with(p.log(), "RESET"))
         p.signal(signal.SIGUSR2)
-        wait_for(lambda: "reset" if len(lines_with(p.log(), "RESET")) > n else None, 30,
-                 "RESET after SIGUSR2")
+        wait_for(
+            lambda: "reset" if len(lines_with(p.log(), "RESET")) > n else None,
+            30,
+            "RESET after SIGUSR2",
+        )
         time.sleep(0.2)  # a few hundred heartbeats at the normal pace
         return c
 
@@ -238,8 +264,10 @@ class Workload:
         if self.kind == "idle":
             c.counter_after = self._alive(p)
             if c.counter_after <= (c.counter_before or 0):
-                raise RunError(f"the shell's counter did not go on: {c.counter_before} before, "
-                               f"{c.counter_after} after")
+                raise RunError(
+                    f"the shell's counter did not go on: {c.counter_before} before, "
+                    f"{c.counter_after} after"
+                )
             return c
         m = self._verify(p)
         c.verify = m[0]
@@ -248,8 +276,10 @@ class Workload:
             raise RunError(f"no heartbeat gap in {m[0]!r}")
         c.gap_s, c.gap_at = float(m[3]) / 1000, float(m[4])
         if c.counter_after <= (c.counter_before or 0):
-            raise RunError(f"memhog's counter did not go on: {c.counter_before} before, "
-                           f"{c.counter_after} after")
+            raise RunError(
+                f"memhog's counter did not go on: {c.counter_before} before, "
+                f"{c.counter_after} after"
+            )
         if self.kind == "redis":
             now = self._redis_state(p)
             if now != c.extra:
@@ -264,16 +294,21 @@ class Workload:
         if dbsize != self.size:
             raise RunError(f"redis holds {dbsize} keys, not {self.size}")
         info = p.exec(self._cli("INFO", "server"))
-        run_id = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
-                       if ln.startswith("run_id:")), "")
+        run_id = next(
+            (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("run_id:")),
+            "",
+        )
         digest = p.exec(self._cli("DEBUG", "DIGEST")).strip()
         return {"dbsize": dbsize, "digest": digest, "run_id": run_id}
 
     def _verify(self, p: Probe) -> re.Match[str]:
         n = len(lines_with(p.log(), "VERIFY"))
         p.signal(signal.SIGUSR1)
-        wait_for(lambda: "v" if len(lines_with(p.log(), "VERIFY")) > n else None,
-                 self.timeout_s(), "VERIFY after SIGUSR1")
+        wait_for(
+            lambda: "v" if len(lines_with(p.log(), "VERIFY")) > n else None,
+            self.timeout_s(),
+            "VERIFY after SIGUSR1",
+        )
         line = lines_with(p.log(), "VERIFY")[n]
         m = _VERIFY.match(line)
         if m is None or m[1] != "OK":
@@ -283,6 +318,9 @@ class Workload:
     def _alive(self, p: Probe) -> int:
         n = len(lines_with(p.log(), "ALIVE"))
         p.signal(signal.SIGUSR1)
-        wait_for(lambda: "a" if len(lines_with(p.log(), "ALIVE")) > n else None, 30,
-                 "ALIVE after SIGUSR1")
+        wait_for(
+            lambda: "a" if len(lines_with(p.log(), "ALIVE")) > n else None,
+            30,
+            "ALIVE after SIGUSR1",
+        )
         return int(lines_with(p.log(), "ALIVE")[n].split()[1])

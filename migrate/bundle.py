@@ -88,18 +88,27 @@ class Manifest:
             raise BundleError("the bundle manifest is not a JSON object")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            raise BundleError(f"bundle format version {version!r} is not supported (this jaula "
-                              f"reads version {FORMAT_VERSION}): restore it with the jaula that "
-                              "made it, or make a new checkpoint")
+            raise BundleError(
+                f"bundle format version {version!r} is not supported (this jaula "
+                f"reads version {FORMAT_VERSION}): restore it with the jaula that "
+                "made it, or make a new checkpoint"
+            )
         try:
-            return cls(container=d["container"], image=d["image"],
-                       criu_version=tuple(d["criu_version"]),  # type: ignore[arg-type]
-                       stdio=d.get("stdio", {}), volumes=tuple(d.get("volumes", ())),
-                       netns=d.get("netns", ""),
-                       cgroup_mode=d.get("cgroup_mode", ""), source_node=d.get("source_node", ""),
-                       kernel=d.get("kernel", ""), cpu_flags=tuple(d.get("cpu_flags", ())),
-                       created_at=float(d.get("created_at", 0)), dump=d.get("dump", {}),
-                       files=tuple(FileEntry(**f) for f in d["files"]))
+            return cls(
+                container=d["container"],
+                image=d["image"],
+                criu_version=tuple(d["criu_version"]),  # type: ignore[arg-type]
+                stdio=d.get("stdio", {}),
+                volumes=tuple(d.get("volumes", ())),
+                netns=d.get("netns", ""),
+                cgroup_mode=d.get("cgroup_mode", ""),
+                source_node=d.get("source_node", ""),
+                kernel=d.get("kernel", ""),
+                cpu_flags=tuple(d.get("cpu_flags", ())),
+                created_at=float(d.get("created_at", 0)),
+                dump=d.get("dump", {}),
+                files=tuple(FileEntry(**f) for f in d["files"]),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"the bundle manifest is malformed: {e}") from e
 
@@ -167,8 +176,10 @@ class Bundle:
     def finalize(self, manifest: Manifest) -> Manifest:
         """Digest every file and write ``manifest.json`` last.  Returns the manifest written."""
         files = list(self._files())
-        entries = tuple(FileEntry(str(p.relative_to(self.path)), p.stat().st_size, digest)
-                        for p, digest in zip(files, _digests(files), strict=True))
+        entries = tuple(
+            FileEntry(str(p.relative_to(self.path)), p.stat().st_size, digest)
+            for p, digest in zip(files, _digests(files), strict=True)
+        )
         m = Manifest(**{**asdict(manifest), "files": entries})  # type: ignore[arg-type]
         m = Manifest.from_json(json.loads(json.dumps(m.to_json())))
         atomic_write_json(self.path / MANIFEST, m.to_json())
@@ -180,8 +191,9 @@ class Bundle:
             with open(self.path / MANIFEST) as f:
                 return Manifest.from_json(json.load(f))
         except FileNotFoundError:
-            raise BundleError(f"{self.path} is not a complete checkpoint bundle: no "
-                              f"{MANIFEST}") from None
+            raise BundleError(
+                f"{self.path} is not a complete checkpoint bundle: no {MANIFEST}"
+            ) from None
         except ValueError as e:
             raise BundleError(f"the manifest of {self.path} is not valid JSON: {e}") from e
 
@@ -200,14 +212,17 @@ class Bundle:
             if not p.is_file():
                 raise BundleError(f"the bundle is missing {f.path}")
             if p.stat().st_size != f.size:
-                raise BundleError(f"{f.path} has {p.stat().st_size} bytes, the manifest says "
-                                  f"{f.size}: the bundle is truncated or corrupt")
+                raise BundleError(
+                    f"{f.path} has {p.stat().st_size} bytes, the manifest says "
+                    f"{f.size}: the bundle is truncated or corrupt"
+                )
         if digests:
             paths = [self.path / f.path for f in m.files]
             for f, digest in zip(m.files, _digests(paths), strict=True):
                 if digest != f.sha256:
-                    raise BundleError(f"{f.path} does not match its sha256 in the manifest: "
-                                      "the bundle is corrupt")
+                    raise BundleError(
+                        f"{f.path} does not match its sha256 in the manifest: the bundle is corrupt"
+                    )
         return m
 
     def export(self, out: Path) -> int:
@@ -235,12 +250,14 @@ class Bundle:
             with tarfile.open(tar_path, "r:") as tf:
                 for m in tf:
                     parts = PurePosixPath(m.name).parts
-                    ok_place = (m.name in (MANIFEST, ROOTFS_DIFF, LOG) or
-                                (len(parts) == 2 and parts[0] == CRIU_DIR
-                                 and parts[1] not in ("", ".", "..")))
+                    ok_place = m.name in (MANIFEST, ROOTFS_DIFF, LOG) or (
+                        len(parts) == 2 and parts[0] == CRIU_DIR and parts[1] not in ("", ".", "..")
+                    )
                     if not m.isreg() or not ok_place:
-                        raise BundleError(f"unexpected entry {m.name!r} in the bundle "
-                                          f"{tar_path}: not a bundle file")
+                        raise BundleError(
+                            f"unexpected entry {m.name!r} in the bundle "
+                            f"{tar_path}: not a bundle file"
+                        )
                     total += m.size
                     if total > max_bytes:
                         raise BundleError(f"the bundle {tar_path} is larger than {max_bytes} B")

@@ -48,29 +48,46 @@ def make_identity(directory: Path, name: str) -> tuple[bytes, Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"jaula {name}")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            # wide on purpose: the pin on this exact certificate is the security, and a
-            # node's clock a few minutes off, or a long pre-copy, must not fail a migration
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(seconds=VALIDITY_S))
-            # a self-signed trust anchor: GnuTLS checks the peer's chain against it
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                         content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False,
-                                         crl_sign=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        # wide on purpose: the pin on this exact certificate is the security, and a
+        # node's clock a few minutes off, or a long pre-copy, must not fail a migration
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(seconds=VALIDITY_S))
+        # a self-signed trust anchor: GnuTLS checks the peer's chain against it
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
     pem = cert.public_bytes(serialization.Encoding.PEM)
     cert_path = directory / f"{name}-cert.pem"
     key_path = directory / f"{name}-key.pem"
     _write_private(cert_path, pem)
-    _write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+    _write_private(
+        key_path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
     return pem, cert_path, key_path
 
 
@@ -88,8 +105,10 @@ def trust_peer(directory: Path, peer_pem: bytes) -> Path:
     except ValueError as e:
         raise ValueError(f"the peer's page-server certificate does not parse: {e}") from e
     if len(found) != 1 or peer_pem.count(b"-----BEGIN") != 1:
-        raise ValueError("the peer sent more than one PEM block for its page-server "
-                         "certificate: exactly one certificate is trusted")
+        raise ValueError(
+            "the peer sent more than one PEM block for its page-server "
+            "certificate: exactly one certificate is trusted"
+        )
     path = directory / "peer-ca.pem"
     # written as parsed, so nothing but that one certificate reaches CRIU's CA file
     _write_private(path, found[0].public_bytes(serialization.Encoding.PEM))
@@ -106,8 +125,7 @@ def session_tls(directory: Path, name: str, peer_pem: bytes) -> tuple[TlsFiles, 
 def _write_private(path: Path, data: bytes) -> None:
     # a new file renamed into place: never written through a link left there
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

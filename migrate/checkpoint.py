@@ -44,10 +44,13 @@ from runtime.syscalls import is_alive
 log = structlog.get_logger(__name__)
 
 #: fd link targets CRIU cannot checkpoint, with the name shown to the operator.
-UNDUMPABLE_FDS = {"anon_inode:[io_uring]": "an io_uring instance",
-                  "anon_inode:[userfaultfd]": "a userfaultfd",
-                  "anon_inode:[perf_event]": "a perf event",
-                  "anon_inode:bpf-map": "a BPF map", "anon_inode:bpf-prog": "a BPF program"}
+UNDUMPABLE_FDS = {
+    "anon_inode:[io_uring]": "an io_uring instance",
+    "anon_inode:[userfaultfd]": "a userfaultfd",
+    "anon_inode:[perf_event]": "a perf event",
+    "anon_inode:bpf-map": "a BPF map",
+    "anon_inode:bpf-prog": "a BPF program",
+}
 
 
 @dataclass(frozen=True)
@@ -169,16 +172,20 @@ def preflight(c: Container) -> None:
     container is not running."""
     criu.require()
     if c.status is not ContainerStatus.RUNNING:
-        raise ContainerError(f"container {c.name} is {c.status.value}: only a running container "
-                             "can be checkpointed", c.id)
+        raise ContainerError(
+            f"container {c.name} is {c.status.value}: only a running container can be checkpointed",
+            c.id,
+        )
     keeps = "; the container keeps running"
     pc = c.state.extra.get("postcopy")
     if isinstance(pc, dict) and is_alive(pc.get("daemon_pid"), pc.get("daemon_start")):
         # the pages not yet fetched look absent to CRIU: a dump would leave them out
-        raise PreflightError(f"container {c.name} is still receiving its memory from "
-                             f"{pc.get('from', 'its source')} (post-copy, session "
-                             f"{pc.get('session', '?')}): checkpoint or migrate it once that "
-                             f"is over{keeps}")
+        raise PreflightError(
+            f"container {c.name} is still receiving its memory from "
+            f"{pc.get('from', 'its source')} (post-copy, session "
+            f"{pc.get('session', '?')}): checkpoint or migrate it once that "
+            f"is over{keeps}"
+        )
     in_cgroup = set(tasks_of(c))
     tree = process_tree(c.state.pid)
     for pid in sorted(in_cgroup - set(tree)):
@@ -188,7 +195,8 @@ def preflight(c: Container) -> None:
                 f"cannot checkpoint {c.name}: process {pid} ({st.get('Name', '?')}) is in the "
                 "container's cgroup but not in its process tree (an attached `jaula exec` still "
                 "running?), so CRIU would leave it out: wait for it to finish, or use "
-                f"`exec -d`{keeps}")
+                f"`exec -d`{keeps}"
+            )
     check_ids = not has_cap_sys_resource()
     my_uid, my_gid = str(os.getuid()), str(os.getgid())
     for pid in tree:
@@ -203,7 +211,9 @@ def preflight(c: Container) -> None:
                     f"({comm}) belongs to a {what} whose leader is outside the container (it "
                     "was started from the host without a session of its own, e.g. by nsenter), "
                     "which CRIU cannot restore: "
-                    + ("have its parent reap it" if zombie else "stop it") + keeps)
+                    + ("have its parent reap it" if zombie else "stop it")
+                    + keeps
+                )
         if zombie:
             continue
         if pid not in in_cgroup:  # or forked since that look (children inherit the cgroup)
@@ -212,7 +222,8 @@ def preflight(c: Container) -> None:
             raise PreflightError(
                 f"cannot checkpoint {c.name}: process {pid} ({comm}) is in the container's "
                 "process tree but not in its cgroup (entered from the host?), so the freeze "
-                f"would miss it: stop it{keeps}")
+                f"would miss it: stop it{keeps}"
+            )
         if check_ids:
             uids, gids = st.get("Uid", "").split()[:3], st.get("Gid", "").split()[:3]
             if any(u != my_uid for u in uids) or any(g != my_gid for g in gids):
@@ -221,7 +232,8 @@ def preflight(c: Container) -> None:
                     f"{uids[0] if uids else '?'} gid {gids[0] if gids else '?'}; CRIU must read "
                     "its resource limits, which the kernel allows for another user only with "
                     "CAP_SYS_RESOURCE, and this node's root lacks it (run the container as "
-                    f"root, or give the node CAP_SYS_RESOURCE){keeps}")
+                    f"root, or give the node CAP_SYS_RESOURCE){keeps}"
+                )
         _check_objects(c, pid, comm)
     _check_foreign_locks(c, in_cgroup | set(tree))
 
@@ -244,13 +256,15 @@ def _check_objects(c: Container, pid: int, comm: str) -> None:
             if target.startswith(prefix):
                 raise PreflightError(
                     f"cannot checkpoint {c.name}: process {pid} ({comm}) holds {what} "
-                    f"(fd {fd}), which CRIU cannot dump{keeps}")
+                    f"(fd {fd}), which CRIU cannot dump{keeps}"
+                )
         if target.startswith(("pipe:", "socket:", "anon_inode:")):
             continue
         if target == "/secretmem (deleted)" and _fs_magic(link) == _SECRETMEM_MAGIC:
             raise PreflightError(
                 f"cannot checkpoint {c.name}: process {pid} ({comm}) holds memfd_secret "
-                f"memory (fd {fd}), which CRIU cannot dump{keeps}")
+                f"memory (fd {fd}), which CRIU cannot dump{keeps}"
+            )
         try:
             is_fifo = stat.S_ISFIFO(os.stat(link).st_mode)
         except OSError:
@@ -269,7 +283,8 @@ def _check_objects(c: Container, pid: int, comm: str) -> None:
                     f"cannot checkpoint {c.name}: process {pid} ({comm}) has the FIFO {target} "
                     f"open (fd {fd}) on the mount {mnt or '?'} ({fstype or '?'}), which is not "
                     "shipped with the checkpoint, so the FIFO could be missing where it is "
-                    f"restored: put it in the container's own filesystem{keeps}")
+                    f"restored: put it in the container's own filesystem{keeps}"
+                )
     try:
         maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
     except OSError:
@@ -280,7 +295,8 @@ def _check_objects(c: Container, pid: int, comm: str) -> None:
             if _fs_magic(f"/proc/{pid}/map_files/{area}") == _SECRETMEM_MAGIC:
                 raise PreflightError(
                     f"cannot checkpoint {c.name}: process {pid} ({comm}) maps memfd_secret "
-                    f"memory ({area}), which CRIU cannot dump{keeps}")
+                    f"memory ({area}), which CRIU cannot dump{keeps}"
+                )
 
 
 def _check_foreign_locks(c: Container, pids: set[int]) -> None:
@@ -298,9 +314,11 @@ def _check_foreign_locks(c: Container, pids: set[int]) -> None:
     for inode, holders in by_file.items():
         if holders & pids and holders - pids:
             outside = sorted(holders - pids)
-            raise PreflightError(f"cannot checkpoint {c.name}: a file it has locked (inode "
-                                 f"{inode}) is also locked by process(es) {outside} outside the "
-                                 "container; the container keeps running")
+            raise PreflightError(
+                f"cannot checkpoint {c.name}: a file it has locked (inode "
+                f"{inode}) is also locked by process(es) {outside} outside the "
+                "container; the container keeps running"
+            )
 
 
 def _stdio_keys(c: Container) -> dict[str, str | None]:
@@ -336,8 +354,9 @@ def external_netns(c: Container) -> str | None:
     return f"net[{os.stat(f'/proc/{c.state.pid}/ns/net').st_ino}]:{NETNS_KEY}"
 
 
-def dump_externals(volumes: tuple[dict[str, str], ...] | list[dict[str, str]],
-                   netns: str | None) -> tuple[str, ...]:
+def dump_externals(
+    volumes: tuple[dict[str, str], ...] | list[dict[str, str]], netns: str | None
+) -> tuple[str, ...]:
     """Every ``--external`` of a container's dump: its volumes and, when it is one (see
     :func:`external_netns`), its net namespace."""
     ext = [f"mnt[{v['destination']}]:{v['key']}" for v in volumes]
@@ -352,8 +371,14 @@ def freezer_path(c: Container) -> str:
     return str(paths.get("freezer") or paths.get(""))
 
 
-def checkpoint(rt: Runtime, ref: str, *, leave_running: bool = False,
-               export: Path | None = None, node_name: str = "") -> CheckpointReport:
+def checkpoint(
+    rt: Runtime,
+    ref: str,
+    *,
+    leave_running: bool = False,
+    export: Path | None = None,
+    node_name: str = "",
+) -> CheckpointReport:
     """Checkpoint container ``ref`` into ``<container dir>/checkpoint``.
 
     Without ``leave_running`` the container's processes are gone afterwards and its status is
@@ -373,8 +398,10 @@ def checkpoint(rt: Runtime, ref: str, *, leave_running: bool = False,
         cfg = c.config
         stdio = _stdio_keys(c)
         netns = external_netns(c)
-        volumes = tuple({"key": f"vol{i}", "destination": m.destination, "source": m.source}
-                        for i, m in enumerate(cfg.mounts))
+        volumes = tuple(
+            {"key": f"vol{i}", "destination": m.destination, "source": m.source}
+            for i, m in enumerate(cfg.mounts)
+        )
         marks: dict[str, float] = {}
 
         def on_notify(n: criu.Notify) -> bool:
@@ -388,11 +415,17 @@ def checkpoint(rt: Runtime, ref: str, *, leave_running: bool = False,
         try:
             # Freeze first: CRIU polls the freezer every 100 ms, the cgroup driver from 1 ms.
             c.cgroup().freeze()
-            result = criu.dump(criu.DumpOptions(
-                pid=c.state.pid, images_dir=bundle.criu_dir, leave_running=leave_running,
-                freeze_cgroup=freezer_path(c), network_lock=network_lock(cfg),
-                external=dump_externals(volumes, netns)),
-                on_notify)
+            result = criu.dump(
+                criu.DumpOptions(
+                    pid=c.state.pid,
+                    images_dir=bundle.criu_dir,
+                    leave_running=leave_running,
+                    freeze_cgroup=freezer_path(c),
+                    network_lock=network_lock(cfg),
+                    external=dump_externals(volumes, netns),
+                ),
+                on_notify,
+            )
         except MigrationError:
             _make_sure_running(c)
             shutil.rmtree(bundle.path, ignore_errors=True)
@@ -407,15 +440,25 @@ def checkpoint(rt: Runtime, ref: str, *, leave_running: bool = False,
             c.wait_monitor(10.0)
         if (c.dir / "ctr.log").exists():
             shutil.copyfile(c.dir / "ctr.log", bundle.path / "ctr.log")
-        manifest = bundle.finalize(Manifest(
-            container=cfg.to_json(),
-            image={"id": cfg.image_id, "ref": cfg.image_ref, "layers": list(cfg.layers)},
-            criu_version=criu.version(), stdio=stdio, volumes=volumes,
-            netns="external" if netns else "",
-            cgroup_mode=detect_mode().value, source_node=node_name, kernel=platform.release(),
-            cpu_flags=cpu_flags(),
-            dump={"dump_s": marks["post_dump"] - t_dump, "criu_s": result.duration_s,
-                  "leave_running": leave_running}))
+        manifest = bundle.finalize(
+            Manifest(
+                container=cfg.to_json(),
+                image={"id": cfg.image_id, "ref": cfg.image_ref, "layers": list(cfg.layers)},
+                criu_version=criu.version(),
+                stdio=stdio,
+                volumes=volumes,
+                netns="external" if netns else "",
+                cgroup_mode=detect_mode().value,
+                source_node=node_name,
+                kernel=platform.release(),
+                cpu_flags=cpu_flags(),
+                dump={
+                    "dump_s": marks["post_dump"] - t_dump,
+                    "criu_s": result.duration_s,
+                    "leave_running": leave_running,
+                },
+            )
+        )
         final = c.dir / "checkpoint"
         shutil.rmtree(final, ignore_errors=True)
         bundle.path.rename(final)
@@ -431,10 +474,17 @@ def checkpoint(rt: Runtime, ref: str, *, leave_running: bool = False,
         bundle.export(export)
         exported = export
     report = CheckpointReport(
-        container_id=c.id, name=c.name, bundle=bundle.path, leave_running=leave_running,
-        frozen_s=t_released - t_dump, dump_s=marks["post_dump"] - t_dump,
-        rootfs_s=marks["rootfs"] - marks["post_dump"], total_s=time.monotonic() - t0,
-        bundle_bytes=size, exported=exported)
+        container_id=c.id,
+        name=c.name,
+        bundle=bundle.path,
+        leave_running=leave_running,
+        frozen_s=t_released - t_dump,
+        dump_s=marks["post_dump"] - t_dump,
+        rootfs_s=marks["rootfs"] - marks["post_dump"],
+        total_s=time.monotonic() - t0,
+        bundle_bytes=size,
+        exported=exported,
+    )
     log.info("container.checkpointed", id=c.id[:12], frozen_s=round(report.frozen_s, 3))
     return report
 

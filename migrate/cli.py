@@ -35,26 +35,50 @@ class MigrateCommands:
     """The migrate layer's commands for ``jaula`` (a :class:`runtime.cli.CliExtension`)."""
 
     def add_global_options(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--node", help="act on this node of the cluster, through its service "
-                       "(ps, inspect, logs, exec, stop, rm)")
-        p.add_argument("--client-config", type=Path, help="operator keypair and cluster file "
-                       "(default: $JAULA_CLIENT_CONFIG or ~/.config/jaula/client.toml)")
+        p.add_argument(
+            "--node",
+            help="act on this node of the cluster, through its service "
+            "(ps, inspect, logs, exec, stop, rm)",
+        )
+        p.add_argument(
+            "--client-config",
+            type=Path,
+            help="operator keypair and cluster file "
+            "(default: $JAULA_CLIENT_CONFIG or ~/.config/jaula/client.toml)",
+        )
 
     def is_remote(self, a: argparse.Namespace) -> bool:
-        return (a.node is not None and a.cmd in REMOTE_COMMANDS) or a.cmd == "migrate" or (
-            a.cmd == "node" and a.node_cmd == "ls")
+        return (
+            (a.node is not None and a.cmd in REMOTE_COMMANDS)
+            or a.cmd == "migrate"
+            or (a.cmd == "node" and a.node_cmd == "ls")
+        )
 
     def add_commands(self, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         cp = sub.add_parser("checkpoint", help="checkpoint a running container with CRIU")
-        cp.add_argument("--leave-running", action="store_true",
-                        help="keep the container running after the checkpoint")
-        cp.add_argument("-e", "--export", type=Path, metavar="FILE",
-                        help="also write the checkpoint bundle as one tar file")
+        cp.add_argument(
+            "--leave-running",
+            action="store_true",
+            help="keep the container running after the checkpoint",
+        )
+        cp.add_argument(
+            "-e",
+            "--export",
+            type=Path,
+            metavar="FILE",
+            help="also write the checkpoint bundle as one tar file",
+        )
         cp.add_argument("--json", action="store_true", help="print the report as JSON")
         cp.add_argument("container", help="name, id or id prefix")
         rs = sub.add_parser("restore", help="restore a checkpointed container")
-        rs.add_argument("-i", "--import", dest="import_file", type=Path, metavar="FILE",
-                        help="restore from an exported checkpoint bundle")
+        rs.add_argument(
+            "-i",
+            "--import",
+            dest="import_file",
+            type=Path,
+            metavar="FILE",
+            help="restore from an exported checkpoint bundle",
+        )
         rs.add_argument("-n", "--name", help="name for the restored container (with --import)")
         rs.add_argument("container", nargs="?", help="a checkpointed container")
 
@@ -68,39 +92,54 @@ class MigrateCommands:
         kg.add_argument("--name", default="node", help="file name stem (default: node)")
         sv = nsub.add_parser("serve", help="run this node's migration service")
         sv.add_argument("--config", type=Path, required=True, help="the node's TOML config")
-        sv.add_argument("--peer-timeout", type=float, default=20.0,
-                        help="seconds a peer may stay silent in a migration (default 20)")
+        sv.add_argument(
+            "--peer-timeout",
+            type=float,
+            default=20.0,
+            help="seconds a peer may stay silent in a migration (default 20)",
+        )
         nsub.add_parser("ls", help="every node of the cluster: reachable, load, containers")
 
     def dispatch(self, rt: Runtime | None, a: argparse.Namespace) -> int | None:
         if self.is_remote(a):
             return asyncio.run(remote(a))
         if a.node is not None:  # never act on the local state root instead of that node
-            raise JaulaError(f"--node works with {', '.join(REMOTE_COMMANDS)}, `migrate` and "
-                             f"`node ls`, not with `{a.cmd}`: run `{a.cmd}` on node "
-                             f"{a.node}'s host, or here with --state-root set to its "
-                             "state root")
+            raise JaulaError(
+                f"--node works with {', '.join(REMOTE_COMMANDS)}, `migrate` and "
+                f"`node ls`, not with `{a.cmd}`: run `{a.cmd}` on node "
+                f"{a.node}'s host, or here with --state-root set to its "
+                "state root"
+            )
         if a.cmd == "checkpoint":
             from migrate.checkpoint import checkpoint
 
             assert rt is not None
             r = checkpoint(rt, a.container, leave_running=a.leave_running, export=a.export)
             if a.json:
-                print(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                  for k, v in asdict(r).items()}, indent=1))
+                print(
+                    json.dumps(
+                        {k: str(v) if isinstance(v, Path) else v for k, v in asdict(r).items()},
+                        indent=1,
+                    )
+                )
             else:
                 print(r.container_id)
-                print(f"frozen {r.frozen_s:.3f} s (dump {r.dump_s:.3f} s, rootfs "
-                      f"{r.rootfs_s:.3f} s), bundle {r.bundle_bytes / 1e6:.1f} MB"
-                      + (f", exported to {r.exported}" if r.exported else ""), file=sys.stderr)
+                print(
+                    f"frozen {r.frozen_s:.3f} s (dump {r.dump_s:.3f} s, rootfs "
+                    f"{r.rootfs_s:.3f} s), bundle {r.bundle_bytes / 1e6:.1f} MB"
+                    + (f", exported to {r.exported}" if r.exported else ""),
+                    file=sys.stderr,
+                )
             return 0
         if a.cmd == "restore":
             from migrate.restore import restore
 
             assert rt is not None
             if (a.container is None) == (a.import_file is None):
-                print("jaula: error: restore takes a container or --import FILE (one of them)",
-                      file=sys.stderr)
+                print(
+                    "jaula: error: restore takes a container or --import FILE (one of them)",
+                    file=sys.stderr,
+                )
                 return runtime_cli.EXIT_ERROR
             if a.name and a.import_file is None:
                 print("jaula: error: --name goes with --import", file=sys.stderr)
@@ -130,16 +169,22 @@ class MigrateCommands:
 def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("container", help="name, id or id prefix of a running container")
     p.add_argument("destination", help="name of the node to move it to")
-    p.add_argument("--from", dest="source", help="the node it runs on (default: found by "
-                   "asking every node)")
-    p.add_argument("--strategy", default="cold", choices=["cold", "postcopy"],
-                   help="cold: stop-and-copy (default); postcopy: restore first and fetch "
-                   "the memory pages after the resume (CRIU lazy pages): shorter downtime, "
-                   "but until the last page arrives the container needs both nodes")
+    p.add_argument(
+        "--from", dest="source", help="the node it runs on (default: found by asking every node)"
+    )
+    p.add_argument(
+        "--strategy",
+        default="cold",
+        choices=["cold", "postcopy"],
+        help="cold: stop-and-copy (default); postcopy: restore first and fetch "
+        "the memory pages after the resume (CRIU lazy pages): shorter downtime, "
+        "but until the last page arrives the container needs both nodes",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 # -- talking to node services -------------------------------------------------------------------
+
 
 class Nodes:
     """Request/reply with the cluster's node services, as an operator."""
@@ -151,8 +196,9 @@ class Nodes:
         self.cluster = load_cluster(self.client_cfg.cluster)
         self._next = 0
 
-    async def request(self, node: str, mtype: str, wait_s: float = 30.0,
-                      on_progress: Any = None, **fields: Any) -> dict[str, Any]:
+    async def request(
+        self, node: str, mtype: str, wait_s: float = 30.0, on_progress: Any = None, **fields: Any
+    ) -> dict[str, Any]:
         """Send one request to ``node`` and return its reply (``progress`` messages go to
         ``on_progress``).  Raises PeerUnavailable, MigrationError with the node's error."""
         from migrate.protocol import decode, encode
@@ -190,27 +236,30 @@ async def remote(a: argparse.Namespace) -> int:
             r = await nodes.request(node, "ps", all=a.all)
             _print_ps(r["items"], a.quiet, a.format)
         case "inspect":
-            out = [(await nodes.request(node, "inspect", container=c))["info"]
-                   for c in a.containers]
+            out = [
+                (await nodes.request(node, "inspect", container=c))["info"] for c in a.containers
+            ]
             print(json.dumps(out, indent=1))
         case "logs":
             if getattr(a, "follow", False):
-                raise JaulaError("logs -f is local only: without -f, --node prints the log "
-                                 "once")
-            r = await nodes.request(node, "logs", container=a.container,
-                                    **({"tail": a.tail} if a.tail else {}))
+                raise JaulaError("logs -f is local only: without -f, --node prints the log once")
+            r = await nodes.request(
+                node, "logs", container=a.container, **({"tail": a.tail} if a.tail else {})
+            )
             sys.stdout.buffer.write(r["data"])
         case "exec":
             cmd = [x for x in a.command if x != "--"] if a.command[:1] == ["--"] else a.command
-            r = await nodes.request(node, "exec", wait_s=90, container=a.container,
-                                    args=list(cmd), env=list(a.env))
+            r = await nodes.request(
+                node, "exec", wait_s=90, container=a.container, args=list(cmd), env=list(a.env)
+            )
             sys.stdout.buffer.write(r["stdout"])
             sys.stderr.buffer.write(r["stderr"])
             return int(r["exit_code"])
         case "stop":
             for c in a.containers:
-                await nodes.request(node, "stop", max(30.0, a.time + 30), container=c,
-                                    timeout_s=a.time)
+                await nodes.request(
+                    node, "stop", max(30.0, a.time + 30), container=c, timeout_s=a.time
+                )
                 print(c)
         case "rm":
             for c in a.containers:
@@ -245,8 +294,16 @@ async def _node_ls(nodes: Nodes) -> int:
             ps = await nodes.request(name, "ps", wait_s=5.0)
             load = pong.get("load", {})
             names = ",".join(i["name"] for i in ps["items"]) or "-"
-            rows.append((name, peer.endpoint or "", "yes", f"{load.get('loadavg1', 0):.2f}",
-                         f"{load.get('mem_available_bytes', 0) / 2**30:.1f} GiB", names))
+            rows.append(
+                (
+                    name,
+                    peer.endpoint or "",
+                    "yes",
+                    f"{load.get('loadavg1', 0):.2f}",
+                    f"{load.get('mem_available_bytes', 0) / 2**30:.1f} GiB",
+                    names,
+                )
+            )
         except (PeerUnavailable, MigrationError) as e:
             rows.append((name, peer.endpoint or "", "no", "-", "-", str(e)[:60]))
     widths = [max(len(r[k]) for r in rows) for k in range(6)]
@@ -268,10 +325,17 @@ async def find_container(nodes: Nodes, ref: str) -> str:
         if any(ref in (i["name"], i["id"]) or i["id"].startswith(ref) for i in r["items"]):
             found.append(name)
     if not found:
-        down = (f"; not reachable, so not asked: {', '.join(unreachable)} (start their "
-                "service, or give --from)") if unreachable else ""
-        raise MigrationError(f"no reachable node runs a container {ref!r} (see `jaula node "
-                             f"ls`){down}")
+        down = (
+            (
+                f"; not reachable, so not asked: {', '.join(unreachable)} (start their "
+                "service, or give --from)"
+            )
+            if unreachable
+            else ""
+        )
+        raise MigrationError(
+            f"no reachable node runs a container {ref!r} (see `jaula node ls`){down}"
+        )
     if len(found) > 1:
         raise MigrationError(f"{ref!r} runs on several nodes ({', '.join(found)}): give --from")
     return found[0]
@@ -282,33 +346,44 @@ async def _migrate(nodes: Nodes, a: argparse.Namespace) -> int:
     try:  # a short question first: a migration may rightly take minutes, a ping not
         await nodes.request(source, "ping", wait_s=5.0)
     except PeerUnavailable as e:
-        raise MigrationError(f"{source} is not reachable ({e}): start its service (`jaula node "
-                             "serve`) or check the cluster file; nothing was done") from e
+        raise MigrationError(
+            f"{source} is not reachable ({e}): start its service (`jaula node "
+            "serve`) or check the cluster file; nothing was done"
+        ) from e
     progress = _Progress(enabled=sys.stderr.isatty() and not a.json)
     try:
-        r = await nodes.request(source, "migrate", wait_s=600.0, on_progress=progress.update,
-                                container=a.container, destination=a.destination,
-                                strategy=a.strategy)
+        r = await nodes.request(
+            source,
+            "migrate",
+            wait_s=600.0,
+            on_progress=progress.update,
+            container=a.container,
+            destination=a.destination,
+            strategy=a.strategy,
+        )
     finally:
         progress.close()
     rep = r["report"]
     if a.json:
         print(json.dumps(rep, indent=1))
         return 0
-    print(f"migrated {rep['name']} ({rep['container_id'][:12]}) {rep['source']} -> "
-          f"{rep['destination']}")
+    print(
+        f"migrated {rep['name']} ({rep['container_id'][:12]}) {rep['source']} -> "
+        f"{rep['destination']}"
+    )
     for ph, t in rep["phases_s"].items():
         print(f"  {ph:<10} {t:8.3f} s")
     ps = rep.get("page_server_bytes", 0)
     pages = f" (memory pages {ps / 1e6:.1f} MB through the page server)" if ps else ""
-    print(f"downtime {rep['downtime_s']:.3f} s, total {rep['total_s']:.3f} s, "
-          f"{rep['bytes_sent'] / 1e6:.1f} MB sent{pages}, {rep['files']} files"
-          + ("" if rep["resume_confirmed"] else " (resume not yet confirmed by the destination)"))
+    print(
+        f"downtime {rep['downtime_s']:.3f} s, total {rep['total_s']:.3f} s, "
+        f"{rep['bytes_sent'] / 1e6:.1f} MB sent{pages}, {rep['files']} files"
+        + ("" if rep["resume_confirmed"] else " (resume not yet confirmed by the destination)")
+    )
     if rep.get("postcopy_s"):
         print(f"post-copy: the last page arrived {rep['postcopy_s']:.3f} s after the resume")
     if rep.get("postcopy_error"):
-        print(f"error: post-copy failed after the commit: {rep['postcopy_error']}",
-              file=sys.stderr)
+        print(f"error: post-copy failed after the commit: {rep['postcopy_error']}", file=sys.stderr)
         return 1
     return 0
 
@@ -333,8 +408,13 @@ class _Progress:
         )
 
         if self.bar is None:
-            self.bar = Progress(TextColumn("{task.description:<10}"), BarColumn(),
-                                DownloadColumn(), TransferSpeedColumn(), transient=True)
+            self.bar = Progress(
+                TextColumn("{task.description:<10}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                transient=True,
+            )
             self.bar.start()
         phase = msg["phase"]
         total = msg.get("total_bytes") or None

@@ -109,8 +109,10 @@ class Cluster:
                 raise NodeConfigError(
                     f"{self.source or 'cluster'}: {other.kind}s.{other.name} and "
                     f"{peer.kind}s.{peer.name} have the same public key; give each its own "
-                    "keypair (`jaula node keygen`)", path=str(self.source) if self.source else None,
-                    key=f"{peer.kind}s.{peer.name}.public_key")
+                    "keypair (`jaula node keygen`)",
+                    path=str(self.source) if self.source else None,
+                    key=f"{peer.kind}s.{peer.name}.public_key",
+                )
         object.__setattr__(self, "_by_key", index)
 
     def by_key(self, z85: bytes | str) -> Peer | None:
@@ -128,10 +130,12 @@ class Cluster:
         except KeyError:
             known = ", ".join(sorted(self.nodes)) or "none"
             where = f"cluster file {self.source}" if self.source else "the cluster"
-            raise NodeConfigError(f"no node {name!r} in {where} (known nodes: {known}); add a "
-                                  f"[nodes.{name}] table with endpoint and public_key",
-                                  path=str(self.source) if self.source else None,
-                                  key=f"nodes.{name}") from None
+            raise NodeConfigError(
+                f"no node {name!r} in {where} (known nodes: {known}); add a "
+                f"[nodes.{name}] table with endpoint and public_key",
+                path=str(self.source) if self.source else None,
+                key=f"nodes.{name}",
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -192,19 +196,21 @@ class ClientConfig:
 
 # -- reading ----------------------------------------------------------------------------------
 
+
 def _read_toml(path: Path, what: str, example: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError as e:
-        raise NodeConfigError(f"{what} {path} does not exist; write one with lines such as: "
-                              f"{example}",
-                              path=str(path)) from e
+        raise NodeConfigError(
+            f"{what} {path} does not exist; write one with lines such as: {example}", path=str(path)
+        ) from e
     except tomllib.TOMLDecodeError as e:
         raise NodeConfigError(f"{path}: not valid TOML: {e}", path=str(path)) from e
     except OSError as e:
-        raise NodeConfigError(f"cannot read {what} {path}: {e.strerror or e}",
-                              path=str(path)) from e
+        raise NodeConfigError(
+            f"cannot read {what} {path}: {e.strerror or e}", path=str(path)
+        ) from e
 
 
 class _Table:
@@ -219,8 +225,9 @@ class _Table:
         return f"{self.prefix}{k}"
 
     def error(self, k: str, problem: str) -> NodeConfigError:
-        return NodeConfigError(f"{self.file}: {self.key(k)}: {problem}", path=str(self.file),
-                               key=self.key(k))
+        return NodeConfigError(
+            f"{self.file}: {self.key(k)}: {problem}", path=str(self.file), key=self.key(k)
+        )
 
     def only(self, allowed: Mapping[str, str]) -> None:
         """Refuse keys not in ``allowed`` (key -> example line)."""
@@ -243,8 +250,7 @@ class _Table:
     def integer(self, k: str, example: str, default: int, lo: int, hi: int) -> int:
         v = self.data.get(k, default)
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise self.error(k, f"must be an integer from {lo} to {hi}, not {v!r}; "
-                                f"write {example}")
+            raise self.error(k, f"must be an integer from {lo} to {hi}, not {v!r}; write {example}")
         return v
 
     def path(self, k: str, example: str) -> Path:
@@ -253,9 +259,12 @@ class _Table:
 
     def name(self, k: str, value: str, example: str) -> str:
         if not keys.NAME_PATTERN.fullmatch(value):
-            raise self.error(k, f"{value!r} is not a valid name: use 1 to 63 letters, "
-                                "digits, '_', '.' or '-', starting with a letter or digit; "
-                                f"write {example}")
+            raise self.error(
+                k,
+                f"{value!r} is not a valid name: use 1 to 63 letters, "
+                "digits, '_', '.' or '-', starting with a letter or digit; "
+                f"write {example}",
+            )
         return value
 
     def endpoint(self, k: str, example: str, bind: bool) -> str:
@@ -263,15 +272,19 @@ class _Table:
         m = _TCP.fullmatch(v)
         if m is not None:
             if not bind and m["host"] == "*":
-                raise self.error(k, f"{v!r} is a bind address; peers need a host they can "
-                                    f"connect to: write {example}")
+                raise self.error(
+                    k,
+                    f"{v!r} is a bind address; peers need a host they can "
+                    f"connect to: write {example}",
+                )
             if not 1 <= int(m["port"]) <= 65535:
                 raise self.error(k, f"port {m['port']} is out of range 1-65535; write {example}")
             return v
         if _IPC.fullmatch(v):
             return v
-        raise self.error(k, f"{v!r} is not a ZeroMQ endpoint; write {example} "
-                            "(tcp://HOST:PORT or ipc://PATH)")
+        raise self.error(
+            k, f"{v!r} is not a ZeroMQ endpoint; write {example} (tcp://HOST:PORT or ipc://PATH)"
+        )
 
     def table(self, k: str, example: str, required: bool) -> dict[str, Any]:
         v = self.data.get(k)
@@ -314,17 +327,28 @@ def load_node_config(path: Path | str) -> NodeConfig:
         NodeConfigError: missing file, bad TOML, missing/unknown/ill-typed key.
     """
     path = _abs_file(path)
-    t = _Table(path, _read_toml(path, "node config file", "; ".join(
-        v for k, v in _NODE_KEYS.items() if k not in ("cgroup_parent", "max_message_bytes"))))
+    t = _Table(
+        path,
+        _read_toml(
+            path,
+            "node config file",
+            "; ".join(
+                v for k, v in _NODE_KEYS.items() if k not in ("cgroup_parent", "max_message_bytes")
+            ),
+        ),
+    )
     t.only(_NODE_KEYS)
     cgroup_parent: str | None = None  # not given: the runtime derives one per state root
     if "cgroup_parent" in t.data:
-        cgroup_parent = t.string("cgroup_parent", _NODE_KEYS["cgroup_parent"],
-                                 default=DEFAULT_CGROUP_PARENT)
+        cgroup_parent = t.string(
+            "cgroup_parent", _NODE_KEYS["cgroup_parent"], default=DEFAULT_CGROUP_PARENT
+        )
         if not _CGROUP_PARENT.fullmatch(cgroup_parent) or ".." in cgroup_parent.split("/"):
-            raise t.error("cgroup_parent", f"{cgroup_parent!r} must be a relative cgroup path "
-                                           "without '..' (letters, digits, '_.-', '/'); write "
-                                           + _NODE_KEYS["cgroup_parent"])
+            raise t.error(
+                "cgroup_parent",
+                f"{cgroup_parent!r} must be a relative cgroup path "
+                "without '..' (letters, digits, '_.-', '/'); write " + _NODE_KEYS["cgroup_parent"],
+            )
     return NodeConfig(
         name=t.name("name", t.string("name", _NODE_KEYS["name"]), _NODE_KEYS["name"]),
         listen=t.endpoint("listen", _NODE_KEYS["listen"], bind=True),
@@ -332,15 +356,18 @@ def load_node_config(path: Path | str) -> NodeConfig:
         secret_key=t.path("secret_key", _NODE_KEYS["secret_key"]),
         cluster=t.path("cluster", _NODE_KEYS["cluster"]),
         cgroup_parent=cgroup_parent,
-        max_message_bytes=t.integer("max_message_bytes", _NODE_KEYS["max_message_bytes"],
-                                    DEFAULT_MAX_MESSAGE_BYTES, MIN_MAX_MESSAGE_BYTES,
-                                    MAX_MAX_MESSAGE_BYTES),
+        max_message_bytes=t.integer(
+            "max_message_bytes",
+            _NODE_KEYS["max_message_bytes"],
+            DEFAULT_MAX_MESSAGE_BYTES,
+            MIN_MAX_MESSAGE_BYTES,
+            MAX_MAX_MESSAGE_BYTES,
+        ),
         source=path,
     )
 
 
-_CLUSTER_EXAMPLE = ('[nodes.node1]; endpoint = "tcp://127.0.0.1:7001"; '
-                    'public_key = "keys/node1.key"')
+_CLUSTER_EXAMPLE = '[nodes.node1]; endpoint = "tcp://127.0.0.1:7001"; public_key = "keys/node1.key"'
 _NODE_ENTRY_KEYS = {
     "endpoint": 'endpoint = "tcp://127.0.0.1:7001"',
     "public_key": 'public_key = "keys/node1.key" (or the 40 Z85 characters of the key)',
@@ -374,29 +401,43 @@ def load_cluster(path: Path | str) -> Cluster:
     top = _Table(path, _read_toml(path, "cluster file", _CLUSTER_EXAMPLE))
     top.only({"nodes": "[nodes.NAME] tables", "operators": "[operators.NAME] tables"})
     peers: dict[PeerKind, dict[str, Peer]] = {PeerKind.NODE: {}, PeerKind.OPERATOR: {}}
-    specs = ((PeerKind.NODE, "nodes", _NODE_ENTRY_KEYS, True),
-             (PeerKind.OPERATOR, "operators", _OPERATOR_ENTRY_KEYS, False))
+    specs = (
+        (PeerKind.NODE, "nodes", _NODE_ENTRY_KEYS, True),
+        (PeerKind.OPERATOR, "operators", _OPERATOR_ENTRY_KEYS, False),
+    )
     seen_keys: dict[bytes, str] = {}
     for kind, section, allowed, required in specs:
         example = _CLUSTER_EXAMPLE if required else '[operators.alice]; public_key = "..."'
         for name, entry in top.table(section, example, required).items():
             t = _Table(path, entry if isinstance(entry, dict) else {}, f"{section}.{name}.")
             if not isinstance(entry, dict):
-                raise top.error(f"{section}.{name}", f"must be a table; write [{section}."
-                                f"{name}] followed by " + "; ".join(allowed.values()))
+                raise top.error(
+                    f"{section}.{name}",
+                    f"must be a table; write [{section}."
+                    f"{name}] followed by " + "; ".join(allowed.values()),
+                )
             top.name(f"{section}.{name}", name, f"[{section}.node1]")
             other = "operators" if kind is PeerKind.NODE else "nodes"
             if isinstance(top.data.get(other), dict) and name in top.data[other]:
-                raise top.error(f"{section}.{name}", f"the name {name!r} is also used in "
-                                f"[{other}.{name}]; give every node and operator its own name")
+                raise top.error(
+                    f"{section}.{name}",
+                    f"the name {name!r} is also used in "
+                    f"[{other}.{name}]; give every node and operator its own name",
+                )
             t.only(allowed)
-            endpoint = (t.endpoint("endpoint", allowed["endpoint"], bind=False)
-                        if kind is PeerKind.NODE else None)
+            endpoint = (
+                t.endpoint("endpoint", allowed["endpoint"], bind=False)
+                if kind is PeerKind.NODE
+                else None
+            )
             key = _public_key(t, "public_key", allowed["public_key"])
             if key in seen_keys:
-                raise t.error("public_key", f"the same key as {seen_keys[key]}; give every "
-                                            "node and operator its own keypair "
-                                            "(`jaula node keygen`)")
+                raise t.error(
+                    "public_key",
+                    f"the same key as {seen_keys[key]}; give every "
+                    "node and operator its own keypair "
+                    "(`jaula node keygen`)",
+                )
             seen_keys[key] = f"{section}.{name}"
             peers[kind][name] = Peer(name, kind, key, endpoint)
     return Cluster(peers[PeerKind.NODE], peers[PeerKind.OPERATOR], path)
@@ -418,13 +459,17 @@ def check_node_in_cluster(cfg: NodeConfig, cluster: Cluster, public_key: bytes) 
             f"{src}: nodes.{cfg.name}: missing; node config {cfg.source} says name = "
             f"{cfg.name!r}: add [nodes.{cfg.name}] with endpoint (where peers reach "
             f"{cfg.listen}) and public_key (the NAME.key of {cfg.secret_key})",
-            path=str(src), key=f"nodes.{cfg.name}")
+            path=str(src),
+            key=f"nodes.{cfg.name}",
+        )
     if me.public_key != public_key:
         raise NodeConfigError(
             f"{src}: nodes.{cfg.name}.public_key: {me.public_key.decode()} does not belong to "
             f"this node's secret key {cfg.secret_key} (public key {public_key.decode()}); "
             "point it at the NAME.key generated with that secret key",
-            path=str(src), key=f"nodes.{cfg.name}.public_key")
+            path=str(src),
+            key=f"nodes.{cfg.name}.public_key",
+        )
     return me
 
 
@@ -465,18 +510,27 @@ def load_client_config(path: Path | str | None = None) -> ClientConfig:
     if path is None:
         env = os.environ.get(CLIENT_CONFIG_ENV)
         path = env if env else default_client_config_path()
-        what = (f"client config file (from ${CLIENT_CONFIG_ENV})" if env else
-                f"client config file (${CLIENT_CONFIG_ENV} is not set; default)")
+        what = (
+            f"client config file (from ${CLIENT_CONFIG_ENV})"
+            if env
+            else f"client config file (${CLIENT_CONFIG_ENV} is not set; default)"
+        )
     else:
         what = "client config file"
     path = _abs_file(path)
-    t = _Table(path, _read_toml(path, what, "; ".join(
-        (_CLIENT_KEYS["secret_key"], _CLIENT_KEYS["cluster"]))))
+    t = _Table(
+        path,
+        _read_toml(path, what, "; ".join((_CLIENT_KEYS["secret_key"], _CLIENT_KEYS["cluster"]))),
+    )
     t.only(_CLIENT_KEYS)
     secret_file = t.path("secret_key", _CLIENT_KEYS["secret_key"])
     cluster = t.path("cluster", _CLIENT_KEYS["cluster"])
-    max_bytes = t.integer("max_message_bytes", _CLIENT_KEYS["max_message_bytes"],
-                          DEFAULT_MAX_MESSAGE_BYTES, MIN_MAX_MESSAGE_BYTES,
-                          MAX_MAX_MESSAGE_BYTES)
+    max_bytes = t.integer(
+        "max_message_bytes",
+        _CLIENT_KEYS["max_message_bytes"],
+        DEFAULT_MAX_MESSAGE_BYTES,
+        MIN_MAX_MESSAGE_BYTES,
+        MAX_MAX_MESSAGE_BYTES,
+    )
     public, secret = _load_key(path, "secret_key", secret_file, keys.load_secret)
     return ClientConfig(public, secret, cluster, max_bytes, path)

@@ -42,6 +42,7 @@ def _log() -> object:
 
     return structlog.get_logger(__name__)
 
+
 try:  # pycriu is built from CRIU's source tree by scripts/setup.sh
     from pycriu import rpc_pb2 as rpc
 except ImportError:  # pragma: no cover - reported by find_criu()
@@ -209,8 +210,9 @@ def version(binary: str | None = None) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=8)
 def _version_of(binary: str, mtime_ns: int) -> tuple[int, int, int]:
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10,
-                         check=False)
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+    )
     m = re.search(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", out.stdout)
     if not m:
         raise CriuUnavailable(f"cannot read the version of {binary}: {out.stdout.strip()!r}")
@@ -222,8 +224,10 @@ def require(min_version: tuple[int, int] = MIN_VERSION) -> str:
     binary = find_criu()
     v = version(binary)
     if v[:2] < min_version:
-        raise CriuUnavailable(f"criu {'.'.join(map(str, v))} is too old: jaula needs "
-                              f"{'.'.join(map(str, min_version))} or newer (run `make setup`)")
+        raise CriuUnavailable(
+            f"criu {'.'.join(map(str, v))} is too old: jaula needs "
+            f"{'.'.join(map(str, min_version))} or newer (run `make setup`)"
+        )
     return binary
 
 
@@ -256,8 +260,12 @@ def criu_env() -> dict[str, str]:
             if time.time() - tmp.lstat().st_mtime > 10:
                 tmp.unlink()
     else:
-        _log().warning("criu.kdat_dir.untrusted", path=str(KDAT_DIR),  # type: ignore[attr-defined]
-                       owner=st.st_uid, mode=oct(st.st_mode & 0o7777))
+        _log().warning(
+            "criu.kdat_dir.untrusted",
+            path=str(KDAT_DIR),  # type: ignore[attr-defined]
+            owner=st.st_uid,
+            mode=oct(st.st_mode & 0o7777),
+        )
     return env
 
 
@@ -275,9 +283,12 @@ def log_excerpt(path: Path, lines: int = 6) -> str:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    errs = [ln.strip() for ln in text
-            if ("Error" in ln or "Err " in ln or any(c in ln for c in _CAUSES))
-            and not any(n in ln for n in _NOISE)]
+    errs = [
+        ln.strip()
+        for ln in text
+        if ("Error" in ln or "Err " in ln or any(c in ln for c in _CAUSES))
+        and not any(n in ln for n in _NOISE)
+    ]
     chosen = errs[-lines:] if errs else [ln.strip() for ln in text[-lines:]]
     return " / ".join(chosen)
 
@@ -285,18 +296,26 @@ def log_excerpt(path: Path, lines: int = 6) -> str:
 class _Swrk:
     """One ``criu swrk`` process and its socket."""
 
-    def __init__(self, binary: str, pass_fds: tuple[int, ...] = (),
-                 die_with_thread: bool = True) -> None:
+    def __init__(
+        self, binary: str, pass_fds: tuple[int, ...] = (), die_with_thread: bool = True
+    ) -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # PR_SET_PDEATHSIG (set by util-linux's setpriv, kept across exec): if the thread that
         # started it dies (a monitor killed during a restore), CRIU must not live on orphaned,
         # blocked on a socket nobody reads.  (Not preexec_fn: unsafe in a threaded process.)
         # Not for a lazy dump: after the commit it serves the only copy of the memory.
-        wrap = ["setpriv", "--pdeathsig", "KILL", "--"] \
-            if die_with_thread and shutil.which("setpriv") else []
-        self.proc = subprocess.Popen([*wrap, binary, "swrk", str(theirs.fileno())],
-                                     pass_fds=(theirs.fileno(), *pass_fds), close_fds=True,
-                                     stdin=subprocess.DEVNULL, env=criu_env())
+        wrap = (
+            ["setpriv", "--pdeathsig", "KILL", "--"]
+            if die_with_thread and shutil.which("setpriv")
+            else []
+        )
+        self.proc = subprocess.Popen(
+            [*wrap, binary, "swrk", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(), *pass_fds),
+            close_fds=True,
+            stdin=subprocess.DEVNULL,
+            env=criu_env(),
+        )
         theirs.close()
 
     def send(self, req: object) -> None:
@@ -319,9 +338,16 @@ class _Swrk:
             self.proc.wait()
 
 
-def _call(action: str, req_type: int, opts: object, images_dir: Path, log_file: str,
-          on_notify: NotifyHandler | None, pass_fds: tuple[int, ...],
-          die_with_thread: bool = True) -> tuple[object, Result]:
+def _call(
+    action: str,
+    req_type: int,
+    opts: object,
+    images_dir: Path,
+    log_file: str,
+    on_notify: NotifyHandler | None,
+    pass_fds: tuple[int, ...],
+    die_with_thread: bool = True,
+) -> tuple[object, Result]:
     binary = require()
     res = Result()
     t0 = time.monotonic()
@@ -334,9 +360,12 @@ def _call(action: str, req_type: int, opts: object, images_dir: Path, log_file: 
             try:
                 resp = swrk.recv()
             except (EOFError, OSError) as e:
-                raise CriuError(action, f"criu swrk died ({e})",
-                                log_path=str(images_dir / log_file),
-                                log_excerpt=log_excerpt(images_dir / log_file)) from e
+                raise CriuError(
+                    action,
+                    f"criu swrk died ({e})",
+                    log_path=str(images_dir / log_file),
+                    log_excerpt=log_excerpt(images_dir / log_file),
+                ) from e
             if resp.type == rpc.NOTIFY:  # type: ignore[attr-defined]
                 n = Notify(resp.notify.script, resp.notify.pid)  # type: ignore[attr-defined]
                 res.notifications.append(n.script)
@@ -346,11 +375,13 @@ def _call(action: str, req_type: int, opts: object, images_dir: Path, log_file: 
                         ok = bool(on_notify(n))
                     except StopCriu as e:
                         swrk.proc.kill()
-                        raise CriuError(action, str(e), log_path=str(images_dir / log_file),
-                                        log_excerpt="") from e
+                        raise CriuError(
+                            action, str(e), log_path=str(images_dir / log_file), log_excerpt=""
+                        ) from e
                     except Exception as e:
                         _log().error(  # type: ignore[attr-defined]
-                            "criu.notify.handler_failed", script=n.script, error=str(e))
+                            "criu.notify.handler_failed", script=n.script, error=str(e)
+                        )
                         swrk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=False))
                         _drain(swrk)
                         raise
@@ -366,8 +397,9 @@ def _call(action: str, req_type: int, opts: object, images_dir: Path, log_file: 
         errno_ = resp.cr_errno or 0  # type: ignore[attr-defined]
         if not errmsg or any(n in errmsg for n in _NOISE):
             errmsg = os.strerror(errno_) if errno_ else "see the log lines"
-        raise CriuError(action, errmsg, errno=errno_, log_path=str(path),
-                        log_excerpt=log_excerpt(path))
+        raise CriuError(
+            action, errmsg, errno=errno_, log_path=str(path), log_excerpt=log_excerpt(path)
+        )
     return resp, res
 
 
@@ -393,13 +425,23 @@ def dump(opts: DumpOptions, on_notify: NotifyHandler | None = None) -> Result:
     opts.images_dir.mkdir(parents=True, exist_ok=True)
     dfd = os.open(opts.images_dir, os.O_DIRECTORY | os.O_RDONLY)
     try:
-        o = rpc.criu_opts(images_dir_fd=dfd, pid=opts.pid, log_level=4, log_file=opts.log_file,
-                          leave_running=opts.leave_running, file_locks=opts.file_locks,
-                          tcp_established=opts.tcp_established, link_remap=opts.link_remap,
-                          ghost_limit=opts.ghost_limit_bytes, notify_scripts=opts.notify,
-                          manage_cgroups=True, manage_cgroups_mode=opts.manage_cgroups_mode,
-                          track_mem=opts.track_mem, lazy_pages=opts.lazy_pages,
-                          network_lock=opts.network_lock)
+        o = rpc.criu_opts(
+            images_dir_fd=dfd,
+            pid=opts.pid,
+            log_level=4,
+            log_file=opts.log_file,
+            leave_running=opts.leave_running,
+            file_locks=opts.file_locks,
+            tcp_established=opts.tcp_established,
+            link_remap=opts.link_remap,
+            ghost_limit=opts.ghost_limit_bytes,
+            notify_scripts=opts.notify,
+            manage_cgroups=True,
+            manage_cgroups_mode=opts.manage_cgroups_mode,
+            track_mem=opts.track_mem,
+            lazy_pages=opts.lazy_pages,
+            network_lock=opts.network_lock,
+        )
         if opts.freeze_cgroup:
             o.freeze_cgroup = opts.freeze_cgroup
         if opts.parent_img:
@@ -410,15 +452,26 @@ def dump(opts: DumpOptions, on_notify: NotifyHandler | None = None) -> Result:
             o.ps.port, o.ps.fd = 0, opts.ps_socket
         if opts.tls:
             o.tls, o.tls_no_cn_verify = True, True
-            o.tls_cacert, o.tls_cert, o.tls_key = (str(opts.tls.cacert), str(opts.tls.cert),
-                                                   str(opts.tls.key))
+            o.tls_cacert, o.tls_cert, o.tls_key = (
+                str(opts.tls.cacert),
+                str(opts.tls.cert),
+                str(opts.tls.key),
+            )
         o.external.extend(opts.external)
         fds = (dfd,) if opts.ps_socket is None else (dfd, opts.ps_socket)
         # A lazy dump outlives its caller: once post-dump is answered with success it holds
         # the only copy of the memory.  Before that, a caller that dies closes the RPC
         # socket, which CRIU takes as a failed post-dump: the tasks resume.
-        _, res = _call("dump", rpc.DUMP, o, opts.images_dir, opts.log_file, on_notify, fds,
-                       die_with_thread=not opts.lazy_pages)
+        _, res = _call(
+            "dump",
+            rpc.DUMP,
+            o,
+            opts.images_dir,
+            opts.log_file,
+            on_notify,
+            fds,
+            die_with_thread=not opts.lazy_pages,
+        )
         return res
     finally:
         os.close(dfd)
@@ -433,13 +486,22 @@ def restore(opts: RestoreOptions, on_notify: NotifyHandler | None = None) -> Res
     wdir = opts.work_dir or opts.images_dir
     wfd = os.open(wdir, os.O_DIRECTORY | os.O_RDONLY)
     try:
-        o = rpc.criu_opts(images_dir_fd=dfd, work_dir_fd=wfd, log_level=4, log_file=opts.log_file,
-                          root=opts.root, rst_sibling=opts.rst_sibling,
-                          file_locks=opts.file_locks, tcp_established=opts.tcp_established,
-                          notify_scripts=opts.notify, manage_cgroups=True,
-                          manage_cgroups_mode=opts.manage_cgroups_mode,
-                          leave_stopped=opts.leave_stopped, lazy_pages=opts.lazy_pages,
-                          network_lock=opts.network_lock)
+        o = rpc.criu_opts(
+            images_dir_fd=dfd,
+            work_dir_fd=wfd,
+            log_level=4,
+            log_file=opts.log_file,
+            root=opts.root,
+            rst_sibling=opts.rst_sibling,
+            file_locks=opts.file_locks,
+            tcp_established=opts.tcp_established,
+            notify_scripts=opts.notify,
+            manage_cgroups=True,
+            manage_cgroups_mode=opts.manage_cgroups_mode,
+            leave_stopped=opts.leave_stopped,
+            lazy_pages=opts.lazy_pages,
+            network_lock=opts.network_lock,
+        )
         if opts.cgroup_yard:
             o.cgroup_yard = opts.cgroup_yard
         for ctrl, path in opts.cg_root:
@@ -470,18 +532,31 @@ class _CriuDaemon:
     proc: subprocess.Popen[bytes]
     log_path: Path
 
-    def _start(self, args: list[str], ready_timeout_s: float, pass_fds: tuple[int, ...] = (),
-               die_with_thread: bool = True) -> bool:
+    def _start(
+        self,
+        args: list[str],
+        ready_timeout_s: float,
+        pass_fds: tuple[int, ...] = (),
+        die_with_thread: bool = True,
+    ) -> bool:
         import select
 
         r, w = os.pipe()
-        wrap = ["setpriv", "--pdeathsig", "KILL", "--"] \
-            if die_with_thread and shutil.which("setpriv") else []
+        wrap = (
+            ["setpriv", "--pdeathsig", "KILL", "--"]
+            if die_with_thread and shutil.which("setpriv")
+            else []
+        )
         try:
-            self.proc = subprocess.Popen([*wrap, require(), *args, "--status-fd", str(w)],
-                                         pass_fds=(w, *pass_fds), close_fds=True,
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, env=criu_env())
+            self.proc = subprocess.Popen(
+                [*wrap, require(), *args, "--status-fd", str(w)],
+                pass_fds=(w, *pass_fds),
+                close_fds=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=criu_env(),
+            )
         except OSError:
             os.close(r)
             raise
@@ -503,8 +578,12 @@ class _CriuDaemon:
             return ""
 
     def _error(self, message: str) -> CriuError:
-        return CriuError(self.action, message, log_path=str(self.log_path),
-                         log_excerpt=log_excerpt(self.log_path))
+        return CriuError(
+            self.action,
+            message,
+            log_path=str(self.log_path),
+            log_excerpt=log_excerpt(self.log_path),
+        )
 
     def wait(self, timeout_s: float | None) -> None:
         """Wait until it has done its work and exited (``timeout_s`` None: however long it
@@ -514,8 +593,9 @@ class _CriuDaemon:
             rc = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise self._error(f"the {self.what} was still running after "
-                              f"{timeout_s or 0:.0f} s") from None
+            raise self._error(
+                f"the {self.what} was still running after {timeout_s or 0:.0f} s"
+            ) from None
         if rc != 0:
             raise self._error(f"the {self.what} exited with status {rc}")
 
@@ -529,8 +609,16 @@ class _CriuDaemon:
 def _tls_args(tls: TlsFiles | None) -> list[str]:
     if tls is None:
         return []
-    return ["--tls", "--tls-no-cn-verify", "--tls-cacert", str(tls.cacert), "--tls-cert",
-            str(tls.cert), "--tls-key", str(tls.key)]
+    return [
+        "--tls",
+        "--tls-no-cn-verify",
+        "--tls-cacert",
+        str(tls.cacert),
+        "--tls-cert",
+        str(tls.cert),
+        "--tls-key",
+        str(tls.key),
+    ]
 
 
 class PageServer(_CriuDaemon):
@@ -551,16 +639,34 @@ class PageServer(_CriuDaemon):
 
     action, what = "page-server", "page server"
 
-    def __init__(self, images_dir: Path, address: str, tls: TlsFiles | None, work_dir: Path,
-                 ready_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        images_dir: Path,
+        address: str,
+        tls: TlsFiles | None,
+        work_dir: Path,
+        ready_timeout_s: float = 10.0,
+    ) -> None:
         self.log_path = work_dir / "page-server.log"
         # `criu page-server` refuses --port 0: take a free port from the kernel, and try
         # again in the unlikely case another process took it in between.
         for _attempt in range(3):
             self.port = _free_port(address)
-            args = ["page-server", "--images-dir", str(images_dir), "--work-dir",
-                    str(work_dir), "-o", self.log_path.name, "-v4", "--address", address,
-                    "--port", str(self.port), *_tls_args(tls)]
+            args = [
+                "page-server",
+                "--images-dir",
+                str(images_dir),
+                "--work-dir",
+                str(work_dir),
+                "-o",
+                self.log_path.name,
+                "-v4",
+                "--address",
+                address,
+                "--port",
+                str(self.port),
+                *_tls_args(tls),
+            ]
             if self._start(args, ready_timeout_s):
                 return
             if "Address already in use" not in self._log():
@@ -589,12 +695,29 @@ class LazyPagesDaemon(_CriuDaemon):
 
     action, what = "lazy-pages", "lazy-pages daemon"
 
-    def __init__(self, images_dir: Path, work_dir: Path, ps_socket: int, tls: TlsFiles | None,
-                 ready_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        images_dir: Path,
+        work_dir: Path,
+        ps_socket: int,
+        tls: TlsFiles | None,
+        ready_timeout_s: float = 10.0,
+    ) -> None:
         self.log_path = work_dir / "lazy-pages.log"
-        args = ["lazy-pages", "--page-server", "--ps-socket", str(ps_socket), "--images-dir",
-                str(images_dir), "--work-dir", str(work_dir), "-o", self.log_path.name,
-                "-v4", *_tls_args(tls)]
+        args = [
+            "lazy-pages",
+            "--page-server",
+            "--ps-socket",
+            str(ps_socket),
+            "--images-dir",
+            str(images_dir),
+            "--work-dir",
+            str(work_dir),
+            "-o",
+            self.log_path.name,
+            "-v4",
+            *_tls_args(tls),
+        ]
         if not self._start(args, ready_timeout_s, (ps_socket,), die_with_thread=False):
             raise self._error("the lazy-pages daemon did not start")
 
@@ -647,8 +770,9 @@ def lazy_pages_bytes(images_dir: Path) -> int:
                 entries = images.load(f)["entries"]
         except Exception:  # noqa: BLE001, S112 - unreadable: counted as nothing
             continue
-        total += sum(int(e.get("nr_pages", 0)) for e in entries[1:]
-                     if int(e.get("flags", 0)) & PE_LAZY)
+        total += sum(
+            int(e.get("nr_pages", 0)) for e in entries[1:] if int(e.get("flags", 0)) & PE_LAZY
+        )
     return total * 4096
 
 
@@ -698,8 +822,9 @@ def pipe_buffer_sizes(images_dir: Path) -> list[int]:
         if not path.exists():
             continue
         with open(path, "rb") as f:
-            sizes += [int(e["size"]) for e in images.load(f, no_payload=True)["entries"]
-                      if e.get("size")]
+            sizes += [
+                int(e["size"]) for e in images.load(f, no_payload=True)["entries"] if e.get("size")
+            ]
     return sizes
 
 

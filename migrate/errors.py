@@ -32,8 +32,14 @@ class CriuError(MigrationError):
         log_excerpt: the ``Error``/``Warn`` lines of that log, last ones first kept.
     """
 
-    def __init__(self, action: str, message: str, errno: int = 0, log_path: str | None = None,
-                 log_excerpt: str = "") -> None:
+    def __init__(
+        self,
+        action: str,
+        message: str,
+        errno: int = 0,
+        log_path: str | None = None,
+        log_excerpt: str = "",
+    ) -> None:
         text = f"criu {action} failed: {message}"
         if log_excerpt:
             text += f" | criu log ({log_path}): {log_excerpt}"

@@ -62,20 +62,28 @@ def unpack(tar_path: Path, dest: Path, max_bytes: int) -> list[str]:
         with tarfile.open(tar_path, "r:") as tar:
             for m in tar:
                 if not m.isreg() or not _NAME.match(m.name) or m.name in (".", ".."):
-                    raise BundleError(f"the image pack holds {m.name!r}, which is not a "
-                                      "regular file with a plain name: refused")
+                    raise BundleError(
+                        f"the image pack holds {m.name!r}, which is not a "
+                        "regular file with a plain name: refused"
+                    )
                 total += m.size
                 if total > max_bytes:
-                    raise BundleError(f"the image pack unpacks to more than {max_bytes} "
-                                      "bytes: refused")
+                    raise BundleError(
+                        f"the image pack unpacks to more than {max_bytes} bytes: refused"
+                    )
                 src = tar.extractfile(m)
                 assert src is not None  # a regular file
                 try:
-                    fd = os.open(dest / m.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
-                                 os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                    fd = os.open(
+                        dest / m.name,
+                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                        0o600,
+                    )
                 except FileExistsError:
-                    raise BundleError(f"the image pack holds {m.name!r} twice, or a name "
-                                      "that is already there: refused") from None
+                    raise BundleError(
+                        f"the image pack holds {m.name!r} twice, or a name "
+                        "that is already there: refused"
+                    ) from None
                 with os.fdopen(fd, "wb") as f:
                     while chunk := src.read(1 << 20):
                         f.write(chunk)

@@ -47,8 +47,9 @@ Z85_KEY_LEN = 40
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 """Names of nodes, operators and key files: letters, digits, ``_ . -``, at most 63 chars."""
 
-_Z85_CHARS = (b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-              b".-:+=^!/*?&<>()[]{}@%$#")
+_Z85_CHARS = (
+    b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+)
 _Z85_ALPHABET = frozenset(_Z85_CHARS)
 _Z85_INDEX = {c: i for i, c in enumerate(_Z85_CHARS)}
 
@@ -66,9 +67,9 @@ def is_z85_key(text: str | bytes) -> bool:
     # each 5-character group must encode a value below 2**32
     for i in range(0, Z85_KEY_LEN, 5):
         value = 0
-        for c in raw[i:i + 5]:
+        for c in raw[i : i + 5]:
             value = value * 85 + _Z85_INDEX[c]
-        if value >= 2 ** 32:
+        if value >= 2**32:
             return False
     return True
 
@@ -76,8 +77,10 @@ def is_z85_key(text: str | bytes) -> bool:
 def check_name(name: str, what: str = "name") -> str:
     """Return ``name`` if it matches :data:`NAME_PATTERN`, else raise NodeConfigError."""
     if not NAME_PATTERN.fullmatch(name):
-        raise NodeConfigError(f"invalid {what} {name!r}: use 1 to 63 letters, digits, '_', "
-                              "'.' or '-', starting with a letter or digit")
+        raise NodeConfigError(
+            f"invalid {what} {name!r}: use 1 to 63 letters, digits, '_', "
+            "'.' or '-', starting with a letter or digit"
+        )
     return name
 
 
@@ -105,8 +108,11 @@ def generate(out_dir: Path, name: str) -> tuple[Path, Path]:
     public, secret = key_paths(out_dir, name)
     for p in (public, secret):
         if os.path.lexists(p):
-            raise NodeConfigError(f"{p} already exists: remove it first or choose another "
-                                  "name (jaula never overwrites a key)", path=str(p))
+            raise NodeConfigError(
+                f"{p} already exists: remove it first or choose another "
+                "name (jaula never overwrites a key)",
+                path=str(p),
+            )
     try:
         out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{name}.keygen-") as tmp:
@@ -131,12 +137,16 @@ def generate(out_dir: Path, name: str) -> tuple[Path, Path]:
         finally:
             os.close(dir_fd)
     except FileExistsError as e:
-        raise NodeConfigError(f"{e.filename2 or e.filename} already exists: remove it first "
-                              "or choose another name (jaula never overwrites a key)",
-                              path=str(e.filename2 or e.filename)) from e
+        raise NodeConfigError(
+            f"{e.filename2 or e.filename} already exists: remove it first "
+            "or choose another name (jaula never overwrites a key)",
+            path=str(e.filename2 or e.filename),
+        ) from e
     except OSError as e:
-        raise NodeConfigError(f"cannot write a keypair named {name!r} in {out_dir}: "
-                              f"{e.strerror or e}", path=str(out_dir)) from e
+        raise NodeConfigError(
+            f"cannot write a keypair named {name!r} in {out_dir}: {e.strerror or e}",
+            path=str(out_dir),
+        ) from e
     return public, secret
 
 
@@ -147,8 +157,12 @@ def keygen_command(out: Path, name: str) -> tuple[Path, Path]:
     (``keys.generated``).  Errors as :func:`generate`.
     """
     public, secret = generate(out, name)
-    log.info("keys.generated", public=str(public), secret=str(secret),
-             public_key=load_public(public).decode("ascii"))
+    log.info(
+        "keys.generated",
+        public=str(public),
+        secret=str(secret),
+        public_key=load_public(public).decode("ascii"),
+    )
     return public, secret
 
 
@@ -157,16 +171,20 @@ def _load(path: Path, what: str) -> tuple[bytes, bytes | None]:
         pub, sec = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as e:
         if not path.exists():
-            raise NodeConfigError(f"{what} {path} does not exist: create it with "
-                                  "`jaula node keygen --out DIR --name NAME` or fix the path",
-                                  path=str(path)) from e
+            raise NodeConfigError(
+                f"{what} {path} does not exist: create it with "
+                "`jaula node keygen --out DIR --name NAME` or fix the path",
+                path=str(path),
+            ) from e
         detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise NodeConfigError(f"cannot read {what} {path}: {detail} (expected a ZeroMQ "
-                              "certificate with a `public-key = \"...\"` line, as written by "
-                              "`jaula node keygen`)", path=str(path)) from e
+        raise NodeConfigError(
+            f"cannot read {what} {path}: {detail} (expected a ZeroMQ "
+            'certificate with a `public-key = "..."` line, as written by '
+            "`jaula node keygen`)",
+            path=str(path),
+        ) from e
     if not is_z85_key(pub):
-        raise NodeConfigError(f"{what} {path}: public-key is not 40 Z85 characters",
-                              path=str(path))
+        raise NodeConfigError(f"{what} {path}: public-key is not 40 Z85 characters", path=str(path))
     return pub, sec
 
 
@@ -180,9 +198,11 @@ def load_public(path: Path | str) -> bytes:
     path = Path(path)
     pub, sec = _load(path, "public key file")
     if sec is not None:
-        raise NodeConfigError(f"{path} holds a secret key: point at the public certificate "
-                              f"(NAME.key), never copy a NAME.key_secret to other hosts",
-                              path=str(path))
+        raise NodeConfigError(
+            f"{path} holds a secret key: point at the public certificate "
+            f"(NAME.key), never copy a NAME.key_secret to other hosts",
+            path=str(path),
+        )
     return pub
 
 
@@ -198,26 +218,37 @@ def load_secret(path: Path | str) -> tuple[bytes, bytes]:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError as e:
-        raise NodeConfigError(f"secret key file {path} does not exist: create it with "
-                              "`jaula node keygen --out DIR --name NAME` or fix the path",
-                              path=str(path)) from e
+        raise NodeConfigError(
+            f"secret key file {path} does not exist: create it with "
+            "`jaula node keygen --out DIR --name NAME` or fix the path",
+            path=str(path),
+        ) from e
     except OSError as e:
-        raise NodeConfigError(f"cannot stat secret key file {path}: {e.strerror}",
-                              path=str(path)) from e
+        raise NodeConfigError(
+            f"cannot stat secret key file {path}: {e.strerror}", path=str(path)
+        ) from e
     if not stat.S_ISREG(mode):
         raise NodeConfigError(f"secret key file {path} is not a regular file", path=str(path))
     if mode & 0o077:
-        raise NodeConfigError(f"secret key file {path} has mode {stat.S_IMODE(mode):04o}: "
-                              f"group and others must not read it, run `chmod 600 {path}`",
-                              path=str(path))
+        raise NodeConfigError(
+            f"secret key file {path} has mode {stat.S_IMODE(mode):04o}: "
+            f"group and others must not read it, run `chmod 600 {path}`",
+            path=str(path),
+        )
     pub, sec = _load(path, "secret key file")
     if sec is None:
-        raise NodeConfigError(f"{path} holds no secret-key: point at NAME.key_secret, not "
-                              "the public NAME.key", path=str(path))
+        raise NodeConfigError(
+            f"{path} holds no secret-key: point at NAME.key_secret, not the public NAME.key",
+            path=str(path),
+        )
     if not is_z85_key(sec):
-        raise NodeConfigError(f"secret key file {path}: secret-key is not 40 Z85 characters",
-                              path=str(path))
+        raise NodeConfigError(
+            f"secret key file {path}: secret-key is not 40 Z85 characters", path=str(path)
+        )
     if zmq.curve_public(sec) != pub:
-        raise NodeConfigError(f"secret key file {path}: its public-key does not belong to its "
-                              "secret-key; regenerate the keypair", path=str(path))
+        raise NodeConfigError(
+            f"secret key file {path}: its public-key does not belong to its "
+            "secret-key; regenerate the keypair",
+            path=str(path),
+        )
     return pub, sec

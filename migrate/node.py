@@ -55,10 +55,17 @@ SESSION_MESSAGES = {"file_begin", "chunk", "file_end", "restore", "resume", "abo
 
 def container_summary(c: Container) -> dict[str, Any]:
     """What ``ps`` shows of a container, JSON-able."""
-    return {"id": c.id, "name": c.name, "image": c.config.image_ref, "status": c.status.value,
-            "pid": c.state.pid, "created": c.config.created_at,
-            "command": " ".join(c.config.args), "exit_code": c.state.exit_code,
-            "migrated_to": c.state.migrated_to or ""}
+    return {
+        "id": c.id,
+        "name": c.name,
+        "image": c.config.image_ref,
+        "status": c.status.value,
+        "pid": c.state.pid,
+        "created": c.config.created_at,
+        "command": " ".join(c.config.args),
+        "exit_code": c.state.exit_code,
+        "migrated_to": c.state.migrated_to or "",
+    }
 
 
 class NodeService:
@@ -100,9 +107,11 @@ class NodeService:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise NodeConfigError(f"another node service (pid {holder}) already serves the "
-                                  f"state root {self.rt.root}: one service per state root; "
-                                  "stop it first, or give this node its own state_root") from None
+            raise NodeConfigError(
+                f"another node service (pid {holder}) already serves the "
+                f"state root {self.rt.root}: one service per state root; "
+                "stop it first, or give this node its own state_root"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
@@ -153,25 +162,37 @@ class NodeService:
         rid = msg.get("id")
         if mtype in OPERATOR_REQUESTS:
             self._spawn(self._request(inc, msg, rid))
-        elif inc.peer.kind is not PeerKind.NODE and (mtype in SESSION_MESSAGES
-                                                     or mtype in ("offer", "outcome")):
-            await self.reply(inc, error("forbidden", f"{mtype} is for nodes, and "
-                                        f"{inc.peer.name} is an operator"))
+        elif inc.peer.kind is not PeerKind.NODE and (
+            mtype in SESSION_MESSAGES or mtype in ("offer", "outcome")
+        ):
+            await self.reply(
+                inc, error("forbidden", f"{mtype} is for nodes, and {inc.peer.name} is an operator")
+            )
         elif mtype == "offer":
             await self._offer(inc, msg)
         elif mtype == "outcome":
-            await self.reply(inc, encode("outcome_is", session=msg["session"],
-                                         committed=self._committed(msg["session"])))
+            await self.reply(
+                inc,
+                encode(
+                    "outcome_is", session=msg["session"], committed=self._committed(msg["session"])
+                ),
+            )
         elif mtype in SESSION_MESSAGES:
             entry = self.incoming.get(msg["session"])
             if entry is None:
-                await self.reply(inc, error("unknown_session", f"no session {msg['session']}",
-                                            session=msg["session"]))
+                await self.reply(
+                    inc,
+                    error(
+                        "unknown_session", f"no session {msg['session']}", session=msg["session"]
+                    ),
+                )
                 return
             entry[1].put_nowait((msg, payload))
         else:
-            await self.reply(inc, error("unexpected", f"{mtype} is not a request",
-                                        session=msg.get("session", "")))
+            await self.reply(
+                inc,
+                error("unexpected", f"{mtype} is not a request", session=msg.get("session", "")),
+            )
 
     async def _request(self, inc: Incoming, msg: dict[str, Any], rid: Any) -> None:
         extra = {"id": rid} if rid is not None else {}
@@ -181,18 +202,19 @@ class NodeService:
             frames = encode("error", code=type(e).__name__, message=str(e), **extra)
         except Exception as e:
             log.exception("node.request_failed", type=msg["type"])
-            frames = encode("error", code="internal", message=f"{type(e).__name__}: {e}",
-                            **extra)
+            frames = encode("error", code="internal", message=f"{type(e).__name__}: {e}", **extra)
         await self.reply(inc, frames)
 
-    async def _handle(self, inc: Incoming, msg: dict[str, Any],
-                      extra: dict[str, Any]) -> list[bytes]:
+    async def _handle(
+        self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]
+    ) -> list[bytes]:
         rt = self.rt
         match msg["type"]:
             case "ping":
                 running = [c for c in rt.list() if c.status is S.RUNNING]
-                return encode("pong", node=self.cfg.name, containers=len(running),
-                              load=_load(), **extra)
+                return encode(
+                    "pong", node=self.cfg.name, containers=len(running), load=_load(), **extra
+                )
             case "ps":
                 items = [container_summary(c) for c in rt.list(all=msg.get("all", False))]
                 return encode("containers", items=items, node=self.cfg.name, **extra)
@@ -203,22 +225,25 @@ class NodeService:
                 c = rt.get(msg["container"])
                 recs = list(read_log(c.dir / "ctr.log"))
                 if msg.get("tail"):
-                    recs = recs[-msg["tail"]:]
-                data = b"".join(r.data for r in recs)[-(32 << 20):]
+                    recs = recs[-msg["tail"] :]
+                data = b"".join(r.data for r in recs)[-(32 << 20) :]
                 return encode("logs", container=c.name, data=data, **extra)
             case "exec":
                 return await self._exec(msg, extra)
             case "stop":
-                await asyncio.to_thread(rt.get(msg["container"]).stop,
-                                        float(msg.get("timeout_s", 10.0)))
+                await asyncio.to_thread(
+                    rt.get(msg["container"]).stop, float(msg.get("timeout_s", 10.0))
+                )
                 return encode("ok", **extra)
             case "rm":
-                await asyncio.to_thread(rt.get(msg["container"]).delete,
-                                        bool(msg.get("force", False)))
+                await asyncio.to_thread(
+                    rt.get(msg["container"]).delete, bool(msg.get("force", False))
+                )
                 return encode("ok", **extra)
             case "migrate":
-                report = await self.migrate(msg["container"], msg["destination"],
-                                            msg.get("strategy", "cold"), inc, extra)
+                report = await self.migrate(
+                    msg["container"], msg["destination"], msg.get("strategy", "cold"), inc, extra
+                )
                 return encode("migrated", report=report.to_json(), **extra)
         raise ProtocolError(f"unhandled request {msg['type']}")
 
@@ -227,21 +252,48 @@ class NodeService:
         with threads must not), output captured, at most 60 s."""
         self.rt.get(msg["container"])
         env_args = [a for kv in msg.get("env", []) for a in ("-e", str(kv))]
-        cmd = [sys.executable, "-m", "migrate.cli", "--state-root", str(self.rt.root), "exec",
-               *env_args, msg["container"], *[str(a) for a in msg["args"]]]
-        p = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, timeout=60,
-                                    check=False, stdin=subprocess.DEVNULL)
-        return encode("exec_result", exit_code=p.returncode, stdout=p.stdout[-(16 << 20):],
-                      stderr=p.stderr[-(1 << 20):], **extra)
+        cmd = [
+            sys.executable,
+            "-m",
+            "migrate.cli",
+            "--state-root",
+            str(self.rt.root),
+            "exec",
+            *env_args,
+            msg["container"],
+            *[str(a) for a in msg["args"]],
+        ]
+        p = await asyncio.to_thread(
+            subprocess.run,
+            cmd,
+            capture_output=True,
+            timeout=60,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        return encode(
+            "exec_result",
+            exit_code=p.returncode,
+            stdout=p.stdout[-(16 << 20) :],
+            stderr=p.stderr[-(1 << 20) :],
+            **extra,
+        )
 
     # -- migration, as the source ---------------------------------------------------------------
-    async def migrate(self, ref: str, destination: str, strategy: str = "cold",
-                      requester: Incoming | None = None,
-                      extra: dict[str, Any] | None = None) -> MigrationReport:
+    async def migrate(
+        self,
+        ref: str,
+        destination: str,
+        strategy: str = "cold",
+        requester: Incoming | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> MigrationReport:
         """Migrate ``ref`` from this node to ``destination``; progress goes to the requester."""
         if destination not in self.cluster.nodes:
-            raise MigrationError(f"unknown node {destination!r}: the cluster has "
-                                 f"{', '.join(sorted(self.cluster.nodes))}")
+            raise MigrationError(
+                f"unknown node {destination!r}: the cluster has "
+                f"{', '.join(sorted(self.cluster.nodes))}"
+            )
         loop = asyncio.get_running_loop()
         last: dict[str, float] = {}
 
@@ -252,12 +304,25 @@ class NodeService:
             if done and total and done < total and now - last.get(phase, 0) < 0.1:
                 return
             last[phase] = now
-            frames = encode("progress", phase=phase, done_bytes=int(done),
-                            total_bytes=int(total), **(extra or {}))
+            frames = encode(
+                "progress",
+                phase=phase,
+                done_bytes=int(done),
+                total_bytes=int(total),
+                **(extra or {}),
+            )
             loop.create_task(self.reply(requester, frames))
 
-        session = SourceSession(self.rt, ref, destination, self.cfg.name, self.connect,
-                                strategy, self.peer_timeout_s, progress)
+        session = SourceSession(
+            self.rt,
+            ref,
+            destination,
+            self.cfg.name,
+            self.connect,
+            strategy,
+            self.peer_timeout_s,
+            progress,
+        )
         return await session.run()
 
     def _committed(self, session: str) -> bool:
@@ -270,8 +335,7 @@ class NodeService:
     async def _offer(self, inc: Incoming, msg: dict[str, Any]) -> None:
         sid = msg["session"]
         if sid in self.incoming:
-            await self.reply(inc, error("duplicate_session", f"session {sid} exists",
-                                        session=sid))
+            await self.reply(inc, error("duplicate_session", f"session {sid} exists", session=sid))
             return
 
         async def send(frames: list[bytes]) -> None:
@@ -279,9 +343,15 @@ class NodeService:
 
         q: asyncio.Queue[Any] = asyncio.Queue()
         try:
-            ds = DestinationSession(self.rt, send, msg, inc.peer.name, queue=q,
-                                    listen=self.cfg.listen,
-                                    max_message_bytes=self.cfg.max_message_bytes)
+            ds = DestinationSession(
+                self.rt,
+                send,
+                msg,
+                inc.peer.name,
+                queue=q,
+                listen=self.cfg.listen,
+                max_message_bytes=self.cfg.max_message_bytes,
+            )
         except JaulaError as e:  # e.g. a scratch dir someone else made: refuse, say why
             await self.reply(inc, error(type(e).__name__, str(e), session=sid))
             return
@@ -385,10 +455,16 @@ class NodeService:
             else:
                 shutil.rmtree(c.dir, ignore_errors=True)
                 log.warning("recover.incoming_removed", id=c.id[:12])
-        active = {f"incoming-{c.state.extra.get('session')}" for c in self.rt.list(all=True)
-                  if c.status is S.MIGRATING}
-        sessions = {c.state.extra.get("session", "") for c in self.rt.list(all=True)
-                    if c.status is S.MIGRATING}
+        active = {
+            f"incoming-{c.state.extra.get('session')}"
+            for c in self.rt.list(all=True)
+            if c.status is S.MIGRATING
+        }
+        sessions = {
+            c.state.extra.get("session", "")
+            for c in self.rt.list(all=True)
+            if c.status is S.MIGRATING
+        }
         for sock in stale_hold_sockets(self.rt, sessions):
             sock.unlink(missing_ok=True)
         for scratch in scratch_dirs(self.rt):
@@ -409,8 +485,13 @@ class NodeService:
             return
         if not left:
             return
-        log.error("recover.migrated_copy_killed", id=c.id[:12], name=c.name,
-                  migrated_to=c.state.migrated_to, pids=left)
+        log.error(
+            "recover.migrated_copy_killed",
+            id=c.id[:12],
+            name=c.name,
+            migrated_to=c.state.migrated_to,
+            pids=left,
+        )
         from runtime.rootfs.overlay import unmount
 
         for step in (c.cgroup().destroy, lambda: unmount(c.rootfs)):
@@ -475,13 +556,14 @@ def _load() -> dict[str, Any]:
             mem[k] = int(v.split()[0]) * 1024
     except (OSError, ValueError):
         pass
-    return {"loadavg1": la[0], "cpus": os.cpu_count() or 1,
-            "mem_available_bytes": mem.get("MemAvailable", 0),
-            "mem_total_bytes": mem.get("MemTotal", 0)}
+    return {
+        "loadavg1": la[0],
+        "cpus": os.cpu_count() or 1,
+        "mem_available_bytes": mem.get("MemAvailable", 0),
+        "mem_total_bytes": mem.get("MemTotal", 0),
+    }
 
 
 async def serve(cfg: NodeConfig, cluster: Cluster) -> None:
     """Run a node service until cancelled (``jaula node serve``)."""
     await NodeService(cfg, cluster).serve()
-
-

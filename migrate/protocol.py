@@ -77,39 +77,78 @@ SCHEMAS: dict[str, dict[str, tuple[Any, int | None, bool]]] = {
     "inspected": {"info": (*_MAP, True)},
     "logs": {"container": (*_NAME, True), "tail": (*_INT, False), "data": (bytes, 64 << 20, False)},
     "exec": {"container": (*_NAME, True), "args": (*_LIST, True), "env": (*_LIST, False)},
-    "exec_result": {"exit_code": (*_INT, True), "stdout": (bytes, 64 << 20, True),
-                    "stderr": (bytes, 64 << 20, True)},
+    "exec_result": {
+        "exit_code": (*_INT, True),
+        "stdout": (bytes, 64 << 20, True),
+        "stderr": (bytes, 64 << 20, True),
+    },
     "stop": {"container": (*_NAME, True), "timeout_s": (*_NUM, False)},
     "rm": {"container": (*_NAME, True), "force": (*_BOOL, False)},
     "ok": {"message": (*_STR, False)},
-    "migrate": {"container": (*_NAME, True), "destination": (*_NAME, True),
-                "strategy": (*_NAME, False)},
-    "progress": {"phase": (*_NAME, True), "done_bytes": (*_INT, False),
-                 "total_bytes": (*_INT, False), "message": (*_STR, False)},
+    "migrate": {
+        "container": (*_NAME, True),
+        "destination": (*_NAME, True),
+        "strategy": (*_NAME, False),
+    },
+    "progress": {
+        "phase": (*_NAME, True),
+        "done_bytes": (*_INT, False),
+        "total_bytes": (*_INT, False),
+        "message": (*_STR, False),
+    },
     "migrated": {"report": (*_MAP, True)},
     "error": {"code": (*_NAME, True), "message": (*_BIG, True), "session": (*_NAME, False)},
     # node <-> node (migration session)
-    "offer": {"session": (*_NAME, True), "container": (*_MAP, True), "image": (*_MAP, True),
-              "criu_version": (*_LIST, True), "cpu_flags": (*_LIST, False),
-              "estimate_bytes": (*_INT, False), "strategy": (*_NAME, False),
-              "source_node": (*_NAME, False), "bulk": (*_LIST, False),
-              "page_server": (*_LIST, False), "ps_cert": (bytes, 8192, False),
-              "features": (*_LIST, False)},
-    "accept": {"session": (*_NAME, True), "missing_layers": (*_LIST, True),
-               "data_endpoint": (*_STR, False), "data_key": (bytes, 64, False),
-               "page_server": (dict, 16, False)},
-    "file_begin": {"session": (*_NAME, True), "file": (*_INT, True), "name": (*_STR, True),
-                   "kind": (*_NAME, True)},
-    "chunk": {"session": (*_NAME, True), "file": (*_INT, True), "offset": (*_INT, True),
-              "seq": (*_INT, False)},
-    "file_end": {"session": (*_NAME, True), "file": (*_INT, True), "size": (*_INT, True),
-                 "sha256": (str, 64, True)},
+    "offer": {
+        "session": (*_NAME, True),
+        "container": (*_MAP, True),
+        "image": (*_MAP, True),
+        "criu_version": (*_LIST, True),
+        "cpu_flags": (*_LIST, False),
+        "estimate_bytes": (*_INT, False),
+        "strategy": (*_NAME, False),
+        "source_node": (*_NAME, False),
+        "bulk": (*_LIST, False),
+        "page_server": (*_LIST, False),
+        "ps_cert": (bytes, 8192, False),
+        "features": (*_LIST, False),
+    },
+    "accept": {
+        "session": (*_NAME, True),
+        "missing_layers": (*_LIST, True),
+        "data_endpoint": (*_STR, False),
+        "data_key": (bytes, 64, False),
+        "page_server": (dict, 16, False),
+    },
+    "file_begin": {
+        "session": (*_NAME, True),
+        "file": (*_INT, True),
+        "name": (*_STR, True),
+        "kind": (*_NAME, True),
+    },
+    "chunk": {
+        "session": (*_NAME, True),
+        "file": (*_INT, True),
+        "offset": (*_INT, True),
+        "seq": (*_INT, False),
+    },
+    "file_end": {
+        "session": (*_NAME, True),
+        "file": (*_INT, True),
+        "size": (*_INT, True),
+        "sha256": (str, 64, True),
+    },
     "credit": {"session": (*_NAME, True), "n": (*_INT, True)},
     "file_ok": {"session": (*_NAME, True), "file": (*_INT, True)},
-    "restore": {"session": (*_NAME, True), "stdio": (*_MAP, True), "volumes": (*_LIST, True),
-                "deleted": (*_LIST, True), "dump": (*_MAP, False), "netns": (*_NAME, False)},
-    "ready": {"session": (*_NAME, True), "restore_s": (*_NUM, False),
-              "steps_s": (dict, 16, False)},
+    "restore": {
+        "session": (*_NAME, True),
+        "stdio": (*_MAP, True),
+        "volumes": (*_LIST, True),
+        "deleted": (*_LIST, True),
+        "dump": (*_MAP, False),
+        "netns": (*_NAME, False),
+    },
+    "ready": {"session": (*_NAME, True), "restore_s": (*_NUM, False), "steps_s": (dict, 16, False)},
     "resume": {"session": (*_NAME, True)},
     "dumping": {"session": (*_NAME, True)},
     "resumed": {"session": (*_NAME, True), "resume_s": (*_NUM, False)},
@@ -138,8 +177,9 @@ def decode(frames: list[bytes]) -> tuple[dict[str, Any], bytes | None]:
     if not frames or len(frames) > 2:
         raise ProtocolError(f"a message has 1 or 2 frames, got {len(frames)}")
     if len(frames[0]) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"message header of {len(frames[0])} bytes is over the "
-                            f"{MAX_HEADER_BYTES}-byte limit")
+        raise ProtocolError(
+            f"message header of {len(frames[0])} bytes is over the {MAX_HEADER_BYTES}-byte limit"
+        )
     try:
         msg = msgpack.unpackb(frames[0], raw=False, strict_map_key=True)
     except Exception as e:  # noqa: BLE001 - msgpack raises several types
@@ -158,8 +198,9 @@ def decode(frames: list[bytes]) -> tuple[dict[str, Any], bytes | None]:
 def _check(msg: dict[str, Any]) -> None:
     v = msg.get("v")
     if v != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {v!r} is not supported (this node speaks "
-                            f"{PROTOCOL_VERSION})")
+        raise ProtocolError(
+            f"protocol version {v!r} is not supported (this node speaks {PROTOCOL_VERSION})"
+        )
     mtype = msg.get("type")
     if not isinstance(mtype, str) or mtype not in SCHEMAS:
         raise ProtocolError(f"unknown message type {mtype!r}")
@@ -173,11 +214,14 @@ def _check(msg: dict[str, Any]) -> None:
         if isinstance(value, bool) and types is int:
             raise ProtocolError(f"{mtype}.{name}: expected int, got bool")
         if not isinstance(value, types):
-            raise ProtocolError(f"{mtype}.{name}: expected {getattr(types, '__name__', types)}, "
-                                f"got {type(value).__name__}")
+            raise ProtocolError(
+                f"{mtype}.{name}: expected {getattr(types, '__name__', types)}, "
+                f"got {type(value).__name__}"
+            )
         if limit is not None and hasattr(value, "__len__") and len(value) > limit:
-            raise ProtocolError(f"{mtype}.{name}: {len(value)} items/bytes, over the limit of "
-                                f"{limit}")
+            raise ProtocolError(
+                f"{mtype}.{name}: {len(value)} items/bytes, over the limit of {limit}"
+            )
     for name, (_, _, required) in schema.items():
         if required and name not in msg:
             raise ProtocolError(f"{mtype}: missing field {name!r}")

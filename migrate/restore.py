@@ -41,10 +41,39 @@ log = structlog.get_logger(__name__)
 RESTORER = "migrate.restorer:criu_restorer"
 
 #: CPU flags a restored program may rely on; missing on this node -> refuse.
-_USER_CPU_FLAGS = ("sse", "sse2", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma", "bmi1",
-                   "bmi2", "aes", "pclmulqdq", "sha_ni", "avx512f", "avx512bw", "avx512vl",
-                   "avx512dq", "avx512cd", "xsave", "xsavec", "xsaveopt", "movbe", "popcnt",
-                   "f16c", "adx", "rdrand", "rdseed", "vaes", "vpclmulqdq", "lzcnt", "abm")
+_USER_CPU_FLAGS = (
+    "sse",
+    "sse2",
+    "ssse3",
+    "sse4_1",
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "bmi1",
+    "bmi2",
+    "aes",
+    "pclmulqdq",
+    "sha_ni",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512cd",
+    "xsave",
+    "xsavec",
+    "xsaveopt",
+    "movbe",
+    "popcnt",
+    "f16c",
+    "adx",
+    "rdrand",
+    "rdseed",
+    "vaes",
+    "vpclmulqdq",
+    "lzcnt",
+    "abm",
+)
 
 
 def check_compatible(m: Manifest) -> None:
@@ -55,14 +84,17 @@ def check_compatible(m: Manifest) -> None:
     if here[:2] < tuple(m.criu_version[:2]):
         raise PreflightError(
             f"the checkpoint was made by CRIU {'.'.join(map(str, m.criu_version))}, this node "
-            f"has {'.'.join(map(str, here))}: upgrade CRIU here (`make setup`)")
+            f"has {'.'.join(map(str, here))}: upgrade CRIU here (`make setup`)"
+        )
     if m.cpu_flags:
         mine = set(cpu_flags())
         missing = sorted(f for f in _USER_CPU_FLAGS if f in m.cpu_flags and f not in mine)
         if missing:
-            raise PreflightError(f"this CPU lacks features the source CPU had ({', '.join(missing)})"
-                                 ": the restored programs could crash; restore on a node with "
-                                 "the same CPU features")
+            raise PreflightError(
+                f"this CPU lacks features the source CPU had ({', '.join(missing)})"
+                ": the restored programs could crash; restore on a node with "
+                "the same CPU features"
+            )
     check_cgroups(m)
 
 
@@ -88,6 +120,7 @@ def check_cgroups(m: Manifest) -> None:
     if m.cgroup_mode:
         src_v2 = m.cgroup_mode == CgroupMode.UNIFIED.value
         if src_v2 != (here is CgroupMode.UNIFIED):
+
             def kind(v2: bool) -> str:
                 return "v2 (unified)" if v2 else "v1 (legacy or hybrid)"
 
@@ -95,18 +128,21 @@ def check_cgroups(m: Manifest) -> None:
                 f"the checkpoint was made on a node with cgroup {kind(src_v2)} ({m.cgroup_mode})"
                 f", this node has cgroup {kind(not src_v2)} ({here.value}): CRIU cannot move "
                 "the tasks' cgroups across versions; restore on a node with the same cgroup "
-                "version")
+                "version"
+            )
     res = Resources(**(m.container.get("resources") or {}))
     needs = {"memory": res.memory_bytes, "pids": res.pids_max, "cpu": res.cpu_quota_us}
     have = _controllers_here(here)
-    missing = sorted(ctrl for ctrl, limit in needs.items() if limit is not None
-                     and ctrl not in have)
+    missing = sorted(
+        ctrl for ctrl, limit in needs.items() if limit is not None and ctrl not in have
+    )
     if missing:
         raise PreflightError(
             f"this node cannot enforce the container's limits: no {' and no '.join(missing)} "
             f"cgroup controller here ({here.value} cgroups, controllers: "
             f"{' '.join(sorted(have)) or 'none'}); restore on a node that has "
-            f"{'them' if len(missing) > 1 else 'it'}")
+            f"{'them' if len(missing) > 1 else 'it'}"
+        )
 
 
 def check_pipes(bundle: Bundle) -> None:
@@ -127,7 +163,8 @@ def check_pipes(bundle: Bundle) -> None:
             f"the checkpoint holds a pipe with a {max(sizes)}-byte buffer; this node's "
             f"fs.pipe-max-size is {limit} and it lacks CAP_SYS_RESOURCE, so the pipe cannot be "
             f"made that large again: raise fs.pipe-max-size to at least {max(sizes)} here "
-            "(sysctl) or restore on another node")
+            "(sysctl) or restore on another node"
+        )
 
 
 def check_layers(rt: Runtime, m: Manifest) -> None:
@@ -137,15 +174,17 @@ def check_layers(rt: Runtime, m: Manifest) -> None:
         if not rt.images.has_layer(layer):
             raise PreflightError(
                 f"layer sha256:{layer} of image {m.image.get('ref')} is not on this node: "
-                "import the image here (`jaula image import`) and retry")
+                "import the image here (`jaula image import`) and retry"
+            )
 
 
 def _restorer_arg(bundle: Path) -> str:
     return json.dumps({"bundle": str(bundle)})
 
 
-def restore(rt: Runtime, ref: str | None = None, *, import_file: Path | None = None,
-            name: str | None = None) -> Container:
+def restore(
+    rt: Runtime, ref: str | None = None, *, import_file: Path | None = None, name: str | None = None
+) -> Container:
     """Restore a container: its local checkpoint (``ref``), or an exported bundle
     (``import_file``) into ``rt``'s state root, optionally under a new ``name``.
 
@@ -166,8 +205,10 @@ def restore(rt: Runtime, ref: str | None = None, *, import_file: Path | None = N
     with c.locked():
         kept = c.status is ContainerStatus.STOPPED and (bundle.path / "manifest.json").exists()
         if c.status is not ContainerStatus.CHECKPOINTED and not kept:
-            raise ContainerError(f"container {c.name} is {c.status.value}, not checkpointed: "
-                                 "nothing to restore", c.id)
+            raise ContainerError(
+                f"container {c.name} is {c.status.value}, not checkpointed: nothing to restore",
+                c.id,
+            )
         m = bundle.verify(digests=False)  # made here and never moved: sizes suffice
         check_compatible(m)
         check_pipes(bundle)
@@ -211,16 +252,19 @@ def _restore_import(rt: Runtime, tar_path: Path, name: str | None) -> Container:
             except ContainerNotFound:
                 other = None
             if other == cfg.id:
-                raise PreflightError(f"container {cfg.id[:12]} already exists on this node: "
-                                     "remove it first (`jaula rm -f`)")
+                raise PreflightError(
+                    f"container {cfg.id[:12]} already exists on this node: "
+                    "remove it first (`jaula rm -f`)"
+                )
             try:
                 rt.store.check_name(cfg.name)
             except ContainerError as e:
                 raise PreflightError(f"{e} (or restore with --name NEW)") from e
             cdir = rt.store.create_dir(cfg.id)
             atomic_write_json(cdir / "config.json", cfg.to_json())
-            atomic_write_json(cdir / "state.json",
-                              State(status=ContainerStatus.CHECKPOINTED).to_json())
+            atomic_write_json(
+                cdir / "state.json", State(status=ContainerStatus.CHECKPOINTED).to_json()
+            )
         staging.rename(cdir / "checkpoint")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -66,8 +66,9 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
     if netns == "external":
         inherit.append((NETNS_KEY, fresh_netns()))
     sources = {mt.destination: mt.source for mt in cfg.mounts}
-    external = tuple(f"mnt[{v['key']}]:{sources.get(v['destination'], v['source'])}"
-                     for v in volumes)
+    external = tuple(
+        f"mnt[{v['key']}]:{sources.get(v['destination'], v['source'])}" for v in volumes
+    )
     hold = a.get("hold")
     root = [0]
 
@@ -76,15 +77,25 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
             root[0] = n.pid  # the restored init's host pid (CRIU sends it here)
         if n.script == "pre-resume" and hold and not _wait_for_decision(hold):
             _kill_restored(root[0], cfg)
-            raise criu.StopCriu("the migration was called off: the restored copy was "
-                                "killed before it ran")
+            raise criu.StopCriu(
+                "the migration was called off: the restored copy was killed before it ran"
+            )
         return True
 
-    res = criu.restore(criu.RestoreOptions(
-        images_dir=bundle.criu_dir, root=str(cdir / "merged"), cg_root=cgroup_roots(cfg),
-        work_dir=cdir, inherit_fd=tuple(inherit), external=external,
-        network_lock=network_lock(cfg), lazy_pages=bool(a.get("lazy")),
-        cgroup_yard=criu.host_cgroup_yard(bundle.criu_dir)), on_notify)
+    res = criu.restore(
+        criu.RestoreOptions(
+            images_dir=bundle.criu_dir,
+            root=str(cdir / "merged"),
+            cg_root=cgroup_roots(cfg),
+            work_dir=cdir,
+            inherit_fd=tuple(inherit),
+            external=external,
+            network_lock=network_lock(cfg),
+            lazy_pages=bool(a.get("lazy")),
+            cgroup_yard=criu.host_cgroup_yard(bundle.criu_dir),
+        ),
+        on_notify,
+    )
     return res.pid
 
 

@@ -31,8 +31,7 @@ _XATTR_ARGS = ["--xattrs", "--xattrs-include=*"]
 
 #: what GNU tar says (exit status 1) of a file the running container changes while it is
 #: read: harmless for a pre-copy, whose changed files are sent again after the freeze
-_LIVE_CHANGES = ("file changed as we read it", "File removed before we read it",
-                 "File shrank by")
+_LIVE_CHANGES = ("file changed as we read it", "File removed before we read it", "File shrank by")
 #: what GNU tar warns of with exit status 0: a unix socket's inode (CRIU binds it again at
 #: restore), not content
 _NOTICES = ("socket ignored",)
@@ -46,12 +45,33 @@ def write(upperdir: Path, out: Path, live: bool = False) -> int:
     since :func:`write_delta` sends every entry whose stamp changed since the snapshot.
 
     Raises BundleError with tar's message on failure."""
-    p = subprocess.run(["tar", "--create", "--file", str(out), "--directory", str(upperdir),
-                        "--format=posix", "--sparse", "--numeric-owner", "--acls", *_XATTR_ARGS,
-                        "."], capture_output=True, text=True, check=False)
-    harmless = live and p.returncode == 1 and all(
-        any(m in line for m in (*_LIVE_CHANGES, *_NOTICES))
-        for line in p.stderr.strip().splitlines())
+    p = subprocess.run(
+        [
+            "tar",
+            "--create",
+            "--file",
+            str(out),
+            "--directory",
+            str(upperdir),
+            "--format=posix",
+            "--sparse",
+            "--numeric-owner",
+            "--acls",
+            *_XATTR_ARGS,
+            ".",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    harmless = (
+        live
+        and p.returncode == 1
+        and all(
+            any(m in line for m in (*_LIVE_CHANGES, *_NOTICES))
+            for line in p.stderr.strip().splitlines()
+        )
+    )
     if p.returncode != 0 and not harmless:
         raise BundleError(f"cannot archive the upperdir {upperdir}: {p.stderr.strip()}")
     return out.stat().st_size
@@ -82,28 +102,36 @@ def validate(tar_path: Path) -> int:
                 path = _norm(m.name, m.name)
                 for parent in path.parents:
                     if parent in symlinks:
-                        raise BundleError(f"unsafe entry {m.name!r} in the rootfs diff: it is "
-                                          f"written through the symlink {parent}")
+                        raise BundleError(
+                            f"unsafe entry {m.name!r} in the rootfs diff: it is "
+                            f"written through the symlink {parent}"
+                        )
                 if m.ischr() or m.isblk():  # not isdev(): tarfile counts FIFOs as devices
                     if not (m.ischr() and m.devmajor == 0 and m.devminor == 0):
-                        raise BundleError(f"unsafe entry {m.name!r} in the rootfs diff: device "
-                                          f"{m.devmajor}:{m.devminor} (only whiteouts allowed)")
+                        raise BundleError(
+                            f"unsafe entry {m.name!r} in the rootfs diff: device "
+                            f"{m.devmajor}:{m.devminor} (only whiteouts allowed)"
+                        )
                 elif m.islnk():
                     target = _norm(m.linkname, m.name)
                     if target not in regular:
-                        raise BundleError(f"unsafe entry {m.name!r} in the rootfs diff: "
-                                          f"hardlink to {m.linkname!r}, not an earlier file")
+                        raise BundleError(
+                            f"unsafe entry {m.name!r} in the rootfs diff: "
+                            f"hardlink to {m.linkname!r}, not an earlier file"
+                        )
                 elif m.issym():
                     symlinks.add(path)
                 elif m.isreg():
                     regular.add(path)
                     total += m.size
                     if total > MAX_TOTAL_BYTES:
-                        raise BundleError("the rootfs diff is larger than "
-                                          f"{MAX_TOTAL_BYTES >> 30} GiB")
+                        raise BundleError(
+                            f"the rootfs diff is larger than {MAX_TOTAL_BYTES >> 30} GiB"
+                        )
                 elif not (m.isdir() or m.isfifo()):
-                    raise BundleError(f"unsafe entry {m.name!r} in the rootfs diff: "
-                                      f"unsupported type {m.type!r}")
+                    raise BundleError(
+                        f"unsafe entry {m.name!r} in the rootfs diff: unsupported type {m.type!r}"
+                    )
                 if not m.issym():
                     symlinks.discard(path)  # replaced by a non-link entry
     except tarfile.TarError as e:
@@ -119,10 +147,25 @@ def extract(tar_path: Path, upperdir: Path) -> None:
     upperdir.mkdir(mode=0o755, parents=True, exist_ok=True)
     if any(upperdir.iterdir()):
         raise BundleError(f"cannot restore the rootfs diff into {upperdir}: it is not empty")
-    p = subprocess.run(["tar", "--extract", "--file", str(tar_path), "--directory",
-                        str(upperdir), "--same-owner", "--same-permissions", "--numeric-owner",
-                        "--acls", *_XATTR_ARGS, "--xattrs-exclude=trusted.overlay.origin"],
-                       capture_output=True, text=True, check=False)
+    p = subprocess.run(
+        [
+            "tar",
+            "--extract",
+            "--file",
+            str(tar_path),
+            "--directory",
+            str(upperdir),
+            "--same-owner",
+            "--same-permissions",
+            "--numeric-owner",
+            "--acls",
+            *_XATTR_ARGS,
+            "--xattrs-exclude=trusted.overlay.origin",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if p.returncode != 0:
         raise BundleError(f"cannot extract the rootfs diff into {upperdir}: {p.stderr.strip()}")
     os.chmod(upperdir, 0o755)
@@ -141,8 +184,13 @@ def snapshot(upperdir: Path) -> dict[str, EntryStamp]:
         for name in dirnames + filenames:
             full = os.path.join(dirpath, name)
             st = os.lstat(full)
-            out[os.path.relpath(full, root)] = (st.st_mode, st.st_size, st.st_mtime_ns,
-                                                st.st_ctime_ns, st.st_ino)
+            out[os.path.relpath(full, root)] = (
+                st.st_mode,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                st.st_ino,
+            )
     return out
 
 
@@ -158,10 +206,28 @@ def write_delta(upperdir: Path, before: dict[str, EntryStamp], out: Path) -> tup
     lst = out.with_suffix(".list")
     lst.write_bytes(b"".join(os.fsencode(p) + b"\0" for p in changed))
     try:
-        p = subprocess.run(["tar", "--create", "--file", str(out), "--directory", str(upperdir),
-                            "--format=posix", "--sparse", "--numeric-owner", "--acls",
-                            *_XATTR_ARGS, "--no-recursion", "--null", "--files-from", str(lst)],
-                           capture_output=True, text=True, check=False)
+        p = subprocess.run(
+            [
+                "tar",
+                "--create",
+                "--file",
+                str(out),
+                "--directory",
+                str(upperdir),
+                "--format=posix",
+                "--sparse",
+                "--numeric-owner",
+                "--acls",
+                *_XATTR_ARGS,
+                "--no-recursion",
+                "--null",
+                "--files-from",
+                str(lst),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     finally:
         lst.unlink()
     if p.returncode != 0:
@@ -190,10 +256,26 @@ def apply_deleted(upperdir: Path, deleted: list[str]) -> None:
 def extract_over(tar_path: Path, upperdir: Path) -> None:
     """Validate, then extract a delta tar over an existing ``upperdir``."""
     validate(tar_path)
-    p = subprocess.run(["tar", "--extract", "--file", str(tar_path), "--directory",
-                        str(upperdir), "--same-owner", "--same-permissions", "--numeric-owner",
-                        "--acls", *_XATTR_ARGS, "--xattrs-exclude=trusted.overlay.origin",
-                        "--overwrite", "--no-recursion"],
-                       capture_output=True, text=True, check=False)
+    p = subprocess.run(
+        [
+            "tar",
+            "--extract",
+            "--file",
+            str(tar_path),
+            "--directory",
+            str(upperdir),
+            "--same-owner",
+            "--same-permissions",
+            "--numeric-owner",
+            "--acls",
+            *_XATTR_ARGS,
+            "--xattrs-exclude=trusted.overlay.origin",
+            "--overwrite",
+            "--no-recursion",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if p.returncode != 0:
         raise BundleError(f"cannot extract the rootfs delta into {upperdir}: {p.stderr.strip()}")

@@ -39,11 +39,12 @@ def seal_chunk(key: bytes, session: str, file: int, seq: int, offset: int, data:
     return AESGCM(key).encrypt(_nonce(file, seq), data, _aad(session, file, offset))
 
 
-def open_chunk(key: bytes, session: str, file: int, seq: int, offset: int,
-               sealed: bytes) -> bytes:
+def open_chunk(key: bytes, session: str, file: int, seq: int, offset: int, sealed: bytes) -> bytes:
     """Check and decrypt one chunk.  Raises TransferError when it fails authentication."""
     try:
         return AESGCM(key).decrypt(_nonce(file, seq), sealed, _aad(session, file, offset))
     except InvalidTag:
-        raise TransferError(f"chunk {seq} of file #{file} at offset {offset} failed its "
-                            "authentication: corrupted or forged") from None
+        raise TransferError(
+            f"chunk {seq} of file #{file} at offset {offset} failed its "
+            "authentication: corrupted or forged"
+        ) from None

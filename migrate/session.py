@@ -137,9 +137,11 @@ def _check_private_dir(d: Path) -> None:
     Raises PreflightError naming it."""
     st = os.lstat(d)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise PreflightError(f"{d} is not a private directory of this user (owner uid "
-                             f"{st.st_uid}, mode {stat.filemode(st.st_mode)}): someone else "
-                             "made it; remove it, then migrate again")
+        raise PreflightError(
+            f"{d} is not a private directory of this user (owner uid "
+            f"{st.st_uid}, mode {stat.filemode(st.st_mode)}): someone else "
+            "made it; remove it, then migrate again"
+        )
 
 
 def _remove_scratch(d: Path) -> None:
@@ -155,6 +157,8 @@ def _remove_scratch(d: Path) -> None:
 def scratch_dirs(rt: Runtime) -> list[Path]:
     """Every place :func:`scratch_dir` may have used for ``rt`` (for recovery)."""
     return [SCRATCH_TMPFS / f"jaula-{_root_tag(rt)}", rt.root / "tmp"]
+
+
 WINDOW_CHUNKS = 16
 ProgressFn = Callable[[str, int, int], None]
 
@@ -284,8 +288,9 @@ class _Link:
         get = asyncio.ensure_future(self.inbox[mtype].get())
         fail = asyncio.ensure_future(self.failed.wait())
         try:
-            done, _ = await asyncio.wait({get, fail}, timeout=limit,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {get, fail}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for t in (get, fail):
                 if not t.done():
@@ -304,14 +309,16 @@ class _Link:
             try:
                 await asyncio.wait_for(self.credit_event.wait(), self.timeout)
             except TimeoutError:
-                raise PeerUnavailable(f"the destination stopped acknowledging data for "
-                                      f"{self.timeout:.0f} s") from None
+                raise PeerUnavailable(
+                    f"the destination stopped acknowledging data for {self.timeout:.0f} s"
+                ) from None
         if self.failure:
             raise self.failure
         self.credits -= 1
 
-    async def send_file(self, path: Path, name: str, kind: str,
-                        progress: Callable[[int], None] | None = None) -> int:
+    async def send_file(
+        self, path: Path, name: str, kind: str, progress: Callable[[int], None] | None = None
+    ) -> int:
         """Stream one file in chunks under the credit window; returns its size in bytes."""
         fid = self.files
         self.files += 1
@@ -324,10 +331,12 @@ class _Link:
                 await self._take_credit()
                 # hashlib and AES-GCM let go of the GIL: on a worker, while the loop goes on
                 if self.data is not None:
-                    sealed = await asyncio.to_thread(_hash_and_seal, h, self.data_key,
-                                                     self.session, fid, seq, off, data)
-                    await self.data.send(encode("chunk", sealed, session=self.session,
-                                                file=fid, offset=off, seq=seq))
+                    sealed = await asyncio.to_thread(
+                        _hash_and_seal, h, self.data_key, self.session, fid, seq, off, data
+                    )
+                    await self.data.send(
+                        encode("chunk", sealed, session=self.session, file=fid, offset=off, seq=seq)
+                    )
                 else:
                     await asyncio.to_thread(h.update, data)
                     await self.send("chunk", data, file=fid, offset=off)
@@ -368,8 +377,9 @@ def _endpoint_host(endpoint: str) -> str:
     return host.strip("[]")
 
 
-def _hash_and_seal(h: Any, key: bytes, session: str, file: int, seq: int, offset: int,
-                   data: bytes) -> bytes:
+def _hash_and_seal(
+    h: Any, key: bytes, session: str, file: int, seq: int, offset: int, data: bytes
+) -> bytes:
     from migrate.sealing import seal_chunk
 
     h.update(data)
@@ -386,12 +396,21 @@ class SourceSession:
         progress: called with (phase, done_bytes, total_bytes).
     """
 
-    def __init__(self, rt: Runtime, ref: str, destination: str, node_name: str,
-                 connect: Callable[[str], Any], strategy: str = "cold",
-                 peer_timeout_s: float = 20.0, progress: ProgressFn | None = None) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        ref: str,
+        destination: str,
+        node_name: str,
+        connect: Callable[[str], Any],
+        strategy: str = "cold",
+        peer_timeout_s: float = 20.0,
+        progress: ProgressFn | None = None,
+    ) -> None:
         if strategy not in STRATEGIES:
-            raise PreflightError(f"unknown strategy {strategy!r}: this node does "
-                                 f"{', '.join(STRATEGIES)}")
+            raise PreflightError(
+                f"unknown strategy {strategy!r}: this node does {', '.join(STRATEGIES)}"
+            )
         if destination == node_name:
             raise PreflightError(f"container is already on {node_name}: pick another node")
         self.rt = rt
@@ -411,8 +430,9 @@ class SourceSession:
         runs here again), ContainerError (busy, not running)."""
         t0 = time.monotonic()
         c = self.rt.get(self.ref)
-        rep = MigrationReport(self.session, c.id, c.name, self.node_name, self.destination,
-                              self.strategy)
+        rep = MigrationReport(
+            self.session, c.id, c.name, self.node_name, self.destination, self.strategy
+        )
         mark = t0
 
         def phase(name: str) -> None:
@@ -458,18 +478,28 @@ class SourceSession:
         from runtime.image.transfer import image_record
 
         ps_cert, cert, key = await asyncio.to_thread(certs.make_identity, work, "source")
-        await link.send("offer", container=c.config.to_json(),
-                        image=image_record(self.rt.images, c.config.image_id),
-                        criu_version=list(criu.version()), cpu_flags=list(cpu_flags()),
-                        estimate_bytes=estimate, strategy=self.strategy,
-                        source_node=self.node_name, bulk=["aes-256-gcm"],
-                        page_server=["tls"], ps_cert=ps_cert, features=list(FEATURES))
+        await link.send(
+            "offer",
+            container=c.config.to_json(),
+            image=image_record(self.rt.images, c.config.image_id),
+            criu_version=list(criu.version()),
+            cpu_flags=list(cpu_flags()),
+            estimate_bytes=estimate,
+            strategy=self.strategy,
+            source_node=self.node_name,
+            bulk=["aes-256-gcm"],
+            page_server=["tls"],
+            ps_cert=ps_cert,
+            features=list(FEATURES),
+        )
         try:
             accept = await link.expect("accept")
         except PeerUnavailable as e:
-            raise PreflightError(f"{self.destination} did not answer the migration offer ({e}): "
-                                 f"is its service running? (`jaula node ls`); nothing was "
-                                 f"frozen, {c.name} keeps running on {self.node_name}") from e
+            raise PreflightError(
+                f"{self.destination} did not answer the migration offer ({e}): "
+                f"is its service running? (`jaula node ls`); nothing was "
+                f"frozen, {c.name} keeps running on {self.node_name}"
+            ) from e
         self.missing_layers = [str(x) for x in accept["missing_layers"]]
         self.ps_sock: socket.socket | None = None
         if accept.get("data_endpoint") and accept.get("data_key"):
@@ -479,8 +509,12 @@ class SourceSession:
         ps = accept.get("page_server")
         if ps:
             port, address, peer = ps.get("port"), ps.get("address"), ps.get("cert")
-            if not (isinstance(port, int) and 0 < port < 65536 and isinstance(address, str)
-                    and len(address) < 256):
+            if not (
+                isinstance(port, int)
+                and 0 < port < 65536
+                and isinstance(address, str)
+                and len(address) < 256
+            ):
                 raise ProtocolError(f"the destination offered a bad page server: {ps!r:.200}")
             try:
                 cacert = certs.trust_peer(work, peer)
@@ -492,20 +526,31 @@ class SourceSession:
             self.ps_tls = certs.TlsFiles(cacert, cert, key)
         if self.strategy == "postcopy":
             token = ps.get("token") if ps else None
-            if not isinstance(token, bytes) or len(token) != LAZY_TOKEN_BYTES \
-                    or self.page_server is None:
-                raise ProtocolError(f"{self.destination} accepted a post-copy without a page "
-                                    "connection for it")
+            if (
+                not isinstance(token, bytes)
+                or len(token) != LAZY_TOKEN_BYTES
+                or self.page_server is None
+            ):
+                raise ProtocolError(
+                    f"{self.destination} accepted a post-copy without a page connection for it"
+                )
             try:
                 self.ps_sock = await asyncio.to_thread(_connect_lazy, *self.page_server, token)
             except OSError as e:
                 raise PreflightError(
                     f"cannot open the post-copy page connection to {self.destination} at "
                     f"{self.page_server[0]}:{self.page_server[1]} ({e.strerror or e}): is that "
-                    f"port reachable from {self.node_name}? nothing was frozen") from e
+                    f"port reachable from {self.node_name}? nothing was frozen"
+                ) from e
 
-    async def _run_locked(self, c: Container, link: _Link, work: Path, rep: MigrationReport,
-                          phase: Callable[[str], None]) -> None:
+    async def _run_locked(
+        self,
+        c: Container,
+        link: _Link,
+        work: Path,
+        rep: MigrationReport,
+        phase: Callable[[str], None],
+    ) -> None:
         from runtime.image.transfer import export_layer
 
         committed = False
@@ -524,8 +569,12 @@ class SourceSession:
             base = work / "rootfs-base.tar"
             await asyncio.to_thread(rootfs_diff.write, c.upperdir, base, True)
             total = base.stat().st_size
-            await link.send_file(base, "rootfs-base.tar", "rootfs",
-                                 lambda n: self.progress("precopy", link.bytes_sent, total))
+            await link.send_file(
+                base,
+                "rootfs-base.tar",
+                "rootfs",
+                lambda n: self.progress("precopy", link.bytes_sent, total),
+            )
             # everything sent so far arrived whole (and the upperdir is in place there)
             # before anything freezes: a broken pre-copy is refused while the tasks run
             await link.wait_files_ok()
@@ -550,15 +599,28 @@ class SourceSession:
             # (it then finds the cgroup FROZEN at once).  The downtime starts here.
             await asyncio.to_thread(c.cgroup().freeze)
             phase("freeze")
-            volumes = [{"key": f"vol{i}", "destination": m.destination, "source": m.source}
-                       for i, m in enumerate(c.config.mounts)]
+            volumes = [
+                {"key": f"vol{i}", "destination": m.destination, "source": m.source}
+                for i, m in enumerate(c.config.mounts)
+            ]
             lazy = self.ps_sock is not None
-            dump_task = asyncio.ensure_future(asyncio.to_thread(criu.dump, criu.DumpOptions(
-                pid=c.state.pid, images_dir=images, freeze_cgroup=freezer_path(c),
-                network_lock=network_lock(c.config), external=dump_externals(volumes, netns),
-                page_server=None if lazy else self.page_server, tls=self.ps_tls,
-                lazy_pages=lazy, ps_socket=self.ps_sock.fileno() if self.ps_sock else None),
-                on_notify))
+            dump_task = asyncio.ensure_future(
+                asyncio.to_thread(
+                    criu.dump,
+                    criu.DumpOptions(
+                        pid=c.state.pid,
+                        images_dir=images,
+                        freeze_cgroup=freezer_path(c),
+                        network_lock=network_lock(c.config),
+                        external=dump_externals(volumes, netns),
+                        page_server=None if lazy else self.page_server,
+                        tls=self.ps_tls,
+                        lazy_pages=lazy,
+                        ps_socket=self.ps_sock.fileno() if self.ps_sock else None,
+                    ),
+                    on_notify,
+                )
+            )
             waiter = asyncio.ensure_future(post_dump.wait())
             # the pages go to the page server, not through this channel: tell the
             # destination we are alive, or it gives up on a dump longer than its idle limit
@@ -579,10 +641,10 @@ class SourceSession:
 
             # -- transfer: CRIU images and the upperdir's changes
             delta = work / "rootfs-delta.tar"
-            deleted, changed = await asyncio.to_thread(rootfs_diff.write_delta, c.upperdir,
-                                                       before, delta)
-            small, large = image_pack.split(sorted(p for p in images.iterdir()
-                                                   if p.is_file()))
+            deleted, changed = await asyncio.to_thread(
+                rootfs_diff.write_delta, c.upperdir, before, delta
+            )
+            small, large = image_pack.split(sorted(p for p in images.iterdir() if p.is_file()))
             packed = work / "criu-images.tar"  # one file's round of messages, not twenty
             await asyncio.to_thread(image_pack.pack, small, packed)
             ctr_log = c.dir / "ctr.log"
@@ -590,32 +652,44 @@ class SourceSession:
             extra = [(delta, "rootfs-delta.tar", "rootfs")] if changed else []
             if ctr_log.exists():  # the container's output so far travels with it
                 extra.append((ctr_log, "ctr.log", "log"))
-            todo = [(packed, "criu-images.tar", "criu-pack"),
-                    *((p, f"criu/{p.name}", "criu") for p in large), *extra]
+            todo = [
+                (packed, "criu-images.tar", "criu-pack"),
+                *((p, f"criu/{p.name}", "criu") for p in large),
+                *extra,
+            ]
             total = sum(p.stat().st_size for p, _, _ in todo)
             sent0 = link.bytes_sent
             for p, name, kind in todo:
-                await link.send_file(p, name, kind,
-                                     lambda n: self.progress("transfer", link.bytes_sent - sent0,
-                                                             total))
+                await link.send_file(
+                    p,
+                    name,
+                    kind,
+                    lambda n: self.progress("transfer", link.bytes_sent - sent0, total),
+                )
             await link.wait_files_ok()
             phase("transfer")
 
             # -- restore on the destination, held before resuming
-            await link.send("restore", stdio=stdio, volumes=volumes, deleted=deleted,
-                            netns="external" if netns else "",
-                            dump={"freeze_to_post_dump_s": rep.phases_s.get("dump", 0.0)})
+            await link.send(
+                "restore",
+                stdio=stdio,
+                volumes=volumes,
+                deleted=deleted,
+                netns="external" if netns else "",
+                dump={"freeze_to_post_dump_s": rep.phases_s.get("dump", 0.0)},
+            )
             ready = await link.expect("ready", timeout_s=max(120.0, self.peer_timeout_s))
-            rep.restore_steps_s = {str(k): float(v) for k, v in
-                                   dict(ready.get("steps_s") or {}).items()
-                                   if isinstance(v, int | float)}
+            rep.restore_steps_s = {
+                str(k): float(v)
+                for k, v in dict(ready.get("steps_s") or {}).items()
+                if isinstance(v, int | float)
+            }
             phase("restore")
 
             # -- commit point: durable record, then our copy dies
             c.state.status = S.MIGRATED
             c.state.migrated_to = self.destination
-            c.state.extra = {**c.state.extra, "session": self.session,
-                             "migrated_at": time.time()}
+            c.state.extra = {**c.state.extra, "session": self.session, "migrated_at": time.time()}
             c.save()
             committed = True
             verdict[0] = True
@@ -632,12 +706,18 @@ class SourceSession:
                 except Exception:  # noqa: BLE001, S110 - expected: post-dump answered "failure"
                     pass
             await self._roll_back(c, link, str(e))
-            where = next((p for p in ("preflight", "precopy", "freeze", "dump", "transfer",
-                                      "restore")
-                          if p not in rep.phases_s), "restore")
+            where = next(
+                (
+                    p
+                    for p in ("preflight", "precopy", "freeze", "dump", "transfer", "restore")
+                    if p not in rep.phases_s
+                ),
+                "restore",
+            )
             if isinstance(e, MigrationError | JaulaError):
-                raise MigrationAborted(f"{e}; the container keeps running on {self.node_name}",
-                                       where) from e
+                raise MigrationAborted(
+                    f"{e}; the container keeps running on {self.node_name}", where
+                ) from e
             raise
         # -- resume on the destination (it decides from our record if this is lost), while
         # CRIU kills our frozen copy (seconds for a large one: not worth waiting for first)
@@ -655,9 +735,11 @@ class SourceSession:
         except Exception as e:  # noqa: BLE001 - after the commit: the cleanup kills what is left
             log.error("migration.source_dump_finish", session=self.session, error=str(e))
             if self.ps_sock is not None:
-                rep.postcopy_error = (f"the memory pages did not all reach {self.destination} "
-                                      f"({e}); it stops the container rather than run it "
-                                      "with pages missing")
+                rep.postcopy_error = (
+                    f"the memory pages did not all reach {self.destination} "
+                    f"({e}); it stops the container rather than run it "
+                    "with pages missing"
+                )
         if self.ps_sock is not None:
             phase("postcopy")
             rep.postcopy_s = rep.phases_s["postcopy"]
@@ -714,8 +796,9 @@ class SourceSession:
             log.error("migration.cleanup", errors=errors)
 
 
-async def accept_with_token(lsock: socket.socket, token: bytes, session: str = "",
-                            first_bytes_timeout_s: float = 5.0) -> socket.socket:
+async def accept_with_token(
+    lsock: socket.socket, token: bytes, session: str = "", first_bytes_timeout_s: float = 5.0
+) -> socket.socket:
     """Accept connections on the listening, non-blocking ``lsock`` until one sends
     ``token`` first; return it (blocking, the token read) and close ``lsock``.  Each
     connection is checked on its own, so a stranger on the port of a post-copy can neither
@@ -735,8 +818,7 @@ async def accept_with_token(lsock: socket.socket, token: bytes, session: str = "
                     if not more:
                         break
                     got += more
-            if len(got) == len(token) and secrets.compare_digest(got, token) \
-                    and not winner.done():
+            if len(got) == len(token) and secrets.compare_digest(got, token) and not winner.done():
                 winner.set_result(conn)
                 kept = True
         except (TimeoutError, OSError):
@@ -826,8 +908,11 @@ def stale_hold_sockets(rt: Runtime, active: set[str]) -> list[Path]:
     if not HOLD_DIR.is_dir():
         return []
     prefix = f"hold-{_root_tag(rt)}-"
-    return [p for p in HOLD_DIR.glob(prefix + "*.sock")
-            if p.name[len(prefix):-len(".sock")] not in active]
+    return [
+        p
+        for p in HOLD_DIR.glob(prefix + "*.sock")
+        if p.name[len(prefix) : -len(".sock")] not in active
+    ]
 
 
 def _root_tag(rt: Runtime) -> str:
@@ -850,19 +935,22 @@ def from_root(writer: asyncio.StreamWriter) -> bool:
     return uid == 0
 
 
-_NAME_RE = re.compile(r"^(criu/[A-Za-z0-9_.\-]{1,200}|layers/[0-9a-f]{64}\.tar|"
-                      r"criu-images\.tar|rootfs-base\.tar|rootfs-delta\.tar|ctr\.log)$")
+_NAME_RE = re.compile(
+    r"^(criu/[A-Za-z0-9_.\-]{1,200}|layers/[0-9a-f]{64}\.tar|"
+    r"criu-images\.tar|rootfs-base\.tar|rootfs-delta\.tar|ctr\.log)$"
+)
 
 
-def _unseal_write_hash(fd: int, h: Any, data: bytes, key: bytes, session: str,
-                       m: dict[str, Any]) -> int:
+def _unseal_write_hash(
+    fd: int, h: Any, data: bytes, key: bytes, session: str, m: dict[str, Any]
+) -> int:
     if "seq" in m:
         from migrate.sealing import open_chunk
 
         data = open_chunk(key, session, m["file"], m["seq"], m["offset"], data)
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
     h.update(data)
     return len(data)
 
@@ -886,16 +974,24 @@ class DestinationSession:
         offer: the decoded ``offer``; source: the source node's authenticated name.
     """
 
-    def __init__(self, rt: Runtime, send: Callable[[list[bytes]], Any], offer: dict[str, Any],
-                 source: str, queue: asyncio.Queue[Any] | None = None, listen: str = "",
-                 max_message_bytes: int = 8 << 20) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        send: Callable[[list[bytes]], Any],
+        offer: dict[str, Any],
+        source: str,
+        queue: asyncio.Queue[Any] | None = None,
+        listen: str = "",
+        max_message_bytes: int = 8 << 20,
+    ) -> None:
         self.rt = rt
         self._send = send
         self.offer = offer
         self.source = source
         self.session: str = offer["session"]
-        self.staging = scratch_dir(rt, int(offer.get("estimate_bytes", 0))) / \
-            f"incoming-{self.session}"
+        self.staging = (
+            scratch_dir(rt, int(offer.get("estimate_bytes", 0))) / f"incoming-{self.session}"
+        )
         self.files: dict[int, _IncomingFile] = {}
         self.cfg: ContainerConfig | None = None
         self.revive_task: asyncio.Future[Any] | None = None
@@ -932,35 +1028,46 @@ class DestinationSession:
         if o.get("strategy", "cold") not in STRATEGIES:
             raise PreflightError(f"this node cannot do strategy {o.get('strategy')!r}")
         cfg = ContainerConfig.from_json(o["container"])
-        check_compatible(Manifest(container=o["container"], image=o["image"],
-                                  criu_version=tuple(o["criu_version"]),  # type: ignore[arg-type]
-                                  cpu_flags=tuple(o.get("cpu_flags", ()))))
+        check_compatible(
+            Manifest(
+                container=o["container"],
+                image=o["image"],
+                criu_version=tuple(o["criu_version"]),  # type: ignore[arg-type]
+                cpu_flags=tuple(o.get("cpu_flags", ())),
+            )
+        )
         try:
             existing = Container(self.rt, cfg.id)
         except (FileNotFoundError, JaulaError):
             existing = None
         if existing is not None and existing.status is not S.MIGRATED:
-            raise PreflightError(f"container {cfg.id[:12]} already exists on this node "
-                                 f"({existing.status.value})")
+            raise PreflightError(
+                f"container {cfg.id[:12]} already exists on this node ({existing.status.value})"
+            )
         for cid in self.rt.store.ids():
             if cid != cfg.id and self.rt.store.name_of(cid) == cfg.name:
-                raise PreflightError(f"the name {cfg.name!r} is taken on this node by "
-                                     f"{cid[:12]}")
+                raise PreflightError(f"the name {cfg.name!r} is taken on this node by {cid[:12]}")
         st = os.statvfs(self.rt.root)
         free = st.f_bavail * st.f_frsize
         need = int(o.get("estimate_bytes", 0) * 2.2) + (64 << 20)
         if free < need:
-            raise PreflightError(f"not enough disk under {self.rt.root}: {free >> 20} MiB free, "
-                                 f"about {need >> 20} MiB needed")
+            raise PreflightError(
+                f"not enough disk under {self.rt.root}: {free >> 20} MiB free, "
+                f"about {need >> 20} MiB needed"
+            )
         missing = [la for la in o["image"].get("layers", []) if not self.rt.images.has_layer(la)]
-        self.cfg = ContainerConfig.from_json({**cfg.to_json(),
-                                              "cgroup_parent": self.rt.cgroup_parent})
+        self.cfg = ContainerConfig.from_json(
+            {**cfg.to_json(), "cgroup_parent": self.rt.cgroup_parent}
+        )
         (self.staging / "criu").mkdir(parents=True)
         (self.staging / "layers").mkdir()
         await asyncio.to_thread(self._make_container_dir, self.cfg)
         bulk = {}
-        if "aes-256-gcm" in o.get("bulk", []) and self.listen.startswith("tcp://") \
-                and self.queue is not None:
+        if (
+            "aes-256-gcm" in o.get("bulk", [])
+            and self.listen.startswith("tcp://")
+            and self.queue is not None
+        ):
             from migrate.sealing import new_key
             from migrate.transport import DataReceiver
 
@@ -972,8 +1079,13 @@ class DestinationSession:
         # not part of the downtime, even when the container is small and the host busy.
         from migrate.restore import RESTORER
 
-        arg = json.dumps({"bundle": str(self.staging), "hold": str(self.hold_path),
-                          "params": str(self.staging / "restore.json")})
+        arg = json.dumps(
+            {
+                "bundle": str(self.staging),
+                "hold": str(self.hold_path),
+                "params": str(self.staging / "restore.json"),
+            }
+        )
         self.armed = await asyncio.to_thread(self.rt.arm, self.cfg.id, RESTORER, arg)
         ps = await self._listen_lazy() if self.postcopy else self._start_page_server()
         await asyncio.to_thread(self.rt.wait_armed, self.armed)
@@ -987,22 +1099,29 @@ class DestinationSession:
         from migrate import certs
 
         o = self.offer
-        if "tls" not in o.get("page_server", []) or not o.get("ps_cert") \
-                or not self.listen.startswith("tcp://"):
+        if (
+            "tls" not in o.get("page_server", [])
+            or not o.get("ps_cert")
+            or not self.listen.startswith("tcp://")
+        ):
             return {}
         host = _endpoint_host(self.listen)
         try:
             # `criu page-server --address` takes an IP address, not a host name
             address = "0.0.0.0" if host == "*" else _resolve(host)
             tls, pem = certs.session_tls(self.staging, "destination", o["ps_cert"])
-            self.page_server = criu.PageServer(self.staging / "criu", address, tls,
-                                               self.staging)
+            self.page_server = criu.PageServer(self.staging / "criu", address, tls, self.staging)
         except (ValueError, JaulaError, OSError) as e:  # socket.gaierror is an OSError
             log.warning("migration.page_server.unavailable", session=self.session, error=str(e))
             return {}
         # the address it is bound to (a wildcard: the source uses the host it reached us on)
-        return {"page_server": {"address": host if host == "*" else address,
-                                "port": self.page_server.port, "cert": pem}}
+        return {
+            "page_server": {
+                "address": host if host == "*" else address,
+                "port": self.page_server.port,
+                "cert": pem,
+            }
+        }
 
     async def _listen_lazy(self) -> dict[str, Any]:
         """Post-copy: listen for the source's page connection; returns the ``accept``
@@ -1016,15 +1135,19 @@ class DestinationSession:
 
         o = self.offer
         if not self.listen.startswith("tcp://"):
-            raise PreflightError(f"post-copy needs a tcp:// listen endpoint on this node, not "
-                                 f"{self.listen!r}: use --strategy cold")
+            raise PreflightError(
+                f"post-copy needs a tcp:// listen endpoint on this node, not "
+                f"{self.listen!r}: use --strategy cold"
+            )
         if "tls" not in o.get("page_server", []) or not o.get("ps_cert"):
             raise PreflightError("the source offered post-copy without a TLS certificate")
         features = await asyncio.to_thread(criu.check_features, True)
         if not features.get("lazy_pages"):
-            raise PreflightError("CRIU cannot restore with lazy pages on this node (it needs "
-                                 "userfaultfd: vm.unprivileged_userfaultfd or root, and "
-                                 "CONFIG_USERFAULTFD): use --strategy cold")
+            raise PreflightError(
+                "CRIU cannot restore with lazy pages on this node (it needs "
+                "userfaultfd: vm.unprivileged_userfaultfd or root, and "
+                "CONFIG_USERFAULTFD): use --strategy cold"
+            )
         host = _endpoint_host(self.listen)
         address = "0.0.0.0" if host == "*" else _resolve(host)
         self.lazy_tls, pem = certs.session_tls(self.staging, "destination", o["ps_cert"])
@@ -1039,9 +1162,14 @@ class DestinationSession:
             raise
         token = secrets.token_bytes(LAZY_TOKEN_BYTES)
         self.lazy_conn = asyncio.ensure_future(accept_with_token(lsock, token, self.session))
-        return {"page_server": {"address": host if host == "*" else address,
-                                "port": lsock.getsockname()[1], "cert": pem,
-                                "token": token}}
+        return {
+            "page_server": {
+                "address": host if host == "*" else address,
+                "port": lsock.getsockname()[1],
+                "cert": pem,
+                "token": token,
+            }
+        }
 
     async def _read_data(self) -> None:
         """Chunks from the bulk channel join the session's queue (unsealed by on_chunk)."""
@@ -1067,8 +1195,9 @@ class DestinationSession:
         name = m["name"]
         if not _NAME_RE.match(name) or m["file"] in self.files:
             raise ProtocolError(f"unexpected file {name!r} (#{m['file']}) in the session")
-        fd = os.open(self.staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                     0o600)
+        fd = os.open(
+            self.staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
         self.files[m["file"]] = _IncomingFile(fd, name, m["kind"])
         for cm, data in self.early.pop(m["file"], []):
             await self.on_chunk(cm, data)
@@ -1080,16 +1209,18 @@ class DestinationSession:
             self.early.setdefault(m["file"], []).append((m, data))
             return
         if f is None or f.fd < 0 or m["offset"] != f.size:
-            raise ProtocolError(f"chunk at offset {m['offset']} of file #{m['file']} is out of "
-                                "order")
+            raise ProtocolError(
+                f"chunk at offset {m['offset']} of file #{m['file']} is out of order"
+            )
         if "seq" in m and not self.data_key:
             raise ProtocolError("a sealed chunk in a session without a bulk channel")
         if "seq" not in m and self.data_key:
             raise ProtocolError("an unsealed chunk in a session with a bulk channel")
         await self.send("credit", n=1)  # the write below is ours: the window moves on
         try:
-            n = await asyncio.to_thread(_unseal_write_hash, f.fd, f.h, data, self.data_key,
-                                        self.session, m)
+            n = await asyncio.to_thread(
+                _unseal_write_hash, f.fd, f.h, data, self.data_key, self.session, m
+            )
         except OSError as e:
             raise TransferError(f"cannot write {f.name} here: {e.strerror}") from e
         f.size += n
@@ -1107,18 +1238,20 @@ class DestinationSession:
         os.close(f.fd)
         f.fd = -1
         if f.size != m["size"] or f.h.hexdigest() != m["sha256"]:
-            raise TransferError(f"{f.name} arrived corrupt: {f.size} bytes with sha256 "
-                                f"{f.h.hexdigest()[:16]}..., the source sent {m['size']} bytes "
-                                f"with {m['sha256'][:16]}...")
+            raise TransferError(
+                f"{f.name} arrived corrupt: {f.size} bytes with sha256 "
+                f"{f.h.hexdigest()[:16]}..., the source sent {m['size']} bytes "
+                f"with {m['sha256'][:16]}..."
+            )
         if f.name == "rootfs-base.tar" and self.cdir is not None:
             # Unpack the pre-copied upperdir now, while the source still runs: only the
             # delta is left for the downtime.
-            await asyncio.to_thread(rootfs_diff.extract, self.staging / f.name,
-                                    self.cdir / "upper")
+            await asyncio.to_thread(rootfs_diff.extract, self.staging / f.name, self.cdir / "upper")
             os.unlink(self.staging / f.name)
         if f.name == "criu-images.tar":  # the small CRIU images, packed (migrate.image_pack)
-            await asyncio.to_thread(image_pack.unpack, self.staging / f.name,
-                                    self.staging / "criu", f.size)
+            await asyncio.to_thread(
+                image_pack.unpack, self.staging / f.name, self.staging / "criu", f.size
+            )
             os.unlink(self.staging / f.name)
         if f.kind == "layer":
             from runtime.image.transfer import import_layer
@@ -1153,20 +1286,26 @@ class DestinationSession:
         check_pipes(Bundle(self.staging))  # pipe sizes this node cannot give back: refuse
         await asyncio.to_thread(register_image, self.rt.images, self.offer["image"])
         await asyncio.to_thread(self._fill_container, m)
-        atomic_write_json(self.staging / "restore.json",
-                          {"stdio": m["stdio"], "volumes": m["volumes"],
-                           "netns": m.get("netns", ""), "lazy": self.postcopy})
+        atomic_write_json(
+            self.staging / "restore.json",
+            {
+                "stdio": m["stdio"],
+                "volumes": m["volumes"],
+                "netns": m.get("netns", ""),
+                "lazy": self.postcopy,
+            },
+        )
         step("prepare")
         if self.postcopy:
             await self._start_lazy_daemon()
             step("lazy_daemon")
-        self.hold_server = await asyncio.start_unix_server(self._on_hold,
-                                                           path=str(self.hold_path))
+        self.hold_server = await asyncio.start_unix_server(self._on_hold, path=str(self.hold_path))
         from migrate.restore import RESTORER
 
         armed, self.armed = self.armed, None
         self.revive_task = asyncio.ensure_future(
-            asyncio.to_thread(self.rt.revive, self.cfg.id, RESTORER, "", armed))
+            asyncio.to_thread(self.rt.revive, self.cfg.id, RESTORER, "", armed)
+        )
         held = asyncio.ensure_future(self.held.wait())
         await asyncio.wait({self.revive_task, held}, return_when=asyncio.FIRST_COMPLETED)
         if not self.held.is_set():
@@ -1175,8 +1314,9 @@ class DestinationSession:
             raise MigrationError("the restore finished without being held")
         step("criu_restore")
         if self.lazy_daemon is not None and self.lazy_daemon.proc.poll() is not None:
-            raise MigrationError("the lazy-pages daemon exited before the commit (see "
-                                 f"{self.lazy_daemon.log_path})")
+            raise MigrationError(
+                f"the lazy-pages daemon exited before the commit (see {self.lazy_daemon.log_path})"
+            )
         extra = {"steps_s": steps} if "restore_steps" in self.offer.get("features", []) else {}
         await self.send("ready", restore_s=round(time.monotonic() - t0, 6), **extra)
 
@@ -1189,13 +1329,14 @@ class DestinationSession:
         try:
             conn = await asyncio.wait_for(asyncio.shield(self.lazy_conn), 10.0)
         except TimeoutError:
-            raise MigrationError(f"{self.source} never opened its post-copy page "
-                                 "connection") from None
+            raise MigrationError(
+                f"{self.source} never opened its post-copy page connection"
+            ) from None
         try:
             _set_conn_timeouts(conn)
             self.lazy_daemon = await asyncio.to_thread(
-                criu.LazyPagesDaemon, self.staging / "criu", self.cdir, conn.fileno(),
-                self.lazy_tls)
+                criu.LazyPagesDaemon, self.staging / "criu", self.cdir, conn.fileno(), self.lazy_tls
+            )
         finally:
             conn.close()  # the daemon has its own copy
 
@@ -1207,15 +1348,18 @@ class DestinationSession:
         try:
             await asyncio.to_thread(self.lazy_daemon.wait, None)
         except JaulaError as e:
-            log.error("migration.postcopy.failed", session=self.session, error=str(e),
-                      action="killing the container: its memory is incomplete")
+            log.error(
+                "migration.postcopy.failed",
+                session=self.session,
+                error=str(e),
+                action="killing the container: its memory is incomplete",
+            )
             try:
                 c = Container(self.rt, self.cfg.id)
                 if c.state.pid and sc_alive(c.state.pid, c.state.pid_start_time):
                     os.kill(c.state.pid, signal.SIGKILL)
             except (JaulaError, OSError) as ke:
-                log.error("migration.postcopy.kill_failed", session=self.session,
-                          error=str(ke))
+                log.error("migration.postcopy.kill_failed", session=self.session, error=str(ke))
         finally:
             await asyncio.to_thread(self._mark_postcopy, False)
 
@@ -1231,9 +1375,15 @@ class DestinationSession:
                 c.refresh()
                 if on:
                     pid = self.lazy_daemon.proc.pid
-                    c.state.extra = {**c.state.extra, "postcopy": {
-                        "session": self.session, "from": self.source, "daemon_pid": pid,
-                        "daemon_start": proc_start_time(pid)}}
+                    c.state.extra = {
+                        **c.state.extra,
+                        "postcopy": {
+                            "session": self.session,
+                            "from": self.source,
+                            "daemon_pid": pid,
+                            "daemon_start": proc_start_time(pid),
+                        },
+                    }
                 else:
                     c.state.extra = {k: v for k, v in c.state.extra.items() if k != "postcopy"}
                 c.save()
@@ -1248,9 +1398,12 @@ class DestinationSession:
                 shutil.rmtree(cdir)
             cdir = store.create_dir(cfg.id)
             atomic_write_json(cdir / "config.json", cfg.to_json())
-            atomic_write_json(cdir / "state.json", State(
-                status=S.MIGRATING, extra={"session": self.session, "from": self.source}
-            ).to_json())
+            atomic_write_json(
+                cdir / "state.json",
+                State(
+                    status=S.MIGRATING, extra={"session": self.session, "from": self.source}
+                ).to_json(),
+            )
         self.cdir = cdir
         return cdir
 
@@ -1284,14 +1437,19 @@ class DestinationSession:
         t0 = time.monotonic()
         if self.lazy_daemon is not None and self.lazy_daemon.proc.poll() is not None:
             # committed on the source, but the pages cannot come: never run on zero-fill
-            log.error("migration.postcopy.daemon_gone", session=self.session,
-                      log=str(self.lazy_daemon.log_path))
+            log.error(
+                "migration.postcopy.daemon_gone",
+                session=self.session,
+                log=str(self.lazy_daemon.log_path),
+            )
             self.hold_decision.set_result(False)
             with contextlib.suppress(Exception):
                 await self.revive_task
-            raise MigrationError(f"the lazy-pages daemon on this node died before the "
-                                 f"resume: the container's memory cannot arrive, so it was "
-                                 f"not resumed (see {self.lazy_daemon.log_path})")
+            raise MigrationError(
+                f"the lazy-pages daemon on this node died before the "
+                f"resume: the container's memory cannot arrive, so it was "
+                f"not resumed (see {self.lazy_daemon.log_path})"
+            )
         self.hold_decision.set_result(True)
         await self.revive_task
         await self.send("resumed", resume_s=round(time.monotonic() - t0, 6))

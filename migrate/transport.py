@@ -161,8 +161,13 @@ class _AllowList:
         """Called by the authenticator with the ZAP domain and the client's Z85 key."""
         peer = self.cluster.by_key(key) if domain == ZAP_DOMAIN else None
         if peer is not None:
-            log.debug("transport.accepted", peer=peer.name, kind=str(peer.kind),
-                      key=key.decode("ascii", "replace"), endpoint=self.endpoint)
+            log.debug(
+                "transport.accepted",
+                peer=peer.name,
+                kind=str(peer.kind),
+                key=key.decode("ascii", "replace"),
+                endpoint=self.endpoint,
+            )
             return True
         now = time.monotonic()
         last, suppressed = self._logged.get(key, (-REFUSAL_LOG_INTERVAL_S, 0))
@@ -170,9 +175,14 @@ class _AllowList:
             if len(self._logged) >= 1024:
                 self._logged.clear()
             self._logged[key] = (now, 0)
-            log.warning("transport.refused", key=key.decode("ascii", "replace"), domain=domain,
-                        endpoint=self.endpoint, suppressed=suppressed,
-                        reason="public key not in the cluster file")
+            log.warning(
+                "transport.refused",
+                key=key.decode("ascii", "replace"),
+                domain=domain,
+                endpoint=self.endpoint,
+                suppressed=suppressed,
+                reason="public key not in the cluster file",
+            )
         else:
             self._logged[key] = (last, suppressed + 1)
         return False
@@ -215,8 +225,9 @@ class _ZapHandler:
                     # EFSM means the reply was already sent
                     if len(request) > 1:
                         try:
-                            sock.send_multipart([b"1.0", request[1], b"500",
-                                                 b"Internal error", b"", b""])
+                            sock.send_multipart(
+                                [b"1.0", request[1], b"500", b"Internal error", b"", b""]
+                            )
                         except zmq.ZMQError:
                             pass
             await self._readable.wait()
@@ -238,9 +249,15 @@ class Server:
     should call :meth:`recv`; any task may call :meth:`send`.
     """
 
-    def __init__(self, ctx: zmq.asyncio.Context, sock: zmq.asyncio.Socket,
-                 zap: _ZapHandler, allow: _AllowList, cfg: NodeConfig,
-                 max_frames: int) -> None:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        sock: zmq.asyncio.Socket,
+        zap: _ZapHandler,
+        allow: _AllowList,
+        cfg: NodeConfig,
+        max_frames: int,
+    ) -> None:
         self._ctx = ctx
         self._socket = sock
         self._zap = zap
@@ -252,8 +269,9 @@ class Server:
         """The endpoint actually bound (``tcp://127.0.0.1:7001``)."""
 
     @classmethod
-    async def start(cls, cfg: NodeConfig, cluster: Cluster, *,
-                    max_frames: int = MAX_FRAMES) -> Server:
+    async def start(
+        cls, cfg: NodeConfig, cluster: Cluster, *, max_frames: int = MAX_FRAMES
+    ) -> Server:
         """Start the ZAP authenticator, then bind a CURVE ROUTER socket on ``cfg.listen``.
 
         The node's own key comes from ``cfg.secret_key`` and must be the one the cluster
@@ -266,8 +284,9 @@ class Server:
         try:
             public, secret = keys.load_secret(cfg.secret_key)
         except NodeConfigError as e:
-            raise NodeConfigError(f"{cfg.source}: secret_key: {e}", path=str(cfg.source),
-                                  key="secret_key") from e
+            raise NodeConfigError(
+                f"{cfg.source}: secret_key: {e}", path=str(cfg.source), key="secret_key"
+            ) from e
         check_node_in_cluster(cfg, cluster, public)
         ctx = zmq.asyncio.Context()
         zap: _ZapHandler | None = None
@@ -288,7 +307,9 @@ class Server:
                 raise NodeConfigError(
                     f"{cfg.source}: listen: cannot bind {cfg.listen}: {e.strerror} (is another "
                     "node service using it? choose a free port or address)",
-                    path=str(cfg.source), key="listen") from e
+                    path=str(cfg.source),
+                    key="listen",
+                ) from e
         except BaseException:
             if sock is not None:
                 sock.close(linger=0)
@@ -297,8 +318,13 @@ class Server:
             ctx.destroy(linger=0)
             raise
         server = cls(ctx, sock, zap, allow, cfg, max_frames)
-        log.info("transport.listening", node=cfg.name, endpoint=server.endpoint,
-                 nodes=len(cluster.nodes), operators=len(cluster.operators))
+        log.info(
+            "transport.listening",
+            node=cfg.name,
+            endpoint=server.endpoint,
+            nodes=len(cluster.nodes),
+            operators=len(cluster.operators),
+        )
         return server
 
     @property
@@ -339,13 +365,19 @@ class Server:
             elif len(msg) - 1 > self._max_frames:
                 reason = f"{len(msg) - 1} frames (at most {self._max_frames})"
             if reason is not None or peer is None:
-                log.warning("transport.dropped", endpoint=self.endpoint, reason=reason,
-                            key=user_id, address=address)
+                log.warning(
+                    "transport.dropped",
+                    endpoint=self.endpoint,
+                    reason=reason,
+                    key=user_id,
+                    address=address,
+                )
                 continue
             return Incoming(msg[0].bytes, peer, [f.bytes for f in msg[1:]], address)
 
-    async def send(self, routing_id: bytes, frames: list[bytes], *,
-                   timeout_s: float = SEND_TIMEOUT_S) -> None:
+    async def send(
+        self, routing_id: bytes, frames: list[bytes], *, timeout_s: float = SEND_TIMEOUT_S
+    ) -> None:
         """Send ``frames`` to the connection ``routing_id`` (from :class:`Incoming`).
 
         Raises:
@@ -355,18 +387,21 @@ class Server:
         if not frames:
             raise ValueError("a message needs at least one frame")
         try:
-            await asyncio.wait_for(
-                self._socket.send_multipart([routing_id, *frames]), timeout_s)
+            await asyncio.wait_for(self._socket.send_multipart([routing_id, *frames]), timeout_s)
         except zmq.ZMQError as e:
             if e.errno == zmq.EHOSTUNREACH:
-                raise PeerUnavailable(f"{self.endpoint}: the peer connection "
-                                      f"{routing_id.hex()} is gone; it must connect again"
-                                      ) from e
-            raise PeerUnavailable(f"{self.endpoint}: send to {routing_id.hex()} failed: "
-                                  f"{e.strerror}") from e
+                raise PeerUnavailable(
+                    f"{self.endpoint}: the peer connection "
+                    f"{routing_id.hex()} is gone; it must connect again"
+                ) from e
+            raise PeerUnavailable(
+                f"{self.endpoint}: send to {routing_id.hex()} failed: {e.strerror}"
+            ) from e
         except TimeoutError as e:
-            raise PeerUnavailable(f"{self.endpoint}: the peer connection {routing_id.hex()} "
-                                  f"did not take a message for {timeout_s} s") from e
+            raise PeerUnavailable(
+                f"{self.endpoint}: the peer connection {routing_id.hex()} "
+                f"did not take a message for {timeout_s} s"
+            ) from e
 
     async def close(self) -> None:
         """Close the socket, then stop the authenticator, then destroy the context.
@@ -387,14 +422,21 @@ class Server:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
 
-_MONITOR_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED
-                   | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_MONITOR_EVENTS = (
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 class Client:
@@ -405,9 +447,16 @@ class Client:
     One task at a time should call :meth:`recv`.
     """
 
-    def __init__(self, ctx: zmq.asyncio.Context, sock: zmq.asyncio.Socket,
-                 monitor: zmq.Socket[Any], endpoint: str, server_public_key: bytes,
-                 own_public: bytes, name: str | None) -> None:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        sock: zmq.asyncio.Socket,
+        monitor: zmq.Socket[Any],
+        endpoint: str,
+        server_public_key: bytes,
+        own_public: bytes,
+        name: str | None,
+    ) -> None:
         self._ctx = ctx
         self._socket = sock
         self._monitor = monitor
@@ -423,9 +472,16 @@ class Client:
         self._problem: str | None = None
 
     @classmethod
-    async def connect(cls, endpoint: str, server_public_key: bytes, own_public: bytes,
-                      own_secret: bytes, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                      name: str | None = None) -> Client:
+    async def connect(
+        cls,
+        endpoint: str,
+        server_public_key: bytes,
+        own_public: bytes,
+        own_secret: bytes,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        name: str | None = None,
+    ) -> Client:
         """Connect (in the background, as ZeroMQ does) to the node service at ``endpoint``.
 
         Keys are 40 Z85 bytes.  Messages sent before the connection is up are queued.
@@ -433,8 +489,11 @@ class Client:
         Raises:
             NodeConfigError: a key is not 40 Z85 characters or the endpoint is invalid.
         """
-        for what, key in (("server public key", server_public_key),
-                          ("own public key", own_public), ("own secret key", own_secret)):
+        for what, key in (
+            ("server public key", server_public_key),
+            ("own public key", own_public),
+            ("own secret key", own_secret),
+        ):
             if not keys.is_z85_key(key):
                 raise NodeConfigError(f"{what} for {endpoint} is not 40 Z85 characters")
         ctx = zmq.asyncio.Context()
@@ -463,8 +522,7 @@ class Client:
         return cls(ctx, sock, monitor, endpoint, server_public_key, own_public, name)
 
     @classmethod
-    async def for_peer(cls, client_cfg: ClientConfig, cluster: Cluster,
-                       node_name: str) -> Client:
+    async def for_peer(cls, client_cfg: ClientConfig, cluster: Cluster, node_name: str) -> Client:
         """Connect to the node ``node_name`` of ``cluster`` with ``client_cfg``'s keypair.
 
         Raises:
@@ -472,10 +530,14 @@ class Client:
         """
         node = cluster.node(node_name)
         assert node.endpoint is not None  # nodes always have one (load_cluster checks)
-        return await cls.connect(node.endpoint, node.public_key, client_cfg.public_key,
-                                 client_cfg.secret_key,
-                                 max_message_bytes=client_cfg.max_message_bytes,
-                                 name=node.name)
+        return await cls.connect(
+            node.endpoint,
+            node.public_key,
+            client_cfg.public_key,
+            client_cfg.secret_key,
+            max_message_bytes=client_cfg.max_message_bytes,
+            name=node.name,
+        )
 
     def _who(self) -> str:
         return f"node {self.name} at {self.endpoint}" if self.name else self.endpoint
@@ -498,20 +560,30 @@ class Client:
                     self._problem = "the connection was lost"
                 self._authenticated = False
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400:
-                self._problem = (f"it refused our key (ZAP status 400): list our public "
-                                 f"key {self._own_public.decode()} in that node's cluster file")
+                self._problem = (
+                    f"it refused our key (ZAP status 400): list our public "
+                    f"key {self._own_public.decode()} in that node's cluster file"
+                )
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self._problem = (f"its authentication failed (ZAP status {value}, RFC 27: 300 "
-                                 "temporary, 500 internal error): see that node's log")
-            elif event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
-                           zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-                self._problem = (f"the CURVE handshake failed: the server key we used "
-                                 f"({self._server_key.decode()}) is probably not that node's "
-                                 "public key; check its public_key in the cluster file")
+                self._problem = (
+                    f"its authentication failed (ZAP status {value}, RFC 27: 300 "
+                    "temporary, 500 internal error): see that node's log"
+                )
+            elif event in (
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+            ):
+                self._problem = (
+                    f"the CURVE handshake failed: the server key we used "
+                    f"({self._server_key.decode()}) is probably not that node's "
+                    "public key; check its public_key in the cluster file"
+                )
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 if not self._tcp_up:
-                    self._problem = ("cannot connect (refused or unreachable): is its node "
-                                     "service running and listening there?")
+                    self._problem = (
+                        "cannot connect (refused or unreachable): is its node "
+                        "service running and listening there?"
+                    )
                 self._tcp_up = False
 
     def _unavailable(self, what: str) -> PeerUnavailable:
@@ -564,12 +636,14 @@ class Client:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
 # -- bulk data channel --------------------------------------------------------------------------
+
 
 class DataReceiver:
     """The destination's end of a session's bulk data channel: a plain (not CURVE) PULL
@@ -590,9 +664,10 @@ class DataReceiver:
         """Bind on the host of ``listen`` (``tcp://HOST:PORT``), port chosen by the kernel.
         Raises NodeConfigError for a non-TCP listen endpoint."""
         if not listen.startswith("tcp://"):
-            raise NodeConfigError(f"a bulk data channel needs a tcp:// listen endpoint, not "
-                                  f"{listen}")
-        host = listen[len("tcp://"):].rsplit(":", 1)[0]
+            raise NodeConfigError(
+                f"a bulk data channel needs a tcp:// listen endpoint, not {listen}"
+            )
+        host = listen[len("tcp://") :].rsplit(":", 1)[0]
         ctx = zmq.asyncio.Context()
         sock = ctx.socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, 0)

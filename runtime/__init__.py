@@ -13,9 +13,12 @@ structlog, only warnings and errors are written, to stderr.
 from __future__ import annotations
 
 _EXPORTS = {
-    "Container": "runtime.container", "RunOptions": "runtime.container",
-    "Runtime": "runtime.container", "JaulaError": "runtime.errors",
-    "ContainerStatus": "runtime.state", "State": "runtime.state",
+    "Container": "runtime.container",
+    "RunOptions": "runtime.container",
+    "Runtime": "runtime.container",
+    "JaulaError": "runtime.errors",
+    "ContainerStatus": "runtime.state",
+    "State": "runtime.state",
 }
 
 

@@ -42,10 +42,11 @@ def configure_logging(level: str) -> None:
     """Structured key=value logs on stderr, WARNING and above unless asked otherwise."""
     lvl = getattr(logging, level.upper(), logging.WARNING)
     structlog.configure(
-        processors=[structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso"),
-                    structlog.processors.KeyValueRenderer(key_order=["timestamp", "level",
-                                                                     "event"])],
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"]),
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         # resolve sys.stderr at each call: it may be replaced (tests, daemons)
         logger_factory=lambda *args: structlog.PrintLogger(sys.stderr),
@@ -79,11 +80,18 @@ class Parser(argparse.ArgumentParser):
 def global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     """--state-root and --log-level, accepted before or after the command."""
     d = argparse.SUPPRESS if suppress else None
-    p.add_argument("--state-root", type=Path, default=d,
-                   help="state root (default: $JAULA_ROOT or /var/lib/jaula)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                   default=d if suppress else os.environ.get("JAULA_LOG_LEVEL", "warning"),
-                   help="log verbosity on stderr (default: warning)")
+    p.add_argument(
+        "--state-root",
+        type=Path,
+        default=d,
+        help="state root (default: $JAULA_ROOT or /var/lib/jaula)",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=d if suppress else os.environ.get("JAULA_LOG_LEVEL", "warning"),
+        help="log verbosity on stderr (default: warning)",
+    )
 
 
 _COMMON = argparse.ArgumentParser(add_help=False)
@@ -99,13 +107,14 @@ class SubParser(Parser):
 
 
 def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentParser:
-    p = Parser(prog="jaula", description="A container runtime built for checkpoint/restore "
-               "and live migration.")
+    p = Parser(
+        prog="jaula",
+        description="A container runtime built for checkpoint/restore and live migration.",
+    )
     global_options(p, suppress=False)
     for ext in extensions:
         ext.add_global_options(p)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
-                           parser_class=SubParser)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=SubParser)
 
     img = sub.add_parser("image", help="manage images")
     isub = img.add_subparsers(dest="image_cmd", required=True, metavar="COMMAND")
@@ -119,8 +128,9 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     run = sub.add_parser("run", help="run a command in a new container")
     run.add_argument("--name", help="name of the container (default: a random one)")
     run.add_argument("-d", "--detach", action="store_true", help="run in the background")
-    run.add_argument("--rm", action="store_true",
-                     help="remove the container when it exits (not with -d)")
+    run.add_argument(
+        "--rm", action="store_true", help="remove the container when it exits (not with -d)"
+    )
     run.add_argument("--memory", "-m", help="memory limit (bytes, or 512m, 1g...)")
     run.add_argument("--cpus", help="CPU limit, e.g. 0.5")
     run.add_argument("--pids-limit", help="maximum number of processes")
@@ -132,13 +142,16 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     run.add_argument("-v", "--volume", action="append", default=[], help="HOST:CTR[:ro]")
     run.add_argument("--entrypoint", help="override the image's Entrypoint")
     run.add_argument("--cap-add", action="append", default=[], help="add a capability")
-    run.add_argument("--cap-drop", action="append", default=[],
-                     help="drop a capability (ALL drops every one)")
-    run.add_argument("--privileged", action="store_true",
-                     help="keep all capabilities, mask nothing")
+    run.add_argument(
+        "--cap-drop", action="append", default=[], help="drop a capability (ALL drops every one)"
+    )
+    run.add_argument(
+        "--privileged", action="store_true", help="keep all capabilities, mask nothing"
+    )
     run.add_argument("image", help="image name, id or id prefix")
-    run.add_argument("command", nargs=argparse.REMAINDER,
-                     help="command and arguments (default: the image's)")
+    run.add_argument(
+        "command", nargs=argparse.REMAINDER, help="command and arguments (default: the image's)"
+    )
 
     ps = sub.add_parser("ps", help="list containers")
     ps.add_argument("-a", "--all", action="store_true", help="show stopped containers too")
@@ -161,15 +174,18 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     ex.add_argument("container", help="name, id or id prefix")
     ex.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments")
 
-    for name, helptext in (("pause", "freeze a container's processes"),
-                           ("resume", "thaw a paused container")):
+    for name, helptext in (
+        ("pause", "freeze a container's processes"),
+        ("resume", "thaw a paused container"),
+    ):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("containers", nargs="+")
     sub._name_parser_map["unpause"] = sub._name_parser_map["resume"]
 
     st = sub.add_parser("stop", help="stop containers (stop signal, then SIGKILL)")
-    st.add_argument("-t", "--time", type=float, default=10.0,
-                    help="seconds before SIGKILL (-1: wait forever)")
+    st.add_argument(
+        "-t", "--time", type=float, default=10.0, help="seconds before SIGKILL (-1: wait forever)"
+    )
     st.add_argument("containers", nargs="+")
 
     k = sub.add_parser("kill", help="send a signal to containers")
@@ -216,16 +232,38 @@ def cmd_ps(rt: Runtime, a: argparse.Namespace) -> int:
             print(c.id[:12])
         return 0
     if a.format == "json":
-        print(json.dumps([{"Id": c.id, "Name": c.name, "Image": c.config.image_ref,
-                           "Command": list(c.config.args), "Status": c.status.value,
-                           "Pid": c.state.pid, "ExitCode": c.state.exit_code,
-                           "Created": c.config.created_at} for c in cs], indent=1))
+        print(
+            json.dumps(
+                [
+                    {
+                        "Id": c.id,
+                        "Name": c.name,
+                        "Image": c.config.image_ref,
+                        "Command": list(c.config.args),
+                        "Status": c.status.value,
+                        "Pid": c.state.pid,
+                        "ExitCode": c.state.exit_code,
+                        "Created": c.config.created_at,
+                    }
+                    for c in cs
+                ],
+                indent=1,
+            )
+        )
         return 0
     rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES")]
     for c in cs:
         cmd = " ".join(c.config.args)
-        rows.append((c.id[:12], c.config.image_ref, cmd if len(cmd) <= 20 else cmd[:17] + "...",
-                     _ago(c.config.created_at) + " ago", _status_text(c), c.name))
+        rows.append(
+            (
+                c.id[:12],
+                c.config.image_ref,
+                cmd if len(cmd) <= 20 else cmd[:17] + "...",
+                _ago(c.config.created_at) + " ago",
+                _status_text(c),
+                c.name,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for r in rows:
         print("  ".join(v.ljust(widths[i]) for i, v in enumerate(r)).rstrip())
@@ -237,17 +275,24 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     opts = RunOptions(
-        image=a.image, command=tuple(cmd),
+        image=a.image,
+        command=tuple(cmd),
         entrypoint=None if a.entrypoint is None else tuple(a.entrypoint.split()),
-        name=a.name, env=tuple(a.env), workdir=a.workdir, user=a.user, hostname=a.hostname,
+        name=a.name,
+        env=tuple(a.env),
+        workdir=a.workdir,
+        user=a.user,
+        hostname=a.hostname,
         network=a.network,
         resources=Resources(
             memory_bytes=parse_memory(a.memory) if a.memory else None,
             cpu_quota_us=parse_cpus(a.cpus) if a.cpus else None,
-            pids_max=parse_pids_limit(a.pids_limit) if a.pids_limit else None),
+            pids_max=parse_pids_limit(a.pids_limit) if a.pids_limit else None,
+        ),
         mounts=tuple(parse_volume(v) for v in a.volume),
         capabilities=parse_capabilities(a.cap_add, a.cap_drop, a.privileged),
-        privileged=a.privileged)
+        privileged=a.privileged,
+    )
     if a.rm and a.detach:
         raise ConfigError("--rm goes with an attached run, not with -d")
     c = rt.run(opts)
@@ -263,6 +308,7 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
 
 def _attach(c: Container) -> int:
     """Stream the container's output until it exits; forward SIGINT/SIGTERM to it."""
+
     def forward(signum: int, _frame: object) -> None:
         try:
             os.kill(c.state.pid, signum)
@@ -274,8 +320,10 @@ def _attach(c: Container) -> int:
 
     def done() -> bool:
         c.refresh()
-        return c.status not in (ContainerStatus.RUNNING, ContainerStatus.PAUSED) \
+        return (
+            c.status not in (ContainerStatus.RUNNING, ContainerStatus.PAUSED)
             and not c.monitor_alive()
+        )
 
     for rec in read_log(c.dir / "ctr.log", follow=True, is_done=done):
         write_record(rec)
@@ -288,8 +336,10 @@ def cmd_logs(rt: Runtime, a: argparse.Namespace) -> int:
 
     def done() -> bool:
         c.refresh()
-        return c.status not in (ContainerStatus.RUNNING, ContainerStatus.PAUSED) \
+        return (
+            c.status not in (ContainerStatus.RUNNING, ContainerStatus.PAUSED)
             and not c.monitor_alive()
+        )
 
     records = read_log(c.dir / "ctr.log", follow=a.follow, is_done=done)
     if a.tail is not None:
@@ -325,8 +375,9 @@ def cmd_image(rt: Runtime, a: argparse.Namespace) -> int:
         rows = [("REPOSITORY:TAG", "IMAGE ID", "LAYERS", "SIZE")]
         for img in rt.images.list():
             for n in img.names or ("<none>",):
-                rows.append((n, img.id[:12], str(len(img.layers)),
-                             f"{img.size_bytes / 1e6:.1f} MB"))
+                rows.append(
+                    (n, img.id[:12], str(len(img.layers)), f"{img.size_bytes / 1e6:.1f} MB")
+                )
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         for r in rows:
             print("  ".join(v.ljust(widths[i]) for i, v in enumerate(r)).rstrip())
@@ -350,8 +401,9 @@ def _each(a: argparse.Namespace, rt: Runtime, fn: object) -> int:
     return rc
 
 
-def dispatch(rt: Runtime | None, a: argparse.Namespace,
-             extensions: Sequence[CliExtension] = ()) -> int:
+def dispatch(
+    rt: Runtime | None, a: argparse.Namespace, extensions: Sequence[CliExtension] = ()
+) -> int:
     for ext in extensions:
         rc = ext.dispatch(rt, a)
         if rc is not None:
@@ -404,8 +456,9 @@ def main(argv: Sequence[str] | None = None, extensions: Sequence[CliExtension] =
         print(f"jaula: error: {e}", file=sys.stderr)
         if isinstance(e, CommandNotFound) or (a.cmd == "exec" and "not found" in str(e)):
             return 127
-        if isinstance(e, CommandNotExecutable) or (a.cmd == "exec"
-                                                   and str(e).startswith("exec failed")):
+        if isinstance(e, CommandNotExecutable) or (
+            a.cmd == "exec" and str(e).startswith("exec failed")
+        ):
             return 126
         return EXIT_ERROR
     except BrokenPipeError:

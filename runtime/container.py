@@ -57,8 +57,10 @@ S = ContainerStatus
 def require_root() -> None:
     """Raise NotRootError unless the caller is uid 0."""
     if os.geteuid() != 0:
-        raise NotRootError("jaula needs root to create namespaces, mounts and cgroups: "
-                           "run it as root (e.g. with sudo)")
+        raise NotRootError(
+            "jaula needs root to create namespaces, mounts and cgroups: "
+            "run it as root (e.g. with sudo)"
+        )
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,11 @@ class Container:
             st.status = S.STOPPED
             rec = self.exit_record()
             if rec is not None:
-                st.exit_code, st.finished_at, st.oom_killed = (rec.exit_code, rec.finished_at,
-                                                                rec.oom_killed)
+                st.exit_code, st.finished_at, st.oom_killed = (
+                    rec.exit_code,
+                    rec.finished_at,
+                    rec.oom_killed,
+                )
             else:  # the monitor died too: the exit status is lost
                 st.exit_code = st.exit_code if st.exit_code is not None else -1
                 st.finished_at = st.finished_at or time.time()
@@ -153,8 +158,11 @@ class Container:
             cm = flocked(self.dir / "lock", blocking=blocking)
             cm.__enter__()
         except BlockingIOError:
-            raise ContainerError(f"container {self.name} is busy: another operation (a "
-                                 "checkpoint or a migration?) is in progress", self.id) from None
+            raise ContainerError(
+                f"container {self.name} is busy: another operation (a "
+                "checkpoint or a migration?) is in progress",
+                self.id,
+            ) from None
         try:
             self.refresh()
             yield
@@ -185,7 +193,9 @@ class Container:
         if self.status not in allowed:
             raise ContainerError(
                 f"container {self.name} ({self.id[:12]}) is {self.status.value}: cannot {action} "
-                f"it (it must be {' or '.join(s.value for s in allowed)})", self.id)
+                f"it (it must be {' or '.join(s.value for s in allowed)})",
+                self.id,
+            )
 
     # -- operations ------------------------------------------------------------------------
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -255,8 +265,11 @@ class Container:
             if self.status is S.PAUSED:
                 raise ContainerError(f"container {self.name} is already paused", self.id)
             if self.status is not S.RUNNING:
-                raise ContainerError(f"container {self.name} is {self.status.value}: only a "
-                                     "running container can be paused", self.id)
+                raise ContainerError(
+                    f"container {self.name} is {self.status.value}: only a "
+                    "running container can be paused",
+                    self.id,
+                )
             self.cgroup().freeze()
             self.state.status = S.PAUSED
             self.save()
@@ -265,14 +278,22 @@ class Container:
         """Thaw a paused container."""
         with self.locked():
             if self.status is not S.PAUSED:
-                raise ContainerError(f"container {self.name} is {self.status.value}, not paused: "
-                                     "nothing to resume", self.id)
+                raise ContainerError(
+                    f"container {self.name} is {self.status.value}, not paused: nothing to resume",
+                    self.id,
+                )
             self.cgroup().thaw()
             self.state.status = S.RUNNING
             self.save()
 
-    def exec(self, args: tuple[str, ...], env: tuple[str, ...] = (), workdir: str | None = None,
-             user: str | None = None, detach: bool = False) -> int:
+    def exec(
+        self,
+        args: tuple[str, ...],
+        env: tuple[str, ...] = (),
+        workdir: str | None = None,
+        user: str | None = None,
+        detach: bool = False,
+    ) -> int:
         """Run ``args`` inside the running container (see :mod:`runtime.exec_process`).
 
         Returns the program's exit code.  Raises ContainerError when the container is not
@@ -284,8 +305,17 @@ class Container:
             pid = self.state.pid
             cfg = self.config
             u = resolve_user(self.rootfs, user) if user else cfg.user
-        return exec_in(pid, self.cgroup(), tuple(args), parse_env(list(env), cfg.env),
-                       workdir or cfg.cwd, u, cfg.capabilities, detach, self.id)
+        return exec_in(
+            pid,
+            self.cgroup(),
+            tuple(args),
+            parse_env(list(env), cfg.env),
+            workdir or cfg.cwd,
+            u,
+            cfg.capabilities,
+            detach,
+            self.id,
+        )
 
     def delete(self, force: bool = False) -> None:
         """Remove the container: its processes (with ``force``), cgroup, mount and directory.
@@ -295,7 +325,9 @@ class Container:
             if self.status in (S.RUNNING, S.PAUSED, S.MIGRATING) and not force:
                 raise ContainerError(
                     f"container {self.name} ({self.id[:12]}) is {self.status.value}: stop it "
-                    "first or use `rm -f`", self.id)
+                    "first or use `rm -f`",
+                    self.id,
+                )
             self._teardown()
         self.rt.store.remove_dir(self.id)
         log.info("container.removed", id=self.id[:12], name=self.name)
@@ -381,8 +413,12 @@ class Runtime:
             (default: see :func:`default_cgroup_parent`).
     """
 
-    def __init__(self, root: Path | None = None, cgroup_root: Path = Path("/sys/fs/cgroup"),
-                 cgroup_parent: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path | None = None,
+        cgroup_root: Path = Path("/sys/fs/cgroup"),
+        cgroup_parent: str | None = None,
+    ) -> None:
         self.store = Store(root)
         self.root = self.store.root
         self.images = ImageStore(self.root)
@@ -424,8 +460,10 @@ class Runtime:
         cmd = opts.command or (icfg.cmd if opts.entrypoint is None else ())
         args = tuple(entrypoint) + tuple(cmd)
         if not args:
-            raise ConfigError(f"no command given and image {opts.image} has no Entrypoint or "
-                              "Cmd: give one after the image name")
+            raise ConfigError(
+                f"no command given and image {opts.image} has no Entrypoint or "
+                "Cmd: give one after the image name"
+            )
         from runtime.spec import DEFAULT_CAPABILITIES
 
         env = parse_env(list(opts.env), tuple(icfg.env))  # may raise: before anything is made
@@ -435,18 +473,27 @@ class Runtime:
             cid = self.store.new_id()
             cdir = self.store.create_dir(cid)
             cfg = ContainerConfig(
-                id=cid, name=name, image_id=image.id, image_ref=opts.image,
-                layers=tuple(image.layers), args=args,
+                id=cid,
+                name=name,
+                image_id=image.id,
+                image_ref=opts.image,
+                layers=tuple(image.layers),
+                args=args,
                 env=env,
                 cwd=opts.workdir or icfg.working_dir or "/",
                 user_spec=opts.user or icfg.user or "",
-                hostname=opts.hostname or cid[:12], network=opts.network,
-                resources=opts.resources, mounts=opts.mounts,
-                capabilities=(DEFAULT_CAPABILITIES if opts.capabilities is None
-                              else opts.capabilities),
+                hostname=opts.hostname or cid[:12],
+                network=opts.network,
+                resources=opts.resources,
+                mounts=opts.mounts,
+                capabilities=(
+                    DEFAULT_CAPABILITIES if opts.capabilities is None else opts.capabilities
+                ),
                 privileged=opts.privileged,
                 stop_signal=_stop_signal(icfg.stop_signal),
-                cgroup_parent=self.cgroup_parent, created_at=time.time())
+                cgroup_parent=self.cgroup_parent,
+                created_at=time.time(),
+            )
             atomic_write_json(cdir / "config.json", cfg.to_json())
             atomic_write_json(cdir / "state.json", State().to_json())
         layout = OverlayLayout.in_dir(cdir, layer_dirs)
@@ -465,16 +512,20 @@ class Runtime:
                 mon_pid, sync_r = _launch_monitor(cdir)
                 mon_start = sc.proc_start_time(mon_pid)
                 pid, start = _await_monitor(cdir, sync_r)
-                ctr.state = State(status=S.RUNNING, pid=pid, pid_start_time=start,
-                                  monitor_pid=mon_pid, monitor_start_time=mon_start,
-                                  started_at=time.time())
+                ctr.state = State(
+                    status=S.RUNNING,
+                    pid=pid,
+                    pid_start_time=start,
+                    monitor_pid=mon_pid,
+                    monitor_start_time=mon_start,
+                    started_at=time.time(),
+                )
                 ctr.save()
         except BaseException:
             _rollback(cdir, layout, cg, mon_pid, mon_start)
             raise
         log.info("container.started", id=cid[:12], name=name, pid=pid)
         return ctr
-
 
     def arm(self, container_id: str, restorer: str, arg: str) -> ArmedRestore:
         """Start the container's monitor in restore mode ahead of time: it loads
@@ -502,11 +553,15 @@ class Runtime:
         deadline = time.monotonic() + timeout_s
         while not mark.exists():
             if not sc.is_alive(armed.mon_pid, armed.mon_start):
-                raise ContainerError(f"the armed monitor {armed.mon_pid} died before it was "
-                                     "ready", armed.container_id)
+                raise ContainerError(
+                    f"the armed monitor {armed.mon_pid} died before it was ready",
+                    armed.container_id,
+                )
             if time.monotonic() > deadline:
-                raise ContainerError(f"the armed monitor {armed.mon_pid} was not ready after "
-                                     f"{timeout_s:.0f} s", armed.container_id)
+                raise ContainerError(
+                    f"the armed monitor {armed.mon_pid} was not ready after {timeout_s:.0f} s",
+                    armed.container_id,
+                )
             time.sleep(0.002)
 
     def disarm(self, armed: ArmedRestore) -> None:
@@ -520,8 +575,9 @@ class Runtime:
         while sc.is_alive(armed.mon_pid, armed.mon_start) and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    def revive(self, container_id: str, restorer: str, arg: str,
-               armed: ArmedRestore | None = None) -> Container:
+    def revive(
+        self, container_id: str, restorer: str, arg: str, armed: ArmedRestore | None = None
+    ) -> Container:
         """Bring a checkpointed container back to running through an external restorer.
 
         The caller has put the container's upperdir in place.  This mounts the overlay,
@@ -538,14 +594,19 @@ class Runtime:
             if c.status not in (S.CHECKPOINTED, S.MIGRATING):
                 raise ContainerError(
                     f"container {c.name} ({c.id[:12]}) is {c.status.value}: only a checkpointed "
-                    "or incoming container can be restored", c.id)
+                    "or incoming container can be restored",
+                    c.id,
+                )
             for layer in c.config.layers:
                 if not self.images.has_layer(layer):
-                    raise ContainerError(f"layer sha256:{layer} of container {c.name} is not in "
-                                         "this node's image store: import its image first",
-                                         c.id)
-            layout = OverlayLayout.in_dir(c.dir, [self.images.layer_dir(la)
-                                                  for la in c.config.layers])
+                    raise ContainerError(
+                        f"layer sha256:{layer} of container {c.name} is not in "
+                        "this node's image store: import its image first",
+                        c.id,
+                    )
+            layout = OverlayLayout.in_dir(
+                c.dir, [self.images.layer_dir(la) for la in c.config.layers]
+            )
             (c.dir / "exit.json").unlink(missing_ok=True)
             cg = c.cgroup()
             mon_pid, mon_start = 0, None
@@ -564,10 +625,15 @@ class Runtime:
                 c.state.monitor_pid, c.state.monitor_start_time = mon_pid, mon_start
                 c.save()
                 pid, start = _await_monitor(c.dir, sync_r)
-                c.state = State(status=S.RUNNING, pid=pid, pid_start_time=start,
-                                monitor_pid=mon_pid, monitor_start_time=mon_start,
-                                started_at=c.state.started_at or time.time(),
-                                extra={**c.state.extra, "restored_at": time.time()})
+                c.state = State(
+                    status=S.RUNNING,
+                    pid=pid,
+                    pid_start_time=start,
+                    monitor_pid=mon_pid,
+                    monitor_start_time=mon_start,
+                    started_at=c.state.started_at or time.time(),
+                    extra={**c.state.extra, "restored_at": time.time()},
+                )
                 c.save()
             except BaseException:
                 if armed is not None:  # failed before the monitor was told to go
@@ -612,10 +678,15 @@ def _tell_monitor(armed: ArmedRestore, word: bytes, timeout_s: float = 10.0) -> 
         try:
             fd = os.open(armed.fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
-            if e.errno != 6 or time.monotonic() > deadline or not sc.is_alive(
-                    armed.mon_pid, armed.mon_start):  # 6: ENXIO, no reader yet
-                raise ContainerError(f"the armed monitor {armed.mon_pid} is not waiting: "
-                                     f"{e.strerror}", armed.container_id) from e
+            if (
+                e.errno != 6
+                or time.monotonic() > deadline
+                or not sc.is_alive(armed.mon_pid, armed.mon_start)
+            ):  # 6: ENXIO, no reader yet
+                raise ContainerError(
+                    f"the armed monitor {armed.mon_pid} is not waiting: {e.strerror}",
+                    armed.container_id,
+                ) from e
             time.sleep(0.002)
             continue
         try:
@@ -634,8 +705,9 @@ def _stop_signal(value: str | None) -> int:
         return signal.SIGTERM
 
 
-def _rollback(cdir: Path, layout: OverlayLayout, cg: CgroupManager, mon_pid: int,
-              mon_start: int | None) -> None:
+def _rollback(
+    cdir: Path, layout: OverlayLayout, cg: CgroupManager, mon_pid: int, mon_start: int | None
+) -> None:
     """Undo a failed ``run``: processes, cgroup, monitor, mount, directory (in that order)."""
     import shutil
 
@@ -644,8 +716,9 @@ def _rollback(cdir: Path, layout: OverlayLayout, cg: CgroupManager, mon_pid: int
         shutil.rmtree(cdir, ignore_errors=True)
 
 
-def _undo_start(layout: OverlayLayout, cg: CgroupManager, mon_pid: int,
-                mon_start: int | None) -> None:
+def _undo_start(
+    layout: OverlayLayout, cg: CgroupManager, mon_pid: int, mon_start: int | None
+) -> None:
     """Kill what a failed start or restore started and unmount; errors are logged."""
     try:
         cg.destroy()
@@ -684,8 +757,10 @@ def _launch_monitor(cdir: Path, extra: tuple[str, ...] = ()) -> tuple[int, int]:
             from runtime.process import close_fds_except
 
             close_fds_except({sync_w})
-            os.execv(sys.executable, [sys.executable, "-m", "runtime.monitor", str(cdir),
-                                      str(sync_w), *extra])
+            os.execv(
+                sys.executable,
+                [sys.executable, "-m", "runtime.monitor", str(cdir), str(sync_w), *extra],
+            )
         finally:
             os._exit(127)
     os.close(sync_w)
@@ -731,8 +806,10 @@ def resolve_user(rootfs: Path, spec: str) -> User:
     else:
         entry = next((e for e in passwd if e[0] == user), None)
         if entry is None:
-            raise ConfigError(f"unable to find user {user}: no matching entries in the image's "
-                              "/etc/passwd; use a numeric UID[:GID]")
+            raise ConfigError(
+                f"unable to find user {user}: no matching entries in the image's "
+                "/etc/passwd; use a numeric UID[:GID]"
+            )
         uid, gid, uname = int(entry[2]), int(entry[3]), entry[0]
     if group:
         if group.isdigit():
@@ -740,21 +817,32 @@ def resolve_user(rootfs: Path, spec: str) -> User:
         else:
             g = next((e for e in groups if e[0] == group), None)
             if g is None:
-                raise ConfigError(f"unable to find group {group}: no matching entries in the "
-                                  "image's /etc/group")
+                raise ConfigError(
+                    f"unable to find group {group}: no matching entries in the image's /etc/group"
+                )
             gid = int(g[2])
     extra: tuple[int, ...] = ()
     if uname:
-        extra = tuple(sorted({int(e[2]) for e in groups
-                              if len(e) > 3 and uname in e[3].split(",") and e[2].isdigit()}))
+        extra = tuple(
+            sorted(
+                {
+                    int(e[2])
+                    for e in groups
+                    if len(e) > 3 and uname in e[3].split(",") and e[2].isdigit()
+                }
+            )
+        )
     return User(uid, gid, extra)
 
 
 def _read_db(rootfs: Path, path: str) -> list[list[str]]:
     try:
         with open(secure_join(str(rootfs), path)) as f:
-            return [line.rstrip("\n").split(":") for line in f
-                    if line.strip() and not line.startswith("#") and line.count(":") >= 2]
+            return [
+                line.rstrip("\n").split(":")
+                for line in f
+                if line.strip() and not line.startswith("#") and line.count(":") >= 2
+            ]
     except OSError:
         return []
 
@@ -767,8 +855,7 @@ def make_workdir(rootfs: Path, cwd: str, user: User) -> None:
     if os.path.isdir(host):
         return
     if os.path.lexists(host):
-        raise ConfigError(f"cannot use working directory {cwd}: it is not a directory in the "
-                          "image")
+        raise ConfigError(f"cannot use working directory {cwd}: it is not a directory in the image")
     os.makedirs(host, mode=0o755)
     os.chown(host, user.uid, user.gid)
 
@@ -780,8 +867,9 @@ def check_command(rootfs: Path, program: str, env: tuple[str, ...], cwd: str) ->
 
     def check_exec(host: str) -> None:
         if os.path.isdir(host) or not os.access(host, os.X_OK):
-            raise CommandNotExecutable(f"{program}: permission denied: not an executable file "
-                                       "in the image")
+            raise CommandNotExecutable(
+                f"{program}: permission denied: not an executable file in the image"
+            )
 
     if "/" in program:
         p = program if program.startswith("/") else os.path.join(cwd, program)
@@ -796,5 +884,4 @@ def check_command(rootfs: Path, program: str, env: tuple[str, ...], cwd: str) ->
         if host and os.path.exists(host):
             check_exec(host)
             return
-    raise CommandNotFound(f"executable file {program!r} not found in $PATH ({path}) of the "
-                          "image")
+    raise CommandNotFound(f"executable file {program!r} not found in $PATH ({path}) of the image")

@@ -51,7 +51,9 @@ class InvalidStateTransition(ContainerError):
     def __init__(self, container_id: str, current: str, target: str, action: str) -> None:
         super().__init__(
             f"container {container_id[:12]} is {current}: moving it to {target} ({action}) is "
-            "not allowed", container_id)
+            "not allowed",
+            container_id,
+        )
         self.current = current
         self.target = target
 

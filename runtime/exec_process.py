@@ -32,17 +32,26 @@ from runtime.spec import User
 NAMESPACES = ("ipc", "uts", "net", "pid", "mnt")
 
 
-def exec_in(init_pid: int, cgroup: CgroupManager, args: tuple[str, ...], env: tuple[str, ...],
-            cwd: str, user: User, capabilities: tuple[str, ...], detach: bool = False,
-            container_id: str | None = None) -> int:
+def exec_in(
+    init_pid: int,
+    cgroup: CgroupManager,
+    args: tuple[str, ...],
+    env: tuple[str, ...],
+    cwd: str,
+    user: User,
+    capabilities: tuple[str, ...],
+    detach: bool = False,
+    container_id: str | None = None,
+) -> int:
     """Run ``args`` in the namespaces of ``init_pid`` (host pid) and wait for it.
 
     Returns the program's exit code (128 + signal when killed; 0 at once with ``detach``).
     Raises NamespaceError when the namespaces cannot be opened, ContainerError with the
     reason when the program cannot be started (not found, bad cwd...)."""
     try:
-        ns_fds = [os.open(f"/proc/{init_pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
-                  for ns in NAMESPACES]
+        ns_fds = [
+            os.open(f"/proc/{init_pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in NAMESPACES
+        ]
     except OSError as e:
         raise NamespaceError(f"cannot open the namespaces of pid {init_pid}: {e.strerror}") from e
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -64,9 +73,17 @@ def exec_in(init_pid: int, cgroup: CgroupManager, args: tuple[str, ...], env: tu
     return 128 - code if code < 0 else code
 
 
-def _helper(ns_fds: list[int], cgroup: CgroupManager, args: tuple[str, ...],
-            env: tuple[str, ...], cwd: str, user: User, capabilities: tuple[str, ...],
-            detach: bool, err_w: int) -> NoReturn:
+def _helper(
+    ns_fds: list[int],
+    cgroup: CgroupManager,
+    args: tuple[str, ...],
+    env: tuple[str, ...],
+    cwd: str,
+    user: User,
+    capabilities: tuple[str, ...],
+    detach: bool,
+    err_w: int,
+) -> NoReturn:
     step = "join the cgroup"
     try:
         cgroup.add_process(os.getpid())
@@ -96,4 +113,3 @@ def _helper(ns_fds: list[int], cgroup: CgroupManager, args: tuple[str, ...],
         fail_to_parent(err_w, str(e), 126)
     except BaseException as e:  # noqa: BLE001 - anything here must reach the caller
         fail_to_parent(err_w, f"{step}: {e}", 126)
-

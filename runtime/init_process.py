@@ -34,8 +34,9 @@ from runtime.rootfs.mounts import pivot_into, prepare_rootfs
 from runtime.spec import ContainerConfig
 
 
-def run_init(cfg: ContainerConfig, rootfs: str, start_r: int, err_w: int,
-             stdout_w: int, stderr_w: int) -> NoReturn:
+def run_init(
+    cfg: ContainerConfig, rootfs: str, start_r: int, err_w: int, stdout_w: int, stderr_w: int
+) -> NoReturn:
     """Become the container init and exec its program; never returns.
 
     On failure writes ``"<step>: <reason>"`` to ``err_w`` and exits 127."""
@@ -75,4 +76,3 @@ def run_init(cfg: ContainerConfig, rootfs: str, start_r: int, err_w: int,
         fail_to_parent(err_w, str(e), 127)
     except BaseException as e:  # noqa: BLE001 - anything here must reach the parent
         fail_to_parent(err_w, f"{step}: {e}", 127)
-

@@ -34,8 +34,12 @@ def parse_line(line: bytes) -> LogRecord | None:
     return LogRecord(ts.decode(), stream.decode(), text + (b"\n" if tag == b"F" else b""))
 
 
-def read_log(path: Path, follow: bool = False, is_done: Callable[[], bool] | None = None,
-             poll_s: float = 0.05) -> Iterator[LogRecord]:
+def read_log(
+    path: Path,
+    follow: bool = False,
+    is_done: Callable[[], bool] | None = None,
+    poll_s: float = 0.05,
+) -> Iterator[LogRecord]:
     """Yield records from ``path``; with ``follow`` keep reading until ``is_done()`` is true
     and the file has no more complete lines."""
     try:

@@ -38,8 +38,10 @@ _PARTIAL_FLUSH = 16 * 1024
 
 def _ts() -> str:
     now = time.time_ns()
-    return datetime.fromtimestamp(now // 1_000_000_000, UTC).strftime(
-        "%Y-%m-%dT%H:%M:%S") + f".{now % 1_000_000_000:09d}Z"
+    return (
+        datetime.fromtimestamp(now // 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        + f".{now % 1_000_000_000:09d}Z"
+    )
 
 
 class LogWriter:
@@ -137,8 +139,9 @@ def _finish(cdir: Path, cgroup: CgroupManager, pid: int, status: int) -> int:
         oom = cgroup.oom_killed()
     except Exception:  # noqa: BLE001 - the OOM flag is best effort
         oom = False
-    record = ExitRecord(exit_code=128 + sig if sig else code, signal=sig,
-                        finished_at=time.time(), oom_killed=oom)
+    record = ExitRecord(
+        exit_code=128 + sig if sig else code, signal=sig, finished_at=time.time(), oom_killed=oom
+    )
     atomic_write_json(cdir / "exit.json", record.__dict__)
     try:
         unmount(cdir / "merged")

@@ -21,8 +21,14 @@ from runtime import syscalls as sc
 from runtime.spec import User, capability_mask
 
 #: Signals whose disposition Python changes at start-up and a child would inherit on exec.
-_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGHUP, signal.SIGTERM,
-                  signal.SIGCHLD)
+_RESET_SIGNALS = (
+    signal.SIGPIPE,
+    signal.SIGXFSZ,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGTERM,
+    signal.SIGCHLD,
+)
 
 
 class ExecFailed(Exception):
@@ -100,8 +106,10 @@ def exec_user_program(args: tuple[str, ...], env: tuple[str, ...], cwd: str) -> 
     try:
         os.execvpe(args[0], list(args), envd)
     except FileNotFoundError:
-        raise ExecFailed(f"executable file {args[0]!r} not found in $PATH "
-                         f"({envd.get('PATH', '')}) of the container") from None
+        raise ExecFailed(
+            f"executable file {args[0]!r} not found in $PATH "
+            f"({envd.get('PATH', '')}) of the container"
+        ) from None
     except PermissionError:
         raise ExecFailed(f"{args[0]!r}: permission denied (not executable?)") from None
     except OSError as e:

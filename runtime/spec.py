@@ -19,33 +19,90 @@ from runtime.errors import ConfigError
 #: Capabilities a container keeps by default: Podman's default set (containers.conf
 #: ``default_capabilities``), which is runc's minus AUDIT_WRITE, MKNOD and NET_RAW.
 DEFAULT_CAPABILITIES: tuple[str, ...] = (
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
-    "CAP_NET_BIND_SERVICE", "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SETFCAP",
+    "CAP_SETGID",
+    "CAP_SETPCAP",
+    "CAP_SETUID",
     "CAP_SYS_CHROOT",
 )
 
 #: capability name -> number (linux/capability.h).
-CAPABILITIES: dict[str, int] = {name: i for i, name in enumerate((
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
-    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
-    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
-    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
-    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
-))}
+CAPABILITIES: dict[str, int] = {
+    name: i
+    for i, name in enumerate(
+        (
+            "CAP_CHOWN",
+            "CAP_DAC_OVERRIDE",
+            "CAP_DAC_READ_SEARCH",
+            "CAP_FOWNER",
+            "CAP_FSETID",
+            "CAP_KILL",
+            "CAP_SETGID",
+            "CAP_SETUID",
+            "CAP_SETPCAP",
+            "CAP_LINUX_IMMUTABLE",
+            "CAP_NET_BIND_SERVICE",
+            "CAP_NET_BROADCAST",
+            "CAP_NET_ADMIN",
+            "CAP_NET_RAW",
+            "CAP_IPC_LOCK",
+            "CAP_IPC_OWNER",
+            "CAP_SYS_MODULE",
+            "CAP_SYS_RAWIO",
+            "CAP_SYS_CHROOT",
+            "CAP_SYS_PTRACE",
+            "CAP_SYS_PACCT",
+            "CAP_SYS_ADMIN",
+            "CAP_SYS_BOOT",
+            "CAP_SYS_NICE",
+            "CAP_SYS_RESOURCE",
+            "CAP_SYS_TIME",
+            "CAP_SYS_TTY_CONFIG",
+            "CAP_MKNOD",
+            "CAP_LEASE",
+            "CAP_AUDIT_WRITE",
+            "CAP_AUDIT_CONTROL",
+            "CAP_SETFCAP",
+            "CAP_MAC_OVERRIDE",
+            "CAP_MAC_ADMIN",
+            "CAP_SYSLOG",
+            "CAP_WAKE_ALARM",
+            "CAP_BLOCK_SUSPEND",
+            "CAP_AUDIT_READ",
+            "CAP_PERFMON",
+            "CAP_BPF",
+            "CAP_CHECKPOINT_RESTORE",
+        )
+    )
+}
 
 #: Paths masked in /proc and /sys (runc's default spec ``linux.maskedPaths``).
 MASKED_PATHS: tuple[str, ...] = (
-    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
-    "/sys/firmware", "/sys/devices/virtual/powercap",
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
 )
 #: Paths made read-only (runc's default spec ``linux.readonlyPaths``).
 READONLY_PATHS: tuple[str, ...] = (
-    "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
 )
 
 
@@ -205,8 +262,9 @@ def parse_volume(value: str) -> Mount:
     return Mount(os.path.realpath(src), os.path.normpath(dst), opt == "ro")
 
 
-def parse_capabilities(cap_add: list[str], cap_drop: list[str],
-                       privileged: bool) -> tuple[str, ...]:
+def parse_capabilities(
+    cap_add: list[str], cap_drop: list[str], privileged: bool
+) -> tuple[str, ...]:
     """Apply ``--cap-add``/``--cap-drop`` (names with or without ``CAP_``, or ``ALL``) to the
     default set; ``--privileged`` keeps every capability."""
     if privileged:
@@ -243,7 +301,6 @@ def capability_mask(names: tuple[str, ...]) -> int:
     return mask
 
 
-
 def parse_signal(value: str | int) -> int:
     """Parse a signal as a number, ``TERM`` or ``SIGTERM``."""
     import signal
@@ -258,14 +315,28 @@ def parse_signal(value: str | int) -> int:
         try:
             n = int(signal.Signals[name])
         except KeyError:
-            raise ConfigError(f"invalid signal {value!r}: use a name like TERM or a number") from None
+            raise ConfigError(
+                f"invalid signal {value!r}: use a name like TERM or a number"
+            ) from None
     if not 1 <= n <= 64:
         raise ConfigError(f"invalid signal {value!r}: must be between 1 and 64")
     return n
 
 
 __all__ = [
-    "CAPABILITIES", "DEFAULT_CAPABILITIES", "MASKED_PATHS", "READONLY_PATHS", "ContainerConfig",
-    "Mount", "User", "capability_mask", "parse_capabilities", "parse_cpus", "parse_env",
-    "parse_memory", "parse_pids_limit", "parse_signal", "parse_volume",
+    "CAPABILITIES",
+    "DEFAULT_CAPABILITIES",
+    "MASKED_PATHS",
+    "READONLY_PATHS",
+    "ContainerConfig",
+    "Mount",
+    "User",
+    "capability_mask",
+    "parse_capabilities",
+    "parse_cpus",
+    "parse_env",
+    "parse_memory",
+    "parse_pids_limit",
+    "parse_signal",
+    "parse_volume",
 ]

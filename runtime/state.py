@@ -51,8 +51,9 @@ TRANSITIONS: dict[ContainerStatus, frozenset[ContainerStatus]] = {
 }
 
 
-def check_transition(container_id: str, current: ContainerStatus, target: ContainerStatus,
-                     action: str) -> None:
+def check_transition(
+    container_id: str, current: ContainerStatus, target: ContainerStatus, action: str
+) -> None:
     """Raise InvalidStateTransition unless ``current -> target`` is in :data:`TRANSITIONS`."""
     if target not in TRANSITIONS[current]:
         raise InvalidStateTransition(container_id, current.value, target.value, action)

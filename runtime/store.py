@@ -39,10 +39,46 @@ DEFAULT_ROOT = Path("/var/lib/jaula")
 ID_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 
-_ADJECTIVES = ("brave", "calm", "eager", "fond", "gentle", "happy", "jolly", "keen", "lucid",
-               "merry", "nifty", "proud", "quiet", "sharp", "swift", "vivid", "wise", "zen")
-_NOUNS = ("albatross", "badger", "condor", "dingo", "egret", "falcon", "gecko", "heron", "ibis",
-          "jackal", "kestrel", "lemur", "marten", "newt", "ocelot", "puffin", "quail", "raven")
+_ADJECTIVES = (
+    "brave",
+    "calm",
+    "eager",
+    "fond",
+    "gentle",
+    "happy",
+    "jolly",
+    "keen",
+    "lucid",
+    "merry",
+    "nifty",
+    "proud",
+    "quiet",
+    "sharp",
+    "swift",
+    "vivid",
+    "wise",
+    "zen",
+)
+_NOUNS = (
+    "albatross",
+    "badger",
+    "condor",
+    "dingo",
+    "egret",
+    "falcon",
+    "gecko",
+    "heron",
+    "ibis",
+    "jackal",
+    "kestrel",
+    "lemur",
+    "marten",
+    "newt",
+    "ocelot",
+    "puffin",
+    "quail",
+    "raven",
+)
 
 
 def default_root() -> Path:
@@ -95,8 +131,11 @@ class Store:
         """Ids of every container directory that has a config."""
         if not self.containers_dir.is_dir():
             return []
-        return sorted(p.name for p in self.containers_dir.iterdir()
-                      if ID_RE.match(p.name) and (p / "config.json").exists())
+        return sorted(
+            p.name
+            for p in self.containers_dir.iterdir()
+            if ID_RE.match(p.name) and (p / "config.json").exists()
+        )
 
     def name_of(self, container_id: str) -> str | None:
         import json
@@ -124,7 +163,10 @@ class Store:
             if len(matches) > 1:
                 raise AmbiguousContainer(
                     f"container id prefix {ref!r} is ambiguous: it matches "
-                    + ", ".join(m[:12] for m in matches) + "; give more characters", None)
+                    + ", ".join(m[:12] for m in matches)
+                    + "; give more characters",
+                    None,
+                )
         raise ContainerNotFound(f"no such container: {ref} (see `jaula ps -a`)", None)
 
     def new_id(self) -> str:
@@ -151,12 +193,16 @@ class Store:
         if not NAME_RE.match(name):
             raise InvalidContainerId(
                 f"invalid container name {name!r}: use letters, digits, '_', '.' and '-', "
-                "starting with a letter or digit", None)
+                "starting with a letter or digit",
+                None,
+            )
         for i in self.ids():
             if self.name_of(i) == name:
                 raise ContainerExists(
                     f"the container name {name!r} is already in use by {i[:12]}: "
-                    "choose another name or remove that container", i)
+                    "choose another name or remove that container",
+                    i,
+                )
 
     def create_dir(self, container_id: str) -> Path:
         """Create the container's directory (mode 0700); raises ContainerExists if present."""

@@ -56,13 +56,23 @@ PR_SET_NAME = 15
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217}
 
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                        ctypes.c_ulong]
+_libc.prctl.argtypes = [
+    ctypes.c_int,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
 
 
 def _check(ret: int, what: str) -> None:
@@ -75,11 +85,18 @@ def _b(value: str | os.PathLike[str] | None) -> bytes | None:
     return None if value is None else os.fsencode(value)
 
 
-def mount(source: str | None, target: str | os.PathLike[str], fstype: str | None,
-          flags: int = 0, data: str | None = None) -> None:
+def mount(
+    source: str | None,
+    target: str | os.PathLike[str],
+    fstype: str | None,
+    flags: int = 0,
+    data: str | None = None,
+) -> None:
     """mount(2).  Raises OSError naming source, target and type."""
-    _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)),
-           f"mount {source or 'none'} on {os.fspath(target)} (type {fstype}, data {data!r})")
+    _check(
+        _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)),
+        f"mount {source or 'none'} on {os.fspath(target)} (type {fstype}, data {data!r})",
+    )
 
 
 def umount(target: str | os.PathLike[str], flags: int = 0) -> None:
@@ -119,8 +136,11 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -158,8 +178,9 @@ def link_up(ifname: str = "lo") -> None:
         ifr = struct.pack("16sh14x", ifname.encode(), 0)
         res = fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifr)
         flags = struct.unpack("16sh14x", res)[1]
-        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sh14x", ifname.encode(),
-                                                          flags | IFF_UP))
+        fcntl.ioctl(
+            s.fileno(), SIOCSIFFLAGS, struct.pack("16sh14x", ifname.encode(), flags | IFF_UP)
+        )
 
 
 def set_process_name(name: str) -> None:
@@ -176,7 +197,7 @@ def _stat_fields(pid: int) -> list[bytes] | None:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return data[data.rindex(b")") + 2:].split()
+    return data[data.rindex(b")") + 2 :].split()
 
 
 def proc_start_time(pid: int) -> int | None:

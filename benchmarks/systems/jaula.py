@@ -55,12 +55,15 @@ NODES = ("node1", "node2")
 
 def strategies() -> list[str]:
     """The strategies ``jaula migrate --help`` offers (``--strategy {a,b}``)."""
-    p = subprocess.run([*JAULA, "migrate", "--help"], capture_output=True, text=True,
-                       cwd=REPO, check=False)
+    p = subprocess.run(
+        [*JAULA, "migrate", "--help"], capture_output=True, text=True, cwd=REPO, check=False
+    )
     m = re.search(r"--strategy \{([^}]*)\}", p.stdout)
     if p.returncode != 0 or m is None:
-        raise RunError(f"jaula migrate --help lists no strategies ({p.returncode}): "
-                       f"{tail(p.stderr or p.stdout, 300)}")
+        raise RunError(
+            f"jaula migrate --help lists no strategies ({p.returncode}): "
+            f"{tail(p.stderr or p.stdout, 300)}"
+        )
     return [s.strip() for s in m[1].split(",") if s.strip()]
 
 
@@ -103,15 +106,18 @@ class JaulaCluster:
             self.work.mkdir(parents=True, exist_ok=True)
             self.files = write_cluster(self.work / "cluster")
             for node, cfg in self.files.nodes.items():
-                cfg.write_text(cfg.read_text().replace(f'"jaula-test-{node}"',
-                                                       f'"{self.cgroup_parent(node)}"'))
+                cfg.write_text(
+                    cfg.read_text().replace(f'"jaula-test-{node}"', f'"{self.cgroup_parent(node)}"')
+                )
             for node in NODES:
                 self._start(node)
             for img in images.values():
                 for node in NODES:
-                    check_cmd(f"jaula image import on {node}",
-                              [*self.local(node), "image", "import", str(img.layout),
-                               "--name", img.name], 300)
+                    check_cmd(
+                        f"jaula image import on {node}",
+                        [*self.local(node), "image", "import", str(img.layout), "--name", img.name],
+                        300,
+                    )
             self.ready = True
         except RunError as e:
             self.error = str(e)
@@ -120,9 +126,22 @@ class JaulaCluster:
     def _start(self, node: str) -> None:
         assert self.files is not None
         with open(self.work / f"{node}.log", "ab") as log:
-            p = subprocess.Popen([*JAULA, "--log-level", "info", "node", "serve", "--config",
-                                  str(self.files.nodes[node])], stdout=log, stderr=log,
-                                 stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
+            p = subprocess.Popen(
+                [
+                    *JAULA,
+                    "--log-level",
+                    "info",
+                    "node",
+                    "serve",
+                    "--config",
+                    str(self.files.nodes[node]),
+                ],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO,
+                start_new_session=True,
+            )
         self.procs[node] = p
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -130,15 +149,14 @@ class JaulaCluster:
             if rc == 0:
                 return
             if p.poll() is not None:
-                raise RunError(f"jaula node serve ({node}) exited {p.returncode}: "
-                               f"{self.node_log(node)}")
+                raise RunError(
+                    f"jaula node serve ({node}) exited {p.returncode}: {self.node_log(node)}"
+                )
             time.sleep(0.2)
-        raise RunError(f"jaula node serve ({node}) did not answer in 30 s: "
-                       f"{self.node_log(node)}")
+        raise RunError(f"jaula node serve ({node}) did not answer in 30 s: {self.node_log(node)}")
 
     def inspect(self, node: str, name: str) -> dict[str, object]:
-        out = check_cmd(f"jaula inspect {name} on {node}",
-                        [*self.local(node), "inspect", name], 60)
+        out = check_cmd(f"jaula inspect {name} on {node}", [*self.local(node), "inspect", name], 60)
         (info,) = json.loads(out)
         self.seen_ids.add(str(info["Id"]))
         return dict(info)
@@ -184,8 +202,11 @@ class JaulaCluster:
         except ImportError:
             return []
         root = self.state_root(node)
-        return [d for d in scratch_dirs(SimpleNamespace(root=root))  # type: ignore[arg-type]
-                if not d.resolve().is_relative_to(root.resolve())]
+        return [
+            d
+            for d in scratch_dirs(SimpleNamespace(root=root))  # type: ignore[arg-type]
+            if not d.resolve().is_relative_to(root.resolve())
+        ]
 
 
 class JaulaProbe:
@@ -214,8 +235,11 @@ class JaulaProbe:
         os.kill(self.pid, sig)
 
     def exec(self, argv: list[str], timeout_s: float = 300) -> str:
-        return check_cmd(f"jaula exec {self.name} {argv[0]}",
-                         [*self.c.local(self.node), "exec", self.name, *argv], timeout_s)
+        return check_cmd(
+            f"jaula exec {self.name} {argv[0]}",
+            [*self.c.local(self.node), "exec", self.name, *argv],
+            timeout_s,
+        )
 
 
 class JaulaSystem(System):
@@ -238,8 +262,19 @@ class JaulaSystem(System):
         self.cluster.setup(images)
 
     def start(self, wl: Workload, name: str) -> object:
-        check_cmd("jaula run", [*self.cluster.local("node1"), "run", "-d", "--name", name,
-                                self.images[wl.image].name, *wl.argv()], 120)
+        check_cmd(
+            "jaula run",
+            [
+                *self.cluster.local("node1"),
+                "run",
+                "-d",
+                "--name",
+                name,
+                self.images[wl.image].name,
+                *wl.argv(),
+            ],
+            120,
+        )
         self.where[name] = JaulaProbe(self.cluster, "node1", name)
         return name
 
@@ -255,15 +290,29 @@ class JaulaSystem(System):
             reset_peak_rss(pid)
         ch0 = children_cpu_s()
         w0 = time.time()
-        rc, out, err, wall = run_cmd([*c.op(), "migrate", name, "node2", "--from", "node1",
-                                      "--strategy", self.strategy, "--json"], 1200)
+        rc, out, err, wall = run_cmd(
+            [
+                *c.op(),
+                "migrate",
+                name,
+                "node2",
+                "--from",
+                "node1",
+                "--strategy",
+                self.strategy,
+                "--json",
+            ],
+            1200,
+        )
         w1 = time.time()
         ch1 = children_cpu_s()
         cpu1 = {n: proc_cpu_s(pid) or 0.0 for n, pid in pids.items()}
         if rc != 0:
-            raise RunError(f"jaula migrate failed ({rc}): {tail(err or out)}\n"
-                           f"node1: {c.node_log('node1')[-600:]}\n"
-                           f"node2: {c.node_log('node2')[-600:]}")
+            raise RunError(
+                f"jaula migrate failed ({rc}): {tail(err or out)}\n"
+                f"node1: {c.node_log('node1')[-600:]}\n"
+                f"node2: {c.node_log('node2')[-600:]}"
+            )
         rep = json.loads(out)
         src_state = c.inspect("node1", name)["State"]
         assert isinstance(src_state, dict)
@@ -275,18 +324,23 @@ class JaulaSystem(System):
         mon_hwm = proc_status_kib(dest.monitor_pid, "VmHWM") if dest.monitor_pid else None
         hwm = [proc_status_kib(pid, "VmHWM") for pid in pids.values()]
         return Moved(
-            downtime_s=float(rep["downtime_s"]), total_s=wall,
+            downtime_s=float(rep["downtime_s"]),
+            total_s=wall,
             wire_bytes=int(rep["bytes_sent"]),
             cpu_src_s=cpu1["node1"] - cpu0["node1"],
             cpu_dst_s=cpu1["node2"] - cpu0["node2"] + (mon_cpu or 0.0),
-            window=(w0, w1), cpu_client_s=ch1 - ch0,
+            window=(w0, w1),
+            cpu_client_s=ch1 - ch0,
             rss_peak_mib=max((h for h in hwm if h), default=0) / 1024,
             monitor_rss_mib=mon_hwm / 1024 if mon_hwm else None,
-            detail={"report_total_s": rep.get("total_s"), "phases_s": rep.get("phases_s"),
-                    "files": rep.get("files"), "resume_confirmed": rep.get("resume_confirmed"),
-                    "node_rss_peak_mib": {n: (h or 0) / 1024 for n, h in zip(pids, hwm,
-                                                                          strict=True)},
-                    "monitor_cpu_s": mon_cpu},
+            detail={
+                "report_total_s": rep.get("total_s"),
+                "phases_s": rep.get("phases_s"),
+                "files": rep.get("files"),
+                "resume_confirmed": rep.get("resume_confirmed"),
+                "node_rss_peak_mib": {n: (h or 0) / 1024 for n, h in zip(pids, hwm, strict=True)},
+                "monitor_cpu_s": mon_cpu,
+            },
         )
 
     def remove(self, ctr: object) -> list[str]:

@@ -62,10 +62,23 @@ class Store:
     def __init__(self, d: Path, conf: Path, netdir: Path) -> None:
         self.d = d
         self.env = {**os.environ, "CONTAINERS_CONF": str(conf), "TMPDIR": str(d / "vartmp")}
-        self.base = [PODMAN, "--root", str(d / "root"), "--runroot", str(d / "runroot"),
-                     "--tmpdir", str(d / "tmp"), "--cgroup-manager", "cgroupfs",
-                     "--network-config-dir", str(netdir), "--events-backend", "file",
-                     "--runtime", "runc"]
+        self.base = [
+            PODMAN,
+            "--root",
+            str(d / "root"),
+            "--runroot",
+            str(d / "runroot"),
+            "--tmpdir",
+            str(d / "tmp"),
+            "--cgroup-manager",
+            "cgroupfs",
+            "--network-config-dir",
+            str(netdir),
+            "--events-backend",
+            "file",
+            "--runtime",
+            "runc",
+        ]
         for sub in ("vartmp", "tmp", "files"):
             (d / sub).mkdir(parents=True, exist_ok=True)
 
@@ -76,8 +89,9 @@ class Store:
         return check_cmd(what, self.argv(*args), timeout_s, self.env)
 
     def inspect(self, name: str, fmt: str) -> str:
-        return self.run(f"podman inspect {name}", "container", "inspect", "--format", fmt,
-                        name, timeout_s=60).strip()
+        return self.run(
+            f"podman inspect {name}", "container", "inspect", "--format", fmt, name, timeout_s=60
+        ).strip()
 
 
 class PodmanProbe:
@@ -85,7 +99,8 @@ class PodmanProbe:
         self.store = store
         self.name = name
         pid, self.log_path = store.inspect(
-            name, "{{.State.Pid}}|{{.HostConfig.LogConfig.Path}}").split("|", 1)
+            name, "{{.State.Pid}}|{{.HostConfig.LogConfig.Path}}"
+        ).split("|", 1)
         self.pid = int(pid)
         if self.pid <= 0:
             raise RunError(f"podman: {name} does not run (pid {pid})")
@@ -100,8 +115,9 @@ class PodmanProbe:
         os.kill(self.pid, sig)
 
     def exec(self, argv: list[str], timeout_s: float = 300) -> str:
-        return self.store.run(f"podman exec {argv[0]}", "exec", self.name, *argv,
-                              timeout_s=timeout_s)
+        return self.store.run(
+            f"podman exec {argv[0]}", "exec", self.name, *argv, timeout_s=timeout_s
+        )
 
 
 class PodmanSystem(System):
@@ -140,19 +156,33 @@ class PodmanSystem(System):
             f'static_dir = "{d}/static"\n'
             f'volume_path = "{d}/volumes"\n'
             "[network]\n"
-            f'network_config_dir = "{netdir}"\n')
+            f'network_config_dir = "{netdir}"\n'
+        )
         for side in ("src", "dst"):
             self.stores[side] = Store(d / side, conf, netdir)
             for img in images.values():
-                self.stores[side].run("podman load", "load", "-q", "-i", str(img.archive),
-                                      timeout_s=600)
+                self.stores[side].run(
+                    "podman load", "load", "-q", "-i", str(img.archive), timeout_s=600
+                )
 
     def start(self, wl: Workload, name: str) -> object:
         s = self.stores["src"]
         self.where[name] = "src"
-        cid = s.run("podman run", "run", "-d", "--name", name, "--network", "none",
-                    "--cgroup-parent", f"/{self.cgroup_parent}", *ULIMITS,
-                    f"localhost/{self.images[wl.image].name}", *wl.argv(), timeout_s=120)
+        cid = s.run(
+            "podman run",
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "none",
+            "--cgroup-parent",
+            f"/{self.cgroup_parent}",
+            *ULIMITS,
+            f"localhost/{self.images[wl.image].name}",
+            *wl.argv(),
+            timeout_s=120,
+        )
         self.ids.add(cid.strip())
         return name
 
@@ -168,13 +198,26 @@ class PodmanSystem(System):
         ch0 = children_cpu_s()
         w0 = time.time()
         t0 = time.perf_counter()
-        src.run("podman container checkpoint", "container", "checkpoint", "--export",
-                str(f_src), name, timeout_s=1200)
+        src.run(
+            "podman container checkpoint",
+            "container",
+            "checkpoint",
+            "--export",
+            str(f_src),
+            name,
+            timeout_s=1200,
+        )
         wire = f_src.stat().st_size
         check_cmd("cp (the checkpoint archive)", ["cp", str(f_src), str(f_dst)], 1200)
         ch1 = children_cpu_s()
-        dst.run("podman container restore", "container", "restore", "--import", str(f_dst),
-                timeout_s=1200)
+        dst.run(
+            "podman container restore",
+            "container",
+            "restore",
+            "--import",
+            str(f_dst),
+            timeout_s=1200,
+        )
         t_restored = time.perf_counter()
         ch2 = children_cpu_s()
         self.where[name] = "dst"
@@ -186,17 +229,21 @@ class PodmanSystem(System):
         f_dst.unlink()
         t1 = time.perf_counter()
         ch4 = children_cpu_s()
-        return Moved(downtime_s=t_restored - t0, total_s=t1 - t0, wire_bytes=wire,
-                     cpu_src_s=ch1 - ch0 + ch4 - ch3, cpu_dst_s=ch2 - ch1 + (conmon_cpu or 0.0),
-                     window=(w0, time.time()),
-                     detail={"conmon_cpu_s": conmon_cpu, "compression": "zstd (default)"})
+        return Moved(
+            downtime_s=t_restored - t0,
+            total_s=t1 - t0,
+            wire_bytes=wire,
+            cpu_src_s=ch1 - ch0 + ch4 - ch3,
+            cpu_dst_s=ch2 - ch1 + (conmon_cpu or 0.0),
+            window=(w0, time.time()),
+            detail={"conmon_cpu_s": conmon_cpu, "compression": "zstd (default)"},
+        )
 
     def remove(self, ctr: object) -> list[str]:
         name = str(ctr)
         problems = []
         for side, s in self.stores.items():
-            rc, _o, err, _w = run_cmd(s.argv("rm", "-f", "-t", "0", "--ignore", name), 120,
-                                      s.env)
+            rc, _o, err, _w = run_cmd(s.argv("rm", "-f", "-t", "0", "--ignore", name), 120, s.env)
             if rc != 0:
                 problems.append(f"podman rm -f {name} ({side}): {tail(err, 300)}")
         self.where.pop(name, None)

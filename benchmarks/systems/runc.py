@@ -55,8 +55,9 @@ class RuncProbe:
         os.kill(self.c.pid, sig)
 
     def exec(self, argv: list[str], timeout_s: float = 300) -> str:
-        return check_cmd(f"runc exec {argv[0]}", self.runc._argv("exec", self.c.id, *argv),
-                         timeout_s)
+        return check_cmd(
+            f"runc exec {argv[0]}", self.runc._argv("exec", self.c.id, *argv), timeout_s
+        )
 
 
 class RuncSystem(System):
@@ -78,8 +79,11 @@ class RuncSystem(System):
         self.runc = Runc(self.work)
         for kind, img in images.items():
             dest = self.work / f"unpacked-{kind}"
-            check_cmd("umoci unpack", ["umoci", "unpack", "--image",
-                                       f"{img.layout}:{ref_name(img.layout)}", str(dest)], 300)
+            check_cmd(
+                "umoci unpack",
+                ["umoci", "unpack", "--image", f"{img.layout}:{ref_name(img.layout)}", str(dest)],
+                300,
+            )
             self.rootfs[kind] = dest / "rootfs"
 
     def _base(self, name: str) -> Path:
@@ -92,10 +96,8 @@ class RuncSystem(System):
         rootfs = base / "rootfs"
         check_cmd("cp -a rootfs", ["cp", "-a", str(self.rootfs[wl.image]), str(rootfs)], 300)
         runc = self.runc
-        bundle = _runc(lambda: runc.make_bundle(base / name, rootfs, wl.argv(), wl.env(),
-                                                "/tmp"))
-        self.ctrs[name] = _runc(lambda: runc.run(name, bundle, base / "run.out",
-                                                 base / "run.err"))
+        bundle = _runc(lambda: runc.make_bundle(base / name, rootfs, wl.argv(), wl.env(), "/tmp"))
+        self.ctrs[name] = _runc(lambda: runc.run(name, bundle, base / "run.out", base / "run.err"))
         return name
 
     def probe(self, ctr: object) -> Probe:
@@ -120,15 +122,29 @@ class RuncSystem(System):
         wire = dir_bytes(src)
         check_cmd("cp -a (the checkpoint images)", ["cp", "-a", str(src), str(dst)], 1200)
         ch1 = children_cpu_s()
-        r = _runc(lambda: runc.restore(c, dst, base / "dst" / "work", base / "restore.out",
-                                       base / "restore.err", timeout_s=1200))
+        r = _runc(
+            lambda: runc.restore(
+                c,
+                dst,
+                base / "dst" / "work",
+                base / "restore.out",
+                base / "restore.err",
+                timeout_s=1200,
+            )
+        )
         t_restored = time.perf_counter()
         ch2 = children_cpu_s()
         self.ctrs[name] = r
         shutil.rmtree(src)
         t1 = time.perf_counter()
-        return Moved(downtime_s=t_restored - t0, total_s=t1 - t0, wire_bytes=wire,
-                     cpu_src_s=ch1 - ch0, cpu_dst_s=ch2 - ch1, window=(w0, time.time()))
+        return Moved(
+            downtime_s=t_restored - t0,
+            total_s=t1 - t0,
+            wire_bytes=wire,
+            cpu_src_s=ch1 - ch0,
+            cpu_dst_s=ch2 - ch1,
+            window=(w0, time.time()),
+        )
 
     def remove(self, ctr: object) -> list[str]:
         name = str(ctr)

@@ -22,8 +22,9 @@ def signal_all(pids: Iterable[int], sig: int) -> None:
         except ProcessLookupError:
             continue
         except OSError as err:
-            raise CgroupError(f"cannot send signal {sig} to pid {pid}: {err.strerror}",
-                              errno=err.errno) from err
+            raise CgroupError(
+                f"cannot send signal {sig} to pid {pid}: {err.strerror}", errno=err.errno
+            ) from err
 
 
 def rmdir_until(path: Path, deadline: float) -> None:
@@ -39,8 +40,9 @@ def rmdir_until(path: Path, deadline: float) -> None:
         time.sleep(0.01)
 
 
-def raise_collected(errors: list[CgroupError], what: str,
-                    remaining: Callable[[], list[int]]) -> None:
+def raise_collected(
+    errors: list[CgroupError], what: str, remaining: Callable[[], list[int]]
+) -> None:
     """Raise one CgroupError summarising every error of a teardown (no-op when empty).
 
     The message ends with the pids still in the cgroup, when ``remaining()`` finds any.  The

@@ -33,10 +33,24 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 
 #: v1 controller names the kernel knows (Documentation/admin-guide/cgroup-v1/*.rst); a
 #: super option of a ``cgroup`` mount that is one of these names a bound controller.
-KNOWN_V1_CONTROLLERS = frozenset({
-    "blkio", "cpu", "cpuacct", "cpuset", "devices", "freezer", "hugetlb", "memory",
-    "misc", "net_cls", "net_prio", "perf_event", "pids", "rdma",
-})
+KNOWN_V1_CONTROLLERS = frozenset(
+    {
+        "blkio",
+        "cpu",
+        "cpuacct",
+        "cpuset",
+        "devices",
+        "freezer",
+        "hugetlb",
+        "memory",
+        "misc",
+        "net_cls",
+        "net_prio",
+        "perf_event",
+        "pids",
+        "rdma",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -62,9 +76,9 @@ def _unescape(field: str) -> str:
     out = []
     i = 0
     while i < len(field):
-        digits = field[i + 1:i + 4]
+        digits = field[i + 1 : i + 4]
         if field[i] == "\\" and len(digits) == 3 and digits.isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
             i += 4
         else:
             out.append(field[i])
@@ -83,11 +97,13 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
             continue
         if len(fields) < sep + 4:
             continue
-        entries.append(MountEntry(
-            mount_point=Path(_unescape(fields[4])),
-            fs_type=fields[sep + 1],
-            super_options=tuple(fields[sep + 3].split(",")),
-        ))
+        entries.append(
+            MountEntry(
+                mount_point=Path(_unescape(fields[4])),
+                fs_type=fields[sep + 1],
+                super_options=tuple(fields[sep + 3].split(",")),
+            )
+        )
     return entries
 
 
@@ -96,8 +112,9 @@ def read_mounts(mountinfo: Path = MOUNTINFO) -> dict[Path, MountEntry]:
     try:
         text = mountinfo.read_text()
     except OSError as err:
-        raise CgroupError(f"cannot read {mountinfo}: {err.strerror}", path=str(mountinfo),
-                          errno=err.errno) from err
+        raise CgroupError(
+            f"cannot read {mountinfo}: {err.strerror}", path=str(mountinfo), errno=err.errno
+        ) from err
     return {entry.mount_point: entry for entry in parse_mountinfo(text)}
 
 

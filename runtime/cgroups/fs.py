@@ -96,8 +96,9 @@ def read_int(path: Path) -> int:
     try:
         return int(text)
     except ValueError:
-        raise CgroupError(f"unexpected content {text!r} in {path}: expected an integer",
-                          path=str(path)) from None
+        raise CgroupError(
+            f"unexpected content {text!r} in {path}: expected an integer", path=str(path)
+        ) from None
 
 
 def read_keyed(path: Path) -> dict[str, int]:
@@ -152,8 +153,11 @@ def make_dir(path: Path) -> bool:
         _mkdir_raw(path)
     except FileExistsError:
         if not path.is_dir():
-            raise CgroupError(f"cannot create cgroup {path}: a non-directory is in the way",
-                              path=str(path), errno=errno_mod.EEXIST) from None
+            raise CgroupError(
+                f"cannot create cgroup {path}: a non-directory is in the way",
+                path=str(path),
+                errno=errno_mod.EEXIST,
+            ) from None
         return False
     except OSError as err:
         raise _error("create cgroup", path, err) from err
@@ -166,8 +170,9 @@ def make_dirs(root: Path, relpath: str) -> list[Path]:
     Returns the directories this call created, top-down.
     """
     if not root.is_dir():
-        raise CgroupError(f"cgroup hierarchy {root} does not exist", path=str(root),
-                          errno=errno_mod.ENOENT)
+        raise CgroupError(
+            f"cgroup hierarchy {root} does not exist", path=str(root), errno=errno_mod.ENOENT
+        )
     created = []
     current = root
     for part in Path(relpath).parts:

@@ -58,8 +58,9 @@ def find_v1_mounts(root: Path) -> dict[str, Path]:
     try:
         entries = sorted(root.iterdir())
     except OSError as err:
-        raise CgroupError(f"cannot list cgroup root {root}: {err.strerror}", path=str(root),
-                          errno=err.errno) from err
+        raise CgroupError(
+            f"cannot list cgroup root {root}: {err.strerror}", path=str(root), errno=err.errno
+        ) from err
     for entry in entries:
         if entry.is_symlink() or not entry.is_dir() or not (entry / "cgroup.procs").exists():
             continue
@@ -88,8 +89,9 @@ class V1Manager:
         controllers: tuple[str, ...] = V1_CONTROLLERS,
     ) -> None:
         if mode is CgroupMode.UNIFIED:
-            raise CgroupError(f"the v1 driver cannot manage a unified host ({root})",
-                              path=str(root))
+            raise CgroupError(
+                f"the v1 driver cannot manage a unified host ({root})", path=str(root)
+            )
         if not relpath or Path(relpath).is_absolute() or ".." in Path(relpath).parts:
             raise CgroupError(f"bad cgroup path {relpath!r}: must be relative, without '..'")
         self.mode: CgroupMode = mode
@@ -139,8 +141,11 @@ class V1Manager:
                 f"{self.root}",
                 path=str(self.root),
             )
-        needs = {"memory": resources.memory_bytes, "cpu": resources.cpu_quota_us,
-                 "pids": resources.pids_max}
+        needs = {
+            "memory": resources.memory_bytes,
+            "cpu": resources.cpu_quota_us,
+            "pids": resources.pids_max,
+        }
         for controller, value in needs.items():
             if value is not None:
                 self._dir(controller, f"apply the {controller} limit {value}")
@@ -152,8 +157,10 @@ class V1Manager:
         if "cpu" in paths:
             self._set_cpu(paths["cpu"], resources)
         if "pids" in paths:
-            fs.write(paths["pids"] / "pids.max",
-                     "max" if resources.pids_max is None else resources.pids_max)
+            fs.write(
+                paths["pids"] / "pids.max",
+                "max" if resources.pids_max is None else resources.pids_max,
+            )
 
     @staticmethod
     def _set_memory(path: Path, limit_bytes: int | None) -> None:
@@ -227,8 +234,10 @@ class V1Manager:
         try:
             return FreezerState(text)
         except ValueError:
-            raise CgroupError(f"unexpected freezer state {text!r}",
-                              path=str(self.paths()["freezer"] / "freezer.state")) from None
+            raise CgroupError(
+                f"unexpected freezer state {text!r}",
+                path=str(self.paths()["freezer"] / "freezer.state"),
+            ) from None
 
     # --- signals ---
 
@@ -258,8 +267,7 @@ class V1Manager:
         is not mounted reads 0 (pids falls back to counting ``tasks``)."""
         paths = self.paths()
         cpu_ns = fs.read_int(paths["cpuacct"] / "cpuacct.usage") if "cpuacct" in paths else 0
-        memory = (fs.read_int(paths["memory"] / "memory.usage_in_bytes")
-                  if "memory" in paths else 0)
+        memory = fs.read_int(paths["memory"] / "memory.usage_in_bytes") if "memory" in paths else 0
         if "pids" in paths:
             tasks = fs.read_int(paths["pids"] / "pids.current")
         else:
@@ -305,4 +313,3 @@ class V1Manager:
             except CgroupError as err:
                 errors.append(err)
         raise_collected(errors, f"cannot destroy cgroup {self.relpath}", self.pids)
-

@@ -65,7 +65,9 @@ class V2Manager:
         if resources.memory_bytes is not None:
             needs["memory"] = f"memory limit of {resources.memory_bytes} bytes"
         if resources.cpu_quota_us is not None:
-            needs["cpu"] = f"cpu quota of {resources.cpu_quota_us} us per {resources.cpu_period_us} us"
+            needs["cpu"] = (
+                f"cpu quota of {resources.cpu_quota_us} us per {resources.cpu_period_us} us"
+            )
         if resources.pids_max is not None:
             needs["pids"] = f"pids limit of {resources.pids_max}"
         return needs
@@ -116,8 +118,10 @@ class V2Manager:
         """Write the limit files that exist (a controller's files exist only once enabled)."""
         path = self.path
         if (path / "memory.max").exists():
-            fs.write(path / "memory.max",
-                     "max" if resources.memory_bytes is None else resources.memory_bytes)
+            fs.write(
+                path / "memory.max",
+                "max" if resources.memory_bytes is None else resources.memory_bytes,
+            )
             if (path / "memory.swap.max").exists():
                 # v1 semantics of Resources: memory+swap <= memory_bytes, i.e. no swap
                 fs.write(path / "memory.swap.max", "max" if resources.memory_bytes is None else 0)
@@ -125,8 +129,7 @@ class V2Manager:
             quota = "max" if resources.cpu_quota_us is None else str(resources.cpu_quota_us)
             fs.write(path / "cpu.max", f"{quota} {resources.cpu_period_us}")
         if (path / "pids.max").exists():
-            fs.write(path / "pids.max",
-                     "max" if resources.pids_max is None else resources.pids_max)
+            fs.write(path / "pids.max", "max" if resources.pids_max is None else resources.pids_max)
 
     def add_process(self, pid: int) -> None:
         """Write ``pid`` to ``cgroup.procs`` (moves the whole thread group)."""
@@ -231,8 +234,9 @@ class V2Manager:
             try:
                 if self._populated() or self.pids():
                     self.kill_all(signal.SIGKILL)
-                    fs.wait_for(lambda: not self._populated(),
-                                max(0.0, deadline - time.monotonic()))
+                    fs.wait_for(
+                        lambda: not self._populated(), max(0.0, deadline - time.monotonic())
+                    )
             except CgroupError as err:
                 errors.append(err)
             for cgroup in fs.subtree(self.path):

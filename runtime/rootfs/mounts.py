@@ -26,11 +26,22 @@ import stat
 from runtime import syscalls as sc
 from runtime.spec import MASKED_PATHS, READONLY_PATHS, ContainerConfig
 
-_DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
-            ("urandom", 1, 9), ("tty", 5, 0))
-_DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-              ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
-              ("ptmx", "pts/ptmx"), ("core", "/proc/kcore"))
+_DEVICES = (
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+)
+_DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+    ("core", "/proc/kcore"),
+)
 
 
 def secure_join(root: str, path: str) -> str:
@@ -100,11 +111,21 @@ def _mount_dev(rootfs: str) -> None:
     for name, target in _DEV_LINKS:
         os.symlink(target, os.path.join(dev, name))
     os.mkdir(os.path.join(dev, "pts"), 0o755)
-    sc.mount("devpts", os.path.join(dev, "pts"), "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
-             "newinstance,ptmxmode=0666,mode=0620")
+    sc.mount(
+        "devpts",
+        os.path.join(dev, "pts"),
+        "devpts",
+        sc.MS_NOSUID | sc.MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )
     os.mkdir(os.path.join(dev, "shm"), 0o1777)
-    sc.mount("shm", os.path.join(dev, "shm"), "tmpfs",
-             sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "mode=1777,size=65536k")
+    sc.mount(
+        "shm",
+        os.path.join(dev, "shm"),
+        "tmpfs",
+        sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+        "mode=1777,size=65536k",
+    )
 
 
 #: an empty directory of the container's own /dev, bound read-only over the masked
@@ -116,8 +137,12 @@ MASK_DIR = "/dev/.masked"
 
 def _bind_ro(source: str, target: str) -> None:
     sc.mount(source, target, None, sc.MS_BIND)
-    sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID
-             | sc.MS_NODEV | sc.MS_NOEXEC)
+    sc.mount(
+        None,
+        target,
+        None,
+        sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+    )
 
 
 def _mask_paths(rootfs: str) -> None:
@@ -139,9 +164,12 @@ def _mask_paths(rootfs: str) -> None:
         if not os.path.lexists(target):
             continue
         sc.mount(target, target, None, sc.MS_BIND | sc.MS_REC)
-        sc.mount(None, target, None,
-                 sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
-                 | sc.MS_NOEXEC)
+        sc.mount(
+            None,
+            target,
+            None,
+            sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+        )
 
 
 def prepare_rootfs(cfg: ContainerConfig, rootfs: str) -> None:
@@ -154,8 +182,7 @@ def prepare_rootfs(cfg: ContainerConfig, rootfs: str) -> None:
     sc.mount("proc", proc, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
     _mount_dev(rootfs)
     sys_dir = _mkdir_in(rootfs, "/sys")
-    sc.mount("sysfs", sys_dir, "sysfs",
-             sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    sc.mount("sysfs", sys_dir, "sysfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
     if not cfg.privileged:
         _mask_paths(rootfs)
 

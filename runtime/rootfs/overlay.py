@@ -39,8 +39,12 @@ class OverlayLayout:
 
     @classmethod
     def in_dir(cls, container_dir: Path, lowerdirs: list[Path]) -> OverlayLayout:
-        return cls(tuple(lowerdirs), container_dir / "upper", container_dir / "work",
-                   container_dir / "merged")
+        return cls(
+            tuple(lowerdirs),
+            container_dir / "upper",
+            container_dir / "work",
+            container_dir / "merged",
+        )
 
     def options(self) -> str:
         """The mount data string.  Raises MountError when it exceeds a page (too many
@@ -48,8 +52,10 @@ class OverlayLayout:
         lower = ":".join(os.fspath(p) for p in reversed(self.lowerdirs))
         data = f"lowerdir={lower},upperdir={self.upperdir},workdir={self.workdir}"
         if len(data) >= _PAGE:
-            raise MountError(f"overlay options are {len(data)} bytes, over the {_PAGE}-byte "
-                             f"limit: the image has too many layers ({len(self.lowerdirs)})")
+            raise MountError(
+                f"overlay options are {len(data)} bytes, over the {_PAGE}-byte "
+                f"limit: the image has too many layers ({len(self.lowerdirs)})"
+            )
         return data
 
 
@@ -89,8 +95,9 @@ def mount_overlay(layout: OverlayLayout) -> None:
     try:
         syscalls.mount("overlay", layout.merged, "overlay", 0, layout.options())
     except OSError as e:
-        raise MountError(f"cannot mount the container's overlay at {layout.merged}: "
-                         f"{e.strerror}") from e
+        raise MountError(
+            f"cannot mount the container's overlay at {layout.merged}: {e.strerror}"
+        ) from e
 
 
 def unmount(path: Path) -> None:

@@ -13,8 +13,7 @@ from typing import Any
 
 from tests.linux.conftest import Jaula
 
-COUNTER = ("i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo \"tick $i\"; "
-           "sleep 0.05; done")
+COUNTER = 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo "tick $i"; sleep 0.05; done'
 
 
 def inspect(j: Jaula, ref: str) -> dict[str, Any]:

@@ -33,8 +33,12 @@ def forged_pages(pid: int = FORGED_PID) -> list[bytes]:
         # struct page_server_iov { u32 cmd; u64 nr_pages; u64 vaddr; u64 dst_id; }
         return struct.pack("<I4xQQQ", cmd, nr_pages, vaddr, pid << 8 | PS_TYPE_PID)
 
-    return [iov(PS_IOV_OPEN, 0, 0), iov(PS_IOV_ADD, 1, 0x10000), b"\xab" * 4096,
-            iov(PS_IOV_CLOSE, 0, 0)]
+    return [
+        iov(PS_IOV_OPEN, 0, 0),
+        iov(PS_IOV_ADD, 1, 0x10000),
+        b"\xab" * 4096,
+        iov(PS_IOV_CLOSE, 0, 0),
+    ]
 
 
 def page_images(d: Path) -> list[str]:
@@ -45,8 +49,14 @@ def page_images(d: Path) -> list[str]:
         return []
 
 
-def send_tls(port: int, parts: list[bytes], cert: Path | None, key: Path | None,
-             cacert: Path | None, timeout_s: float = WAIT_S) -> bytes:
+def send_tls(
+    port: int,
+    parts: list[bytes],
+    cert: Path | None,
+    key: Path | None,
+    cacert: Path | None,
+    timeout_s: float = WAIT_S,
+) -> bytes:
     """Connect to 127.0.0.1:``port`` over TLS, presenting ``cert``/``key`` when given and
     checking the server against ``cacert`` when given; send ``parts`` one by one and return
     the 4-byte answer to the close command (b"" when the server hung up or refused)."""

@@ -77,9 +77,12 @@ class ClusterFiles:
         return keys.load_public(self.keys_dir / f"{name}.key")
 
 
-def write_cluster(root: Path, nodes: tuple[str, ...] = ("node1", "node2"),
-                  operators: tuple[str, ...] = ("alice",),
-                  max_message_bytes: int | None = None) -> ClusterFiles:
+def write_cluster(
+    root: Path,
+    nodes: tuple[str, ...] = ("node1", "node2"),
+    operators: tuple[str, ...] = ("alice",),
+    max_message_bytes: int | None = None,
+) -> ClusterFiles:
     """Generate keys and write the cluster, node and client files under ``root``."""
     keys_dir = root / "keys"
     for name in (*nodes, *operators):
@@ -88,8 +91,12 @@ def write_cluster(root: Path, nodes: tuple[str, ...] = ("node1", "node2"),
     endpoints = {n: f"tcp://127.0.0.1:{p}" for n, p in zip(nodes, ports, strict=True)}
     lines = []
     for n in nodes:
-        lines += [f"[nodes.{n}]", f'endpoint = "{endpoints[n]}"',
-                  f'public_key = "keys/{n}.key"', ""]
+        lines += [
+            f"[nodes.{n}]",
+            f'endpoint = "{endpoints[n]}"',
+            f'public_key = "keys/{n}.key"',
+            "",
+        ]
     for o in operators:
         lines += [f"[operators.{o}]", f'public_key = "keys/{o}.key"', ""]
     cluster = root / "cluster.toml"
@@ -99,11 +106,16 @@ def write_cluster(root: Path, nodes: tuple[str, ...] = ("node1", "node2"),
         state_root = root / "state" / n
         os.makedirs(state_root, exist_ok=True)
         f = root / f"{n}.toml"
-        f.write_text(f'name = "{n}"\nlisten = "{endpoints[n]}"\nstate_root = "state/{n}"\n'
-                     f'secret_key = "keys/{n}.key_secret"\ncluster = "cluster.toml"\n'
-                     f'cgroup_parent = "jaula-test-{n}"\n'
-                     + (f"max_message_bytes = {max_message_bytes}\n"
-                        if max_message_bytes is not None else ""))
+        f.write_text(
+            f'name = "{n}"\nlisten = "{endpoints[n]}"\nstate_root = "state/{n}"\n'
+            f'secret_key = "keys/{n}.key_secret"\ncluster = "cluster.toml"\n'
+            f'cgroup_parent = "jaula-test-{n}"\n'
+            + (
+                f"max_message_bytes = {max_message_bytes}\n"
+                if max_message_bytes is not None
+                else ""
+            )
+        )
         node_files[n] = f
     client_files = {}
     for o in operators:

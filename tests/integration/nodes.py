@@ -48,10 +48,23 @@ class Cluster2:
 
     def start(self, node: str) -> None:
         log = open(self.files.root / f"{node}.log", "ab")  # noqa: SIM115 - owned by the proc
-        p = subprocess.Popen([*JAULA, "--log-level", "info", "node", "serve", "--config",
-                              str(self.files.nodes[node]), "--peer-timeout",
-                              str(self.peer_timeout_s)], stdout=log, stderr=log, cwd=REPO,
-                             start_new_session=True)
+        p = subprocess.Popen(
+            [
+                *JAULA,
+                "--log-level",
+                "info",
+                "node",
+                "serve",
+                "--config",
+                str(self.files.nodes[node]),
+                "--peer-timeout",
+                str(self.peer_timeout_s),
+            ],
+            stdout=log,
+            stderr=log,
+            cwd=REPO,
+            start_new_session=True,
+        )
         log.close()
         self.procs[node] = p
         deadline = time.monotonic() + 30
@@ -76,16 +89,24 @@ class Cluster2:
         f = self.files.root / f"{node}.log"
         return f.read_text()[-3000:] if f.exists() else ""
 
-    def op(self, *args: str, check: bool = True, timeout: float = 120,
-           client: str = "alice") -> subprocess.CompletedProcess[str]:
+    def op(
+        self, *args: str, check: bool = True, timeout: float = 120, client: str = "alice"
+    ) -> subprocess.CompletedProcess[str]:
         """The CLI as operator ``client`` (remote commands, migrate, node ls)."""
-        p = subprocess.run([*JAULA, "--client-config", str(self.files.clients[client]), *args],
-                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                           check=False)
+        p = subprocess.run(
+            [*JAULA, "--client-config", str(self.files.clients[client]), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+            check=False,
+        )
         if check and p.returncode != 0:
-            raise AssertionError(f"jaula {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n"
-                                 f"{p.stderr}\nnode1: {self.log('node1')}\nnode2: "
-                                 f"{self.log('node2')}")
+            raise AssertionError(
+                f"jaula {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n"
+                f"{p.stderr}\nnode1: {self.log('node1')}\nnode2: "
+                f"{self.log('node2')}"
+            )
         return p
 
     def where(self, name: str) -> dict[str, str]:
@@ -158,11 +179,13 @@ def serving(c: Cluster2, *names: str) -> Iterator[Cluster2]:
         assert not problems, "\n".join(problems)
 
 
-def make_cluster(root: Path, busybox_layout: Path, peer_timeout_s: float = 3.0,
-                 import_on: tuple[str, ...] = ("node1", "node2")) -> Cluster2:
+def make_cluster(
+    root: Path,
+    busybox_layout: Path,
+    peer_timeout_s: float = 3.0,
+    import_on: tuple[str, ...] = ("node1", "node2"),
+) -> Cluster2:
     c = Cluster2(write_cluster(root), peer_timeout_s)
     for node in import_on:
         c.local(node).run("image", "import", str(busybox_layout), "--name", "busybox:latest")
     return c
-
-

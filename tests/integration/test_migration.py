@@ -24,8 +24,6 @@ from tests.linux.conftest import JAULA, Jaula, needs_criu
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 
 
-
-
 def test_migrate_moves_the_running_container_and_back(nodes: Cluster2) -> None:
     n1, n2 = nodes.local("node1"), nodes.local("node2")
     n1.run("run", "-d", "--name", "web", "busybox", "sh", "-c", COUNTER)
@@ -38,8 +36,16 @@ def test_migrate_moves_the_running_container_and_back(nodes: Cluster2) -> None:
     assert rep["bytes_sent"] > 0 and rep["files"] > 0
     # the memory went through the destination's page server (TLS), not as files
     assert 0 < rep["page_server_bytes"] < rep["bytes_sent"]
-    for phase in ("preflight", "precopy", "freeze", "dump", "transfer", "restore", "commit",
-                  "resume"):
+    for phase in (
+        "preflight",
+        "precopy",
+        "freeze",
+        "dump",
+        "transfer",
+        "restore",
+        "commit",
+        "resume",
+    ):
         assert phase in rep["phases_s"]
     nodes.assert_only_on("web", "node2")
     assert nodes.where("web")["node1"] == "migrated"
@@ -84,10 +90,17 @@ def test_unknown_key_is_refused(nodes: Cluster2, tmp_path: Path) -> None:
 
     keys.generate(tmp_path / "mallory", "mallory")
     client = tmp_path / "mallory.toml"
-    client.write_text(f'secret_key = "{tmp_path}/mallory/mallory.key_secret"\n'
-                      f'cluster = "{nodes.files.cluster}"\n')
-    p = subprocess.run([*JAULA, "--client-config", str(client), "--node", "node1", "ps"],
-                       capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
+    client.write_text(
+        f'secret_key = "{tmp_path}/mallory/mallory.key_secret"\ncluster = "{nodes.files.cluster}"\n'
+    )
+    p = subprocess.run(
+        [*JAULA, "--client-config", str(client), "--node", "node1", "ps"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
     assert p.returncode == 125 and "node1" in p.stderr
     assert "transport.refused" in nodes.log("node1")
     assert "node1" in nodes.op("node", "ls").stdout  # still serving the others
@@ -105,11 +118,14 @@ def test_garbage_from_a_valid_key_gets_an_error_reply(nodes: Cluster2) -> None:
         client = await Client.for_peer(cfg, load_cluster(cfg.cluster), "node1")
         replies = []
         try:
-            for frames in ([b"\xc1\xff not msgpack"], [b"\x93\x01\x02\x03"],
-                           encode("ps")[:1] + [b"extra frame"],
-                           [__import__("msgpack").packb({"v": 9, "type": "ps"})],
-                           [__import__("msgpack").packb({"v": 1, "type": "rm"})],
-                           encode("ping")):
+            for frames in (
+                [b"\xc1\xff not msgpack"],
+                [b"\x93\x01\x02\x03"],
+                encode("ps")[:1] + [b"extra frame"],
+                [__import__("msgpack").packb({"v": 9, "type": "ps"})],
+                [__import__("msgpack").packb({"v": 1, "type": "rm"})],
+                encode("ping"),
+            ):
                 await client.send(frames)
                 replies.append(decode(await client.recv(timeout_s=10))[0])
         finally:
@@ -132,8 +148,16 @@ def test_offer_from_an_operator_key_is_forbidden(nodes: Cluster2) -> None:
         cfg = load_client_config(nodes.files.clients["alice"])
         client = await Client.for_peer(cfg, load_cluster(cfg.cluster), "node2")
         try:
-            await client.send(encode("offer", session="s1", container={}, image={},
-                                     criu_version=[4, 2, 1], source_node="node1"))
+            await client.send(
+                encode(
+                    "offer",
+                    session="s1",
+                    container={},
+                    image={},
+                    criu_version=[4, 2, 1],
+                    source_node="node1",
+                )
+            )
             return decode(await client.recv(timeout_s=10))[0]
         finally:
             client.close()
@@ -144,17 +168,29 @@ def test_offer_from_an_operator_key_is_forbidden(nodes: Cluster2) -> None:
 
 def _big_container(n1: Jaula, name: str, mib: int = 300) -> None:
     # A large upperdir makes the pre-copy last long enough to break things in the middle.
-    n1.run("run", "-d", "--name", name, "busybox", "sh", "-c",
-           f"head -c {mib}000000 /dev/urandom > /big; " + COUNTER)
+    n1.run(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "busybox",
+        "sh",
+        "-c",
+        f"head -c {mib}000000 /dev/urandom > /big; " + COUNTER,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not ticks(n1, name):
         time.sleep(0.1)
 
 
 def _migrate_async(nodes: Cluster2, name: str, dest: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([*JAULA, "--client-config", str(nodes.files.clients["alice"]),
-                             "migrate", name, dest], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    return subprocess.Popen(
+        [*JAULA, "--client-config", str(nodes.files.clients["alice"]), "migrate", name, dest],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
 
 
 def _wait_incoming(nodes: Cluster2, dest: str, min_bytes: int = 20 << 20) -> None:
@@ -218,9 +254,16 @@ def test_destination_disk_too_small_is_refused_before_freezing(nodes: Cluster2) 
     root2.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(root2)], check=True)
     try:
-        nodes.local("node2").run("image", "import", str(next(
-            Path(nodes.files.root).parent.parent.glob("busybox-image*/layout"), None)
-            or _busybox_from(nodes)), "--name", "busybox:latest")
+        nodes.local("node2").run(
+            "image",
+            "import",
+            str(
+                next(Path(nodes.files.root).parent.parent.glob("busybox-image*/layout"), None)
+                or _busybox_from(nodes)
+            ),
+            "--name",
+            "busybox:latest",
+        )
         nodes.start("node2")
         p = nodes.op("migrate", "fat", "node2", check=False)
         assert p.returncode == 125 and "not enough disk" in p.stderr
@@ -237,8 +280,7 @@ def _busybox_from(nodes: Cluster2) -> Path:
     return build_busybox_image(nodes.files.root / "bb")
 
 
-def test_missing_layer_the_source_cannot_send(tmp_path: Path,
-                                              busybox_image_layout: Path) -> None:
+def test_missing_layer_the_source_cannot_send(tmp_path: Path, busybox_image_layout: Path) -> None:
     c = make_cluster(tmp_path / "cluster", busybox_image_layout, import_on=("node1",))
     layers = c.state_root("node1") / "layers"
     moved: list[tuple[Path, Path]] = []
@@ -330,7 +372,7 @@ def test_connection_cut_during_transfer(tmp_path: Path, busybox_image_layout: Pa
     port2 = int(c.files.endpoints["node2"].rsplit(":", 1)[1])
     proxy = _Proxy(port2)
     text = c.files.cluster.read_text()
-    c.files.cluster.write_text(text.replace(f"127.0.0.1:{port2}\"", f"127.0.0.1:{proxy.port}\""))
+    c.files.cluster.write_text(text.replace(f'127.0.0.1:{port2}"', f'127.0.0.1:{proxy.port}"'))
     try:
         c.start("node1")
         c.start("node2")
@@ -344,8 +386,8 @@ def test_connection_cut_during_transfer(tmp_path: Path, busybox_image_layout: Pa
         _continues_on(c, "cut", "node1")
         deadline = time.monotonic() + 30  # node2 gives up the silent session by itself
         while time.monotonic() < deadline and (
-                c.local("node2").container_ids()
-                or c.incoming("node2")):
+            c.local("node2").container_ids() or c.incoming("node2")
+        ):
             time.sleep(0.2)
         assert c.local("node2").container_ids() == []
         assert not c.incoming("node2")
@@ -355,9 +397,9 @@ def test_connection_cut_during_transfer(tmp_path: Path, busybox_image_layout: Pa
         assert not problems, "\n".join(problems)
 
 
-def test_corrupted_chunk_is_detected_and_rolled_back(tmp_path: Path,
-                                                     busybox_image_layout: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_corrupted_chunk_is_detected_and_rolled_back(
+    tmp_path: Path, busybox_image_layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """node1's service runs in this process so that one chunk can be corrupted after it was
     sealed (a fault that cannot be caused for real on demand): the destination's check of
     the chunk fails and the migration is rolled back."""

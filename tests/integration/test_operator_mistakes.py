@@ -15,7 +15,6 @@ from tests.linux.conftest import needs_criu
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 
 
-
 def test_node_option_on_a_local_only_command_is_refused(nodes: Cluster2) -> None:
     n1 = nodes.local("node1")
     n1.run("run", "-d", "--name", "cnt", "busybox", "sh", "-c", COUNTER)
@@ -30,15 +29,20 @@ def test_node_option_on_a_local_only_command_is_refused(nodes: Cluster2) -> None
 
 
 def test_a_second_service_on_one_state_root_is_refused(nodes: Cluster2) -> None:
-    p = subprocess.run([*JAULA, "node", "serve", "--config", str(nodes.files.nodes["node2"])],
-                       check=False, capture_output=True, text=True, timeout=60, cwd=REPO)
+    p = subprocess.run(
+        [*JAULA, "node", "serve", "--config", str(nodes.files.nodes["node2"])],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert p.returncode == 125
     assert "already serves the state root" in p.stderr, p.stderr
     assert nodes.op("--node", "node2", "ps").returncode == 0  # the first one still serves
 
 
-def test_migrating_from_or_to_a_stopped_node_fails_at_once_and_says_why(
-        nodes: Cluster2) -> None:
+def test_migrating_from_or_to_a_stopped_node_fails_at_once_and_says_why(nodes: Cluster2) -> None:
     n1 = nodes.local("node1")
     n1.run("run", "-d", "--name", "cnt", "busybox", "sh", "-c", COUNTER)
     wait_ticks(n1, "cnt", 3)

@@ -41,8 +41,9 @@ def _relisten(c: Cluster2, node: str, how: str) -> None:
 
 
 @pytest.fixture(params=["ipc", "hostname"])
-def fallback_nodes(request: pytest.FixtureRequest, tmp_path: Path,
-                   busybox_image_layout: Path) -> Iterator[Cluster2]:
+def fallback_nodes(
+    request: pytest.FixtureRequest, tmp_path: Path, busybox_image_layout: Path
+) -> Iterator[Cluster2]:
     """node1 on tcp://127.0.0.1, node2 listening where it cannot offer a page server; both
     started, stopped and leak-checked."""
     c = make_cluster(tmp_path / "cluster", busybox_image_layout)
@@ -51,9 +52,7 @@ def fallback_nodes(request: pytest.FixtureRequest, tmp_path: Path,
         yield c
 
 
-
-def test_migration_with_or_without_a_page_server(
-        fallback_nodes: Cluster2) -> None:
+def test_migration_with_or_without_a_page_server(fallback_nodes: Cluster2) -> None:
     c = fallback_nodes
     listen = c.files.node_config("node2").listen
     n1, n2 = c.local("node1"), c.local("node2")

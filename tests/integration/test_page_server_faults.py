@@ -56,6 +56,7 @@ WAIT_S = 60.0
 
 # -- fixtures ---------------------------------------------------------------------------------
 
+
 def _page_servers_left(c: Cluster2) -> list[str]:
     """Page servers still running in either node's scratch dirs: killed (our nodes started
     them: the dirs are named after their state roots) and reported."""
@@ -71,16 +72,18 @@ def _page_servers_left(c: Cluster2) -> list[str]:
 
 
 @pytest.fixture
-def nodes(tmp_path: Path, busybox_image_layout: Path,
-          memory_image_layout: Path) -> Iterator[Cluster2]:
+def nodes(
+    tmp_path: Path, busybox_image_layout: Path, memory_image_layout: Path
+) -> Iterator[Cluster2]:
     """node1 and node2 serving, with busybox and the memory workload image on both.
     Finalizer: both stopped, every container removed, leaks (mounts, cgroups, session files,
     hold sockets, page servers) fail the test."""
     c = make_cluster(tmp_path / "cluster", busybox_image_layout)
     try:
         for node in ("node1", "node2"):
-            c.local(node).run("image", "import", str(memory_image_layout), "--name", MEM_IMAGE,
-                              timeout=300)
+            c.local(node).run(
+                "image", "import", str(memory_image_layout), "--name", MEM_IMAGE, timeout=300
+            )
         c.start("node1")
         c.start("node2")
         yield c
@@ -132,9 +135,13 @@ class Background:
         return w
 
     def migrate(self, c: Cluster2, name: str, dest: str) -> subprocess.Popen[str]:
-        p = subprocess.Popen([*JAULA, "--client-config", str(c.files.clients["alice"]),
-                              "migrate", name, dest], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=REPO)
+        p = subprocess.Popen(
+            [*JAULA, "--client-config", str(c.files.clients["alice"]), "migrate", name, dest],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
         self.procs.append(p)
         return p
 
@@ -160,8 +167,14 @@ def bg() -> Iterator[Background]:
 
 # -- helpers ----------------------------------------------------------------------------------
 
-def wait_for(what: str, cond: Callable[[], Any], stop: threading.Event | None = None,
-             timeout_s: float = WAIT_S, every_s: float = 0.001) -> Any:
+
+def wait_for(
+    what: str,
+    cond: Callable[[], Any],
+    stop: threading.Event | None = None,
+    timeout_s: float = WAIT_S,
+    every_s: float = 0.001,
+) -> Any:
     """Poll ``cond`` until it returns something true, and return that."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -190,7 +203,8 @@ def _the_page_server(c: Cluster2, node: str, stop: threading.Event) -> PageServe
     svc = c.procs[node].pid
     scratch = c.scratch(node)
     found: list[PageServerProc] = wait_for(
-        f"{node}'s page server", lambda: page_server_procs(scratch, parent=svc), stop)
+        f"{node}'s page server", lambda: page_server_procs(scratch, parent=svc), stop
+    )
     assert len(found) == 1, found
     ps = found[0]
     assert ps.work_dir.name.startswith("incoming-"), ps.argv
@@ -208,18 +222,33 @@ def _session_dirs(c: Cluster2, node: str) -> list[Path]:
 
 def _memory_counter(j: Jaula, name: str) -> None:
     """The counter, beside a process holding MEMHOG_MIB MiB of distinct dirty pages."""
-    j.run("run", "-d", "--name", name, MEM_IMAGE, "sh", "-c",
-          f"python3 /opt/workloads/memhog.py {MEMHOG_MIB} & " + COUNTER)
+    j.run(
+        "run",
+        "-d",
+        "--name",
+        name,
+        MEM_IMAGE,
+        "sh",
+        "-c",
+        f"python3 /opt/workloads/memhog.py {MEMHOG_MIB} & " + COUNTER,
+    )
     wait_for("the memory workload", lambda: "READY" in j.out("logs", name), every_s=0.1)
     wait_ticks(j, name, 5)
 
 
 def _big_counter(j: Jaula, name: str, mib: int = 200) -> None:
     """The counter after writing a large upperdir file: the pre-copy takes a while."""
-    j.run("run", "-d", "--name", name, "busybox", "sh", "-c",
-          f"head -c {mib}000000 /dev/urandom > /big; " + COUNTER)
+    j.run(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "busybox",
+        "sh",
+        "-c",
+        f"head -c {mib}000000 /dev/urandom > /big; " + COUNTER,
+    )
     wait_ticks(j, name, 3, timeout=120)
-
 
 
 def _continues_on(c: Cluster2, name: str, node: str) -> None:
@@ -233,8 +262,10 @@ def _continues_on(c: Cluster2, name: str, node: str) -> None:
 def _failed_safely(c: Cluster2, mig: subprocess.Popen[str]) -> str:
     """The CLI's error: a rolled-back migration (exit 125, the container kept on node1)."""
     out, err = mig.communicate(timeout=300)
-    assert mig.returncode == 125, (f"migrate exited {mig.returncode}:\n{out}\n{err}\n"
-                                   f"node1: {c.log('node1')}\nnode2: {c.log('node2')}")
+    assert mig.returncode == 125, (
+        f"migrate exited {mig.returncode}:\n{out}\n{err}\n"
+        f"node1: {c.log('node1')}\nnode2: {c.log('node2')}"
+    )
     assert "keeps running on node1" in err, err
     return err
 
@@ -248,9 +279,13 @@ def _names_the_cause(err: str) -> None:
 def _nothing_left_on_node2(c: Cluster2, ps: PageServerProc) -> None:
     """No container dir (it was MIGRATING), no staging dir, no page server; node2 is told
     to abort by the source and may finish its cleanup just after the CLI returned."""
+
     def clean() -> bool:
-        return not (c.local("node2").container_ids() or c.incoming("node2")
-                    or page_server_procs(c.scratch("node2")))
+        return not (
+            c.local("node2").container_ids()
+            or c.incoming("node2")
+            or page_server_procs(c.scratch("node2"))
+        )
 
     wait_for("node2 to discard the session", clean, timeout_s=30, every_s=0.1)
     assert not ps.alive()
@@ -267,6 +302,7 @@ def _nothing_left_on_node1(c: Cluster2) -> None:
 
 
 # -- the tests --------------------------------------------------------------------------------
+
 
 def test_page_server_killed_while_pages_arrive(nodes: Cluster2, bg: Background) -> None:
     c = nodes
@@ -292,8 +328,9 @@ def test_page_server_killed_while_pages_arrive(nodes: Cluster2, bg: Background) 
     _nothing_left_on_node1(c)
 
 
-def test_stranger_first_on_the_page_server_port(nodes: Cluster2, bg: Background,
-                                                tmp_path: Path) -> None:
+def test_stranger_first_on_the_page_server_port(
+    nodes: Cluster2, bg: Background, tmp_path: Path
+) -> None:
     """The stranger knows the destination's certificate (it is not secret) and shows its
     own, self-signed as the source's is: the handshake fails the pin, the page server exits
     without writing anything, and the source's dump, later, finds no page server."""
@@ -309,8 +346,14 @@ def test_stranger_first_on_the_page_server_port(nodes: Cluster2, bg: Background,
         ps = _the_page_server(c, "node2", stop)
         dest_cert = ps.work_dir / "destination-cert.pem"
         wait_for("the page server to listen", lambda: listening(ps.port), stop)
-        answer = send_tls(ps.port, forged_pages(), cert, key,
-                          dest_cert if dest_cert.exists() else None, timeout_s=30)
+        answer = send_tls(
+            ps.port,
+            forged_pages(),
+            cert,
+            key,
+            dest_cert if dest_cert.exists() else None,
+            timeout_s=30,
+        )
         wait_for("the page server to exit", lambda: not ps.alive(), stop)
         # right after it exited: had the source's dump begun (it makes its images dir)?
         outgoing = [d for d in _session_dirs(c, "node1") if d.name.startswith("outgoing-")]
@@ -319,16 +362,24 @@ def test_stranger_first_on_the_page_server_port(nodes: Cluster2, bg: Background,
             written = sorted(p.name for p in ps.images_dir.iterdir())
         except FileNotFoundError:
             written = None  # the staging dir is gone already
-        return {"ps": ps, "answer": answer, "won": won, "written": written,
-                "log": ps.log(), "state": proc_state(ps.pid)}
+        return {
+            "ps": ps,
+            "answer": answer,
+            "won": won,
+            "written": written,
+            "log": ps.log(),
+            "state": proc_state(ps.pid),
+        }
 
     w = bg.watch(stranger)
     mig = bg.migrate(c, "st", "node2")
     got = w.result(timeout_s=2 * WAIT_S)
     if not got["won"]:
         _out, err = mig.communicate(timeout=300)
-        pytest.skip("the source's dump started before the stranger was refused; cannot show "
-                    f"this fault here (migrate exited {mig.returncode}: {err.strip()[-300:]})")
+        pytest.skip(
+            "the source's dump started before the stranger was refused; cannot show "
+            f"this fault here (migrate exited {mig.returncode}: {err.strip()[-300:]})"
+        )
     err = _failed_safely(c, mig)
     ps: PageServerProc = got["ps"]
     assert got["answer"] == b"", "the stranger was answered"
@@ -342,8 +393,7 @@ def test_stranger_first_on_the_page_server_port(nodes: Cluster2, bg: Background,
     _nothing_left_on_node1(c)
 
 
-def test_node_service_killed_takes_its_page_server_along(nodes: Cluster2,
-                                                          bg: Background) -> None:
+def test_node_service_killed_takes_its_page_server_along(nodes: Cluster2, bg: Background) -> None:
     c = nodes
     _memory_counter(c.local("node1"), "nk")
 
@@ -353,8 +403,13 @@ def test_node_service_killed_takes_its_page_server_along(nodes: Cluster2,
         alive = ps.alive()
         c.kill("node2")  # SIGKILL to the service this test started
         # PR_SET_PDEATHSIG: the kernel kills the page server with its parent
-        wait_for("the page server to die with node2's service", lambda: not ps.alive(), stop,
-                 timeout_s=20, every_s=0.01)
+        wait_for(
+            "the page server to die with node2's service",
+            lambda: not ps.alive(),
+            stop,
+            timeout_s=20,
+            every_s=0.01,
+        )
         return {"ps": ps, "alive": alive}
 
     w = bg.watch(kill_node2)

@@ -24,8 +24,10 @@ pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 
 BIG = 24_000_000
 #: COUNTER (tests.helpers.counter) with a large heap: ``tick N LEN``
-BIG_COUNTER = (f"x=$(head -c {BIG} /dev/zero | tr '\\0' a); i=0; while true; do i=$((i+1)); "
-               "echo $i > /tmp/count; echo \"tick $i\"; echo \"len ${#x}\"; sleep 0.05; done")
+BIG_COUNTER = (
+    f"x=$(head -c {BIG} /dev/zero | tr '\\0' a); i=0; while true; do i=$((i+1)); "
+    'echo $i > /tmp/count; echo "tick $i"; echo "len ${#x}"; sleep 0.05; done'
+)
 
 
 def _lengths(c: Cluster2, node: str, name: str) -> set[int]:
@@ -38,8 +40,7 @@ def test_postcopy_moves_the_memory_after_the_resume(nodes: Cluster2) -> None:
     n1, n2 = c.local("node1"), c.local("node2")
     n1.run("run", "-d", "--name", "pc", "busybox", "sh", "-c", BIG_COUNTER)
     wait_ticks(n1, "pc", 10, timeout=60)
-    rep = json.loads(c.op("migrate", "pc", "node2", "--strategy", "postcopy",
-                          "--json").stdout)
+    rep = json.loads(c.op("migrate", "pc", "node2", "--strategy", "postcopy", "--json").stdout)
     assert rep["strategy"] == "postcopy" and rep["resume_confirmed"] is True
     assert rep["postcopy_error"] == ""
     assert "postcopy" in rep["phases_s"] and rep["postcopy_s"] == rep["phases_s"]["postcopy"]
@@ -69,9 +70,23 @@ def test_destination_service_killed_during_postcopy(nodes: Cluster2) -> None:
     n1, n2 = c.local("node1"), c.local("node2")
     n1.run("run", "-d", "--name", "sk", "busybox", "sh", "-c", BIG_COUNTER)
     wait_ticks(n1, "sk", 5, timeout=60)
-    mig = subprocess.Popen([*JAULA, "--client-config", str(c.files.clients["alice"]),
-                            "migrate", "sk", "node2", "--strategy", "postcopy", "--json"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    mig = subprocess.Popen(
+        [
+            *JAULA,
+            "--client-config",
+            str(c.files.clients["alice"]),
+            "migrate",
+            "sk",
+            "node2",
+            "--strategy",
+            "postcopy",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     # wait until node2's lazy-pages daemon runs for a container that has resumed
     root2 = str(c.state_root("node2"))
     deadline = time.monotonic() + 60

@@ -37,9 +37,11 @@ T = TypeVar("T")
 
 def run(scenario: Callable[[AsyncExitStack], Awaitable[T]], deadline_s: float = 15.0) -> T:
     """Run ``scenario(stack)`` in a fresh event loop; close what it registered on ``stack``."""
+
     async def main() -> T:
         async with AsyncExitStack() as stack:
             return await asyncio.wait_for(scenario(stack), deadline_s)
+
     return asyncio.run(main())
 
 
@@ -49,17 +51,22 @@ async def serve(stack: AsyncExitStack, cfg: NodeConfig, cluster: Cluster) -> Ser
     return server
 
 
-async def connect(stack: AsyncExitStack, files: ClusterFiles, who: str,
-                  node: str = "node1") -> Client:
+async def connect(
+    stack: AsyncExitStack, files: ClusterFiles, who: str, node: str = "node1"
+) -> Client:
     """A client with ``who``'s keys (alice or a node) connected to ``node``."""
     client = await Client.for_peer(files.client_config(who), files.load_cluster(), node)
     stack.callback(client.close)
     return client
 
 
-async def raw_client(stack: AsyncExitStack, endpoint: str, server_key: bytes | None,
-                     keypair: tuple[bytes, bytes] | None,
-                     routing_id: bytes | None = None) -> zmq.asyncio.Socket:
+async def raw_client(
+    stack: AsyncExitStack,
+    endpoint: str,
+    server_key: bytes | None,
+    keypair: tuple[bytes, bytes] | None,
+    routing_id: bytes | None = None,
+) -> zmq.asyncio.Socket:
     """A hand-built DEALER (for what :class:`Client` would never do)."""
     ctx = zmq.asyncio.Context()
     stack.callback(ctx.destroy, 0)
@@ -83,8 +90,9 @@ async def recv_or_none(server: Server, timeout_s: float) -> Incoming | None:
 
 def test_node_and_server_exchange_messages_both_ways(cluster_files: ClusterFiles) -> None:
     async def scenario(stack: AsyncExitStack) -> None:
-        server = await serve(stack, cluster_files.node_config("node1"),
-                             cluster_files.load_cluster())
+        server = await serve(
+            stack, cluster_files.node_config("node1"), cluster_files.load_cluster()
+        )
         assert server.endpoint == cluster_files.endpoints["node1"]
         client = await connect(stack, cluster_files, "node2")
         for i in range(3):
@@ -102,8 +110,9 @@ def test_node_and_server_exchange_messages_both_ways(cluster_files: ClusterFiles
 
 def test_operator_is_known_as_an_operator(cluster_files: ClusterFiles) -> None:
     async def scenario(stack: AsyncExitStack) -> None:
-        server = await serve(stack, cluster_files.node_config("node1"),
-                             cluster_files.load_cluster())
+        server = await serve(
+            stack, cluster_files.node_config("node1"), cluster_files.load_cluster()
+        )
         alice = await connect(stack, cluster_files, "alice")
         node2 = await connect(stack, cluster_files, "node2")
         await alice.send([b"from alice"])
@@ -126,18 +135,21 @@ def test_operator_is_known_as_an_operator(cluster_files: ClusterFiles) -> None:
     run(scenario)
 
 
-def test_unknown_key_is_refused_and_logged(cluster_files: ClusterFiles,
-                                           tmp_path: Path) -> None:
+def test_unknown_key_is_refused_and_logged(cluster_files: ClusterFiles, tmp_path: Path) -> None:
     from migrate import keys
 
     intruder_pub, intruder_sec = keys.load_secret(keys.generate(tmp_path / "x", "mallory")[1])
 
     async def scenario(stack: AsyncExitStack) -> None:
-        server = await serve(stack, cluster_files.node_config("node1"),
-                             cluster_files.load_cluster())
-        mallory = await Client.connect(cluster_files.endpoints["node1"],
-                                       cluster_files.public_key("node1"),
-                                       intruder_pub, intruder_sec)
+        server = await serve(
+            stack, cluster_files.node_config("node1"), cluster_files.load_cluster()
+        )
+        mallory = await Client.connect(
+            cluster_files.endpoints["node1"],
+            cluster_files.public_key("node1"),
+            intruder_pub,
+            intruder_sec,
+        )
         stack.callback(mallory.close)
         await mallory.send([b"restore this as root, please"])
         assert await recv_or_none(server, 1.0) is None
@@ -158,18 +170,21 @@ def test_unknown_key_is_refused_and_logged(cluster_files: ClusterFiles,
     assert refused, logs
     assert refused[0]["key"] == intruder_pub.decode()
     assert refused[0]["log_level"] == "warning"
-    assert all(e["key"] != intruder_pub.decode() for e in logs
-               if e["event"] == "transport.accepted")
+    assert all(
+        e["key"] != intruder_pub.decode() for e in logs if e["event"] == "transport.accepted"
+    )
 
 
 def test_client_with_the_wrong_server_key_cannot_talk(cluster_files: ClusterFiles) -> None:
     async def scenario(stack: AsyncExitStack) -> None:
-        server = await serve(stack, cluster_files.node_config("node1"),
-                             cluster_files.load_cluster())
+        server = await serve(
+            stack, cluster_files.node_config("node1"), cluster_files.load_cluster()
+        )
         me = cluster_files.client_config("alice")
         wrong = cluster_files.public_key("node2")  # not node1's key
-        client = await Client.connect(cluster_files.endpoints["node1"], wrong,
-                                      me.public_key, me.secret_key)
+        client = await Client.connect(
+            cluster_files.endpoints["node1"], wrong, me.public_key, me.secret_key
+        )
         stack.callback(client.close)
         await client.send([b"hello"])
         assert await recv_or_none(server, 1.0) is None
@@ -183,8 +198,9 @@ def test_client_with_the_wrong_server_key_cannot_talk(cluster_files: ClusterFile
 
 def test_plaintext_client_cannot_talk(cluster_files: ClusterFiles) -> None:
     async def scenario(stack: AsyncExitStack) -> None:
-        server = await serve(stack, cluster_files.node_config("node1"),
-                             cluster_files.load_cluster())
+        server = await serve(
+            stack, cluster_files.node_config("node1"), cluster_files.load_cluster()
+        )
         sock = await raw_client(stack, cluster_files.endpoints["node1"], None, None)
         await sock.send_multipart([b"no CURVE at all"])
         assert await recv_or_none(server, 1.0) is None
@@ -198,12 +214,17 @@ def test_peer_is_known_by_its_key_not_by_what_it_sends(cluster_files: ClusterFil
     node2_keys = keys.load_secret(cluster_files.keys_dir / "node2.key_secret")
 
     async def scenario(stack: AsyncExitStack) -> None:
-        server = await serve(stack, cluster_files.node_config("node1"),
-                             cluster_files.load_cluster())
+        server = await serve(
+            stack, cluster_files.node_config("node1"), cluster_files.load_cluster()
+        )
         # node2's key, but claiming to be alice by routing id and node1 by its frames
-        sock = await raw_client(stack, cluster_files.endpoints["node1"],
-                                cluster_files.public_key("node1"), node2_keys,
-                                routing_id=b"alice")
+        sock = await raw_client(
+            stack,
+            cluster_files.endpoints["node1"],
+            cluster_files.public_key("node1"),
+            node2_keys,
+            routing_id=b"alice",
+        )
         alice_key = cluster_files.public_key("alice")
         await sock.send_multipart([b"node1", b"operator alice", alice_key])
         got = await asyncio.wait_for(server.recv(), 3)
@@ -242,8 +263,9 @@ def test_oversized_frame_is_dropped_and_others_keep_working(tmp_path: Path) -> N
 
 def test_bulk_message_under_the_default_limit(cluster_files: ClusterFiles) -> None:
     async def scenario(stack: AsyncExitStack) -> None:
-        server = await serve(stack, cluster_files.node_config("node1"),
-                             cluster_files.load_cluster())
+        server = await serve(
+            stack, cluster_files.node_config("node1"), cluster_files.load_cluster()
+        )
         client = await connect(stack, cluster_files, "node2")
         chunk = bytes(range(256)) * (4 * 1024 * 4)  # 4 MiB
         await client.send([b"chunk", chunk])
@@ -257,8 +279,9 @@ def test_bulk_message_under_the_default_limit(cluster_files: ClusterFiles) -> No
 
 def test_message_with_too_many_frames_is_dropped(cluster_files: ClusterFiles) -> None:
     async def scenario(stack: AsyncExitStack) -> None:
-        server = await Server.start(cluster_files.node_config("node1"),
-                                    cluster_files.load_cluster(), max_frames=4)
+        server = await Server.start(
+            cluster_files.node_config("node1"), cluster_files.load_cluster(), max_frames=4
+        )
         stack.push_async_callback(server.close)
         client = await connect(stack, cluster_files, "node2")
         await client.send([b"f"] * 5)
@@ -289,8 +312,9 @@ def test_removed_key_is_refused_on_its_live_connection(cluster_files: ClusterFil
 
 def test_reply_to_a_gone_peer_raises(cluster_files: ClusterFiles) -> None:
     async def scenario(stack: AsyncExitStack) -> None:
-        server = await serve(stack, cluster_files.node_config("node1"),
-                             cluster_files.load_cluster())
+        server = await serve(
+            stack, cluster_files.node_config("node1"), cluster_files.load_cluster()
+        )
         client = await connect(stack, cluster_files, "node2")
         await client.send([b"hi"])
         got = await asyncio.wait_for(server.recv(), 3)
@@ -310,10 +334,12 @@ def test_reply_to_a_gone_peer_raises(cluster_files: ClusterFiles) -> None:
 def test_two_node_services_in_one_process_call_each_other(cluster_files: ClusterFiles) -> None:
     """Each server has its own context (hence its own ZAP handler); a node calls another with
     its own keys (ClientConfig.from_node)."""
+
     async def scenario(stack: AsyncExitStack) -> None:
         cluster = cluster_files.load_cluster()
-        servers = {n: await serve(stack, cluster_files.node_config(n), cluster)
-                   for n in ("node1", "node2")}
+        servers = {
+            n: await serve(stack, cluster_files.node_config(n), cluster) for n in ("node1", "node2")
+        }
         for caller, callee in (("node1", "node2"), ("node2", "node1")):
             client = await connect(stack, cluster_files, caller, node=callee)
             await client.send([caller.encode()])
@@ -339,8 +365,9 @@ def test_nothing_listening_says_cannot_connect(cluster_files: ClusterFiles) -> N
 
 def test_server_gone_after_connecting_is_noticed(cluster_files: ClusterFiles) -> None:
     async def scenario(stack: AsyncExitStack) -> None:
-        server = await Server.start(cluster_files.node_config("node1"),
-                                    cluster_files.load_cluster())
+        server = await Server.start(
+            cluster_files.node_config("node1"), cluster_files.load_cluster()
+        )
         try:
             client = await connect(stack, cluster_files, "alice")
             await client.send([b"hi"])
@@ -360,20 +387,25 @@ def test_server_gone_after_connecting_is_noticed(cluster_files: ClusterFiles) ->
 
 def test_for_peer_names_the_known_nodes(cluster_files: ClusterFiles) -> None:
     async def scenario(stack: AsyncExitStack) -> Any:
-        return await Client.for_peer(cluster_files.client_config("alice"),
-                                     cluster_files.load_cluster(), "node9")
+        return await Client.for_peer(
+            cluster_files.client_config("alice"), cluster_files.load_cluster(), "node9"
+        )
 
     with pytest.raises(NodeConfigError, match=r"node9.*known nodes: node1, node2"):
         run(scenario)
 
 
-def test_server_refuses_a_key_the_cluster_does_not_list_for_it(
-        cluster_files: ClusterFiles) -> None:
+def test_server_refuses_a_key_the_cluster_does_not_list_for_it(cluster_files: ClusterFiles) -> None:
     # node1's config pointing at node2's secret key: peers could never authenticate it
     cfg = cluster_files.node_config("node1")
-    bad = NodeConfig(cfg.name, cfg.listen, cfg.state_root,
-                     cluster_files.keys_dir / "node2.key_secret", cfg.cluster,
-                     source=cfg.source)
+    bad = NodeConfig(
+        cfg.name,
+        cfg.listen,
+        cfg.state_root,
+        cluster_files.keys_dir / "node2.key_secret",
+        cfg.cluster,
+        source=cfg.source,
+    )
 
     async def scenario(stack: AsyncExitStack) -> Any:
         return await serve(stack, bad, load_cluster(cfg.cluster))
@@ -395,13 +427,15 @@ def test_second_server_on_the_same_endpoint_names_listen(cluster_files: ClusterF
 def test_restart_in_the_same_event_loop(cluster_files: ClusterFiles) -> None:
     """A server started right after another was closed in the same loop still answers ZAP
     (pyzmq's AsyncioAuthenticator left a stale fd registration behind here)."""
+
     async def scenario(stack: AsyncExitStack) -> None:
         cfg, cluster = cluster_files.node_config("node1"), cluster_files.load_cluster()
         for i in range(3):
             server = await Server.start(cfg, cluster)
             try:
-                client = await Client.for_peer(cluster_files.client_config("alice"), cluster,
-                                               "node1")
+                client = await Client.for_peer(
+                    cluster_files.client_config("alice"), cluster, "node1"
+                )
                 try:
                     await client.send([b"round %d" % i])
                     got = await asyncio.wait_for(server.recv(), 3)
@@ -415,10 +449,10 @@ def test_restart_in_the_same_event_loop(cluster_files: ClusterFiles) -> None:
     run(scenario)
 
 
-def test_cancelled_service_loop_closes_and_frees_the_endpoint(
-        cluster_files: ClusterFiles) -> None:
+def test_cancelled_service_loop_closes_and_frees_the_endpoint(cluster_files: ClusterFiles) -> None:
     """The node service's shape: a task loops on recv() and closes the server in ``finally``
     when cancelled; the endpoint can be bound again at once."""
+
     async def serve_forever(server: Server, seen: list[Incoming]) -> None:
         try:
             while True:
@@ -468,9 +502,13 @@ asyncio.run(main())
 @pytest.fixture
 def echo_server_process(cluster_files: ClusterFiles) -> Iterator[subprocess.Popen[str]]:
     """node1 as an echo server in a child process (killed by pid at the end)."""
-    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(cluster_files.nodes["node1"])],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ECHO_SERVER, str(cluster_files.nodes["node1"])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 10
@@ -486,9 +524,11 @@ def echo_server_process(cluster_files: ClusterFiles) -> Iterator[subprocess.Pope
 
 
 def test_a_stopped_peer_is_noticed_by_heartbeats(
-        cluster_files: ClusterFiles, echo_server_process: subprocess.Popen[str]) -> None:
+    cluster_files: ClusterFiles, echo_server_process: subprocess.Popen[str]
+) -> None:
     """A peer that stops answering without closing its TCP connection (SIGSTOP) is declared
     lost after the heartbeat timeout (3 s), not only after a long TCP timeout."""
+
     async def scenario(stack: AsyncExitStack) -> float:
         client = await connect(stack, cluster_files, "alice")
         await client.send([b"ping"])
@@ -508,8 +548,9 @@ def test_a_stopped_peer_is_noticed_by_heartbeats(
     assert 2.0 <= lost_after_s < 6
 
 
-def test_a_failing_zap_check_refuses_and_zap_goes_on(cluster_files: ClusterFiles,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_zap_check_refuses_and_zap_goes_on(
+    cluster_files: ClusterFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from migrate import transport
 
     real = transport._AllowList.callback
@@ -524,8 +565,9 @@ def test_a_failing_zap_check_refuses_and_zap_goes_on(cluster_files: ClusterFiles
     monkeypatch.setattr(transport._AllowList, "callback", flaky)
 
     async def scenario(stack: AsyncExitStack) -> None:
-        server = await serve(stack, cluster_files.node_config("node1"),
-                             cluster_files.load_cluster())
+        server = await serve(
+            stack, cluster_files.node_config("node1"), cluster_files.load_cluster()
+        )
         alice = await connect(stack, cluster_files, "alice")
         await alice.send([b"first"])
         with pytest.raises(PeerUnavailable, match="ZAP status 500"):

@@ -38,8 +38,9 @@ def cgroup_dirs(container_id: str, root: Path | None = None) -> list[Path]:
     from runtime.container import default_cgroup_parent
 
     parent = default_cgroup_parent(root) if root is not None else f"{CGROUP_PARENT}*"
-    return [d for d in Path("/sys/fs/cgroup").glob(f"*/{parent}/{container_id}")
-            ] + list(Path("/sys/fs/cgroup").glob(f"{parent}/{container_id}"))
+    return [d for d in Path("/sys/fs/cgroup").glob(f"*/{parent}/{container_id}")] + list(
+        Path("/sys/fs/cgroup").glob(f"{parent}/{container_id}")
+    )
 
 
 @dataclass
@@ -48,14 +49,23 @@ class Jaula:
 
     root: Path
 
-    def run(self, *args: str, check: bool = True, timeout: float = 60,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run([*JAULA, "--state-root", str(self.root), *args], text=True, check=False,
-                           capture_output=True, timeout=timeout, input=input,
-                           cwd=Path(__file__).resolve().parents[2])
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 60, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        p = subprocess.run(
+            [*JAULA, "--state-root", str(self.root), *args],
+            text=True,
+            check=False,
+            capture_output=True,
+            timeout=timeout,
+            input=input,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         if check and p.returncode != 0:
-            raise AssertionError(f"jaula {' '.join(args)} exited {p.returncode}:\n"
-                                 f"stdout: {p.stdout}\nstderr: {p.stderr}")
+            raise AssertionError(
+                f"jaula {' '.join(args)} exited {p.returncode}:\n"
+                f"stdout: {p.stdout}\nstderr: {p.stderr}"
+            )
         return p
 
     def out(self, *args: str, timeout: float = 60) -> str:
@@ -153,8 +163,9 @@ needs_criu = pytest.mark.skipif(criu_works() is not None, reason=str(criu_works(
 
 
 @pytest.fixture
-def jaula2(tmp_path_factory: pytest.TempPathFactory, busybox_image_layout: Path,
-           jaula: Jaula) -> Iterator[Jaula]:
+def jaula2(
+    tmp_path_factory: pytest.TempPathFactory, busybox_image_layout: Path, jaula: Jaula
+) -> Iterator[Jaula]:
     """A second state root on the same host (another node), busybox imported; cleaned and
     leak-checked like ``jaula``."""
     root = tmp_path_factory.mktemp("state2")

@@ -26,8 +26,18 @@ def incoming(tmp_path: Path) -> Iterator[tuple[Runtime, str]]:
     cid = secrets.token_hex(32)
     rt.store.ensure()
     d = rt.store.create_dir(cid)
-    atomic_write_json(d / "config.json", {"id": cid, "name": "armed", "image_id": "x", "image_ref": "x",
-                                          "layers": [], "args": ["true"], "env": []})
+    atomic_write_json(
+        d / "config.json",
+        {
+            "id": cid,
+            "name": "armed",
+            "image_id": "x",
+            "image_ref": "x",
+            "layers": [],
+            "args": ["true"],
+            "env": [],
+        },
+    )
     atomic_write_json(d / "state.json", State(status=ContainerStatus.MIGRATING).to_json())
     yield rt, cid
 
@@ -44,8 +54,7 @@ def test_ready_then_called_off(incoming: tuple[Runtime, str]) -> None:
     assert not sc.is_alive(armed.mon_pid, armed.mon_start)
 
 
-def test_a_monitor_that_dies_before_it_is_ready_is_reported(
-        incoming: tuple[Runtime, str]) -> None:
+def test_a_monitor_that_dies_before_it_is_ready_is_reported(incoming: tuple[Runtime, str]) -> None:
     rt, cid = incoming
     armed = rt.arm(cid, "no_such_module_here:restore", "{}")  # its import fails
     with pytest.raises(ContainerError, match="died before it was ready"):

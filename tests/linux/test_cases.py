@@ -60,8 +60,9 @@ def stdout_lines(j: Jaula, ref: str) -> list[str]:
     return j.out("logs", ref).splitlines()
 
 
-def wait_lines(j: Jaula, ref: str, pattern: str, after: int = 0, count: int = 1,
-               timeout: float = 20.0) -> list[str]:
+def wait_lines(
+    j: Jaula, ref: str, pattern: str, after: int = 0, count: int = 1, timeout: float = 20.0
+) -> list[str]:
     """The stdout lines from index ``after`` on that match ``pattern`` (a regex), once there
     are at least ``count`` of them."""
     rx = re.compile(pattern)
@@ -98,7 +99,7 @@ def move(src: Jaula, dst: Jaula, ref: str, bundle: Path) -> int:
     dst.run("restore", "--import", str(bundle))
     assert inspect(dst, ref)["State"]["Status"] == "running"
     after = stdout_lines(dst, ref)
-    assert after[:len(before)] == before, "the log did not travel whole with the container"
+    assert after[: len(before)] == before, "the log did not travel whole with the container"
     return len(before)
 
 
@@ -106,8 +107,9 @@ def inspect(j: Jaula, ref: str) -> dict:
     return json.loads(j.out("inspect", ref))[0]
 
 
-def assert_refused_and_untouched(j: Jaula, ref: str, p: subprocess.CompletedProcess[str],
-                                 *words: str) -> None:
+def assert_refused_and_untouched(
+    j: Jaula, ref: str, p: subprocess.CompletedProcess[str], *words: str
+) -> None:
     """``p`` (a checkpoint) was refused with one clear line naming ``words``, and the
     container still runs with nothing made: no bundle, not frozen."""
     assert p.returncode == 125, (p.stdout, p.stderr)
@@ -147,8 +149,9 @@ def exec_py(j: Jaula, ref: str, code: str) -> str:
 # -- C05 ------------------------------------------------------------------------------------
 
 
-def test_c05_deleted_open_mmapped_files_travel_as_ghosts(py: Jaula, py2: Jaula,
-                                                         tmp_path: Path) -> None:
+def test_c05_deleted_open_mmapped_files_travel_as_ghosts(
+    py: Jaula, py2: Jaula, tmp_path: Path
+) -> None:
     """C05: (a) a 3 MiB file of the upper dir and (b) a file of the image (lower layer),
     opened, mapped and deleted.  (b) failed the dump ("Can't create link remap"): through
     overlayfs the deleted lower file still has a link count of 1, and jaula did not pass
@@ -172,8 +175,11 @@ def test_c05_deleted_open_mmapped_files_travel_as_ghosts(py: Jaula, py2: Jaula,
         no_fail(py2, ref)
         py2.run("exec", ref, "test", "!", "-e", path)
         upper = Path(inspect(py2, ref)["UpperDir"])
-        helpers = [p for p in upper.rglob("*")
-                   if p.name.startswith("link_remap.") or ".cr." in p.name or "ghost" in p.name]
+        helpers = [
+            p
+            for p in upper.rglob("*")
+            if p.name.startswith("link_remap.") or ".cr." in p.name or "ghost" in p.name
+        ]
         assert helpers == [], helpers
 
 
@@ -189,8 +195,9 @@ with open('/dev/shm/c06.seg', 'r+b') as f:
 """
 
 
-def test_c06_posix_shm_file_in_dev_shm_arrives_with_its_content(py: Jaula, py2: Jaula,
-                                                                 tmp_path: Path) -> None:
+def test_c06_posix_shm_file_in_dev_shm_arrives_with_its_content(
+    py: Jaula, py2: Jaula, tmp_path: Path
+) -> None:
     """C06: a /dev/shm file mapped by a writer and a reader.  The container's /dev/shm is a
     tmpfs of its own mount namespace, so CRIU carries its files.  Every slot the writer
     filled before the checkpoint still holds its value, and the counter goes on without
@@ -205,7 +212,9 @@ def test_c06_posix_shm_file_in_dev_shm_arrives_with_its_content(py: Jaula, py2: 
     v1, bad, first_bad = exec_py(py2, "c06", READ_SEG).split(maxsplit=2)
     assert int(v1) > v0 and bad == "0", first_bad
     assert py2.out("exec", "c06", "stat", "-c", "%s %a", "/dev/shm/c06.seg").split() == [
-        str(1 << 20), "600"]
+        str(1 << 20),
+        "600",
+    ]
     no_fail(py2, "c06")
 
 
@@ -221,7 +230,8 @@ def sysv_segments(j: Jaula, ref: str) -> list[tuple[str, ...]]:
 
 
 def test_c07_sysv_shm_segment_comes_back_in_the_private_ipc_namespace(
-        py: Jaula, py2: Jaula, tmp_path: Path) -> None:
+    py: Jaula, py2: Jaula, tmp_path: Path
+) -> None:
     """C07 with a private IPC namespace (jaula's only kind): the segment is recreated with the
     same key, id, mode, size and attach count, and the counter continues."""
     py.run("run", "-d", "--name", "c07", "jaula-python", f"{CASES}/C07/sysv_shm")
@@ -259,17 +269,30 @@ def test_c07_ipc_namespace_is_never_shared(py: Jaula) -> None:
 
 def locks_of(pid: int) -> list[list[str]]:
     """/proc/locks entries (split) held by host pid ``pid``."""
-    return [ln.split() for ln in Path("/proc/locks").read_text().splitlines()
-            if ln.split()[1] != "->" and ln.split()[4] == str(pid)]
+    return [
+        ln.split()
+        for ln in Path("/proc/locks").read_text().splitlines()
+        if ln.split()[1] != "->" and ln.split()[4] == str(pid)
+    ]
 
 
-def test_c08_flock_and_fcntl_locks_are_held_after_restore(py: Jaula, py2: Jaula,
-                                                          tmp_path: Path) -> None:
+def test_c08_flock_and_fcntl_locks_are_held_after_restore(
+    py: Jaula, py2: Jaula, tmp_path: Path
+) -> None:
     """C08: flock and a POSIX record lock (bytes 100-109) come back held by the restored
     process: a separate process finds both busy, /proc/locks names the restored pid."""
     lock = "/data/c08.lock"
-    py.run("run", "-d", "--name", "c08", "jaula-python", "python3", f"{CASES}/C08/locker.py",
-           "hold", lock)
+    py.run(
+        "run",
+        "-d",
+        "--name",
+        "c08",
+        "jaula-python",
+        "python3",
+        f"{CASES}/C08/locker.py",
+        "hold",
+        lock,
+    )
     wait_lines(py, "c08", r"tick 2$")
     n = move(py, py2, "c08", tmp_path / "c08.tar")
     probe = py2.out("exec", "c08", "python3", f"{CASES}/C08/locker.py", "probe", lock)
@@ -289,8 +312,19 @@ def test_c08_lock_shared_with_a_process_outside_is_refused(py: Jaula, tmp_path: 
 
     vol = tmp_path / "vol"
     vol.mkdir()
-    py.run("run", "-d", "--name", "c08s", "-v", f"{vol}:/data", "jaula-python", "python3",
-           f"{CASES}/C08/locker.py", "hold", "/data/c08.lock")
+    py.run(
+        "run",
+        "-d",
+        "--name",
+        "c08s",
+        "-v",
+        f"{vol}:/data",
+        "jaula-python",
+        "python3",
+        f"{CASES}/C08/locker.py",
+        "hold",
+        "/data/c08.lock",
+    )
     wait_lines(py, "c08s", r"tick 1$")
     with open(vol / "c08.lock", "a+") as f:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 0)
@@ -306,17 +340,18 @@ def test_c08_lock_shared_with_a_process_outside_is_refused(py: Jaula, tmp_path: 
 
 def ps(j: Jaula, ref: str) -> list[tuple[str, str, str]]:
     """(pid, stat, command) of every process of the container, but the ``ps`` itself."""
-    rows = [ln.split(None, 2) for ln in
-            j.out("exec", ref, "ps", "-o", "pid,stat,args").splitlines()[1:]]
+    rows = [
+        ln.split(None, 2) for ln in j.out("exec", ref, "ps", "-o", "pid,stat,args").splitlines()[1:]
+    ]
     return sorted((r[0], r[1], r[2]) for r in rows if not r[2].startswith("ps "))
 
 
-def test_c09_zombies_come_back_with_their_pids_and_exit_codes(py: Jaula, py2: Jaula,
-                                                              tmp_path: Path) -> None:
+def test_c09_zombies_come_back_with_their_pids_and_exit_codes(
+    py: Jaula, py2: Jaula, tmp_path: Path
+) -> None:
     """C09: three unreaped children (exit 7, 9, 42), a middle process with a zombie of its
     own and a sleeper.  Same pids and states after the move; reaping gives the codes."""
-    py.run("run", "-d", "--name", "c09", "jaula-python", "python3",
-           f"{CASES}/C09/zombie_tree.py")
+    py.run("run", "-d", "--name", "c09", "jaula-python", "python3", f"{CASES}/C09/zombie_tree.py")
     wait_lines(py, "c09", r"^parent 1 unreaped children \[2, 3, 4\]")
     wait_for(lambda: sum(s == "Z" for _, s, _ in ps(py, "c09")) == 4, what="4 zombies")
     before = ps(py, "c09")
@@ -328,8 +363,9 @@ def test_c09_zombies_come_back_with_their_pids_and_exit_codes(py: Jaula, py2: Ja
     assert [z for z in ps(py2, "c09") if z[1] == "Z"] == [z for z in before if z[0] == "6"]
 
 
-def test_c09_zombie_left_by_an_exec_is_checkpointable(py: Jaula, py2: Jaula,
-                                                       tmp_path: Path) -> None:
+def test_c09_zombie_left_by_an_exec_is_checkpointable(
+    py: Jaula, py2: Jaula, tmp_path: Path
+) -> None:
     """C09 variant: an init that never reaps and ``exec ctr sh -c 'sleep 2 &'``.  jaula
     starts exec'd programs in a session of their own, so the zombie's session id is a pid of
     the container, and the tree dumps and restores."""
@@ -351,8 +387,11 @@ def test_c09_process_whose_session_leader_is_outside_is_refused(py: Jaula) -> No
         pytest.skip("nsenter (util-linux) is not installed")
     py.run("run", "-d", "--name", "c09n", "jaula-python", "sleep", "infinity")
     pid = host_pid(py, "c09n")
-    subprocess.run(["nsenter", "-t", str(pid), "-p", "-m", "--", "sh", "-c", "sleep 0.2 &"],
-                   check=True, timeout=10)
+    subprocess.run(
+        ["nsenter", "-t", str(pid), "-p", "-m", "--", "sh", "-c", "sleep 0.2 &"],
+        check=True,
+        timeout=10,
+    )
     wait_for(lambda: "Z" in [s for _, s, _ in ps(py, "c09n")], what="the zombie")
     p = py.run("checkpoint", "c09n", check=False)
     assert_refused_and_untouched(py, "c09n", p, "zombie process", "session", "outside")
@@ -361,13 +400,22 @@ def test_c09_process_whose_session_leader_is_outside_is_refused(py: Jaula) -> No
 # -- C11 ------------------------------------------------------------------------------------
 
 
-def test_c11_fifo_travels_with_the_upper_dir_and_its_data_once(py: Jaula, py2: Jaula,
-                                                               tmp_path: Path) -> None:
+def test_c11_fifo_travels_with_the_upper_dir_and_its_data_once(
+    py: Jaula, py2: Jaula, tmp_path: Path
+) -> None:
     """C11: a FIFO in the upper dir between a fast writer and a slow reader.  The node
     travels in the upper dir (the rootfs diff took FIFOs for devices and refused them), the
     reader goes on with the next number: nothing lost, nothing twice."""
-    py.run("run", "-d", "--name", "c11", "jaula-python", "sh", f"{CASES}/C11/fifo_pair.sh",
-           "/tmp/c11.fifo")
+    py.run(
+        "run",
+        "-d",
+        "--name",
+        "c11",
+        "jaula-python",
+        "sh",
+        f"{CASES}/C11/fifo_pair.sh",
+        "/tmp/c11.fifo",
+    )
     wait_lines(py, "c11", r"^reader at \d+$")
     n = move(py, py2, "c11", tmp_path / "c11.tar")
     last = last_number(py, "c11", r"^reader at (\d+)$")
@@ -382,8 +430,18 @@ def test_c11_fifo_on_a_volume_is_refused(py: Jaula, tmp_path: Path) -> None:
     be missing where the container is restored ("Can't open fake fifo"): refused."""
     vol = tmp_path / "vol"
     vol.mkdir()
-    py.run("run", "-d", "--name", "c11v", "-v", f"{vol}:/data", "jaula-python", "sh",
-           f"{CASES}/C11/fifo_pair.sh", "/data/c11.fifo")
+    py.run(
+        "run",
+        "-d",
+        "--name",
+        "c11v",
+        "-v",
+        f"{vol}:/data",
+        "jaula-python",
+        "sh",
+        f"{CASES}/C11/fifo_pair.sh",
+        "/data/c11.fifo",
+    )
     wait_lines(py, "c11v", r"^reader at \d+$")
     p = py.run("checkpoint", "c11v", check=False)
     assert_refused_and_untouched(py, "c11v", p, "FIFO /data/c11.fifo", "not shipped")
@@ -414,8 +472,9 @@ def pipe_max_size() -> Iterator[Path]:
     assert path.read_text() == old
 
 
-def test_c12_enlarged_pipe_keeps_its_size_and_its_blocks(py: Jaula, py2: Jaula,
-                                                         tmp_path: Path) -> None:
+def test_c12_enlarged_pipe_keeps_its_size_and_its_blocks(
+    py: Jaula, py2: Jaula, tmp_path: Path
+) -> None:
     """C12: a 1 MiB pipe (F_SETPIPE_SZ), full of numbered 4 KiB blocks at the checkpoint.
     After the move: the same size, owner and mode, and the blocks go on in order.  (The
     entry asks for an unprivileged container; see the next test for why jaula refuses that
@@ -435,7 +494,8 @@ def test_c12_enlarged_pipe_keeps_its_size_and_its_blocks(py: Jaula, py2: Jaula,
 
 
 def test_c12_target_with_a_smaller_pipe_max_size_refuses_the_import(
-        py: Jaula, py2: Jaula, tmp_path: Path, pipe_max_size: Path) -> None:
+    py: Jaula, py2: Jaula, tmp_path: Path, pipe_max_size: Path
+) -> None:
     """C12, negative: the target's fs.pipe-max-size (512 KiB) is below the 1 MiB pipe and it
     lacks CAP_SYS_RESOURCE: CRIU's F_SETPIPE_SZ would fail mid-restore with EPERM.  The
     import refuses before making anything; the source (checkpointed with --leave-running)
@@ -465,8 +525,18 @@ def test_c12_unprivileged_container_is_refused_without_cap_sys_resource(py: Jaul
     freeze ("Can't get rlimit").  The preflight refuses first."""
     from migrate.checkpoint import has_cap_sys_resource
 
-    py.run("run", "-d", "-u", "65534", "--name", "c12u", "jaula-python", "python3",
-           f"{CASES}/C12/bigpipe.py", str(256 << 10))
+    py.run(
+        "run",
+        "-d",
+        "-u",
+        "65534",
+        "--name",
+        "c12u",
+        "jaula-python",
+        "python3",
+        f"{CASES}/C12/bigpipe.py",
+        str(256 << 10),
+    )
     wait_lines(py, "c12u", r"^block 100 ")
     p = py.run("checkpoint", "c12u", check=False)
     if has_cap_sys_resource():
@@ -478,14 +548,14 @@ def test_c12_unprivileged_container_is_refused_without_cap_sys_resource(py: Jaul
 # -- C16 ------------------------------------------------------------------------------------
 
 
-def test_c16_open_log_file_is_identical_on_the_target(py: Jaula, py2: Jaula,
-                                                      tmp_path: Path) -> None:
+def test_c16_open_log_file_is_identical_on_the_target(
+    py: Jaula, py2: Jaula, tmp_path: Path
+) -> None:
     """C16: a log file kept open for append plus a read fd following it.  On the target the
     file is the checkpoint's byte for byte, appends land at its end, the read fd goes on
     from its offset, the sequence goes on by +1."""
     log = "/var/log/c16.log"
-    py.run("run", "-d", "--name", "c16", "jaula-python", "python3",
-           f"{CASES}/C16/appender.py", log)
+    py.run("run", "-d", "--name", "c16", "jaula-python", "python3", f"{CASES}/C16/appender.py", log)
     wait_lines(py, "c16", r"^seq 25 ")
     bundle = tmp_path / "c16.tar"
     n = move(py, py2, "c16", bundle)
@@ -499,12 +569,21 @@ def test_c16_open_log_file_is_identical_on_the_target(py: Jaula, py2: Jaula,
     no_fail(py2, "c16")
 
 
-def test_c16_rootfs_that_cannot_be_made_identical_is_refused(py: Jaula, py2: Jaula,
-                                                             tmp_path: Path) -> None:
+def test_c16_rootfs_that_cannot_be_made_identical_is_refused(
+    py: Jaula, py2: Jaula, tmp_path: Path
+) -> None:
     """C16, negative: the bundle's upper dir was altered on the way (one byte).  The import
     refuses it on its digest before making anything; the source runs on."""
-    py.run("run", "-d", "--name", "c16n", "jaula-python", "python3",
-           f"{CASES}/C16/appender.py", "/var/log/c16.log")
+    py.run(
+        "run",
+        "-d",
+        "--name",
+        "c16n",
+        "jaula-python",
+        "python3",
+        f"{CASES}/C16/appender.py",
+        "/var/log/c16.log",
+    )
     wait_lines(py, "c16n", r"^seq 25 ")
     good, bad = tmp_path / "good.tar", tmp_path / "bad.tar"
     py.run("checkpoint", "--leave-running", "c16n", "--export", str(good))
@@ -513,7 +592,7 @@ def test_c16_rootfs_that_cannot_be_made_identical_is_refused(py: Jaula, py2: Jau
             data = src.extractfile(m).read()  # type: ignore[union-attr]
             if m.name == "rootfs-diff.tar":
                 at = data.index(b"1\n2\n3\n4\n")
-                data = data[:at] + b"7" + data[at + 1:]
+                data = data[:at] + b"7" + data[at + 1 :]
             dst.addfile(m, io.BytesIO(data))
     p = py2.run("restore", "--import", str(bad), check=False)
     assert p.returncode == 125 and "rootfs-diff.tar" in p.stderr and "sha256" in p.stderr
@@ -533,8 +612,7 @@ def test_c17_leave_running_checkpoint_restores_the_file_as_it_was(py: Jaula) -> 
     and the process writes N+1 next.  ``restore`` of a stopped container refused it as "not
     checkpointed" before; now it rolls back to the kept checkpoint."""
     out = "/data/c17.out"
-    py.run("run", "-d", "--name", "c17", "jaula-python", "python3", f"{CASES}/C17/grower.py",
-           out)
+    py.run("run", "-d", "--name", "c17", "jaula-python", "python3", f"{CASES}/C17/grower.py", out)
     wait_lines(py, "c17", r"^n=20 ")
     py.run("checkpoint", "--leave-running", "c17")
     info = inspect(py, "c17")
@@ -553,8 +631,10 @@ def test_c17_leave_running_checkpoint_restores_the_file_as_it_was(py: Jaula) -> 
     assert now.startswith(snap)
     seq = [int(x) for x in now.split()]
     assert seq == list(range(1, len(seq) + 1)) and n_at <= len(seq) < grown
-    wait_for(lambda: len(py.out("exec", "c17", "cat", out).split()) > n_at + 5,
-             what="the file to grow again")
+    wait_for(
+        lambda: len(py.out("exec", "c17", "cat", out).split()) > n_at + 5,
+        what="the file to grow again",
+    )
     wait_lines(py, "c17", r"^n=\d+ ", after=n)
     assert inspect(py, "c17")["State"]["Status"] == "running"
     no_fail(py, "c17")
@@ -562,10 +642,18 @@ def test_c17_leave_running_checkpoint_restores_the_file_as_it_was(py: Jaula) -> 
 
 # -- C19 ------------------------------------------------------------------------------------
 
-LIMIT_FILES = {"memory": ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes",
-                          "memory.soft_limit_in_bytes", "memory.max", "memory.high"),
-               "pids": ("pids.max",), "cpu": ("cpu.cfs_quota_us", "cpu.cfs_period_us", "cpu.max"),
-               "": ("memory.max", "memory.high", "pids.max", "cpu.max")}
+LIMIT_FILES = {
+    "memory": (
+        "memory.limit_in_bytes",
+        "memory.memsw.limit_in_bytes",
+        "memory.soft_limit_in_bytes",
+        "memory.max",
+        "memory.high",
+    ),
+    "pids": ("pids.max",),
+    "cpu": ("cpu.cfs_quota_us", "cpu.cfs_period_us", "cpu.max"),
+    "": ("memory.max", "memory.high", "pids.max", "cpu.max"),
+}
 
 
 def limits(j: Jaula, ref: str) -> dict[str, str]:
@@ -581,30 +669,48 @@ def limits(j: Jaula, ref: str) -> dict[str, str]:
 def probe_limits(j: Jaula, ref: str) -> None:
     """``limits.sh probe`` and a 128 MiB allocation: both stopped inside the container."""
     # The output goes to a file: the background sleeps would hold a pipe open for 30 s.
-    j.run("exec", ref, "sh", "-c", f"sh {CASES}/C19/limits.sh probe >/tmp/probe.out 2>&1",
-          check=False)
+    j.run(
+        "exec", ref, "sh", "-c", f"sh {CASES}/C19/limits.sh probe >/tmp/probe.out 2>&1", check=False
+    )
     out = j.out("exec", ref, "cat", "/tmp/probe.out")
     # busybox sh gives up the whole script when fork fails: then only its complaint is left
     m = re.search(r"started (\d+) background sleeps", out)
     assert (m and int(m.group(1)) < 32) or "can't fork" in out, out
-    leftover = [ln.split()[0] for ln in j.out("exec", ref, "ps", "-o", "pid,args").splitlines()
-                if ln.split()[1:] == ["sleep", "30"]]
+    leftover = [
+        ln.split()[0]
+        for ln in j.out("exec", ref, "ps", "-o", "pid,args").splitlines()
+        if ln.split()[1:] == ["sleep", "30"]
+    ]
     if leftover:
         j.run("exec", ref, "kill", *leftover)
-    dd = j.run("exec", ref, "dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1",
-               check=False)
+    dd = j.run("exec", ref, "dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1", check=False)
     assert dd.returncode != 0, "a 128 MiB buffer fit under a 64 MiB limit"
     assert inspect(j, ref)["State"]["Status"] == "running"
 
 
-def test_c19_memory_pids_and_cpu_limits_hold_after_restore(py: Jaula, py2: Jaula,
-                                                           tmp_path: Path) -> None:
+def test_c19_memory_pids_and_cpu_limits_hold_after_restore(
+    py: Jaula, py2: Jaula, tmp_path: Path
+) -> None:
     """C19: a container with 64 MiB of memory, 32 pids and half a CPU.  The restored tasks
     live in a cgroup with the same limits (the cgroup files compared; ``limits.sh show`` too,
     which reads them from inside on cgroup v2 only), forks stop near 32, a 128 MiB buffer is
     refused or OOM-killed inside, and a further checkpoint and restore work."""
-    py.run("run", "-d", "--name", "c19", "--memory", "64m", "--pids-limit", "32", "--cpus",
-           "0.5", "jaula-python", "sh", f"{CASES}/C19/limits.sh", "idle")
+    py.run(
+        "run",
+        "-d",
+        "--name",
+        "c19",
+        "--memory",
+        "64m",
+        "--pids-limit",
+        "32",
+        "--cpus",
+        "0.5",
+        "jaula-python",
+        "sh",
+        f"{CASES}/C19/limits.sh",
+        "idle",
+    )
     want = limits(py, "c19")
     assert want.get("pids.max") == "32" and str(64 << 20) in want.values(), want
     show = py.out("exec", "c19", "sh", f"{CASES}/C19/limits.sh", "show")
@@ -612,8 +718,9 @@ def test_c19_memory_pids_and_cpu_limits_hold_after_restore(py: Jaula, py2: Jaula
     assert limits(py2, "c19") == want
     # the cgroup parent is per state root (two roots may hold one id): compare the rest
     same_parent = re.compile(r"/jaula[-0-9a-f]*/")
-    assert same_parent.sub("/P/", py2.out("exec", "c19", "sh", f"{CASES}/C19/limits.sh",
-                                          "show")) == same_parent.sub("/P/", show)
+    assert same_parent.sub(
+        "/P/", py2.out("exec", "c19", "sh", f"{CASES}/C19/limits.sh", "show")
+    ) == same_parent.sub("/P/", show)
     probe_limits(py2, "c19")
     py2.run("checkpoint", "c19")
     py2.run("restore", "c19")
@@ -622,7 +729,8 @@ def test_c19_memory_pids_and_cpu_limits_hold_after_restore(py: Jaula, py2: Jaula
 
 
 def test_c19_target_that_cannot_provide_the_limits_refuses(
-        py: Jaula, py2: Jaula, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    py: Jaula, py2: Jaula, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """C19, negative: (a) a bundle made on a node of the other cgroup version (the manifest
     says so) and (b) a node without the pids controller are refused before anything is
     made; the source runs on."""
@@ -631,8 +739,20 @@ def test_c19_target_that_cannot_provide_the_limits_refuses(
     from runtime.cgroups import CgroupMode, detect_mode
     from runtime.container import Runtime
 
-    py.run("run", "-d", "--name", "c19n", "--memory", "64m", "--pids-limit", "32",
-           "jaula-python", "sh", f"{CASES}/C19/limits.sh", "idle")
+    py.run(
+        "run",
+        "-d",
+        "--name",
+        "c19n",
+        "--memory",
+        "64m",
+        "--pids-limit",
+        "32",
+        "jaula-python",
+        "sh",
+        f"{CASES}/C19/limits.sh",
+        "idle",
+    )
     good = tmp_path / "good.tar"
     py.run("checkpoint", "--leave-running", "c19n", "--export", str(good))
     other = "hybrid" if detect_mode() is CgroupMode.UNIFIED else "unified"
@@ -661,12 +781,10 @@ def test_c19_target_that_cannot_provide_the_limits_refuses(
 # -- C26 ------------------------------------------------------------------------------------
 
 
-def test_c26_sealed_memfd_still_execs_after_restore(py: Jaula, py2: Jaula,
-                                                    tmp_path: Path) -> None:
+def test_c26_sealed_memfd_still_execs_after_restore(py: Jaula, py2: Jaula, tmp_path: Path) -> None:
     """C26: a sealed memfd holding a copy of echo, mapped, run with fexecve every 2 s.  After
     the move each round prints OK: same checksum, same seals, exec status 0."""
-    py.run("run", "-d", "--name", "c26", "jaula-python", "python3",
-           f"{CASES}/C26/memfd_exec.py")
+    py.run("run", "-d", "--name", "c26", "jaula-python", "python3", f"{CASES}/C26/memfd_exec.py")
     wait_lines(py, "c26", r"^OK round=")
     n = move(py, py2, "c26", tmp_path / "c26.tar")
     last = last_number(py, "c26", r"^OK round=(\d+) ")
@@ -717,8 +835,12 @@ def test_attached_exec_still_running_is_refused(py: Jaula) -> None:
     checkpoint works."""
     py.run("run", "-d", "--name", "ex", "jaula-python", "sleep", "infinity")
     cmd = [*JAULA, "--state-root", str(py.root), "exec", "ex", "sleep", "3"]
-    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          cwd=Path(__file__).resolve().parents[2]) as execing:
+    with subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=Path(__file__).resolve().parents[2],
+    ) as execing:
         wait_for(lambda: len(ps(py, "ex")) == 2, what="the exec'd sleep")
         p = py.run("checkpoint", "--leave-running", "ex", check=False)
         assert_refused_and_untouched(py, "ex", p, "not in its process tree", "exec")

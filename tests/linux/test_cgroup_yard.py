@@ -22,8 +22,9 @@ def _img(d: Path, *cnames: list[str]) -> Path:
 
     d.mkdir(exist_ok=True)
     with open(d / "cgroup.img", "wb") as f:
-        images.dump({"magic": "CGROUP", "entries": [
-            {"controllers": [{"cnames": c} for c in cnames]}]}, f)
+        images.dump(
+            {"magic": "CGROUP", "entries": [{"controllers": [{"cnames": c} for c in cnames]}]}, f
+        )
     return d
 
 
@@ -31,8 +32,10 @@ def _mounted(name: str) -> bool:
     return os.path.ismount(ROOT / name)
 
 
-@pytest.mark.skipif(not (_mounted("pids") and _mounted("systemd")),
-                    reason="needs a v1 or hybrid host (pids, name=systemd under /sys/fs/cgroup)")
+@pytest.mark.skipif(
+    not (_mounted("pids") and _mounted("systemd")),
+    reason="needs a v1 or hybrid host (pids, name=systemd under /sys/fs/cgroup)",
+)
 def test_v1_hierarchies_mounted_here_make_a_yard(tmp_path: Path) -> None:
     assert criu.host_cgroup_yard(_img(tmp_path, ["pids"], ["name=systemd"])) == str(ROOT)
 

@@ -62,7 +62,9 @@ needs_v1 = pytest.mark.skipif(
     MODE not in (CgroupMode.LEGACY, CgroupMode.HYBRID),
     reason=f"no cgroup v1 hierarchies under {ROOT} (mode {MODE})",
 )
-V2_ROOT = {CgroupMode.HYBRID: ROOT / "unified", CgroupMode.UNIFIED: ROOT}.get(MODE) if MODE else None
+V2_ROOT = (
+    {CgroupMode.HYBRID: ROOT / "unified", CgroupMode.UNIFIED: ROOT}.get(MODE) if MODE else None
+)
 needs_v2 = pytest.mark.skipif(
     V2_ROOT is None or not (V2_ROOT / "cgroup.procs").exists(),
     reason=f"no cgroup2 hierarchy at {ROOT} or {ROOT}/unified (mode {MODE})",
@@ -70,8 +72,12 @@ needs_v2 = pytest.mark.skipif(
 
 
 def _leftovers() -> list[str]:
-    out = subprocess.run(["find", str(ROOT), "-name", f"*{SESSION_PARENT}*"],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        ["find", str(ROOT), "-name", f"*{SESSION_PARENT}*"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return out.stdout.split()
 
 
@@ -114,7 +120,8 @@ class Cgroups:
         """Start ``argv`` after a line arrives on its stdin (``sh -c 'read x; exec ...'``)."""
         script = 'read x; exec "$@"'
         proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
-            ["sh", "-c", script, "sh", *argv], stdin=subprocess.PIPE, **kwargs)
+            ["sh", "-c", script, "sh", *argv], stdin=subprocess.PIPE, **kwargs
+        )
         self.procs.append(proc)
         return proc
 
@@ -344,8 +351,11 @@ def test_v2_unavailable_controller_refused_before_anything_is_made(cgroups: Cgro
     if not missing:
         pytest.skip(f"{V2_ROOT} offers memory, pids and cpu")
     mgr = cgroups.v2("refused")
-    limits = {"memory": Resources(memory_bytes=64 * MIB), "pids": Resources(pids_max=5),
-              "cpu": Resources(cpu_quota_us=50_000)}
+    limits = {
+        "memory": Resources(memory_bytes=64 * MIB),
+        "pids": Resources(pids_max=5),
+        "cpu": Resources(cpu_quota_us=50_000),
+    }
     with pytest.raises(CgroupError, match=f"controller '{missing[0]}' is not available"):
         mgr.create(limits[missing[0]])
     assert not (V2_ROOT / SESSION_PARENT).exists()

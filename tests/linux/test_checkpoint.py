@@ -44,8 +44,16 @@ def test_checkpoint_and_restore_continue_where_they_were(jaula: Jaula) -> None:
 
 
 def test_exit_code_is_collected_after_restore(jaula: Jaula) -> None:
-    jaula.run("run", "-d", "--name", "x", "busybox", "sh", "-c",
-              "trap 'exit 42' USR1; while true; do sleep 0.05; done")
+    jaula.run(
+        "run",
+        "-d",
+        "--name",
+        "x",
+        "busybox",
+        "sh",
+        "-c",
+        "trap 'exit 42' USR1; while true; do sleep 0.05; done",
+    )
     time.sleep(0.3)
     jaula.run("checkpoint", "x")
     jaula.run("restore", "x")
@@ -67,13 +75,22 @@ def test_leave_running(jaula: Jaula) -> None:
     assert_continuous(ticks(jaula, "lr"))
 
 
-def test_export_import_into_another_state_root(jaula: Jaula, jaula2: Jaula,
-                                               tmp_path: Path) -> None:
+def test_export_import_into_another_state_root(jaula: Jaula, jaula2: Jaula, tmp_path: Path) -> None:
     vol = tmp_path / "vol"
     vol.mkdir()
-    cid = jaula.out("run", "-d", "--name", "mover", "-v", f"{vol}:/data", "busybox", "sh", "-c",
-                    "echo written-before > /etc/motd; exec 3>>/data/log; " + COUNTER.replace(
-                        'echo "tick $i";', 'echo "tick $i"; echo $i >&3;')).strip()
+    cid = jaula.out(
+        "run",
+        "-d",
+        "--name",
+        "mover",
+        "-v",
+        f"{vol}:/data",
+        "busybox",
+        "sh",
+        "-c",
+        "echo written-before > /etc/motd; exec 3>>/data/log; "
+        + COUNTER.replace('echo "tick $i";', 'echo "tick $i"; echo $i >&3;'),
+    ).strip()
     wait_ticks(jaula, "mover", 10)
     bundle = tmp_path / "mover.tar"
     jaula.run("checkpoint", "mover", "--export", str(bundle))
@@ -97,8 +114,9 @@ def test_export_import_into_another_state_root(jaula: Jaula, jaula2: Jaula,
     assert Path(info["UpperDir"]).is_relative_to(jaula2.root)
 
 
-def test_import_refuses_corrupt_bundle_and_leaves_nothing(jaula: Jaula, jaula2: Jaula,
-                                                          tmp_path: Path) -> None:
+def test_import_refuses_corrupt_bundle_and_leaves_nothing(
+    jaula: Jaula, jaula2: Jaula, tmp_path: Path
+) -> None:
     jaula.run("run", "-d", "--name", "cor", "busybox", "sh", "-c", COUNTER)
     wait_ticks(jaula, "cor", 3)
     good = tmp_path / "good.tar"
@@ -116,8 +134,9 @@ def test_import_refuses_corrupt_bundle_and_leaves_nothing(jaula: Jaula, jaula2: 
     assert not list((jaula2.root / "tmp").glob("*"))
 
 
-def test_import_refuses_missing_layer_and_name_collision(jaula: Jaula, jaula2: Jaula,
-                                                         tmp_path: Path) -> None:
+def test_import_refuses_missing_layer_and_name_collision(
+    jaula: Jaula, jaula2: Jaula, tmp_path: Path
+) -> None:
     jaula.run("run", "-d", "--name", "n1", "busybox", "sh", "-c", COUNTER)
     wait_ticks(jaula, "n1", 3)
     b = tmp_path / "n1.tar"
@@ -145,9 +164,16 @@ def test_import_refuses_missing_layer_and_name_collision(jaula: Jaula, jaula2: J
 
 def test_failed_dump_leaves_the_container_running(jaula: Jaula) -> None:
     # A deleted-but-open file larger than the ghost limit (64 MiB) cannot be dumped.
-    jaula.run("run", "-d", "--name", "ghost", "busybox", "sh", "-c",
-              "head -c 80000000 /dev/zero > /tmp/big; exec 3</tmp/big; rm /tmp/big; "
-              + COUNTER)
+    jaula.run(
+        "run",
+        "-d",
+        "--name",
+        "ghost",
+        "busybox",
+        "sh",
+        "-c",
+        "head -c 80000000 /dev/zero > /tmp/big; exec 3</tmp/big; rm /tmp/big; " + COUNTER,
+    )
     wait_ticks(jaula, "ghost", 5)
     p = jaula.run("checkpoint", "ghost", check=False)
     assert p.returncode == 125 and "criu dump failed" in p.stderr
@@ -161,8 +187,9 @@ def test_failed_dump_leaves_the_container_running(jaula: Jaula) -> None:
         assert Path(freezer, "freezer.state").read_text().strip() == "THAWED"
 
 
-def test_bundle_write_failure_resumes_the_container(jaula: Jaula,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bundle_write_failure_resumes_the_container(
+    jaula: Jaula, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # In-process fault: the upperdir tar fails while CRIU holds the tasks at post-dump.
     from migrate import checkpoint as cp
     from migrate.errors import BundleError

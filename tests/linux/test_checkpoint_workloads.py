@@ -55,8 +55,9 @@ def py2(jaula2: Jaula, python_image_layout: Path) -> Jaula:
 def processes(j: Jaula, ref: str) -> list[tuple[str, str, bool, int]]:
     """(pid, ppid, is a zombie, threads) of every process of the container but the
     ``ps``."""
-    rows = [ln.split() for ln in
-            j.out("exec", ref, "ps", "-o", "pid,ppid,stat,comm").splitlines()[1:]]
+    rows = [
+        ln.split() for ln in j.out("exec", ref, "ps", "-o", "pid,ppid,stat,comm").splitlines()[1:]
+    ]
     out = []
     for pid, ppid, st, comm in rows:
         if comm == "ps":
@@ -93,8 +94,16 @@ def test_process_tree_with_threads_and_pipes(py: Jaula, py2: Jaula, tmp_path: Pa
     after the move the same pids, parents, states and thread counts, the pipes carry the
     next round, every thread runs, and nothing is left a zombie, then or after the init
     reaps its children."""
-    py.run("run", "-d", "--name", "tree", "jaula-python", "python3", "-c",
-           workload("checkpoint_tree.py"))
+    py.run(
+        "run",
+        "-d",
+        "--name",
+        "tree",
+        "jaula-python",
+        "python3",
+        "-c",
+        workload("checkpoint_tree.py"),
+    )
     wait_lines(py, "tree", r"^round \d+ ", count=3)
     before = processes(py, "tree")
     # the children's pids depend on how their threads and the next fork interleave
@@ -134,9 +143,11 @@ def upper_entries(upper: Path, skip: set[str]) -> dict[str, tuple[object, ...]]:
         if rel in skip:
             continue
         st = p.lstat()
-        xattrs = sorted((k, os.getxattr(p, k, follow_symlinks=False)) for k in
-                        os.listxattr(p, follow_symlinks=False)
-                        if k.startswith("user.") or k == "trusted.overlay.opaque")
+        xattrs = sorted(
+            (k, os.getxattr(p, k, follow_symlinks=False))
+            for k in os.listxattr(p, follow_symlinks=False)
+            if k.startswith("user.") or k == "trusted.overlay.opaque"
+        )
         body: object = None
         if stat.S_ISREG(st.st_mode):
             body = p.read_bytes()
@@ -147,15 +158,24 @@ def upper_entries(upper: Path, skip: set[str]) -> dict[str, tuple[object, ...]]:
 
 
 def test_files_written_open_and_deleted_are_identical_after_restore(
-        py: Jaula, py2: Jaula, tmp_path: Path) -> None:
+    py: Jaula, py2: Jaula, tmp_path: Path
+) -> None:
     """Files written in the upper dir before the checkpoint, files open for writing during
     it (an appended log, a file rewritten in place), a file deleted while open, a file of
     the image deleted (whiteout), a directory of the image replaced (opaque), one changed
     (copy-up), a hardlink, a symlink, an xattr, a sparse file: all identical after the move,
     seen from inside and in the upper dir on the host."""
     live, rw = "/srv/live.log", "/srv/rw.dat"
-    py.run("run", "-d", "--name", "files", "jaula-python", "python3", "-c",
-           workload("checkpoint_files.py"))
+    py.run(
+        "run",
+        "-d",
+        "--name",
+        "files",
+        "jaula-python",
+        "python3",
+        "-c",
+        workload("checkpoint_files.py"),
+    )
     wait_lines(py, "files", r"^tick \d+ gone-ok")
     manifest = workload("tree_manifest.py")
     inside = json.loads(py.out("exec", "files", "python3", "-c", manifest, live, rw))
@@ -184,20 +204,22 @@ def test_files_written_open_and_deleted_are_identical_after_restore(
     counter = int(py2.out("exec", "files", "cat", rw)[:20])
     assert counter >= len(seq) - 1 and (dst_upper / "srv/rw.dat").stat().st_size == 64
     py2.run("exec", "files", "test", "!", "-e", "/srv/gone.txt")
-    assert all(ln.endswith("gone-ok") for ln in stdout_lines(py2, "files")[n:]
-               if ln.startswith("tick"))
+    assert all(
+        ln.endswith("gone-ok") for ln in stdout_lines(py2, "files")[n:] if ln.startswith("tick")
+    )
     assert not [p for p in dst_upper.rglob("*") if p.name.startswith("link_remap.")]
     no_fail(py2, "files")
 
 
 # -- IPC and file descriptors ---------------------------------------------------------------
 
-PING = ("import socket; s = socket.create_connection(('127.0.0.1', 7000), timeout=5); "
-        "s.sendall(b'ping'); print(s.recv(64).decode().strip())")
+PING = (
+    "import socket; s = socket.create_connection(('127.0.0.1', 7000), timeout=5); "
+    "s.sendall(b'ping'); print(s.recv(64).decode().strip())"
+)
 
 
-def test_ipc_objects_and_special_fds_survive_restore(py: Jaula, py2: Jaula,
-                                                    tmp_path: Path) -> None:
+def test_ipc_objects_and_special_fds_survive_restore(py: Jaula, py2: Jaula, tmp_path: Path) -> None:
     """Unix sockets (a named stream socket with a message queued, a seqpacket pair to a
     child), a TCP listener and an established TCP connection in the container's net
     namespace, SysV and POSIX shared memory written by two processes, eventfd, a periodic
@@ -205,8 +227,9 @@ def test_ipc_objects_and_special_fds_survive_restore(py: Jaula, py2: Jaula,
     every 100 ms across the move; from outside, a new connection from an ``exec`` reaches
     the listener, SIGUSR2 arrives through the signalfd, the locks are busy, the segments
     are there."""
-    py.run("run", "-d", "--name", "ipc", "jaula-python", "python3", "-c",
-           workload("checkpoint_ipc.py"))
+    py.run(
+        "run", "-d", "--name", "ipc", "jaula-python", "python3", "-c", workload("checkpoint_ipc.py")
+    )
     wait_lines(py, "ipc", r"^tick 10 ok ")
     assert re.fullmatch(r"pong \d+\n", py.out("exec", "ipc", "python3", "-c", PING))
     shm = sysv_segments(py, "ipc")
@@ -252,17 +275,29 @@ def verify(j: Jaula, ref: str, timeout: float) -> int:
     return int(line.split()[2])
 
 
-@pytest.mark.parametrize("mib", [
-    16, 256, pytest.param(1024, marks=[pytest.mark.slow, pytest.mark.timeout(600)])])
-def test_memhog_memory_is_intact_after_restore(mem: Jaula, mem2: Jaula, tmp_path: Path,
-                                               mib: int) -> None:
+@pytest.mark.parametrize(
+    "mib", [16, 256, pytest.param(1024, marks=[pytest.mark.slow, pytest.mark.timeout(600)])]
+)
+def test_memhog_memory_is_intact_after_restore(
+    mem: Jaula, mem2: Jaula, tmp_path: Path, mib: int
+) -> None:
     """memhog with MIB MiB of touched, distinct pages, 1 % re-dirtied every 100 ms: after the
     move every page verifies (``VERIFY OK``) and the tick counter goes on from where it was.
     The 1 GiB one is marked ``slow`` (deselect with ``-m 'not slow'``); it takes about 20 s
     here."""
     t0 = time.monotonic()
-    mem.run("run", "-d", "--name", "m", "jaula-mem", "python3", "/opt/workloads/memhog.py",
-            str(mib), "--dirty-pct", "1")
+    mem.run(
+        "run",
+        "-d",
+        "--name",
+        "m",
+        "jaula-mem",
+        "python3",
+        "/opt/workloads/memhog.py",
+        str(mib),
+        "--dirty-pct",
+        "1",
+    )
     wait_lines(mem, "m", r"^READY 1$", timeout=60 + mib / 8)
     c0 = verify(mem, "m", timeout=30 + mib / 8)
     t1 = time.monotonic()
@@ -275,14 +310,18 @@ def test_memhog_memory_is_intact_after_restore(mem: Jaula, mem2: Jaula, tmp_path
     c1 = verify(mem2, "m", timeout=30 + mib / 8)
     assert c1 > c0
     wait_for(lambda: verify(mem2, "m", timeout=30 + mib / 8) > c1, what="the counter to go on")
-    print(f"memhog {mib} MiB: start+verify {t1 - t0:.1f} s, checkpoint+export {t2 - t1:.1f} s, "
-          f"import+restore {t3 - t2:.1f} s, total {time.monotonic() - t0:.1f} s")
+    print(
+        f"memhog {mib} MiB: start+verify {t1 - t0:.1f} s, checkpoint+export {t2 - t1:.1f} s, "
+        f"import+restore {t3 - t2:.1f} s, total {time.monotonic() - t0:.1f} s"
+    )
 
 
 # -- redis ----------------------------------------------------------------------------------
 
-FILL = ("for i = 1, 100000 do redis.call('SET', 'key:' .. i, 'value:' .. i) end "
-        "return redis.call('DBSIZE')")
+FILL = (
+    "for i = 1, 100000 do redis.call('SET', 'key:' .. i, 'value:' .. i) end "
+    "return redis.call('DBSIZE')"
+)
 
 
 @pytest.fixture
@@ -300,8 +339,9 @@ def redis_info(j: Jaula, ref: str) -> dict[str, str]:
     return dict(ln.strip().split(":", 1) for ln in out.splitlines() if ":" in ln)
 
 
-def test_redis_with_100000_keys_moves_to_another_state_root(rd: Jaula, rd2: Jaula,
-                                                            tmp_path: Path) -> None:
+def test_redis_with_100000_keys_moves_to_another_state_root(
+    rd: Jaula, rd2: Jaula, tmp_path: Path
+) -> None:
     """redis-server holding 100 000 keys (filled by a Lua script: DEBUG POPULATE is off in
     this redis): after checkpoint, export, import into another state root and restore, the
     same DBSIZE, a key written before reads back, writes go on, and it is the same server:
@@ -309,8 +349,10 @@ def test_redis_with_100000_keys_moves_to_another_state_root(rd: Jaula, rd2: Jaul
     time cannot stay: CRIU restores into new tasks and the kernel has no way to set a task's
     start time, so INFO's run_id and uptime are the server's own record of it.)"""
     rd.run("run", "-d", "--name", "r", "jaula-redis")
-    wait_for(lambda: rd.run("exec", "r", "redis-cli", "ping", check=False).stdout == "PONG\n",
-             what="redis PONG")
+    wait_for(
+        lambda: rd.run("exec", "r", "redis-cli", "ping", check=False).stdout == "PONG\n",
+        what="redis PONG",
+    )
     assert rd.out("exec", "r", "redis-cli", "eval", FILL, "0") == "100000\n"
     assert rd.out("exec", "r", "redis-cli", "set", "before", "written-before") == "OK\n"
     info = redis_info(rd, "r")

@@ -34,9 +34,11 @@ def log_text(j: Jaula, ref: str) -> str:
 
 # -- lifecycle ------------------------------------------------------------------------------
 
+
 def test_run_attached_returns_exit_code_and_output(jaula: Jaula) -> None:
-    p = jaula.run("run", "--name", "t", "busybox", "sh", "-c", "echo out; echo err >&2; exit 3",
-                  check=False)
+    p = jaula.run(
+        "run", "--name", "t", "busybox", "sh", "-c", "echo out; echo err >&2; exit 3", check=False
+    )
     assert p.returncode == 3
     assert p.stdout == "out\n"
     assert p.stderr == "err\n"
@@ -67,24 +69,41 @@ def test_detached_container_survives_cli_and_is_seen_from_new_process(jaula: Jau
 
 
 def test_kill_with_signal_and_wait(jaula: Jaula) -> None:
-    jaula.run("run", "-d", "--name", "k", "busybox", "sh", "-c",
-              "trap 'exit 42' USR1; while true; do sleep 0.1; done")
+    jaula.run(
+        "run",
+        "-d",
+        "--name",
+        "k",
+        "busybox",
+        "sh",
+        "-c",
+        "trap 'exit 42' USR1; while true; do sleep 0.1; done",
+    )
     time.sleep(0.3)
     jaula.run("kill", "-s", "USR1", "k")
     assert jaula.out("wait", "k").strip() == "42"
 
 
 def test_logs_and_follow(jaula: Jaula) -> None:
-    jaula.run("run", "-d", "--name", "lg", "busybox", "sh", "-c",
-              "for i in 1 2 3; do echo line$i; echo e$i >&2; sleep 0.2; done")
+    jaula.run(
+        "run",
+        "-d",
+        "--name",
+        "lg",
+        "busybox",
+        "sh",
+        "-c",
+        "for i in 1 2 3; do echo line$i; echo e$i >&2; sleep 0.2; done",
+    )
     p = jaula.run("logs", "-f", "lg", timeout=20)
     assert p.stdout == "line1\nline2\nline3\n"
     assert p.stderr == "e1\ne2\ne3\n"
 
 
 def test_exec_sees_pid_namespace_and_files(jaula: Jaula) -> None:
-    jaula.run("run", "-d", "--name", "ex", "busybox", "sh", "-c",
-              "echo hello > /tmp/f; exec sleep 1000")
+    jaula.run(
+        "run", "-d", "--name", "ex", "busybox", "sh", "-c", "echo hello > /tmp/f; exec sleep 1000"
+    )
     wait_for(lambda: (Path(inspect(jaula, "ex")["UpperDir"]) / "tmp/f").exists(), what="file")
     assert jaula.out("exec", "ex", "cat", "/tmp/f") == "hello\n"
     assert jaula.out("exec", "ex", "cat", "/proc/1/cmdline").startswith("sleep")
@@ -100,8 +119,16 @@ def test_exec_sees_pid_namespace_and_files(jaula: Jaula) -> None:
 
 
 def test_pause_resume_freezes_processes(jaula: Jaula) -> None:
-    jaula.run("run", "-d", "--name", "pz", "busybox", "sh", "-c",
-              "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.05; done")
+    jaula.run(
+        "run",
+        "-d",
+        "--name",
+        "pz",
+        "busybox",
+        "sh",
+        "-c",
+        "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.05; done",
+    )
     upper = Path(inspect(jaula, "pz")["UpperDir"])
     wait_for(lambda: (upper / "tmp/c").exists(), what="counter")
     jaula.run("pause", "pz")
@@ -120,6 +147,7 @@ def test_pause_resume_freezes_processes(jaula: Jaula) -> None:
 
 
 # -- isolation and privileges ----------------------------------------------------------------
+
 
 def test_namespaces_mounts_and_privileges(jaula: Jaula) -> None:
     jaula.run("run", "-d", "--name", "pv", "--hostname", "box", "busybox", "sleep", "1000")
@@ -144,23 +172,46 @@ def test_namespaces_mounts_and_privileges(jaula: Jaula) -> None:
             assert jaula.run("exec", "pv", "touch", f"{masked}/x", check=False).returncode != 0
     # the empty dir they are bound from cannot be filled from inside either
     assert jaula.run("exec", "pv", "mkdir", "/dev/.masked/x", check=False).returncode != 0
-    assert jaula.run("exec", "pv", "sh", "-c", "echo 1 > /proc/sys/kernel/domainname",
-                     check=False).returncode != 0
+    assert (
+        jaula.run(
+            "exec", "pv", "sh", "-c", "echo 1 > /proc/sys/kernel/domainname", check=False
+        ).returncode
+        != 0
+    )
     ifaces = run("ls", "/sys/class/net").split()
     assert ifaces == ["lo"]
-    assert "UP" in run("cat", "/sys/class/net/lo/operstate").upper() or \
-        int(run("cat", "/sys/class/net/lo/flags").strip(), 16) & 1
+    assert (
+        "UP" in run("cat", "/sys/class/net/lo/operstate").upper()
+        or int(run("cat", "/sys/class/net/lo/flags").strip(), 16) & 1
+    )
     mounts = run("cat", "/proc/mounts")
-    for mp in (" / overlay", " /proc proc", " /dev tmpfs", " /dev/pts devpts", " /dev/shm tmpfs",
-               " /sys sysfs ro"):
+    for mp in (
+        " / overlay",
+        " /proc proc",
+        " /dev tmpfs",
+        " /dev/pts devpts",
+        " /dev/shm tmpfs",
+        " /sys sysfs ro",
+    ):
         assert mp in mounts.replace("overlay / overlay", " / overlay"), (mp, mounts)
     for dev in ("null", "zero", "full", "random", "urandom", "tty"):
         assert run("ls", f"/dev/{dev}").strip() == f"/dev/{dev}"
 
 
 def test_cap_add_drop_privileged_and_user(jaula: Jaula) -> None:
-    jaula.run("run", "-d", "--name", "c1", "--cap-drop", "CHOWN", "--cap-add", "NET_ADMIN",
-              "busybox", "sleep", "1000")
+    jaula.run(
+        "run",
+        "-d",
+        "--name",
+        "c1",
+        "--cap-drop",
+        "CHOWN",
+        "--cap-add",
+        "NET_ADMIN",
+        "busybox",
+        "sleep",
+        "1000",
+    )
     eff = int(jaula.out("exec", "c1", "grep", "CapEff", "/proc/self/status").split()[1], 16)
     assert not eff & (1 << 0) and eff & (1 << 12)
     jaula.run("run", "-d", "--name", "c2", "--privileged", "busybox", "sleep", "1000")
@@ -168,8 +219,17 @@ def test_cap_add_drop_privileged_and_user(jaula: Jaula) -> None:
     assert eff & (1 << 21)  # CAP_SYS_ADMIN
     p = jaula.run("run", "--name", "c3", "-u", "65534:65534", "busybox", "id")
     assert "uid=65534" in p.stdout and "gid=65534" in p.stdout
-    p = jaula.run("run", "--name", "c4", "-u", "nobody", "busybox", "sh", "-c",
-                  "grep CapEff /proc/self/status")
+    p = jaula.run(
+        "run",
+        "--name",
+        "c4",
+        "-u",
+        "nobody",
+        "busybox",
+        "sh",
+        "-c",
+        "grep CapEff /proc/self/status",
+    )
     assert p.stdout.split()[1] == "0000000000000000"
 
 
@@ -177,12 +237,35 @@ def test_env_workdir_network_host_and_volumes(jaula: Jaula, tmp_path: Path) -> N
     vol = tmp_path / "vol"
     vol.mkdir()
     (vol / "in.txt").write_text("from host\n")
-    p = jaula.run("run", "--name", "v", "-e", "A=1", "-w", "/work", "-v", f"{vol}:/data",
-                  "busybox", "sh", "-c", "echo $A; pwd; cat /data/in.txt; echo back > /data/out")
+    p = jaula.run(
+        "run",
+        "--name",
+        "v",
+        "-e",
+        "A=1",
+        "-w",
+        "/work",
+        "-v",
+        f"{vol}:/data",
+        "busybox",
+        "sh",
+        "-c",
+        "echo $A; pwd; cat /data/in.txt; echo back > /data/out",
+    )
     assert p.stdout == "1\n/work\nfrom host\n"
     assert (vol / "out").read_text() == "back\n"
-    p = jaula.run("run", "--name", "ro", "-v", f"{vol}:/data:ro", "busybox", "sh", "-c",
-                  "echo x > /data/y", check=False)
+    p = jaula.run(
+        "run",
+        "--name",
+        "ro",
+        "-v",
+        f"{vol}:/data:ro",
+        "busybox",
+        "sh",
+        "-c",
+        "echo x > /data/y",
+        check=False,
+    )
     assert p.returncode != 0 and not (vol / "y").exists()
     host_ifaces = sorted(os.listdir("/sys/class/net"))
     p = jaula.run("run", "--name", "hn", "--network", "host", "busybox", "ls", "/sys/class/net")
@@ -191,9 +274,18 @@ def test_env_workdir_network_host_and_volumes(jaula: Jaula, tmp_path: Path) -> N
 
 # -- filesystem ------------------------------------------------------------------------------
 
+
 def test_writes_land_in_upperdir_and_containers_are_separate(jaula: Jaula) -> None:
-    jaula.run("run", "-d", "--name", "a", "busybox", "sh", "-c",
-              "echo A > /tmp/mine; rm /etc/group; exec sleep 1000")
+    jaula.run(
+        "run",
+        "-d",
+        "--name",
+        "a",
+        "busybox",
+        "sh",
+        "-c",
+        "echo A > /tmp/mine; rm /etc/group; exec sleep 1000",
+    )
     jaula.run("run", "-d", "--name", "b", "busybox", "sleep", "1000")
     ua = Path(inspect(jaula, "a")["UpperDir"])
     wait_for(lambda: (ua / "tmp/mine").exists(), what="write")
@@ -209,9 +301,21 @@ def test_writes_land_in_upperdir_and_containers_are_separate(jaula: Jaula) -> No
 
 # -- limits ----------------------------------------------------------------------------------
 
+
 def test_memory_limit_oom_kills(jaula: Jaula) -> None:
-    p = jaula.run("run", "--name", "oom", "--memory", "32m", "busybox", "sh", "-c",
-                  "head -c 300000000 /dev/zero | sort > /dev/null", check=False, timeout=120)
+    p = jaula.run(
+        "run",
+        "--name",
+        "oom",
+        "--memory",
+        "32m",
+        "busybox",
+        "sh",
+        "-c",
+        "head -c 300000000 /dev/zero | sort > /dev/null",
+        check=False,
+        timeout=120,
+    )
     assert p.returncode != 0
     info = inspect(jaula, "oom")
     assert info["State"]["OOMKilled"] is True
@@ -221,8 +325,18 @@ def test_memory_limit_oom_kills(jaula: Jaula) -> None:
 
 
 def test_pids_limit_refuses_forks(jaula: Jaula) -> None:
-    jaula.run("run", "-d", "--name", "pl", "--pids-limit", "6", "busybox", "sh", "-c",
-              "(for i in 1 2 3 4 5 6 7 8 9 10; do sleep 100 & done); exec sleep 1000")
+    jaula.run(
+        "run",
+        "-d",
+        "--name",
+        "pl",
+        "--pids-limit",
+        "6",
+        "busybox",
+        "sh",
+        "-c",
+        "(for i in 1 2 3 4 5 6 7 8 9 10; do sleep 100 & done); exec sleep 1000",
+    )
     paths = inspect(jaula, "pl")["CgroupPaths"]
     pids_dir = Path(paths.get("pids") or paths[""])
     wait_for(lambda: "can't fork" in jaula.run("logs", "pl").stderr, what="fork refusals")
@@ -245,27 +359,32 @@ def test_cpu_limit_written(jaula: Jaula) -> None:
 
 # -- bad input: one line, non-zero, nothing left ---------------------------------------------
 
+
 def _assert_nothing_left(j: Jaula) -> None:
     assert j.container_ids() == []
     assert [m for m in mounts_under(j.root) if "/containers/" in m] == []
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "nosuchimage", "true"], "not found"),
-    (["run", "--memory", "lots", "busybox", "true"], "--memory"),
-    (["run", "--memory", "1k", "busybox", "true"], "minimum"),
-    (["run", "--cpus", "x", "busybox", "true"], "--cpus"),
-    (["run", "--pids-limit", "-5", "busybox", "true"], "--pids-limit"),
-    (["run", "busybox", "no-such-command"], "not found"),
-    (["run", "-u", "ghost", "busybox", "true"], "ghost"),
-    (["run", "-v", "/does/not/exist:/x", "busybox", "true"], "does not exist"),
-    (["run", "-w", "/etc/passwd", "busybox", "true"], "working directory"),
-    (["run", "--name", "bad name!", "busybox", "true"], "invalid container name"),
-    (["exec", "nosuch", "true"], "no such container"),
-    (["rm", "nosuch"], "no such container"),
-])
-def test_bad_input_is_one_line_and_leaves_nothing(jaula: Jaula, args: list[str],
-                                                  message: str) -> None:
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "nosuchimage", "true"], "not found"),
+        (["run", "--memory", "lots", "busybox", "true"], "--memory"),
+        (["run", "--memory", "1k", "busybox", "true"], "minimum"),
+        (["run", "--cpus", "x", "busybox", "true"], "--cpus"),
+        (["run", "--pids-limit", "-5", "busybox", "true"], "--pids-limit"),
+        (["run", "busybox", "no-such-command"], "not found"),
+        (["run", "-u", "ghost", "busybox", "true"], "ghost"),
+        (["run", "-v", "/does/not/exist:/x", "busybox", "true"], "does not exist"),
+        (["run", "-w", "/etc/passwd", "busybox", "true"], "working directory"),
+        (["run", "--name", "bad name!", "busybox", "true"], "invalid container name"),
+        (["exec", "nosuch", "true"], "no such container"),
+        (["rm", "nosuch"], "no such container"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(
+    jaula: Jaula, args: list[str], message: str
+) -> None:
     p = jaula.run(*args, check=False)
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
@@ -288,8 +407,9 @@ def test_rm_running_needs_force(jaula: Jaula) -> None:
     assert jaula.container_ids() == [] and cgroup_dirs(cid) == []
 
 
-def test_not_root_is_refused(jaula: Jaula, monkeypatch: pytest.MonkeyPatch,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_not_root_is_refused(
+    jaula: Jaula, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     # The venv's interpreter lives under /root here, which another uid cannot execute, so the
     # uid is faked in-process rather than by running the CLI as another user.
     from runtime import cli
@@ -301,8 +421,9 @@ def test_not_root_is_refused(jaula: Jaula, monkeypatch: pytest.MonkeyPatch,
 
 
 def test_cap_drop_all_drops_everything(jaula: Jaula) -> None:
-    p = jaula.run("run", "--name", "nocap", "--cap-drop", "ALL", "busybox", "grep", "Cap",
-                  "/proc/self/status")
+    p = jaula.run(
+        "run", "--name", "nocap", "--cap-drop", "ALL", "busybox", "grep", "Cap", "/proc/self/status"
+    )
     caps = dict(line.split(":") for line in p.stdout.split("\n") if line)
     assert all(int(caps[k], 16) == 0 for k in ("CapInh", "CapPrm", "CapEff", "CapBnd"))
 
@@ -321,20 +442,43 @@ def test_exit_codes_as_podman(jaula: Jaula, tmp_path: Path) -> None:
 def test_rm_flag_tail_inspect_array_and_closed_pipe(jaula: Jaula) -> None:
     import subprocess
 
-    p = jaula.run("run", "--rm", "--name", "gone", "busybox", "sh", "-c",
-                  "for i in 1 2 3 4 5; do echo $i; done")
+    p = jaula.run(
+        "run",
+        "--rm",
+        "--name",
+        "gone",
+        "busybox",
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5; do echo $i; done",
+    )
     assert p.stdout.split() == ["1", "2", "3", "4", "5"]
     assert "gone" not in jaula.out("ps", "-a")
-    jaula.run("run", "--name", "five", "busybox", "sh", "-c", "for i in 1 2 3 4 5; do echo $i; done")
+    jaula.run(
+        "run", "--name", "five", "busybox", "sh", "-c", "for i in 1 2 3 4 5; do echo $i; done"
+    )
     assert jaula.out("logs", "--tail", "2", "five").split() == ["4", "5"]
     jaula.run("run", "-d", "--name", "six", "busybox", "sleep", "100")
     both = json.loads(jaula.out("inspect", "five", "six"))
     assert [i["Name"] for i in both] == ["five", "six"]
     assert both[1]["State"]["Running"] is True and both[0]["State"]["ExitCode"] == 0
-    cmd = " ".join([*__import__("tests.linux.conftest", fromlist=["JAULA"]).JAULA,
-                    "--state-root", str(jaula.root), "inspect", "five"])
-    r = subprocess.run(f"{cmd} | head -c 10", shell=True, capture_output=True, text=True,
-                       check=False, cwd=Path(__file__).resolve().parents[2])
+    cmd = " ".join(
+        [
+            *__import__("tests.linux.conftest", fromlist=["JAULA"]).JAULA,
+            "--state-root",
+            str(jaula.root),
+            "inspect",
+            "five",
+        ]
+    )
+    r = subprocess.run(
+        f"{cmd} | head -c 10",
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert "Traceback" not in r.stderr
 
 

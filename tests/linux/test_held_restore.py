@@ -43,8 +43,7 @@ def _serve_hold(path: Path, answer: bytes, asked: threading.Event) -> socket.soc
     return srv
 
 
-def test_a_held_restore_told_to_abort_leaves_nothing_running(jaula: Jaula,
-                                                             tmp_path: Path) -> None:
+def test_a_held_restore_told_to_abort_leaves_nothing_running(jaula: Jaula, tmp_path: Path) -> None:
     jaula.run("run", "-d", "--name", "h", "busybox", "sh", "-c", COUNTER)
     wait_ticks(jaula, "h", 5)
     jaula.run("checkpoint", "h")
@@ -58,8 +57,7 @@ def test_a_held_restore_told_to_abort_leaves_nothing_running(jaula: Jaula,
     srv = _serve_hold(hold, b"abort", asked)
     try:
         with pytest.raises(ContainerError):
-            rt.revive(c.id, RESTORER, json.dumps({"bundle": str(bundle.path),
-                                                  "hold": str(hold)}))
+            rt.revive(c.id, RESTORER, json.dumps({"bundle": str(bundle.path), "hold": str(hold)}))
     finally:
         srv.close()
     assert asked.is_set(), "the restore never reached pre-resume"

@@ -29,8 +29,14 @@ def kdat_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 def _check(env: dict[str, str]) -> str:
     """``criu check`` with ``env``; returns its log (stderr at -v4)."""
-    p = subprocess.run([criu.require(), "check", "-v4"], env=env, capture_output=True,
-                       text=True, timeout=60, check=False)
+    p = subprocess.run(
+        [criu.require(), "check", "-v4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     return p.stderr
 

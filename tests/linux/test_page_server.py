@@ -117,6 +117,7 @@ def _refused(s: Started) -> str:
 
 # -- controls: the forged conversation does write pages when it is allowed to -------------
 
+
 def test_control_without_tls_the_forged_pages_are_written(page_server: StartFn) -> None:
     s = page_server(None)
     assert _send_plain(s.server.port, forged_pages()) == b"\0\0\0\0"
@@ -126,11 +127,13 @@ def test_control_without_tls_the_forged_pages_are_written(page_server: StartFn) 
     assert len(pages) == 1 and pages[0].read_bytes() == b"\xab" * 4096
 
 
-def test_control_the_pinned_identity_writes_pages_over_tls(page_server: StartFn,
-                                                           ids: Identities) -> None:
+def test_control_the_pinned_identity_writes_pages_over_tls(
+    page_server: StartFn, ids: Identities
+) -> None:
     s = page_server(ids.destination)
-    answer = _send_tls(s.server.port, forged_pages(), ids.source.cert, ids.source.key,
-                       ids.source.cacert)
+    answer = _send_tls(
+        s.server.port, forged_pages(), ids.source.cert, ids.source.key, ids.source.cacert
+    )
     assert answer == b"\0\0\0\0"
     s.server.wait(WAIT_S)
     assert f"pagemap-{FORGED_PID}.img" in page_images(s.images)
@@ -140,21 +143,25 @@ def test_control_the_pinned_identity_writes_pages_over_tls(page_server: StartFn,
 
 # -- refusals ---------------------------------------------------------------------------
 
-def test_plain_tcp_client_is_refused_and_nothing_is_written(page_server: StartFn,
-                                                            ids: Identities) -> None:
+
+def test_plain_tcp_client_is_refused_and_nothing_is_written(
+    page_server: StartFn, ids: Identities
+) -> None:
     s = page_server(ids.destination)
     _send_plain(s.server.port, forged_pages())
     text = _refused(s)
     assert "TLS handshake failed" in text
 
 
-def test_strangers_certificate_is_refused_and_nothing_is_written(page_server: StartFn,
-                                                                 ids: Identities) -> None:
+def test_strangers_certificate_is_refused_and_nothing_is_written(
+    page_server: StartFn, ids: Identities
+) -> None:
     """A stranger cannot inject memory pages: its self-signed certificate (made exactly as
     the source's, trusting the destination's) completes the handshake, then fails the pin."""
     s = page_server(ids.destination)
-    answer = _send_tls(s.server.port, forged_pages(), ids.stranger.cert, ids.stranger.key,
-                       ids.stranger.cacert)
+    answer = _send_tls(
+        s.server.port, forged_pages(), ids.stranger.cert, ids.stranger.key, ids.stranger.cacert
+    )
     assert answer == b""
     text = _refused(s)
     assert "Invalid certificate" in text or "NOT trusted" in text
@@ -167,22 +174,27 @@ def test_tls_client_without_a_certificate_is_refused(page_server: StartFn, ids: 
     assert "Certificate is required" in text or "certificate" in text.lower()
 
 
-def test_the_destinations_own_certificate_does_not_open_it(page_server: StartFn,
-                                                           ids: Identities) -> None:
+def test_the_destinations_own_certificate_does_not_open_it(
+    page_server: StartFn, ids: Identities
+) -> None:
     """The CA file pins the source's certificate only: the page server's own identity
     (which an observer of the accept could also not use without its key, but which the
     destination itself holds) is not a way in either."""
     s = page_server(ids.destination)
-    assert _send_tls(s.server.port, forged_pages(), ids.destination.cert,
-                     ids.destination.key, None) == b""
+    assert (
+        _send_tls(s.server.port, forged_pages(), ids.destination.cert, ids.destination.key, None)
+        == b""
+    )
     text = _refused(s)
     assert "Invalid certificate" in text or "NOT trusted" in text
 
 
 # -- lifetime ---------------------------------------------------------------------------
 
-def test_kill_is_idempotent_and_leaves_no_process(page_server: StartFn, ids: Identities,
-                                                  tmp_path: Path) -> None:
+
+def test_kill_is_idempotent_and_leaves_no_process(
+    page_server: StartFn, ids: Identities, tmp_path: Path
+) -> None:
     s = page_server(ids.destination)
     pid, port = s.server.proc.pid, s.server.port
     assert Path(f"/proc/{pid}/comm").read_text().strip() == "criu"
@@ -219,17 +231,24 @@ def counter(jaula: Jaula) -> Counter:
     return jaula, Runtime(jaula.root).get("ps")
 
 
-def _dump_opts(c: Any, images: Path, port: int, tls: certs.TlsFiles,
-               leave_running: bool = False) -> criu.DumpOptions:
+def _dump_opts(
+    c: Any, images: Path, port: int, tls: certs.TlsFiles, leave_running: bool = False
+) -> criu.DumpOptions:
     """The dump a migration's source runs (:mod:`migrate.session`), through a page
     server on 127.0.0.1."""
     from migrate.checkpoint import dump_externals, external_netns, freezer_path
     from migrate.restorer import network_lock
 
-    return criu.DumpOptions(pid=c.state.pid, images_dir=images, freeze_cgroup=freezer_path(c),
-                            network_lock=network_lock(c.config), leave_running=leave_running,
-                            external=dump_externals([], external_netns(c)),
-                            page_server=("127.0.0.1", port), tls=tls)
+    return criu.DumpOptions(
+        pid=c.state.pid,
+        images_dir=images,
+        freeze_cgroup=freezer_path(c),
+        network_lock=network_lock(c.config),
+        leave_running=leave_running,
+        external=dump_externals([], external_netns(c)),
+        page_server=("127.0.0.1", port),
+        tls=tls,
+    )
 
 
 def _keeps_running(j: Jaula) -> None:
@@ -238,8 +257,9 @@ def _keeps_running(j: Jaula) -> None:
     assert_continuous(ticks(j, "ps"))
 
 
-def test_dump_streams_its_pages_to_the_page_server(page_server: StartFn, ids: Identities,
-                                                   counter: Counter, tmp_path: Path) -> None:
+def test_dump_streams_its_pages_to_the_page_server(
+    page_server: StartFn, ids: Identities, counter: Counter, tmp_path: Path
+) -> None:
     """As in a migration: CRIU holds the tasks at post-dump once every page has gone; the
     answer False (a rollback) resumes them."""
     j, c = counter
@@ -264,7 +284,8 @@ def test_dump_streams_its_pages_to_the_page_server(page_server: StartFn, ids: Id
 
 
 def test_dump_stats_count_the_pages_the_page_server_received(
-        page_server: StartFn, ids: Identities, counter: Counter, tmp_path: Path) -> None:
+    page_server: StartFn, ids: Identities, counter: Counter, tmp_path: Path
+) -> None:
     """The migration report's page_server_bytes is stats-dump's pages_written x 4096: it
     must be what the page server wrote."""
     j, c = counter
@@ -279,7 +300,8 @@ def test_dump_stats_count_the_pages_the_page_server_received(
 
 
 def test_dump_with_a_strangers_identity_writes_no_pages(
-        page_server: StartFn, ids: Identities, counter: Counter, tmp_path: Path) -> None:
+    page_server: StartFn, ids: Identities, counter: Counter, tmp_path: Path
+) -> None:
     """A real CRIU dump presenting the stranger's certificate: the page server refuses it,
     the dump fails, nothing reaches the page server's dir, and the container keeps
     running."""
@@ -293,7 +315,8 @@ def test_dump_with_a_strangers_identity_writes_no_pages(
 
 
 def test_dump_refuses_a_page_server_it_does_not_pin(
-        page_server: StartFn, ids: Identities, counter: Counter, tmp_path: Path) -> None:
+    page_server: StartFn, ids: Identities, counter: Counter, tmp_path: Path
+) -> None:
     """An impostor page server (it trusts the source, but shows its own certificate, not
     the destination's) gets no pages: the dumping CRIU refuses it, and the container keeps
     running."""
@@ -313,7 +336,8 @@ def test_dump_refuses_a_page_server_it_does_not_pin(
 
 
 def test_dump_to_a_silent_peer_fails_instead_of_staying_frozen(
-        ids: Identities, counter: Counter, tmp_path: Path) -> None:
+    ids: Identities, counter: Counter, tmp_path: Path
+) -> None:
     """A "page server" that accepts the connection and then says nothing (a hung host, a
     cut network): jaula's CRIU (patch 0005) gives the connection a time limit, so the dump
     fails and the tasks run again, rather than staying frozen for as long as the peer is
@@ -344,25 +368,29 @@ def test_dump_to_a_silent_peer_fails_instead_of_staying_frozen(
 
 # -- the destination's choice: a page server only when it can offer one ---------------------
 
+
 def _ps_procs(staging: Path) -> list[str]:
     """CRIU processes working in ``staging`` (a session's scratch dir, under /dev/shm)."""
     return _leaks(staging).get("processes", [])
 
 
-@pytest.mark.parametrize("listen, offer, started", [
-    ("tcp://127.0.0.1:1", {"page_server": ["tls"], "ps_cert": "SOURCE"}, True),
-    ("tcp://127.0.0.1:1", {}, False),  # a source that does not offer one (older jaula)
-    ("tcp://127.0.0.1:1", {"page_server": ["tls"]}, False),  # ... or without its certificate
-    ("tcp://127.0.0.1:1", {"page_server": ["plain"], "ps_cert": "SOURCE"}, False),
-    ("tcp://127.0.0.1:1", {"page_server": ["tls"], "ps_cert": b"garbage"}, False),
-    ("ipc:///run/jaula/none.ipc", {"page_server": ["tls"], "ps_cert": "SOURCE"}, False),
-    # a host name: resolved first (`criu page-server --address` takes IP literals only)
-    ("tcp://localhost:1", {"page_server": ["tls"], "ps_cert": "SOURCE"}, True),
-    ("tcp://no-such-host.invalid:1", {"page_server": ["tls"], "ps_cert": "SOURCE"}, False),
-])
+@pytest.mark.parametrize(
+    "listen, offer, started",
+    [
+        ("tcp://127.0.0.1:1", {"page_server": ["tls"], "ps_cert": "SOURCE"}, True),
+        ("tcp://127.0.0.1:1", {}, False),  # a source that does not offer one (older jaula)
+        ("tcp://127.0.0.1:1", {"page_server": ["tls"]}, False),  # ... or without its certificate
+        ("tcp://127.0.0.1:1", {"page_server": ["plain"], "ps_cert": "SOURCE"}, False),
+        ("tcp://127.0.0.1:1", {"page_server": ["tls"], "ps_cert": b"garbage"}, False),
+        ("ipc:///run/jaula/none.ipc", {"page_server": ["tls"], "ps_cert": "SOURCE"}, False),
+        # a host name: resolved first (`criu page-server --address` takes IP literals only)
+        ("tcp://localhost:1", {"page_server": ["tls"], "ps_cert": "SOURCE"}, True),
+        ("tcp://no-such-host.invalid:1", {"page_server": ["tls"], "ps_cert": "SOURCE"}, False),
+    ],
+)
 def test_destination_offers_a_page_server_only_when_it_can(
-        tmp_path: Path, ids: Identities, listen: str, offer: dict[str, Any],
-        started: bool) -> None:
+    tmp_path: Path, ids: Identities, listen: str, offer: dict[str, Any], started: bool
+) -> None:
     """DestinationSession._start_page_server with real CRIU: the ``accept`` fields it
     returns, the page server it leaves running (pinned to the source's certificate), and
     finish() killing it and removing the staging dir."""
@@ -379,8 +407,9 @@ def test_destination_offers_a_page_server_only_when_it_can(
         async def send(frames: list[bytes]) -> None:
             raise AssertionError("nothing is sent here")
 
-        s = DestinationSession(rt, send, {"session": "pstest0123456789", **offer}, "node1",
-                               listen=listen)
+        s = DestinationSession(
+            rt, send, {"session": "pstest0123456789", **offer}, "node1", listen=listen
+        )
         (s.staging / "criu").mkdir(parents=True)  # as on_offer makes it
         try:
             fields = s._start_page_server()
@@ -395,10 +424,14 @@ def test_destination_offers_a_page_server_only_when_it_can(
             assert (s.staging / "peer-ca.pem").read_bytes() == offer["ps_cert"]
             assert s.page_server.proc.poll() is None and _ps_procs(s.staging)
             # the source's identity is the one it accepts (the control of the tests above)
-            src = certs.TlsFiles(certs.trust_peer(tmp_path / "tls-source", ps["cert"]),
-                                 ids.source.cert, ids.source.key)
-            answer = await asyncio.to_thread(_send_tls, ps["port"], forged_pages(), src.cert,
-                                             src.key, src.cacert)
+            src = certs.TlsFiles(
+                certs.trust_peer(tmp_path / "tls-source", ps["cert"]),
+                ids.source.cert,
+                ids.source.key,
+            )
+            answer = await asyncio.to_thread(
+                _send_tls, ps["port"], forged_pages(), src.cert, src.key, src.cacert
+            )
             assert answer == b"\0\0\0\0"
             await asyncio.to_thread(s.page_server.wait, WAIT_S)
             assert f"pagemap-{FORGED_PID}.img" in page_images(s.staging / "criu")

@@ -21,9 +21,15 @@ def _mark(j: Jaula, name: str, pid: int) -> None:
     c = Runtime(j.root).get(name)
     with c.locked():
         c.refresh()
-        c.state.extra = {**c.state.extra, "postcopy": {
-            "session": "s1", "from": "node1", "daemon_pid": pid,
-            "daemon_start": sc.proc_start_time(pid)}}
+        c.state.extra = {
+            **c.state.extra,
+            "postcopy": {
+                "session": "s1",
+                "from": "node1",
+                "daemon_pid": pid,
+                "daemon_start": sc.proc_start_time(pid),
+            },
+        }
         c.save()
 
 

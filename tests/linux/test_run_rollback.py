@@ -28,20 +28,25 @@ def _nothing_left(rt: Runtime, before: set[str]) -> None:
 
 
 @pytest.mark.parametrize("step", ["cgroup", "monitor", "save"])
-def test_failure_mid_run_rolls_back(jaula: Jaula, monkeypatch: pytest.MonkeyPatch,
-                                    step: str) -> None:
+def test_failure_mid_run_rolls_back(
+    jaula: Jaula, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
     rt = Runtime(jaula.root)
     before = {str(p) for p in Path("/sys/fs/cgroup").glob("*/jaula/*")}
     started: list[int] = []
     if step == "cgroup":
+
         def boom(self, resources):
             raise CgroupError("injected: cgroup creation failed", path="/x")
+
         for cls in {type(rc.create_manager("0" * 64))}:
             monkeypatch.setattr(cls, "create", boom)
         exc: type[Exception] = CgroupError
     elif step == "monitor":
+
         def boom_monitor(cdir: Path) -> tuple[int, int]:
             raise ContainerError("injected: the monitor could not be launched")
+
         monkeypatch.setattr(rc, "_launch_monitor", boom_monitor)
         exc = ContainerError
     else:
@@ -51,6 +56,7 @@ def test_failure_mid_run_rolls_back(jaula: Jaula, monkeypatch: pytest.MonkeyPatc
             pid, _start = real(cdir, sync_r)
             started.append(pid)
             raise OSError(28, "injected: No space left on device")
+
         monkeypatch.setattr(rc, "_await_monitor", start_then_fail)
         exc = OSError
     with pytest.raises(exc, match="injected"):

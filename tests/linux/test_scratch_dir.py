@@ -43,8 +43,9 @@ def test_our_own_scratch_dir_is_private(rt: Runtime) -> None:
 
 
 @pytest.mark.parametrize("plant", ["other owner", "open mode", "symlink"])
-def test_a_scratch_dir_planted_by_someone_else_is_refused(rt: Runtime, tmp_path: Path,
-                                                          plant: str) -> None:
+def test_a_scratch_dir_planted_by_someone_else_is_refused(
+    rt: Runtime, tmp_path: Path, plant: str
+) -> None:
     d = SCRATCH_TMPFS / f"jaula-{_root_tag(rt)}"
     if plant == "symlink":
         target = tmp_path / "elsewhere"

@@ -19,8 +19,7 @@ async def _run() -> tuple[bytes, bool]:
     lsock.listen(8)
     lsock.setblocking(False)
     port = lsock.getsockname()[1]
-    waiting = asyncio.ensure_future(accept_with_token(lsock, TOKEN, "t",
-                                                      first_bytes_timeout_s=30))
+    waiting = asyncio.ensure_future(accept_with_token(lsock, TOKEN, "t", first_bytes_timeout_s=30))
     strangers = []
     for first in (b"\0" * 32, TOKEN[:16], b""):  # wrong, short then closed, silent
         s = socket.create_connection(("127.0.0.1", port))

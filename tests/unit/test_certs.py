@@ -51,8 +51,9 @@ def test_make_identity_writes_private_files_and_a_self_signed_ca(tmp_path: Path)
     # the key file holds the certificate's private key, unencrypted PEM
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     pub = serialization.PublicFormat.SubjectPublicKeyInfo
-    assert key.public_key().public_bytes(serialization.Encoding.PEM, pub) == \
-        cert.public_key().public_bytes(serialization.Encoding.PEM, pub)
+    assert key.public_key().public_bytes(
+        serialization.Encoding.PEM, pub
+    ) == cert.public_key().public_bytes(serialization.Encoding.PEM, pub)
 
 
 def test_two_identities_are_distinct(tmp_path: Path) -> None:
@@ -63,25 +64,30 @@ def test_two_identities_are_distinct(tmp_path: Path) -> None:
     assert a != b and ka.read_bytes() != kb.read_bytes()
 
 
-def test_trust_peer_writes_exactly_the_peers_certificate(tmp_path: Path,
-                                                         peer_pem: bytes) -> None:
+def test_trust_peer_writes_exactly_the_peers_certificate(tmp_path: Path, peer_pem: bytes) -> None:
     ca = certs.trust_peer(tmp_path, peer_pem)
     assert ca.parent == tmp_path
     assert ca.read_bytes() == peer_pem
     assert _mode(ca) == 0o600
 
 
-@pytest.mark.parametrize("value, why", [
-    (None, "missing"),
-    ("-----BEGIN CERTIFICATE-----", "missing"),
-    (bytearray(b"x" * 100), "missing"),
-    (b"", "does not parse"),
-    (b"\x00\xff garbage" * 10, "does not parse"),
-    (b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
-     "does not parse"),
-])
-def test_trust_peer_refuses_what_is_not_a_certificate(tmp_path: Path, value: object,
-                                                      why: str) -> None:
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        (None, "missing"),
+        ("-----BEGIN CERTIFICATE-----", "missing"),
+        (bytearray(b"x" * 100), "missing"),
+        (b"", "does not parse"),
+        (b"\x00\xff garbage" * 10, "does not parse"),
+        (
+            b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+            "does not parse",
+        ),
+    ],
+)
+def test_trust_peer_refuses_what_is_not_a_certificate(
+    tmp_path: Path, value: object, why: str
+) -> None:
     with pytest.raises(ValueError, match=why):
         certs.trust_peer(tmp_path, value)  # type: ignore[arg-type]
     assert not (tmp_path / "peer-ca.pem").exists()
@@ -119,8 +125,9 @@ def test_trust_peer_refuses_more_than_one_certificate(tmp_path: Path, peer_pem: 
     assert not (tmp_path / "peer-ca.pem").exists()
 
 
-def test_session_tls_pins_the_peer_and_returns_our_certificate(tmp_path: Path,
-                                                               peer_pem: bytes) -> None:
+def test_session_tls_pins_the_peer_and_returns_our_certificate(
+    tmp_path: Path, peer_pem: bytes
+) -> None:
     d = tmp_path / "dest"
     d.mkdir()
     tls, pem = certs.session_tls(d, "destination", peer_pem)
@@ -132,8 +139,9 @@ def test_session_tls_pins_the_peer_and_returns_our_certificate(tmp_path: Path,
     ours = x509.load_pem_x509_certificate(pem)
     key = serialization.load_pem_private_key(tls.key.read_bytes(), password=None)
     pub = serialization.PublicFormat.SubjectPublicKeyInfo
-    assert key.public_key().public_bytes(serialization.Encoding.PEM, pub) == \
-        ours.public_key().public_bytes(serialization.Encoding.PEM, pub)
+    assert key.public_key().public_bytes(
+        serialization.Encoding.PEM, pub
+    ) == ours.public_key().public_bytes(serialization.Encoding.PEM, pub)
 
 
 def test_session_tls_refuses_a_bad_peer_certificate(tmp_path: Path) -> None:

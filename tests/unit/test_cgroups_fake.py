@@ -56,12 +56,19 @@ V1_FILES: dict[str, dict[str, str]] = {
 
 V2_FILES: dict[str, dict[str, str]] = {
     "": {
-        "cgroup.controllers": "", "cgroup.subtree_control": "", "cgroup.procs": "",
-        "cgroup.threads": "", "cgroup.events": "populated 0\nfrozen 0", "cgroup.freeze": "0",
-        "cgroup.kill": "", "cpu.stat": "usage_usec 0\nuser_usec 0\nsystem_usec 0",
+        "cgroup.controllers": "",
+        "cgroup.subtree_control": "",
+        "cgroup.procs": "",
+        "cgroup.threads": "",
+        "cgroup.events": "populated 0\nfrozen 0",
+        "cgroup.freeze": "0",
+        "cgroup.kill": "",
+        "cpu.stat": "usage_usec 0\nuser_usec 0\nsystem_usec 0",
     },
     "memory": {
-        "memory.max": "max", "memory.swap.max": "max", "memory.current": "0",
+        "memory.max": "max",
+        "memory.swap.max": "max",
+        "memory.current": "0",
         "memory.events": "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0",
     },
     "cpu": {"cpu.max": "max 100000", "cpu.weight": "100"},
@@ -109,9 +116,16 @@ class FakeKernfs:
         """A cgroup2 mount at root/at whose root offers ``controllers``."""
         mount = self.root / at if at else self.root
         mount.mkdir(parents=True, exist_ok=True)
-        self._populate(mount, {"cgroup.controllers": controllers, "cgroup.subtree_control": "",
-                               "cgroup.procs": "", "cgroup.threads": "",
-                               "cpu.stat": "usage_usec 0"})
+        self._populate(
+            mount,
+            {
+                "cgroup.controllers": controllers,
+                "cgroup.subtree_control": "",
+                "cgroup.procs": "",
+                "cgroup.threads": "",
+                "cpu.stat": "usage_usec 0",
+            },
+        )
         self.v2_hierarchies.add(mount)
         return mount
 
@@ -262,42 +276,54 @@ def _esc(path: Path) -> str:
 
 def test_detect_hybrid_like_this_machine(tmp_path: Path) -> None:
     root = tmp_path / "cg"
-    info = mountinfo_file(tmp_path, [
-        f"{root} rw,relatime - tmpfs tmpfs rw,mode=755",
-        f"{root}/cpu rw,relatime - cgroup cgroup rw,cpu",
-        f"{root}/cpuacct rw,relatime - cgroup cgroup rw,cpuacct",
-        f"{root}/memory rw,relatime - cgroup cgroup rw,memory",
-        f"{root}/systemd rw,relatime - cgroup cgroup rw,name=systemd",
-        f"{root}/unified rw,relatime - cgroup2 cgroup2 rw",
-    ])
+    info = mountinfo_file(
+        tmp_path,
+        [
+            f"{root} rw,relatime - tmpfs tmpfs rw,mode=755",
+            f"{root}/cpu rw,relatime - cgroup cgroup rw,cpu",
+            f"{root}/cpuacct rw,relatime - cgroup cgroup rw,cpuacct",
+            f"{root}/memory rw,relatime - cgroup cgroup rw,memory",
+            f"{root}/systemd rw,relatime - cgroup cgroup rw,name=systemd",
+            f"{root}/unified rw,relatime - cgroup2 cgroup2 rw",
+        ],
+    )
     assert detect_mode(root, mountinfo=info) is CgroupMode.HYBRID
 
 
 def test_detect_legacy_comounted(tmp_path: Path) -> None:
     root = tmp_path / "cg"
-    info = mountinfo_file(tmp_path, [
-        f"{root} rw - tmpfs tmpfs rw",
-        f"{root}/cpu,cpuacct rw shared:9 - cgroup cgroup rw,cpu,cpuacct",
-        f"{root}/pids rw - cgroup cgroup rw,pids",
-    ])
+    info = mountinfo_file(
+        tmp_path,
+        [
+            f"{root} rw - tmpfs tmpfs rw",
+            f"{root}/cpu,cpuacct rw shared:9 - cgroup cgroup rw,cpu,cpuacct",
+            f"{root}/pids rw - cgroup cgroup rw,pids",
+        ],
+    )
     assert detect_mode(root, mountinfo=info) is CgroupMode.LEGACY
 
 
 def test_detect_unified_with_space_in_path(tmp_path: Path) -> None:
     root = tmp_path / "a cg"
-    info = mountinfo_file(tmp_path, [
-        f"{_esc(root)} rw,nosuid shared:4 - tmpfs tmpfs rw",
-        f"{_esc(root)} rw,nosuid shared:5 - cgroup2 cgroup2 rw,nsdelegate",  # mounted on top
-    ])
+    info = mountinfo_file(
+        tmp_path,
+        [
+            f"{_esc(root)} rw,nosuid shared:4 - tmpfs tmpfs rw",
+            f"{_esc(root)} rw,nosuid shared:5 - cgroup2 cgroup2 rw,nsdelegate",  # mounted on top
+        ],
+    )
     assert detect_mode(root, mountinfo=info) is CgroupMode.UNIFIED
 
 
 def test_detect_nothing_mounted_names_root(tmp_path: Path) -> None:
     root = tmp_path / "cg"
-    info = mountinfo_file(tmp_path, [
-        f"{root} rw - tmpfs tmpfs rw",
-        f"{root}/systemd rw - cgroup cgroup rw,name=systemd",  # a named hierarchy only
-    ])
+    info = mountinfo_file(
+        tmp_path,
+        [
+            f"{root} rw - tmpfs tmpfs rw",
+            f"{root}/systemd rw - cgroup cgroup rw,name=systemd",  # a named hierarchy only
+        ],
+    )
     with pytest.raises(CgroupError, match=f"no cgroup hierarchy is mounted at {root}"):
         detect_mode(root, mountinfo=info)
 
@@ -345,8 +371,9 @@ def test_v1_create_writes_limits_separate_cpu_cpuacct(kernfs: FakeKernfs) -> Non
     assert kernfs.written("pids/") == [("pids/jaula/c1/pids.max", "5")]
     assert (root / "cpuacct/jaula/c1").is_dir() and (root / "freezer/jaula/c1").is_dir()
     assert not (root / "blkio/jaula").exists()
-    assert mgr.paths() == {c: root / c / "jaula/c1"
-                           for c in ("cpu", "cpuacct", "freezer", "memory", "pids")}
+    assert mgr.paths() == {
+        c: root / c / "jaula/c1" for c in ("cpu", "cpuacct", "freezer", "memory", "pids")
+    }
 
 
 def test_v1_comounted_cpu_cpuacct_one_dir(kernfs: FakeKernfs) -> None:
@@ -358,7 +385,9 @@ def test_v1_comounted_cpu_cpuacct_one_dir(kernfs: FakeKernfs) -> None:
     assert fs.read_text(root / "cpu,cpuacct/jaula/c1/cpu.cfs_period_us") == "200000"
     mgr.add_process(FAKE_PID)
     assert [p for p, _ in kernfs.written() if p.endswith("cgroup.procs")] == [
-        "cpu,cpuacct/jaula/c1/cgroup.procs", "memory/jaula/c1/cgroup.procs"]
+        "cpu,cpuacct/jaula/c1/cgroup.procs",
+        "memory/jaula/c1/cgroup.procs",
+    ]
     assert mgr.pids() == [FAKE_PID]
 
 
@@ -371,9 +400,12 @@ def test_v1_memory_update_keeps_memsw_above_limit(kernfs: FakeKernfs) -> None:
     mgr.create(Resources())  # unlimited: memsw first
     leaf = "memory/jaula/c1/memory."
     assert kernfs.written()[2:] == [
-        (leaf + "memsw.limit_in_bytes", str(128 << 20)), (leaf + "limit_in_bytes", str(128 << 20)),
-        (leaf + "limit_in_bytes", str(32 << 20)), (leaf + "memsw.limit_in_bytes", str(32 << 20)),
-        (leaf + "memsw.limit_in_bytes", "-1"), (leaf + "limit_in_bytes", "-1"),
+        (leaf + "memsw.limit_in_bytes", str(128 << 20)),
+        (leaf + "limit_in_bytes", str(128 << 20)),
+        (leaf + "limit_in_bytes", str(32 << 20)),
+        (leaf + "memsw.limit_in_bytes", str(32 << 20)),
+        (leaf + "memsw.limit_in_bytes", "-1"),
+        (leaf + "limit_in_bytes", "-1"),
     ]
     assert fs.read_text(root / "memory/jaula/c1/memory.limit_in_bytes") == UNLIMITED_V1
 
@@ -415,8 +447,11 @@ def test_not_writable_file_is_named(kernfs: FakeKernfs) -> None:
     mgr = V1Manager(root, "jaula/c1")
     mgr.create(Resources())
     kernfs.fail["pids.max"] = errno.EACCES
-    with pytest.raises(CgroupError, match=r"pids\.max: Permission denied: permission denied "
-                       r"\(needs root or a delegated cgroup\)") as info:
+    with pytest.raises(
+        CgroupError,
+        match=r"pids\.max: Permission denied: permission denied "
+        r"\(needs root or a delegated cgroup\)",
+    ) as info:
         mgr.create(Resources(pids_max=3))
     assert info.value.errno == errno.EACCES
 
@@ -491,7 +526,8 @@ def test_v1_stats_and_oom(kernfs: FakeKernfs) -> None:
     assert mgr.stats() == CgroupStats(cpu_usage_ns=123456789, memory_bytes=4096, pids=3)
     assert not mgr.oom_killed()
     (root / "memory/jaula/c1/memory.oom_control").write_text(
-        "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+        "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n"
+    )
     assert mgr.oom_killed()
 
 
@@ -546,8 +582,12 @@ def test_v2_create_enables_controllers_top_down_and_writes_limits(kernfs: FakeKe
     assert mgr.paths() == {"": root / "jaula/c1"}
     kernfs.writes.clear()
     mgr.create(Resources())  # idempotent: nothing re-enabled, limits reset
-    assert kernfs.writes == [("jaula/c1/memory.max", "max"), ("jaula/c1/memory.swap.max", "max"),
-                             ("jaula/c1/cpu.max", "max 100000"), ("jaula/c1/pids.max", "max")]
+    assert kernfs.writes == [
+        ("jaula/c1/memory.max", "max"),
+        ("jaula/c1/memory.swap.max", "max"),
+        ("jaula/c1/cpu.max", "max 100000"),
+        ("jaula/c1/pids.max", "max"),
+    ]
 
 
 def test_v2_unavailable_controller_is_named_and_nothing_created(kernfs: FakeKernfs) -> None:

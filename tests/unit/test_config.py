@@ -48,6 +48,7 @@ def test_keygen_writes_a_public_and_a_private_certificate(tmp_path: Path) -> Non
     assert b"secret-key" not in public.read_bytes()
     # pyzmq reads them back as it wrote them
     import zmq.auth
+
     assert zmq.auth.load_certificate(public) == (pub, None)
 
 
@@ -117,11 +118,14 @@ def test_load_secret_refuses_a_mismatched_pair(tmp_path: Path) -> None:
         keys.load_secret(secret)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("garbage\n", "expected a ZeroMQ certificate"),
-    ('curve\n    public-key = "tooshort"\n', "not 40 Z85 characters"),
-    ('curve\n    public-key = "' + "~" * 40 + '"\n', "not 40 Z85 characters"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("garbage\n", "expected a ZeroMQ certificate"),
+        ('curve\n    public-key = "tooshort"\n', "not 40 Z85 characters"),
+        ('curve\n    public-key = "' + "~" * 40 + '"\n', "not 40 Z85 characters"),
+    ],
+)
 def test_load_public_refuses_bad_files(tmp_path: Path, content: str, message: str) -> None:
     f = tmp_path / "bad.key"
     f.write_text(content)
@@ -149,6 +153,7 @@ def test_node_config_error_is_a_migration_error() -> None:
 
 
 # -- a cluster in tmp_path --------------------------------------------------------------------
+
 
 @pytest.fixture
 def keydir(tmp_path: Path) -> Path:
@@ -209,8 +214,10 @@ def test_cluster_loads_key_files_and_inline_keys(tmp_path: Path, keydir: Path) -
 
 def test_cluster_paths_are_relative_to_the_cluster_file(tmp_path: Path, keydir: Path) -> None:
     sub = tmp_path / "etc" / "jaula"
-    write(sub / "cluster.toml", '[nodes.node1]\nendpoint = "tcp://10.0.0.1:7001"\n'
-                                'public_key = "../../keys/node1.key"\n')
+    write(
+        sub / "cluster.toml",
+        '[nodes.node1]\nendpoint = "tcp://10.0.0.1:7001"\npublic_key = "../../keys/node1.key"\n',
+    )
     c = load_cluster(sub / "cluster.toml")
     assert c.nodes["node1"].public_key == keys.load_public(keydir / "node1.key")
     # and a relative path to the cluster file itself is made absolute
@@ -233,8 +240,9 @@ def test_cluster_node_lookup_names_the_known_nodes(tmp_path: Path, keydir: Path)
 def test_cluster_built_in_code_refuses_a_shared_key() -> None:
     k = zmq.curve_keypair()[0]
     with pytest.raises(NodeConfigError, match="same public key"):
-        Cluster({"a": Peer("a", PeerKind.NODE, k, "tcp://h:1")},
-                {"b": Peer("b", PeerKind.OPERATOR, k)})
+        Cluster(
+            {"a": Peer("a", PeerKind.NODE, k, "tcp://h:1")}, {"b": Peer("b", PeerKind.OPERATOR, k)}
+        )
 
 
 def _bad_cluster_cases(keydir: Path) -> list[tuple[str, str, str]]:
@@ -245,31 +253,52 @@ def _bad_cluster_cases(keydir: Path) -> list[tuple[str, str, str]]:
         ("", "nodes", "add at least one table"),
         ("[operators.alice]\npublic_key = 'keys/alice.key'\n", "nodes", "add at least one"),
         (ok1 + "[servers.x]\n", "servers", "[nodes.NAME]"),
-        ('[nodes.node1]\npublic_key = "keys/node1.key"\n', "nodes.node1.endpoint",
-         'write endpoint = "tcp://'),
-        ('[nodes.node1]\nendpoint = "tcp://127.0.0.1:7001"\n', "nodes.node1.public_key",
-         "missing; write public_key"),
+        (
+            '[nodes.node1]\npublic_key = "keys/node1.key"\n',
+            "nodes.node1.endpoint",
+            'write endpoint = "tcp://',
+        ),
+        (
+            '[nodes.node1]\nendpoint = "tcp://127.0.0.1:7001"\n',
+            "nodes.node1.public_key",
+            "missing; write public_key",
+        ),
         (ok1.replace("endpoint =", "endpoit ="), "nodes.node1.endpoit", "unknown key"),
-        (ok1.replace("127.0.0.1:7001", "*:7001"), "nodes.node1.endpoint",
-         "peers need a host"),
-        (ok1.replace("tcp://127.0.0.1:7001", "127.0.0.1:7001"), "nodes.node1.endpoint",
-         "not a ZeroMQ endpoint"),
+        (ok1.replace("127.0.0.1:7001", "*:7001"), "nodes.node1.endpoint", "peers need a host"),
+        (
+            ok1.replace("tcp://127.0.0.1:7001", "127.0.0.1:7001"),
+            "nodes.node1.endpoint",
+            "not a ZeroMQ endpoint",
+        ),
         (ok1.replace(":7001", ":70001"), "nodes.node1.endpoint", "out of range"),
-        (ok1.replace('"tcp://127.0.0.1:7001"', "7001"), "nodes.node1.endpoint",
-         "non-empty string"),
-        (ok1.replace("keys/node1.key", "keys/nope.key"), "nodes.node1.public_key",
-         "does not exist"),
-        (ok1.replace("keys/node1.key", "keys/node1.key_secret"), "nodes.node1.public_key",
-         "holds a secret key"),
+        (ok1.replace('"tcp://127.0.0.1:7001"', "7001"), "nodes.node1.endpoint", "non-empty string"),
+        (
+            ok1.replace("keys/node1.key", "keys/nope.key"),
+            "nodes.node1.public_key",
+            "does not exist",
+        ),
+        (
+            ok1.replace("keys/node1.key", "keys/node1.key_secret"),
+            "nodes.node1.public_key",
+            "holds a secret key",
+        ),
         (ok1.replace("keys/node1.key", n1[:-1]), "nodes.node1.public_key", "does not exist"),
-        (ok1 + '[operators.alice]\npublic_key = "keys/alice.key"\nendpoint = "tcp://h:1"\n',
-         "operators.alice.endpoint", "unknown key"),
-        (ok1 + f'[operators.alice]\npublic_key = "{n1}"\n', "operators.alice.public_key",
-         "the same key as nodes.node1"),
-        (ok1 + '[operators.node1]\npublic_key = "keys/alice.key"\n', "nodes.node1",
-         "also used in [operators.node1]"),
-        (ok1.replace("[nodes.node1]", '[nodes."bad name"]'), "nodes.bad name",
-         "not a valid name"),
+        (
+            ok1 + '[operators.alice]\npublic_key = "keys/alice.key"\nendpoint = "tcp://h:1"\n',
+            "operators.alice.endpoint",
+            "unknown key",
+        ),
+        (
+            ok1 + f'[operators.alice]\npublic_key = "{n1}"\n',
+            "operators.alice.public_key",
+            "the same key as nodes.node1",
+        ),
+        (
+            ok1 + '[operators.node1]\npublic_key = "keys/alice.key"\n',
+            "nodes.node1",
+            "also used in [operators.node1]",
+        ),
+        (ok1.replace("[nodes.node1]", '[nodes."bad name"]'), "nodes.bad name", "not a valid name"),
         ("nodes = 3\n", "nodes", "add at least one table"),
         ('[nodes]\nnode1 = "tcp://127.0.0.1:7001"\n', "nodes.node1", "must be a table"),
         ("[nodes.node1\n", "", "not valid TOML"),
@@ -292,32 +321,43 @@ def test_every_cluster_error_names_file_and_key(tmp_path: Path, keydir: Path) ->
 
 
 def test_missing_cluster_file_shows_an_example(tmp_path: Path) -> None:
-    with pytest.raises(NodeConfigError,
-                       match=r"cluster file .* does not exist.*\[nodes\.node1\]; endpoint") as e:
+    with pytest.raises(
+        NodeConfigError, match=r"cluster file .* does not exist.*\[nodes\.node1\]; endpoint"
+    ) as e:
         load_cluster(tmp_path / "cluster.toml")
     assert e.value.path == str(tmp_path / "cluster.toml")
 
 
 # -- node config ------------------------------------------------------------------------------
 
+
 def test_node_config_resolves_relative_paths(tmp_path: Path) -> None:
     f = write(tmp_path / "etc" / "node1.toml", NODE1.replace("/var/lib/jaula/node1", "state"))
     cfg = load_node_config(f)
     assert cfg == NodeConfig(
-        name="node1", listen="tcp://127.0.0.1:7001", state_root=tmp_path / "etc" / "state",
+        name="node1",
+        listen="tcp://127.0.0.1:7001",
+        state_root=tmp_path / "etc" / "state",
         secret_key=tmp_path / "etc" / "keys" / "node1.key_secret",
-        cluster=tmp_path / "etc" / "cluster.toml", cgroup_parent=None,
-        max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, source=f)
+        cluster=tmp_path / "etc" / "cluster.toml",
+        cgroup_parent=None,
+        max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+        source=f,
+    )
     assert DEFAULT_MAX_MESSAGE_BYTES == 8 * 1024 * 1024
 
 
-def test_node_config_absolute_and_home_paths_and_options(tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_node_config_absolute_and_home_paths_and_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    f = write(tmp_path / "n.toml", NODE1.replace('"keys/', '"~/keys/')
-              .replace('"cluster.toml"', f'"{tmp_path}/c/cluster.toml"')
-              .replace("tcp://127.0.0.1:7001", "tcp://*:7001")
-              + 'cgroup_parent = "machine.slice/jaula"\nmax_message_bytes = 65536\n')
+    f = write(
+        tmp_path / "n.toml",
+        NODE1.replace('"keys/', '"~/keys/')
+        .replace('"cluster.toml"', f'"{tmp_path}/c/cluster.toml"')
+        .replace("tcp://127.0.0.1:7001", "tcp://*:7001")
+        + 'cgroup_parent = "machine.slice/jaula"\nmax_message_bytes = 65536\n',
+    )
     cfg = load_node_config(f)
     assert cfg.secret_key == tmp_path / "home" / "keys" / "node1.key_secret"
     assert cfg.cluster == tmp_path / "c" / "cluster.toml"
@@ -326,29 +366,36 @@ def test_node_config_absolute_and_home_paths_and_options(tmp_path: Path,
     assert (cfg.cgroup_parent, cfg.max_message_bytes) == ("machine.slice/jaula", 65536)
 
 
-@pytest.mark.parametrize("change, key, words", [
-    (("name = \"node1\"\n", ""), "name", 'missing; write name = "node1"'),
-    (("name = \"node1\"", "name = \"../node1\""), "name", "not a valid name"),
-    (("name = \"node1\"", "name = 1"), "name", "must be a non-empty string"),
-    (("name = \"node1\"", "name = \"\""), "name", "must be a non-empty string"),
-    (("listen = \"tcp://127.0.0.1:7001\"\n", ""), "listen", "missing; write listen"),
-    (("tcp://127.0.0.1:7001", "http://127.0.0.1:7001"), "listen", "not a ZeroMQ endpoint"),
-    (("tcp://127.0.0.1:7001", "tcp://127.0.0.1:0"), "listen", "out of range"),
-    (("tcp://127.0.0.1:7001", "tcp://127.0.0.1:*"), "listen", "not a ZeroMQ endpoint"),
-    (("state_root = \"/var/lib/jaula/node1\"\n", ""), "state_root", "missing; write"),
-    (("secret_key = \"keys/node1.key_secret\"\n", ""), "secret_key", "missing; write"),
-    (("cluster = \"cluster.toml\"\n", ""), "cluster", 'missing; write cluster = "'),
-    (("cluster = \"cluster.toml\"", "clutser = \"cluster.toml\""), "clutser",
-     "unknown key; the top level takes only"),
-    (("", "cgroup_parent = \"/jaula\"\n"), "cgroup_parent", "relative cgroup path"),
-    (("", "cgroup_parent = \"jaula/../x\"\n"), "cgroup_parent", "without '..'"),
-    (("", "max_message_bytes = 10\n"), "max_message_bytes", "integer from 4096"),
-    (("", "max_message_bytes = true\n"), "max_message_bytes", "integer from 4096"),
-    (("", "max_message_bytes = \"8M\"\n"), "max_message_bytes", "integer from 4096"),
-    (("", "max_message_bytes = 2147483648\n"), "max_message_bytes", "to 1073741824"),
-])
-def test_every_node_config_error_names_file_and_key(tmp_path: Path, change: tuple[str, str],
-                                                    key: str, words: str) -> None:
+@pytest.mark.parametrize(
+    "change, key, words",
+    [
+        (('name = "node1"\n', ""), "name", 'missing; write name = "node1"'),
+        (('name = "node1"', 'name = "../node1"'), "name", "not a valid name"),
+        (('name = "node1"', "name = 1"), "name", "must be a non-empty string"),
+        (('name = "node1"', 'name = ""'), "name", "must be a non-empty string"),
+        (('listen = "tcp://127.0.0.1:7001"\n', ""), "listen", "missing; write listen"),
+        (("tcp://127.0.0.1:7001", "http://127.0.0.1:7001"), "listen", "not a ZeroMQ endpoint"),
+        (("tcp://127.0.0.1:7001", "tcp://127.0.0.1:0"), "listen", "out of range"),
+        (("tcp://127.0.0.1:7001", "tcp://127.0.0.1:*"), "listen", "not a ZeroMQ endpoint"),
+        (('state_root = "/var/lib/jaula/node1"\n', ""), "state_root", "missing; write"),
+        (('secret_key = "keys/node1.key_secret"\n', ""), "secret_key", "missing; write"),
+        (('cluster = "cluster.toml"\n', ""), "cluster", 'missing; write cluster = "'),
+        (
+            ('cluster = "cluster.toml"', 'clutser = "cluster.toml"'),
+            "clutser",
+            "unknown key; the top level takes only",
+        ),
+        (("", 'cgroup_parent = "/jaula"\n'), "cgroup_parent", "relative cgroup path"),
+        (("", 'cgroup_parent = "jaula/../x"\n'), "cgroup_parent", "without '..'"),
+        (("", "max_message_bytes = 10\n"), "max_message_bytes", "integer from 4096"),
+        (("", "max_message_bytes = true\n"), "max_message_bytes", "integer from 4096"),
+        (("", 'max_message_bytes = "8M"\n'), "max_message_bytes", "integer from 4096"),
+        (("", "max_message_bytes = 2147483648\n"), "max_message_bytes", "to 1073741824"),
+    ],
+)
+def test_every_node_config_error_names_file_and_key(
+    tmp_path: Path, change: tuple[str, str], key: str, words: str
+) -> None:
     old, new = change
     f = write(tmp_path / "node1.toml", NODE1.replace(old, new, 1) if old else NODE1 + new)
     with pytest.raises(NodeConfigError) as e:
@@ -359,8 +406,11 @@ def test_every_node_config_error_names_file_and_key(tmp_path: Path, change: tupl
 
 
 def test_node_config_missing_file_and_bad_toml(tmp_path: Path) -> None:
-    with pytest.raises(NodeConfigError, match=r"node config file .*node1\.toml does not exist"
-                       r".*listen = ") as e:
+    with pytest.raises(
+        NodeConfigError,
+        match=r"node config file .*node1\.toml does not exist"
+        r".*listen = ",
+    ) as e:
         load_node_config(tmp_path / "node1.toml")
     assert e.value.path == str(tmp_path / "node1.toml")
     f = write(tmp_path / "node1.toml", 'name = "node1\n')
@@ -381,8 +431,9 @@ def test_load_node_checks_the_node_is_in_its_cluster(tmp_path: Path, keydir: Pat
     assert "add [nodes.node3]" in str(e.value) and str(f) in str(e.value)
 
     # listed, but with another node's key
-    f = write(tmp_path / "node1b.toml", NODE1.replace("keys/node1.key_secret",
-                                                      "keys/node2.key_secret"))
+    f = write(
+        tmp_path / "node1b.toml", NODE1.replace("keys/node1.key_secret", "keys/node2.key_secret")
+    )
     with pytest.raises(NodeConfigError) as e:
         load_node(f)
     assert str(e.value).startswith(f"{tmp_path / 'cluster.toml'}: nodes.node1.public_key: ")
@@ -423,8 +474,9 @@ def test_client_config_explicit_path(tmp_path: Path, keydir: Path) -> None:
     assert sec.decode() not in repr(c)  # the secret stays out of logs and tracebacks
 
 
-def test_client_config_from_env_then_xdg_then_home(tmp_path: Path, keydir: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_client_config_from_env_then_xdg_then_home(
+    tmp_path: Path, keydir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "home" / ".config" / "jaula").mkdir(parents=True)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
@@ -453,17 +505,20 @@ def test_client_config_from_env_then_xdg_then_home(tmp_path: Path, keydir: Path,
     assert load_client_config(env_cfg).source == env_cfg
 
 
-@pytest.mark.parametrize("content, key, words", [
-    ('cluster = "cluster.toml"\n', "secret_key", "missing; write secret_key"),
-    ('secret_key = "keys/alice.key_secret"\n', "cluster", "missing; write cluster"),
-    (CLIENT + 'name = "alice"\n', "name", "unknown key"),
-    (CLIENT + "max_message_bytes = 1\n", "max_message_bytes", "integer from 4096"),
-    (CLIENT.replace("alice.key_secret", "alice.key"), "secret_key", "holds no secret-key"),
-    (CLIENT.replace("alice.key_secret", "carol.key_secret"), "secret_key", "does not exist"),
-])
-def test_every_client_config_error_names_file_and_key(tmp_path: Path, keydir: Path,
-                                                      content: str, key: str,
-                                                      words: str) -> None:
+@pytest.mark.parametrize(
+    "content, key, words",
+    [
+        ('cluster = "cluster.toml"\n', "secret_key", "missing; write secret_key"),
+        ('secret_key = "keys/alice.key_secret"\n', "cluster", "missing; write cluster"),
+        (CLIENT + 'name = "alice"\n', "name", "unknown key"),
+        (CLIENT + "max_message_bytes = 1\n", "max_message_bytes", "integer from 4096"),
+        (CLIENT.replace("alice.key_secret", "alice.key"), "secret_key", "holds no secret-key"),
+        (CLIENT.replace("alice.key_secret", "carol.key_secret"), "secret_key", "does not exist"),
+    ],
+)
+def test_every_client_config_error_names_file_and_key(
+    tmp_path: Path, keydir: Path, content: str, key: str, words: str
+) -> None:
     os.chmod(keydir / "alice.key", 0o600)  # so the public-file case fails on content
     f = write(tmp_path / "client.toml", content)
     with pytest.raises(NodeConfigError) as e:
@@ -474,8 +529,7 @@ def test_every_client_config_error_names_file_and_key(tmp_path: Path, keydir: Pa
 
 
 def test_client_config_from_node_uses_the_node_key(tmp_path: Path, keydir: Path) -> None:
-    cfg = load_node_config(write(tmp_path / "node1.toml",
-                                 NODE1 + "max_message_bytes = 65536\n"))
+    cfg = load_node_config(write(tmp_path / "node1.toml", NODE1 + "max_message_bytes = 65536\n"))
     c = ClientConfig.from_node(cfg)
     assert (c.public_key, c.secret_key) == keys.load_secret(keydir / "node1.key_secret")
     assert (c.cluster, c.max_message_bytes, c.source) == (cfg.cluster, 65536, cfg.source)
@@ -495,8 +549,13 @@ def test_only_keys_and_transport_import_zmq() -> None:
     for pkg in ("runtime", "migrate", "balancer"):
         for f in sorted((root / pkg).rglob("*.py")):
             for node in ast.walk(ast.parse(f.read_text(), str(f))):
-                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                         [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
                 if any(n == "zmq" or n.startswith("zmq.") for n in names):
                     importers.add(str(f.relative_to(root)))
     assert importers <= {"migrate/transport.py", "migrate/keys.py"}, importers

@@ -23,8 +23,14 @@ def _files(d: Path, sizes: dict[str, int]) -> list[Path]:
 
 
 def test_split_keeps_large_images_apart(tmp_path: Path) -> None:
-    files = _files(tmp_path, {"core-1.img": 4000, "pages-1.img": image_pack.PACK_MAX_FILE_BYTES
-                              + 1, "mm-1.img": image_pack.PACK_MAX_FILE_BYTES})
+    files = _files(
+        tmp_path,
+        {
+            "core-1.img": 4000,
+            "pages-1.img": image_pack.PACK_MAX_FILE_BYTES + 1,
+            "mm-1.img": image_pack.PACK_MAX_FILE_BYTES,
+        },
+    )
     small, large = image_pack.split(files)
     assert [p.name for p in small] == ["core-1.img", "mm-1.img"]
     assert [p.name for p in large] == ["pages-1.img"]
@@ -53,8 +59,9 @@ def _tar_with(tmp_path: Path, add: list[tarfile.TarInfo]) -> Path:
     return path
 
 
-def _info(name: str, kind: bytes = tarfile.REGTYPE, size: int = 3,
-          link: str = "") -> tarfile.TarInfo:
+def _info(
+    name: str, kind: bytes = tarfile.REGTYPE, size: int = 3, link: str = ""
+) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.size = size if kind == tarfile.REGTYPE else 0
@@ -62,19 +69,23 @@ def _info(name: str, kind: bytes = tarfile.REGTYPE, size: int = 3,
     return info
 
 
-@pytest.mark.parametrize("entry", [
-    _info("../escape.img"),
-    _info("sub/core-1.img"),
-    _info("/etc/passwd"),
-    _info("link.img", tarfile.SYMTYPE, link="/etc/passwd"),
-    _info("hard.img", tarfile.LNKTYPE, link="core-1.img"),
-    _info("dir", tarfile.DIRTYPE),
-    _info("dev", tarfile.CHRTYPE),
-    _info("fifo", tarfile.FIFOTYPE),
-    _info("sp ace.img"),
-])
-def test_unpack_refuses_anything_but_plain_regular_files(tmp_path: Path,
-                                                         entry: tarfile.TarInfo) -> None:
+@pytest.mark.parametrize(
+    "entry",
+    [
+        _info("../escape.img"),
+        _info("sub/core-1.img"),
+        _info("/etc/passwd"),
+        _info("link.img", tarfile.SYMTYPE, link="/etc/passwd"),
+        _info("hard.img", tarfile.LNKTYPE, link="core-1.img"),
+        _info("dir", tarfile.DIRTYPE),
+        _info("dev", tarfile.CHRTYPE),
+        _info("fifo", tarfile.FIFOTYPE),
+        _info("sp ace.img"),
+    ],
+)
+def test_unpack_refuses_anything_but_plain_regular_files(
+    tmp_path: Path, entry: tarfile.TarInfo
+) -> None:
     tar = _tar_with(tmp_path, [entry])
     dest = tmp_path / "dest"
     dest.mkdir()

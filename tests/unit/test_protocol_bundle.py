@@ -17,6 +17,7 @@ from migrate.rootfs_diff import validate
 
 # -- protocol --------------------------------------------------------------------------------
 
+
 def test_round_trip_and_payload() -> None:
     msg, payload = decode(encode("chunk", b"\x00" * 10, session="s", file=1, offset=0))
     assert msg["type"] == "chunk" and payload == b"\x00" * 10
@@ -24,24 +25,34 @@ def test_round_trip_and_payload() -> None:
     assert msg == {"v": 1, "type": "ps", "all": True, "id": 7} and payload is None
 
 
-@pytest.mark.parametrize("frames, why", [
-    ([], "frames"),
-    ([b"a", b"b", b"c"], "frames"),
-    ([b"\xc1"], "msgpack"),
-    ([msgpack.packb([1, 2])], "map"),
-    ([msgpack.packb({"v": 2, "type": "ps"})], "version"),
-    ([msgpack.packb({"v": 1, "type": "nope"})], "unknown message type"),
-    ([msgpack.packb({"v": 1, "type": "ps", "evil": 1})], "unknown field"),
-    ([msgpack.packb({"v": 1, "type": "stop"})], "missing field"),
-    ([msgpack.packb({"v": 1, "type": "stop", "container": 5})], "expected str"),
-    ([msgpack.packb({"v": 1, "type": "chunk", "session": "s", "file": True, "offset": 0}),
-      b"x"], "bool"),
-    ([msgpack.packb({"v": 1, "type": "stop", "container": "x" * 300})], "limit"),
-    ([msgpack.packb({"v": 1, "type": "ps"}), b"payload"], "no payload"),
-    ([msgpack.packb({"v": 1, "type": "chunk", "session": "s", "file": 1, "offset": 0})],
-     "data frame"),
-    ([msgpack.packb({"v": 1, "type": "ps", "id": [1]})], "id"),
-])
+@pytest.mark.parametrize(
+    "frames, why",
+    [
+        ([], "frames"),
+        ([b"a", b"b", b"c"], "frames"),
+        ([b"\xc1"], "msgpack"),
+        ([msgpack.packb([1, 2])], "map"),
+        ([msgpack.packb({"v": 2, "type": "ps"})], "version"),
+        ([msgpack.packb({"v": 1, "type": "nope"})], "unknown message type"),
+        ([msgpack.packb({"v": 1, "type": "ps", "evil": 1})], "unknown field"),
+        ([msgpack.packb({"v": 1, "type": "stop"})], "missing field"),
+        ([msgpack.packb({"v": 1, "type": "stop", "container": 5})], "expected str"),
+        (
+            [
+                msgpack.packb({"v": 1, "type": "chunk", "session": "s", "file": True, "offset": 0}),
+                b"x",
+            ],
+            "bool",
+        ),
+        ([msgpack.packb({"v": 1, "type": "stop", "container": "x" * 300})], "limit"),
+        ([msgpack.packb({"v": 1, "type": "ps"}), b"payload"], "no payload"),
+        (
+            [msgpack.packb({"v": 1, "type": "chunk", "session": "s", "file": 1, "offset": 0})],
+            "data frame",
+        ),
+        ([msgpack.packb({"v": 1, "type": "ps", "id": [1]})], "id"),
+    ],
+)
 def test_decode_refuses_malformed(frames: list[bytes], why: str) -> None:
     with pytest.raises(ProtocolError, match=why):
         decode(frames)
@@ -61,6 +72,7 @@ def test_oversized_header_is_refused() -> None:
 
 # -- bundle ----------------------------------------------------------------------------------
 
+
 def _bundle(tmp_path: Path) -> Bundle:
     b = Bundle.create(tmp_path / "b")
     (b.criu_dir / "pages-1.img").write_bytes(b"p" * 1000)
@@ -73,8 +85,11 @@ def _bundle(tmp_path: Path) -> Bundle:
 def test_bundle_verify_and_export_import(tmp_path: Path) -> None:
     b = _bundle(tmp_path)
     m = b.verify()
-    assert {f.path for f in m.files} == {"criu/pages-1.img", "criu/inventory.img",
-                                         "rootfs-diff.tar"}
+    assert {f.path for f in m.files} == {
+        "criu/pages-1.img",
+        "criu/inventory.img",
+        "rootfs-diff.tar",
+    }
     out = tmp_path / "b.tar"
     b.export(out)
     b2 = Bundle.import_tar(out, tmp_path / "b2")
@@ -105,8 +120,9 @@ def test_manifest_version_and_shape() -> None:
         Bundle(Path("/nonexistent")).manifest()
 
 
-@pytest.mark.parametrize("name", ["../evil", "/etc/passwd", "criu/../../x", "other.txt",
-                                  "criu/sub/dir.img"])
+@pytest.mark.parametrize(
+    "name", ["../evil", "/etc/passwd", "criu/../../x", "other.txt", "criu/sub/dir.img"]
+)
 def test_bundle_import_refuses_foreign_entries(tmp_path: Path, name: str) -> None:
     t = tmp_path / "evil.tar"
     with tarfile.open(t, "w") as tf:
@@ -131,6 +147,7 @@ def test_bundle_import_refuses_symlink(tmp_path: Path) -> None:
 
 # -- rootfs diff -----------------------------------------------------------------------------
 
+
 def _tar(tmp_path: Path, entries: list[tarfile.TarInfo]) -> Path:
     t = tmp_path / "diff.tar"
     with tarfile.open(t, "w", format=tarfile.PAX_FORMAT) as tf:
@@ -139,33 +156,49 @@ def _tar(tmp_path: Path, entries: list[tarfile.TarInfo]) -> Path:
     return t
 
 
-def _entry(name: str, kind: bytes = tarfile.REGTYPE, size: int = 0, link: str = "",
-           major: int = 0, minor: int = 0) -> tarfile.TarInfo:
+def _entry(
+    name: str,
+    kind: bytes = tarfile.REGTYPE,
+    size: int = 0,
+    link: str = "",
+    major: int = 0,
+    minor: int = 0,
+) -> tarfile.TarInfo:
     e = tarfile.TarInfo(name)
     e.type, e.size, e.linkname, e.devmajor, e.devminor = kind, size, link, major, minor
     return e
 
 
 def test_rootfs_diff_accepts_overlay_form(tmp_path: Path) -> None:
-    t = _tar(tmp_path, [_entry("./etc", tarfile.DIRTYPE), _entry("./etc/gone", tarfile.CHRTYPE),
-                        _entry("./etc/f", size=3), _entry("./etc/h", tarfile.LNKTYPE,
-                                                          link="./etc/f"),
-                        _entry("./bin/sh", tarfile.SYMTYPE, link="/bin/busybox"),
-                        _entry("./tmp/fifo", tarfile.FIFOTYPE)])
+    t = _tar(
+        tmp_path,
+        [
+            _entry("./etc", tarfile.DIRTYPE),
+            _entry("./etc/gone", tarfile.CHRTYPE),
+            _entry("./etc/f", size=3),
+            _entry("./etc/h", tarfile.LNKTYPE, link="./etc/f"),
+            _entry("./bin/sh", tarfile.SYMTYPE, link="/bin/busybox"),
+            _entry("./tmp/fifo", tarfile.FIFOTYPE),
+        ],
+    )
     assert validate(t) == 6
 
 
-@pytest.mark.parametrize("entries, why", [
-    ([_entry("/abs")], "absolute"),
-    ([_entry("a/../../x")], r"'\.\.'"),
-    ([_entry("dev/sda", tarfile.BLKTYPE, major=8)], "device"),
-    ([_entry("dev/mem", tarfile.CHRTYPE, major=1, minor=1)], "device"),
-    ([_entry("l", tarfile.SYMTYPE, link="/etc"), _entry("l/passwd", size=1)], "symlink"),
-    ([_entry("h", tarfile.LNKTYPE, link="/etc/shadow")], "absolute"),
-    ([_entry("h", tarfile.LNKTYPE, link="never/seen")], "hardlink"),
-])
-def test_rootfs_diff_refuses_hostile_entries(tmp_path: Path, entries: list[tarfile.TarInfo],
-                                             why: str) -> None:
+@pytest.mark.parametrize(
+    "entries, why",
+    [
+        ([_entry("/abs")], "absolute"),
+        ([_entry("a/../../x")], r"'\.\.'"),
+        ([_entry("dev/sda", tarfile.BLKTYPE, major=8)], "device"),
+        ([_entry("dev/mem", tarfile.CHRTYPE, major=1, minor=1)], "device"),
+        ([_entry("l", tarfile.SYMTYPE, link="/etc"), _entry("l/passwd", size=1)], "symlink"),
+        ([_entry("h", tarfile.LNKTYPE, link="/etc/shadow")], "absolute"),
+        ([_entry("h", tarfile.LNKTYPE, link="never/seen")], "hardlink"),
+    ],
+)
+def test_rootfs_diff_refuses_hostile_entries(
+    tmp_path: Path, entries: list[tarfile.TarInfo], why: str
+) -> None:
     with pytest.raises(BundleError, match=why):
         validate(_tar(tmp_path, entries))
 
@@ -178,6 +211,7 @@ def test_rootfs_diff_refuses_garbage(tmp_path: Path) -> None:
 
 # -- sealing of bulk data ----------------------------------------------------------------------
 
+
 def test_sealed_chunks_open_only_where_they_belong() -> None:
     from migrate.errors import TransferError
     from migrate.sealing import new_key, open_chunk, seal_chunk
@@ -186,9 +220,13 @@ def test_sealed_chunks_open_only_where_they_belong() -> None:
     sealed = seal_chunk(k, "s1", 3, 7, 4096, b"payload")
     assert open_chunk(k, "s1", 3, 7, 4096, sealed) == b"payload"
     tampered = bytes([sealed[0] ^ 1]) + sealed[1:]
-    for args in (("s1", 3, 7, 4096, tampered), ("s2", 3, 7, 4096, sealed),
-                 ("s1", 4, 7, 4096, sealed), ("s1", 3, 8, 4096, sealed),
-                 ("s1", 3, 7, 0, sealed)):
+    for args in (
+        ("s1", 3, 7, 4096, tampered),
+        ("s2", 3, 7, 4096, sealed),
+        ("s1", 4, 7, 4096, sealed),
+        ("s1", 3, 8, 4096, sealed),
+        ("s1", 3, 7, 0, sealed),
+    ):
         with pytest.raises(TransferError, match="authentication"):
             open_chunk(k, *args)  # type: ignore[arg-type]
     with pytest.raises(TransferError):

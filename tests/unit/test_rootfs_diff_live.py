@@ -73,7 +73,8 @@ def upper(tmp_path: Path) -> Path:
 
 
 def test_live_precopy_tolerates_a_file_changing_and_the_delta_catches_up(
-        upper: Path, tmp_path: Path) -> None:
+    upper: Path, tmp_path: Path
+) -> None:
     before = rootfs_diff.snapshot(upper)
     saw, err, final = _race(upper, tmp_path / "base.tar", live=True)
     assert err is None, err
@@ -85,8 +86,7 @@ def test_live_precopy_tolerates_a_file_changing_and_the_delta_catches_up(
     assert _member(tmp_path / "delta.tar", "tmp/hb") == final
 
 
-def test_live_precopy_with_a_socket_beside_the_changing_file(upper: Path,
-                                                            tmp_path: Path) -> None:
+def test_live_precopy_with_a_socket_beside_the_changing_file(upper: Path, tmp_path: Path) -> None:
     """tar warns "socket ignored" for a bound unix socket (a Redis's) in the same run as
     "file changed": together they are still a harmless pre-copy, not an abort."""
     import socket

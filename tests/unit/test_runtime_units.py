@@ -37,8 +37,17 @@ from runtime.state import TRANSITIONS, ContainerStatus, State, atomic_write_json
 from runtime.store import Store
 
 
-@pytest.mark.parametrize("text, n", [("8388608", 8 << 20), ("64m", 64 << 20), ("1g", 1 << 30),
-                                     ("1.5G", 3 << 29), ("512MiB", 512 << 20), ("10mb", 10 << 20)])
+@pytest.mark.parametrize(
+    "text, n",
+    [
+        ("8388608", 8 << 20),
+        ("64m", 64 << 20),
+        ("1g", 1 << 30),
+        ("1.5G", 3 << 29),
+        ("512MiB", 512 << 20),
+        ("10mb", 10 << 20),
+    ],
+)
 def test_parse_memory(text: str, n: int) -> None:
     assert parse_memory(text) == n
 
@@ -99,10 +108,18 @@ def test_config_round_trip() -> None:
     from runtime.cgroups import Resources
     from runtime.spec import User
 
-    cfg = ContainerConfig(id="a" * 64, name="n", image_id="b" * 64, image_ref="img",
-                          layers=("l1", "l2"), args=("sh",), env=("A=1",),
-                          user=User(1, 2, (3,)), resources=Resources(memory_bytes=1 << 20),
-                          mounts=(Mount("/a", "/b", True),))
+    cfg = ContainerConfig(
+        id="a" * 64,
+        name="n",
+        image_id="b" * 64,
+        image_ref="img",
+        layers=("l1", "l2"),
+        args=("sh",),
+        env=("A=1",),
+        user=User(1, 2, (3,)),
+        resources=Resources(memory_bytes=1 << 20),
+        mounts=(Mount("/a", "/b", True),),
+    )
     assert ContainerConfig.from_json(cfg.to_json()) == cfg
 
 
@@ -176,7 +193,10 @@ def test_log_writer_and_reader(tmp_path: Path) -> None:
     w.flush()
     recs = list(read_log(tmp_path / "ctr.log"))
     assert [(r.stream, r.data) for r in recs] == [
-        ("stdout", b"hello\n"), ("stderr", b"err\n"), ("stdout", b"world\n"),
-        ("stdout", b"partial")]
+        ("stdout", b"hello\n"),
+        ("stderr", b"err\n"),
+        ("stdout", b"world\n"),
+        ("stdout", b"partial"),
+    ]
     assert parse_line(b"garbage") is None
-    assert parse_line(b"2026-01-01T00:00:00Z stdout F ") .data == b"\n"
+    assert parse_line(b"2026-01-01T00:00:00Z stdout F ").data == b"\n"

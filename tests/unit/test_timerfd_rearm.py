@@ -16,11 +16,22 @@ MS50 = 50_000_000
 
 
 def _tfd(i: int, value_ns: int, interval_ns: int, ticks: int) -> dict[str, Any]:
-    return {"type": "TIMERFD", "id": i, "tfd": {
-        "id": i, "flags": 2048, "fown": {"uid": 0, "euid": 0, "signum": 0, "pid_type": 0,
-                                         "pid": 0},
-        "clockid": 1, "ticks": ticks, "settime_flags": 0, "vsec": 0, "vnsec": value_ns,
-        "isec": 0, "insec": interval_ns}}
+    return {
+        "type": "TIMERFD",
+        "id": i,
+        "tfd": {
+            "id": i,
+            "flags": 2048,
+            "fown": {"uid": 0, "euid": 0, "signum": 0, "pid_type": 0, "pid": 0},
+            "clockid": 1,
+            "ticks": ticks,
+            "settime_flags": 0,
+            "vsec": 0,
+            "vnsec": value_ns,
+            "isec": 0,
+            "insec": interval_ns,
+        },
+    }
 
 
 def _roundtrip(tmp_path: Path, entries: list[dict[str, Any]]) -> tuple[int, list[Any]]:
@@ -34,13 +45,16 @@ def _roundtrip(tmp_path: Path, entries: list[dict[str, Any]]) -> tuple[int, list
 
 
 def test_expired_and_expiring_periodic_timers_fire_again(tmp_path: Path) -> None:
-    n, out = _roundtrip(tmp_path, [
-        _tfd(1, 0, MS50, 2),        # expired twice, unread (CRIU issue 3162)
-        _tfd(2, 0, MS50, 0),        # at its expiry, the tick not counted yet
-        _tfd(3, 20_000_000, MS50, 0),  # running: 20 ms to go
-        _tfd(4, 0, 0, 0),           # disarmed
-        _tfd(5, 30_000_000, 0, 0),  # one-shot, running
-    ])
+    n, out = _roundtrip(
+        tmp_path,
+        [
+            _tfd(1, 0, MS50, 2),  # expired twice, unread (CRIU issue 3162)
+            _tfd(2, 0, MS50, 0),  # at its expiry, the tick not counted yet
+            _tfd(3, 20_000_000, MS50, 0),  # running: 20 ms to go
+            _tfd(4, 0, 0, 0),  # disarmed
+            _tfd(5, 30_000_000, 0, 0),  # one-shot, running
+        ],
+    )
     assert n == 2
     by_id = {t["id"]: t for t in out}
     assert (by_id[1]["vnsec"], by_id[1]["ticks"]) == (MS50, 2)

@@ -9,6 +9,7 @@ Then every 50 ms: appends ``N`` to /srv/live.log (O_APPEND), rewrites the counte
 0 of /srv/rw.dat (O_RDWR, fixed size), reads gone.txt back through its fd; every 10th:
 ``tick N gone-ok`` (or ``FAIL``).
 """
+
 import os
 import shutil
 import time
@@ -26,12 +27,12 @@ with open("/srv/static/b.bin", "wb") as f:
 with open("/srv/static/sparse", "wb") as f:
     f.seek(32 << 20)
     f.write(b"end of a sparse file\n")
-os.unlink("/etc/motd")                      # a file of the image: whiteout
-shutil.rmtree("/opt/data")                  # a dir of the image, made again: opaque
+os.unlink("/etc/motd")  # a file of the image: whiteout
+shutil.rmtree("/opt/data")  # a dir of the image, made again: opaque
 os.mkdir("/opt/data")
 with open("/opt/data/c", "w") as f:
     f.write("c made in the container\n")
-with open("/var/old/file", "a") as f:       # a file of the image changed: copy-up
+with open("/var/old/file", "a") as f:  # a file of the image changed: copy-up
     f.write("appended in the container\n")
 gone_text = b"deleted while open, read back after the restore\n" * 100
 with open("/srv/gone.txt", "wb") as f:

@@ -10,6 +10,7 @@ a TCP listener on 127.0.0.1:7000 answering ``ping`` with ``pong N``.  Every 100 
 each of them; ``tick N ok timer=E interval=NS`` every 10th tick, ``FAIL ...`` on anything
 wrong, ``signalfd got SIGNO`` when SIGUSR2 arrives.
 """
+
 import ctypes
 import fcntl
 import os
@@ -35,6 +36,7 @@ signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
 sigset = (ctypes.c_ulong * 16)()
 sigset[0] = 1 << (signal.SIGUSR2 - 1)
 sfd = libc.signalfd(-1, sigset, NONBLOCK)
+
 
 # timerfd: every 50 ms
 class Timespec(ctypes.Structure):
@@ -120,8 +122,12 @@ while True:
     os.eventfd_write(efd, 1)
     pending += 1
     ready = {fd for fd, _ in ep.poll(0)}
-    want = {tfd: "timerfd", efd: "eventfd", userv.fileno(): "unix socket",
-            tconn.fileno(): "tcp connection"}
+    want = {
+        tfd: "timerfd",
+        efd: "eventfd",
+        userv.fileno(): "unix socket",
+        tconn.fileno(): "tcp connection",
+    }
     if missing := [what for fd, what in want.items() if fd not in ready]:
         fail(f"tick {n}: epoll did not report {', '.join(missing)}")
     try:

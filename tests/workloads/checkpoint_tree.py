@@ -7,6 +7,7 @@ init has a heartbeat thread and prints ``round N spins A,B,C beat H`` every 100 
 the init tells the children to quit, reaps them (``reaped PID exit=10+k``), prints ``all
 reaped`` and idles.  ``FAIL`` on a wrong answer.
 """
+
 import os
 import signal
 import threading

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Print, as JSON, every entry under /srv /etc /opt /var but the paths given as arguments:
 mode, owner, mtime, size, link count and sha256 (files), target (symlinks), xattrs."""
+
 import hashlib
 import json
 import os
@@ -22,7 +23,11 @@ for top in ("/srv", "/etc", "/opt", "/var"):
                     e += [st.st_size, st.st_nlink, hashlib.sha256(f.read()).hexdigest()]
             elif stat.S_ISLNK(st.st_mode):
                 e.append(os.readlink(p))
-            e.append(sorted((k, os.getxattr(p, k, follow_symlinks=False).hex())
-                            for k in os.listxattr(p, follow_symlinks=False)))
+            e.append(
+                sorted(
+                    (k, os.getxattr(p, k, follow_symlinks=False).hex())
+                    for k in os.listxattr(p, follow_symlinks=False)
+                )
+            )
             out[p] = e
 print(json.dumps(out, sort_keys=True))
