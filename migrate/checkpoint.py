@@ -38,7 +38,8 @@ from migrate.restorer import NETNS_KEY, network_lock
 from runtime.cgroups import detect_mode
 from runtime.container import Container, Runtime
 from runtime.errors import ContainerError
-from runtime.state import ContainerStatus
+from runtime.state import ContainerStatus, Operation, can
+from runtime.store import CHECKPOINT_DIR, CHECKPOINT_NEW_DIR, LOG
 from runtime.syscalls import is_alive
 
 log = structlog.get_logger(__name__)
@@ -171,19 +172,18 @@ def preflight(c: Container) -> None:
     Raises CriuUnavailable (missing or old CRIU), PreflightError, ContainerError when the
     container is not running."""
     criu.require()
-    if c.status is not ContainerStatus.RUNNING:
+    if not can(Operation.CHECKPOINT, c.status):
         raise ContainerError(
             f"container {c.name} is {c.status.value}: only a running container can be checkpointed",
             c.id,
         )
     keeps = "; the container keeps running"
-    pc = c.state.extra.get("postcopy")
-    if isinstance(pc, dict) and is_alive(pc.get("daemon_pid"), pc.get("daemon_start")):
+    pc = c.state.postcopy
+    if pc is not None and is_alive(pc.daemon_pid, pc.daemon_start):
         # the pages not yet fetched look absent to CRIU: a dump would leave them out
         raise PreflightError(
-            f"container {c.name} is still receiving its memory from "
-            f"{pc.get('from', 'its source')} (post-copy, session "
-            f"{pc.get('session', '?')}): checkpoint or migrate it once that "
+            f"container {c.name} is still receiving its memory from {pc.source or 'its source'}"
+            f" (post-copy, session {pc.session}): checkpoint or migrate it once that "
             f"is over{keeps}"
         )
     in_cgroup = set(tasks_of(c))
@@ -394,7 +394,7 @@ def checkpoint(
         preflight(c)
         # Written aside and renamed over the previous checkpoint only once complete: a failed
         # dump neither leaves a partial bundle nor loses the last good one.
-        bundle = Bundle.create(c.dir / "checkpoint.new")
+        bundle = Bundle.create(c.dir / CHECKPOINT_NEW_DIR)
         cfg = c.config
         stdio = _stdio_keys(c)
         netns = external_netns(c)
@@ -438,8 +438,8 @@ def checkpoint(
             # The monitor drains the container's stdout/stderr pipes into ctr.log once the
             # tasks are dead, then exits: copying the log before that loses its last lines.
             c.wait_monitor(10.0)
-        if (c.dir / "ctr.log").exists():
-            shutil.copyfile(c.dir / "ctr.log", bundle.path / "ctr.log")
+        if (c.dir / LOG).exists():
+            shutil.copyfile(c.dir / LOG, bundle.path / LOG)
         manifest = bundle.finalize(
             Manifest(
                 container=cfg.to_json(),
@@ -459,13 +459,13 @@ def checkpoint(
                 },
             )
         )
-        final = c.dir / "checkpoint"
+        final = c.dir / CHECKPOINT_DIR
         shutil.rmtree(final, ignore_errors=True)
         bundle.path.rename(final)
         bundle = Bundle(final)
         if not leave_running:
             c.state.status = ContainerStatus.CHECKPOINTED
-            c.state.extra = {**c.state.extra, "checkpointed_at": time.time()}
+            c.state.checkpointed_at = time.time()
             c.save()
             c.cgroup().destroy()
     size = sum(f.size for f in manifest.files)

@@ -24,33 +24,33 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from migrate.config import ClientConfig, Cluster, NodeConfig, PeerKind
+from migrate.destination import DestinationSession
 from migrate.errors import MigrationError, NodeConfigError, PeerUnavailable, ProtocolError
-from migrate.protocol import decode, encode, error
-from migrate.session import (
-    DestinationSession,
-    MigrationReport,
-    SourceSession,
-    hold_socket_path,
-    scratch_dirs,
-    stale_hold_sockets,
-)
+from migrate.hold import HoldServer, hold_socket_path, stale_hold_sockets
+from migrate.protocol import NODE_MESSAGES, OPERATOR_REQUESTS, MessageType, decode, encode, error
+from migrate.report import MigrationReport
+from migrate.scratch import scratch_dirs
+from migrate.source import SourceSession
 from migrate.transport import Client, Incoming, Server
 from runtime.container import Container, Runtime
 from runtime.errors import JaulaError
 from runtime.logs import read_log
 from runtime.state import ContainerStatus
+from runtime.store import LOG
 
 log = structlog.get_logger(__name__)
 S = ContainerStatus
 
-OPERATOR_REQUESTS = {"ping", "ps", "inspect", "logs", "exec", "stop", "rm", "migrate"}
-SESSION_MESSAGES = {"file_begin", "chunk", "file_end", "restore", "resume", "abort", "dumping"}
+M = MessageType
+#: an operator request's handler: (requester, message, reply fields) -> the reply's frames
+Handler = Callable[[Incoming, dict[str, Any], dict[str, Any]], Awaitable[list[bytes]]]
 
 
 def container_summary(c: Container) -> dict[str, Any]:
@@ -152,32 +152,34 @@ class NodeService:
 
     # -- dispatch ---------------------------------------------------------------------------
     async def _dispatch(self, inc: Incoming) -> None:
+        """Route one message: operator requests run as tasks of their own; a node's offer
+        starts a session; a session's messages go to its queue, in order; outcome queries
+        are answered from the durable records.  Who may send what comes from the sender's
+        authenticated key (:data:`migrate.protocol.NODE_MESSAGES`)."""
         try:
             msg, payload = decode(inc.frames)
         except ProtocolError as e:
             log.warning("node.bad_message", peer=inc.peer.name, error=str(e))
             await self.reply(inc, error("bad_message", str(e)))
             return
-        mtype = msg["type"]
-        rid = msg.get("id")
+        mtype = M(msg["type"])
         if mtype in OPERATOR_REQUESTS:
-            self._spawn(self._request(inc, msg, rid))
-        elif inc.peer.kind is not PeerKind.NODE and (
-            mtype in SESSION_MESSAGES or mtype in ("offer", "outcome")
-        ):
+            self._spawn(self._request(inc, msg, msg.get("id")))
+        elif mtype in NODE_MESSAGES and inc.peer.kind is not PeerKind.NODE:
             await self.reply(
-                inc, error("forbidden", f"{mtype} is for nodes, and {inc.peer.name} is an operator")
+                inc,
+                error("forbidden", f"{mtype} is for nodes, and {inc.peer.name} is an operator"),
             )
-        elif mtype == "offer":
+        elif mtype is M.OFFER:
             await self._offer(inc, msg)
-        elif mtype == "outcome":
+        elif mtype is M.OUTCOME:
             await self.reply(
                 inc,
                 encode(
                     "outcome_is", session=msg["session"], committed=self._committed(msg["session"])
                 ),
             )
-        elif mtype in SESSION_MESSAGES:
+        elif mtype in NODE_MESSAGES:
             entry = self.incoming.get(msg["session"])
             if entry is None:
                 await self.reply(
@@ -208,46 +210,63 @@ class NodeService:
     async def _handle(
         self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]
     ) -> list[bytes]:
-        rt = self.rt
-        match msg["type"]:
-            case "ping":
-                running = [c for c in rt.list() if c.status is S.RUNNING]
-                return encode(
-                    "pong", node=self.cfg.name, containers=len(running), load=_load(), **extra
-                )
-            case "ps":
-                items = [container_summary(c) for c in rt.list(all=msg.get("all", False))]
-                return encode("containers", items=items, node=self.cfg.name, **extra)
-            case "inspect":
-                info = await asyncio.to_thread(lambda: rt.get(msg["container"]).inspect())
-                return encode("inspected", info=info, **extra)
-            case "logs":
-                c = rt.get(msg["container"])
-                recs = list(read_log(c.dir / "ctr.log"))
-                if msg.get("tail"):
-                    recs = recs[-msg["tail"] :]
-                data = b"".join(r.data for r in recs)[-(32 << 20) :]
-                return encode("logs", container=c.name, data=data, **extra)
-            case "exec":
-                return await self._exec(msg, extra)
-            case "stop":
-                await asyncio.to_thread(
-                    rt.get(msg["container"]).stop, float(msg.get("timeout_s", 10.0))
-                )
-                return encode("ok", **extra)
-            case "rm":
-                await asyncio.to_thread(
-                    rt.get(msg["container"]).delete, bool(msg.get("force", False))
-                )
-                return encode("ok", **extra)
-            case "migrate":
-                report = await self.migrate(
-                    msg["container"], msg["destination"], msg.get("strategy", "cold"), inc, extra
-                )
-                return encode("migrated", report=report.to_json(), **extra)
-        raise ProtocolError(f"unhandled request {msg['type']}")
+        """Answer one operator request (the table below: one handler per request)."""
+        handlers: dict[MessageType, Handler] = {
+            M.PING: self._ping,
+            M.PS: self._ps,
+            M.INSPECT: self._inspect,
+            M.LOGS: self._logs,
+            M.EXEC: self._exec,
+            M.STOP: self._stop,
+            M.RM: self._rm,
+            M.MIGRATE: self._migrate_request,
+        }
+        handler = handlers.get(M(msg["type"]))
+        if handler is None:
+            raise ProtocolError(f"unhandled request {msg['type']}")
+        return await handler(inc, msg, extra)
 
-    async def _exec(self, msg: dict[str, Any], extra: dict[str, Any]) -> list[bytes]:
+    async def _ping(self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]) -> list[bytes]:
+        running = [c for c in self.rt.list() if c.status is S.RUNNING]
+        return encode("pong", node=self.cfg.name, containers=len(running), load=_load(), **extra)
+
+    async def _ps(self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]) -> list[bytes]:
+        items = [container_summary(c) for c in self.rt.list(all=msg.get("all", False))]
+        return encode("containers", items=items, node=self.cfg.name, **extra)
+
+    async def _inspect(
+        self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]
+    ) -> list[bytes]:
+        info = await asyncio.to_thread(lambda: self.rt.get(msg["container"]).inspect())
+        return encode("inspected", info=info, **extra)
+
+    async def _logs(self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]) -> list[bytes]:
+        c = self.rt.get(msg["container"])
+        recs = list(read_log(c.dir / LOG))
+        if msg.get("tail"):
+            recs = recs[-msg["tail"] :]
+        data = b"".join(r.data for r in recs)[-(32 << 20) :]
+        return encode("logs", container=c.name, data=data, **extra)
+
+    async def _stop(self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]) -> list[bytes]:
+        c = self.rt.get(msg["container"])
+        await asyncio.to_thread(c.stop, float(msg.get("timeout_s", 10.0)))
+        return encode("ok", **extra)
+
+    async def _rm(self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]) -> list[bytes]:
+        c = self.rt.get(msg["container"])
+        await asyncio.to_thread(c.delete, bool(msg.get("force", False)))
+        return encode("ok", **extra)
+
+    async def _migrate_request(
+        self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]
+    ) -> list[bytes]:
+        report = await self.migrate(
+            msg["container"], msg["destination"], msg.get("strategy", "cold"), inc, extra
+        )
+        return encode("migrated", report=report.to_json(), **extra)
+
+    async def _exec(self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]) -> list[bytes]:
         """Run the command through the CLI (it forks and enters the namespaces; a service
         with threads must not), output captured, at most 60 s."""
         self.rt.get(msg["container"])
@@ -327,7 +346,8 @@ class NodeService:
 
     def _committed(self, session: str) -> bool:
         for c in self.rt.list(all=True):
-            if c.state.extra.get("session") == session and c.status is S.MIGRATED:
+            m = c.state.migration
+            if m is not None and m.session == session and c.status is S.MIGRATED:
                 return True
         return False
 
@@ -359,54 +379,10 @@ class NodeService:
         self._spawn(self._run_incoming(ds, q))
 
     async def _run_incoming(self, ds: DestinationSession, q: asyncio.Queue[Any]) -> None:
-        sid = ds.session
         try:
-            await ds.on_offer()
-            while not ds.finished:
-                try:
-                    msg, payload = await asyncio.wait_for(q.get(), self._idle_limit(ds))
-                except TimeoutError:
-                    await self._source_silent(ds)
-                    continue
-                mtype = msg["type"]
-                if mtype == "file_begin":
-                    await ds.on_file_begin(msg)
-                elif mtype == "chunk":
-                    await ds.on_chunk(msg, payload)
-                elif mtype == "file_end":
-                    await ds.on_file_end(msg)
-                elif mtype == "restore":
-                    await ds.on_restore(msg)
-                elif mtype == "resume":
-                    await ds.on_resume()
-                elif mtype == "abort":
-                    await ds.on_abort(msg["reason"])
-                    await ds.send("aborted")
-        except Exception as e:  # noqa: BLE001 - any failure aborts the incoming copy
-            log.warning("migration.incoming.failed", session=sid, error=str(e))
-            try:
-                await ds.send("error", code=type(e).__name__, message=str(e))
-            finally:
-                await ds.on_abort(str(e))
+            await ds.run(self.peer_timeout_s, self.ask_outcome)
         finally:
-            self.incoming.pop(sid, None)
-
-    def _idle_limit(self, ds: DestinationSession) -> float | None:
-        # Held after READY: the source decides; ask it rather than time out blindly.
-        return self.peer_timeout_s * (3 if not ds.held.is_set() else 1)
-
-    async def _source_silent(self, ds: DestinationSession) -> None:
-        """The source said nothing for too long.  Before the hold: give up (the source, if
-        alive, still has its copy).  While held: ask the source's durable record."""
-        if not ds.held.is_set():
-            raise MigrationError(f"the source {ds.source} went silent")
-        committed = await self.ask_outcome(ds.source, ds.session)
-        if committed is None:
-            return  # cannot know yet: stay held and ask again later
-        if committed:
-            await ds.on_resume()
-        else:
-            await ds.on_abort("the source did not commit")
+            self.incoming.pop(ds.session, None)
 
     async def ask_outcome(self, source: str, session: str) -> bool | None:
         """The source's durable answer for ``session``, or None if it cannot be reached."""
@@ -432,12 +408,12 @@ class NodeService:
                 continue
             if c.status is not S.MIGRATING:
                 continue
-            came_from = c.state.extra.get("from")
-            if came_from is None:  # outgoing, never committed
+            if not c.state.incoming:  # outgoing, never committed
                 c.refresh()
                 alive = c.state.pid and os.path.exists(f"/proc/{c.state.pid}")
                 with c.locked():
                     c.state.status = S.RUNNING if alive else S.STOPPED
+                    c.state.migration = None
                     c.save()
                 try:
                     c.cgroup().thaw()
@@ -445,7 +421,8 @@ class NodeService:
                     pass
                 log.warning("recover.outgoing", id=c.id[:12], status=c.state.status.value)
                 continue
-            session = c.state.extra.get("session", "")
+            assert c.state.migration is not None  # incoming: it has its record
+            came_from, session = c.state.migration.peer, c.state.migration.session
             hold = hold_socket_path(self.rt, session)
             if c.armed_monitor_waiting():  # the session died before the restore began
                 await asyncio.to_thread(c.delete, True)
@@ -455,16 +432,12 @@ class NodeService:
             else:
                 shutil.rmtree(c.dir, ignore_errors=True)
                 log.warning("recover.incoming_removed", id=c.id[:12])
-        active = {
-            f"incoming-{c.state.extra.get('session')}"
-            for c in self.rt.list(all=True)
-            if c.status is S.MIGRATING
-        }
         sessions = {
-            c.state.extra.get("session", "")
+            c.state.migration.session
             for c in self.rt.list(all=True)
-            if c.status is S.MIGRATING
+            if c.status is S.MIGRATING and c.state.migration is not None
         }
+        active = {f"incoming-{sid}" for sid in sessions}
         for sock in stale_hold_sockets(self.rt, sessions):
             sock.unlink(missing_ok=True)
         for scratch in scratch_dirs(self.rt):
@@ -494,7 +467,8 @@ class NodeService:
         )
         from runtime.rootfs.overlay import unmount
 
-        for step in (c.cgroup().destroy, lambda: unmount(c.rootfs)):
+        steps: tuple[Callable[[], None], ...] = (c.cgroup().destroy, lambda: unmount(c.rootfs))
+        for step in steps:
             try:
                 step()
             except JaulaError as e:
@@ -508,19 +482,11 @@ class NodeService:
             if committed is not None:
                 break
             await asyncio.sleep(2.0)
-        decided = asyncio.Event()
-
-        async def on_hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if (await reader.readline()).startswith(b"held"):
-                writer.write(b"resume\n" if committed else b"abort\n")
-                await writer.drain()
-                decided.set()
-            writer.close()
-
-        hold.unlink(missing_ok=True)
-        server = await asyncio.start_unix_server(on_hold, path=str(hold))
+        server = HoldServer(hold)
+        await server.start()
+        server.decide(committed)
         try:
-            await decided.wait()
+            await server.answered.wait()  # the restorer reconnects every 0.5 s until answered
         finally:
             server.close()
         if committed:

@@ -42,12 +42,19 @@ DESIGN.md "The migration handoff"::
     abort {session, reason} (before commit)   ──►  held copy discarded ◄── aborted
     outcome {session} (destination recovering)──►  source's durable record decides
 
+Which messages each side takes in which phase, and the phase each leads to, is a table
+beside the schemas (:data:`SOURCE_TABLE`, :data:`DESTINATION_TABLE`); both sides check every
+message against it (:func:`next_phase`), so a message out of order is a protocol error with
+a reply, never an assert.  The source's phases follow a plan per strategy
+(:data:`SOURCE_PLAN`), with the point of no return named: :attr:`SourcePhase.COMMIT`.
+
 Source: the zguide, chapter 7 ("File transfer": credit-based flow control).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import enum
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -157,6 +164,179 @@ SCHEMAS: dict[str, dict[str, tuple[Any, int | None, bool]]] = {
     "outcome": {"session": (*_NAME, True), "container": (*_NAME, False)},
     "outcome_is": {"session": (*_NAME, True), "committed": (*_BOOL, True)},
 }
+
+
+class MessageType(enum.StrEnum):
+    """Every message type of the protocol (the ``type`` field)."""
+
+    PING = "ping"
+    PONG = "pong"
+    PS = "ps"
+    CONTAINERS = "containers"
+    INSPECT = "inspect"
+    INSPECTED = "inspected"
+    LOGS = "logs"
+    EXEC = "exec"
+    EXEC_RESULT = "exec_result"
+    STOP = "stop"
+    RM = "rm"
+    OK = "ok"
+    MIGRATE = "migrate"
+    PROGRESS = "progress"
+    MIGRATED = "migrated"
+    ERROR = "error"
+    OFFER = "offer"
+    ACCEPT = "accept"
+    FILE_BEGIN = "file_begin"
+    CHUNK = "chunk"
+    FILE_END = "file_end"
+    CREDIT = "credit"
+    FILE_OK = "file_ok"
+    RESTORE = "restore"
+    READY = "ready"
+    RESUME = "resume"
+    DUMPING = "dumping"
+    RESUMED = "resumed"
+    ABORT = "abort"
+    ABORTED = "aborted"
+    OUTCOME = "outcome"
+    OUTCOME_IS = "outcome_is"
+
+
+M = MessageType
+
+#: what an operator (or the balancer) may ask a node; each is answered by one reply
+OPERATOR_REQUESTS = frozenset({M.PING, M.PS, M.INSPECT, M.LOGS, M.EXEC, M.STOP, M.RM, M.MIGRATE})
+#: what only a peer node may send: a session's offer, its messages, and outcome queries
+NODE_MESSAGES = frozenset(
+    {M.OFFER, M.OUTCOME, M.FILE_BEGIN, M.CHUNK, M.FILE_END, M.RESTORE, M.RESUME, M.ABORT, M.DUMPING}
+)
+
+
+class Strategy(enum.StrEnum):
+    """How a migration moves memory (DESIGN.md "Words we use")."""
+
+    COLD = "cold"  #: stop-and-copy: every page moves while the tasks are frozen
+    POSTCOPY = "postcopy"  #: CRIU lazy pages: the tasks run first, pages follow on fault
+
+
+class SourcePhase(enum.StrEnum):
+    """The source's phases; the report's ``phases_s`` keys are their values."""
+
+    PREFLIGHT = "preflight"
+    PRECOPY = "precopy"
+    FREEZE = "freeze"
+    DUMP = "dump"
+    TRANSFER = "transfer"
+    RESTORE = "restore"
+    COMMIT = "commit"  #: the point of no return: the record says migrated, our copy dies
+    RESUME = "resume"
+    POSTCOPY = "postcopy"
+    CLEANUP = "cleanup"
+    DONE = "done"
+    ROLLED_BACK = "rolled_back"
+
+
+class DestinationPhase(enum.StrEnum):
+    """The destination's phases.  RESTORING and RESUMING are held while their handler
+    runs (no message is read then); DONE and ABORTED end the session."""
+
+    PREFLIGHT = "preflight"
+    RECEIVING = "receiving"
+    RESTORING = "restoring"
+    HELD = "held"
+    RESUMING = "resuming"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+SP = SourcePhase
+DP = DestinationPhase
+
+#: strategy -> the source's phases in order; a failure before COMMIT rolls back
+SOURCE_PLAN: dict[Strategy, tuple[SourcePhase, ...]] = {
+    Strategy.COLD: (
+        SP.PREFLIGHT,
+        SP.PRECOPY,
+        SP.FREEZE,
+        SP.DUMP,
+        SP.TRANSFER,
+        SP.RESTORE,
+        SP.COMMIT,
+        SP.RESUME,
+        SP.CLEANUP,
+    ),
+    Strategy.POSTCOPY: (
+        SP.PREFLIGHT,
+        SP.PRECOPY,
+        SP.FREEZE,
+        SP.DUMP,
+        SP.TRANSFER,
+        SP.RESTORE,
+        SP.COMMIT,
+        SP.RESUME,
+        SP.POSTCOPY,
+        SP.CLEANUP,
+    ),
+}
+
+#: the source's phase -> message from the destination it takes -> the phase that message
+#: leads to (None: the phase goes on; the source's own steps move it along its plan).
+#: ``credit`` and ``file_ok`` may trail the files they answer by a phase or two.
+_STREAM: dict[MessageType, SourcePhase | None] = {M.CREDIT: None, M.FILE_OK: None}
+SOURCE_TABLE: dict[SourcePhase, dict[MessageType, SourcePhase | None]] = {
+    SP.PREFLIGHT: {M.ACCEPT: SP.PRECOPY, M.ERROR: SP.ROLLED_BACK},
+    SP.PRECOPY: {**_STREAM, M.ERROR: SP.ROLLED_BACK},
+    SP.FREEZE: {**_STREAM, M.ERROR: SP.ROLLED_BACK},
+    SP.DUMP: {**_STREAM, M.ERROR: SP.ROLLED_BACK},
+    SP.TRANSFER: {**_STREAM, M.ERROR: SP.ROLLED_BACK},
+    SP.RESTORE: {M.CREDIT: None, M.READY: SP.COMMIT, M.ERROR: SP.ROLLED_BACK},
+    SP.COMMIT: {M.ERROR: None},
+    SP.RESUME: {M.RESUMED: SP.CLEANUP, M.ERROR: None},  # after the commit: logged
+    SP.POSTCOPY: {M.ERROR: None},
+    SP.CLEANUP: {M.ERROR: None},
+    SP.DONE: {},
+    SP.ROLLED_BACK: {M.ABORTED: None, M.ERROR: None, **_STREAM},
+}
+
+#: the destination's phase -> message from the source it takes -> the phase after its
+#: handler (DESIGN.md "The migration handoff", steps 4-7)
+DESTINATION_TABLE: dict[DestinationPhase, dict[MessageType, DestinationPhase]] = {
+    DP.PREFLIGHT: {},
+    DP.RECEIVING: {
+        M.FILE_BEGIN: DP.RECEIVING,
+        M.CHUNK: DP.RECEIVING,
+        M.FILE_END: DP.RECEIVING,
+        M.DUMPING: DP.RECEIVING,
+        M.RESTORE: DP.HELD,
+        M.ABORT: DP.ABORTED,
+    },
+    DP.RESTORING: {},
+    DP.HELD: {M.RESUME: DP.DONE, M.ABORT: DP.ABORTED},
+    DP.RESUMING: {},
+    DP.DONE: {},
+    DP.ABORTED: {},
+}
+
+_P = TypeVar("_P", SourcePhase, DestinationPhase)
+
+
+def next_phase(table: dict[_P, dict[MessageType, Any]], phase: _P, mtype: str, side: str) -> Any:
+    """The phase that ``mtype`` leads to from ``phase`` in ``table`` (None: unchanged).
+
+    Raises ProtocolError naming the message, the phase and what that phase takes, when the
+    table does not list ``mtype`` for ``phase``."""
+    allowed = table[phase]
+    try:
+        key = MessageType(mtype)
+    except ValueError:
+        key = None
+    if key is None or key not in allowed:
+        takes = ", ".join(sorted(allowed)) or "nothing"
+        raise ProtocolError(
+            f"{mtype} is out of order: the {side} is in phase {phase.value}, which takes {takes}"
+        )
+    return allowed[key]
 
 
 def encode(mtype: str, payload: bytes | None = None, **fields: Any) -> list[bytes]:

@@ -32,9 +32,10 @@ from migrate.bundle import Bundle, Manifest, cpu_flags
 from migrate.errors import BundleError, PreflightError
 from runtime.cgroups import CgroupMode, Resources, detect_mode
 from runtime.container import Container, Runtime, require_root
-from runtime.errors import ContainerError, ContainerNotFound
+from runtime.errors import ContainerError, ContainerExists
 from runtime.spec import ContainerConfig
-from runtime.state import ContainerStatus, State, atomic_write_json
+from runtime.state import ContainerStatus, State
+from runtime.store import CHECKPOINT_DIR, LOG
 
 log = structlog.get_logger(__name__)
 
@@ -201,7 +202,7 @@ def restore(
     if ref is None:
         raise ContainerError("restore needs a container or --import FILE")
     c = rt.get(ref)
-    bundle = Bundle(c.dir / "checkpoint")
+    bundle = Bundle(c.dir / CHECKPOINT_DIR)
     with c.locked():
         kept = c.status is ContainerStatus.STOPPED and (bundle.path / "manifest.json").exists()
         if c.status is not ContainerStatus.CHECKPOINTED and not kept:
@@ -246,34 +247,25 @@ def _restore_import(rt: Runtime, tar_path: Path, name: str | None) -> Container:
         check_layers(rt, m)
         cfg = ContainerConfig.from_json(m.container)
         cfg = replace(cfg, name=name or cfg.name, cgroup_parent=rt.cgroup_parent)
-        with rt.store.lock():
-            try:
-                other = rt.store.resolve(cfg.id)
-            except ContainerNotFound:
-                other = None
-            if other == cfg.id:
+        try:
+            c = rt.adopt(cfg, State(status=ContainerStatus.CHECKPOINTED))
+        except ContainerExists as e:
+            if e.container_id == cfg.id:
                 raise PreflightError(
                     f"container {cfg.id[:12]} already exists on this node: "
                     "remove it first (`jaula rm -f`)"
-                )
-            try:
-                rt.store.check_name(cfg.name)
-            except ContainerError as e:
-                raise PreflightError(f"{e} (or restore with --name NEW)") from e
-            cdir = rt.store.create_dir(cfg.id)
-            atomic_write_json(cdir / "config.json", cfg.to_json())
-            atomic_write_json(
-                cdir / "state.json", State(status=ContainerStatus.CHECKPOINTED).to_json()
-            )
-        staging.rename(cdir / "checkpoint")
+                ) from e
+            raise PreflightError(f"{e} (or restore with --name NEW)") from e
+        cdir = c.dir
+        staging.rename(cdir / CHECKPOINT_DIR)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     try:
-        _fresh_upper(cdir, Bundle(cdir / "checkpoint"))
-        if (cdir / "checkpoint" / "ctr.log").exists():
-            shutil.copyfile(cdir / "checkpoint" / "ctr.log", cdir / "ctr.log")
-        return rt.revive(cfg.id, RESTORER, _restorer_arg(cdir / "checkpoint"))
+        _fresh_upper(cdir, Bundle(cdir / CHECKPOINT_DIR))
+        if (cdir / CHECKPOINT_DIR / LOG).exists():
+            shutil.copyfile(cdir / CHECKPOINT_DIR / LOG, cdir / LOG)
+        return rt.revive(cfg.id, RESTORER, _restorer_arg(cdir / CHECKPOINT_DIR))
     except BaseException:
         shutil.rmtree(cdir, ignore_errors=True)
         raise

@@ -16,6 +16,7 @@ from migrate import criu
 from migrate.bundle import Bundle
 from runtime.cgroups import CgroupMode, create_manager, detect_mode
 from runtime.spec import ContainerConfig
+from runtime.store import CONFIG
 
 #: the key under which a container's net namespace is external to CRIU (see
 #: migrate.checkpoint.external_netns)
@@ -56,7 +57,7 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
     else:
         m = bundle.manifest()
         stdio, volumes, netns = m.stdio, list(m.volumes), m.netns
-    cfg = ContainerConfig.from_json(json.loads((cdir / "config.json").read_text()))
+    cfg = ContainerConfig.from_json(json.loads((cdir / CONFIG).read_text()))
     inherit: list[tuple[str, int]] = []
     out_key, err_key = stdio.get("stdout"), stdio.get("stderr")
     if out_key:

@@ -33,7 +33,7 @@ from runtime.spec import (
     parse_volume,
 )
 from runtime.state import ContainerStatus
-from runtime.store import default_root
+from runtime.store import LOG, default_root
 
 EXIT_ERROR = 125
 
@@ -325,7 +325,7 @@ def _attach(c: Container) -> int:
             and not c.monitor_alive()
         )
 
-    for rec in read_log(c.dir / "ctr.log", follow=True, is_done=done):
+    for rec in read_log(c.dir / LOG, follow=True, is_done=done):
         write_record(rec)
     code = c.wait()
     return code if code is not None and code >= 0 else EXIT_ERROR
@@ -341,15 +341,15 @@ def cmd_logs(rt: Runtime, a: argparse.Namespace) -> int:
             and not c.monitor_alive()
         )
 
-    records = read_log(c.dir / "ctr.log", follow=a.follow, is_done=done)
+    records = read_log(c.dir / LOG, follow=a.follow, is_done=done)
     if a.tail is not None:
         import collections
         import itertools
 
         if a.follow:
             # the last N lines so far, then follow
-            head = collections.deque(read_log(c.dir / "ctr.log"), maxlen=max(a.tail, 0))
-            n_seen = sum(1 for _ in read_log(c.dir / "ctr.log"))
+            head = collections.deque(read_log(c.dir / LOG), maxlen=max(a.tail, 0))
+            n_seen = sum(1 for _ in read_log(c.dir / LOG))
             records = itertools.chain(head, itertools.islice(records, n_seen, None))
         else:
             records = iter(collections.deque(records, maxlen=max(a.tail, 0)))

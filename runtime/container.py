@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -27,6 +28,7 @@ from runtime.errors import (
     CommandNotFound,
     ConfigError,
     ContainerError,
+    ContainerExists,
     JaulaError,
     NotRootError,
 )
@@ -43,7 +45,7 @@ from runtime.state import (
     check_transition,
     read_json,
 )
-from runtime.store import Store, flocked
+from runtime.store import CONFIG, EXIT, GO_FIFO, LOG, MONITOR_LOG, STATE, Store, flocked
 
 if not structlog.is_configured():  # a library is quiet unless the application says otherwise
     structlog.configure(
@@ -94,7 +96,7 @@ class Container:
         self.rt = rt
         self.id = container_id
         self.dir = rt.store.container_dir(container_id)
-        self.config = ContainerConfig.from_json(read_json(self.dir / "config.json"))
+        self.config = ContainerConfig.from_json(read_json(self.dir / CONFIG))
         self.state = self._load_state()
         self._refresh_from_facts()
 
@@ -109,7 +111,7 @@ class Container:
 
     def _load_state(self) -> State:
         try:
-            st = State.from_json(read_json(self.dir / "state.json"))
+            st = State.from_json(read_json(self.dir / STATE))
         except FileNotFoundError:
             st = State()
         self._saved_status = st.status  # what is on disk: save() checks the move from it
@@ -118,7 +120,7 @@ class Container:
     def exit_record(self) -> ExitRecord | None:
         """What the monitor recorded when the init exited, or None."""
         try:
-            return ExitRecord(**read_json(self.dir / "exit.json"))
+            return ExitRecord(**read_json(self.dir / EXIT))
         except (FileNotFoundError, ValueError):
             return None
 
@@ -147,7 +149,7 @@ class Container:
         in a way :data:`runtime.state.TRANSITIONS` does not allow (a bug, not user input)."""
         if self.state.status is not self._saved_status:
             check_transition(self.id, self._saved_status, self.state.status, "save")
-        atomic_write_json(self.dir / "state.json", self.state.to_json())
+        atomic_write_json(self.dir / STATE, self.state.to_json())
         self._saved_status = self.state.status
 
     @contextlib.contextmanager
@@ -187,7 +189,7 @@ class Container:
     def armed_monitor_waiting(self) -> bool:
         """Whether a monitor armed for a restore (:meth:`Runtime.arm`) still waits for its
         ``go`` (it removes ``go.fifo`` once told)."""
-        return self.monitor_alive() and (self.dir / "go.fifo").exists()
+        return self.monitor_alive() and (self.dir / GO_FIFO).exists()
 
     def _require(self, *allowed: ContainerStatus, action: str) -> None:
         if self.status not in allowed:
@@ -345,7 +347,7 @@ class Container:
             errors.append(str(e))
         if self.armed_monitor_waiting():  # armed for a restore that never came
             with contextlib.suppress(OSError):
-                fd = os.open(self.dir / "go.fifo", os.O_WRONLY | os.O_NONBLOCK)
+                fd = os.open(self.dir / GO_FIFO, os.O_WRONLY | os.O_NONBLOCK)
                 os.write(fd, b"cancel\n")
                 os.close(fd)
         self.wait_monitor(10.0)
@@ -390,7 +392,7 @@ class Container:
             "Config": self.config.to_json(),
             "Rootfs": str(self.rootfs),
             "UpperDir": str(self.upperdir),
-            "LogPath": str(self.dir / "ctr.log"),
+            "LogPath": str(self.dir / LOG),
             "CgroupPaths": {k: str(v) for k, v in self.cgroup().paths().items()},
         }
 
@@ -494,8 +496,8 @@ class Runtime:
                 cgroup_parent=self.cgroup_parent,
                 created_at=time.time(),
             )
-            atomic_write_json(cdir / "config.json", cfg.to_json())
-            atomic_write_json(cdir / "state.json", State().to_json())
+            atomic_write_json(cdir / CONFIG, cfg.to_json())
+            atomic_write_json(cdir / STATE, State().to_json())
         layout = OverlayLayout.in_dir(cdir, layer_dirs)
         mon_pid, mon_start = 0, None
         cg = create_manager(cid, root=self.cgroup_root, parent=self.cgroup_parent)
@@ -505,7 +507,7 @@ class Runtime:
             check_command(layout.merged, cfg.args[0], cfg.env, cfg.cwd)
             make_workdir(layout.merged, cfg.cwd, user)
             cfg = replace(cfg, user=user)
-            atomic_write_json(cdir / "config.json", cfg.to_json())
+            atomic_write_json(cdir / CONFIG, cfg.to_json())
             cg.create(cfg.resources)
             ctr = Container(self, cid)
             with ctr.locked():
@@ -527,12 +529,46 @@ class Runtime:
         log.info("container.started", id=cid[:12], name=name, pid=pid)
         return ctr
 
+    def adopt(
+        self, cfg: ContainerConfig, state: State, *, replace_departed: bool = False
+    ) -> Container:
+        """Record on this node a container made elsewhere, with its own id: an incoming
+        migration (``state`` migrating, incoming) or an imported checkpoint bundle
+        (``state`` checkpointed).  Its directory, ``config.json`` and ``state.json`` are
+        written under the store lock, as :meth:`run` writes them; its upperdir and what
+        else it needs are the caller's to put in place, then :meth:`revive` runs it.
+
+        ``replace_departed``: a record of the same id that says the container left this
+        node (``migrated``) is replaced (it came back).
+
+        Raises ContainerExists (the id is here, or the name is taken),
+        InvalidContainerId (a malformed name)."""
+        with self.store.lock():
+            cdir = self.store.container_dir(cfg.id)
+            if cdir.exists():
+                try:
+                    departed = Container(self, cfg.id).status is S.MIGRATED
+                except (OSError, ValueError, JaulaError):
+                    departed = False  # a half-written directory: not ours to replace
+                if not (departed and replace_departed):
+                    raise ContainerExists(
+                        f"container {cfg.id[:12]} already exists on this node: remove it first "
+                        "(`jaula rm -f`)",
+                        cfg.id,
+                    )
+                shutil.rmtree(cdir)
+            self.store.check_name(cfg.name)
+            cdir = self.store.create_dir(cfg.id)
+            atomic_write_json(cdir / CONFIG, cfg.to_json())
+            atomic_write_json(cdir / STATE, state.to_json())
+        return Container(self, cfg.id)
+
     def arm(self, container_id: str, restorer: str, arg: str) -> ArmedRestore:
         """Start the container's monitor in restore mode ahead of time: it loads
         ``restorer`` and waits for :meth:`revive` (``armed=``) or :meth:`disarm`.  Saves the
         interpreter's start-up (about 0.2 s) from a migration's downtime."""
         c = Container(self, container_id)
-        fifo = c.dir / "go.fifo"
+        fifo = c.dir / GO_FIFO
         fifo.unlink(missing_ok=True)
         os.mkfifo(fifo, 0o600)
         mon_pid, sync_r = _launch_monitor(c.dir, ("--restore-with", restorer, arg, "--armed"))
@@ -547,7 +583,7 @@ class Runtime:
         start-up (about 0.15 s of interpreter and imports, more on a busy host) is then
         over before anything freezes.  Raises ContainerError if it died or is not ready
         after ``timeout_s`` seconds."""
-        from runtime.monitor import ARMED_MARK
+        from runtime.store import ARMED_MARK
 
         mark = Path(armed.fifo).parent / ARMED_MARK
         deadline = time.monotonic() + timeout_s
@@ -607,7 +643,7 @@ class Runtime:
             layout = OverlayLayout.in_dir(
                 c.dir, [self.images.layer_dir(la) for la in c.config.layers]
             )
-            (c.dir / "exit.json").unlink(missing_ok=True)
+            (c.dir / EXIT).unlink(missing_ok=True)
             cg = c.cgroup()
             mon_pid, mon_start = 0, None
             try:
@@ -632,7 +668,9 @@ class Runtime:
                     monitor_pid=mon_pid,
                     monitor_start_time=mon_start,
                     started_at=c.state.started_at or time.time(),
-                    extra={**c.state.extra, "restored_at": time.time()},
+                    migration=c.state.migration,
+                    checkpointed_at=c.state.checkpointed_at,
+                    restored_at=time.time(),
                 )
                 c.save()
             except BaseException:
@@ -740,7 +778,7 @@ def _launch_monitor(cdir: Path, extra: tuple[str, ...] = ()) -> tuple[int, int]:
     caller and is not its child).  Returns (monitor pid, read end of its report pipe)."""
     sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
-    log_fd = os.open(cdir / "monitor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log_fd = os.open(cdir / MONITOR_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     first = os.fork()
     if first == 0:
         try:
@@ -787,7 +825,7 @@ def _await_monitor(cdir: Path, sync_r: int) -> tuple[int, int]:
         raise ContainerError(f"the container failed to start: {text[6:]}")
     tail = ""
     with contextlib.suppress(OSError):
-        tail = (cdir / "monitor.log").read_text()[-500:].strip()
+        tail = (cdir / MONITOR_LOG).read_text()[-500:].strip()
     raise ContainerError(f"the container monitor died before starting it: {tail or 'no output'}")
 
 

@@ -32,6 +32,7 @@ from runtime.init_process import run_init
 from runtime.rootfs.overlay import unmount
 from runtime.spec import ContainerConfig
 from runtime.state import ExitRecord, atomic_write_json
+from runtime.store import ARMED_MARK, CONFIG, EXIT, GO_FIFO, LOG
 
 _PARTIAL_FLUSH = 16 * 1024
 
@@ -91,9 +92,9 @@ def main(argv: list[str]) -> int:
         signal.signal(s, signal.SIG_IGN)
     sc.set_process_name("jaula-monitor")
     sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
-    cfg = ContainerConfig.from_json(json.loads((cdir / "config.json").read_text()))
+    cfg = ContainerConfig.from_json(json.loads((cdir / CONFIG).read_text()))
     cgroup = create_manager(cfg.id, parent=cfg.cgroup_parent)
-    log = LogWriter(cdir / "ctr.log")
+    log = LogWriter(cdir / LOG)
 
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -142,16 +143,12 @@ def _finish(cdir: Path, cgroup: CgroupManager, pid: int, status: int) -> int:
     record = ExitRecord(
         exit_code=128 + sig if sig else code, signal=sig, finished_at=time.time(), oom_killed=oom
     )
-    atomic_write_json(cdir / "exit.json", record.__dict__)
+    atomic_write_json(cdir / EXIT, record.__dict__)
     try:
         unmount(cdir / "merged")
     except Exception as e:  # noqa: BLE001 - rm retries; say it in the monitor log
         print(f"monitor: {e}", file=sys.stderr)
     return 0
-
-
-#: the file an armed monitor makes in the container dir once it waits for ``go``
-ARMED_MARK = "armed"
 
 
 def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = False) -> int:
@@ -180,15 +177,15 @@ def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = F
             if callable(warm_up := getattr(mod, "warm_up", None)):
                 warm_up()  # the restorer's own preparation, out of the downtime
             (cdir / ARMED_MARK).touch()  # ready: Runtime.wait_armed
-            with open(cdir / "go.fifo", "rb") as fifo:
+            with open(cdir / GO_FIFO, "rb") as fifo:
                 word = fifo.readline().strip()
-            (cdir / "go.fifo").unlink(missing_ok=True)
+            (cdir / GO_FIFO).unlink(missing_ok=True)
             (cdir / ARMED_MARK).unlink(missing_ok=True)
             if word != b"go":
                 raise RuntimeError(f"restore called off ({word.decode(errors='replace')})")
-        cfg = ContainerConfig.from_json(json.loads((cdir / "config.json").read_text()))
+        cfg = ContainerConfig.from_json(json.loads((cdir / CONFIG).read_text()))
         cgroup = create_manager(cfg.id, parent=cfg.cgroup_parent)
-        log = LogWriter(cdir / "ctr.log")
+        log = LogWriter(cdir / LOG)
         pid = int(restorer(cdir, out_w, err_w, arg))
     except Exception as e:  # noqa: BLE001 - reported to the caller, which rolls back
         _report(sync_fd, f"error {e}")

@@ -1,17 +1,27 @@
 """The state root: where a node keeps its images, layers and containers.
 
-Layout (``<root>`` is ``--state-root``, ``$JAULA_ROOT`` or ``/var/lib/jaula``)::
+Layout (``<root>`` is ``--state-root``, ``$JAULA_ROOT`` or ``/var/lib/jaula``); every name
+below is a constant of this module, and no other module spells one::
 
-    <root>/lock                    flock: serializes container creation (name uniqueness)
+    <root>/lock                    ROOT_LOCK: flock, serializes container creation (names)
+    <root>/node.lock               NODE_LOCK: flock of the one node service of this root
+    <root>/tmp/                    TMP_DIR: transient files (imports, migrations' scratch
+                                   when /dev/shm has no room)
     <root>/images/ <root>/layers/  the image store (runtime.image.ImageStore)
     <root>/containers/<id>/        one directory per container
-        config.json                ContainerConfig (written once, atomically)
-        state.json                 State (written under the container lock, atomically)
-        exit.json                  ExitRecord (written once by the monitor)
-        lock                       flock: serializes operations on this container
-        ctr.log                    stdout/stderr, CRI log format, written by the monitor
-        monitor.log                the monitor's own errors
-        upper/ work/ merged/       overlayfs upperdir, workdir, mount point of the rootfs
+        config.json                CONFIG: ContainerConfig (written once, atomically)
+        state.json                 STATE: State (under the container lock, atomically)
+        exit.json                  EXIT: ExitRecord (written once by the monitor)
+        lock                       LOCK: flock, serializes operations on this container
+        ctr.log                    LOG: stdout/stderr, CRI log format, written by the monitor
+        monitor.log                MONITOR_LOG: the monitor's own errors
+        go.fifo                    GO_FIFO: an armed monitor waits on it for go/cancel
+        armed                      ARMED_MARK: an armed monitor has loaded its restorer
+        checkpoint/                CHECKPOINT_DIR: the last checkpoint bundle
+        checkpoint.new/            CHECKPOINT_NEW_DIR: a checkpoint being written
+        criu-logs/                 CRIU_LOGS_DIR: CRIU logs of failed actions, kept
+        upper/ work/ merged/       UPPER, WORK, MERGED: overlayfs upperdir, workdir, and
+                                   the mount point of the rootfs
 
 Ids are 64 lowercase hex characters; names match ``[a-zA-Z0-9][a-zA-Z0-9_.-]*`` (Podman's
 rule).  A container is found by its name, its full id or a unique prefix of its id.
@@ -36,6 +46,26 @@ from runtime.errors import (
 )
 
 DEFAULT_ROOT = Path("/var/lib/jaula")
+
+ROOT_LOCK = "lock"
+NODE_LOCK = "node.lock"
+TMP_DIR = "tmp"
+CONFIG = "config.json"
+STATE = "state.json"
+EXIT = "exit.json"
+LOCK = "lock"
+LOG = "ctr.log"
+MONITOR_LOG = "monitor.log"
+GO_FIFO = "go.fifo"
+ARMED_MARK = "armed"
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_NEW_DIR = "checkpoint.new"
+CRIU_LOGS_DIR = "criu-logs"
+UPPER = "upper"
+WORK = "work"
+MERGED = "merged"
+#: what a container's root file system is made of (removed when it leaves the node)
+ROOTFS_DIRS = (UPPER, WORK, MERGED, CHECKPOINT_DIR)
 ID_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 
@@ -134,14 +164,14 @@ class Store:
         return sorted(
             p.name
             for p in self.containers_dir.iterdir()
-            if ID_RE.match(p.name) and (p / "config.json").exists()
+            if ID_RE.match(p.name) and (p / CONFIG).exists()
         )
 
     def name_of(self, container_id: str) -> str | None:
         import json
 
         try:
-            with open(self.containers_dir / container_id / "config.json") as f:
+            with open(self.containers_dir / container_id / CONFIG) as f:
                 return str(json.load(f)["name"])
         except (OSError, ValueError, KeyError):
             return None

@@ -196,9 +196,9 @@ class JaulaCluster:
 
     def scratch_dirs(self, node: str) -> list[Path]:
         """The node's session scratch dirs outside its state root (jaula puts a migration's
-        files in /dev/shm when it has room), as ``migrate.session`` names them."""
+        files in /dev/shm when it has room), as ``migrate.scratch`` names them."""
         try:
-            from migrate.session import scratch_dirs
+            from migrate.scratch import scratch_dirs
         except ImportError:
             return []
         root = self.state_root(node)

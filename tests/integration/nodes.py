@@ -33,7 +33,7 @@ class Cluster2:
 
     def scratch(self, node: str) -> list[Path]:
         """Where the node's sessions keep their transient files (tmpfs or state root)."""
-        from migrate.session import scratch_dirs
+        from migrate.scratch import scratch_dirs
         from runtime.container import Runtime
 
         return scratch_dirs(Runtime(self.state_root(node)))
@@ -142,7 +142,7 @@ class Cluster2:
         for cid in self.seen_ids:
             for d in Path("/sys/fs/cgroup").glob(f"*/jaula-test-node*/{cid}"):
                 problems.append(f"leaked cgroup {d}")
-        from migrate.session import stale_hold_sockets
+        from migrate.hold import stale_hold_sockets
         from runtime.container import Runtime
 
         for node in self.files.nodes:

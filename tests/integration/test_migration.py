@@ -406,7 +406,7 @@ def test_corrupted_chunk_is_detected_and_rolled_back(
     import asyncio
     import threading
 
-    from migrate import session as sess
+    from migrate import stream as sess
     from migrate.node import NodeService
 
     real_seal = sess._hash_and_seal

@@ -2,7 +2,7 @@
 source's commit) and told ``abort`` must leave nothing running: the source runs its own
 copy again.  CRIU 4.2 resumed the tasks anyway (a failed pre-resume was only logged);
 jaula's patch 0012 kills them.  Real container, real CRIU; the hold socket is the test's,
-answering as a destination service does (migrate.session.DestinationSession._on_hold)."""
+answering as a destination service does (migrate.hold.HoldServer)."""
 
 from __future__ import annotations
 

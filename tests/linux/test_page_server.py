@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.root, pytest.mark.criu, needs_root, needs_criu]
 
 @dataclass(frozen=True)
 class Identities:
-    """A session's pair of identities made as :mod:`migrate.session` makes them, and a
+    """A session's pair of identities made as :mod:`migrate.source` makes them, and a
     stranger's.
 
     Attributes:
@@ -234,7 +234,7 @@ def counter(jaula: Jaula) -> Counter:
 def _dump_opts(
     c: Any, images: Path, port: int, tls: certs.TlsFiles, leave_running: bool = False
 ) -> criu.DumpOptions:
-    """The dump a migration's source runs (:mod:`migrate.session`), through a page
+    """The dump a migration's source runs (:mod:`migrate.source`), through a page
     server on 127.0.0.1."""
     from migrate.checkpoint import dump_externals, external_netns, freezer_path
     from migrate.restorer import network_lock
@@ -396,7 +396,7 @@ def test_destination_offers_a_page_server_only_when_it_can(
     finish() killing it and removing the staging dir."""
     import asyncio
 
-    from migrate.session import DestinationSession
+    from migrate.destination import DestinationSession
     from runtime.container import Runtime
 
     if offer.get("ps_cert") == "SOURCE":

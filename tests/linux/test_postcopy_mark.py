@@ -11,6 +11,7 @@ import pytest
 
 from runtime import syscalls as sc
 from runtime.container import Runtime
+from runtime.state import PostcopyRecord
 from tests.helpers.counter import COUNTER, wait_ticks
 from tests.linux.conftest import Jaula, needs_criu
 
@@ -21,15 +22,7 @@ def _mark(j: Jaula, name: str, pid: int) -> None:
     c = Runtime(j.root).get(name)
     with c.locked():
         c.refresh()
-        c.state.extra = {
-            **c.state.extra,
-            "postcopy": {
-                "session": "s1",
-                "from": "node1",
-                "daemon_pid": pid,
-                "daemon_start": sc.proc_start_time(pid),
-            },
-        }
+        c.state.postcopy = PostcopyRecord("s1", "node1", pid, sc.proc_start_time(pid))
         c.save()
 
 

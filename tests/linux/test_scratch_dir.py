@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from migrate.errors import PreflightError
-from migrate.session import SCRATCH_TMPFS, _root_tag, scratch_dir
+from migrate.scratch import SCRATCH_TMPFS, root_tag, scratch_dir
 from runtime.container import Runtime
 
 pytestmark = [pytest.mark.root]
@@ -23,7 +23,7 @@ NOBODY = 65534
 @pytest.fixture
 def rt(tmp_path: Path) -> Iterator[Runtime]:
     r = Runtime(tmp_path / "state")
-    d = SCRATCH_TMPFS / f"jaula-{_root_tag(r)}"
+    d = SCRATCH_TMPFS / f"jaula-{root_tag(r)}"
     assert not d.exists()
     try:
         yield r
@@ -46,7 +46,7 @@ def test_our_own_scratch_dir_is_private(rt: Runtime) -> None:
 def test_a_scratch_dir_planted_by_someone_else_is_refused(
     rt: Runtime, tmp_path: Path, plant: str
 ) -> None:
-    d = SCRATCH_TMPFS / f"jaula-{_root_tag(rt)}"
+    d = SCRATCH_TMPFS / f"jaula-{root_tag(rt)}"
     if plant == "symlink":
         target = tmp_path / "elsewhere"
         target.mkdir(mode=0o700)

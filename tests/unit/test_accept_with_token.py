@@ -1,4 +1,4 @@
-"""The post-copy page connection's listener (migrate.session.accept_with_token) on real
+"""The post-copy page connection's listener (migrate.lazy_conn.accept_with_token) on real
 loopback sockets: strangers who connect first, with a wrong token, a short one or none
 at all, are dropped, and a silent one does not hold up the others; the connection that
 starts with the token is the one returned."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from migrate.session import accept_with_token
+from migrate.lazy_conn import accept_with_token
 
 TOKEN = bytes(range(32))
 

@@ -1,0 +1,616 @@
+"""The destination half of a migration session: :class:`DestinationSession` runs on the
+node that receives the container, one task per session, reading that session's messages
+in order and checking each against :data:`migrate.protocol.DESTINATION_TABLE`.
+
+Its phases (:class:`migrate.protocol.DestinationPhase`)::
+
+    preflight  the offer: compatibility, disk, name and id, the container's record
+               (``migrating``, incoming), the staging dir, the armed monitor, the page
+               server (cold) or the post-copy listener; answered ``accept`` or ``error``
+    receiving  pre-copied layers and upperdir (unpacked as they arrive, while the source
+               still runs), then the CRIU images and the upperdir delta
+    restoring  ``restore``: the monitor's CRIU restores and holds at pre-resume
+               (:mod:`migrate.hold`), then ``ready``
+    held       waits for the source's word: ``resume`` or ``abort``.  A silent source is
+               asked for its durable record (``outcome``), never timed out blindly
+    resuming   the tasks run; ``resumed``; post-copy: the pages arrive, and the container
+               is killed at once if the lazy-pages daemon fails
+    done / aborted
+
+Any failure before ``resumed`` discards what arrived and the held copy (the source, if
+alive, still has its own); the source is told why (``error``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from migrate import criu, image_pack, lazy_conn, rootfs_diff
+from migrate.addresses import bind_address
+from migrate.errors import MigrationError, PreflightError, ProtocolError
+from migrate.hold import HoldServer, hold_socket_path
+from migrate.protocol import (
+    DESTINATION_TABLE,
+    DestinationPhase,
+    MessageType,
+    Strategy,
+    decode,
+    encode,
+    next_phase,
+)
+from migrate.scratch import remove_scratch, scratch_dir
+from migrate.stream import FileReceiver, IncomingFile
+from runtime.container import ArmedRestore, Container, Runtime
+from runtime.errors import ContainerExists, ContainerNotFound, JaulaError
+from runtime.spec import ContainerConfig
+from runtime.state import (
+    ContainerStatus,
+    MigrationDirection,
+    MigrationRecord,
+    PostcopyRecord,
+    State,
+    atomic_write_json,
+)
+from runtime.store import LOG, UPPER
+from runtime.syscalls import is_alive, proc_start_time
+
+log = structlog.get_logger(__name__)
+S = ContainerStatus
+DP = DestinationPhase
+M = MessageType
+
+#: asks the source node for the durable outcome of a session: True committed, False not,
+#: None when it cannot be reached
+AskOutcome = Callable[[str, str], Awaitable[bool | None]]
+
+
+class DestinationSession:
+    """The receiving half of one migration: staging files, restore held at pre-resume,
+    resume on the source's word.
+
+    Args:
+        rt: this node's runtime; send: coroutine sending frames back to the source;
+        offer: the decoded ``offer``; source: the source node's authenticated name.
+        queue: where the node service puts this session's messages (and the bulk
+            channel's chunks); listen: this node's endpoint (``tcp://`` for a page
+            server or a post-copy listener); max_message_bytes: the bulk channel's limit.
+
+    Raises PreflightError when its scratch directory is not private.
+    """
+
+    def __init__(
+        self,
+        rt: Runtime,
+        send: Callable[[list[bytes]], Awaitable[None]],
+        offer: dict[str, Any],
+        source: str,
+        queue: asyncio.Queue[Any] | None = None,
+        listen: str = "",
+        max_message_bytes: int = 8 << 20,
+    ) -> None:
+        self.rt = rt
+        self._send = send
+        self.offer = offer
+        self.source = source
+        self.session: str = offer["session"]
+        self.phase = DP.PREFLIGHT
+        self.staging = (
+            scratch_dir(rt, int(offer.get("estimate_bytes", 0))) / f"incoming-{self.session}"
+        )
+        self.receiver = FileReceiver(self.staging, self.session, self.send, self._on_file)
+        self.cfg: ContainerConfig | None = None
+        self.cdir: Path | None = None
+        self.armed: ArmedRestore | None = None
+        self.revive_task: asyncio.Future[Any] | None = None
+        self.hold: HoldServer | None = None
+        self.queue = queue
+        self.listen = listen
+        self.max_message_bytes = max_message_bytes
+        self.data: Any = None  # DataReceiver of the bulk channel
+        self._data_reader: asyncio.Task[None] | None = None
+        self.page_server: criu.PageServer | None = None
+        self.postcopy = offer.get("strategy", "cold") == Strategy.POSTCOPY
+        self.lazy_conn: asyncio.Future[socket.socket] | None = None  # the source's, checked
+        self.lazy_tls: Any = None  # certs.TlsFiles of the post-copy connection
+        self.lazy_daemon: criu.LazyPagesDaemon | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in (DP.DONE, DP.ABORTED)
+
+    @property
+    def held(self) -> bool:
+        """Whether the restored tasks are held at pre-resume, waiting for the source."""
+        return self.hold is not None and self.hold.held.is_set()
+
+    @property
+    def hold_path(self) -> Path:
+        return hold_socket_path(self.rt, self.session)
+
+    async def send(self, mtype: str, **fields: Any) -> None:
+        await self._send(encode(mtype, session=self.session, **fields))
+
+    # -- the session's task ---------------------------------------------------------------
+    async def run(self, idle_s: float, ask_outcome: AskOutcome) -> None:
+        """Preflight, then take this session's messages in order until it is done or
+        aborted.  The source may stay silent ``3 * idle_s`` before the hold (then the
+        session aborts: the source, if alive, still has its copy) and ``idle_s`` while
+        held (then it is asked for its durable record).  Any failure aborts and tells the
+        source why."""
+        assert self.queue is not None
+        handlers: dict[MessageType, Callable[[dict[str, Any], Any], Awaitable[None]]] = {
+            M.FILE_BEGIN: lambda m, _: self.receiver.on_file_begin(m),
+            M.CHUNK: self.receiver.on_chunk,
+            M.FILE_END: lambda m, _: self.receiver.on_file_end(m),
+            M.DUMPING: lambda m, _: asyncio.sleep(0),  # the source is alive: nothing to do
+            M.RESTORE: lambda m, _: self.on_restore(m),
+            M.RESUME: lambda m, _: self.on_resume(),
+            M.ABORT: lambda m, _: self._on_abort_message(m["reason"]),
+        }
+        try:
+            await self.on_offer()
+            self.phase = DP.RECEIVING
+            while not self.finished:
+                limit = idle_s if self.held else idle_s * 3
+                try:
+                    msg, payload = await asyncio.wait_for(self.queue.get(), limit)
+                except TimeoutError:
+                    await self._source_silent(ask_outcome)
+                    continue
+                target = next_phase(DESTINATION_TABLE, self.phase, msg["type"], "destination")
+                await handlers[M(msg["type"])](msg, payload)
+                if not self.finished:
+                    self.phase = target
+        except Exception as e:  # noqa: BLE001 - any failure aborts the incoming copy
+            log.warning(
+                "migration.incoming.failed",
+                session=self.session,
+                phase=self.phase.value,
+                error=str(e),
+            )
+            try:
+                await self.send("error", code=type(e).__name__, message=str(e))
+            finally:
+                await self.on_abort(str(e))
+
+    async def _on_abort_message(self, reason: str) -> None:
+        await self.on_abort(reason)
+        await self.send("aborted")
+
+    async def _source_silent(self, ask_outcome: AskOutcome) -> None:
+        """The source said nothing for too long.  Before the hold: give up (the source, if
+        alive, still has its copy).  While held: ask the source's durable record."""
+        if not self.held:
+            raise MigrationError(f"the source {self.source} went silent")
+        committed = await ask_outcome(self.source, self.session)
+        if committed is None:
+            return  # cannot know yet: stay held and ask again later
+        if committed:
+            await self.on_resume()
+        else:
+            await self.on_abort("the source did not commit")
+
+    # -- preflight ------------------------------------------------------------------------
+    async def on_offer(self) -> None:
+        """Preflight here, before the source freezes anything; answer accept, or raise
+        PreflightError (answered ``error`` by :meth:`run`)."""
+        from migrate.bundle import Manifest
+        from migrate.restore import RESTORER, check_compatible
+
+        o = self.offer
+        if o.get("strategy", "cold") not in tuple(Strategy):
+            raise PreflightError(f"this node cannot do strategy {o.get('strategy')!r}")
+        cfg = ContainerConfig.from_json(o["container"])
+        check_compatible(
+            Manifest(
+                container=o["container"],
+                image=o["image"],
+                criu_version=tuple(o["criu_version"]),
+                cpu_flags=tuple(o.get("cpu_flags", ())),
+            )
+        )
+        self._check_space_and_names(cfg)
+        missing = [la for la in o["image"].get("layers", []) if not self.rt.images.has_layer(la)]
+        self.cfg = ContainerConfig.from_json(
+            {**cfg.to_json(), "cgroup_parent": self.rt.cgroup_parent}
+        )
+        (self.staging / "criu").mkdir(parents=True)
+        (self.staging / "layers").mkdir()
+        await asyncio.to_thread(self._adopt, self.cfg)
+        bulk = self._open_bulk_channel()
+        # Start the monitor now, waiting, and accept once it is ready: its start-up is then
+        # not part of the downtime, even when the container is small and the host busy.
+        arg = json.dumps(
+            {
+                "bundle": str(self.staging),
+                "hold": str(self.hold_path),
+                "params": str(self.staging / "restore.json"),
+            }
+        )
+        self.armed = await asyncio.to_thread(self.rt.arm, self.cfg.id, RESTORER, arg)
+        ps = await self._listen_lazy() if self.postcopy else self._start_page_server()
+        await asyncio.to_thread(self.rt.wait_armed, self.armed)
+        await self.send("accept", missing_layers=missing, **bulk, **ps)
+
+    def _check_space_and_names(self, cfg: ContainerConfig) -> None:
+        """Raise PreflightError when the container's id or name is taken here, or the
+        state root lacks the disk the estimate asks for (2.2x, plus 64 MiB)."""
+        try:
+            existing = Container(self.rt, cfg.id)
+        except (FileNotFoundError, JaulaError):
+            existing = None
+        if existing is not None and existing.status is not S.MIGRATED:
+            raise PreflightError(
+                f"container {cfg.id[:12]} already exists on this node ({existing.status.value})"
+            )
+        for cid in self.rt.store.ids():
+            if cid != cfg.id and self.rt.store.name_of(cid) == cfg.name:
+                raise PreflightError(f"the name {cfg.name!r} is taken on this node by {cid[:12]}")
+        st = os.statvfs(self.rt.root)
+        free = st.f_bavail * st.f_frsize
+        need = int(self.offer.get("estimate_bytes", 0) * 2.2) + (64 << 20)
+        if free < need:
+            raise PreflightError(
+                f"not enough disk under {self.rt.root}: {free >> 20} MiB free, "
+                f"about {need >> 20} MiB needed"
+            )
+
+    def _adopt(self, cfg: ContainerConfig) -> None:
+        """The container's record here: migrating, incoming from the source (a record of
+        its having left this node before is replaced)."""
+        record = MigrationRecord(self.session, MigrationDirection.INCOMING, self.source)
+        try:
+            c = self.rt.adopt(
+                cfg, State(status=S.MIGRATING, migration=record), replace_departed=True
+            )
+        except ContainerExists as e:
+            raise PreflightError(str(e)) from e
+        self.cdir = c.dir
+
+    def _open_bulk_channel(self) -> dict[str, Any]:
+        """Bind the bulk data channel when the source offered sealed chunks; returns the
+        ``accept`` fields that describe it, or nothing."""
+        o = self.offer
+        if not (
+            "aes-256-gcm" in o.get("bulk", [])
+            and self.listen.startswith("tcp://")
+            and self.queue is not None
+        ):
+            return {}
+        from migrate.sealing import new_key
+        from migrate.transport import DataReceiver
+
+        self.data = DataReceiver.bind(self.listen, self.max_message_bytes)
+        self.receiver.data_key = new_key()
+        self.receiver.bulk = True
+        self._data_reader = asyncio.ensure_future(self._read_data())
+        return {"data_endpoint": self.data.endpoint, "data_key": self.receiver.data_key}
+
+    def _start_page_server(self) -> dict[str, Any]:
+        """Start a ``criu page-server`` (TLS) for the dump's memory pages when the source
+        offered one; returns the ``accept`` fields that describe it, or nothing (the pages
+        then come as files).  Started from the service's own thread: the page server is
+        killed with the thread that started it (``PR_SET_PDEATHSIG``)."""
+        from migrate import certs
+
+        o = self.offer
+        if (
+            "tls" not in o.get("page_server", [])
+            or not o.get("ps_cert")
+            or not self.listen.startswith("tcp://")
+        ):
+            return {}
+        try:
+            # `criu page-server --address` takes an IP address, not a host name
+            address, told = bind_address(self.listen)
+            tls, pem = certs.session_tls(self.staging, "destination", o["ps_cert"])
+            self.page_server = criu.PageServer(self.staging / "criu", address, tls, self.staging)
+        except (ValueError, JaulaError, OSError) as e:  # socket.gaierror is an OSError
+            log.warning("migration.page_server.unavailable", session=self.session, error=str(e))
+            return {}
+        return {"page_server": {"address": told, "port": self.page_server.port, "cert": pem}}
+
+    async def _listen_lazy(self) -> dict[str, Any]:
+        """Post-copy: listen for the source's page connection (:mod:`migrate.lazy_conn`);
+        returns the ``accept`` fields that describe it.
+
+        Raises PreflightError when this node cannot do post-copy (no TCP endpoint, no
+        userfaultfd for CRIU)."""
+        from migrate import certs
+
+        o = self.offer
+        if not self.listen.startswith("tcp://"):
+            raise PreflightError(
+                f"post-copy needs a tcp:// listen endpoint on this node, not "
+                f"{self.listen!r}: use --strategy cold"
+            )
+        if "tls" not in o.get("page_server", []) or not o.get("ps_cert"):
+            raise PreflightError("the source offered post-copy without a TLS certificate")
+        features = await asyncio.to_thread(criu.check_features, True)
+        if not features.get("lazy_pages"):
+            raise PreflightError(
+                "CRIU cannot restore with lazy pages on this node (it needs "
+                "userfaultfd: vm.unprivileged_userfaultfd or root, and "
+                "CONFIG_USERFAULTFD): use --strategy cold"
+            )
+        address, told = bind_address(self.listen)
+        self.lazy_tls, pem = certs.session_tls(self.staging, "destination", o["ps_cert"])
+        lsock, token = lazy_conn.listen(address)
+        self.lazy_conn = asyncio.ensure_future(
+            lazy_conn.accept_with_token(lsock, token, self.session)
+        )
+        return {
+            "page_server": {
+                "address": told,
+                "port": lsock.getsockname()[1],
+                "cert": pem,
+                "token": token,
+            }
+        }
+
+    async def _read_data(self) -> None:
+        """Chunks from the bulk channel join the session's queue (unsealed by on_chunk)."""
+        assert self.data is not None and self.queue is not None
+        while True:
+            frames = await self.data.recv()
+            try:
+                msg, payload = decode(frames)
+            except ProtocolError as e:
+                log.warning("migration.data.bad_message", session=self.session, error=str(e))
+                continue
+            if msg["type"] != "chunk" or msg["session"] != self.session or "seq" not in msg:
+                log.warning("migration.data.unexpected", session=self.session)
+                continue
+            self.queue.put_nowait((msg, payload))
+
+    # -- receiving ------------------------------------------------------------------------
+    async def _on_file(self, f: IncomingFile) -> None:
+        """A file arrived whole: unpack what is unpacked on arrival."""
+        path = self.staging / f.name
+        if f.name == "rootfs-base.tar" and self.cdir is not None:
+            # Unpack the pre-copied upperdir now, while the source still runs: only the
+            # delta is left for the downtime.
+            await asyncio.to_thread(rootfs_diff.extract, path, self.cdir / UPPER)
+            os.unlink(path)
+        if f.name == "criu-images.tar":  # the small CRIU images, packed (migrate.image_pack)
+            await asyncio.to_thread(image_pack.unpack, path, self.staging / "criu", f.size)
+            os.unlink(path)
+        if f.kind == "layer":
+            from runtime.image.transfer import import_layer
+
+            layer = f.name.split("/")[1].removesuffix(".tar")
+            await asyncio.to_thread(import_layer, self.rt.images, layer, path)
+            os.unlink(path)
+
+    # -- restoring, held ------------------------------------------------------------------
+    async def on_restore(self, m: dict[str, Any]) -> None:
+        """Restore with the monitor's CRIU and wait until it holds the tasks at
+        pre-resume, then answer ``ready`` (with the time per step when offered).
+
+        Raises ProtocolError (files incomplete), MigrationError (the restore ended without
+        holding, the lazy-pages daemon died), CriuError, BundleError."""
+        from migrate.bundle import Bundle
+        from migrate.restore import RESTORER, check_pipes
+        from runtime.image.transfer import register_image
+
+        self.phase = DP.RESTORING
+        if self.cfg is None or self.armed is None:
+            raise ProtocolError("restore before the offer was accepted")
+        if not self.receiver.all_complete():
+            raise ProtocolError("restore before every file was complete")
+        t0 = mark = time.monotonic()
+        steps: dict[str, float] = {}
+
+        def step(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            steps[name] = round(now - mark, 6)
+            mark = now
+
+        if self.page_server is not None:  # the dump closed its connection before post-dump
+            await asyncio.to_thread(self.page_server.wait, 30.0)
+            step("pages")
+        check_pipes(Bundle(self.staging))  # pipe sizes this node cannot give back: refuse
+        await asyncio.to_thread(register_image, self.rt.images, self.offer["image"])
+        await asyncio.to_thread(self._fill_container, m)
+        atomic_write_json(
+            self.staging / "restore.json",
+            {
+                "stdio": m["stdio"],
+                "volumes": m["volumes"],
+                "netns": m.get("netns", ""),
+                "lazy": self.postcopy,
+            },
+        )
+        step("prepare")
+        if self.postcopy:
+            await self._start_lazy_daemon()
+            step("lazy_daemon")
+        self.hold = HoldServer(self.hold_path)
+        await self.hold.start()
+        armed, self.armed = self.armed, None
+        self.revive_task = asyncio.ensure_future(
+            asyncio.to_thread(self.rt.revive, self.cfg.id, RESTORER, "", armed)
+        )
+        held = asyncio.ensure_future(self.hold.held.wait())
+        await asyncio.wait({self.revive_task, held}, return_when=asyncio.FIRST_COMPLETED)
+        if not self.held:
+            held.cancel()
+            self.revive_task.result()  # raises the restore's error; on_abort cleans up
+            raise MigrationError("the restore finished without being held")
+        step("criu_restore")
+        if self.lazy_daemon is not None and self.lazy_daemon.proc.poll() is not None:
+            raise MigrationError(
+                f"the lazy-pages daemon exited before the commit (see {self.lazy_daemon.log_path})"
+            )
+        extra = {"steps_s": steps} if "restore_steps" in self.offer.get("features", []) else {}
+        await self.send("ready", restore_s=round(time.monotonic() - t0, 6), **extra)
+
+    def _fill_container(self, m: dict[str, Any]) -> None:
+        """Apply the upperdir's delta (deletions, then the delta tar) and move the log in."""
+        cdir = self.cdir
+        if cdir is None or not (cdir / UPPER).is_dir():
+            raise ProtocolError("restore before the pre-copied upperdir arrived")
+        rootfs_diff.apply_deleted(cdir / UPPER, [str(p) for p in m["deleted"]])
+        if (self.staging / "rootfs-delta.tar").exists():  # absent: nothing changed
+            rootfs_diff.extract_over(self.staging / "rootfs-delta.tar", cdir / UPPER)
+        if (self.staging / LOG).exists():
+            shutil.move(self.staging / LOG, cdir / LOG)  # maybe across filesystems
+
+    async def _start_lazy_daemon(self) -> None:
+        """Post-copy: start ``criu lazy-pages`` on the source's page connection, before
+        the restore (which hands it the userfaultfds); it outlives this service (see
+        :class:`migrate.criu.LazyPagesDaemon`).  Raises MigrationError when the source never
+        connected, CriuError when the daemon does not start."""
+        assert self.lazy_conn is not None and self.cdir is not None
+        try:
+            conn = await asyncio.wait_for(asyncio.shield(self.lazy_conn), 10.0)
+        except TimeoutError:
+            raise MigrationError(
+                f"{self.source} never opened its post-copy page connection"
+            ) from None
+        try:
+            lazy_conn.set_conn_timeouts(conn)
+            self.lazy_daemon = await asyncio.to_thread(
+                criu.LazyPagesDaemon, self.staging / "criu", self.cdir, conn.fileno(), self.lazy_tls
+            )
+        finally:
+            conn.close()  # the daemon has its own copy
+
+    # -- resuming -------------------------------------------------------------------------
+    async def on_resume(self) -> None:
+        """The source committed: let the tasks run, answer ``resumed``; post-copy: wait
+        for the last page (killing the container if its pages cannot all come).
+
+        Raises ProtocolError (not held), MigrationError (the lazy-pages daemon died before
+        the resume: the container is not resumed)."""
+        if not self.held or self.revive_task is None or self.hold is None:
+            raise ProtocolError("resume before the restore was held")
+        self.phase = DP.RESUMING
+        t0 = time.monotonic()
+        if self.lazy_daemon is not None and self.lazy_daemon.proc.poll() is not None:
+            # committed on the source, but the pages cannot come: never run on zero-fill
+            log.error(
+                "migration.postcopy.daemon_gone",
+                session=self.session,
+                log=str(self.lazy_daemon.log_path),
+            )
+            self.hold.decide(False)
+            with contextlib.suppress(Exception):
+                await self.revive_task
+            raise MigrationError(
+                f"the lazy-pages daemon on this node died before the "
+                f"resume: the container's memory cannot arrive, so it was "
+                f"not resumed (see {self.lazy_daemon.log_path})"
+            )
+        self.hold.decide(True)
+        await self.revive_task
+        await self.send("resumed", resume_s=round(time.monotonic() - t0, 6))
+        if self.lazy_daemon is not None:
+            # (after the answer: the source measures the downtime up to it)
+            await asyncio.to_thread(self._mark_postcopy, True)
+            await self._await_postcopy()
+        await self.finish()  # after the answer: removing a large staging dir takes a while
+        self.phase = DP.DONE
+
+    async def _await_postcopy(self) -> None:
+        """Post-copy, after the resume: wait for the lazy-pages daemon to have every page.
+        If it fails, the kernel fills the missing pages with zeros: kill the container at
+        once (its init, without waiting for the container's lock), and say so."""
+        assert self.lazy_daemon is not None and self.cfg is not None
+        try:
+            await asyncio.to_thread(self.lazy_daemon.wait, None)
+        except JaulaError as e:
+            log.error(
+                "migration.postcopy.failed",
+                session=self.session,
+                error=str(e),
+                action="killing the container: its memory is incomplete",
+            )
+            try:
+                c = Container(self.rt, self.cfg.id)
+                if c.state.pid and is_alive(c.state.pid, c.state.pid_start_time):
+                    os.kill(c.state.pid, signal.SIGKILL)
+            except (JaulaError, OSError) as ke:
+                log.error("migration.postcopy.kill_failed", session=self.session, error=str(ke))
+        finally:
+            await asyncio.to_thread(self._mark_postcopy, False)
+
+    def _mark_postcopy(self, on: bool) -> None:
+        """Record in the container's state that its memory is still arriving (the
+        lazy-pages daemon's pid and start time), or that it has all of it: a dump meanwhile
+        would leave out the pages not yet here (:func:`migrate.checkpoint.preflight`
+        refuses it)."""
+        assert self.cfg is not None and self.lazy_daemon is not None
+        try:
+            c = Container(self.rt, self.cfg.id)
+            with c.locked():
+                c.refresh()
+                if on:
+                    pid = self.lazy_daemon.proc.pid
+                    c.state.postcopy = PostcopyRecord(
+                        self.session, self.source, pid, proc_start_time(pid)
+                    )
+                else:
+                    c.state.postcopy = None
+                c.save()
+        except (JaulaError, OSError) as e:
+            log.warning("migration.postcopy.mark", session=self.session, error=str(e))
+
+    # -- the end --------------------------------------------------------------------------
+    async def on_abort(self, reason: str) -> None:
+        """Discard the held copy (or whatever arrived): the source keeps the container."""
+        log.warning("migration.incoming.aborted", session=self.session, reason=reason)
+        if self.hold is not None:
+            self.hold.decide(False)
+        if self.revive_task is not None:
+            try:
+                await self.revive_task
+            except Exception:  # noqa: BLE001, S110 - expected: the restore was refused
+                pass
+        if self.armed is not None:
+            armed, self.armed = self.armed, None
+            await asyncio.to_thread(self.rt.disarm, armed)
+        if self.cdir is not None:
+            try:
+                c = Container(self.rt, self.cdir.name)
+                if c.status is S.MIGRATING:
+                    await asyncio.to_thread(shutil.rmtree, self.cdir, True)
+            except (FileNotFoundError, ContainerNotFound, JaulaError):
+                pass
+        await self.finish()
+        self.phase = DP.ABORTED
+
+    async def finish(self) -> None:
+        """Release everything the session holds: page server, lazy daemon and connection,
+        bulk channel, open files, hold socket, staging dir."""
+        if self.page_server is not None:
+            self.page_server.kill()
+        if self.lazy_daemon is not None:
+            self.lazy_daemon.kill()
+        if self.lazy_conn is not None:
+            if not self.lazy_conn.done():
+                self.lazy_conn.cancel()
+            elif not self.lazy_conn.cancelled() and self.lazy_conn.exception() is None:
+                self.lazy_conn.result().close()
+        if self._data_reader is not None:
+            self._data_reader.cancel()
+        if self.data is not None:
+            self.data.close()
+            self.data = None
+        self.receiver.close()
+        if self.hold is not None:
+            self.hold.close()
+        await asyncio.to_thread(remove_scratch, self.staging)

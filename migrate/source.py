@@ -1,0 +1,545 @@
+"""The source half of a migration session: :class:`SourceSession` runs on the node that has
+the container.  Message sequence and the commit point: :mod:`migrate.protocol` (its phase
+tables) and DESIGN.md "The migration handoff".
+
+The phases, in the order of :data:`migrate.protocol.SOURCE_PLAN`, one method each:
+
+    preflight  local checks (CRIU, undumpable objects), then the destination's (offer/accept)
+    precopy    image layers the destination lacks, and the upperdir, sent while it runs
+    freeze     the freezer cgroup, until every task is frozen
+    dump       CRIU dump, its memory pages streamed as it goes to a ``criu page-server``
+               on the destination (TLS); CRIU holds the frozen tasks (post-dump)
+    transfer   the other CRIU images (the small ones packed into one tar, migrate.image_pack)
+               and what changed in the upperdir since the pre-copy
+    restore    the destination restores and holds its tasks before they resume (pre-resume)
+    commit     the source records "migrated -> destination" durably; its copy dies
+    resume     the destination lets its tasks run
+    postcopy   (``postcopy`` only) the rest of the pages, served by the source's CRIU
+    cleanup    the source drops its images and rootfs
+
+Strategy ``postcopy`` (CRIU lazy pages) changes ``preflight`` (the destination also checks
+userfaultfd and listens for one TCP connection, which the source opens and authenticates
+with a token from the CURVE accept: :mod:`migrate.lazy_conn`), ``dump`` (``--lazy-pages``:
+private memory stays in CRIU's page pipes, only the rest goes in the images), and what
+follows the resume.  Between the commit and the last page the container's memory is split
+between the two nodes: if either is lost then, the container is lost (the destination kills
+its copy rather than let it run on missing pages).  ``cold`` has no such window.
+
+A failure in any phase before ``commit`` rolls back: the post-dump notification is answered
+"failure" (CRIU resumes the tasks), the freezer is thawed, the destination told to abort,
+and :class:`MigrationAborted` names the phase.  From ``commit`` on, nothing rolls back.
+
+Downtime is measured on the source from the freeze to the arrival of ``resumed``: an upper
+bound of the time the tasks did not run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from migrate import criu, image_pack, lazy_conn, rootfs_diff
+from migrate.addresses import endpoint_host
+from migrate.bundle import cpu_flags
+from migrate.checkpoint import (
+    _stdio_keys,
+    dump_externals,
+    external_netns,
+    freezer_path,
+    preflight,
+)
+from migrate.errors import (
+    MigrationAborted,
+    MigrationError,
+    PeerUnavailable,
+    PreflightError,
+    ProtocolError,
+)
+from migrate.link import SourceLink
+from migrate.protocol import SOURCE_PLAN, SourcePhase, Strategy
+from migrate.report import MigrationReport
+from migrate.restorer import network_lock
+from migrate.scratch import disk_usage_bytes, remove_scratch, scratch_dir
+from runtime.container import Runtime
+from runtime.errors import JaulaError
+from runtime.state import ContainerStatus, MigrationDirection, MigrationRecord
+from runtime.store import LOG, ROOTFS_DIRS
+
+log = structlog.get_logger(__name__)
+S = ContainerStatus
+SP = SourcePhase
+
+#: what this node's sessions can do beyond the protocol's first version, offered by the
+#: source (``offer.features``): ``restore_steps``, the destination's restore per step in
+#: ``ready``.  An older destination refuses the offer (unknown field) before anything
+#: freezes; an older source offers none and gets none.
+FEATURES = ("restore_steps",)
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def parse_strategy(name: str) -> Strategy:
+    """The :class:`Strategy` called ``name``.  Raises PreflightError naming the ones there
+    are."""
+    try:
+        return Strategy(name)
+    except ValueError:
+        raise PreflightError(
+            f"unknown strategy {name!r}: this node does {', '.join(s.value for s in Strategy)}"
+        ) from None
+
+
+async def _best_effort(aw: Awaitable[Any]) -> None:
+    try:
+        await aw
+    except Exception:  # noqa: BLE001, S110 - a courtesy to a peer that may be gone
+        pass
+
+
+class SourceSession:
+    """Migrate one container from this node to ``destination`` (a node of the cluster).
+
+    Args:
+        rt: this node's runtime; ref: the container; node_name: this node's name.
+        connect: coroutine returning a connected transport Client for a node name.
+        strategy: ``cold`` or ``postcopy`` (:class:`Strategy`).
+        peer_timeout_s: how long the destination may stay silent before we abort.
+        progress: called with (phase, done_bytes, total_bytes).
+
+    Raises PreflightError for an unknown strategy or a destination that is this node.
+    """
+
+    def __init__(
+        self,
+        rt: Runtime,
+        ref: str,
+        destination: str,
+        node_name: str,
+        connect: Callable[[str], Awaitable[Any]],
+        strategy: str = "cold",
+        peer_timeout_s: float = 20.0,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        self.strategy = parse_strategy(strategy)
+        if destination == node_name:
+            raise PreflightError(f"container is already on {node_name}: pick another node")
+        self.rt = rt
+        self.ref = ref
+        self.destination = destination
+        self.node_name = node_name
+        self.connect = connect
+        self.peer_timeout_s = peer_timeout_s
+        self.progress = progress or (lambda *_: None)
+        self.session = secrets.token_hex(8)
+        # what the phases hand on to each other
+        self.missing_layers: list[str] = []
+        self.page_server: tuple[str, int] | None = None
+        self.ps_tls: Any = None  # certs.TlsFiles of the page connection
+        self.ps_sock: socket.socket | None = None  # post-copy: the page connection
+        self.before: Any = None  # rootfs_diff snapshot of the upperdir at the pre-copy
+        self.dump_task: asyncio.Future[Any] | None = None
+        self.post_dump = asyncio.Event()
+        #: the answer to CRIU's post-dump: True commits (CRIU kills our copy), False rolls
+        #: back (CRIU resumes it); set once, read by CRIU's notify thread
+        self.verdict: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        self.t_freeze = 0.0
+
+    @property
+    def images(self) -> Path:
+        return self.work / "criu"
+
+    # -- the run --------------------------------------------------------------------------
+    async def run(self) -> MigrationReport:
+        """Do the migration.  Returns the report once the source is cleaned up.
+
+        Raises PreflightError (nothing touched), MigrationAborted (rolled back: the container
+        runs here again, ``phase`` says where it failed), ContainerError (busy, not
+        running)."""
+        t0 = time.monotonic()
+        c = self.rt.get(self.ref)
+        self.c = c
+        self.rep = MigrationReport(
+            self.session, c.id, c.name, self.node_name, self.destination, self.strategy.value
+        )
+        with c.locked(blocking=False):
+            preflight(c)
+            client = await self.connect(self.destination)
+            self.link = SourceLink(client, self.session, self.peer_timeout_s)
+            self.link.start()
+            self.estimate = int(c.cgroup().stats().memory_bytes + disk_usage_bytes(c.upperdir))
+            self.work = scratch_dir(self.rt, self.estimate) / f"outgoing-{self.session}"
+            self.work.mkdir(parents=True)
+            try:
+                await self._drive()
+            finally:
+                await self.link.close()
+                client.close()
+                if self.ps_sock is not None:
+                    self.ps_sock.close()  # CRIU has its own copy while it serves
+                remove_scratch(self.work)
+        rep = self.rep
+        rep.total_s = round(time.monotonic() - t0, 6)
+        rep.bytes_sent = self.link.sender.bytes_sent + rep.page_server_bytes
+        rep.files = self.link.sender.files
+        log.info("migration.done", **{k: v for k, v in rep.to_json().items() if k != "phases_s"})
+        return rep
+
+    async def _drive(self) -> None:
+        """Run the plan's phases in order, timing each; roll back on a failure before the
+        commit point."""
+        steps: dict[SourcePhase, Callable[[], Awaitable[None]]] = {
+            SP.PREFLIGHT: self._preflight,
+            SP.PRECOPY: self._precopy,
+            SP.FREEZE: self._freeze,
+            SP.DUMP: self._dump,
+            SP.TRANSFER: self._transfer,
+            SP.RESTORE: self._restore,
+            SP.COMMIT: self._commit,
+            SP.RESUME: self._resume,
+            SP.POSTCOPY: self._postcopy,
+            SP.CLEANUP: self._cleanup,
+        }
+        plan = SOURCE_PLAN[self.strategy]
+        commit = plan.index(SP.COMMIT)
+        mark = time.monotonic()
+        for i, phase in enumerate(plan):
+            self.link.phase = phase
+            try:
+                await steps[phase]()
+            except BaseException as e:
+                if i >= commit:
+                    raise
+                await self._roll_back(str(e), phase)
+                if phase is SP.PREFLIGHT or not isinstance(e, MigrationError | JaulaError):
+                    raise
+                raise MigrationAborted(
+                    f"{e}; the container keeps running on {self.node_name}", phase.value
+                ) from e
+            now = time.monotonic()
+            self.rep.phases_s[phase.value] = round(now - mark, 6)
+            if phase is SP.POSTCOPY:
+                self.rep.postcopy_s = self.rep.phases_s[phase.value]
+            mark = now
+            self.progress(phase.value, 0, 0)
+        self.link.phase = SP.DONE
+
+    # -- phases ---------------------------------------------------------------------------
+    async def _preflight(self) -> None:
+        """Offer the container; the destination checks and prepares, then accepts (with
+        its page server or post-copy connection) or refuses.  On acceptance the container
+        is ``migrating`` here."""
+        from migrate import certs
+        from runtime.image.transfer import image_record
+
+        c, link = self.c, self.link
+        ps_cert, cert, key = await asyncio.to_thread(certs.make_identity, self.work, "source")
+        await link.send(
+            "offer",
+            container=c.config.to_json(),
+            image=image_record(self.rt.images, c.config.image_id),
+            criu_version=list(criu.version()),
+            cpu_flags=list(cpu_flags()),
+            estimate_bytes=self.estimate,
+            strategy=self.strategy.value,
+            source_node=self.node_name,
+            bulk=["aes-256-gcm"],
+            page_server=["tls"],
+            ps_cert=ps_cert,
+            features=list(FEATURES),
+        )
+        try:
+            accept = await link.expect("accept")
+        except PeerUnavailable as e:
+            raise PreflightError(
+                f"{self.destination} did not answer the migration offer ({e}): "
+                f"is its service running? (`jaula node ls`); nothing was "
+                f"frozen, {c.name} keeps running on {self.node_name}"
+            ) from e
+        self.missing_layers = [str(x) for x in accept["missing_layers"]]
+        if accept.get("data_endpoint") and accept.get("data_key"):
+            link.sender.open_data_channel(accept["data_endpoint"], accept["data_key"])
+        ps = accept.get("page_server")
+        if ps:
+            port, address, peer = ps.get("port"), ps.get("address"), ps.get("cert")
+            if not (
+                isinstance(port, int)
+                and 0 < port < 65536
+                and isinstance(address, str)
+                and len(address) < 256
+            ):
+                raise ProtocolError(f"the destination offered a bad page server: {ps!r:.200}")
+            try:
+                cacert = certs.trust_peer(self.work, peer)
+            except ValueError as e:
+                raise ProtocolError(f"the destination's page server: {e}") from e
+            if address in ("", "*", "0.0.0.0", "::"):
+                address = endpoint_host(getattr(link.client, "endpoint", ""))
+            self.page_server = (address, port)
+            self.ps_tls = certs.TlsFiles(cacert, cert, key)
+        if self.strategy is Strategy.POSTCOPY:
+            await self._open_page_connection(ps)
+        c.state.status = S.MIGRATING
+        c.state.migration = MigrationRecord(
+            self.session, MigrationDirection.OUTGOING, self.destination
+        )
+        c.save()
+
+    async def _open_page_connection(self, ps: dict[str, Any] | None) -> None:
+        """Post-copy: connect to the destination's listener and authenticate with the
+        token of its accept.  Raises ProtocolError (no connection offered), PreflightError
+        (it cannot be reached)."""
+        token = ps.get("token") if ps else None
+        if (
+            not isinstance(token, bytes)
+            or len(token) != lazy_conn.LAZY_TOKEN_BYTES
+            or self.page_server is None
+        ):
+            raise ProtocolError(
+                f"{self.destination} accepted a post-copy without a page connection for it"
+            )
+        try:
+            self.ps_sock = await asyncio.to_thread(lazy_conn.connect, *self.page_server, token)
+        except OSError as e:
+            raise PreflightError(
+                f"cannot open the post-copy page connection to {self.destination} at "
+                f"{self.page_server[0]}:{self.page_server[1]} ({e.strerror or e}): is that "
+                f"port reachable from {self.node_name}? nothing was frozen"
+            ) from e
+
+    async def _precopy(self) -> None:
+        """Layers the destination lacks, then the upperdir, while the container runs; wait
+        until all of it arrived whole (a broken pre-copy is refused before any freeze)."""
+        from runtime.image.transfer import export_layer
+
+        c, sender = self.c, self.link.sender
+        for layer in self.missing_layers:
+            tar = self.work / f"layer-{layer}.tar"
+            await asyncio.to_thread(export_layer, self.rt.images, layer, tar)
+            await sender.send_file(tar, f"layers/{layer}.tar", "layer")
+            tar.unlink()
+        self.before = await asyncio.to_thread(rootfs_diff.snapshot, c.upperdir)
+        base = self.work / "rootfs-base.tar"
+        await asyncio.to_thread(rootfs_diff.write, c.upperdir, base, True)
+        total = base.stat().st_size
+        await sender.send_file(
+            base,
+            "rootfs-base.tar",
+            "rootfs",
+            lambda n: self.progress("precopy", sender.bytes_sent, total),
+        )
+        await sender.wait_files_ok()
+
+    async def _freeze(self) -> None:
+        """Freeze the cgroup ourselves: CRIU polls the freezer every 100 ms, we poll from
+        1 ms (it then finds the cgroup FROZEN at once).  The downtime starts here."""
+        self.t_freeze = time.monotonic()
+        await asyncio.to_thread(self.c.cgroup().freeze)
+
+    async def _dump(self) -> None:
+        """CRIU dumps the frozen tasks (the pages to the page server, or kept for the lazy
+        transfer) and holds them at post-dump, answered by :attr:`verdict`."""
+        c = self.c
+        loop = asyncio.get_running_loop()
+        self.stdio = _stdio_keys(c)
+        self.netns = external_netns(c)
+        self.volumes = [
+            {"key": f"vol{i}", "destination": m.destination, "source": m.source}
+            for i, m in enumerate(c.config.mounts)
+        ]
+
+        def on_notify(n: criu.Notify) -> bool:
+            if n.script == "post-dump":
+                loop.call_soon_threadsafe(self.post_dump.set)
+                return self.verdict.result()
+            return True
+
+        lazy = self.ps_sock is not None
+        opts = criu.DumpOptions(
+            pid=c.state.pid,
+            images_dir=self.images,
+            freeze_cgroup=freezer_path(c),
+            network_lock=network_lock(c.config),
+            external=dump_externals(self.volumes, self.netns),
+            page_server=None if lazy else self.page_server,
+            tls=self.ps_tls,
+            lazy_pages=lazy,
+            ps_socket=self.ps_sock.fileno() if self.ps_sock else None,
+        )
+        self.dump_task = asyncio.ensure_future(asyncio.to_thread(criu.dump, opts, on_notify))
+        waiter = asyncio.ensure_future(self.post_dump.wait())
+        # the pages go to the page server, not through this channel: tell the destination
+        # we are alive, or it gives up on a dump longer than its idle limit
+        alive = asyncio.ensure_future(self._keepalive())
+        try:
+            await asyncio.wait({self.dump_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            alive.cancel()
+        if not self.post_dump.is_set():
+            waiter.cancel()
+            self.dump_task.result()  # raises CriuError: the tasks were never held
+            raise MigrationError("CRIU finished the dump without holding the tasks")
+        # CRIU 4.2 restores an expired, unread periodic timerfd disarmed (CRIU issue 3162):
+        # re-arm those in the images before they travel.
+        await asyncio.to_thread(criu.rearm_expired_timerfds, self.images)
+
+    async def _keepalive(self) -> None:
+        """Send ``dumping`` every third of the peer timeout until cancelled."""
+        while True:
+            await asyncio.sleep(self.peer_timeout_s / 3)
+            try:
+                await self.link.send("dumping")
+            except MigrationError:
+                return  # the dump's own end tells what happened
+
+    async def _transfer(self) -> None:
+        """The CRIU images and the upperdir's changes, each checked on arrival."""
+        c, sender, work = self.c, self.link.sender, self.work
+        delta = work / "rootfs-delta.tar"
+        self.deleted, changed = await asyncio.to_thread(
+            rootfs_diff.write_delta, c.upperdir, self.before, delta
+        )
+        small, large = image_pack.split(sorted(p for p in self.images.iterdir() if p.is_file()))
+        packed = work / "criu-images.tar"  # one file's round of messages, not twenty
+        await asyncio.to_thread(image_pack.pack, small, packed)
+        ctr_log = c.dir / LOG
+        # nothing changed since the pre-copy (the usual case): no file, no tar to run
+        extra = [(delta, "rootfs-delta.tar", "rootfs")] if changed else []
+        if ctr_log.exists():  # the container's output so far travels with it
+            extra.append((ctr_log, LOG, "log"))
+        todo = [
+            (packed, "criu-images.tar", "criu-pack"),
+            *((p, f"criu/{p.name}", "criu") for p in large),
+            *extra,
+        ]
+        total = sum(p.stat().st_size for p, _, _ in todo)
+        sent0 = sender.bytes_sent
+        for p, name, kind in todo:
+            await sender.send_file(
+                p, name, kind, lambda n: self.progress("transfer", sender.bytes_sent - sent0, total)
+            )
+        await sender.wait_files_ok()
+
+    async def _restore(self) -> None:
+        """The destination restores and holds its tasks at pre-resume, then says ready."""
+        await self.link.send(
+            "restore",
+            stdio=self.stdio,
+            volumes=self.volumes,
+            deleted=self.deleted,
+            netns="external" if self.netns else "",
+            dump={"freeze_to_post_dump_s": self.rep.phases_s.get("dump", 0.0)},
+        )
+        ready = await self.link.expect("ready", timeout_s=max(120.0, self.peer_timeout_s))
+        self.rep.restore_steps_s = {
+            str(k): float(v)
+            for k, v in dict(ready.get("steps_s") or {}).items()
+            if isinstance(v, int | float)
+        }
+
+    async def _commit(self) -> None:
+        """The point of no return: the durable record first, then CRIU kills our frozen
+        copy (it can never run again)."""
+        c = self.c
+        c.state.status = S.MIGRATED
+        c.state.migrated_to = self.destination
+        c.state.migration = MigrationRecord(
+            self.session, MigrationDirection.OUTGOING, self.destination, time.time()
+        )
+        c.save()
+        self.verdict.set_result(True)
+
+    async def _resume(self) -> None:
+        """Tell the destination to resume (it decides from our record if this is lost),
+        while CRIU kills our frozen copy (seconds for a large one: not worth waiting for)."""
+        try:
+            await self.link.send("resume")
+            await self.link.expect("resumed", timeout_s=max(60.0, self.peer_timeout_s))
+            self.rep.resume_confirmed = True
+        except MigrationError as e:
+            log.warning("migration.resume_unconfirmed", session=self.session, error=str(e))
+        self.rep.downtime_s = round(time.monotonic() - self.t_freeze, 6)
+
+    async def _finish_dump(self) -> None:
+        """Wait for our CRIU to end (post-copy: once it has served every page)."""
+        assert self.dump_task is not None
+        try:
+            await self.dump_task
+        except Exception as e:  # noqa: BLE001 - after the commit: the cleanup kills what is left
+            log.error("migration.source_dump_finish", session=self.session, error=str(e))
+            if self.ps_sock is not None:
+                self.rep.postcopy_error = (
+                    f"the memory pages did not all reach {self.destination} "
+                    f"({e}); it stops the container rather than run it "
+                    "with pages missing"
+                )
+
+    async def _postcopy(self) -> None:
+        """The rest of the pages go to the destination as it faults them in; this phase's
+        time (the time to the last page) is the report's ``postcopy_s``."""
+        await self._finish_dump()
+
+    async def _cleanup(self) -> None:
+        """The tasks are dead: drop the cgroup, mount and rootfs, keep the record that says
+        where the container went."""
+        if self.dump_task is not None and not self.dump_task.done():
+            await self._finish_dump()
+        if self.ps_sock is not None:
+            self.rep.page_server_bytes = await asyncio.to_thread(criu.lazy_pages_bytes, self.images)
+        elif self.page_server:
+            stats = await asyncio.to_thread(criu.dump_stats, self.images)
+            self.rep.page_server_bytes = int(stats.get("pages_written", 0)) * 4096
+        await asyncio.to_thread(self._cleanup_source)
+
+    # -- roll back ------------------------------------------------------------------------
+    async def _roll_back(self, reason: str, phase: SourcePhase) -> None:
+        """Before the commit: CRIU resumes the tasks (post-dump answered "failure"), the
+        freezer is thawed, the destination discards what it has."""
+        self.link.phase = SP.ROLLED_BACK
+        if not self.verdict.done():
+            self.verdict.set_result(False)
+        if self.dump_task is not None:
+            try:
+                await self.dump_task
+            except Exception:  # noqa: BLE001, S110 - expected: post-dump answered "failure"
+                pass
+        await _best_effort(self.link.send("abort", reason=reason[:4000]))
+        c = self.c
+        if phase is not SP.PREFLIGHT or c.status is S.MIGRATING:
+            try:
+                c.cgroup().thaw()
+            except JaulaError as e:
+                log.error("migration.rollback.thaw", error=str(e))
+            c.refresh()
+            if c.status is S.MIGRATING:
+                c.state.status = S.RUNNING
+                c.state.migration = None
+                c.save()
+        log.warning("migration.aborted", session=self.session, phase=phase.value, reason=reason)
+
+    def _cleanup_source(self) -> None:
+        c = self.c
+        c.wait_monitor(10.0)
+        errors = []
+        try:
+            c.cgroup().destroy()
+        except JaulaError as e:
+            errors.append(str(e))
+        from runtime.rootfs.overlay import unmount
+
+        try:
+            unmount(c.rootfs)
+        except JaulaError as e:
+            errors.append(str(e))
+        for d in ROOTFS_DIRS:
+            shutil.rmtree(c.dir / d, ignore_errors=True)
+        if errors:
+            log.error("migration.cleanup", errors=errors)
