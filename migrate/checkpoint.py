@@ -28,6 +28,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -371,6 +372,56 @@ def freezer_path(c: Container) -> str:
     return str(paths.get("freezer") or paths.get(""))
 
 
+@dataclass(frozen=True)
+class DumpPlan:
+    """What one dump of a running container needs from it, taken before the freeze: the
+    one place that turns a container into CRIU dump options, for ``checkpoint`` and for a
+    migration's source alike.
+
+    Attributes:
+        pid: the init's host pid (CRIU's ``--tree``).
+        stdio: CRIU keys of the init's stdout/stderr pipes (:func:`_stdio_keys`).
+        netns: ``--external net[...]`` when the net namespace is external, else None.
+        volumes: one ``{key, destination, source}`` per bind mount (``--external mnt[]``).
+        freezer: the cgroup dir CRIU freezes (``--freeze-cgroup``).
+        network_lock: CRIU's network lock method (migrate.restorer.network_lock).
+    """
+
+    pid: int
+    stdio: dict[str, str | None]
+    netns: str | None
+    volumes: tuple[dict[str, str], ...]
+    freezer: str
+    network_lock: int
+
+    @classmethod
+    def of(cls, c: Container) -> DumpPlan:
+        """The plan for ``c`` (running).  Raises OSError when its init is gone."""
+        return cls(
+            pid=c.state.pid,
+            stdio=_stdio_keys(c),
+            netns=external_netns(c),
+            volumes=tuple(
+                {"key": f"vol{i}", "destination": m.destination, "source": m.source}
+                for i, m in enumerate(c.config.mounts)
+            ),
+            freezer=freezer_path(c),
+            network_lock=network_lock(c.config),
+        )
+
+    def options(self, images_dir: Path, **kw: Any) -> criu.DumpOptions:
+        """CRIU's dump options into ``images_dir``; ``kw`` adds the caller's own
+        (``leave_running``, ``page_server``, ``tls``, ``lazy_pages``, ``ps_socket``)."""
+        return criu.DumpOptions(
+            pid=self.pid,
+            images_dir=images_dir,
+            freeze_cgroup=self.freezer,
+            network_lock=self.network_lock,
+            external=dump_externals(self.volumes, self.netns),
+            **kw,
+        )
+
+
 def checkpoint(
     rt: Runtime,
     ref: str,
@@ -396,12 +447,7 @@ def checkpoint(
         # dump neither leaves a partial bundle nor loses the last good one.
         bundle = Bundle.create(c.dir / CHECKPOINT_NEW_DIR)
         cfg = c.config
-        stdio = _stdio_keys(c)
-        netns = external_netns(c)
-        volumes = tuple(
-            {"key": f"vol{i}", "destination": m.destination, "source": m.source}
-            for i, m in enumerate(cfg.mounts)
-        )
+        plan = DumpPlan.of(c)
         marks: dict[str, float] = {}
 
         def on_notify(n: criu.Notify) -> bool:
@@ -416,15 +462,7 @@ def checkpoint(
             # Freeze first: CRIU polls the freezer every 100 ms, the cgroup driver from 1 ms.
             c.cgroup().freeze()
             result = criu.dump(
-                criu.DumpOptions(
-                    pid=c.state.pid,
-                    images_dir=bundle.criu_dir,
-                    leave_running=leave_running,
-                    freeze_cgroup=freezer_path(c),
-                    network_lock=network_lock(cfg),
-                    external=dump_externals(volumes, netns),
-                ),
-                on_notify,
+                plan.options(bundle.criu_dir, leave_running=leave_running), on_notify
             )
         except MigrationError:
             _make_sure_running(c)
@@ -445,9 +483,9 @@ def checkpoint(
                 container=cfg.to_json(),
                 image={"id": cfg.image_id, "ref": cfg.image_ref, "layers": list(cfg.layers)},
                 criu_version=criu.version(),
-                stdio=stdio,
-                volumes=volumes,
-                netns="external" if netns else "",
+                stdio=plan.stdio,
+                volumes=plan.volumes,
+                netns="external" if plan.netns else "",
                 cgroup_mode=detect_mode().value,
                 source_node=node_name,
                 kernel=platform.release(),

@@ -50,13 +50,7 @@ import structlog
 from migrate import criu, image_pack, lazy_conn, rootfs_diff
 from migrate.addresses import endpoint_host
 from migrate.bundle import cpu_flags
-from migrate.checkpoint import (
-    _stdio_keys,
-    dump_externals,
-    external_netns,
-    freezer_path,
-    preflight,
-)
+from migrate.checkpoint import DumpPlan, preflight
 from migrate.errors import (
     MigrationAborted,
     MigrationError,
@@ -67,7 +61,6 @@ from migrate.errors import (
 from migrate.link import SourceLink
 from migrate.protocol import SOURCE_PLAN, SourcePhase, Strategy
 from migrate.report import MigrationReport
-from migrate.restorer import network_lock
 from migrate.scratch import disk_usage_bytes, remove_scratch, scratch_dir
 from runtime.container import Runtime
 from runtime.errors import JaulaError
@@ -341,20 +334,14 @@ class SourceSession:
     async def _freeze(self) -> None:
         """Freeze the cgroup ourselves: CRIU polls the freezer every 100 ms, we poll from
         1 ms (it then finds the cgroup FROZEN at once).  The downtime starts here."""
+        self.plan = DumpPlan.of(self.c)
         self.t_freeze = time.monotonic()
         await asyncio.to_thread(self.c.cgroup().freeze)
 
     async def _dump(self) -> None:
         """CRIU dumps the frozen tasks (the pages to the page server, or kept for the lazy
         transfer) and holds them at post-dump, answered by :attr:`verdict`."""
-        c = self.c
         loop = asyncio.get_running_loop()
-        self.stdio = _stdio_keys(c)
-        self.netns = external_netns(c)
-        self.volumes = [
-            {"key": f"vol{i}", "destination": m.destination, "source": m.source}
-            for i, m in enumerate(c.config.mounts)
-        ]
 
         def on_notify(n: criu.Notify) -> bool:
             if n.script == "post-dump":
@@ -363,12 +350,8 @@ class SourceSession:
             return True
 
         lazy = self.ps_sock is not None
-        opts = criu.DumpOptions(
-            pid=c.state.pid,
-            images_dir=self.images,
-            freeze_cgroup=freezer_path(c),
-            network_lock=network_lock(c.config),
-            external=dump_externals(self.volumes, self.netns),
+        opts = self.plan.options(
+            self.images,
             page_server=None if lazy else self.page_server,
             tls=self.ps_tls,
             lazy_pages=lazy,
@@ -432,10 +415,10 @@ class SourceSession:
         """The destination restores and holds its tasks at pre-resume, then says ready."""
         await self.link.send(
             "restore",
-            stdio=self.stdio,
-            volumes=self.volumes,
+            stdio=self.plan.stdio,
+            volumes=list(self.plan.volumes),
             deleted=self.deleted,
-            netns="external" if self.netns else "",
+            netns="external" if self.plan.netns else "",
             dump={"freeze_to_post_dump_s": self.rep.phases_s.get("dump", 0.0)},
         )
         ready = await self.link.expect("ready", timeout_s=max(120.0, self.peer_timeout_s))

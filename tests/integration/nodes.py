@@ -189,3 +189,39 @@ def make_cluster(
     for node in import_on:
         c.local(node).run("image", "import", str(busybox_layout), "--name", "busybox:latest")
     return c
+
+
+@contextlib.contextmanager
+def in_process_node(c: Cluster2, node: str, peer_timeout_s: float = 3.0) -> Iterator[None]:
+    """Serve ``node`` from a thread of this process rather than a service process, so that
+    a test can patch what it does (a fault that cannot be caused for real on demand); the
+    service is cancelled and its thread joined on the way out, also on failure."""
+    import asyncio
+    import threading
+
+    from migrate.node import NodeService
+
+    loop = asyncio.new_event_loop()
+    svc = NodeService(
+        c.files.node_config(node), c.files.load_cluster(), peer_timeout_s=peer_timeout_s
+    )
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        task = loop.create_task(svc.serve())
+        loop.call_soon(started.set)
+        try:
+            loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            pass
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    started.wait(10)
+    try:
+        yield
+    finally:
+        for task in asyncio.all_tasks(loop):
+            loop.call_soon_threadsafe(task.cancel)
+        t.join(20)

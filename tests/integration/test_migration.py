@@ -18,7 +18,7 @@ from tests.helpers.counter import (
     ticks,
     wait_ticks,
 )
-from tests.integration.nodes import REPO, Cluster2, make_cluster
+from tests.integration.nodes import REPO, Cluster2, in_process_node, make_cluster
 from tests.linux.conftest import JAULA, Jaula, needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
@@ -403,11 +403,7 @@ def test_corrupted_chunk_is_detected_and_rolled_back(
     """node1's service runs in this process so that one chunk can be corrupted after it was
     sealed (a fault that cannot be caused for real on demand): the destination's check of
     the chunk fails and the migration is rolled back."""
-    import asyncio
-    import threading
-
     from migrate import stream as sess
-    from migrate.node import NodeService
 
     real_seal = sess._hash_and_seal
     corrupted: list[int] = []
@@ -421,36 +417,56 @@ def test_corrupted_chunk_is_detected_and_rolled_back(
 
     monkeypatch.setattr(sess, "_hash_and_seal", corrupting_seal)
     c = make_cluster(tmp_path / "cluster", busybox_image_layout)
-    loop = asyncio.new_event_loop()
-    svc = NodeService(c.files.node_config("node1"), c.files.load_cluster(), peer_timeout_s=3)
-    started = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        task = loop.create_task(svc.serve())
-        loop.call_soon(started.set)
-        try:
-            loop.run_until_complete(task)
-        except asyncio.CancelledError:
-            pass
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    started.wait(10)
     try:
-        c.start("node2")
-        n1 = c.local("node1")
-        n1.run("run", "-d", "--name", "bad", "busybox", "sh", "-c", COUNTER)
-        wait_ticks(n1, "bad", 5)
-        p = c.op("migrate", "bad", "node2", "--from", "node1", check=False)
-        assert corrupted, "no chunk went through the corrupting seal"
-        assert p.returncode == 125 and "corrupt" in p.stderr
-        assert "keeps running on node1" in p.stderr
-        _continues_on(c, "bad", "node1")
-        assert c.local("node2").container_ids() == []
+        with in_process_node(c, "node1"):
+            c.start("node2")
+            n1 = c.local("node1")
+            n1.run("run", "-d", "--name", "bad", "busybox", "sh", "-c", COUNTER)
+            wait_ticks(n1, "bad", 5)
+            p = c.op("migrate", "bad", "node2", "--from", "node1", check=False)
+            assert corrupted, "no chunk went through the corrupting seal"
+            assert p.returncode == 125 and "corrupt" in p.stderr
+            assert "keeps running on node1" in p.stderr
+            _continues_on(c, "bad", "node1")
+            assert c.local("node2").container_ids() == []
     finally:
-        for task in asyncio.all_tasks(loop):
-            loop.call_soon_threadsafe(task.cancel)
-        t.join(20)
+        problems = c.close()
+        assert not problems, "\n".join(problems)
+
+
+def test_a_message_out_of_order_is_refused_and_rolled_back(
+    tmp_path: Path, busybox_image_layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """node1's service runs in this process and sends ``resume`` right after the accept,
+    before any file (a broken source cannot be had for real): node2 checks it against its
+    phase table, answers with an error that names the message and its phase, and discards
+    what it prepared; node1 rolls back and the container keeps running there."""
+    from migrate.source import SourceSession
+
+    real_precopy = SourceSession._precopy
+    sent: list[str] = []
+
+    async def resume_too_early(self: SourceSession) -> None:
+        sent.append(self.session)
+        await self.link.send("resume")
+        await real_precopy(self)
+
+    monkeypatch.setattr(SourceSession, "_precopy", resume_too_early)
+    c = make_cluster(tmp_path / "cluster", busybox_image_layout)
+    try:
+        with in_process_node(c, "node1"):
+            c.start("node2")
+            n1 = c.local("node1")
+            n1.run("run", "-d", "--name", "early", "busybox", "sh", "-c", COUNTER)
+            wait_ticks(n1, "early", 5)
+            p = c.op("migrate", "early", "node2", "--from", "node1", check=False)
+            assert sent, "the patched pre-copy did not run"
+            assert p.returncode == 125, p.stderr
+            assert "resume is out of order" in p.stderr and "phase receiving" in p.stderr
+            assert "keeps running on node1" in p.stderr
+            _continues_on(c, "early", "node1")
+            assert c.local("node2").container_ids() == []
+            assert not c.incoming("node2")
+    finally:
         problems = c.close()
         assert not problems, "\n".join(problems)
