@@ -296,7 +296,7 @@ ensure_source() {
             best=$suite bestv=$v
         fi
     done
-    [ -n "$best" ] || die "no Debian suite ($CRIU_SUITES) serves CRIU $want or any CRIU >= $CRIU_MIN (logs in $LOGS)"
+    [ -n "$best" ] || die "no Debian suite ($CRIU_SUITES) gave CRIU $want (see above), nor serves another CRIU >= $CRIU_MIN (logs in $LOGS)"
     if [ "$want" = "$CRIU_PIN" ]; then
         say "WARNING: no Debian suite ($CRIU_SUITES) serves the pinned CRIU $CRIU_PIN any more: building $bestv from $best; patches that do not apply to it exactly are left out, and the migration strategies that need one are refused (update CRIU_PIN and the patches)" >&2
     fi
