@@ -14,6 +14,30 @@ Answering ``post-dump`` with failure makes CRIU resume the tasks instead of kill
 restore, holding the ``pre-resume`` answer keeps the restored tasks stopped.  Both are the
 holds the two-phase migration needs (DESIGN.md, "The migration handoff").
 
+jaula's CRIU carries a patch series (scripts/criu-patches, README there); which patches
+the installed binary has is read from its *patch manifest*, a text file that
+scripts/setup.sh writes when it installs the binary, at ``PREFIX/../lib/jaula/criu-patches``
+for ``PREFIX/criu`` after symlinks (``/usr/local/lib/jaula/criu-patches``)::
+
+    # comment lines
+    format 1
+    binary /usr/local/sbin/criu
+    binary-sha256 <64 hex: sha256 of the binary it was written for>
+    gitid jaula-<10 hex>[-partial]
+    criu-version 4.2.1
+    pin 4.2.1 <sha256 of the pinned tarball>
+    source criu_4.2.1.orig.tar.xz <its sha256> debian sid 4.2.1-1
+    series <64 hex: sha256 of the patches' names and diffs>
+    applied 0001-page-xfer-push-the-close-command
+    not-applied 0008-lazy-pages-pipe-max-size
+    ...
+
+One ``applied``/``not-applied`` line per patch, in series order; unknown keys are ignored.
+The manifest counts only while ``binary-sha256`` is the sha256 of the binary in use, so a
+manifest left from another build (a binary replaced by hand, by a package, by another
+checkout's setup) counts as no patch at all, as does a missing one (a stock CRIU).
+:data:`REQUIRED_PATCHES` says which patches each migration strategy cannot work without.
+
 Sources: CRIU's images/rpc.proto, Documentation "RPC" and "Action scripts" on criu.org,
 criu-recipe.md in shared/ (options verified on these machines).
 """
@@ -22,15 +46,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import re
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from migrate.certs import TlsFiles
 from migrate.errors import CriuError, CriuUnavailable
@@ -203,20 +229,237 @@ def find_criu() -> str:
 def version(binary: str | None = None) -> tuple[int, int, int]:
     """CRIU's version as (major, minor, sublevel), from ``criu --version``, asked once per
     binary (and again when the file changes): it is a process start, which a dump or a
-    restore would otherwise pay while the tasks wait."""
+    restore would otherwise pay while the tasks wait.  :func:`build` gives it with the
+    patch series.  Raises CriuUnavailable."""
     binary = binary or find_criu()
     return _version_of(binary, os.stat(binary).st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=8)
-def _version_of(binary: str, mtime_ns: int) -> tuple[int, int, int]:
+def _version_text(binary: str, mtime_ns: int) -> str:
     out = subprocess.run(
         [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
     )
-    m = re.search(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", out.stdout)
+    return out.stdout
+
+
+def _version_of(binary: str, mtime_ns: int) -> tuple[int, int, int]:
+    text = _version_text(binary, mtime_ns)
+    m = re.search(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", text)
     if not m:
-        raise CriuUnavailable(f"cannot read the version of {binary}: {out.stdout.strip()!r}")
+        raise CriuUnavailable(f"cannot read the version of {binary}: {text.strip()!r}")
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+def _gitid_of(binary: str, mtime_ns: int) -> str:
+    m = re.search(r"^GitID:\s*(\S+)", _version_text(binary, mtime_ns), re.MULTILINE)
+    return m.group(1) if m else ""
+
+
+# --- the patch series ------------------------------------------------------------------
+
+#: The patches of scripts/criu-patches that each migration strategy cannot work without:
+#: without one, the strategy is unsafe, hangs or fails (the others only make it faster).
+#: A node needs them in its own CRIU to take part, as source or as destination.  Why:
+#:
+#: - 0005 (cold, postcopy): time limits on the page-server connection.  cold: the source
+#:   waits for its dump without a limit of its own, so a destination that stops answering
+#:   would keep the container frozen until TCP gives up (~15 min), or for ever when the
+#:   peer is alive but stuck; a failed TLS handshake crashed CRIU (double free).  postcopy:
+#:   the page socket carries jaula's own time limits, but CRIU's GnuTLS loops retried
+#:   GNUTLS_E_AGAIN for ever: after the commit, the source would wait for ever on a
+#:   destination gone.
+#: - 0006 (postcopy): a failed lazy transfer, or a CRIU dying while serving, resumed the
+#:   source's tasks after the destination's copy ran: two copies.
+#: - 0007 (postcopy): CRIU ignored the socket handed over RPC for a lazy dump, and the
+#:   lazy-pages daemon skipped TLS on a given socket: post-copy cannot start.
+#: - 0008 (postcopy): where root lacks CAP_SYS_RESOURCE and fs.pipe-max-size < 3.2 MiB
+#:   (these VMs), every page request past 64 KiB failed, after the commit: container lost.
+#: - 0009 (postcopy): a lazy page in a thread's rseq area (every thread, glibc >= 2.35)
+#:   made the destination's restore wait for pages only served after it.
+#:
+#: Not required: 0001, 0002, 0003, 0011 (downtime), 0004 (no conntrack dump of an external
+#: netns: ~20 ms; without it the entries are dumped and put back), 0010 (kdat cache).
+REQUIRED_PATCHES: dict[str, tuple[str, ...]] = {
+    "cold": ("0005-page-server-client-time-limits",),
+    "postcopy": (
+        "0005-page-server-client-time-limits",
+        "0006-lazy-dump-commit",
+        "0007-page-server-given-socket",
+        "0008-lazy-pages-pipe-max-size",
+        "0009-lazy-rseq-pages-eager",
+    ),
+}
+
+
+def missing_patches(strategy: str, applied: Iterable[str]) -> list[str]:
+    """The patches ``strategy`` needs (:data:`REQUIRED_PATCHES`) that are not in
+    ``applied`` (names like ``0006-lazy-dump-commit``, as :func:`patch_series` gives
+    them), in series order; empty when the strategy can run.  Raises ValueError for a
+    strategy that is not in the table."""
+    if strategy not in REQUIRED_PATCHES:
+        raise ValueError(
+            f"unknown migration strategy {strategy!r}: known are {', '.join(REQUIRED_PATCHES)}"
+        )
+    have = set(applied)
+    return [p for p in REQUIRED_PATCHES[strategy] if p not in have]
+
+
+@dataclass(frozen=True)
+class PatchManifest:
+    """A parsed patch manifest (format in the module docstring).
+
+    Attributes:
+        binary_sha256: sha256 (hex) of the criu binary it was written for.
+        applied: names of the patches built into that binary, in series order.
+        not_applied: names of the series' patches that did not apply to its source.
+        criu_version / gitid / series: as the manifest says ("" when absent).
+    """
+
+    binary_sha256: str
+    applied: tuple[str, ...]
+    not_applied: tuple[str, ...] = ()
+    criu_version: str = ""
+    gitid: str = ""
+    series: str = ""
+
+
+def parse_manifest(text: str) -> PatchManifest:
+    """Parse a patch manifest.  Raises ValueError (one line, what is wrong) when it is not
+    of format 1 or has no valid ``binary-sha256``."""
+    fields: dict[str, str] = {}
+    applied: list[str] = []
+    not_applied: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        value = value.strip()
+        if key == "applied" and value:
+            applied.append(value)
+        elif key == "not-applied" and value:
+            not_applied.append(value)
+        else:
+            fields.setdefault(key, value)
+    if fields.get("format") != "1":
+        raise ValueError(f"format {fields.get('format', '(none)')!r}, this jaula reads 1")
+    digest = fields.get("binary-sha256", "")
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ValueError(f"binary-sha256 {digest!r} is not 64 hex digits")
+    return PatchManifest(
+        binary_sha256=digest,
+        applied=tuple(applied),
+        not_applied=tuple(not_applied),
+        criu_version=fields.get("criu-version", ""),
+        gitid=fields.get("gitid", ""),
+        series=fields.get("series", ""),
+    )
+
+
+def manifest_path(binary: str) -> Path:
+    """Where the patch manifest of ``binary`` lives: ``PREFIX/../lib/jaula/criu-patches``
+    for ``PREFIX/criu``, symlinks resolved (as scripts/setup.sh writes it)."""
+    return Path(os.path.realpath(binary)).parent.parent / "lib" / "jaula" / "criu-patches"
+
+
+def _stat_key(path: str | Path) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def read_manifest(binary: str, path: Path | None = None) -> PatchManifest | None:
+    """The patch manifest of ``binary`` (at ``path``, by default :func:`manifest_path`)
+    if it was written for this very file, else None: none there (a stock CRIU), unreadable,
+    malformed, writable by group or others or owned by another user than root or us, or
+    made for another binary (its sha256 differs: stale).  Each reason but the first is
+    logged once.  Cached until the binary or the manifest changes (the sha256 of a 6 MB
+    binary takes ~15 ms)."""
+    path = path or manifest_path(binary)
+    return _manifest_for(binary, _stat_key(binary), path, _stat_key(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _manifest_for(
+    binary: str, bkey: tuple[int, ...] | None, path: Path, mkey: tuple[int, ...] | None
+) -> PatchManifest | None:
+    if bkey is None or mkey is None:
+        return None
+
+    def ignored(why: str) -> None:
+        log: Any = _log()
+        log.warning("criu.patch_manifest.ignored", binary=binary, manifest=str(path), reason=why)
+
+    try:
+        st = os.stat(path)
+        if st.st_mode & 0o022 or st.st_uid not in (0, os.geteuid()):
+            ignored(f"writable by others or owned by uid {st.st_uid}")
+            return None
+        m = parse_manifest(path.read_text(errors="replace"))
+        h = hashlib.sha256()
+        with open(binary, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except (OSError, ValueError) as e:
+        ignored(str(e))
+        return None
+    if h.hexdigest() != m.binary_sha256:
+        ignored(f"stale: written for a binary of sha256 {m.binary_sha256[:12]}")
+        return None
+    return m
+
+
+def patch_series(binary: str | None = None) -> frozenset[str]:
+    """Names of jaula's patches built into the criu ``binary`` (default: the one jaula
+    runs, :func:`find_criu`), like ``0006-lazy-dump-commit``; empty for a stock CRIU or
+    when its manifest is missing, stale or malformed (see :func:`read_manifest`).
+    Raises CriuUnavailable when no criu is installed."""
+    m = read_manifest(binary or find_criu())
+    return frozenset(m.applied) if m else frozenset()
+
+
+@dataclass(frozen=True)
+class CriuBuild:
+    """What the installed CRIU is.
+
+    Attributes:
+        binary: its path.
+        version: (major, minor, sublevel), as :func:`version`.
+        patches: :func:`patch_series` of it.
+        gitid: the GitID ``criu --version`` shows ("" when none; ``jaula-<hash>`` for
+            jaula's build, ``-partial`` appended when some patch did not apply).
+        series: the manifest's series hash (sha256 of the patches' names and diffs, the
+            same on every node built from the same scripts/criu-patches); "" without a
+            valid manifest.
+    """
+
+    binary: str
+    version: tuple[int, int, int]
+    patches: frozenset[str]
+    gitid: str = ""
+    series: str = ""
+
+    def missing(self, strategy: str) -> list[str]:
+        """:func:`missing_patches` of ``strategy`` for this build."""
+        return missing_patches(strategy, self.patches)
+
+
+def build(binary: str | None = None) -> CriuBuild:
+    """The installed CRIU's version and patch series together (both cached per binary, so
+    a call costs a few stat calls once warm).  Raises CriuUnavailable."""
+    binary = binary or find_criu()
+    mtime = os.stat(binary).st_mtime_ns
+    m = read_manifest(binary)
+    return CriuBuild(
+        binary=binary,
+        version=_version_of(binary, mtime),
+        patches=frozenset(m.applied) if m else frozenset(),
+        gitid=_gitid_of(binary, mtime),
+        series=m.series if m else "",
+    )
 
 
 def require(min_version: tuple[int, int] = MIN_VERSION) -> str:
@@ -260,9 +503,10 @@ def criu_env() -> dict[str, str]:
             if time.time() - tmp.lstat().st_mtime > 10:
                 tmp.unlink()
     else:
-        _log().warning(
+        log: Any = _log()
+        log.warning(
             "criu.kdat_dir.untrusted",
-            path=str(KDAT_DIR),  # type: ignore[attr-defined]
+            path=str(KDAT_DIR),
             owner=st.st_uid,
             mode=oct(st.st_mode & 0o7777),
         )

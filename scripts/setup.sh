@@ -5,28 +5,41 @@
 # run takes a second or two. What it does:
 #   1. Debian packages (apt-get update only when a package is missing). Services are not
 #      started by package scripts (policy-rc.d).
-#   2. CRIU >= 4.2 that passes `criu check` and is jaula's build: Debian's sid (then forky,
-#      trixie) source with scripts/criu-patches/*.patch applied, installed to
-#      /usr/local/sbin/criu; `criu --version` shows "GitID: jaula-<hash of the patches>".
+#   2. CRIU: the pinned upstream version (CRIU_PIN below: version and the sha256 of Debian's
+#      orig tarball) from whichever Debian suite still serves it, with
+#      scripts/criu-patches/*.patch applied (patch --fuzz=0), installed to
+#      /usr/local/sbin/criu; `criu --version` shows "GitID: jaula-<hash of the series>". Next
+#      to it, /usr/local/lib/jaula/criu-patches (the manifest: PREFIX/../lib/jaula for
+#      another prefix) names the patches that applied and the sha256 of that binary:
+#      migrate/criu.py reads it (criu.patch_series()) and ignores it for any other binary.
+#      When no suite serves the pin any more, the newest CRIU >= 4.2 served is built
+#      instead, with the patches that still apply exactly ("-partial" in the GitID when
+#      some do not); the strategies that need a missing patch are then refused.
+#      An installed criu counts as ours only with a manifest that matches it.
 #      CRIU keeps its kernel-feature cache (/run/criu.kdat) only when /run is a tmpfs, as
-#      on systemd hosts; elsewhere (this VM) every dump and restore probes the kernel again,
-#      ~10 ms each. Never in a world-writable place: root's CRIU trusts that file. Debian
-#      12's own criu 3.17 fails on recent kernels: never used.
+#      on systemd hosts; elsewhere patch 0010 keeps it in $CRIU_KDAT_DIR (a root-only
+#      directory under /dev/shm that migrate/criu.py sets), never in a world-writable
+#      place: root's CRIU trusts that file. Debian 12's own criu 3.17 fails on recent
+#      kernels: never used.
 #   3. The venv .venv (python3 >= 3.11) with `pip install -e '.[test]'`, redone only when
 #      pyproject.toml changes.
 #   4. pycriu (not on PyPI), built from the same CRIU source tree, installed into the venv.
+#   5. A check that migrate/criu.py reads the manifest of the criu in use: it says which
+#      migration strategies that criu can do.
 #
 # Work files live in .build/ (gitignored): the CRIU source and its own apt lists in
 # .build/criu-src, logs of long steps in .build/logs. Nothing is added to /etc/apt.
 #
 # Knobs (environment):
-#   JAULA_CRIU_SUITES  Debian suites to take the CRIU source from, in order (default
-#                      "sid forky trixie"). CRIU 4.2 or newer is needed: on kernels 6.16+
-#                      4.1 cannot dump any TCP/UDP socket ("Can't get 1:16 opt", CRIU
-#                      issue 2718, fixed in 4.2), so trixie's 4.1.1 is only a last resort
-#                      that the version check then refuses.
-#   JAULA_CRIU_PREFIX  where to install criu (default /usr/local/sbin). When set, a criu
-#                      elsewhere on PATH is not accepted: useful to test the build path.
+#   JAULA_CRIU_SUITES  Debian suites to look for CRIU's source in, in order (default
+#                      "sid forky trixie-backports trixie"): the first that serves the
+#                      pinned version gives it; failing that, the newest >= 4.2 served. On
+#                      kernels 6.16+ 4.1 cannot dump any TCP/UDP socket ("Can't get 1:16
+#                      opt", CRIU issue 2718, fixed in 4.2): trixie's 4.1.1 is refused.
+#   JAULA_CRIU_PIN     "VERSION SHA256" to pin another CRIU (default: CRIU_PIN_DEFAULT below).
+#   JAULA_CRIU_PREFIX  where to install criu (default /usr/local/sbin; the manifest goes
+#                      to PREFIX/../lib/jaula/criu-patches). When set, a criu elsewhere on
+#                      PATH is not accepted: useful to test the build path.
 set -Eeuo pipefail
 umask 022
 
@@ -38,7 +51,13 @@ SRC="$BUILD/criu-src"
 LOGS="$BUILD/logs"
 VENV="$ROOT/.venv"
 CRIU_MIN=4.2
-CRIU_SUITES=${JAULA_CRIU_SUITES:-sid forky trixie}
+# The CRIU that scripts/criu-patches is made for, and the sha256 of Debian's
+# criu_<version>.orig.tar.xz (the same in every suite that serves the version).
+CRIU_PIN_DEFAULT="4.2.1 29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9"
+read -r CRIU_PIN CRIU_PIN_SHA256 _ <<<"${JAULA_CRIU_PIN:-$CRIU_PIN_DEFAULT}"
+[[ ${CRIU_PIN_SHA256:-} =~ ^[0-9a-f]{64}$ ]] \
+    || { echo "setup: ERROR: JAULA_CRIU_PIN must be \"VERSION SHA256\" (64 hex digits), not '${JAULA_CRIU_PIN:-}'" >&2; exit 1; }
+CRIU_SUITES=${JAULA_CRIU_SUITES:-sid forky trixie-backports trixie}
 CRIU_PREFIX=${JAULA_CRIU_PREFIX:-/usr/local/sbin}
 CRIU_BIN="$CRIU_PREFIX/criu"
 DEBIAN_MIRROR=http://deb.debian.org/debian
@@ -130,12 +149,37 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 
 # --- CRIU helpers -----------------------------------------------------------------------
 PATCHES=("$ROOT"/scripts/criu-patches/*.patch)
-BUILD_ID="jaula-$(cat "${PATCHES[@]}" | sha256sum | cut -c1-10)"
-# criu_ours BIN: BIN is jaula's build of CRIU (the patches of this checkout; a build where
-# some did not apply is marked "-partial" and said again at every run).
-criu_ours() { [[ $({ "$1" --version 2>/dev/null || true; }) == *"GitID: $BUILD_ID"* ]]; }
-criu_partial() { [[ $({ "$1" --version 2>/dev/null || true; }) == *"GitID: $BUILD_ID-partial"* ]]; }
+[ -f "${PATCHES[0]}" ] || die "no patches in scripts/criu-patches"
+# The series' identity: each patch's name and its diff (not its description, so that
+# editing a description does not rebuild CRIU).
+SERIES=$(for p in "${PATCHES[@]}"; do
+             basename "$p" .patch
+             awk '/^(diff --git |--- a\/)/ { d = 1 } d' "$p"
+         done | sha256sum | cut -d' ' -f1)
+BUILD_ID="jaula-${SERIES:0:10}"
+criu_gitid() { { "$1" --version 2>/dev/null || true; } | sed -n 's/^GitID: *//p' | head -n1; }
 criu_version() { { "$1" --version 2>/dev/null || true; } | sed -n 's/^Version: *//p' | head -n1; }
+
+# manifest_of BIN: where the manifest of BIN lives (PREFIX/../lib/jaula/criu-patches for
+# PREFIX/criu, after symlinks), as migrate/criu.py's manifest_path() finds it.
+manifest_of() { local b; b=$(realpath -m "$1"); printf '%s/lib/jaula/criu-patches\n' "$(dirname "$(dirname "$b")")"; }
+manifest_get() { sed -n "s/^$2 //p" "$1" | head -n1; }
+# manifest_ok BIN: BIN's manifest is there, not writable by others, of format 1, made for
+# this very file (sha256), this series and this pin.
+manifest_ok() {
+    local m; m=$(manifest_of "$1")
+    [ -f "$m" ] && [ -z "$(find "$m" -perm /022)" ] || return 1
+    [ "$(manifest_get "$m" format)" = 1 ] || return 1
+    [ "$(manifest_get "$m" series)" = "$SERIES" ] || return 1
+    [ "$(manifest_get "$m" pin)" = "$CRIU_PIN $CRIU_PIN_SHA256" ] || return 1
+    [ "$(manifest_get "$m" binary-sha256)" = "$(sha256sum "$1" | cut -d' ' -f1)" ]
+}
+# criu_ours BIN: BIN is jaula's build of this series (complete or "-partial") with its
+# manifest.
+criu_ours() {
+    local g; g=$(criu_gitid "$1")
+    { [ "$g" = "$BUILD_ID" ] || [ "$g" = "$BUILD_ID-partial" ]; } && manifest_ok "$1"
+}
 
 # criu_good BIN: BIN runs, is >= CRIU_MIN and `criu check` says "Looks good".
 criu_good() {
@@ -171,20 +215,31 @@ apt_src_version() {
     apt-cache "${APT_SRC_OPTS[@]}" showsrc criu 2>/dev/null | sed -n 's/^Version: //p' \
         | sort -V | tail -n1
 }
-src_desc() { local deb suite file; read -r deb suite file <"$SRC_TREE/.jaula-unpacked"
-             printf 'Debian %s source %s (%s)\n' "$suite" "$deb" "$file"; }
+# The stamp of an unpacked tree: Debian version, suite, tarball, tarball's sha256.
+src_desc() { local deb suite file sum; read -r deb suite file sum <"$SRC_TREE/.jaula-unpacked"
+             printf 'Debian %s source %s (%s, sha256 %s)\n' "$suite" "$deb" "$file" "${sum:0:12}…"; }
 upstream_of() { local v=${1#*:}; printf '%s\n' "${v%-*}"; }
+# tree_ok TREE VERSION: TREE is an unpacked source of VERSION with a full stamp, and the
+# pinned tarball when VERSION is the pin.
+tree_ok() {
+    local deb suite file sum
+    [ -f "$1/.jaula-unpacked" ] || return 1
+    read -r deb suite file sum <"$1/.jaula-unpacked"
+    [[ ${sum:-} =~ ^[0-9a-f]{64}$ ]] || return 1    # a stamp of an older setup: fetch again
+    [ "$2" != "$CRIU_PIN" ] || [ "$sum" = "$CRIU_PIN_SHA256" ]
+}
 
 # fetch_source SUITE: put the upstream source of SUITE's criu in $SRC/criu-<version>.
 # Only the orig tarball is used: the mirror may not serve the .dsc and Debian tarball, and
-# CRIU builds with plain make. Prints the tree's path.
+# CRIU builds with plain make. Its sha256 must be the one of the (signed) source index,
+# and for the pinned version the pinned one. Prints the tree's path.
 fetch_source() {
     local suite=$1 deb up dl orig sum want tree tmp
     deb=$(apt_src_version "$suite")
     [ -n "$deb" ] || return 1
     up=$(upstream_of "$deb")
     tree="$SRC/criu-$up"
-    if [ -f "$tree/.jaula-unpacked" ]; then printf '%s\n' "$tree"; return 0; fi
+    if tree_ok "$tree" "$up"; then printf '%s\n' "$tree"; return 0; fi
     dl="$SRC/dl-$suite"
     rm -rf "$dl"; mkdir -p "$dl"
     apt_src_opts "$suite"
@@ -205,75 +260,79 @@ fetch_source() {
         END { if (!done) flush() }')
     sum=$(sha256sum "$orig" | cut -d' ' -f1)
     [ -n "$want" ] && [ "$sum" = "$want" ] || { say "criu: checksum mismatch for $orig" >&2; return 1; }
+    if [ "$up" = "$CRIU_PIN" ] && [ "$sum" != "$CRIU_PIN_SHA256" ]; then
+        say "criu: $suite's $(basename "$orig") has sha256 $sum, not the pinned $CRIU_PIN_SHA256: not used" >&2
+        return 1
+    fi
     tmp=$(mktemp -d "$SRC/unpack.XXXXXX")
     tar -xf "$orig" -C "$tmp"
     [ -f "$tmp/criu-$up/Makefile" ] || { rm -rf "$tmp"; say "criu: unexpected layout in $orig" >&2; return 1; }
     rm -rf "$tree"
     mv "$tmp/criu-$up" "$tree"
     rmdir "$tmp"
-    # stamp: Debian version, suite, tarball
-    printf '%s %s %s\n' "$deb" "$suite" "$(basename "$orig")" >"$tree/.jaula-unpacked"
+    printf '%s %s %s %s\n' "$deb" "$suite" "$(basename "$orig")" "$sum" >"$tree/.jaula-unpacked"
     printf '%s\n' "$tree"
 }
 
-# ensure_source [WANT]: a CRIU source tree, preferably of upstream version WANT; a cached
-# tree is used without touching the network. Sets SRC_TREE.
+# ensure_source [WANT]: a CRIU source tree of upstream version WANT (default: the pin),
+# taken from the first suite that serves it; when none does, the newest version >=
+# CRIU_MIN that one serves (with a warning when WANT is the pin). A cached tree is used
+# without touching the network. Sets SRC_TREE.
 ensure_source() {
-    local want=${1:-} t suite later=()
+    local want=${1:-$CRIU_PIN} suite v best="" bestv=""
     mkdir -p "$SRC" "$LOGS"
-    if [ -n "$want" ] && [ -f "$SRC/criu-$want/.jaula-unpacked" ]; then
-        SRC_TREE="$SRC/criu-$want"; return 0
-    fi
-    if [ -z "$want" ]; then
-        for suite in $CRIU_SUITES; do
-            # a tree already unpacked from a suite we would pick: no network needed
-            for t in "$SRC"/criu-*/.jaula-unpacked; do
-                case $t in *.jaula-*/.jaula-unpacked) continue ;; esac  # a patched build copy
-                [ -f "$t" ] && [ "$(cut -d' ' -f2 "$t")" = "$suite" ] && { SRC_TREE=$(dirname "$t"); return 0; }
-            done
-        done
-    fi
-    say "criu: fetching the source from Debian ($CRIU_SUITES)"
-    # Suites in order; with WANT, a suite carrying another version is only a fallback.
-    # A suite's index is downloaded only if no earlier suite gave a usable source.
+    if tree_ok "$SRC/criu-$want" "$want"; then SRC_TREE="$SRC/criu-$want"; return 0; fi
+    say "criu: fetching CRIU $want's source from Debian ($CRIU_SUITES)"
     for suite in $CRIU_SUITES; do
         if ! apt_src_update "$suite"; then
             say "criu: could not read $suite's source index (see $LOGS/apt-src-$suite.log)" >&2
             continue
         fi
-        if [ -n "$want" ] && [ "$(upstream_of "$(apt_src_version "$suite")")" != "$want" ]; then
-            later+=("$suite"); continue
+        v=$(upstream_of "$(apt_src_version "$suite")")
+        [ -n "$v" ] || continue
+        if [ "$v" = "$want" ]; then
+            if SRC_TREE=$(fetch_source "$suite"); then say "criu: got $(src_desc)"; return 0; fi
+        elif version_ge "$v" "$CRIU_MIN" && { [ -z "$bestv" ] || ! version_ge "$bestv" "$v"; }; then
+            best=$suite bestv=$v
         fi
-        if SRC_TREE=$(fetch_source "$suite"); then say "criu: got $(src_desc)"; return 0; fi
     done
-    for suite in "${later[@]}"; do
-        if SRC_TREE=$(fetch_source "$suite"); then say "criu: got $(src_desc)"; return 0; fi
-    done
-    die "could not get CRIU's source from Debian suites: $CRIU_SUITES (logs in $LOGS)"
+    [ -n "$best" ] || die "no Debian suite ($CRIU_SUITES) gave CRIU $want (see above), nor serves another CRIU >= $CRIU_MIN (logs in $LOGS)"
+    if [ "$want" = "$CRIU_PIN" ]; then
+        say "WARNING: no Debian suite ($CRIU_SUITES) serves the pinned CRIU $CRIU_PIN any more: building $bestv from $best; patches that do not apply to it exactly are left out, and the migration strategies that need one are refused (update CRIU_PIN and the patches)" >&2
+    fi
+    if tree_ok "$SRC/criu-$bestv" "$bestv"; then SRC_TREE="$SRC/criu-$bestv"; return 0; fi
+    SRC_TREE=$(fetch_source "$best") || die "could not get CRIU $bestv's source from $best (logs in $LOGS)"
+    say "criu: got $(src_desc)"
 }
 
 # build_tree: build the criu binary and lib/ (libcriu, pycriu's generated modules) in a
-# copy of the source tree with jaula's patches applied; sets SRC_TREE to that copy.
+# copy of the source tree with jaula's patches applied; sets SRC_TREE to that copy. The
+# copy's .jaula-applied lists "applied NAME" or "not-applied NAME" for each patch, in order.
 build_tree() {
-    local out="$SRC_TREE.$BUILD_ID" p
-    if [ -f "$out/.jaula-built" ] && [ -x "$out/criu/criu" ] \
+    local out="$SRC_TREE.$BUILD_ID" p name
+    if [ -f "$out/.jaula-built" ] && [ -f "$out/.jaula-applied" ] && [ -x "$out/criu/criu" ] \
         && [ -f "$out/lib/pycriu/rpc_pb2.py" ]; then
         SRC_TREE=$out; return 0
     fi
     rm -rf "$out" "$out.tmp" "$SRC_TREE".jaula-*  # older builds: one is enough
     cp -a "$SRC_TREE" "$out.tmp"
-    rm -f "$out.tmp/.jaula-built"
-    local gitid=$BUILD_ID
+    rm -f "$out.tmp/.jaula-built" "$out.tmp/.jaula-applied"
+    local gitid=$BUILD_ID applied=()
+    : >"$LOGS/criu-patch.log"
     for p in "${PATCHES[@]}"; do
+        name=$(basename "$p" .patch)
         # --fuzz=0: on a newer CRIU a hunk applies exactly where it was written, or not at all
         if patch -d "$out.tmp" -p1 --forward --fuzz=0 --dry-run <"$p" >>"$LOGS/criu-patch.log" 2>&1; then
             patch -d "$out.tmp" -p1 --forward --fuzz=0 <"$p" >>"$LOGS/criu-patch.log" 2>&1
-            say "criu: applied $(basename "$p")"
+            applied+=("applied $name")
+            say "criu: applied $name"
         else
+            applied+=("not-applied $name")
             gitid=$BUILD_ID-partial
-            say "WARNING: $(basename "$p") does not apply to $(basename "$SRC_TREE"); building without it (see $LOGS/criu-patch.log)" >&2
+            say "WARNING: $name does not apply to $(basename "$SRC_TREE"); building without it (see $LOGS/criu-patch.log)" >&2
         fi
     done
+    printf '%s\n' "${applied[@]}" >"$out.tmp/.jaula-applied"
     say "criu: building $(basename "$SRC_TREE") as $gitid (make -j$JOBS criu lib, ~40 s)"
     local t0=$SECONDS
     run_logged criu-clean make -C "$out.tmp" clean
@@ -285,6 +344,33 @@ build_tree() {
     say "criu: built in $((SECONDS - t0)) s"
 }
 
+# write_manifest BIN: BIN's manifest (see migrate/criu.py, "The patch manifest"), from the
+# build tree SRC_TREE that BIN was installed from; atomic.
+write_manifest() {
+    local bin=$1 m deb suite file sum
+    m=$(manifest_of "$bin")
+    read -r deb suite file sum <"$SRC_TREE/.jaula-unpacked"
+    mkdir -p "$(dirname "$m")"
+    {
+        printf '# jaula: the CRIU patch series built into one criu binary. Written by\n'
+        printf '# scripts/setup.sh when it installs the binary; migrate/criu.py ignores it\n'
+        printf '# unless binary-sha256 is the sha256 of the criu it runs.\n'
+        printf 'format 1\n'
+        printf 'binary %s\n' "$(realpath -m "$bin")"
+        printf 'binary-sha256 %s\n' "$(sha256sum "$bin" | cut -d' ' -f1)"
+        printf 'gitid %s\n' "$(criu_gitid "$bin")"
+        printf 'criu-version %s\n' "$(criu_version "$bin")"
+        printf 'pin %s %s\n' "$CRIU_PIN" "$CRIU_PIN_SHA256"
+        printf 'source %s %s debian %s %s\n' "$file" "$sum" "$suite" "$deb"
+        printf 'series %s\n' "$SERIES"
+        cat "$SRC_TREE/.jaula-applied"
+    } >"$m.new.$$"
+    chmod 0644 "$m.new.$$"
+    mv -f "$m.new.$$" "$m"
+}
+# not_applied BIN: the names of the patches BIN's manifest says did not apply, one a line.
+not_applied() { sed -n 's/^not-applied //p' "$(manifest_of "$1")"; }
+
 # --- 2. CRIU ----------------------------------------------------------------------------
 CRIU=""
 if criu_good "$CRIU_BIN" && criu_ours "$CRIU_BIN"; then
@@ -295,10 +381,15 @@ elif [ -z "${JAULA_CRIU_PREFIX:-}" ] && sys=$(command -v criu) && [ "$sys" != "$
     CRIU=$sys
     say "criu $(criu_version "$CRIU") ok (system, $CRIU)"
 else
-    if criu_good "$CRIU_BIN"; then
-        say "criu: $CRIU_BIN is not $BUILD_ID (scripts/criu-patches); rebuilding"
-    elif [ -e "$CRIU_BIN" ]; then
+    g=$(criu_gitid "$CRIU_BIN")
+    if [ ! -e "$CRIU_BIN" ]; then
+        :
+    elif ! criu_good "$CRIU_BIN"; then
         say "criu: $CRIU_BIN ($(criu_version "$CRIU_BIN" || true)) fails the check; rebuilding"
+    elif [ "$g" = "$BUILD_ID" ] || [ "$g" = "$BUILD_ID-partial" ]; then
+        say "criu: $CRIU_BIN has no manifest made for it ($(manifest_of "$CRIU_BIN")); reinstalling"
+    else
+        say "criu: $CRIU_BIN is ${g:-another build}, not $BUILD_ID (scripts/criu-patches); rebuilding"
     fi
     ensure_source ""
     build_tree
@@ -308,11 +399,15 @@ else
     install -m 0755 "$SRC_TREE/criu/criu" "$CRIU_BIN.new.$$"
     mv -f "$CRIU_BIN.new.$$" "$CRIU_BIN"    # atomic: a criu running now keeps its binary
     criu_good "$CRIU_BIN" || die "installed $CRIU_BIN but it fails 'criu check'"
+    write_manifest "$CRIU_BIN"
     CRIU=$CRIU_BIN
     say "criu $(criu_version "$CRIU") ok (built from $(src_desc), installed as $CRIU)"
 fi
-criu_partial "$CRIU" && say "WARNING: $CRIU lacks some of scripts/criu-patches (they did not apply to its source): it works, with longer downtimes" >&2
 CRIU_VER=$(criu_version "$CRIU")
+[ "$CRIU_VER" = "$CRIU_PIN" ] || say "WARNING: $CRIU is CRIU $CRIU_VER, not the pinned $CRIU_PIN (no Debian suite served it when it was built)" >&2
+missing_patches=$(not_applied "$CRIU" | tr '\n' ' ')
+[ -z "$missing_patches" ] || say "WARNING: $CRIU lacks ${missing_patches% } (they did not apply to CRIU $CRIU_VER): jaula refuses the migration strategies that need them" >&2
+say "criu: manifest $(manifest_of "$CRIU")"
 if [ -z "${JAULA_CRIU_PREFIX:-}" ]; then
     onpath=$(command -v criu || true)
     if [ "$onpath" != "$CRIU" ]; then
@@ -384,5 +479,21 @@ $(tail -n 15 "$LOGS/pycriu-check.log")
     [ "$pyver" = "$CRIU_VER" ] || say "note: pycriu $pyver is built from another CRIU version than criu $CRIU_VER"
     say "pycriu $pyver ok (installed into $VENV)"
 fi
+
+# --- 5. what jaula sees of its CRIU ----------------------------------------------------
+# migrate/criu.py reads the manifest as the node service will: the strategies it refuses
+# are said here, and a manifest it cannot read for this binary stops setup.
+seen=$(cd / && "$PY" -I - "$CRIU" 2>"$LOGS/criu-series.log" <<'EOF'
+import sys
+from migrate import criu
+b = criu.build(sys.argv[1])
+if not b.patches:
+    sys.exit(f"migrate.criu finds no patch series for {b.binary} (manifest {criu.manifest_path(b.binary)})")
+print(f"{len(b.patches)} patches, " + ", ".join(
+    f"{s} refused (lacks {' '.join(m)})" if (m := b.missing(s)) else f"{s} ok"
+    for s in criu.REQUIRED_PATCHES))
+EOF
+) || die "$(tail -n 3 "$LOGS/criu-series.log")"
+say "criu: jaula sees $seen"
 
 say "done"
