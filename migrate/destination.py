@@ -212,6 +212,7 @@ class DestinationSession:
         o = self.offer
         if o.get("strategy", "cold") not in tuple(Strategy):
             raise PreflightError(f"this node cannot do strategy {o.get('strategy')!r}")
+        self._check_patches(str(o.get("strategy", "cold")))
         cfg = ContainerConfig.from_json(o["container"])
         check_compatible(
             Manifest(
@@ -243,6 +244,24 @@ class DestinationSession:
         ps = await self._listen_lazy() if self.postcopy else self._start_page_server()
         await asyncio.to_thread(self.rt.wait_armed, self.armed)
         await self.send("accept", missing_layers=missing, **bulk, **ps)
+
+    def _check_patches(self, strategy: str) -> None:
+        """Raise PreflightError when this node's CRIU or the source's (``offer.criu_patches``;
+        absent from an older source: taken as stock CRIU) lacks a patch the strategy needs
+        (:data:`migrate.criu.REQUIRED_PATCHES`), naming it."""
+        here = criu.build()
+        if missing := here.missing(strategy):
+            raise PreflightError(
+                f"the destination's CRIU ({here.binary}, {here.gitid or 'stock'}) lacks the "
+                f"patch {', '.join(missing)} that {strategy} needs "
+                "(scripts/criu-patches/README): run `make setup` there, or use another strategy"
+            )
+        theirs = [str(x) for x in self.offer.get("criu_patches", [])]
+        if missing := criu.missing_patches(strategy, theirs):
+            raise PreflightError(
+                f"the source's CRIU lacks the patch {', '.join(missing)} that {strategy} "
+                f"needs (scripts/criu-patches/README): run `make setup` on {self.source}"
+            )
 
     def _check_space_and_names(self, cfg: ContainerConfig) -> None:
         """Raise PreflightError when the container's id or name is taken here, or the

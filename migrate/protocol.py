@@ -119,6 +119,7 @@ SCHEMAS: dict[str, dict[str, tuple[Any, int | None, bool]]] = {
         "page_server": (*_LIST, False),
         "ps_cert": (bytes, 8192, False),
         "features": (*_LIST, False),
+        "criu_patches": (*_LIST, False),
     },
     "accept": {
         "session": (*_NAME, True),

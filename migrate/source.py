@@ -234,12 +234,21 @@ class SourceSession:
         from runtime.image.transfer import image_record
 
         c, link = self.c, self.link
+        crb = await asyncio.to_thread(criu.build)
+        if missing := crb.missing(self.strategy.value):
+            raise PreflightError(
+                f"this node's CRIU ({crb.binary}, {crb.gitid or 'stock'}) lacks the patch "
+                f"{', '.join(missing)} that {self.strategy.value} needs "
+                f"(scripts/criu-patches/README): run `make setup` on {self.node_name}; "
+                f"nothing was frozen, {c.name} keeps running here"
+            )
         ps_cert, cert, key = await asyncio.to_thread(certs.make_identity, self.work, "source")
         await link.send(
             "offer",
             container=c.config.to_json(),
             image=image_record(self.rt.images, c.config.image_id),
-            criu_version=list(criu.version()),
+            criu_version=list(crb.version),
+            criu_patches=sorted(crb.patches),
             cpu_flags=list(cpu_flags()),
             estimate_bytes=self.estimate,
             strategy=self.strategy.value,

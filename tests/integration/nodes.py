@@ -46,7 +46,9 @@ class Cluster2:
         """The node's runtime through the local CLI (``--state-root``)."""
         return Jaula(self.state_root(node))
 
-    def start(self, node: str) -> None:
+    def start(self, node: str, env: dict[str, str] | None = None) -> None:
+        """Start ``node``'s service (``env``: more environment for it) and wait until it
+        answers."""
         log = open(self.files.root / f"{node}.log", "ab")  # noqa: SIM115 - owned by the proc
         p = subprocess.Popen(
             [
@@ -64,6 +66,7 @@ class Cluster2:
             stderr=log,
             cwd=REPO,
             start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         log.close()
         self.procs[node] = p

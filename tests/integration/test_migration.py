@@ -470,3 +470,36 @@ def test_a_message_out_of_order_is_refused_and_rolled_back(
     finally:
         problems = c.close()
         assert not problems, "\n".join(problems)
+
+
+def test_a_strategy_whose_criu_patches_are_missing_is_refused_before_the_freeze(
+    tmp_path: Path, busybox_image_layout: Path
+) -> None:
+    """node2 runs a copy of the same criu without jaula's patch manifest beside it: to
+    jaula that is a stock CRIU, which cannot do post-copy safely (patches 0005-0009).  The
+    offer is refused naming the missing patches; nothing froze, the container keeps its
+    counter on node1."""
+    import shutil
+
+    from migrate import criu
+
+    stock = tmp_path / "stock" / "sbin" / "criu"
+    stock.parent.mkdir(parents=True)
+    shutil.copy2(criu.find_criu(), stock)
+    assert criu.patch_series(str(stock)) == frozenset()
+    c = make_cluster(tmp_path / "cluster", busybox_image_layout)
+    try:
+        c.start("node1")
+        c.start("node2", env={"JAULA_CRIU": str(stock)})
+        n1 = c.local("node1")
+        n1.run("run", "-d", "--name", "pc", "busybox", "sh", "-c", COUNTER)
+        wait_ticks(n1, "pc", 3)
+        p = c.op("migrate", "pc", "node2", "--strategy", "postcopy", check=False)
+        assert p.returncode == 125, p.stderr
+        assert "lacks the patch 0005-page-server-client-time-limits" in p.stderr
+        assert "0006-lazy-dump-commit" in p.stderr
+        _continues_on(c, "pc", "node1")
+        assert c.local("node2").container_ids() == []
+    finally:
+        problems = c.close()
+        assert not problems, "\n".join(problems)
