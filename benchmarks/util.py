@@ -86,15 +86,14 @@ def check_cmd(
 
 
 def wait_for(pred: Callable[[], str | None], timeout_s: float, what: str) -> str:
-    """Poll ``pred`` (a truthy string when done) every 20 ms for ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise RunError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.02)
+    """Poll ``pred`` (a truthy string when done) for ``timeout_s`` (runtime.poll); raises
+    RunError naming ``what`` on a time-out."""
+    from runtime.poll import wait_for as poll
+
+    got = poll(pred, timeout_s, 0.02)
+    if not got:
+        raise RunError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    return got
 
 
 def lines_with(text: str, needle: str) -> list[str]:

@@ -42,6 +42,7 @@ from migrate.transport import Client, Incoming, Server
 from runtime.container import Container, Runtime
 from runtime.errors import JaulaError
 from runtime.logs import read_log
+from runtime.poll import await_for
 from runtime.state import ContainerStatus
 from runtime.store import LOG
 
@@ -495,16 +496,14 @@ class NodeService:
             from runtime import syscalls as sc
 
             mon = c.state.monitor_pid
-            for _ in range(200):
-                kids = Path(f"/proc/{mon}/task/{mon}/children").read_text().split()
-                if kids:
-                    with c.locked():
-                        c.state.status = S.RUNNING
-                        c.state.pid = int(kids[0])
-                        c.state.pid_start_time = sc.proc_start_time(int(kids[0]))
-                        c.save()
-                    break
-                await asyncio.sleep(0.05)
+            children = Path(f"/proc/{mon}/task/{mon}/children")
+            kids = await await_for(lambda: children.read_text().split(), 10.0)
+            if kids:
+                with c.locked():
+                    c.state.status = S.RUNNING
+                    c.state.pid = int(kids[0])
+                    c.state.pid_start_time = sc.proc_start_time(int(kids[0]))
+                    c.save()
         else:
             c.wait_monitor(10.0)
             c.refresh()

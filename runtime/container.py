@@ -34,6 +34,7 @@ from runtime.errors import (
 )
 from runtime.exec_process import exec_in
 from runtime.image import ImageStore
+from runtime.poll import wait_for
 from runtime.rootfs.mounts import secure_join
 from runtime.rootfs.overlay import OverlayLayout, is_mountpoint, mount_overlay, unmount
 from runtime.spec import ContainerConfig, Mount, User, parse_env
@@ -236,30 +237,25 @@ class Container:
             return self.state.exit_code
 
     def _wait_stopped(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not sc.is_alive(self.state.pid, self.state.pid_start_time):
-                return True
-            time.sleep(0.02)
-        return not sc.is_alive(self.state.pid, self.state.pid_start_time)
+        return wait_for(
+            lambda: not sc.is_alive(self.state.pid, self.state.pid_start_time), timeout_s, 0.02
+        )
 
     def wait_monitor(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` seconds for the monitor to exit."""
-        deadline = time.monotonic() + timeout_s
-        while self.monitor_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: not self.monitor_alive(), timeout_s, 0.02)
 
     def wait(self, timeout_s: float | None = None) -> int | None:
         """Block until the container stops; return its exit code.  Raises TimeoutError."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
+
+        def stopped() -> bool:
             self.refresh()
-            if self.status not in (S.RUNNING, S.PAUSED) and not self.monitor_alive():
-                self.refresh()
-                return self.state.exit_code
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"container {self.name} still running after {timeout_s} s")
-            time.sleep(0.05)
+            return self.status not in (S.RUNNING, S.PAUSED) and not self.monitor_alive()
+
+        if not wait_for(stopped, timeout_s):
+            raise TimeoutError(f"container {self.name} still running after {timeout_s} s")
+        self.refresh()
+        return self.state.exit_code
 
     def pause(self) -> None:
         """Freeze every task of the container (freezer cgroup)."""
@@ -586,19 +582,20 @@ class Runtime:
         from runtime.store import ARMED_MARK
 
         mark = Path(armed.fifo).parent / ARMED_MARK
-        deadline = time.monotonic() + timeout_s
-        while not mark.exists():
-            if not sc.is_alive(armed.mon_pid, armed.mon_start):
-                raise ContainerError(
-                    f"the armed monitor {armed.mon_pid} died before it was ready",
-                    armed.container_id,
-                )
-            if time.monotonic() > deadline:
-                raise ContainerError(
-                    f"the armed monitor {armed.mon_pid} was not ready after {timeout_s:.0f} s",
-                    armed.container_id,
-                )
-            time.sleep(0.002)
+
+        def ready_or_dead() -> bool:
+            return mark.exists() or not sc.is_alive(armed.mon_pid, armed.mon_start)
+
+        if not wait_for(ready_or_dead, timeout_s, 0.002):
+            raise ContainerError(
+                f"the armed monitor {armed.mon_pid} was not ready after {timeout_s:.0f} s",
+                armed.container_id,
+            )
+        if not mark.exists():
+            raise ContainerError(
+                f"the armed monitor {armed.mon_pid} died before it was ready",
+                armed.container_id,
+            )
 
     def disarm(self, armed: ArmedRestore) -> None:
         """Call off an armed restore: the monitor exits without restoring."""
@@ -607,9 +604,7 @@ class Runtime:
             _await_monitor(Path(armed.fifo).parent, armed.sync_r)
         except ContainerError:
             pass
-        deadline = time.monotonic() + 5
-        while sc.is_alive(armed.mon_pid, armed.mon_start) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: not sc.is_alive(armed.mon_pid, armed.mon_start), 5.0, 0.01)
 
     def revive(
         self, container_id: str, restorer: str, arg: str, armed: ArmedRestore | None = None
@@ -762,10 +757,7 @@ def _undo_start(
         cg.destroy()
     except Exception as e:  # noqa: BLE001 - keep undoing, but say so
         log.error("run.rollback.cgroup", error=str(e))
-    deadline = time.monotonic() + 10
-    while sc.is_alive(mon_pid, mon_start) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if sc.is_alive(mon_pid, mon_start):
+    if not wait_for(lambda: not sc.is_alive(mon_pid, mon_start), 10.0, 0.01):
         os.kill(mon_pid, signal.SIGKILL)
     try:
         unmount(layout.merged)

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+from runtime import poll
 from runtime.errors import CgroupError
 
 #: Extra words appended to an error message, per errno, saying what it usually means here.
@@ -235,16 +235,5 @@ def procs_recursive(path: Path) -> list[int]:
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, max_interval_s: float = 0.05) -> bool:
-    """Poll ``condition`` until it is true or ``timeout_s`` seconds passed.
-
-    The interval starts at 1 ms and doubles up to ``max_interval_s``.  Returns the last result.
-    """
-    deadline = time.monotonic() + timeout_s
-    interval = 0.001
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return condition()
-        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
-        interval = min(interval * 2, max_interval_s)
+    """:func:`runtime.poll.wait_for` for a yes/no condition (the cgroup drivers' name)."""
+    return bool(poll.wait_for(condition, timeout_s, max_interval_s))
