@@ -1,7 +1,7 @@
 """Command lines of the migrate layer.
 
 - ``jaula``: the runtime's commands (:mod:`runtime.cli`) plus ``checkpoint``, ``restore``,
-  ``migrate``, ``node keygen|serve|ls``, and ``--node NAME`` before ``ps``, ``inspect``,
+  ``migrate``, ``node keygen|serve|ls``, ``cluster init|join`` (:mod:`migrate.cluster_init`), and ``--node NAME`` before ``ps``, ``inspect``,
   ``logs``, ``exec``, ``stop`` and ``rm`` to act on a node of the cluster through its service.
 - ``migrate CTR NODE``: the same as ``jaula migrate CTR NODE``.
 
@@ -49,7 +49,8 @@ class MigrateCommands:
 
     def is_remote(self, a: argparse.Namespace) -> bool:
         return (
-            (a.node is not None and a.cmd in REMOTE_COMMANDS)
+            a.cmd == "cluster"  # writes files only: no root, no local state
+            or (a.node is not None and a.cmd in REMOTE_COMMANDS)
             or a.cmd == "migrate"
             or (a.cmd == "node" and a.node_cmd == "ls")
         )
@@ -99,8 +100,13 @@ class MigrateCommands:
             help="seconds a peer may stay silent in a migration (default 20)",
         )
         nsub.add_parser("ls", help="every node of the cluster: reachable, load, containers")
+        add_cluster_commands(sub)
 
     def dispatch(self, rt: Runtime | None, a: argparse.Namespace) -> int | None:
+        if a.cmd == "cluster":
+            if a.node is not None:
+                raise JaulaError("--node does not go with `cluster`: it writes files here")
+            return cluster_command(a)
         if self.is_remote(a):
             return asyncio.run(remote(a))
         if a.node is not None:  # never act on the local state root instead of that node
@@ -181,6 +187,111 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
         "but until the last page arrives the container needs both nodes",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+# -- cluster init / join -----------------------------------------------------------------------
+
+
+def add_cluster_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    cl = sub.add_parser("cluster", help="write a cluster directory: keys, cluster file, configs")
+    csub = cl.add_subparsers(dest="cluster_cmd", required=True, metavar="COMMAND")
+    ini = csub.add_parser(
+        "init",
+        help="new cluster in DIR: keys, cluster.toml, NODE.toml per node, "
+        "OPERATOR-client.toml per operator (never overwrites a file)",
+    )
+    ini.add_argument("dir", type=Path, help="the directory (created when missing)")
+    ini.add_argument(
+        "--nodes", required=True, help="node names, comma-separated (e.g. node1,node2)"
+    )
+    ini.add_argument(
+        "--operators",
+        default="admin",
+        help="operator names, comma-separated, or '' for none (default: admin)",
+    )
+    ini.add_argument(
+        "--listen-host",
+        default="127.0.0.1",
+        help="host the nodes listen on and are reached at (default 127.0.0.1)",
+    )
+    ini.add_argument(
+        "--base-port",
+        type=int,
+        default=7001,
+        help="port of the first node, the next ones follow (default 7001; 0: free ports "
+        "the kernel picks on the listen host now)",
+    )
+    jn = csub.add_parser(
+        "join", help="add a node to the cluster in DIR: its keys, NODE.toml, its cluster.toml entry"
+    )
+    jn.add_argument("dir", type=Path, help="a directory made by `jaula cluster init`")
+    jn.add_argument("--node", dest="join_node", metavar="NAME", required=True, help="its name")
+    jn.add_argument("--endpoint", required=True, help="where the others reach it: tcp://HOST:PORT")
+    jn.add_argument("--listen", help="what it binds (default: the endpoint; tcp://*:PORT: all)")
+    for p in (ini, jn):
+        p.add_argument(
+            "--state-dir",
+            type=Path,
+            help="parent of each node's state root (default DIR/state: node N gets DIR/state/N)",
+        )
+        p.add_argument(
+            "--cgroup-parent",
+            metavar="TEMPLATE",
+            help="each node's cgroup_parent, {node} replaced by its name (default: none "
+            "written; the runtime derives jaula-<hash of the state root>)",
+        )
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def cluster_command(a: argparse.Namespace) -> int:
+    """``jaula cluster init|join``: call :mod:`migrate.cluster_init`, print what it wrote."""
+    from migrate import cluster_init
+
+    if a.cluster_cmd == "init":
+        endpoints = cluster_init.plan_endpoints(_names(a.nodes), a.listen_host, a.base_port)
+        c = cluster_init.init_cluster(
+            a.dir,
+            endpoints,
+            _names(a.operators),
+            state_dir=a.state_dir,
+            cgroup_parent=a.cgroup_parent,
+        )
+        for f in c.written:
+            print(f)
+        for nf in c.nodes.values():
+            print(
+                f"node {nf.name}: {nf.endpoint}, state root {nf.state_root}; start it with "
+                f"`jaula node serve --config {nf.config}`",
+                file=sys.stderr,
+            )
+        for of in c.operators.values():
+            print(
+                f"operator {of.name}: export JAULA_CLIENT_CONFIG={of.client_config} "
+                "(or --client-config)",
+                file=sys.stderr,
+            )
+        return 0
+    j = cluster_init.join_cluster(
+        a.dir,
+        a.join_node,
+        a.endpoint,
+        listen=a.listen,
+        state_dir=a.state_dir,
+        cgroup_parent=a.cgroup_parent,
+    )
+    for f in j.written:
+        print(f)
+    print(f"{j.cluster} (added [nodes.{j.node.name}])")
+    print(
+        f"node {j.node.name}: {j.node.endpoint}, state root {j.node.state_root}; start it with "
+        f"`jaula node serve --config {j.node.config}`, and restart the running node services "
+        "so that they accept it",
+        file=sys.stderr,
+    )
+    return 0
 
 
 # -- talking to node services -------------------------------------------------------------------

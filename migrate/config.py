@@ -213,6 +213,34 @@ def _read_toml(path: Path, what: str, example: str) -> dict[str, Any]:
         ) from e
 
 
+def endpoint_problem(value: str, bind: bool) -> str | None:
+    """Why ``value`` is not an endpoint jaula accepts, or None when it is one.
+
+    Accepted: ``tcp://HOST:PORT`` (HOST a name, an IPv4 address or a bracketed IPv6 one; ``*``
+    only when ``bind``, i.e. for a ``listen``; PORT 1-65535) and ``ipc://PATH``.
+    """
+    m = _TCP.fullmatch(value)
+    if m is not None:
+        if not bind and m["host"] == "*":
+            return f"{value!r} is a bind address; peers need a host they can connect to"
+        if not 1 <= int(m["port"]) <= 65535:
+            return f"port {m['port']} is out of range 1-65535"
+        return None
+    if _IPC.fullmatch(value):
+        return None
+    return f"{value!r} is not a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH)"
+
+
+def cgroup_parent_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a node's ``cgroup_parent``, or None: it must be a relative
+    cgroup path of letters, digits, ``_ . -`` and ``/``, without ``..``."""
+    if not _CGROUP_PARENT.fullmatch(value) or ".." in value.split("/"):
+        return (
+            f"{value!r} must be a relative cgroup path without '..' (letters, digits, '_.-', '/')"
+        )
+    return None
+
+
 class _Table:
     """A TOML table with the file and dotted prefix that every error message needs."""
 
@@ -269,22 +297,10 @@ class _Table:
 
     def endpoint(self, k: str, example: str, bind: bool) -> str:
         v = self.string(k, example)
-        m = _TCP.fullmatch(v)
-        if m is not None:
-            if not bind and m["host"] == "*":
-                raise self.error(
-                    k,
-                    f"{v!r} is a bind address; peers need a host they can "
-                    f"connect to: write {example}",
-                )
-            if not 1 <= int(m["port"]) <= 65535:
-                raise self.error(k, f"port {m['port']} is out of range 1-65535; write {example}")
-            return v
-        if _IPC.fullmatch(v):
-            return v
-        raise self.error(
-            k, f"{v!r} is not a ZeroMQ endpoint; write {example} (tcp://HOST:PORT or ipc://PATH)"
-        )
+        problem = endpoint_problem(v, bind)
+        if problem is not None:
+            raise self.error(k, f"{problem}; write {example}")
+        return v
 
     def table(self, k: str, example: str, required: bool) -> dict[str, Any]:
         v = self.data.get(k)
@@ -343,12 +359,9 @@ def load_node_config(path: Path | str) -> NodeConfig:
         cgroup_parent = t.string(
             "cgroup_parent", _NODE_KEYS["cgroup_parent"], default=DEFAULT_CGROUP_PARENT
         )
-        if not _CGROUP_PARENT.fullmatch(cgroup_parent) or ".." in cgroup_parent.split("/"):
-            raise t.error(
-                "cgroup_parent",
-                f"{cgroup_parent!r} must be a relative cgroup path "
-                "without '..' (letters, digits, '_.-', '/'); write " + _NODE_KEYS["cgroup_parent"],
-            )
+        problem = cgroup_parent_problem(cgroup_parent)
+        if problem is not None:
+            raise t.error("cgroup_parent", f"{problem}; write {_NODE_KEYS['cgroup_parent']}")
     return NodeConfig(
         name=t.name("name", t.string("name", _NODE_KEYS["name"]), _NODE_KEYS["name"]),
         listen=t.endpoint("listen", _NODE_KEYS["listen"], bind=True),

@@ -26,15 +26,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step "A local cluster: keys, cluster file and configs for node1, node2 and operator admin"
-"$PY" - "$WORK" <<'PYEOF'
-import sys
-from pathlib import Path
-from tests.integration.cluster_setup import write_cluster
-c = write_cluster(Path(sys.argv[1]), operators=("admin",))
-for n, e in c.endpoints.items():
-    print(f"{n}: {e}  state root {c.root / 'state' / n}")
-PYEOF
+step "jaula cluster init: keys, cluster file and configs for node1, node2 and operator admin"
+# --base-port 0: ports the kernel finds free now (the default is 7001, 7002, ...)
+jaula cluster init "$WORK" --nodes node1,node2 --operators admin --base-port 0 \
+    --cgroup-parent 'jaula-demo-{node}'
 
 step "Build a Redis OCI image (Debian's redis-server) and import it on node1 only"
 LAYOUT=$("$PY" -m tests.helpers.images redis "$WORK/image" | tail -n 1)
@@ -80,7 +75,7 @@ step "Nothing left on node1 (only the record of where it went)"
 jaula --node node1 ps -a
 CID=$(jaula --node node2 inspect redis | "$PY" -c 'import json,sys; print(json.load(sys.stdin)[0]["Id"])')
 left=$(grep -c "$WORK/state/node1/containers/$CID" /proc/mounts || true)
-left=$((left + $(find /sys/fs/cgroup -path "*jaula-test-node1*" -name "$CID" | wc -l)))
+left=$((left + $(find /sys/fs/cgroup -path "*jaula-demo-node1*" -name "$CID" | wc -l)))
 if [ "$left" != 0 ]; then echo "demo: node1 still has mounts or cgroups of $CID" >&2; exit 1; fi
 echo "node1 holds no mount, cgroup or process of $CID"
 jaula node ls

@@ -1,8 +1,8 @@
 """jaula: ``jaula migrate`` between two node services on 127.0.0.1.
 
 Set-up (once per harness run): keys, cluster file and node configs from
-:func:`tests.integration.cluster_setup.write_cluster` (cgroup parents renamed
-``jaula-bench-<tag>-nodeN``), two ``jaula node serve`` processes in their own sessions, each
+:func:`migrate.cluster_init.init_cluster` (``jaula cluster init``: free ports on 127.0.0.1,
+cgroup parents ``jaula-bench-<tag>-nodeN``, operator ``alice``), two ``jaula node serve`` processes in their own sessions, each
 workload image imported on both nodes (so no run pays for layers the destination lacks: a
 one-time cost).  A run starts the container on node1 with the local CLI (``jaula
 --state-root``), then times ``jaula --client-config alice migrate NAME node2 --from node1
@@ -46,7 +46,8 @@ from benchmarks.util import (
     unmount_under,
 )
 from benchmarks.workloads import Image, Probe, Workload
-from tests.integration.cluster_setup import ClusterFiles, write_cluster
+from migrate.cluster_init import ClusterDir, init_cluster, plan_endpoints
+from migrate.errors import NodeConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 JAULA = [sys.executable, "-m", "migrate.cli"]
@@ -73,7 +74,7 @@ class JaulaCluster:
     def __init__(self, work: Path, tag: str) -> None:
         self.work = work
         self.tag = tag
-        self.files: ClusterFiles | None = None
+        self.files: ClusterDir | None = None
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.seen_ids: set[str] = set()
         self.ready = False
@@ -84,14 +85,14 @@ class JaulaCluster:
 
     def state_root(self, node: str) -> Path:
         assert self.files is not None
-        return self.files.root / "state" / node
+        return self.files.nodes[node].state_root
 
     def local(self, node: str) -> list[str]:
         return [*JAULA, "--state-root", str(self.state_root(node))]
 
     def op(self) -> list[str]:
         assert self.files is not None
-        return [*JAULA, "--client-config", str(self.files.clients["alice"])]
+        return [*JAULA, "--client-config", str(self.files.operators["alice"].client_config)]
 
     def node_log(self, node: str) -> str:
         f = self.work / f"{node}.log"
@@ -104,11 +105,15 @@ class JaulaCluster:
             raise RunError(self.error)
         try:
             self.work.mkdir(parents=True, exist_ok=True)
-            self.files = write_cluster(self.work / "cluster")
-            for node, cfg in self.files.nodes.items():
-                cfg.write_text(
-                    cfg.read_text().replace(f'"jaula-test-{node}"', f'"{self.cgroup_parent(node)}"')
+            try:
+                self.files = init_cluster(
+                    self.work / "cluster",
+                    plan_endpoints(NODES, "127.0.0.1", 0),
+                    ("alice",),
+                    cgroup_parent=self.cgroup_parent("{node}"),
                 )
+            except NodeConfigError as e:
+                raise RunError(f"jaula cluster init: {e}") from e
             for node in NODES:
                 self._start(node)
             for img in images.values():
@@ -134,7 +139,7 @@ class JaulaCluster:
                     "node",
                     "serve",
                     "--config",
-                    str(self.files.nodes[node]),
+                    str(self.files.nodes[node].config),
                 ],
                 stdout=log,
                 stderr=log,

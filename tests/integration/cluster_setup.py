@@ -1,15 +1,16 @@
 """A small cluster on 127.0.0.1 written into a directory: keys, cluster file, one node config
-per node and one client config per operator (see :func:`write_cluster`).  Used by the
+per node and one client config per operator (see :func:`write_cluster`, a thin wrapper over
+:mod:`migrate.cluster_init`, the code of ``jaula cluster init``).  Used by the
 ``cluster_files`` fixture of ``tests/integration/conftest.py``."""
 
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from migrate import keys
+from migrate.cluster_init import init_cluster, plan_endpoints
 from migrate.config import (
     ClientConfig,
     Cluster,
@@ -23,16 +24,8 @@ from migrate.config import (
 def free_tcp_ports(n: int) -> list[int]:
     """``n`` distinct TCP ports free on 127.0.0.1 right now (the kernel picks them; another
     process could take one before we bind it, which is unlikely on a test machine)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    eps = plan_endpoints([f"n{k}" for k in range(n)], "127.0.0.1", 0)
+    return [int(e.rsplit(":", 1)[1]) for e in eps.values()]
 
 
 @dataclass(frozen=True)
@@ -83,43 +76,23 @@ def write_cluster(
     operators: tuple[str, ...] = ("alice",),
     max_message_bytes: int | None = None,
 ) -> ClusterFiles:
-    """Generate keys and write the cluster, node and client files under ``root``."""
-    keys_dir = root / "keys"
-    for name in (*nodes, *operators):
-        keys.generate(keys_dir, name)
-    ports = free_tcp_ports(len(nodes))
-    endpoints = {n: f"tcp://127.0.0.1:{p}" for n, p in zip(nodes, ports, strict=True)}
-    lines = []
-    for n in nodes:
-        lines += [
-            f"[nodes.{n}]",
-            f'endpoint = "{endpoints[n]}"',
-            f'public_key = "keys/{n}.key"',
-            "",
-        ]
-    for o in operators:
-        lines += [f"[operators.{o}]", f'public_key = "keys/{o}.key"', ""]
-    cluster = root / "cluster.toml"
-    cluster.write_text("\n".join(lines))
-    node_files = {}
-    for n in nodes:
-        state_root = root / "state" / n
-        os.makedirs(state_root, exist_ok=True)
-        f = root / f"{n}.toml"
-        f.write_text(
-            f'name = "{n}"\nlisten = "{endpoints[n]}"\nstate_root = "state/{n}"\n'
-            f'secret_key = "keys/{n}.key_secret"\ncluster = "cluster.toml"\n'
-            f'cgroup_parent = "jaula-test-{n}"\n'
-            + (
-                f"max_message_bytes = {max_message_bytes}\n"
-                if max_message_bytes is not None
-                else ""
-            )
-        )
-        node_files[n] = f
-    client_files = {}
-    for o in operators:
-        f = root / f"{o}-client.toml"
-        f.write_text(f'secret_key = "keys/{o}.key_secret"\ncluster = "cluster.toml"\n')
-        client_files[o] = f
-    return ClusterFiles(root, keys_dir, cluster, node_files, client_files, endpoints)
+    """Generate keys and write the cluster, node and client files under ``root`` with
+    :func:`migrate.cluster_init.init_cluster` (what ``jaula cluster init`` does) on free
+    ports of 127.0.0.1, cgroup parents ``jaula-test-NAME``; the state roots are created."""
+    c = init_cluster(
+        root,
+        plan_endpoints(nodes, "127.0.0.1", 0),
+        operators,
+        cgroup_parent="jaula-test-{node}",
+        max_message_bytes=max_message_bytes,
+    )
+    for nf in c.nodes.values():
+        os.makedirs(nf.state_root, exist_ok=True)
+    return ClusterFiles(
+        c.root,
+        c.keys_dir,
+        c.cluster,
+        {n: nf.config for n, nf in c.nodes.items()},
+        {o: of.client_config for o, of in c.operators.items()},
+        {n: nf.endpoint for n, nf in c.nodes.items()},
+    )
