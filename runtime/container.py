@@ -39,10 +39,13 @@ from runtime.rootfs.mounts import secure_join
 from runtime.rootfs.overlay import OverlayLayout, is_mountpoint, mount_overlay, unmount
 from runtime.spec import ContainerConfig, Mount, User, parse_env
 from runtime.state import (
+    OPERATIONS,
     ContainerStatus,
     ExitRecord,
+    Operation,
     State,
     atomic_write_json,
+    can,
     check_transition,
     read_json,
 )
@@ -192,11 +195,14 @@ class Container:
         ``go`` (it removes ``go.fifo`` once told)."""
         return self.monitor_alive() and (self.dir / GO_FIFO).exists()
 
-    def _require(self, *allowed: ContainerStatus, action: str) -> None:
-        if self.status not in allowed:
+    def _require(self, op: Operation) -> None:
+        """Raise ContainerError unless ``op`` may start from this container's status
+        (:data:`runtime.state.OPERATIONS`), naming both and what it must be."""
+        if not can(op, self.status):
+            allowed = sorted(s.value for s in OPERATIONS[op][0])
             raise ContainerError(
-                f"container {self.name} ({self.id[:12]}) is {self.status.value}: cannot {action} "
-                f"it (it must be {' or '.join(s.value for s in allowed)})",
+                f"container {self.name} ({self.id[:12]}) is {self.status.value}: cannot "
+                f"{op.value} it (it must be {' or '.join(allowed)})",
                 self.id,
             )
 
@@ -204,7 +210,7 @@ class Container:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the container init.  Raises ContainerError unless running/paused."""
         with self.locked():
-            self._require(S.RUNNING, S.PAUSED, action="signal")
+            self._require(Operation.SIGNAL)
             try:
                 os.kill(self.state.pid, sig)
             except ProcessLookupError:
@@ -217,7 +223,7 @@ class Container:
         Returns the exit code (None if the monitor could not record it).  Stopping a stopped
         container is a no-op, as in Podman."""
         with self.locked():
-            if self.status not in (S.RUNNING, S.PAUSED):
+            if not can(Operation.STOP, self.status):
                 return self.state.exit_code
             cg = self.cgroup()
             try:
@@ -262,7 +268,7 @@ class Container:
         with self.locked():
             if self.status is S.PAUSED:
                 raise ContainerError(f"container {self.name} is already paused", self.id)
-            if self.status is not S.RUNNING:
+            if not can(Operation.PAUSE, self.status):
                 raise ContainerError(
                     f"container {self.name} is {self.status.value}: only a "
                     "running container can be paused",
@@ -275,7 +281,7 @@ class Container:
     def resume(self) -> None:
         """Thaw a paused container."""
         with self.locked():
-            if self.status is not S.PAUSED:
+            if not can(Operation.UNPAUSE, self.status):
                 raise ContainerError(
                     f"container {self.name} is {self.status.value}, not paused: nothing to resume",
                     self.id,
@@ -299,7 +305,7 @@ class Container:
         if not args:
             raise ConfigError("exec needs a command to run")
         with self.locked():
-            self._require(S.RUNNING, action="exec into")
+            self._require(Operation.EXEC)
             pid = self.state.pid
             cfg = self.config
             u = resolve_user(self.rootfs, user) if user else cfg.user
@@ -622,7 +628,7 @@ class Runtime:
         require_root()
         c = Container(self, container_id)
         with c.locked():
-            if c.status not in (S.CHECKPOINTED, S.MIGRATING):
+            if not can(Operation.RESTORE, c.status):
                 raise ContainerError(
                     f"container {c.name} ({c.id[:12]}) is {c.status.value}: only a checkpointed "
                     "or incoming container can be restored",

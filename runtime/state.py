@@ -73,7 +73,8 @@ class Operation(enum.Enum):
     PAUSE = "pause"
     UNPAUSE = "unpause"
     STOP = "stop"
-    EXEC = "exec"
+    SIGNAL = "signal"
+    EXEC = "exec into"
     CHECKPOINT = "checkpoint"
     RESTORE = "restore"
     MIGRATE_OUT = "migrate"
@@ -88,6 +89,7 @@ OPERATIONS: dict[Operation, tuple[frozenset[ContainerStatus], ContainerStatus | 
     Operation.PAUSE: (frozenset({S.RUNNING}), S.PAUSED),
     Operation.UNPAUSE: (frozenset({S.PAUSED}), S.RUNNING),
     Operation.STOP: (frozenset({S.RUNNING, S.PAUSED}), S.STOPPED),
+    Operation.SIGNAL: (frozenset({S.RUNNING, S.PAUSED}), None),
     Operation.EXEC: (frozenset({S.RUNNING}), None),
     Operation.CHECKPOINT: (frozenset({S.RUNNING}), S.CHECKPOINTED),
     Operation.RESTORE: (frozenset({S.CHECKPOINTED, S.MIGRATING}), S.RUNNING),
