@@ -222,7 +222,7 @@ def _status_text(c: Container) -> str:
         return f"Exited ({st.exit_code}) {_ago(st.finished_at)} ago"
     if st.status is ContainerStatus.MIGRATED:
         return f"Migrated to {st.migrated_to}"
-    return st.status.value.capitalize()
+    return str(st.status.value).capitalize()
 
 
 def cmd_ps(rt: Runtime, a: argparse.Namespace) -> int:

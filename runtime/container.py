@@ -228,7 +228,8 @@ class Container:
                 self._wait_stopped(10.0)
             self.wait_monitor(10.0)
             self.refresh()
-            if self.status is not S.STOPPED:
+            # self.state.status, not self.status: mypy keeps the narrowing above across refresh()
+            if self.state.status is not S.STOPPED:
                 raise ContainerError(f"container {self.name} did not stop", self.id)
             self.save()
             return self.state.exit_code
