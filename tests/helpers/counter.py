@@ -18,7 +18,7 @@ COUNTER = 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo "tick $i";
 
 def inspect(j: Jaula, ref: str) -> dict[str, Any]:
     """``jaula inspect`` of one container."""
-    return json.loads(j.out("inspect", ref))[0]  # type: ignore[no-any-return]
+    return json.loads(j.out("inspect", ref))[0]
 
 
 def count(j: Jaula, ref: str) -> int:

@@ -337,18 +337,17 @@ def test_digest_size_and_diff_id_mismatches_name_the_digest(tmp_path: Path) -> N
     blob = gzip.compress(tar)
     good = "sha256:" + hashlib.sha256(blob).hexdigest()
     bad = "sha256:" + "0" * 64
-    for i, kw in enumerate(
-        [
-            {"blob_digest": bad, "blob_size": len(blob)},
-            {"blob_digest": good, "blob_size": len(blob) + 1},
-            {"blob_digest": good, "blob_size": len(blob) - 1},
-            {"diff_id": bad},
-        ]
-    ):
+    cases: list[dict[str, Any]] = [
+        {"blob_digest": bad, "blob_size": len(blob)},
+        {"blob_digest": good, "blob_size": len(blob) + 1},
+        {"blob_digest": good, "blob_size": len(blob) - 1},
+        {"diff_id": bad},
+    ]
+    for i, kw in enumerate(cases):
         dest = tmp_path / f"l{i}"
         dest.mkdir()
         with pytest.raises(ImageError) as err:
-            unpack_layer(io.BytesIO(blob), dest, **kw)  # type: ignore[arg-type]
+            unpack_layer(io.BytesIO(blob), dest, **kw)
         assert str(kw.get("blob_digest", kw.get("diff_id"))) in str(err.value)
 
 
@@ -562,7 +561,7 @@ def test_store_docker_archive_names_and_shared_layers(
     config = write_docker_archive(archive, [base, top], ["docker.io/library/app:2", "app:3"])
     assert config == oci.config_digest  # same config bytes: same image
     calls: list[str] = []
-    real = store_mod.unpack_layer
+    real = unpack_layer
 
     def counting(*a: Any, **kw: Any) -> Any:
         calls.append(str(kw.get("diff_id")))
