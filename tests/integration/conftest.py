@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.nodes import Cluster2, make_cluster, serving
 from tests.integration.cluster_setup import ClusterFiles, write_cluster
-from tests.integration.nodes import Cluster2, make_cluster, serving
 
 
 @pytest.fixture

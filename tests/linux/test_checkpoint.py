@@ -8,15 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.counter import (
-    COUNTER,
-    assert_continuous,
-    count,
-    inspect,
-    ticks,
-    wait_ticks,
-)
-from tests.linux.conftest import Jaula, mounts_under, needs_criu
+from tests.helpers.containers import inspect
+from tests.helpers.counter import COUNTER, assert_continuous, count, ticks, wait_ticks
+from tests.helpers.jaula import Jaula
+from tests.helpers.leaks import mounts_under
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 

@@ -12,7 +12,8 @@ import pytest
 from runtime import syscalls as sc
 from runtime.container import Runtime
 from tests.helpers.counter import COUNTER, wait_ticks
-from tests.linux.conftest import Jaula, needs_criu
+from tests.helpers.jaula import Jaula
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 

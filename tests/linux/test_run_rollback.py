@@ -15,7 +15,8 @@ import runtime.container as rc
 from runtime.cgroups import create_manager
 from runtime.container import RunOptions, Runtime
 from runtime.errors import CgroupError, ContainerError
-from tests.linux.conftest import Jaula, cgroup_dirs, mounts_under
+from tests.helpers.jaula import Jaula
+from tests.helpers.leaks import cgroup_dirs, mounts_under
 
 pytestmark = pytest.mark.root
 

@@ -7,7 +7,9 @@ ctypes (libc and raw syscalls) only in ``runtime/syscalls.py``, pycriu only in
 CURVE certificate files are ZeroMQ's own format, written and read by pyzmq's zmq.auth; no
 socket or context there).  Every import counts: at the top, inside a function, under
 ``TYPE_CHECKING``, relative, or ``importlib.import_module("...")`` with a literal name.
-Tests and benchmarks are not checked: they may drive an outside system to verify the product.
+Tests and benchmarks may drive an outside system to verify the product; what they must not do
+is import from a conftest.py or a test module (pytest imports those under other names, so the
+module would run twice): shared code lives in tests/helpers and tests/fakes.
 """
 
 from __future__ import annotations
@@ -127,6 +129,25 @@ def test_one_module_owns_each_outside_system(system: str) -> None:
     assert not bad, (
         f"only {', '.join(OWNERS[system])} may import {system}: call it through that "
         "module instead:\n" + "\n".join(bad)
+    )
+
+
+def test_tests_import_helpers_not_conftests_or_test_modules() -> None:
+    files = sorted(p for d in ("tests", "benchmarks") for p in (REPO / d).rglob("*.py"))
+    bad = sorted(
+        {
+            str(imp)
+            for f in files
+            for imp in imports_in(f.read_text(), str(f.relative_to(REPO)))
+            if imp.top in ("tests", "conftest")
+            and any(
+                part == "conftest" or part.startswith("test_") for part in imp.module.split(".")
+            )
+        }
+    )
+    assert not bad, (
+        "move what these import into tests/helpers (or tests/fakes); a conftest.py holds "
+        "fixtures only:\n" + "\n".join(bad)
     )
 
 
