@@ -9,7 +9,6 @@ so a failed ``run`` leaves no mount, cgroup, process or directory behind.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import sys
@@ -45,11 +44,7 @@ from runtime.state import (
 )
 from runtime.store import Store, flocked
 
-if not structlog.is_configured():  # a library is quiet unless the application says otherwise
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=lambda *args: structlog.PrintLogger(sys.stderr),
-    )
+# Configured by the application, not here (runtime.cli.configure_logging for the CLI)
 log = structlog.get_logger(__name__)
 S = ContainerStatus
 

@@ -6,6 +6,7 @@ can only be preserved by root.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -14,6 +15,7 @@ import os
 import shutil
 import stat
 import struct
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -23,6 +25,7 @@ import pytest
 import zstandard
 
 import runtime.image.store as store_mod
+from runtime.cli import ImportBar
 from runtime.errors import (
     AmbiguousImage,
     ImageError,
@@ -32,6 +35,7 @@ from runtime.errors import (
 )
 from runtime.image import ImageStore, UnpackLimits, normalize_name, unpack_layer, verify_layer
 from runtime.image.layers import split_entry_name
+from runtime.image.store import ImportProgress
 from tests.helpers.images import (
     LAYER_MEDIA_TYPES,
     TarEntry,
@@ -739,13 +743,42 @@ def test_store_compressed_archive_and_symlinked_blob(tmp_path: Path) -> None:
         ImageStore(tmp_path / "state2").import_path(img.layout)
 
 
-def test_store_progress_is_quiet_off_a_terminal(
+def test_store_reports_progress_and_draws_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store = ImageStore(tmp_path / "state")
-    store.import_path(
-        write_oci_layout(tmp_path / "a", [make_layer_tar(BASE)]).layout, progress=True
-    )
+    layout = write_oci_layout(tmp_path / "a", [make_layer_tar(BASE), make_layer_tar(TOP)]).layout
+    seen: list[ImportProgress] = []
+    ImageStore(tmp_path / "state").import_path(layout, on_progress=seen.append)
+    assert capsys.readouterr().err == ""
+    total = seen[0].total_bytes
+    assert total > 0 and seen[0].done_bytes == 0 and seen[0].path == layout
+    assert [p.finished for p in seen] == [False] * (len(seen) - 1) + [True]
+    done = [p.done_bytes for p in seen]
+    assert done == sorted(done) and done[-1] == total
+    assert {p.total_bytes for p in seen} == {total}
+
+
+def test_store_reports_finished_when_the_import_fails(tmp_path: Path) -> None:
+    img = write_oci_layout(tmp_path / "a", [make_layer_tar(BASE)])
+    layout = img.layout
+    blob = layout / "blobs" / "sha256" / img.layer_digests[0].removeprefix("sha256:")
+    blob.write_bytes(b"\0" * blob.stat().st_size)  # same size, wrong digest
+    seen: list[ImportProgress] = []
+    with pytest.raises(ImageError):
+        ImageStore(tmp_path / "state").import_path(layout, on_progress=seen.append)
+    assert seen and seen[-1].finished
+
+
+def test_cli_import_bar_is_quiet_off_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(var, raising=False)
+    bar = ImportBar(enabled=True)  # asked for, but stderr is pytest's capture, not a tty
+    big = 1 << 30
+    bar.update(ImportProgress(tmp_path, 0, big))
+    bar.update(ImportProgress(tmp_path, big, big, finished=True))
+    bar.close()
     assert capsys.readouterr().err == ""
 
 
@@ -774,3 +807,34 @@ def test_store_writers_are_serialized(tmp_path: Path) -> None:
     assert errors == []
     assert sorted(n for i in store.list() for n in i.names) == [f"app:{i}" for i in range(4)]
     assert len(list(store.layers_dir.glob("[0-9a-f]*"))) == 5
+
+
+def _read_pty(master: int) -> str:
+    os.set_blocking(master, False)
+    out = b""
+    with contextlib.suppress(BlockingIOError, OSError):
+        while chunk := os.read(master, 65536):
+            out += chunk
+    return out.decode(errors="replace")
+
+
+def test_cli_import_bar_draws_on_a_terminal_for_a_long_import_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "TERM"):
+        monkeypatch.delenv(var, raising=False)
+    master, slave = os.openpty()
+    try:
+        with os.fdopen(slave, "w") as tty:
+            monkeypatch.setattr(sys, "stderr", tty)
+            for total, drawn in ((1 << 30, True), (1 << 20, False), (0, True)):
+                bar = ImportBar(enabled=True)
+                path = tmp_path / f"img-{total}.tar"
+                bar.update(ImportProgress(path, 0, total))
+                bar.update(ImportProgress(path, 4096, total))
+                bar.update(ImportProgress(path, 8192, total, finished=True))
+                bar.close()
+                tty.flush()
+                assert (f"importing {path.name}" in _read_pty(master)) is drawn, total
+    finally:
+        os.close(master)
