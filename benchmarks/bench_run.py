@@ -24,6 +24,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
+from runtime.cli import configure_logging
 from runtime.container import RunOptions, Runtime
 from tests.helpers.images import build_busybox_image
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=10, help="runs (default 10)")
     a = ap.parse_args(argv)
+    configure_logging("warning")  # Runtime.run is called in-process: its logs as the CLI's
     with tempfile.TemporaryDirectory(prefix="jaula-bench-run.") as tmp:
         work = Path(tmp)
         root = work / "state"

@@ -97,7 +97,7 @@ class Manifest:
             return cls(
                 container=d["container"],
                 image=d["image"],
-                criu_version=tuple(d["criu_version"]),  # type: ignore[arg-type]
+                criu_version=tuple(d["criu_version"]),
                 stdio=d.get("stdio", {}),
                 volumes=tuple(d.get("volumes", ())),
                 netns=d.get("netns", ""),
@@ -180,7 +180,7 @@ class Bundle:
             FileEntry(str(p.relative_to(self.path)), p.stat().st_size, digest)
             for p, digest in zip(files, _digests(files), strict=True)
         )
-        m = Manifest(**{**asdict(manifest), "files": entries})  # type: ignore[arg-type]
+        m = Manifest(**{**asdict(manifest), "files": entries})
         m = Manifest.from_json(json.loads(json.dumps(m.to_json())))
         atomic_write_json(self.path / MANIFEST, m.to_json())
         return m

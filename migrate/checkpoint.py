@@ -20,7 +20,6 @@ and are recorded as CRIU external pipes, handed to the new monitor at restore
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 import shutil
@@ -41,7 +40,7 @@ from runtime.container import Container, Runtime
 from runtime.errors import ContainerError
 from runtime.state import ContainerStatus, Operation, can
 from runtime.store import CHECKPOINT_DIR, CHECKPOINT_NEW_DIR, LOG
-from runtime.syscalls import is_alive
+from runtime.syscalls import is_alive, statfs_type
 
 log = structlog.get_logger(__name__)
 
@@ -126,15 +125,6 @@ def has_cap_sys_resource() -> bool:
 
 #: statfs(2) f_type of the memfd_secret(2) pseudo filesystem (include/uapi/linux/magic.h)
 _SECRETMEM_MAGIC = 0x5345434D
-
-
-def _fs_magic(path: str) -> int | None:
-    """statfs(2) f_type of ``path`` (None when it cannot be read)."""
-    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is the first long
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.statfs(os.fsencode(path), buf) != 0:
-        return None
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def _mount_of_fd(pid: int, fd: str) -> tuple[str, str]:
@@ -261,7 +251,7 @@ def _check_objects(c: Container, pid: int, comm: str) -> None:
                 )
         if target.startswith(("pipe:", "socket:", "anon_inode:")):
             continue
-        if target == "/secretmem (deleted)" and _fs_magic(link) == _SECRETMEM_MAGIC:
+        if target == "/secretmem (deleted)" and statfs_type(link) == _SECRETMEM_MAGIC:
             raise PreflightError(
                 f"cannot checkpoint {c.name}: process {pid} ({comm}) holds memfd_secret "
                 f"memory (fd {fd}), which CRIU cannot dump{keeps}"
@@ -293,7 +283,7 @@ def _check_objects(c: Container, pid: int, comm: str) -> None:
     for line in maps:
         if line.endswith("/secretmem (deleted)"):
             area = line.split()[0]
-            if _fs_magic(f"/proc/{pid}/map_files/{area}") == _SECRETMEM_MAGIC:
+            if statfs_type(f"/proc/{pid}/map_files/{area}") == _SECRETMEM_MAGIC:
                 raise PreflightError(
                     f"cannot checkpoint {c.name}: process {pid} ({comm}) maps memfd_secret "
                     f"memory ({area}), which CRIU cannot dump{keeps}"

@@ -56,17 +56,21 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from migrate.certs import TlsFiles
 from migrate.errors import CriuError, CriuUnavailable
 
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
-def _log() -> object:
+
+def _log() -> FilteringBoundLogger:
     # structlog costs ~70 ms to import: not on the restore path of an armed monitor
     import structlog
 
-    return structlog.get_logger(__name__)
+    logger: FilteringBoundLogger = structlog.get_logger(__name__)
+    return logger
 
 
 try:  # pycriu is built from CRIU's source tree by scripts/setup.sh
@@ -623,9 +627,7 @@ def _call(
                             action, str(e), log_path=str(images_dir / log_file), log_excerpt=""
                         ) from e
                     except Exception as e:
-                        _log().error(  # type: ignore[attr-defined]
-                            "criu.notify.handler_failed", script=n.script, error=str(e)
-                        )
+                        _log().error("criu.notify.handler_failed", script=n.script, error=str(e))
                         swrk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=False))
                         _drain(swrk)
                         raise
@@ -1111,7 +1113,7 @@ def rearm_expired_timerfds(images_dir: Path) -> int:
         with open(tmp, "wb") as f:
             images.dump(img, f)
         os.replace(tmp, path)
-        _log().info("criu.timerfd.rearmed", count=fixed)  # type: ignore[attr-defined]
+        _log().info("criu.timerfd.rearmed", count=fixed)
     return fixed
 
 

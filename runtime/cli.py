@@ -23,6 +23,7 @@ import structlog
 from runtime.cgroups import Resources
 from runtime.container import Container, RunOptions, Runtime, require_root
 from runtime.errors import CommandNotExecutable, CommandNotFound, ConfigError, JaulaError
+from runtime.image.store import ImportProgress
 from runtime.logs import read_log, write_record
 from runtime.spec import (
     parse_capabilities,
@@ -39,7 +40,10 @@ EXIT_ERROR = 125
 
 
 def configure_logging(level: str) -> None:
-    """Structured key=value logs on stderr, WARNING and above unless asked otherwise."""
+    """Structured key=value logs on stderr at ``level`` (debug, info, warning, error) and
+    above; an unknown name means warning.  The library configures nothing: this is the CLI's
+    choice (``--log-level``, default warning), made in :func:`main` before any command runs,
+    and a program that uses the library may call it too."""
     lvl = getattr(logging, level.upper(), logging.WARNING)
     structlog.configure(
         processors=[
@@ -222,7 +226,7 @@ def _status_text(c: Container) -> str:
         return f"Exited ({st.exit_code}) {_ago(st.finished_at)} ago"
     if st.status is ContainerStatus.MIGRATED:
         return f"Migrated to {st.migrated_to}"
-    return st.status.value.capitalize()
+    return str(st.status.value).capitalize()
 
 
 def cmd_ps(rt: Runtime, a: argparse.Namespace) -> int:
@@ -366,9 +370,69 @@ def cmd_exec(rt: Runtime, a: argparse.Namespace) -> int:
     return c.exec(tuple(cmd), tuple(a.env), a.workdir, a.user, a.detach)
 
 
+#: Imports of fewer layer bytes than this (when the total is known) draw no progress bar.
+PROGRESS_MIN_BYTES = 16 * 1024 * 1024
+
+
+class ImportBar:
+    """The progress bar of ``jaula image import``: rich, on stderr, only when stderr is a
+    terminal and the import is long (at least :data:`PROGRESS_MIN_BYTES` of layers, or of
+    unknown size).  Fed by :meth:`ImageStore.import_path`'s ``on_progress``; gone (transient)
+    once the import finished."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar: Any = None  # rich.progress.Progress, imported only when drawn
+        self._task: Any = None
+
+    def update(self, p: ImportProgress) -> None:
+        if self._bar is None and self.enabled and not p.finished:
+            if 0 < p.total_bytes < PROGRESS_MIN_BYTES:
+                self.enabled = False
+                return
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            console = Console(stderr=True)
+            self.enabled = console.is_terminal
+            if not self.enabled:
+                return
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(f"importing {p.path.name}", total=p.total_bytes or None)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=p.done_bytes)
+            if p.finished:
+                self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
 def cmd_image(rt: Runtime, a: argparse.Namespace) -> int:
     if a.image_cmd == "import":
-        img = rt.images.import_path(a.path, name=a.name, progress=sys.stderr.isatty())
+        bar = ImportBar(enabled=sys.stderr.isatty())
+        try:
+            img = rt.images.import_path(a.path, name=a.name, on_progress=bar.update)
+        finally:
+            bar.close()
         print(img.id)
         return 0
     if a.image_cmd == "ls":

@@ -9,7 +9,6 @@ so a failed ``run`` leaves no mount, cgroup, process or directory behind.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import signal
@@ -51,11 +50,7 @@ from runtime.state import (
 )
 from runtime.store import CONFIG, EXIT, GO_FIFO, LOG, MONITOR_LOG, STATE, Store, flocked
 
-if not structlog.is_configured():  # a library is quiet unless the application says otherwise
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=lambda *args: structlog.PrintLogger(sys.stderr),
-    )
+# Configured by the application, not here (runtime.cli.configure_logging for the CLI)
 log = structlog.get_logger(__name__)
 S = ContainerStatus
 
@@ -237,7 +232,8 @@ class Container:
                 self._wait_stopped(10.0)
             self.wait_monitor(10.0)
             self.refresh()
-            if self.status is not S.STOPPED:
+            # self.state.status, not self.status: mypy keeps the narrowing above across refresh()
+            if self.state.status is not S.STOPPED:
                 raise ContainerError(f"container {self.name} did not stop", self.id)
             self.save()
             return self.state.exit_code

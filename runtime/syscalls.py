@@ -4,7 +4,7 @@ Python 3.11's ``os`` module has no ``unshare``, ``setns``, ``mount`` or ``pivot_
 thin wrappers raise ``OSError`` with the errno and the arguments in the message, so callers can
 translate them into :mod:`runtime.errors` at their boundary.
 
-Sources: mount(2), umount(2), pivot_root(2), unshare(2), setns(2), prctl(2), capset(2),
+Sources: mount(2), umount(2), pivot_root(2), unshare(2), setns(2), prctl(2), capset(2), statfs(2),
 netdevice(7) for the interface flag ioctls.
 """
 
@@ -181,6 +181,16 @@ def link_up(ifname: str = "lo") -> None:
         fcntl.ioctl(
             s.fileno(), SIOCSIFFLAGS, struct.pack("16sh14x", ifname.encode(), flags | IFF_UP)
         )
+
+
+def statfs_type(path: str | os.PathLike[str]) -> int | None:
+    """statfs(2) ``f_type`` of the filesystem that holds ``path``: a magic number of
+    include/uapi/linux/magic.h (``os.statvfs`` does not give it).  None when statfs fails
+    (no such path, no permission)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs (120 bytes); f_type is the first long
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        return None
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def set_process_name(name: str) -> None:

@@ -787,7 +787,7 @@ def _decompressed_archive(path: Path, tmp_dir: Path | None, cleanup: list[Path])
                 stream = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
             reader = VerifyingReader(stream, f"archive {path}", limit_bytes=MAX_ARCHIVE_BYTES)
             try:
-                shutil.copyfileobj(reader, out, _CHUNK_BYTES)  # type: ignore[misc]
+                shutil.copyfileobj(reader, out, _CHUNK_BYTES)
             except (OSError, EOFError, zstandard.ZstdError) as e:
                 raise ImageError(f"cannot decompress {path}: {e}") from e
     log.debug("decompressed archive", path=str(path), compression=kind.value)

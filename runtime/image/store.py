@@ -50,16 +50,6 @@ from types import TracebackType
 from typing import Any, Self
 
 import structlog
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from runtime.errors import AmbiguousImage, ImageError, ImageInUse, ImageNotFound
 from runtime.image.layers import UnpackLimits, unpack_layer, verify_layer
@@ -204,7 +194,12 @@ class ImageStore:
 
     # -- writing --------------------------------------------------------------------------
 
-    def import_path(self, path: Path, name: str | None = None, progress: bool = False) -> Image:
+    def import_path(
+        self,
+        path: Path,
+        name: str | None = None,
+        on_progress: Callable[[ImportProgress], None] | None = None,
+    ) -> Image:
         """Import an image from an OCI layout directory, an oci-archive or a docker archive.
 
         Every blob is verified (manifest and config by digest and size, layers by digest and
@@ -213,8 +208,12 @@ class ImageStore:
         ``name`` if given, else by the archive's ``ref.name`` annotation or ``RepoTags``, else
         it stays unnamed.  A name already used by another image moves to this one.  Importing
         an image that is already stored adds its names; a docker archive (which has no
-        manifest) then keeps the stored manifest, an OCI source replaces it.  With
-        ``progress`` and a terminal on stderr, a progress bar is drawn there.
+        manifest) then keeps the stored manifest, an OCI source replaces it.
+
+        ``on_progress`` (when given) is called with an :class:`ImportProgress` once before the
+        first layer byte is read, after every chunk read (about 1 MiB) and once with
+        ``finished`` at the end, also when the import fails; the CLI draws a progress bar from
+        it.  The store itself never writes to a terminal.
 
         Raises:
             ImageError: unreadable or invalid input, digest mismatch (named), unsafe layer
@@ -227,7 +226,7 @@ class ImageStore:
             src = opened.image
             image_id = digest_hex(src.config_digest, "image config digest")
             log.info("importing image", path=str(path), format=src.format, id=image_id[:12])
-            sizes, added = self._import_layers(opened, progress, path)
+            sizes, added = self._import_layers(opened, on_progress, path)
             try:
                 images = self._load()
                 old = images.get(image_id)
@@ -285,7 +284,10 @@ class ImageStore:
         return image
 
     def _import_layers(
-        self, opened: OpenImage, progress: bool, path: Path
+        self,
+        opened: OpenImage,
+        on_progress: Callable[[ImportProgress], None] | None,
+        path: Path,
     ) -> tuple[dict[str, int], builtins.list[str]]:
         """Verify every layer, unpack the missing ones; return sizes by id and ids added."""
         src = opened.image
@@ -294,7 +296,7 @@ class ImageStore:
         added: builtins.list[str] = []
         total = sum(opened.layer_size(layer) or 0 for layer in src.layers)
         try:
-            with _ProgressBar(progress, total, f"importing {path.name}") as bar:
+            with _Reporter(on_progress, path, total) as bar:
                 for layer in src.layers:
                     lid = digest_hex(layer.diff_id, "layer diff_id")
                     if lid in sizes:
@@ -610,41 +612,41 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     _fsync_dir(path.parent)
 
 
-#: Imports of fewer layer bytes than this (when the total is known) draw no progress bar.
-PROGRESS_MIN_BYTES = 16 * 1024 * 1024
+@dataclass(frozen=True)
+class ImportProgress:
+    """How far :meth:`ImageStore.import_path` is: ``done_bytes`` of ``total_bytes`` layer
+    bytes read from ``path`` (as stored there, compressed or not; ``total_bytes`` is 0 when
+    the source does not give the sizes).  ``finished`` is set on the last report only, which
+    also comes when the import fails."""
+
+    path: Path
+    done_bytes: int
+    total_bytes: int
+    finished: bool = False
 
 
-class _ProgressBar:
-    """A rich progress bar over layer bytes read, drawn on stderr only when it is a terminal
-    and the import is long (at least :data:`PROGRESS_MIN_BYTES`, or of unknown size)."""
+class _Reporter:
+    """Counts the layer bytes read and reports them to ``on_progress`` (if any)."""
 
-    def __init__(self, enabled: bool, total_bytes: int, description: str) -> None:
-        self._progress: Progress | None = None
-        self._task: TaskID | None = None
+    def __init__(
+        self, on_progress: Callable[[ImportProgress], None] | None, path: Path, total_bytes: int
+    ) -> None:
+        self._on_progress = on_progress
+        self._path = path
         self._total = total_bytes
-        self._description = description
-        if enabled and not 0 < total_bytes < PROGRESS_MIN_BYTES:
-            console = Console(stderr=True)
-            if console.is_terminal:
-                self._progress = Progress(
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    DownloadColumn(),
-                    TransferSpeedColumn(),
-                    TimeRemainingColumn(),
-                    console=console,
-                    transient=True,
-                )
+        self._done = 0
+
+    def _report(self, finished: bool = False) -> None:
+        if self._on_progress is not None:
+            self._on_progress(ImportProgress(self._path, self._done, self._total, finished))
 
     def __enter__(self) -> Self:
-        if self._progress is not None:
-            self._progress.start()
-            self._task = self._progress.add_task(self._description, total=self._total or None)
+        self._report()
         return self
 
     def advance(self, nbytes: int) -> None:
-        if self._progress is not None and self._task is not None:
-            self._progress.advance(self._task, nbytes)
+        self._done += nbytes
+        self._report()
 
     def __exit__(
         self,
@@ -652,8 +654,7 @@ class _ProgressBar:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+        self._report(finished=True)
 
 
-__all__ = ["Image", "ImageStore"]
+__all__ = ["Image", "ImageStore", "ImportProgress"]

@@ -6,19 +6,12 @@ lost, nothing run twice), and the count must go on from where it was."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
-from typing import Any
 
-from tests.linux.conftest import Jaula
+from tests.helpers.jaula import Jaula
 
 COUNTER = 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo "tick $i"; sleep 0.05; done'
-
-
-def inspect(j: Jaula, ref: str) -> dict[str, Any]:
-    """``jaula inspect`` of one container."""
-    return json.loads(j.out("inspect", ref))[0]  # type: ignore[no-any-return]
 
 
 def count(j: Jaula, ref: str) -> int:

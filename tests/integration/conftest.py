@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.nodes import Cluster2, make_cluster, serving
 from tests.integration.cluster_setup import ClusterFiles, write_cluster
-from tests.integration.nodes import Cluster2, make_cluster, serving
 
 
 @pytest.fixture
@@ -51,6 +51,6 @@ def zmq_leak_check() -> Iterator[None]:
 @pytest.fixture
 def nodes(tmp_path: Path, busybox_image_layout: Path) -> Iterator[Cluster2]:
     """node1 and node2 serving on 127.0.0.1 with busybox on both; stopped and leak-checked
-    at the end (:func:`tests.integration.nodes.serving`)."""
+    at the end (:func:`tests.helpers.nodes.serving`)."""
     with serving(make_cluster(tmp_path / "cluster", busybox_image_layout)) as c:
         yield c

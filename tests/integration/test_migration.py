@@ -12,14 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.counter import (
-    COUNTER,
-    assert_continuous,
-    ticks,
-    wait_ticks,
-)
-from tests.integration.nodes import REPO, Cluster2, in_process_node, make_cluster
-from tests.linux.conftest import JAULA, Jaula, needs_criu
+from tests.helpers.counter import COUNTER, assert_continuous, ticks, wait_ticks
+from tests.helpers.jaula import JAULA, REPO, Jaula
+from tests.helpers.nodes import Cluster2, in_process_node, make_cluster
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 

@@ -9,8 +9,9 @@ import subprocess
 import pytest
 
 from tests.helpers.counter import COUNTER, wait_ticks
-from tests.integration.nodes import JAULA, REPO, Cluster2
-from tests.linux.conftest import needs_criu
+from tests.helpers.jaula import JAULA, REPO
+from tests.helpers.nodes import Cluster2
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 

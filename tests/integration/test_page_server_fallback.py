@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.counter import COUNTER, assert_continuous, ticks, wait_ticks
-from tests.integration.nodes import Cluster2, make_cluster, serving
-from tests.linux.conftest import needs_criu
+from tests.helpers.nodes import Cluster2, make_cluster, serving
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 

@@ -34,6 +34,8 @@ from typing import Any
 import pytest
 
 from tests.helpers.counter import COUNTER, assert_continuous, ticks, wait_ticks
+from tests.helpers.jaula import JAULA, REPO, Jaula
+from tests.helpers.nodes import Cluster2, make_cluster
 from tests.helpers.page_server import (
     PageServerProc,
     forged_pages,
@@ -43,8 +45,7 @@ from tests.helpers.page_server import (
     proc_state,
     send_tls,
 )
-from tests.integration.nodes import REPO, Cluster2, make_cluster
-from tests.linux.conftest import JAULA, Jaula, needs_criu
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 

@@ -17,8 +17,9 @@ import time
 import pytest
 
 from tests.helpers.counter import assert_continuous, ticks, wait_ticks
-from tests.integration.nodes import REPO, Cluster2
-from tests.linux.conftest import JAULA, needs_criu
+from tests.helpers.jaula import JAULA, REPO
+from tests.helpers.nodes import Cluster2
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 

@@ -13,8 +13,9 @@ import pytest
 from runtime.container import Runtime
 from runtime.state import ContainerStatus
 from tests.helpers.counter import COUNTER, ticks, wait_ticks
-from tests.integration.nodes import Cluster2
-from tests.linux.conftest import mounts_under, needs_criu
+from tests.helpers.leaks import mounts_under
+from tests.helpers.nodes import Cluster2
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 

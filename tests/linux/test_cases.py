@@ -27,8 +27,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.linux.conftest import JAULA, Jaula, needs_criu
-from tests.linux.test_workload_images import host_pid, wait_for
+from tests.helpers.containers import (
+    host_pid,
+    inspect,
+    last_number,
+    move,
+    no_fail,
+    stdout_lines,
+    sysv_segments,
+    wait_for,
+    wait_lines,
+)
+from tests.helpers.jaula import JAULA, Jaula
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 
@@ -48,63 +59,6 @@ def py(jaula: Jaula, python_image_layout: Path) -> Jaula:
 def py2(jaula2: Jaula, python_image_layout: Path) -> Jaula:
     jaula2.run("image", "import", str(python_image_layout), "--name", "jaula-python:latest")
     return jaula2
-
-
-def log_lines(j: Jaula, ref: str) -> list[str]:
-    """The container's output so far, stdout and stderr (each in order)."""
-    p = j.run("logs", ref)
-    return p.stdout.splitlines() + p.stderr.splitlines()
-
-
-def stdout_lines(j: Jaula, ref: str) -> list[str]:
-    return j.out("logs", ref).splitlines()
-
-
-def wait_lines(
-    j: Jaula, ref: str, pattern: str, after: int = 0, count: int = 1, timeout: float = 20.0
-) -> list[str]:
-    """The stdout lines from index ``after`` on that match ``pattern`` (a regex), once there
-    are at least ``count`` of them."""
-    rx = re.compile(pattern)
-
-    def found() -> list[str]:
-        got = [ln for ln in stdout_lines(j, ref)[after:] if rx.search(ln)]
-        return got if len(got) >= count else []
-
-    try:
-        return wait_for(found, timeout, f"{count} x {pattern!r} in the log of {ref}")
-    except AssertionError as e:
-        raise AssertionError(f"{e}; log:\n" + "\n".join(log_lines(j, ref)[-30:])) from None
-
-
-def last_number(j: Jaula, ref: str, pattern: str) -> int:
-    """The number captured by ``pattern``'s group 1 in the last stdout line matching it."""
-    rx = re.compile(pattern)
-    return int([m.group(1) for ln in stdout_lines(j, ref) if (m := rx.search(ln))][-1])
-
-
-def no_fail(j: Jaula, ref: str) -> None:
-    bad = [ln for ln in log_lines(j, ref) if "FAIL" in ln]
-    assert not bad, bad
-
-
-def move(src: Jaula, dst: Jaula, ref: str, bundle: Path) -> int:
-    """Checkpoint ``ref`` on ``src`` into the file ``bundle`` and restore it on ``dst``.
-
-    Returns the number of stdout lines of the log at the checkpoint: the log travels with the
-    container, so lines from that index on were written after the restore."""
-    src.run("checkpoint", ref, "--export", str(bundle))
-    assert inspect(src, ref)["State"]["Status"] == "checkpointed"
-    before = stdout_lines(src, ref)
-    dst.run("restore", "--import", str(bundle))
-    assert inspect(dst, ref)["State"]["Status"] == "running"
-    after = stdout_lines(dst, ref)
-    assert after[: len(before)] == before, "the log did not travel whole with the container"
-    return len(before)
-
-
-def inspect(j: Jaula, ref: str) -> dict:
-    return json.loads(j.out("inspect", ref))[0]
 
 
 def assert_refused_and_untouched(
@@ -219,14 +173,6 @@ def test_c06_posix_shm_file_in_dev_shm_arrives_with_its_content(
 
 
 # -- C07 ------------------------------------------------------------------------------------
-
-
-def sysv_segments(j: Jaula, ref: str) -> list[tuple[str, ...]]:
-    """(key, shmid, perms, size, nattch) of every SysV segment the container sees."""
-    rows = j.out("exec", ref, "cat", "/proc/sysvipc/shm").splitlines()
-    head = rows[0].split()
-    cols = [head.index(c) for c in ("key", "shmid", "perms", "size", "nattch")]
-    return [tuple(r.split()[i] for i in cols) for r in rows[1:]]
 
 
 def test_c07_sysv_shm_segment_comes_back_in_the_private_ipc_namespace(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from migrate import criu
-from tests.linux.conftest import needs_criu
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, needs_criu]
 

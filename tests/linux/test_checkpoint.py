@@ -8,15 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.counter import (
-    COUNTER,
-    assert_continuous,
-    count,
-    inspect,
-    ticks,
-    wait_ticks,
-)
-from tests.linux.conftest import Jaula, mounts_under, needs_criu
+from tests.helpers.containers import inspect
+from tests.helpers.counter import COUNTER, assert_continuous, count, ticks, wait_ticks
+from tests.helpers.jaula import Jaula
+from tests.helpers.leaks import mounts_under
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 
@@ -192,6 +188,7 @@ def test_bundle_write_failure_resumes_the_container(
 ) -> None:
     # In-process fault: the upperdir tar fails while CRIU holds the tasks at post-dump.
     from migrate import checkpoint as cp
+    from migrate import rootfs_diff
     from migrate.errors import BundleError
     from runtime.container import Runtime
 
@@ -201,7 +198,7 @@ def test_bundle_write_failure_resumes_the_container(
     def boom(upper: Path, out: Path) -> int:
         raise BundleError("injected: disk full while writing the rootfs diff")
 
-    monkeypatch.setattr(cp.rootfs_diff, "write", boom)
+    monkeypatch.setattr(rootfs_diff, "write", boom)
     with pytest.raises(Exception, match="injected|post-dump|criu dump failed"):
         cp.checkpoint(Runtime(jaula.root), "bw")
     assert inspect(jaula, "bw")["State"]["Status"] == "running"

@@ -17,18 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.images import WORKLOADS
-from tests.linux.conftest import Jaula, needs_criu
-from tests.linux.test_cases import (
+from tests.helpers.containers import (
+    host_pid,
     inspect,
     last_number,
     move,
     no_fail,
     stdout_lines,
     sysv_segments,
+    wait_for,
     wait_lines,
 )
-from tests.linux.test_workload_images import host_pid, wait_for
+from tests.helpers.images import WORKLOADS
+from tests.helpers.jaula import Jaula
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.linux.conftest import Jaula, cgroup_dirs, mounts_under
+from tests.helpers.jaula import JAULA, Jaula
+from tests.helpers.leaks import cgroup_dirs, mounts_under
 
 pytestmark = pytest.mark.root
 
@@ -464,7 +465,7 @@ def test_rm_flag_tail_inspect_array_and_closed_pipe(jaula: Jaula) -> None:
     assert both[1]["State"]["Running"] is True and both[0]["State"]["ExitCode"] == 0
     cmd = " ".join(
         [
-            *__import__("tests.linux.conftest", fromlist=["JAULA"]).JAULA,
+            *JAULA,
             "--state-root",
             str(jaula.root),
             "inspect",

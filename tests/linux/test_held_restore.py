@@ -18,8 +18,10 @@ from migrate.bundle import Bundle
 from migrate.restore import RESTORER, _fresh_upper
 from runtime.container import Runtime
 from runtime.errors import ContainerError
-from tests.helpers.counter import COUNTER, inspect, ticks, wait_ticks
-from tests.linux.conftest import Jaula, needs_criu
+from tests.helpers.containers import inspect
+from tests.helpers.counter import COUNTER, ticks, wait_ticks
+from tests.helpers.jaula import Jaula
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 

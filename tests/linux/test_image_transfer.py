@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+import runtime.image.layers as layers_mod
 import runtime.image.transfer as transfer_mod
 from runtime.errors import ImageError, UnsafeArchiveError
 from runtime.image import (
@@ -460,7 +461,7 @@ def test_reimport_is_a_noop(
     before = (index.read_bytes(), index.stat().st_mtime_ns)
     inodes = [store_b.layer_dir(lid).stat().st_ino for lid in image.layers]
     calls: list[str] = []
-    real = transfer_mod.unpack_layer
+    real = layers_mod.unpack_layer
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append("unpack")

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+import runtime.image.layers as layers_mod
 import runtime.image.store as store_mod
 from runtime.errors import ImageError, ImageInUse, ImageNotFound
 from runtime.image import Image, ImageStore
@@ -82,7 +83,7 @@ def store(tmp_path: Path) -> ImageStore:
 def unpack_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records the diff_id of every layer the store unpacks."""
     calls: list[str] = []
-    real = store_mod.unpack_layer
+    real = layers_mod.unpack_layer
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(str(kwargs.get("diff_id")))

@@ -23,9 +23,11 @@ import pytest
 from migrate import certs, criu
 from migrate.errors import CriuError
 from tests.helpers.counter import COUNTER, assert_continuous, ticks, wait_ticks
+from tests.helpers.jaula import Jaula
+from tests.helpers.leaks import session_leaks
 from tests.helpers.page_server import FORGED_PID, WAIT_S, forged_pages, page_images
 from tests.helpers.page_server import send_tls as _send_tls
-from tests.linux.conftest import Jaula, _leaks, needs_criu, needs_root
+from tests.helpers.skips import needs_criu, needs_root
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_root, needs_criu]
 
@@ -91,7 +93,7 @@ def page_server(tmp_path: Path) -> Iterator[StartFn]:
     finally:
         for ps in started:
             ps.kill()
-        left = _leaks(tmp_path).get("processes", [])
+        left = session_leaks(tmp_path).get("processes", [])
         assert not left, f"CRIU processes left: {left}"
 
 
@@ -201,7 +203,7 @@ def test_kill_is_idempotent_and_leaves_no_process(
     s.server.kill()
     assert s.server.proc.returncode is not None
     s.server.kill()  # again: no error
-    assert _leaks(tmp_path).get("processes", []) == []
+    assert session_leaks(tmp_path).get("processes", []) == []
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=10).close()
     with pytest.raises(CriuError, match="status"):  # it did not finish its job
@@ -213,7 +215,7 @@ def test_kill_is_idempotent_and_leaves_no_process(
         t.server.wait(WAIT_S)
     t.server.kill()
     t.server.kill()
-    assert _leaks(tmp_path).get("processes", []) == []
+    assert session_leaks(tmp_path).get("processes", []) == []
 
 
 # -- a real dump through the page server ------------------------------------------------
@@ -371,7 +373,7 @@ def test_dump_to_a_silent_peer_fails_instead_of_staying_frozen(
 
 def _ps_procs(staging: Path) -> list[str]:
     """CRIU processes working in ``staging`` (a session's scratch dir, under /dev/shm)."""
-    return _leaks(staging).get("processes", [])
+    return session_leaks(staging).get("processes", [])
 
 
 @pytest.mark.parametrize(

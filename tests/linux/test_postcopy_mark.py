@@ -13,7 +13,8 @@ from runtime import syscalls as sc
 from runtime.container import Runtime
 from runtime.state import PostcopyRecord
 from tests.helpers.counter import COUNTER, wait_ticks
-from tests.linux.conftest import Jaula, needs_criu
+from tests.helpers.jaula import Jaula
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 import runtime.container as rc
+from runtime.cgroups import create_manager
 from runtime.container import RunOptions, Runtime
 from runtime.errors import CgroupError, ContainerError
-from tests.linux.conftest import Jaula, cgroup_dirs, mounts_under
+from tests.helpers.jaula import Jaula
+from tests.helpers.leaks import cgroup_dirs, mounts_under
 
 pytestmark = pytest.mark.root
 
@@ -39,7 +41,7 @@ def test_failure_mid_run_rolls_back(
         def boom(self, resources):
             raise CgroupError("injected: cgroup creation failed", path="/x")
 
-        for cls in {type(rc.create_manager("0" * 64))}:
+        for cls in {type(create_manager("0" * 64))}:
             monkeypatch.setattr(cls, "create", boom)
         exc: type[Exception] = CgroupError
     elif step == "monitor":

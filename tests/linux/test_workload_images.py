@@ -6,7 +6,6 @@ verifies it on SIGUSR1 (and notices a page changed behind its back)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import socket
@@ -14,32 +13,20 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
+from tests.helpers.containers import host_pid, wait_for
 from tests.helpers.images import REPO_ROOT, SHARED_CASES, ref_name, tools_missing
-from tests.linux.conftest import Jaula
+from tests.helpers.jaula import Jaula
 
 pytestmark = pytest.mark.root
 
-T = TypeVar("T")
 STDLIB_MODULES = (
     "mmap, fcntl, os, signal, struct, hashlib, json, socket, threading, "
     "multiprocessing.shared_memory, select, time"
 )
-
-
-def wait_for(pred: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_log(j: Jaula, ref: str, pattern: str, timeout: float = 15.0) -> str:
@@ -53,12 +40,6 @@ def wait_log(j: Jaula, ref: str, pattern: str, timeout: float = 15.0) -> str:
         return wait_for(matched, timeout, f"{pattern!r} in the log of {ref}")
     except AssertionError as e:
         raise AssertionError(f"{e}; log so far:\n{j.out('logs', ref)}") from None
-
-
-def host_pid(j: Jaula, ref: str) -> int:
-    info = json.loads(j.out("inspect", ref))
-    info = info[0] if isinstance(info, list) else info
-    return int(info["State"]["Pid"])
 
 
 @pytest.fixture

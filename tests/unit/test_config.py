@@ -537,25 +537,3 @@ def test_client_config_from_node_uses_the_node_key(tmp_path: Path, keydir: Path)
     with pytest.raises(NodeConfigError) as e:
         ClientConfig.from_node(cfg)
     assert str(e.value).startswith(f"{cfg.source}: secret_key: ")
-
-
-def test_only_keys_and_transport_import_zmq() -> None:
-    """One module owns each outside system (STYLE habit 1): ZeroMQ is migrate.transport's,
-    plus migrate.keys for the certificate files."""
-    import ast
-
-    root = Path(__file__).resolve().parents[2]
-    importers = set()
-    for pkg in ("runtime", "migrate", "balancer"):
-        for f in sorted((root / pkg).rglob("*.py")):
-            for node in ast.walk(ast.parse(f.read_text(), str(f))):
-                names = (
-                    [a.name for a in node.names]
-                    if isinstance(node, ast.Import)
-                    else [node.module or ""]
-                    if isinstance(node, ast.ImportFrom)
-                    else []
-                )
-                if any(n == "zmq" or n.startswith("zmq.") for n in names):
-                    importers.add(str(f.relative_to(root)))
-    assert importers <= {"migrate/transport.py", "migrate/keys.py"}, importers

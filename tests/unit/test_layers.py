@@ -6,6 +6,8 @@ can only be preserved by root.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -14,6 +16,7 @@ import os
 import shutil
 import stat
 import struct
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -23,6 +26,7 @@ import pytest
 import zstandard
 
 import runtime.image.store as store_mod
+from runtime.cli import ImportBar
 from runtime.errors import (
     AmbiguousImage,
     ImageError,
@@ -32,6 +36,7 @@ from runtime.errors import (
 )
 from runtime.image import ImageStore, UnpackLimits, normalize_name, unpack_layer, verify_layer
 from runtime.image.layers import split_entry_name
+from runtime.image.store import ImportProgress
 from tests.helpers.images import (
     LAYER_MEDIA_TYPES,
     TarEntry,
@@ -280,13 +285,15 @@ def test_user_xattrs_preserved(tmp_path: Path) -> None:
     dest = unpack(
         tmp_path,
         [
-            F("d/", kind="dir", xattrs={"user.dir": b"D"}),
+            F("d/", kind="dir", mode=0o755, xattrs={"user.dir": b"D"}),
             F("d/f", b"x", xattrs={"user.note": b"hello", "user.bin": b"\xff\x00\x80"}),
         ],
     )
     try:
         assert os.getxattr(dest / "d/f", "user.note") == b"hello"
     except OSError as e:  # pragma: no cover - filesystems without user xattrs
+        if e.errno != errno.ENOTSUP:
+            raise
         pytest.skip(f"no user xattrs on {tmp_path}: {e}")
     assert os.getxattr(dest / "d/f", "user.bin") == b"\xff\x00\x80"
     assert os.getxattr(dest / "d", "user.dir") == b"D"
@@ -337,18 +344,17 @@ def test_digest_size_and_diff_id_mismatches_name_the_digest(tmp_path: Path) -> N
     blob = gzip.compress(tar)
     good = "sha256:" + hashlib.sha256(blob).hexdigest()
     bad = "sha256:" + "0" * 64
-    for i, kw in enumerate(
-        [
-            {"blob_digest": bad, "blob_size": len(blob)},
-            {"blob_digest": good, "blob_size": len(blob) + 1},
-            {"blob_digest": good, "blob_size": len(blob) - 1},
-            {"diff_id": bad},
-        ]
-    ):
+    cases: list[dict[str, Any]] = [
+        {"blob_digest": bad, "blob_size": len(blob)},
+        {"blob_digest": good, "blob_size": len(blob) + 1},
+        {"blob_digest": good, "blob_size": len(blob) - 1},
+        {"diff_id": bad},
+    ]
+    for i, kw in enumerate(cases):
         dest = tmp_path / f"l{i}"
         dest.mkdir()
         with pytest.raises(ImageError) as err:
-            unpack_layer(io.BytesIO(blob), dest, **kw)  # type: ignore[arg-type]
+            unpack_layer(io.BytesIO(blob), dest, **kw)
         assert str(kw.get("blob_digest", kw.get("diff_id"))) in str(err.value)
 
 
@@ -517,7 +523,13 @@ def test_normalize_name_refuses(ref: str) -> None:
 
 # --- the store on synthetic images ---------------------------------------------------------
 
-BASE = [F("bin/", kind="dir"), F("bin/tool", b"tool", mode=0o755), F("etc/os", b"test\n")]
+# dirs 0755: a tar dir entry defaults to 0644, which only root can enter (make test-unit runs
+# as any user)
+BASE = [
+    F("bin/", kind="dir", mode=0o755),
+    F("bin/tool", b"tool", mode=0o755),
+    F("etc/os", b"test\n"),
+]
 TOP = [F("etc/extra", b"extra\n")]
 
 
@@ -562,7 +574,7 @@ def test_store_docker_archive_names_and_shared_layers(
     config = write_docker_archive(archive, [base, top], ["docker.io/library/app:2", "app:3"])
     assert config == oci.config_digest  # same config bytes: same image
     calls: list[str] = []
-    real = store_mod.unpack_layer
+    real = unpack_layer
 
     def counting(*a: Any, **kw: Any) -> Any:
         calls.append(str(kw.get("diff_id")))
@@ -740,13 +752,42 @@ def test_store_compressed_archive_and_symlinked_blob(tmp_path: Path) -> None:
         ImageStore(tmp_path / "state2").import_path(img.layout)
 
 
-def test_store_progress_is_quiet_off_a_terminal(
+def test_store_reports_progress_and_draws_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store = ImageStore(tmp_path / "state")
-    store.import_path(
-        write_oci_layout(tmp_path / "a", [make_layer_tar(BASE)]).layout, progress=True
-    )
+    layout = write_oci_layout(tmp_path / "a", [make_layer_tar(BASE), make_layer_tar(TOP)]).layout
+    seen: list[ImportProgress] = []
+    ImageStore(tmp_path / "state").import_path(layout, on_progress=seen.append)
+    assert capsys.readouterr().err == ""
+    total = seen[0].total_bytes
+    assert total > 0 and seen[0].done_bytes == 0 and seen[0].path == layout
+    assert [p.finished for p in seen] == [False] * (len(seen) - 1) + [True]
+    done = [p.done_bytes for p in seen]
+    assert done == sorted(done) and done[-1] == total
+    assert {p.total_bytes for p in seen} == {total}
+
+
+def test_store_reports_finished_when_the_import_fails(tmp_path: Path) -> None:
+    img = write_oci_layout(tmp_path / "a", [make_layer_tar(BASE)])
+    layout = img.layout
+    blob = layout / "blobs" / "sha256" / img.layer_digests[0].removeprefix("sha256:")
+    blob.write_bytes(b"\0" * blob.stat().st_size)  # same size, wrong digest
+    seen: list[ImportProgress] = []
+    with pytest.raises(ImageError):
+        ImageStore(tmp_path / "state").import_path(layout, on_progress=seen.append)
+    assert seen and seen[-1].finished
+
+
+def test_cli_import_bar_is_quiet_off_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(var, raising=False)
+    bar = ImportBar(enabled=True)  # asked for, but stderr is pytest's capture, not a tty
+    big = 1 << 30
+    bar.update(ImportProgress(tmp_path, 0, big))
+    bar.update(ImportProgress(tmp_path, big, big, finished=True))
+    bar.close()
     assert capsys.readouterr().err == ""
 
 
@@ -775,3 +816,34 @@ def test_store_writers_are_serialized(tmp_path: Path) -> None:
     assert errors == []
     assert sorted(n for i in store.list() for n in i.names) == [f"app:{i}" for i in range(4)]
     assert len(list(store.layers_dir.glob("[0-9a-f]*"))) == 5
+
+
+def _read_pty(master: int) -> str:
+    os.set_blocking(master, False)
+    out = b""
+    with contextlib.suppress(BlockingIOError, OSError):
+        while chunk := os.read(master, 65536):
+            out += chunk
+    return out.decode(errors="replace")
+
+
+def test_cli_import_bar_draws_on_a_terminal_for_a_long_import_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "TERM"):
+        monkeypatch.delenv(var, raising=False)
+    master, slave = os.openpty()
+    try:
+        with os.fdopen(slave, "w") as tty:
+            monkeypatch.setattr(sys, "stderr", tty)
+            for total, drawn in ((1 << 30, True), (1 << 20, False), (0, True)):
+                bar = ImportBar(enabled=True)
+                path = tmp_path / f"img-{total}.tar"
+                bar.update(ImportProgress(path, 0, total))
+                bar.update(ImportProgress(path, 4096, total))
+                bar.update(ImportProgress(path, 8192, total, finished=True))
+                bar.close()
+                tty.flush()
+                assert (f"importing {path.name}" in _read_pty(master)) is drawn, total
+    finally:
+        os.close(master)

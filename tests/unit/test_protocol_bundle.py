@@ -228,6 +228,6 @@ def test_sealed_chunks_open_only_where_they_belong() -> None:
         ("s1", 3, 7, 0, sealed),
     ):
         with pytest.raises(TransferError, match="authentication"):
-            open_chunk(k, *args)  # type: ignore[arg-type]
+            open_chunk(k, *args)
     with pytest.raises(TransferError):
         open_chunk(new_key(), "s1", 3, 7, 4096, sealed)

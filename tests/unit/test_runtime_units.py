@@ -199,4 +199,5 @@ def test_log_writer_and_reader(tmp_path: Path) -> None:
         ("stdout", b"partial"),
     ]
     assert parse_line(b"garbage") is None
-    assert parse_line(b"2026-01-01T00:00:00Z stdout F ").data == b"\n"
+    empty = parse_line(b"2026-01-01T00:00:00Z stdout F ")
+    assert empty is not None and empty.data == b"\n"

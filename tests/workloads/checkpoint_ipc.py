@@ -63,6 +63,7 @@ for i in range(1, 64):
 
 # POSIX shm in /dev/shm
 posix = shared_memory.SharedMemory(name="ipcwl", create=True, size=1 << 20)
+assert posix.buf is not None
 
 # locks
 os.makedirs("/srv", exist_ok=True)

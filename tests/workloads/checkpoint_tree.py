@@ -49,7 +49,7 @@ for k in range(KIDS):
     os.close(up_w)
     kids.append((pid, down_w, up_r))
 threading.Thread(target=heartbeat, daemon=True).start()
-stop = []
+stop: list[int] = []
 signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
 n = 0
 while not stop:
@@ -58,7 +58,7 @@ while not stop:
         os.write(w, b"%d" % n)
         m, spun = os.read(r, 64).split()
         if int(m) != n + 1:
-            print(f"FAIL child {pid} answered {m} to {n}", flush=True)
+            print(f"FAIL child {pid} answered {m!r} to {n}", flush=True)
         n = int(m)
         spins.append(spun.decode())
     print(f"round {n} spins {','.join(spins)} beat {beat[0]}", flush=True)

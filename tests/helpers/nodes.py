@@ -15,10 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers.jaula import JAULA, REPO, Jaula
+from tests.helpers.leaks import mounts_under
 from tests.integration.cluster_setup import ClusterFiles, write_cluster
-from tests.linux.conftest import JAULA, Jaula, mounts_under
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
