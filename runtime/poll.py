@@ -10,61 +10,47 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
-def _next(interval: float, max_interval_s: float) -> float:
-    return min(interval * 2, max_interval_s)
-
-
-def wait_for(
-    condition: Callable[[], T],
-    timeout_s: float | None,
-    max_interval_s: float = 0.05,
-) -> T:
-    """Call ``condition`` until it returns something true or ``timeout_s`` seconds have
-    passed (None: no limit); returns its last result (false on a time-out: the caller
-    decides what that means).
-
-    The interval starts at 1 ms and doubles up to ``max_interval_s`` (seconds).  Whatever
-    ``condition`` raises goes to the caller at once."""
+def _pauses(timeout_s: float | None, max_interval_s: float) -> Iterator[float]:
+    """Seconds to sleep between two looks: from 1 ms, doubling up to ``max_interval_s``,
+    never past the deadline; ends when ``timeout_s`` (None: never) has passed."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     interval = 0.001
     while True:
-        result = condition()
-        if result:
-            return result
-        if deadline is not None:
+        if deadline is None:
+            yield interval
+        else:
             left = deadline - time.monotonic()
             if left <= 0:
-                return condition()
-            time.sleep(min(interval, left))
-        else:
-            time.sleep(interval)
-        interval = _next(interval, max_interval_s)
+                return
+            yield min(interval, left)
+        interval = min(interval * 2, max_interval_s)
+
+
+def wait_for(
+    condition: Callable[[], T], timeout_s: float | None, max_interval_s: float = 0.05
+) -> T:
+    """Call ``condition`` until it returns something true or ``timeout_s`` seconds have
+    passed (None: no limit); returns its last result (false on a time-out: the caller
+    decides what that means).  Whatever ``condition`` raises goes to the caller at once."""
+    for pause in _pauses(timeout_s, max_interval_s):
+        if result := condition():
+            return result
+        time.sleep(pause)
+    return condition()
 
 
 async def await_for(
-    condition: Callable[[], T],
-    timeout_s: float | None,
-    max_interval_s: float = 0.05,
+    condition: Callable[[], T], timeout_s: float | None, max_interval_s: float = 0.05
 ) -> T:
     """:func:`wait_for` for the event loop: sleeps with :func:`asyncio.sleep`."""
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout_s is None else loop.time() + timeout_s
-    interval = 0.001
-    while True:
-        result = condition()
-        if result:
+    for pause in _pauses(timeout_s, max_interval_s):
+        if result := condition():
             return result
-        if deadline is not None:
-            left = deadline - loop.time()
-            if left <= 0:
-                return condition()
-            await asyncio.sleep(min(interval, left))
-        else:
-            await asyncio.sleep(interval)
-        interval = _next(interval, max_interval_s)
+        await asyncio.sleep(pause)
+    return condition()

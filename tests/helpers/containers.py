@@ -7,24 +7,21 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runtime.poll import wait_for as poll
 from tests.helpers.jaula import Jaula
 
 T = TypeVar("T")
 
 
 def wait_for(pred: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:
-    """The first truthy value ``pred()`` returns, polled every 50 ms for ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
+    """The first truthy value ``pred()`` returns, polled (runtime.poll) for ``timeout`` s;
+    AssertionError naming ``what`` on a time-out."""
+    if v := poll(pred, timeout):
+        return v
     raise AssertionError(f"timed out waiting for {what}")
 
 

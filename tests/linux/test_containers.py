@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.containers import wait_for
 from tests.helpers.jaula import JAULA, Jaula
 from tests.helpers.leaks import cgroup_dirs, mounts_under
 
@@ -17,16 +18,6 @@ pytestmark = pytest.mark.root
 
 def inspect(j: Jaula, ref: str) -> dict:
     return json.loads(j.out("inspect", ref))[0]
-
-
-def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def log_text(j: Jaula, ref: str) -> str:
