@@ -147,6 +147,12 @@ class SourceSession:
         self.t_freeze = 0.0
 
     @property
+    def committed(self) -> bool:
+        """Whether the commit point was passed: the durable record says migrated and CRIU
+        was told to kill our copy.  Before it, any failure rolls back."""
+        return self.verdict.done() and self.verdict.result()
+
+    @property
     def images(self) -> Path:
         return self.work / "criu"
 
@@ -201,15 +207,13 @@ class SourceSession:
             SP.POSTCOPY: self._postcopy,
             SP.CLEANUP: self._cleanup,
         }
-        plan = SOURCE_PLAN[self.strategy]
-        commit = plan.index(SP.COMMIT)
         mark = time.monotonic()
-        for i, phase in enumerate(plan):
+        for phase in SOURCE_PLAN[self.strategy]:
             self.link.phase = phase
             try:
                 await steps[phase]()
             except BaseException as e:
-                if i >= commit:
+                if self.committed:
                     raise
                 await self._roll_back(str(e), phase)
                 if phase is SP.PREFLIGHT or not isinstance(e, MigrationError | JaulaError):

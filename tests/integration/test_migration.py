@@ -499,3 +499,37 @@ def test_a_strategy_whose_criu_patches_are_missing_is_refused_before_the_freeze(
     finally:
         problems = c.close()
         assert not problems, "\n".join(problems)
+
+
+def test_a_commit_that_cannot_be_recorded_rolls_back(
+    tmp_path: Path, busybox_image_layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit point is the durable record: when writing it fails (a full disk here,
+    caused by patching the write in node1's in-process service), the source has not
+    committed, so it rolls back and the frozen container runs on, on node1 only."""
+    from migrate.source import SourceSession
+    from runtime.errors import JaulaError
+
+    tried: list[str] = []
+
+    async def record_fails(self: SourceSession) -> None:
+        tried.append(self.session)
+        raise JaulaError(f"cannot write {self.c.dir}/state.json: No space left on device")
+
+    monkeypatch.setattr(SourceSession, "_commit", record_fails)
+    c = make_cluster(tmp_path / "cluster", busybox_image_layout)
+    try:
+        with in_process_node(c, "node1"):
+            c.start("node2")
+            n1 = c.local("node1")
+            n1.run("run", "-d", "--name", "full", "busybox", "sh", "-c", COUNTER)
+            wait_ticks(n1, "full", 5)
+            p = c.op("migrate", "full", "node2", "--from", "node1", check=False, timeout=120)
+            assert tried, "the patched commit did not run"
+            assert p.returncode == 125 and "No space left" in p.stderr, p.stderr
+            assert "keeps running on node1" in p.stderr
+            _continues_on(c, "full", "node1")
+            assert c.local("node2").container_ids() == []
+    finally:
+        problems = c.close()
+        assert not problems, "\n".join(problems)
