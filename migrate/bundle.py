@@ -36,11 +36,13 @@ import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from migrate.errors import BundleError
+from runtime.errors import ArchiveError
 from runtime.state import atomic_write_json
+from runtime.tarsafe import TarLimits, extract_flat
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -48,6 +50,8 @@ CRIU_DIR = "criu"
 ROOTFS_DIFF = "rootfs-diff.tar"
 LOG = "ctr.log"
 _CHUNK = 1 << 20
+#: members an imported bundle may have (CRIU writes a few images per task)
+_MAX_IMPORT_ENTRIES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -240,34 +244,32 @@ class Bundle:
     def import_tar(cls, tar_path: Path, dest: Path, max_bytes: int = 256 << 30) -> Bundle:
         """Unpack an exported bundle into the new directory ``dest`` and verify it.
 
-        Only regular files at known places are accepted.  Raises BundleError naming the
-        offending entry; ``dest`` is removed on failure."""
+        Only regular files at known places (``manifest.json``, ``rootfs-diff.tar``,
+        ``ctr.log``, ``criu/NAME``) are accepted, each once, in at most ``max_bytes``; the tar
+        is read by :func:`runtime.tarsafe.extract_flat`.  Raises BundleError naming the
+        offending entry, or saying why the tar is not a valid, complete tar; ``dest`` is
+        removed on failure."""
         if dest.exists():
             raise BundleError(f"cannot import into {dest}: it exists")
         (dest / CRIU_DIR).mkdir(parents=True, mode=0o700)
+        limits = TarLimits(
+            max_entries=_MAX_IMPORT_ENTRIES, max_entry_bytes=max_bytes, max_total_bytes=max_bytes
+        )
         try:
-            total = 0
-            with tarfile.open(tar_path, "r:") as tf:
-                for m in tf:
-                    parts = PurePosixPath(m.name).parts
-                    ok_place = m.name in (MANIFEST, ROOTFS_DIFF, LOG) or (
-                        len(parts) == 2 and parts[0] == CRIU_DIR and parts[1] not in ("", ".", "..")
-                    )
-                    if not m.isreg() or not ok_place:
-                        raise BundleError(
-                            f"unexpected entry {m.name!r} in the bundle "
-                            f"{tar_path}: not a bundle file"
-                        )
-                    total += m.size
-                    if total > max_bytes:
-                        raise BundleError(f"the bundle {tar_path} is larger than {max_bytes} B")
-                    src = tf.extractfile(m)
-                    assert src is not None
-                    with src, open(dest / m.name, "xb") as out:
-                        shutil.copyfileobj(src, out, _CHUNK)
-        except (tarfile.TarError, FileExistsError) as e:
+            extract_flat(
+                tar_path,
+                dest,
+                allowed=_bundle_place,
+                expected="a bundle file",
+                limits=limits,
+                what=f"the bundle {tar_path}",
+            )
+        except ArchiveError as e:
             shutil.rmtree(dest, ignore_errors=True)
-            raise BundleError(f"{tar_path} is not a valid bundle tar: {e}") from e
+            raise BundleError(str(e)) from e
+        except OSError as e:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise BundleError(f"cannot import the bundle {tar_path}: {e.strerror or e}") from e
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
@@ -278,3 +280,10 @@ class Bundle:
             shutil.rmtree(dest, ignore_errors=True)
             raise
         return b
+
+
+def _bundle_place(parts: tuple[str, ...]) -> bool:
+    """Whether a member at ``parts`` is a bundle file: at the root, or an image in criu/."""
+    if len(parts) == 1:
+        return parts[0] in (MANIFEST, ROOTFS_DIFF, LOG)
+    return len(parts) == 2 and parts[0] == CRIU_DIR

@@ -3,26 +3,30 @@
 A dump of a small container is a score of image files of a few KiB each (``core-*``,
 ``mm-*``, ``files.img``, ``mountpoints-*``...).  Sent one by one, each costs a file's round
 of messages, about a millisecond here, all of it downtime; packed, they cost one.  The
-pack is a plain POSIX (ustar) tar of regular files with bare names, made and read with
-:mod:`tarfile`; reading refuses anything else (links, directories, devices, paths, names
-not made of ``[A-Za-z0-9_.-]``) and never overwrites a file, so a pack cannot write
+pack is a plain POSIX (ustar) tar of regular files with bare names, made with
+:mod:`tarfile` and read with the runtime's flat extractor (:func:`runtime.tarsafe.extract_flat`);
+reading refuses anything else (links, directories, devices, paths, names not made of
+``[A-Za-z0-9_.-]``, a truncated pack) and never overwrites a file, so a pack cannot write
 outside its directory.  Large images (memory pages sent as files, ghost files) travel on
 their own: packing them would only add a copy.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from migrate.errors import BundleError
+from runtime.errors import ArchiveError, UnsafeArchiveError
+from runtime.tarsafe import TarLimits, extract_flat
 
 #: images up to this size go into the pack, bytes
 PACK_MAX_FILE_BYTES = 1 << 20
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+#: files a pack may hold (a dump has a few small images per task)
+_MAX_ENTRIES = 100_000
 
 
 def split(files: Iterable[Path]) -> tuple[list[Path], list[Path]]:
@@ -51,43 +55,31 @@ def pack(files: Iterable[Path], out: Path) -> int:
 
 
 def unpack(tar_path: Path, dest: Path, max_bytes: int) -> list[str]:
-    """Write the files of the pack ``tar_path`` into the directory ``dest`` (mode 0600).
+    """Write the files of the pack ``tar_path`` into the directory ``dest`` (mode 0600), with
+    :func:`runtime.tarsafe.extract_flat`.
 
     Returns their names.  Raises BundleError naming the first entry that is not a regular
     file with a bare name, a file that already exists in ``dest``, or a total above
-    ``max_bytes``."""
-    names: list[str] = []
-    total = 0
+    ``max_bytes``; or saying why the pack is not a valid, complete tar."""
+    limits = TarLimits(
+        max_entries=_MAX_ENTRIES, max_entry_bytes=max_bytes, max_total_bytes=max_bytes
+    )
     try:
-        with tarfile.open(tar_path, "r:") as tar:
-            for m in tar:
-                if not m.isreg() or not _NAME.match(m.name) or m.name in (".", ".."):
-                    raise BundleError(
-                        f"the image pack holds {m.name!r}, which is not a "
-                        "regular file with a plain name: refused"
-                    )
-                total += m.size
-                if total > max_bytes:
-                    raise BundleError(
-                        f"the image pack unpacks to more than {max_bytes} bytes: refused"
-                    )
-                src = tar.extractfile(m)
-                assert src is not None  # a regular file
-                try:
-                    fd = os.open(
-                        dest / m.name,
-                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                        0o600,
-                    )
-                except FileExistsError:
-                    raise BundleError(
-                        f"the image pack holds {m.name!r} twice, or a name "
-                        "that is already there: refused"
-                    ) from None
-                with os.fdopen(fd, "wb") as f:
-                    while chunk := src.read(1 << 20):
-                        f.write(chunk)
-                names.append(m.name)
-    except tarfile.TarError as e:
+        return extract_flat(
+            tar_path,
+            dest,
+            allowed=_plain_name,
+            expected="a regular file with a plain name",
+            limits=limits,
+            what="the image pack",
+        )
+    except UnsafeArchiveError as e:  # a member not allowed, twice, or over the bound
+        raise BundleError(f"{e}: refused") from e
+    except ArchiveError as e:
         raise BundleError(f"the image pack is not a readable tar: {e}") from e
-    return names
+    except OSError as e:
+        raise BundleError(f"cannot unpack the image pack into {dest}: {e.strerror or e}") from e
+
+
+def _plain_name(parts: tuple[str, ...]) -> bool:
+    return len(parts) == 1 and _NAME.match(parts[0]) is not None and parts[0] not in (".", "..")

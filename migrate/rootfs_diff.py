@@ -5,10 +5,11 @@ upperdir: whiteouts (character devices 0/0), opaque and redirect xattrs
 (``trusted.overlay.*``), other xattrs, owners (numeric), modes, mtimes, hardlinks, symlinks,
 FIFOs and sparse files (``--sparse``).
 
-Reading a tar that came from elsewhere is checked first, entry by entry, with Python's
-tarfile (:func:`validate`): no absolute names or ``..``, nothing written through a symlink,
-hardlinks only to earlier regular entries, no device other than a whiteout, bounded sizes.
-Only then does GNU tar extract it.  ``trusted.overlay.origin`` is not restored: it names
+Reading a tar that came from elsewhere is checked first, entry by entry, with the runtime's
+safe tar reader (:mod:`runtime.tarsafe`, :func:`validate`): no absolute names or ``..``,
+bounded sizes and entry count, no truncated archive; and the rules of this format: nothing
+written through a symlink, hardlinks only to earlier regular entries, no device other than a
+whiteout.  Only then does GNU tar extract it.  ``trusted.overlay.origin`` is not restored: it names
 lower-layer inodes of the source node, which mean nothing here.
 
 Sources: overlayfs.rst ("whiteouts and opaque directories", "redirect_dir"), GNU tar manual
@@ -19,13 +20,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tarfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from migrate.errors import BundleError
+from runtime.errors import ArchiveError, UnsafeArchiveError
+from runtime.tarsafe import TarLimits, entry_parts, open_tar
 
 MAX_TOTAL_BYTES = 64 << 30
 MAX_ENTRIES = 2_000_000
+_LIMITS = TarLimits(
+    max_entries=MAX_ENTRIES, max_entry_bytes=MAX_TOTAL_BYTES, max_total_bytes=MAX_TOTAL_BYTES
+)
 _XATTR_ARGS = ["--xattrs", "--xattrs-include=*"]
 
 
@@ -77,34 +82,30 @@ def write(upperdir: Path, out: Path, live: bool = False) -> int:
     return out.stat().st_size
 
 
-def _norm(name: str, entry: str) -> PurePosixPath:
-    if name.startswith("/"):
-        raise BundleError(f"unsafe entry {entry!r} in the rootfs diff: absolute path")
-    parts = [p for p in PurePosixPath(name).parts if p != "."]
-    if ".." in parts:
-        raise BundleError(f"unsafe entry {entry!r} in the rootfs diff: '..' in the path")
-    return PurePosixPath(*parts) if parts else PurePosixPath(".")
+def _parts(name: str, entry: str) -> tuple[str, ...]:
+    """:func:`runtime.tarsafe.entry_parts`, refusing with BundleError."""
+    try:
+        return entry_parts(name, entry)
+    except UnsafeArchiveError as e:
+        raise BundleError(f"unsafe entry {entry!r} in the rootfs diff: {e}") from e
 
 
 def validate(tar_path: Path) -> int:
     """Check every entry of a rootfs-diff tar; returns the number of entries.
 
-    Raises BundleError naming the first unsafe entry."""
-    symlinks: set[PurePosixPath] = set()
-    regular: set[PurePosixPath] = set()
-    total = entries = 0
+    Raises BundleError naming the first unsafe entry, or saying why the tar is not a
+    valid, complete tar."""
+    symlinks: set[tuple[str, ...]] = set()
+    regular: set[tuple[str, ...]] = set()
     try:
-        with tarfile.open(tar_path, "r:") as tf:
-            for m in tf:
-                entries += 1
-                if entries > MAX_ENTRIES:
-                    raise BundleError(f"the rootfs diff has more than {MAX_ENTRIES} entries")
-                path = _norm(m.name, m.name)
-                for parent in path.parents:
-                    if parent in symlinks:
+        with open_tar(tar_path, _LIMITS, f"the rootfs diff {tar_path}") as reader:
+            for m in reader:
+                path = _parts(m.name, m.name)
+                for i in range(len(path)):
+                    if path[:i] in symlinks:
                         raise BundleError(
                             f"unsafe entry {m.name!r} in the rootfs diff: it is "
-                            f"written through the symlink {parent}"
+                            f"written through the symlink {'/'.join(path[:i]) or '.'}"
                         )
                 if m.ischr() or m.isblk():  # not isdev(): tarfile counts FIFOs as devices
                     if not (m.ischr() and m.devmajor == 0 and m.devminor == 0):
@@ -113,7 +114,7 @@ def validate(tar_path: Path) -> int:
                             f"{m.devmajor}:{m.devminor} (only whiteouts allowed)"
                         )
                 elif m.islnk():
-                    target = _norm(m.linkname, m.name)
+                    target = _parts(m.linkname, m.name)
                     if target not in regular:
                         raise BundleError(
                             f"unsafe entry {m.name!r} in the rootfs diff: "
@@ -123,20 +124,17 @@ def validate(tar_path: Path) -> int:
                     symlinks.add(path)
                 elif m.isreg():
                     regular.add(path)
-                    total += m.size
-                    if total > MAX_TOTAL_BYTES:
-                        raise BundleError(
-                            f"the rootfs diff is larger than {MAX_TOTAL_BYTES >> 30} GiB"
-                        )
                 elif not (m.isdir() or m.isfifo()):
                     raise BundleError(
                         f"unsafe entry {m.name!r} in the rootfs diff: unsupported type {m.type!r}"
                     )
                 if not m.issym():
                     symlinks.discard(path)  # replaced by a non-link entry
-    except tarfile.TarError as e:
-        raise BundleError(f"the rootfs diff {tar_path} is not a valid tar: {e}") from e
-    return entries
+            return reader.entries
+    except ArchiveError as e:  # limits, corrupt or truncated tar (the message names it)
+        raise BundleError(str(e)) from e
+    except OSError as e:
+        raise BundleError(f"cannot read the rootfs diff {tar_path}: {e.strerror or e}") from e
 
 
 def extract(tar_path: Path, upperdir: Path) -> None:
@@ -242,7 +240,8 @@ def apply_deleted(upperdir: Path, deleted: list[str]) -> None:
 
     root = os.path.realpath(upperdir)
     for rel in sorted(deleted, key=lambda p: -p.count("/")):
-        _norm(rel, rel)
+        if not _parts(rel, rel):
+            raise BundleError(f"unsafe deleted path {rel!r}: it names the upperdir itself")
         full = os.path.join(root, rel)
         parent = os.path.realpath(os.path.dirname(full))
         if parent != root and not parent.startswith(root + os.sep):

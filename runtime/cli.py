@@ -8,9 +8,11 @@ container's or exec'd program's exit code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -102,6 +104,19 @@ _COMMON = argparse.ArgumentParser(add_help=False)
 global_options(_COMMON, suppress=True)
 
 
+_SIZE = re.compile(r"^(\d+)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
+
+
+def parse_size(value: str) -> int:
+    """An argparse type: bytes, or a whole number with a k/m/g/t suffix (binary units)."""
+    m = _SIZE.match(value.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {value!r}: use bytes or a size like 512m or 16g"
+        )
+    return int(m.group(1)) << (10 * " kmgt".index(m.group(2).lower() or " "))
+
+
 class SubParser(Parser):
     """A command's parser: also takes the global options after the command."""
 
@@ -125,6 +140,18 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     imp = isub.add_parser("import", help="import an OCI layout dir, oci-archive or docker-save tar")
     imp.add_argument("path", type=Path)
     imp.add_argument("--name", help="NAME[:TAG] to give the image")
+    imp.add_argument(
+        "--max-layer-size",
+        type=parse_size,
+        metavar="SIZE",
+        help="refuse a layer that unpacks to more (bytes, or 16g...; default 32g)",
+    )
+    imp.add_argument(
+        "--max-image-size",
+        type=parse_size,
+        metavar="SIZE",
+        help="refuse an image whose layers unpack to more (default 64g)",
+    )
     isub.add_parser("ls", help="list images")
     irm = isub.add_parser("rm", help="remove images")
     irm.add_argument("images", nargs="+")
@@ -428,9 +455,14 @@ class ImportBar:
 
 def cmd_image(rt: Runtime, a: argparse.Namespace) -> int:
     if a.image_cmd == "import":
+        limits = rt.images.limits
+        if a.max_layer_size is not None:
+            limits = dataclasses.replace(limits, max_layer_bytes=a.max_layer_size)
+        if a.max_image_size is not None:
+            limits = dataclasses.replace(limits, max_image_bytes=a.max_image_size)
         bar = ImportBar(enabled=sys.stderr.isatty())
         try:
-            img = rt.images.import_path(a.path, name=a.name, on_progress=bar.update)
+            img = rt.images.import_path(a.path, name=a.name, on_progress=bar.update, limits=limits)
         finally:
             bar.close()
         print(img.id)

@@ -96,7 +96,33 @@ class ImageError(JaulaError):
     """An image could not be imported, found or removed."""
 
 
-class UnsafeArchiveError(ImageError):
+class ArchiveError(JaulaError):
+    """A tar archive cannot be read safely (see :mod:`runtime.tarsafe`).
+
+    Attributes:
+        entry: the name of the member concerned as written in the archive, or ``None`` when
+            no member is (an archive that is not a tar at all).
+    """
+
+    def __init__(self, message: str, entry: str | None = None) -> None:
+        super().__init__(message)
+        self.entry = entry
+
+
+class CorruptArchiveError(ArchiveError):
+    """A tar archive is malformed or truncated: not a tar, a bad header, a member whose data
+    runs past the end, or no end-of-archive marker.
+
+    Attributes:
+        reason: what is wrong, without the archive's name (for callers that name it their way).
+    """
+
+    def __init__(self, message: str, reason: str, entry: str | None = None) -> None:
+        super().__init__(message, entry)
+        self.reason = reason
+
+
+class UnsafeArchiveError(ImageError, ArchiveError):
     """A tar archive holds an entry that would escape its root or is not allowed.
 
     Attributes:
@@ -106,6 +132,21 @@ class UnsafeArchiveError(ImageError):
     def __init__(self, message: str, entry: str) -> None:
         super().__init__(message)
         self.entry = entry
+
+
+class ArchiveLimitError(UnsafeArchiveError):
+    """A tar archive is over one of its reader's bounds (entries, bytes of one entry, bytes in
+    all); ``entry`` is the member at which the bound was passed.
+
+    Attributes:
+        limit: which bound: ``"entries"``, ``"entry_bytes"`` or ``"total_bytes"``.
+        bound: its value (a count, or bytes).
+    """
+
+    def __init__(self, message: str, entry: str, limit: str, bound: int) -> None:
+        super().__init__(message, entry)
+        self.limit = limit
+        self.bound = bound
 
 
 class NotRootError(JaulaError):

@@ -34,9 +34,19 @@ Refused with :class:`~runtime.errors.UnsafeArchiveError` naming the entry:
   follow symlinks found in layer directories;
 * hardlinks to absolute or ``..`` paths, to directories, or to entries not (yet) in the layer;
 * character devices other than 0/0, block devices, unknown entry types;
-* entries larger than :attr:`UnpackLimits.max_entry_bytes`, layers whose uncompressed stream
-  exceeds :attr:`UnpackLimits.max_layer_bytes` (compression bombs), more entries than
-  :attr:`UnpackLimits.max_entries`.
+* a regular file larger than :attr:`UnpackLimits.max_entry_bytes`; a layer that unpacks to
+  more than :attr:`UnpackLimits.max_layer_bytes` (compression and sparse bombs), or that takes
+  its image over :attr:`UnpackLimits.max_image_bytes`; more entries than
+  :attr:`UnpackLimits.max_entries` (:class:`~runtime.errors.ArchiveLimitError`, naming the
+  entry at which the bound was passed);
+* a truncated layer: one that ends inside a header or a member's data, or without the
+  end-of-archive marker (:class:`~runtime.errors.ImageError`; tarfile alone would drop the
+  last entry and accept it).
+
+Sizes are counted as :mod:`runtime.tarsafe` counts them (which also reads the tar): a file's
+apparent size, so a GNU sparse member counts for the whole file it declares.  Sparse files
+stay sparse: their holes are sought over, never written, so what a layer allocates on disk is
+at most what its uncompressed stream holds.
 
 Parents missing from the tar are created 0755 root:root, as Docker and containerd do; such a
 directory hides the attributes of the same directory in lower layers.
@@ -67,8 +77,14 @@ from typing import IO, cast
 import structlog
 import zstandard
 
-from runtime.errors import ImageError, UnsafeArchiveError
+from runtime.errors import (
+    ArchiveLimitError,
+    CorruptArchiveError,
+    ImageError,
+    UnsafeArchiveError,
+)
 from runtime.image.oci import Compression, VerifyingReader, layer_compression, sniff_compression
+from runtime.tarsafe import TarLimits, TarReader, entry_parts, open_tar
 
 log = structlog.get_logger(__name__)
 
@@ -83,17 +99,29 @@ _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 @dataclass(frozen=True)
 class UnpackLimits:
-    """Bounds on what a single layer may contain.
+    """Bounds on what layers may unpack to.
+
+    What a layer *unpacks to* is the larger of its uncompressed tar stream and the apparent
+    sizes of its regular files (a sparse file at its full size): both are checked against
+    the bound while the layer is read, so nothing much beyond the bound is ever written.
+
+    The defaults are about twice the largest images in common use (CUDA and PyTorch images
+    unpack to 10 to 20 GiB, in layers of up to about 10 GiB), so that no real image is
+    refused while a hostile one takes at most 64 GiB; a node with a smaller disk lowers them
+    (``ImageStore(limits=...)``, ``jaula image import --max-layer-size/--max-image-size``).
+    Docker, containerd and containers/storage, as far as we know, bound neither.
 
     Attributes:
-        max_layer_bytes: uncompressed tar stream size, bytes (bounds compression bombs).
-        max_entry_bytes: size of one regular file, bytes.
+        max_layer_bytes: what one layer may unpack to, bytes (compression and sparse bombs).
+        max_image_bytes: what all the layers of one image may unpack to together, bytes.
+        max_entry_bytes: apparent size of one regular file, bytes.
         max_entries: number of tar entries (headers), including directories and links.
     """
 
-    max_layer_bytes: int = 64 * GiB
+    max_layer_bytes: int = 32 * GiB
     max_entry_bytes: int = 16 * GiB
     max_entries: int = 2_000_000
+    max_image_bytes: int = 64 * GiB
 
 
 @dataclass(frozen=True)
@@ -104,11 +132,14 @@ class LayerStats:
         diff_id: ``sha256:`` digest of the uncompressed tar (image-spec config.md "DiffID").
         size_bytes: length of the uncompressed tar stream, bytes.
         entries: number of tar entries applied.
+        unpacked_bytes: apparent sizes of its regular files together, bytes (0 when only
+            verified).
     """
 
     diff_id: str
     size_bytes: int
     entries: int
+    unpacked_bytes: int = 0
 
 
 def unpack_layer(
@@ -122,6 +153,7 @@ def unpack_layer(
     limits: UnpackLimits | None = None,
     preserve_owners: bool | None = None,
     on_read: Callable[[int], None] | None = None,
+    image_bytes_before: int = 0,
 ) -> LayerStats:
     """Unpack the layer blob read from ``raw`` into the existing, empty directory ``dest``.
 
@@ -134,6 +166,8 @@ def unpack_layer(
         limits: size bounds; :class:`UnpackLimits` defaults when ``None``.
         preserve_owners: chown entries to their uid/gid; default: only when euid is 0.
         on_read: called with the size of every chunk of ``raw`` read, in bytes.
+        image_bytes_before: what the image's earlier layers unpack to, bytes; this layer may
+            unpack to at most ``limits.max_image_bytes`` minus that.
 
     On error ``dest`` is left partly filled; the caller unpacks into a temporary directory and
     deletes it (see :class:`runtime.image.store.ImageStore`).
@@ -145,41 +179,52 @@ def unpack_layer(
     limits = limits or UnpackLimits()
     if preserve_owners is None:
         preserve_owners = os.geteuid() == 0
+    what = f"layer {blob_digest or diff_id}" if blob_digest or diff_id else "layer"
+    image_left = max(0, limits.max_image_bytes - image_bytes_before)
+    if image_left < limits.max_layer_bytes:
+        bound = image_left
+        over = (
+            f"image is larger than {limits.max_image_bytes} bytes unpacked ({what}, after "
+            f"{image_bytes_before} bytes in the layers before it)"
+        )
+    else:
+        bound = limits.max_layer_bytes
+        over = f"layer is larger than {bound} bytes unpacked"
     blob = VerifyingReader(raw, "layer", blob_digest, blob_size, on_read=on_read)
-    stream = _LayerStream(_decompress(blob, media_type), limits.max_layer_bytes)
+    stream = _LayerStream(_decompress(blob, media_type), bound, over)
+    tar_limits = TarLimits(limits.max_entries, limits.max_entry_bytes, bound)
     try:
         root_fd = os.open(dest, _DIR_OPEN)
     except OSError as e:
         raise ImageError(f"cannot open layer directory {dest}: {e.strerror}") from e
-    extractor = _Extractor(root_fd, preserve_owners, limits)
+    extractor = _Extractor(root_fd, preserve_owners)
+    entries = unpacked = 0
     try:
         try:
-            with tarfile.open(
-                fileobj=cast(IO[bytes], stream),
-                mode="r|",
-                encoding="utf-8",
-                errors="surrogateescape",
-            ) as tf:
-                while (member := tf.next()) is not None:
-                    tf.members.clear()  # type: ignore[attr-defined]  # else every header is kept
+            with open_tar(cast(IO[bytes], stream), tar_limits, what) as reader:
+                for member in reader:
                     stream.entry = member.name
-                    extractor.apply(tf, member)
+                    extractor.apply(reader, member)
+                entries, unpacked = reader.entries, reader.total_bytes
             stream.entry = "<end of archive>"
             stream.drain()
             extractor.finish()
-        except (ImageError, *_FORMAT_ERRORS) as e:
+        except (ImageError, CorruptArchiveError, *_FORMAT_ERRORS) as e:
             # A corrupt blob shows up as garbage first: name the digest when it is the cause.
             _raise_if_blob_mismatch(blob, blob_digest, e)
+            if isinstance(e, ArchiveLimitError) and e.limit == "total_bytes":
+                raise ArchiveLimitError(
+                    f"{over} (at entry {e.entry!r})", e.entry or "", e.limit, e.bound
+                ) from e
             if isinstance(e, ImageError):
                 raise
-            raise ImageError(
-                f"layer {blob_digest or diff_id or ''} is not a valid tar stream: {e}"
-            ) from e
+            reason = e.reason if isinstance(e, CorruptArchiveError) else str(e)
+            raise ImageError(f"{what} is not a valid tar stream: {reason}") from e
         blob.finish()
     finally:
         extractor.close()
         os.close(root_fd)
-    return _check_diff_id(stream, diff_id, extractor.entries)
+    return _check_diff_id(stream, diff_id, entries, unpacked)
 
 
 def verify_layer(
@@ -205,7 +250,8 @@ def verify_layer(
     if blob_digest is not None:
         blob.finish()
         return
-    stream = _LayerStream(_decompress(blob, media_type), limits.max_layer_bytes)
+    over = f"layer is larger than {limits.max_layer_bytes} bytes uncompressed"
+    stream = _LayerStream(_decompress(blob, media_type), limits.max_layer_bytes, over)
     try:
         stream.drain()
     except _FORMAT_ERRORS as e:
@@ -231,13 +277,15 @@ def _raise_if_blob_mismatch(
         return
 
 
-def _check_diff_id(stream: _LayerStream, diff_id: str | None, entries: int) -> LayerStats:
+def _check_diff_id(
+    stream: _LayerStream, diff_id: str | None, entries: int, unpacked_bytes: int = 0
+) -> LayerStats:
     actual = "sha256:" + stream.hash.hexdigest()
     if diff_id is not None and actual != diff_id:
         raise ImageError(
             f"layer {diff_id}: uncompressed content does not match its diff_id (got {actual})"
         )
-    return LayerStats(actual, stream.bytes_read, entries)
+    return LayerStats(actual, stream.bytes_read, entries, unpacked_bytes)
 
 
 class _Prefixed:
@@ -286,11 +334,13 @@ def _decompress(blob: VerifyingReader, media_type: str | None) -> IO[bytes]:
 
 
 class _LayerStream:
-    """The uncompressed tar stream: hashed for the diff_id and bounded in size."""
+    """The uncompressed tar stream: hashed for the diff_id and bounded in size (``over``:
+    the error message when the bound is passed, completed with the entry being read)."""
 
-    def __init__(self, raw: IO[bytes], limit_bytes: int) -> None:
+    def __init__(self, raw: IO[bytes], limit_bytes: int, over: str) -> None:
         self._raw = raw
         self._limit = limit_bytes
+        self._over = over
         self.hash = hashlib.sha256()
         self.bytes_read = 0
         self.entry = "<start of archive>"
@@ -302,9 +352,8 @@ class _LayerStream:
         data = self._raw.read(-1 if size is None else size)
         self.bytes_read += len(data)
         if self.bytes_read > self._limit:
-            raise UnsafeArchiveError(
-                f"layer is larger than {self._limit} bytes uncompressed (at entry {self.entry!r})",
-                self.entry,
+            raise ArchiveLimitError(
+                f"{self._over} (at entry {self.entry!r})", self.entry, "total_bytes", self._limit
             )
         self.hash.update(data)
         return data
@@ -314,24 +363,8 @@ class _LayerStream:
             pass
 
 
-def split_entry_name(name: str, entry: str | None = None) -> tuple[str, ...]:
-    """Split a tar member name into path components relative to the layer root.
-
-    ``""``, ``.``, ``./`` and ``/`` name the root and give ``()``.
-
-    Raises:
-        UnsafeArchiveError: the name is absolute or has a ``..`` component.
-    """
-    entry = name if entry is None else entry
-    raw_parts = name.split("/")
-    parts = tuple(p for p in raw_parts if p not in ("", "."))
-    if name.startswith("/") and parts:
-        raise UnsafeArchiveError(f"entry {entry!r}: absolute path {name!r}", entry)
-    if ".." in parts:
-        raise UnsafeArchiveError(f"entry {entry!r}: path {name!r} has a '..' component", entry)
-    if "\x00" in name:
-        raise UnsafeArchiveError(f"entry {entry!r}: NUL in path", entry)
-    return parts
+#: the one name check of :mod:`runtime.tarsafe`, under the name this module always gave it
+split_entry_name = entry_parts
 
 
 @dataclass
@@ -380,11 +413,9 @@ def _member_xattrs(member: tarfile.TarInfo) -> Iterator[tuple[str, bytes]]:
 class _Extractor:
     """Applies tar entries under a root directory fd; see the module docstring for the rules."""
 
-    def __init__(self, root_fd: int, preserve_owners: bool, limits: UnpackLimits) -> None:
+    def __init__(self, root_fd: int, preserve_owners: bool) -> None:
         self.root_fd = root_fd
         self.preserve_owners = preserve_owners
-        self.limits = limits
-        self.entries = 0
         self._dirs: dict[tuple[str, ...], int] = {}
         self._dir_meta: dict[tuple[str, ...], _DirMeta] = {(): _DirMeta()}
         self._whiteouts: set[tuple[str, ...]] = set()
@@ -475,31 +506,20 @@ class _Extractor:
 
     # -- entries ------------------------------------------------------------------------
 
-    def apply(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
-        """Apply one tar entry."""
+    def apply(self, reader: TarReader, member: tarfile.TarInfo) -> None:
+        """Apply one tar entry (the one ``reader`` just yielded, limits already applied)."""
         entry = member.name
-        self.entries += 1
-        if self.entries > self.limits.max_entries:
-            raise UnsafeArchiveError(
-                f"layer has more than {self.limits.max_entries} entries (at {entry!r})", entry
-            )
         if len(self._dirs) > _MAX_CACHED_DIRS:
             self._forget_dirs()
-        parts = split_entry_name(entry)
+        parts = entry_parts(entry)
         try:
-            self._apply(tf, member, entry, parts)
+            self._apply(reader, member, entry, parts)
         except OSError as e:
             raise ImageError(f"cannot unpack entry {entry!r}: {e.strerror or e}") from e
 
     def _apply(
-        self, tf: tarfile.TarFile, m: tarfile.TarInfo, entry: str, parts: tuple[str, ...]
+        self, reader: TarReader, m: tarfile.TarInfo, entry: str, parts: tuple[str, ...]
     ) -> None:
-        if m.isreg() and m.size > self.limits.max_entry_bytes:
-            raise UnsafeArchiveError(
-                f"entry {entry!r} is {m.size} bytes, over the {self.limits.max_entry_bytes} "
-                "byte limit",
-                entry,
-            )
         if parts and parts[-1].startswith(WHITEOUT_PREFIX):
             self._whiteout(parts, entry)
         elif not parts:
@@ -511,7 +531,7 @@ class _Extractor:
         elif m.isdir():
             self._mkdir(parts, m, entry)
         elif m.isreg():
-            self._file(tf, parts, m, entry)
+            self._file(reader, parts, m, entry)
         elif m.issym():
             self._symlink(parts, m, entry)
         elif m.islnk():
@@ -588,19 +608,14 @@ class _Extractor:
         self._dir_meta[parts] = self._meta_of(m, opaque)
 
     def _file(
-        self, tf: tarfile.TarFile, parts: tuple[str, ...], m: tarfile.TarInfo, entry: str
+        self, reader: TarReader, parts: tuple[str, ...], m: tarfile.TarInfo, entry: str
     ) -> None:
         pfd = self._dir_fd(parts[:-1], entry)
         self._remove_existing(pfd, parts)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(parts[-1], flags, 0o600, dir_fd=pfd)
         try:
-            src = tf.extractfile(m)
-            if src is not None:
-                while chunk := src.read(_CHUNK_BYTES):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
+            reader.write_data(m, fd)  # sparse files keep their holes
             self._set_meta_fd(fd, m, entry)
         finally:
             os.close(fd)
@@ -642,7 +657,7 @@ class _Extractor:
         link = m.linkname
         if link.startswith("/"):
             raise UnsafeArchiveError(f"entry {entry!r}: hardlink to absolute path {link!r}", entry)
-        tparts = split_entry_name(link, entry)
+        tparts = entry_parts(link, entry)
         if not tparts:
             raise UnsafeArchiveError(f"entry {entry!r}: hardlink to the layer root", entry)
         if tparts == parts:

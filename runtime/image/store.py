@@ -199,6 +199,8 @@ class ImageStore:
         path: Path,
         name: str | None = None,
         on_progress: Callable[[ImportProgress], None] | None = None,
+        *,
+        limits: UnpackLimits | None = None,
     ) -> Image:
         """Import an image from an OCI layout directory, an oci-archive or a docker archive.
 
@@ -214,10 +216,15 @@ class ImageStore:
         first layer byte is read, after every chunk read (about 1 MiB) and once with
         ``finished`` at the end, also when the import fails; the CLI draws a progress bar from
         it.  The store itself never writes to a terminal.
+        ``limits`` replaces the store's bounds (:class:`~runtime.image.layers.UnpackLimits`)
+        for this import; ``max_image_bytes`` counts every layer of the image, stored ones
+        included.
 
         Raises:
             ImageError: unreadable or invalid input, digest mismatch (named), unsafe layer
-                (:class:`~runtime.errors.UnsafeArchiveError`).  Nothing is left behind.
+                (:class:`~runtime.errors.UnsafeArchiveError`), a layer or the image over its
+                bound (:class:`~runtime.errors.ArchiveLimitError`, naming the entry).
+                Nothing is left behind.
         """
         path = Path(path)
         want = normalize_name(name) if name is not None else None
@@ -226,7 +233,7 @@ class ImageStore:
             src = opened.image
             image_id = digest_hex(src.config_digest, "image config digest")
             log.info("importing image", path=str(path), format=src.format, id=image_id[:12])
-            sizes, added = self._import_layers(opened, on_progress, path)
+            sizes, added = self._import_layers(opened, on_progress, path, limits or self.limits)
             try:
                 images = self._load()
                 old = images.get(image_id)
@@ -288,9 +295,11 @@ class ImageStore:
         opened: OpenImage,
         on_progress: Callable[[ImportProgress], None] | None,
         path: Path,
+        limits: UnpackLimits,
     ) -> tuple[dict[str, int], builtins.list[str]]:
         """Verify every layer, unpack the missing ones; return sizes by id and ids added."""
         src = opened.image
+        image_bytes = 0  # what the layers so far unpack to, for limits.max_image_bytes
         sizes: dict[str, int] = {}
         staged: dict[str, Path] = {}
         added: builtins.list[str] = []
@@ -309,10 +318,17 @@ class ImageStore:
                                 blob_digest=layer.digest,
                                 blob_size=layer.size,
                                 diff_id=layer.diff_id,
-                                limits=self.limits,
+                                limits=limits,
                                 on_read=bar.advance,
                             )
                             sizes[lid] = self._layer_meta(lid).get("size_bytes", 0)
+                            image_bytes += sizes[lid]
+                            if image_bytes > limits.max_image_bytes:
+                                raise ImageError(
+                                    f"image is larger than {limits.max_image_bytes} bytes "
+                                    f"unpacked (its layers up to {lid[:12]}, already stored, "
+                                    f"unpack to {image_bytes} bytes)"
+                                )
                             log.info("layer already present", layer=lid[:12])
                             continue
                         staging = Path(tempfile.mkdtemp(prefix=f"{lid[:12]}-", dir=self._tmp))
@@ -326,9 +342,11 @@ class ImageStore:
                             blob_digest=layer.digest,
                             blob_size=layer.size,
                             diff_id=layer.diff_id,
-                            limits=self.limits,
+                            limits=limits,
                             on_read=bar.advance,
+                            image_bytes_before=image_bytes,
                         )
+                    image_bytes += max(stats.size_bytes, stats.unpacked_bytes)
                     meta = {
                         "diff_id": stats.diff_id,
                         "size_bytes": stats.size_bytes,

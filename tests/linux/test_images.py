@@ -27,11 +27,15 @@ from runtime.errors import ImageError, ImageInUse, ImageNotFound
 from runtime.image import Image, ImageStore
 from tests.helpers.images import (
     ENV,
+    TarEntry,
     build_layered_image,
     docker_archive,
+    make_layer_tar,
     oci_archive,
     tools_missing,
+    write_oci_layout,
 )
+from tests.linux.conftest import Jaula
 
 pytestmark = [
     pytest.mark.root,
@@ -301,3 +305,26 @@ def test_overlay_of_layers_hides_deleted_files(
     # Writes land in the upper dir, never in the shared layers.
     assert (merged / "tmp/w").read_text() == "ok\n"
     assert not any((d / "tmp/w").exists() for d in store.layer_dirs(image))
+
+
+def test_cli_import_bounds_what_an_image_unpacks_to(tmp_path: Path) -> None:
+    """``jaula image import --max-layer-size/--max-image-size``: a one-line refusal naming
+    the entry, nothing stored; without the flags the defaults let the image in."""
+    layers = [make_layer_tar([TarEntry(f"f{i}", bytes([65 + i]) * 300_000)]) for i in range(2)]
+    layout = write_oci_layout(tmp_path / "layout", layers, "gzip", "bounded:1").layout
+    j = Jaula(tmp_path / "state")
+    for flags, why in (
+        (
+            ["--max-layer-size", "200k"],
+            "layer is larger than 204800 bytes unpacked (at entry 'f0')",
+        ),
+        (["--max-image-size", "500k"], "image is larger than 512000 bytes unpacked"),
+    ):
+        p = j.run("image", "import", str(layout), *flags, check=False)
+        assert p.returncode != 0
+        assert why in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert j.out("image", "ls").strip().count("\n") == 0  # the header line only
+    p = j.run("image", "import", str(layout), "--max-layer-size", "lots", check=False)
+    assert p.returncode == 125 and "invalid size 'lots'" in p.stderr
+    j.run("image", "import", str(layout))
+    assert "bounded:1" in j.out("image", "ls")

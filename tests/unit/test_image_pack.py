@@ -10,6 +10,7 @@ import pytest
 
 from migrate import image_pack
 from migrate.errors import BundleError
+from tests.helpers.tars import cuts
 
 
 def _files(d: Path, sizes: dict[str, int]) -> list[Path]:
@@ -119,3 +120,16 @@ def test_unpack_bounds_the_total_and_refuses_junk(tmp_path: Path) -> None:
     junk.write_bytes(b"\x00not a tar" * 100)
     with pytest.raises(BundleError):
         image_pack.unpack(junk, dest, 1 << 20)
+
+
+@pytest.mark.parametrize("cut", ["no-end-marker-before-last", "inside-last-header"])
+def test_unpack_refuses_a_truncated_pack(tmp_path: Path, cut: str) -> None:
+    """A pack cut on or inside a header looked complete: its last images were dropped."""
+    files = _files(tmp_path / "src", {"core-1.img": 1234, "mm-1.img": 5000})
+    tar = tmp_path / "pack.tar"
+    image_pack.pack(files, tar)
+    tar.write_bytes(cuts(tar.read_bytes())[cut])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(BundleError, match="truncated"):
+        image_pack.unpack(tar, dest, 1 << 20)

@@ -19,6 +19,7 @@ import struct
 import sys
 import tarfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,13 @@ from tests.helpers.images import (
     write_docker_archive,
     write_oci_layout,
 )
+from tests.helpers.tars import cuts, gnu_sparse_tar, member_end, pax_sparse_tar
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: whiteouts (mknod 0/0), trusted.* xattrs, chown"
 )
 F = TarEntry  # short alias for tables
+MakeSparse = Callable[[str, int, list[tuple[int, bytes]]], bytes]
 
 
 def unpack(tmp_path: Path, entries: list[TarEntry], **kw: object) -> Path:
@@ -847,3 +850,104 @@ def test_cli_import_bar_draws_on_a_terminal_for_a_long_import_only(
                 assert (f"importing {path.name}" in _read_pty(master)) is drawn, total
     finally:
         os.close(master)
+
+
+# --- bombs and truncated layers (issue 15, items 1 and 2) --------------------------------------
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize("make", [gnu_sparse_tar, pax_sparse_tar])
+def test_sparse_file_stays_sparse(tmp_path: Path, make: MakeSparse) -> None:
+    # 64 MiB first: were the holes written, this fails before the 10 GiB one is tried.
+    for i, size in enumerate((64 * MiB, 10 * 1024 * MiB)):
+        runs = [(0, b"head"), (size // 2, b"middle"), (size - 3, b"end")]
+        layer = make("var/log/lastlog", size, runs)
+        assert len(layer) <= 10240  # a few blocks
+        dest = tmp_path / f"layer{i}"
+        dest.mkdir()
+        stats = unpack_layer(io.BytesIO(gzip.compress(layer)), dest)
+        f = dest / "var/log/lastlog"
+        st = f.stat()
+        assert st.st_size == size
+        assert st.st_blocks * 512 <= MiB, f"{size} byte sparse file allocated {st.st_blocks} blocks"
+        assert stat.S_IMODE(st.st_mode) == 0o644
+        with open(f, "rb") as fh:
+            for off, data in runs:
+                fh.seek(off)
+                assert fh.read(len(data)) == data
+        assert stats.unpacked_bytes == size and stats.size_bytes == len(layer)
+        f.unlink()
+
+
+@pytest.mark.parametrize("make", [gnu_sparse_tar, pax_sparse_tar])
+def test_sparse_bomb_is_refused_naming_the_entry(tmp_path: Path, make: MakeSparse) -> None:
+    layer = make("bomb", 64 * MiB, [(0, b"x"), (64 * MiB - 1, b"y")])
+    dest = tmp_path / "layer"
+    dest.mkdir()
+    with pytest.raises(UnsafeArchiveError, match="layer is larger than 16777216 bytes") as err:
+        unpack_layer(io.BytesIO(layer), dest, limits=UnpackLimits(max_layer_bytes=16 * MiB))
+    assert err.value.entry == "bomb" and "'bomb'" in str(err.value)
+    assert not (dest / "bomb").exists()
+
+
+def test_compression_bomb_is_refused_before_it_is_written(tmp_path: Path) -> None:
+    blob = gzip.compress(make_layer_tar([F("ok", b"fine"), F("zeros", b"\0" * (64 * MiB))]))
+    assert len(blob) < 128 * 1024
+    dest = tmp_path / "layer"
+    dest.mkdir()
+    with pytest.raises(UnsafeArchiveError, match="larger than 8388608 bytes") as err:
+        unpack_layer(io.BytesIO(blob), dest, limits=UnpackLimits(max_layer_bytes=8 * MiB))
+    assert err.value.entry == "zeros"
+    assert not (dest / "zeros").exists()  # refused at its header, not after 8 MiB of zeros
+
+
+def test_image_bound_counts_every_layer(tmp_path: Path) -> None:
+    layers = [make_layer_tar([F(f"f{i}", bytes([i]) * (600 * 1024))]) for i in range(3)]
+    img = write_oci_layout(tmp_path / "layout", layers, "gzip", "big:1")
+    store = ImageStore(tmp_path / "state", limits=UnpackLimits(max_image_bytes=MiB))
+    with pytest.raises(UnsafeArchiveError, match=f"image is larger than {MiB} bytes") as err:
+        store.import_path(img.layout)
+    assert err.value.entry == "f1"
+    assert store.list() == []
+    assert sorted(p.name for p in store.layers_dir.iterdir()) == [".tmp"]
+    assert list((store.layers_dir / ".tmp").iterdir()) == []
+    # one import may bring its own bounds; stored layers count towards the image too
+    store.import_path(img.layout, limits=UnpackLimits(max_image_bytes=2 * MiB))
+    with pytest.raises(ImageError, match="already stored"):
+        store.import_path(img.layout, limits=UnpackLimits(max_image_bytes=MiB))
+
+
+def test_layer_bound_default_and_store_limits() -> None:
+    limits = UnpackLimits()
+    assert limits.max_layer_bytes == 32 << 30 and limits.max_image_bytes == 64 << 30
+    assert limits.max_entry_bytes <= limits.max_layer_bytes <= limits.max_image_bytes
+
+
+TRUNCATED_BASE = make_layer_tar([F("a", b"y" * 100), F("b", b"x" * 3000)])
+
+
+@pytest.mark.parametrize("cut", sorted(cuts(TRUNCATED_BASE)))
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_truncated_layer_is_refused(tmp_path: Path, cut: str, compression: str) -> None:
+    """tarfile alone takes a tar cut on or inside a header for a complete one, dropping the
+    entries after the cut (the layer's digests, made over the cut tar, all match)."""
+    tar = cuts(TRUNCATED_BASE)[cut]
+    dest = tmp_path / "layer"
+    dest.mkdir()
+    with pytest.raises(ImageError, match="not a valid tar stream.*truncated"):
+        unpack_layer(io.BytesIO(compress(tar, compression)), dest)
+    img = write_oci_layout(tmp_path / "layout", [tar], compression)
+    store = ImageStore(tmp_path / "state")
+    with pytest.raises(ImageError, match="truncated"):
+        store.import_path(img.layout)
+    assert store.list() == []
+    assert list((store.layers_dir / ".tmp").iterdir()) == []
+
+
+def test_layer_ending_in_one_zero_block_is_complete(tmp_path: Path) -> None:
+    end = member_end(TRUNCATED_BASE, 1)
+    dest = tmp_path / "layer"
+    dest.mkdir()
+    unpack_layer(io.BytesIO(TRUNCATED_BASE[: end + 512]), dest)
+    assert (dest / "b").read_bytes() == b"x" * 3000

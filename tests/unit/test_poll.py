@@ -14,7 +14,7 @@ def test_returns_the_first_true_result() -> None:
 
 
 def test_a_time_out_returns_the_last_false_result() -> None:
-    assert wait_for(lambda: [], 0.01) == []
+    assert wait_for(list, 0.01) == []
     assert wait_for(lambda: 0, 0.0) == 0
 
 

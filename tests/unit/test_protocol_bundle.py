@@ -14,6 +14,7 @@ from migrate.bundle import Bundle, Manifest
 from migrate.errors import BundleError, ProtocolError
 from migrate.protocol import SCHEMAS, decode, encode, error
 from migrate.rootfs_diff import validate
+from tests.helpers.tars import cuts, gnu_sparse_tar, make_tar
 
 # -- protocol --------------------------------------------------------------------------------
 
@@ -134,6 +135,33 @@ def test_bundle_import_refuses_foreign_entries(tmp_path: Path, name: str) -> Non
     assert not (tmp_path / "dest").exists()
 
 
+@pytest.mark.parametrize("cut", ["no-end-marker-after-last", "inside-last-header"])
+def test_bundle_import_refuses_a_truncated_tar(tmp_path: Path, cut: str) -> None:
+    b = _bundle(tmp_path)
+    out = tmp_path / "b.tar"
+    b.export(out)
+    out.write_bytes(cuts(out.read_bytes())[cut])
+    with pytest.raises(BundleError, match="truncated"):
+        Bundle.import_tar(out, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_bundle_import_never_overwrites_and_bounds_its_size(tmp_path: Path) -> None:
+    t = tmp_path / "twice.tar"
+    t.write_bytes(make_tar({"manifest.json": b"{}", "criu/core-1.img": b"a"}))
+    with tarfile.open(t, "a") as tf:  # the same name again, appended
+        info = tarfile.TarInfo("manifest.json")
+        info.size = 2
+        tf.addfile(info, io.BytesIO(b"[]"))
+    with pytest.raises(BundleError, match="'manifest.json' twice"):
+        Bundle.import_tar(t, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+    t.write_bytes(make_tar({"criu/core-1.img": b"a" * 600, "criu/mm-1.img": b"b" * 600}))
+    with pytest.raises(BundleError, match="more than 1000 bytes .*'criu/mm-1.img'"):
+        Bundle.import_tar(t, tmp_path / "dest", max_bytes=1000)
+    assert not (tmp_path / "dest").exists()
+
+
 def test_bundle_import_refuses_symlink(tmp_path: Path) -> None:
     t = tmp_path / "evil.tar"
     with tarfile.open(t, "w") as tf:
@@ -207,6 +235,39 @@ def test_rootfs_diff_refuses_garbage(tmp_path: Path) -> None:
     (tmp_path / "g.tar").write_bytes(b"not a tar" * 100)
     with pytest.raises(BundleError, match="not a valid tar"):
         validate(tmp_path / "g.tar")
+
+
+@pytest.mark.parametrize("cut", sorted(cuts(make_tar({"etc/a": b"y" * 100, "etc/b": b"x" * 3000}))))
+def test_rootfs_diff_refuses_a_truncated_tar(tmp_path: Path, cut: str) -> None:
+    """A diff cut on a header boundary or inside a header looked complete to tarfile: GNU tar
+    then restored it without its last files."""
+    tar = cuts(make_tar({"etc/a": b"y" * 100, "etc/b": b"x" * 3000}))[cut]
+    (tmp_path / "cut.tar").write_bytes(tar)
+    with pytest.raises(BundleError, match="truncated"):
+        validate(tmp_path / "cut.tar")
+
+
+def test_rootfs_diff_bounds_sparse_files_at_their_full_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import migrate.rootfs_diff as rd
+    from runtime.tarsafe import TarLimits
+
+    monkeypatch.setattr(rd, "_LIMITS", TarLimits(100, 1 << 40, 1 << 20))
+    (tmp_path / "s.tar").write_bytes(gnu_sparse_tar("var/big", 1 << 30, [(0, b"x")]))
+    with pytest.raises(BundleError, match="more than 1048576 bytes .*'var/big'"):
+        validate(tmp_path / "s.tar")
+
+
+def test_rootfs_diff_deleted_paths_never_name_the_upperdir(tmp_path: Path) -> None:
+    from migrate.rootfs_diff import apply_deleted
+
+    upper = tmp_path / "upper"
+    (upper / "keep").mkdir(parents=True)
+    for rel in (".", "", "./", "/", "../x", "/etc"):
+        with pytest.raises(BundleError, match="unsafe"):
+            apply_deleted(upper, [rel])
+    assert (upper / "keep").is_dir()
 
 
 # -- sealing of bulk data ----------------------------------------------------------------------
