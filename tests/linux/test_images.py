@@ -35,7 +35,7 @@ from tests.helpers.images import (
     tools_missing,
     write_oci_layout,
 )
-from tests.linux.conftest import Jaula
+from tests.helpers.jaula import Jaula
 
 pytestmark = [
     pytest.mark.root,
