@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from migrate import criu, rootfs_diff
+from migrate import criu, portability, rootfs_diff
 from migrate.bundle import Bundle, Manifest, cpu_flags
 from migrate.errors import MigrationError, PreflightError
 from migrate.restorer import NETNS_KEY, network_lock
@@ -157,6 +157,9 @@ def preflight(c: Container) -> None:
     - a FIFO on a volume: the volume is not shipped with the checkpoint, its node could be
       missing where the container is restored (shared/cases C11);
     - a file lock shared with a process outside the container (shared/cases C08);
+    - an interface other than ``lo`` in the container's own net namespace, a UNIX socket
+      connected to a process outside the container, an inotify or fanotify watch
+      (:mod:`migrate.portability`);
     - a container whose memory is still arriving from a post-copy (its lazy-pages daemon
       runs): the pages not fetched yet would be left out.
 
@@ -227,6 +230,15 @@ def preflight(c: Container) -> None:
                 )
         _check_objects(c, pid, comm)
     _check_foreign_locks(c, in_cgroup | set(tree))
+    try:
+        if c.config.network == "none":
+            portability.check_netns(c.name, portability.netns_contents(c.state.pid))
+        portability.check_unix_peers(c.name, c.state.pid, in_cgroup | set(tree))
+    except OSError as e:
+        raise PreflightError(
+            f"cannot checkpoint {c.name}: its network namespace cannot be looked at "
+            f"({e.strerror or e}){keeps}"
+        ) from e
 
 
 def _check_objects(c: Container, pid: int, comm: str) -> None:
@@ -249,6 +261,13 @@ def _check_objects(c: Container, pid: int, comm: str) -> None:
                     f"cannot checkpoint {c.name}: process {pid} ({comm}) holds {what} "
                     f"(fd {fd}), which CRIU cannot dump{keeps}"
                 )
+        if target in portability.WATCH_FDS:
+            watched = portability.describe_watches(pid, fd) or ["?"]
+            raise PreflightError(
+                f"cannot checkpoint {c.name}: process {pid} ({comm}) has an "
+                f"{target.split(':')[1].strip('[]')} watch on {', '.join(watched)} (fd {fd}), "
+                f"which CRIU cannot dump on the container's overlay root: stop watching{keeps}"
+            )
         if target.startswith(("pipe:", "socket:", "anon_inode:")):
             continue
         if target == "/secretmem (deleted)" and statfs_type(link) == _SECRETMEM_MAGIC:
@@ -335,12 +354,17 @@ def _stdio_keys(c: Container) -> dict[str, str | None]:
 
 def external_netns(c: Container) -> str | None:
     """CRIU ``--external net[INODE]:KEY`` for a container whose net namespace holds nothing
-    to save: its own, with only ``lo``, and no CAP_NET_ADMIN to change routes, addresses,
-    rules or sysctls.  CRIU then neither saves it (ip/iptables-save at dump) nor rebuilds it
-    (ip/iptables-restore at restore, about 50 ms of downtime); the restorer hands it a fresh
-    namespace with ``lo`` up (``inherit_fd``).  None when the namespace must be dumped."""
+    to save: its own, with no CAP_NET_ADMIN to change routes, addresses, rules or sysctls,
+    and, as its contents show (:func:`migrate.portability.netns_contents`), only ``lo``
+    with 127.0.0.1/8, ::1 and their routes (the host may have added more).  CRIU then
+    neither saves it (ip/iptables-save at dump) nor rebuilds it (ip/iptables-restore at
+    restore, about 50 ms of downtime); the restorer hands it a fresh namespace with ``lo``
+    up (``inherit_fd``).  None when the namespace must be dumped.  Raises OSError when the
+    init is gone."""
     cfg = c.config
     if cfg.network != "none" or cfg.privileged or "CAP_NET_ADMIN" in cfg.capabilities:
+        return None
+    if not portability.netns_contents(c.state.pid).fresh:
         return None
     return f"net[{os.stat(f'/proc/{c.state.pid}/ns/net').st_ino}]:{NETNS_KEY}"
 

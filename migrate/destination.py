@@ -86,6 +86,7 @@ class DestinationSession:
         queue: where the node service puts this session's messages (and the bulk
             channel's chunks); listen: this node's endpoint (``tcp://`` for a page
             server or a post-copy listener); max_message_bytes: the bulk channel's limit.
+        node_name: this node's name, in what it refuses.
 
     Raises PreflightError when its scratch directory is not private.
     """
@@ -99,8 +100,10 @@ class DestinationSession:
         queue: asyncio.Queue[Any] | None = None,
         listen: str = "",
         max_message_bytes: int = 8 << 20,
+        node_name: str = "the destination",
     ) -> None:
         self.rt = rt
+        self.node_name = node_name
         self._send = send
         self.offer = offer
         self.source = source
@@ -223,6 +226,11 @@ class DestinationSession:
             )
         )
         self._check_space_and_names(cfg)
+        if "needs" in o:  # what this node must give it: volumes, ports, memory
+            from migrate.portability import NodeNeeds, check_needs
+
+            needs = NodeNeeds.from_json(o["needs"])
+            await asyncio.to_thread(check_needs, needs, cfg.name, self.source, self.node_name)
         missing = [la for la in o["image"].get("layers", []) if not self.rt.images.has_layer(la)]
         self.cfg = ContainerConfig.from_json(
             {**cfg.to_json(), "cgroup_parent": self.rt.cgroup_parent}

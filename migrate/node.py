@@ -372,6 +372,7 @@ class NodeService:
                 queue=q,
                 listen=self.cfg.listen,
                 max_message_bytes=self.cfg.max_message_bytes,
+                node_name=self.cfg.name,
             )
         except JaulaError as e:  # e.g. a scratch dir someone else made: refuse, say why
             await self.reply(inc, error(type(e).__name__, str(e), session=sid))

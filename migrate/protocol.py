@@ -120,6 +120,7 @@ SCHEMAS: dict[str, dict[str, tuple[Any, int | None, bool]]] = {
         "ps_cert": (bytes, 8192, False),
         "features": (*_LIST, False),
         "criu_patches": (*_LIST, False),
+        "needs": (*_MAP, False),  #: migrate.portability.NodeNeeds
     },
     "accept": {
         "session": (*_NAME, True),

@@ -47,10 +47,10 @@ from typing import Any
 
 import structlog
 
-from migrate import criu, image_pack, lazy_conn, rootfs_diff
+from migrate import criu, image_pack, lazy_conn, portability, rootfs_diff
 from migrate.addresses import endpoint_host
 from migrate.bundle import cpu_flags
-from migrate.checkpoint import DumpPlan, preflight
+from migrate.checkpoint import DumpPlan, preflight, process_tree, tasks_of
 from migrate.errors import (
     MigrationAborted,
     MigrationError,
@@ -247,6 +247,8 @@ class SourceSession:
                 f"nothing was frozen, {c.name} keeps running here"
             )
         ps_cert, cert, key = await asyncio.to_thread(certs.make_identity, self.work, "source")
+        pids = sorted(set(tasks_of(c)) | set(process_tree(c.state.pid)))
+        needs = await asyncio.to_thread(portability.node_needs, c.config, c.state.pid, pids)
         await link.send(
             "offer",
             container=c.config.to_json(),
@@ -261,6 +263,7 @@ class SourceSession:
             page_server=["tls"],
             ps_cert=ps_cert,
             features=list(FEATURES),
+            needs=needs.to_json(),
         )
         try:
             accept = await link.expect("accept")

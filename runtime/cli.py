@@ -170,7 +170,7 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     run.add_argument("-u", "--user", help="UID[:GID] or NAME[:GROUP]")
     run.add_argument("--hostname", help="hostname inside (default: the short id)")
     run.add_argument("--network", default="none", choices=["none", "host"])
-    run.add_argument("-v", "--volume", action="append", default=[], help="HOST:CTR[:ro]")
+    run.add_argument("-v", "--volume", action="append", default=[], help="HOST:CTR[:ro][,shared]")
     run.add_argument("--entrypoint", help="override the image's Entrypoint")
     run.add_argument("--cap-add", action="append", default=[], help="add a capability")
     run.add_argument(

@@ -108,11 +108,18 @@ READONLY_PATHS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class Mount:
-    """A bind mount of a host path into the container (``-v HOST:CTR[:ro]``)."""
+    """A bind mount of a host path into the container (``-v HOST:CTR[:OPTS]``).
+
+    ``shared``: the operator declares ``HOST`` shared storage, the same data under the same
+    path on every node (NFS, a cluster file system); a migration then only checks that the
+    path exists on the destination, of the same kind and file system type.  Otherwise the
+    volume is local data, and a migration is refused unless the destination's ``HOST`` is the
+    very same directory (migrate.portability)."""
 
     source: str
     destination: str
     readonly: bool = False
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -243,23 +250,27 @@ def parse_env(items: list[str], base: tuple[str, ...] = ()) -> tuple[str, ...]:
 
 
 def parse_volume(value: str) -> Mount:
-    """Parse ``-v HOST:CTR[:ro|rw]``; both paths absolute, the host path must exist."""
+    """Parse ``-v HOST:CTR[:OPTS]``, OPTS comma-separated ``ro``/``rw`` and ``shared`` (see
+    :class:`Mount`); both paths absolute, the host path must exist."""
     import os
 
     parts = value.split(":")
     if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
-        raise ConfigError(f"invalid -v {value!r}: use HOST:CONTAINER[:ro]")
+        raise ConfigError(f"invalid -v {value!r}: use HOST:CONTAINER[:ro][,shared]")
     src, dst = parts[0], parts[1]
-    opt = parts[2] if len(parts) == 3 else "rw"
-    if opt not in ("ro", "rw"):
-        raise ConfigError(f"invalid -v {value!r}: the option must be ro or rw")
+    opts = parts[2].split(",") if len(parts) == 3 else ["rw"]
+    if any(o not in ("ro", "rw", "shared") for o in opts) or {"ro", "rw"} <= set(opts):
+        raise ConfigError(
+            f"invalid -v {value!r}: the options are ro or rw, and shared, separated by commas"
+        )
+    opt = "ro" if "ro" in opts else "rw"
     if not os.path.isabs(src) or not os.path.isabs(dst):
         raise ConfigError(f"invalid -v {value!r}: both paths must be absolute")
     if not os.path.exists(src):
         raise ConfigError(f"invalid -v {value!r}: host path {src} does not exist")
     if os.path.normpath(dst) == "/":
         raise ConfigError(f"invalid -v {value!r}: cannot mount over the container's /")
-    return Mount(os.path.realpath(src), os.path.normpath(dst), opt == "ro")
+    return Mount(os.path.realpath(src), os.path.normpath(dst), opt == "ro", "shared" in opts)
 
 
 def parse_capabilities(

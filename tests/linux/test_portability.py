@@ -1,0 +1,166 @@
+"""What a dump cannot carry is refused before the freeze, or carried (issue 11, items 3, 6,
+7): the contents of a ``--network none`` namespace, UNIX sockets connected outside the
+container, inotify watches.  Each refusal names the object, and the container keeps running
+untouched (its counter goes on, every tick once)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.counter import COUNTER, assert_continuous, inspect, ticks, wait_ticks
+from tests.linux.conftest import Jaula, needs_criu
+
+pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
+
+PY_IMAGE = "jaula-python:latest"
+
+
+@pytest.fixture
+def py(jaula: Jaula, python_image_layout: Path) -> Jaula:
+    jaula.run("image", "import", str(python_image_layout), "--name", PY_IMAGE)
+    return jaula
+
+
+def _pid(j: Jaula, ref: str) -> int:
+    return int(inspect(j, ref)["State"]["Pid"])
+
+
+def _in_netns(j: Jaula, ref: str, *cmd: str) -> str:
+    """Run ``cmd`` (an ``ip`` command) in the container's net namespace, from the host."""
+    p = subprocess.run(
+        ["nsenter", "-t", str(_pid(j, ref)), "-n", *cmd],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return p.stdout
+
+
+def _refused_and_still_running(j: Jaula, ref: str, *needles: str) -> str:
+    """``jaula checkpoint ref`` is refused with a one-line message holding ``needles``, and
+    the container runs on, every tick once.  Returns the message."""
+    before = ticks(j, ref)[-1]
+    p = j.run("checkpoint", ref, check=False)
+    assert p.returncode == 125, f"the checkpoint was not refused: {p.stdout}{p.stderr}"
+    msg = p.stderr.strip()
+    assert len(msg.splitlines()) == 1, msg
+    for n in needles:
+        assert n in msg, f"{n!r} not in {msg!r}"
+    assert "nothing was frozen" in msg or "keeps running" in msg, msg
+    assert inspect(j, ref)["State"]["Status"] == "running"
+    wait_ticks(j, ref, before + 5)
+    assert_continuous(ticks(j, ref))
+    return msg
+
+
+def test_addresses_and_routes_added_to_a_none_namespace_are_carried(jaula: Jaula) -> None:
+    """Item 3: what the host added to a ``--network none`` namespace (an address, a route)
+    comes back after checkpoint and restore (CRIU dumps the namespace instead of taking it
+    as external and empty)."""
+    jaula.run("run", "-d", "--name", "nn", "busybox", "sh", "-c", COUNTER)
+    wait_ticks(jaula, "nn", 3)
+    _in_netns(jaula, "nn", "ip", "addr", "add", "10.9.9.9/32", "dev", "lo")
+    _in_netns(jaula, "nn", "ip", "route", "add", "10.77.0.0/16", "dev", "lo")
+    jaula.run("checkpoint", "nn")
+    jaula.run("restore", "nn")
+    assert "10.9.9.9/32" in _in_netns(jaula, "nn", "ip", "-4", "addr", "show", "dev", "lo")
+    assert "10.77.0.0/16" in _in_netns(jaula, "nn", "ip", "route", "show")
+    last = ticks(jaula, "nn")[-1]
+    wait_ticks(jaula, "nn", last + 3)
+    assert_continuous(ticks(jaula, "nn"))
+
+
+def test_an_interface_added_to_a_none_namespace_is_refused(jaula: Jaula) -> None:
+    """Item 3: an interface CRIU cannot rebuild alone (here a veth pair, both ends in the
+    container's namespace) is refused before the freeze, named."""
+    jaula.run("run", "-d", "--name", "nv", "busybox", "sh", "-c", COUNTER)
+    wait_ticks(jaula, "nv", 3)
+    _in_netns(jaula, "nv", "ip", "link", "add", "jpf0", "type", "veth", "peer", "name", "jpf1")
+    _refused_and_still_running(jaula, "nv", "jpf0 (veth)", "ip link del")
+
+
+@pytest.fixture
+def unix_server(tmp_path: Path) -> Iterator[tuple[Path, list[socket.socket]]]:
+    """A UNIX stream listener of this (host) process in ``tmp_path/vol/srv.sock``, accepting
+    in a thread; yields (the volume dir, the accepted connections)."""
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(vol / "srv.sock"))
+    srv.listen()
+    conns: list[socket.socket] = []
+
+    def accept() -> None:
+        try:
+            while True:
+                conns.append(srv.accept()[0])
+        except OSError:
+            return
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        yield vol, conns
+    finally:
+        srv.shutdown(socket.SHUT_RDWR)
+        srv.close()
+        t.join(10)
+        for c in conns:
+            c.close()
+
+
+CLIENT = (
+    "import socket, time\n"
+    "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+    "s.connect('/vol/srv.sock')\n"
+    "while True: time.sleep(1)\n"
+)
+
+
+def test_a_unix_socket_connected_outside_is_refused_naming_path_and_peer(
+    py: Jaula, unix_server: tuple[Path, list[socket.socket]]
+) -> None:
+    """Item 6: a UNIX stream connection to a process outside the container (this test,
+    through a socket on a volume) is refused before the freeze, naming the socket's path and
+    the peer's pid."""
+    vol, conns = unix_server
+    py.run(
+        "run", "-d", "--name", "ux", "-v", f"{vol}:/vol", PY_IMAGE,
+        "sh", "-c", f"python3 -c \"{CLIENT}\" & {COUNTER}",
+    )  # fmt: skip
+    wait_ticks(py, "ux", 3)
+    from runtime.poll import wait_for
+
+    assert wait_for(lambda: bool(conns), 15), "the container did not connect"
+    _refused_and_still_running(py, "ux", "/vol/srv.sock", f"process {os.getpid()}")
+
+
+WATCHER = (
+    "import ctypes, os, time\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "os.makedirs('/tmp/watched', exist_ok=True)\n"
+    "fd = libc.inotify_init1(0)\n"
+    "assert libc.inotify_add_watch(fd, b'/tmp/watched', 0x300) > 0\n"
+    "open('/tmp/watching', 'w').close()\n"
+    "while True: time.sleep(1)\n"
+)
+
+
+def test_an_inotify_watch_is_refused_naming_the_path(py: Jaula) -> None:
+    """Item 7: an inotify watch (CRIU on the overlay root: "fsnotify: Can't dump that
+    handle", after the freeze) is refused before it, naming the watched path."""
+    py.run("run", "-d", "--name", "iw", PY_IMAGE, "sh", "-c", f'python3 -c "{WATCHER}" & {COUNTER}')
+    wait_ticks(py, "iw", 3)
+    from runtime.poll import wait_for
+
+    watching = lambda: py.run("exec", "iw", "test", "-e", "/tmp/watching", check=False)
+    assert wait_for(lambda: watching().returncode == 0, 15), "the watch was not set up"
+    _refused_and_still_running(py, "iw", "inotify", "/tmp/watched")
