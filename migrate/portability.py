@@ -40,7 +40,6 @@ name_to_handle_at(2), the kernel's Documentation/mm/overcommit-accounting.rst.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import ipaddress
 import os
@@ -55,6 +54,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from migrate.errors import PreflightError, ProtocolError
+from runtime import syscalls as sc
 from runtime.spec import ContainerConfig
 from runtime.syscalls import CLONE_NEWNET, setns
 
@@ -432,28 +432,6 @@ def _find_inode(pid: int, major: int, minor: int, ino: int, limit: int = 50000) 
 
 
 # -- volumes ------------------------------------------------------------------------------
-class _Statfs(ctypes.Structure):
-    _fields_ = [
-        ("f_type", ctypes.c_long),
-        ("f_bsize", ctypes.c_long),
-        ("f_blocks", ctypes.c_ulong),
-        ("f_bfree", ctypes.c_ulong),
-        ("f_bavail", ctypes.c_ulong),
-        ("f_files", ctypes.c_ulong),
-        ("f_ffree", ctypes.c_ulong),
-        ("f_fsid", ctypes.c_int * 2),
-        ("f_namelen", ctypes.c_long),
-        ("f_frsize", ctypes.c_long),
-        ("f_flags", ctypes.c_long),
-        ("f_spare", ctypes.c_long * 4),
-    ]
-
-
-_MAX_HANDLE_SZ = 128
-_AT_FDCWD = -100
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 @dataclass(frozen=True)
 class VolumeIdentity:
     """Which file a volume is, as seen from the node that has it.
@@ -508,24 +486,15 @@ def identify(
     """The :class:`VolumeIdentity` of ``path`` (followed if a symlink).  Raises OSError when
     it cannot be stat'ed."""
     st = os.stat(path)
-    sfs = _Statfs()
-    if _libc.statfs(os.fsencode(path), ctypes.byref(sfs)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"statfs {path}: {os.strerror(err)}")
-    fsid = struct.pack("<ii", *sfs.f_fsid)
-    buf = ctypes.create_string_buffer(8 + _MAX_HANDLE_SZ)
-    struct.pack_into("<Ii", buf, 0, _MAX_HANDLE_SZ, 0)
-    mount_id = ctypes.c_int()
-    handle = ""
-    if _libc.name_to_handle_at(_AT_FDCWD, os.fsencode(path), buf, ctypes.byref(mount_id), 0) == 0:
-        size, htype = struct.unpack_from("<Ii", buf, 0)
-        handle = f"{htype:x}:{buf.raw[8 : 8 + size].hex()}"
+    fstype, fsid = sc.statfs_id(path)
+    fh = sc.file_handle(path)
+    handle = f"{fh[0]:x}:{fh[1].hex()}" if fh else ""
     return VolumeIdentity(
         destination=destination,
         source=source or path,
         shared=shared,
         kind=_KINDS.get(stat.S_IFMT(st.st_mode), "special file"),
-        fstype=sfs.f_type & 0xFFFFFFFF,
+        fstype=fstype,
         fsid=fsid.hex() if fsid.strip(b"\0") else "",
         dev=st.st_dev,
         ino=st.st_ino,

@@ -193,6 +193,51 @@ def statfs_type(path: str | os.PathLike[str]) -> int | None:
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
+class _Statfs(ctypes.Structure):
+    """struct statfs of statfs(2) on 64-bit Linux."""
+
+    _fields_ = [
+        ("f_type", ctypes.c_long),
+        ("f_bsize", ctypes.c_long),
+        ("f_blocks", ctypes.c_ulong),
+        ("f_bfree", ctypes.c_ulong),
+        ("f_bavail", ctypes.c_ulong),
+        ("f_files", ctypes.c_ulong),
+        ("f_ffree", ctypes.c_ulong),
+        ("f_fsid", ctypes.c_int * 2),
+        ("f_namelen", ctypes.c_long),
+        ("f_frsize", ctypes.c_long),
+        ("f_flags", ctypes.c_long),
+        ("f_spare", ctypes.c_long * 4),
+    ]
+
+
+def statfs_id(path: str | os.PathLike[str]) -> tuple[int, bytes]:
+    """statfs(2) of the filesystem that holds ``path``: (``f_type``, the 8 bytes of
+    ``f_fsid``; all zero when the filesystem gives none).  Raises OSError."""
+    sfs = _Statfs()
+    if _libc.statfs(os.fsencode(path), ctypes.byref(sfs)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"statfs {os.fspath(path)}: {os.strerror(err)}")
+    return sfs.f_type & 0xFFFFFFFF, struct.pack("<ii", *sfs.f_fsid)
+
+
+_MAX_HANDLE_SZ = 128
+_AT_FDCWD = -100
+
+
+def file_handle(path: str | os.PathLike[str]) -> tuple[int, bytes] | None:
+    """name_to_handle_at(2) of ``path``: (handle type, handle bytes), or None when the
+    filesystem gives no handles (EOPNOTSUPP) or the call fails."""
+    buf = ctypes.create_string_buffer(8 + _MAX_HANDLE_SZ)
+    struct.pack_into("<Ii", buf, 0, _MAX_HANDLE_SZ, 0)
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(_AT_FDCWD, os.fsencode(path), buf, ctypes.byref(mount_id), 0):
+        return None
+    size, htype = struct.unpack_from("<Ii", buf, 0)
+    return htype, buf.raw[8 : 8 + size]
+
+
 def set_process_name(name: str) -> None:
     """Name the calling thread (PR_SET_NAME, 15 bytes), as shown by ps and /proc/PID/comm."""
     buf = ctypes.create_string_buffer(name.encode()[:15])

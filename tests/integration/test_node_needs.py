@@ -14,8 +14,8 @@ import pytest
 
 from runtime.poll import wait_for
 from tests.helpers.counter import COUNTER, assert_continuous, ticks, wait_ticks
-from tests.integration.nodes import Cluster2, make_cluster, serving
-from tests.linux.conftest import needs_criu
+from tests.helpers.nodes import Cluster2, make_cluster, serving
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 

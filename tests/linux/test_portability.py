@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.counter import COUNTER, assert_continuous, inspect, ticks, wait_ticks
-from tests.linux.conftest import Jaula, needs_criu
+from tests.helpers.containers import inspect
+from tests.helpers.counter import COUNTER, assert_continuous, ticks, wait_ticks
+from tests.helpers.jaula import Jaula
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 
