@@ -296,6 +296,13 @@ REQUIRED_PATCHES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The patch a cold migration's source needs when the container holds a SysV shared memory
+#: segment: stock CRIU sends the segment's pages to the page server from a forked child
+#: with its own copy of the TLS session, whose record numbers the dumping process then
+#: reuses (the page server fails "Decryption has failed", after the freeze).
+SYSV_SHM_PATCH = "0012-ipc-ns-dump-without-fork"
+
+
 def missing_patches(strategy: str, applied: Iterable[str]) -> list[str]:
     """The patches ``strategy`` needs (:data:`REQUIRED_PATCHES`) that are not in
     ``applied`` (names like ``0006-lazy-dump-commit``, as :func:`patch_series` gives

@@ -56,7 +56,7 @@ from typing import Any, TypeVar
 from migrate.errors import PreflightError, ProtocolError
 from runtime import syscalls as sc
 from runtime.spec import ContainerConfig
-from runtime.syscalls import CLONE_NEWNET, setns
+from runtime.syscalls import CLONE_NEWIPC, CLONE_NEWNET, setns
 
 T = TypeVar("T")
 
@@ -64,36 +64,54 @@ KEEPS = "; nothing was frozen, the container keeps running"
 
 
 # -- running code in a container's net namespace ------------------------------------------
-def in_netns(pid: int, fn: Callable[[], T]) -> T:
-    """``fn()`` run in a thread that joined the net namespace of ``pid`` (sockets it opens
-    stay in that namespace); the thread goes back to ours before it ends.  Raises what
-    ``fn`` raises, OSError when the namespace cannot be joined."""
+def in_namespace(pid: int, kind: str, flag: int, fn: Callable[[], T]) -> T:
+    """``fn()`` run in a thread that joined the ``kind`` namespace (``net``, ``ipc``: a
+    namespace a thread may join alone, setns(2)) of ``pid``; the thread goes back to ours
+    before it ends.  Raises what ``fn`` raises, OSError when the namespace cannot be
+    joined."""
     box: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            mine = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            mine = os.open(f"/proc/thread-self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
             try:
-                theirs = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                theirs = os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    setns(theirs, CLONE_NEWNET)
+                    setns(theirs, flag)
                 finally:
                     os.close(theirs)
                 try:
                     box["value"] = fn()
                 finally:
-                    setns(mine, CLONE_NEWNET)
+                    setns(mine, flag)
             finally:
                 os.close(mine)
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             box["error"] = e
 
-    t = threading.Thread(target=run, name=f"netns-{pid}")
+    t = threading.Thread(target=run, name=f"{kind}ns-{pid}")
     t.start()
     t.join()
     if "error" in box:
         raise box["error"]
     return box["value"]  # type: ignore[no-any-return]
+
+
+def in_netns(pid: int, fn: Callable[[], T]) -> T:
+    """``fn()`` run in the net namespace of ``pid`` (sockets it opens stay there)."""
+    return in_namespace(pid, "net", CLONE_NEWNET, fn)
+
+
+def sysv_shm_segments(pid: int) -> int:
+    """How many SysV shared memory segments the IPC namespace of ``pid`` holds
+    (``/proc/sysvipc/shm`` is read in the reader's IPC namespace, so from a thread that
+    joined it).  Raises OSError."""
+
+    def count() -> int:
+        with open("/proc/sysvipc/shm") as f:
+            return max(0, len(f.read().splitlines()) - 1)  # a header line, then one each
+
+    return in_namespace(pid, "ipc", CLONE_NEWIPC, count)
 
 
 # -- the net namespace's contents ---------------------------------------------------------

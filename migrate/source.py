@@ -59,6 +59,7 @@ from migrate.errors import (
     ProtocolError,
 )
 from migrate.link import SourceLink
+from migrate.portability import sysv_shm_segments
 from migrate.protocol import SOURCE_PLAN, SourcePhase, Strategy
 from migrate.report import MigrationReport
 from migrate.scratch import disk_usage_bytes, remove_scratch, scratch_dir
@@ -296,6 +297,17 @@ class SourceSession:
             self.ps_tls = certs.TlsFiles(cacert, cert, key)
         if self.strategy is Strategy.POSTCOPY:
             await self._open_page_connection(ps)
+        elif (
+            self.page_server is not None
+            and criu.SYSV_SHM_PATCH not in crb.patches
+            and await asyncio.to_thread(sysv_shm_segments, c.state.pid)
+        ):
+            raise PreflightError(
+                f"{c.name} holds SysV shared memory, which this node's CRIU cannot send "
+                f"to a page server over TLS without patch {criu.SYSV_SHM_PATCH}: run "
+                f"`make setup` on {self.node_name}; nothing was frozen, {c.name} keeps "
+                "running here"
+            )
         c.state.status = S.MIGRATING
         c.state.migration = MigrationRecord(
             self.session, MigrationDirection.OUTGOING, self.destination

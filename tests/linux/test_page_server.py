@@ -12,6 +12,7 @@ process working below its tmp dir is left."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import pytest
 
 from migrate import certs, criu
 from migrate.errors import CriuError
+from tests.helpers.containers import wait_for
 from tests.helpers.counter import COUNTER, assert_continuous, ticks, wait_ticks
 from tests.helpers.jaula import Jaula
 from tests.helpers.leaks import session_leaks
@@ -443,3 +445,64 @@ def test_destination_offers_a_page_server_only_when_it_can(
             assert _ps_procs(staging) == [] and not staging.exists()
 
     asyncio.run(scenario())
+
+
+# -- SysV shared memory through the page server (issue 11, item C) ------------------------
+
+
+@pytest.fixture
+def sysv(jaula: Jaula, python_image_layout: Path) -> Counter:
+    """A running container ``shm`` of the C07 workload (``shared/cases/C07/sysv_shm``: a 1 MiB
+    SysV segment on key 0xC07 in the container's IPC namespace, a writer and a checking
+    child), past its first counter line (removed by the jaula fixture)."""
+    from runtime.container import Runtime
+
+    jaula.run("image", "import", str(python_image_layout), "--name", "jaula-python:latest")
+    jaula.run("run", "-d", "--name", "shm", "jaula-python", "/opt/cases/C07/sysv_shm")
+    wait_for(lambda: "counter=" in jaula.out("logs", "shm"), 30, "the C07 counter")
+    return jaula, Runtime(jaula.root).get("shm")
+
+
+def _shmem_segment(images: Path, shmid: int, size: int) -> bytes:
+    """The SysV segment ``shmid`` (``size`` bytes) as the images in ``images`` hold it:
+    ``pagemap-shmem-<shmid>.img`` names its pages file and the present page runs (by offset
+    in the segment), the pages file holds them in that order; absent pages read as zeros."""
+    from pycriu import images as img
+
+    with open(images / f"pagemap-shmem-{shmid}.img", "rb") as f:
+        head, *runs = img.load(f)["entries"]
+    data = bytearray(size)
+    with open(images / f"pages-{head['pages_id']}.img", "rb") as pages:
+        for r in runs:
+            vaddr = r["vaddr"] if isinstance(r["vaddr"], int) else int(r["vaddr"], 0)
+            n = r["nr_pages"] * 4096
+            data[vaddr : vaddr + n] = pages.read(n)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+def test_dump_sends_a_sysv_shm_segment_through_the_page_server(
+    page_server: StartFn, ids: Identities, sysv: Counter, tmp_path: Path, tls: bool
+) -> None:
+    """The segment's pages go through the page server with the task's pages, over TLS as
+    over plain TCP.  Over TLS this failed every time before jaula's patch 0012 ("tls: Failed
+    receiving data: Decryption has failed", then "The page server doesn't answer"): CRIU
+    dumped the IPC namespace in a forked child, which sent the pages with its own copy of
+    the TLS session, so the dumping process's next record reused sequence numbers the page
+    server had seen.  The content check: the workload's counter word ``v`` (word 0) and its
+    slot (word ``1 + v % 1000``, written before ``v`` is published) agree, ``v`` > 0."""
+    import struct
+
+    j, c = sysv
+    s = page_server(ids.destination if tls else None)
+    local = tmp_path / "local-images"
+    opts = _dump_opts(c, local, s.server.port, ids.source, leave_running=True)
+    criu.dump(opts if tls else dataclasses.replace(opts, tls=None))
+    s.server.wait(WAIT_S)
+    assert list(local.glob("ipcns-shm-*.img")), "the segment's description is not in the images"
+    seg = _shmem_segment(s.images, 0, 1 << 20)
+    v = struct.unpack_from("<Q", seg, 0)[0]
+    assert v > 0 and struct.unpack_from("<Q", seg, 8 * (1 + v % 1000))[0] == v, v
+    assert page_images(local) == [], "pages were written locally too"
+    wait_for(lambda: f"counter={v // 20 * 20 + 40} " in j.out("logs", "shm"), 30, "C07 counting on")
+    assert "FAIL" not in j.out("logs", "shm")
