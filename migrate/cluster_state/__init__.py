@@ -297,6 +297,12 @@ class ClusterState(Protocol):
         membership leases are left to expire (use :meth:`deregister` to give them up)."""
         ...
 
+    def ping(self) -> None:
+        """Return when the store can take writes now (etcd: a linearizable read, which needs
+        quorum), else StateUnavailable: what a migration's preflight asks before it
+        freezes anything."""
+        ...
+
     # membership
     def register(self, node: str, ttl_s: float | None = None) -> Member:
         """Start ``node``'s membership with a new lease of ``ttl_s`` seconds (default: the

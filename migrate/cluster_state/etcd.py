@@ -169,6 +169,10 @@ class Gateway:
         """Get a token for our user (StateAuthError when etcd refuses the password)."""
         if self._user is None:
             return
+        with self._lock:  # an old token would make etcd refuse the authentication itself
+            self._token = None
+            for c in self._clients:
+                c.session.headers.pop("Authorization", None)
         reply = self.call(
             "/auth/authenticate", {"name": self._user, "password": self._password}, auth=False
         )
@@ -185,7 +189,7 @@ class Gateway:
         last: Exception | None = None
         maybe_applied = False
         reauthed = False
-        tried = 0
+        tried = tls_refused = 0
         while tried < len(self._clients):
             i = self._cur
             c = self._clients[i]
@@ -196,11 +200,18 @@ class Gateway:
                 last, maybe_applied = e, True
             except etcd3gw.exceptions.ConnectionFailedError as e:
                 text = f"{e} {_detail(e)}"
-                if "certificate" in text.lower() or "alert" in text.lower():
-                    raise StateAuthError(
-                        f"etcd at {self.endpoints[i]} refused our TLS handshake ({text.strip()}):"
-                        " check [state] ca, cert and key (a certificate of the cluster's etcd CA)"
-                    ) from e
+                low = text.lower()
+                # the member is up but the TLS handshake failed: an alert, a bad
+                # certificate, or the member closing on a certificate it does not trust
+                # (a member dying in the handshake looks the same: try the others first)
+                if "sslerror" in low or "certificate" in low or "alert" in low:
+                    tls_refused += 1
+                    if tls_refused == len(self._clients):
+                        raise StateAuthError(
+                            f"etcd at {', '.join(self.endpoints)} refused our TLS handshake "
+                            f"({text.strip()}): check [state] ca, cert and key (a certificate "
+                            "of the cluster's etcd CA)"
+                        ) from e
                 # 503 from etcd (no leader, request timed out) or no connection at all
                 last = e
                 maybe_applied = maybe_applied or "timed out" in text

@@ -50,6 +50,7 @@ from migrate.cluster_state import (
     Owner,
     OwnershipConflict,
     StaleRevision,
+    StateUnavailable,
 )
 from migrate.cluster_state.common import (
     canonical_subnet,
@@ -191,6 +192,10 @@ class FilesState:
     def close(self) -> None:
         for lead in list(self._held):
             lead.resign()
+
+    def ping(self) -> None:
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StateUnavailable(f"the cluster state directory {self.root} is not writable")
 
     # -- membership ---------------------------------------------------------------------------
 

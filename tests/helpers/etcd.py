@@ -330,7 +330,7 @@ def state_cluster(
         sc.close()
 
 
-def wait_until(condition, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
+def wait_until(condition, timeout_s: float, what: str):
     """:func:`runtime.poll.wait_for` that fails the test, naming ``what``, on a time-out."""
     t0 = time.monotonic()
     result = wait_for(condition, timeout_s, max_interval_s=0.1)
