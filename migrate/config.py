@@ -24,6 +24,22 @@ listed here (CURVE + ZAP, see :mod:`migrate.transport`), and knows the peer by t
     [operators.alice]                      # CLIs and the balancer: they connect, never listen
     public_key = "keys/alice.key"
 
+The optional ``[state]`` table chooses where the cluster state lives (membership, container
+ownership, IP leases, leadership, events: :mod:`migrate.cluster_state`)::
+
+    [state]                                # absent: backend = "files" with the default path
+    backend = "files"                      # one host: flock'd JSON files in one directory
+    path = "cluster-state"                 # optional (default: <cluster file stem>-state/)
+    ttl_s = 10                             # optional: a node's membership lease, seconds
+
+    [state]                                # a real cluster: etcd 3.4+, TLS with client certs
+    backend = "etcd"
+    endpoints = ["https://10.0.0.1:2379", "https://10.0.0.2:2379", "https://10.0.0.3:2379"]
+    ca = "etcd/ca.crt"                     # the CA that signed the members' and clients' certs
+    cert = "etcd/{name}.crt"               # {name}: the node's (or operator's) own name
+    key = "etcd/{name}.key"                # mode 0600
+    timeout_s = 5                          # optional: one request to etcd, seconds
+
 An operator's CLI reads ``$JAULA_CLIENT_CONFIG``, else ``$XDG_CONFIG_HOME/jaula/client.toml``
 (``~/.config/jaula/client.toml``)::
 
@@ -86,6 +102,68 @@ class Peer:
     endpoint: str | None = None
 
 
+class StateBackend(StrEnum):
+    """Where the cluster state lives (the ``backend`` of the ``[state]`` table)."""
+
+    FILES = "files"
+    ETCD = "etcd"
+
+
+DEFAULT_STATE_TTL_S = 10.0
+DEFAULT_STATE_TIMEOUT_S = 5.0
+NAME_PLACEHOLDER = "{name}"
+"""Replaced by the node's or operator's name in ``[state]`` ``cert`` and ``key``."""
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """The ``[state]`` table of the cluster file (paths absolute).
+
+    Attributes:
+        backend: :class:`StateBackend`.
+        path: the ``files`` backend's directory (default ``<cluster file stem>-state`` beside
+            the cluster file); ``None`` for etcd, or for a :class:`Cluster` built in code.
+        endpoints: etcd's client URLs, ``https://HOST:PORT`` (etcd only).
+        ca: the CA certificate that signed etcd's members and clients (etcd only).
+        cert: the client certificate path with ``{name}`` in it (etcd only): see
+            :meth:`cert_for`.
+        key: the client key path with ``{name}`` in it (etcd only).
+        ttl_s: a node's membership lease, seconds.
+        timeout_s: the longest one request to the store may take, seconds (etcd only).
+    """
+
+    backend: StateBackend = StateBackend.FILES
+    path: Path | None = None
+    endpoints: tuple[str, ...] = ()
+    ca: Path | None = None
+    cert: str | None = None
+    key: str | None = None
+    ttl_s: float = DEFAULT_STATE_TTL_S
+    timeout_s: float = DEFAULT_STATE_TIMEOUT_S
+
+    def cert_for(self, name: str) -> Path:
+        """The client certificate of node or operator ``name`` (``cert`` with ``{name}``
+        replaced).  NodeConfigError when this is not an etcd configuration."""
+        return Path(self._template("cert", self.cert).replace(NAME_PLACEHOLDER, name))
+
+    def key_for(self, name: str) -> Path:
+        """The client key of node or operator ``name`` (``key`` with ``{name}`` replaced)."""
+        return Path(self._template("key", self.key).replace(NAME_PLACEHOLDER, name))
+
+    def _template(self, what: str, value: str | None) -> str:
+        if value is None:
+            raise NodeConfigError(
+                f'[state] has no {what}: only backend = "etcd" uses client certificates'
+            )
+        return value
+
+
+def default_state_path(cluster_file: Path) -> Path:
+    """The ``files`` backend's directory when ``[state]`` names none: ``STEM-state`` beside
+    the cluster file (``/etc/jaula/cluster.toml`` -> ``/etc/jaula/cluster-state``)."""
+    return cluster_file.with_name(f"{cluster_file.stem}-state")
+
+
 @dataclass(frozen=True)
 class Cluster:
     """The allowlist: every node and operator, each known by its public key.
@@ -94,11 +172,13 @@ class Cluster:
         nodes: node name -> :class:`Peer` (kind ``node``, with an endpoint).
         operators: operator name -> :class:`Peer` (kind ``operator``, no endpoint).
         source: the cluster file, when loaded from one.
+        state: its ``[state]`` table (:class:`StateConfig`; files by default).
     """
 
     nodes: dict[str, Peer]
     operators: dict[str, Peer] = field(default_factory=dict)
     source: Path | None = None
+    state: StateConfig = field(default_factory=StateConfig)
     _by_key: dict[bytes, Peer] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -412,7 +492,13 @@ def load_cluster(path: Path | str) -> Cluster:
     """
     path = _abs_file(path)
     top = _Table(path, _read_toml(path, "cluster file", _CLUSTER_EXAMPLE))
-    top.only({"nodes": "[nodes.NAME] tables", "operators": "[operators.NAME] tables"})
+    top.only(
+        {
+            "nodes": "[nodes.NAME] tables",
+            "operators": "[operators.NAME] tables",
+            "state": "a [state] table",
+        }
+    )
     peers: dict[PeerKind, dict[str, Peer]] = {PeerKind.NODE: {}, PeerKind.OPERATOR: {}}
     specs = (
         (PeerKind.NODE, "nodes", _NODE_ENTRY_KEYS, True),
@@ -453,7 +539,84 @@ def load_cluster(path: Path | str) -> Cluster:
                 )
             seen_keys[key] = f"{section}.{name}"
             peers[kind][name] = Peer(name, kind, key, endpoint)
-    return Cluster(peers[PeerKind.NODE], peers[PeerKind.OPERATOR], path)
+    return Cluster(peers[PeerKind.NODE], peers[PeerKind.OPERATOR], path, _state(top))
+
+
+_STATE_KEYS = {
+    "backend": 'backend = "files" (or "etcd")',
+    "path": 'path = "cluster-state"',
+    "endpoints": 'endpoints = ["https://127.0.0.1:2379"]',
+    "ca": 'ca = "etcd/ca.crt"',
+    "cert": 'cert = "etcd/{name}.crt"',
+    "key": 'key = "etcd/{name}.key"',
+    "ttl_s": "ttl_s = 10",
+    "timeout_s": "timeout_s = 5",
+}
+_STATE_FILES_ONLY = ("path",)
+_STATE_ETCD_ONLY = ("endpoints", "ca", "cert", "key", "timeout_s")
+_HTTPS = re.compile(r"https://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
+
+
+def _state(top: _Table) -> StateConfig:
+    """The ``[state]`` table of the cluster file ``top`` (see the module docstring)."""
+    raw = top.data.get("state", {})
+    if not isinstance(raw, dict):
+        raise top.error("state", 'must be a table; write [state] followed by backend = "files"')
+    t = _Table(top.file, raw, "state.")
+    t.only(_STATE_KEYS)
+    name = t.string("backend", _STATE_KEYS["backend"], default=StateBackend.FILES.value)
+    try:
+        backend = StateBackend(name)
+    except ValueError:
+        raise t.error(
+            "backend", f'{name!r} is not a backend; write backend = "files" or "etcd"'
+        ) from None
+    wrong = _STATE_ETCD_ONLY if backend is StateBackend.FILES else _STATE_FILES_ONLY
+    for k in wrong:
+        if k in t.data:
+            raise t.error(k, f'is not used by backend = "{backend}": remove it')
+    ttl_s = _seconds(t, "ttl_s", DEFAULT_STATE_TTL_S, 1, 3600)
+    if backend is StateBackend.FILES:
+        path = t.path("path", _STATE_KEYS["path"]) if "path" in t.data else None
+        return StateConfig(backend, path or default_state_path(top.file), ttl_s=ttl_s)
+    endpoints = t.data.get("endpoints")
+    if not isinstance(endpoints, list) or not endpoints:
+        raise t.error("endpoints", f"missing or empty; write {_STATE_KEYS['endpoints']}")
+    for e in endpoints:
+        m = _HTTPS.fullmatch(e) if isinstance(e, str) else None
+        if m is None or not 1 <= int(m[2]) <= 65535:
+            raise t.error(
+                "endpoints",
+                f"{e!r} is not https://HOST:PORT (jaula talks to etcd only over TLS with "
+                f"client certificates); write {_STATE_KEYS['endpoints']}",
+            )
+    templates = {}
+    for k in ("cert", "key"):
+        v = t.string(k, _STATE_KEYS[k])
+        if NAME_PLACEHOLDER not in v:
+            raise t.error(
+                k,
+                f"{v!r} has no {NAME_PLACEHOLDER}: every node has its own certificate; "
+                f"write {_STATE_KEYS[k]}",
+            )
+        p = Path(v).expanduser()
+        templates[k] = str(p if p.is_absolute() else top.file.parent / p)
+    return StateConfig(
+        backend,
+        endpoints=tuple(endpoints),
+        ca=t.path("ca", _STATE_KEYS["ca"]),
+        cert=templates["cert"],
+        key=templates["key"],
+        ttl_s=ttl_s,
+        timeout_s=_seconds(t, "timeout_s", DEFAULT_STATE_TIMEOUT_S, 0.1, 300),
+    )
+
+
+def _seconds(t: _Table, k: str, default: float, lo: float, hi: float) -> float:
+    v = t.data.get(k, default)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+        raise t.error(k, f"must be a number of seconds from {lo:g} to {hi:g}, not {v!r}")
+    return float(v)
 
 
 def check_node_in_cluster(cfg: NodeConfig, cluster: Cluster, public_key: bytes) -> Peer:

@@ -300,7 +300,7 @@ class SourceSession:
         elif (
             self.page_server is not None
             and criu.SYSV_SHM_PATCH not in crb.patches
-            and await asyncio.to_thread(sysv_shm_segments, c.state.pid)
+            and await asyncio.to_thread(sysv_shm_segments, c.state.pid) > 0
         ):
             raise PreflightError(
                 f"{c.name} holds SysV shared memory, which this node's CRIU cannot send "

@@ -72,6 +72,8 @@ unset MAKEFLAGS MFLAGS MAKELEVEL MAKEOVERRIDES
 APT_PACKAGES=(
     # used by jaula, its tests and its demo
     busybox-static umoci skopeo runc redis-server iptables iproute2 e2fsprogs util-linux
+    # the cluster store of migrate/cluster_state (its tests start their own etcd members)
+    etcd-server
     # protoc, for pycriu's Python protobuf modules
     protobuf-compiler
     # to build CRIU (the minimal set found by building 4.1.1 and 4.2.1 here; libbsd and
@@ -128,7 +130,7 @@ if [ ${#missing[@]} -eq 0 ]; then
     say "apt packages ok"
 else
     say "apt: installing ${missing[*]}"
-    # Keep package scripts from starting services (redis-server): the docker-style
+    # Keep package scripts from starting services (redis-server, etcd-server): the docker-style
     # policy-rc.d, only for the time of this run and only if there is none already.
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\n# jaula setup.sh: temporary, removed when setup ends\nexit 101\n' \

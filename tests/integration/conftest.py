@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.etcd import ETCD, StateCluster, state_cluster
 from tests.helpers.nodes import Cluster2, make_cluster, serving
 from tests.integration.cluster_setup import ClusterFiles, write_cluster
 
@@ -54,3 +55,23 @@ def nodes(tmp_path: Path, busybox_image_layout: Path) -> Iterator[Cluster2]:
     at the end (:func:`tests.helpers.nodes.serving`)."""
     with serving(make_cluster(tmp_path / "cluster", busybox_image_layout)) as c:
         yield c
+
+
+@pytest.fixture(params=["files", "etcd"])
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateCluster]:
+    """A cluster (node1..node3, operator admin) with its state store, once per backend:
+    ``files``, and ``etcd`` with one real member (TLS, auth on, a 2 s membership TTL);
+    stopped at the end (:func:`tests.helpers.etcd.state_cluster`)."""
+    if request.param == "etcd" and not os.access(ETCD, os.X_OK):
+        pytest.skip("etcd not installed (make setup installs etcd-server)")
+    with state_cluster(tmp_path / "cluster", request.param) as sc:
+        yield sc
+
+
+@pytest.fixture
+def etcd3(tmp_path: Path) -> Iterator[StateCluster]:
+    """As :func:`state` with a 3-member etcd cluster."""
+    if not os.access(ETCD, os.X_OK):
+        pytest.skip("etcd not installed (make setup installs etcd-server)")
+    with state_cluster(tmp_path / "cluster", "etcd", members=3) as sc:
+        yield sc

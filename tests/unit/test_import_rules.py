@@ -33,6 +33,7 @@ OWNERS = {
     "ctypes": ("runtime/syscalls.py",),
     "pycriu": ("migrate/criu.py",),
     "zmq": ("migrate/transport.py", "migrate/keys.py"),
+    "etcd3gw": ("migrate/cluster_state/etcd.py",),
 }
 
 
