@@ -69,14 +69,16 @@ def namespaces_to_join(init_pid: int, proc: str = "/proc") -> list[tuple[str, in
                 continue
             path = f"{proc}/{init_pid}/ns/{ns}"
             try:
-                theirs = os.stat(path)
-                if (theirs.st_dev, theirs.st_ino) == (mine.st_dev, mine.st_ino):
-                    continue
-                out.append((ns, os.open(path, os.O_RDONLY | os.O_CLOEXEC)))
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
                 raise NamespaceError(
                     f"cannot open the {ns} namespace of pid {init_pid} ({path}): {e.strerror}"
                 ) from e
+            theirs = os.fstat(fd)  # of what was opened: no window between look and open
+            if (theirs.st_dev, theirs.st_ino) == (mine.st_dev, mine.st_ino):
+                os.close(fd)
+            else:
+                out.append((ns, fd))
     except BaseException:
         for _, fd in out:
             os.close(fd)
