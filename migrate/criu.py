@@ -148,6 +148,8 @@ class DumpOptions:
         network_lock: ``--network-lock``: NET_LOCK_IPTABLES, or NET_LOCK_SKIP for a net
             namespace nobody else can reach (only ``lo``): locking it is pointless and costs
             about 0.1 s of downtime on each side (iptables-restore runs).
+        keep_log_dir: where the log of a failed dump is copied for the error to quote
+            (:func:`keep_log`; None: the process-wide kept-logs dir).
     """
 
     pid: int
@@ -169,6 +171,7 @@ class DumpOptions:
     page_server: tuple[str, int] | None = None
     tls: TlsFiles | None = None
     ps_socket: int | None = None
+    keep_log_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,8 @@ class RestoreOptions:
         cgroup_yard: ``--cgroup-yard``: a directory where every cgroup hierarchy the
             images name is already mounted (see :func:`host_cgroup_yard`); CRIU otherwise
             mounts a yard of its own for each restore (about 12 ms here).
+        keep_log_dir: where the log of a failed restore is copied for the error to quote
+            (:func:`keep_log`; None: the process-wide kept-logs dir).
     """
 
     images_dir: Path
@@ -206,6 +211,7 @@ class RestoreOptions:
     lazy_pages: bool = False
     network_lock: int = 1
     cgroup_yard: str | None = None
+    keep_log_dir: Path | None = None
 
 
 @dataclass
@@ -548,6 +554,107 @@ def log_excerpt(path: Path, lines: int = 6) -> str:
     return " / ".join(chosen)
 
 
+# -- logs of failed actions, kept ------------------------------------------------------------
+#
+# CRIU writes each action's log into the images or work dir, and a failed migration removes
+# its scratch dir (a failed local checkpoint its half-written bundle) before the error reaches
+# anyone: the path an error quoted was gone when it was read.  So every CriuError quotes a
+# copy made when the error is raised, in a directory that nothing else removes:
+#
+#     <kept logs dir>/<UTC time, us>-<action>-<pid>-<token>.log    mode 0600, dir 0700
+#
+# The directory is the one the caller gives (``keep_log_dir`` of the options), else the
+# process-wide one (:func:`keep_logs_in`, meant for a node service and the CLI: the state
+# root's ``logs/criu``), else ``$JAULA_CRIU_LOG_DIR``, else DEFAULT_KEPT_LOGS_DIR.  It holds
+# the newest KEPT_LOGS copies; older ones are removed after each copy (names sort by time).
+
+#: where the logs of failed CRIU actions are kept when nobody chose a directory
+DEFAULT_KEPT_LOGS_DIR = Path("/var/log/jaula/criu")
+#: how many kept logs a directory holds (a CRIU log at -v4 is up to a few MiB)
+KEPT_LOGS = 20
+_kept_logs_dir: Path | None = None
+_KEPT_NAME = re.compile(r"^\d{8}T\d{6}\.\d{6}-[\w.-]+\.log$")
+
+
+def keep_logs_in(directory: Path | None) -> None:
+    """Keep the logs of failed CRIU actions of this process in ``directory`` (None: back
+    to ``$JAULA_CRIU_LOG_DIR`` or DEFAULT_KEPT_LOGS_DIR).  Created on first use."""
+    global _kept_logs_dir
+    _kept_logs_dir = directory
+
+
+def kept_logs_dir(directory: Path | None = None) -> Path:
+    """The directory a failed action's log is copied to: ``directory`` when given, else
+    the one :func:`keep_logs_in` set, ``$JAULA_CRIU_LOG_DIR``, DEFAULT_KEPT_LOGS_DIR."""
+    if directory is not None:
+        return directory
+    if _kept_logs_dir is not None:
+        return _kept_logs_dir
+    env = os.environ.get("JAULA_CRIU_LOG_DIR")
+    return Path(env) if env else DEFAULT_KEPT_LOGS_DIR
+
+
+def keep_log(path: Path, action: str, directory: Path | None = None) -> Path:
+    """Copy CRIU's log ``path`` of a failed ``action`` into :func:`kept_logs_dir` and
+    return the copy's path; the oldest copies beyond KEPT_LOGS are removed.
+
+    Never raises: when there is no log (CRIU died before writing one) or the copy fails (a
+    full disk), the original ``path`` is returned and the reason logged, so the error being
+    raised is not replaced by this one."""
+    dest_dir = kept_logs_dir(directory)
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}"
+    what = re.sub(r"[^\w.-]", "_", action)
+    name = f"{stamp}-{what}-{os.getpid()}-{os.urandom(3).hex()}.log"
+    dest = dest_dir / name
+    try:
+        dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with open(path, "rb") as src, os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(src, out)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            dest.unlink()
+        _log().warning(  # type: ignore[attr-defined]
+            "criu.log.not_kept", log=str(path), kept_dir=str(dest_dir), error=str(e)
+        )
+        return path
+    _prune_kept(dest_dir)
+    return dest
+
+
+def _prune_kept(directory: Path) -> None:
+    """Remove all but the newest KEPT_LOGS kept logs of ``directory`` (only files named
+    as :func:`keep_log` names them; a concurrent prune's removals are ignored)."""
+    try:
+        kept = sorted(n for n in os.listdir(directory) if _KEPT_NAME.match(n))
+    except OSError:
+        return
+    for n in kept[: max(0, len(kept) - KEPT_LOGS)]:
+        with contextlib.suppress(OSError):
+            os.unlink(directory / n)
+
+
+def _failed(
+    action: str,
+    message: str,
+    log: Path,
+    keep_dir: Path | None,
+    errno: int = 0,
+    excerpt: bool = True,
+) -> CriuError:
+    """The CriuError of a failed ``action`` whose log is ``log``: quoting a kept copy of
+    that log (:func:`keep_log`) and, with ``excerpt``, its error lines."""
+    kept = keep_log(log, action, keep_dir)
+    return CriuError(
+        action,
+        message,
+        errno=errno,
+        log_path=str(kept),
+        log_excerpt=log_excerpt(kept) if excerpt else "",
+    )
+
+
 class _Swrk:
     """One ``criu swrk`` process and its socket."""
 
@@ -602,8 +709,10 @@ def _call(
     on_notify: NotifyHandler | None,
     pass_fds: tuple[int, ...],
     die_with_thread: bool = True,
+    keep_log_dir: Path | None = None,
 ) -> tuple[object, Result]:
     binary = require()
+    log = images_dir / log_file
     res = Result()
     t0 = time.monotonic()
     swrk = _Swrk(binary, pass_fds, die_with_thread)
@@ -615,12 +724,7 @@ def _call(
             try:
                 resp = swrk.recv()
             except (EOFError, OSError) as e:
-                raise CriuError(
-                    action,
-                    f"criu swrk died ({e})",
-                    log_path=str(images_dir / log_file),
-                    log_excerpt=log_excerpt(images_dir / log_file),
-                ) from e
+                raise _failed(action, f"criu swrk died ({e})", log, keep_log_dir) from e
             if resp.type == rpc.NOTIFY:  # type: ignore[attr-defined]
                 n = Notify(resp.notify.script, resp.notify.pid)  # type: ignore[attr-defined]
                 res.notifications.append(n.script)
@@ -630,9 +734,8 @@ def _call(
                         ok = bool(on_notify(n))
                     except StopCriu as e:
                         swrk.proc.kill()
-                        raise CriuError(
-                            action, str(e), log_path=str(images_dir / log_file), log_excerpt=""
-                        ) from e
+                        swrk.proc.wait()
+                        raise _failed(action, str(e), log, keep_log_dir, excerpt=False) from e
                     except Exception as e:
                         _log().error("criu.notify.handler_failed", script=n.script, error=str(e))
                         swrk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=False))
@@ -645,14 +748,11 @@ def _call(
         swrk.close()
     res.duration_s = time.monotonic() - t0
     if not resp.success:  # type: ignore[attr-defined]
-        path = images_dir / log_file
         errmsg = resp.cr_errmsg or ""  # type: ignore[attr-defined]
         errno_ = resp.cr_errno or 0  # type: ignore[attr-defined]
         if not errmsg or any(n in errmsg for n in _NOISE):
             errmsg = os.strerror(errno_) if errno_ else "see the log lines"
-        raise CriuError(
-            action, errmsg, errno=errno_, log_path=str(path), log_excerpt=log_excerpt(path)
-        )
+        raise _failed(action, errmsg, log, keep_log_dir, errno=errno_)
     return resp, res
 
 
@@ -724,6 +824,7 @@ def dump(opts: DumpOptions, on_notify: NotifyHandler | None = None) -> Result:
             on_notify,
             fds,
             die_with_thread=not opts.lazy_pages,
+            keep_log_dir=opts.keep_log_dir,
         )
         return res
     finally:
@@ -768,7 +869,16 @@ def restore(opts: RestoreOptions, on_notify: NotifyHandler | None = None) -> Res
             ifd.fd = fd
         o.external.extend(opts.external)
         fds = (dfd, wfd, *(fd for _, fd in opts.inherit_fd))
-        resp, res = _call("restore", rpc.RESTORE, o, wdir, opts.log_file, on_notify, fds)
+        resp, res = _call(
+            "restore",
+            rpc.RESTORE,
+            o,
+            wdir,
+            opts.log_file,
+            on_notify,
+            fds,
+            keep_log_dir=opts.keep_log_dir,
+        )
         res.pid = resp.restore.pid  # type: ignore[attr-defined]
         return res
     finally:
@@ -784,6 +894,7 @@ class _CriuDaemon:
     what = "criu"  # its name in messages
     proc: subprocess.Popen[bytes]
     log_path: Path
+    keep_log_dir: Path | None = None
 
     def _start(
         self,
@@ -831,12 +942,13 @@ class _CriuDaemon:
             return ""
 
     def _error(self, message: str) -> CriuError:
-        return CriuError(
-            self.action,
-            message,
-            log_path=str(self.log_path),
-            log_excerpt=log_excerpt(self.log_path),
-        )
+        return _failed(self.action, message, self.log_path, self.keep_log_dir)
+
+    def kept_log(self) -> Path:
+        """A kept copy of its log as it is now (:func:`keep_log`), for an error raised
+        elsewhere to quote: its own log lives in a work dir that a failed migration
+        removes."""
+        return keep_log(self.log_path, self.action, self.keep_log_dir)
 
     def wait(self, timeout_s: float | None) -> None:
         """Wait until it has done its work and exited (``timeout_s`` None: however long it
@@ -886,7 +998,8 @@ class PageServer(_CriuDaemon):
 
     Attributes:
         port: the TCP port it listens on.
-        log_path: its log (``-v4``).
+        log_path: its log (``-v4``) in ``work_dir``, which a failed migration removes: an
+            error raised elsewhere quotes :meth:`kept_log` instead.
 
     Raises CriuUnavailable, CriuError (it did not come up; the log's error lines)."""
 
@@ -899,8 +1012,10 @@ class PageServer(_CriuDaemon):
         tls: TlsFiles | None,
         work_dir: Path,
         ready_timeout_s: float = 10.0,
+        keep_log_dir: Path | None = None,
     ) -> None:
         self.log_path = work_dir / "page-server.log"
+        self.keep_log_dir = keep_log_dir
         # `criu page-server` refuses --port 0: take a free port from the kernel, and try
         # again in the unlikely case another process took it in between.
         for _attempt in range(3):
@@ -942,7 +1057,8 @@ class LazyPagesDaemon(_CriuDaemon):
     (before the commit it ends on its own: the source closes the connection).
 
     Attributes:
-        log_path: its log (``-v4``).
+        log_path: its log (``-v4``) in ``work_dir``, which a failed migration removes: an
+            error raised elsewhere quotes :meth:`kept_log` instead.
 
     Raises CriuUnavailable, CriuError (it did not come up; the log's error lines)."""
 
@@ -955,8 +1071,10 @@ class LazyPagesDaemon(_CriuDaemon):
         ps_socket: int,
         tls: TlsFiles | None,
         ready_timeout_s: float = 10.0,
+        keep_log_dir: Path | None = None,
     ) -> None:
         self.log_path = work_dir / "lazy-pages.log"
+        self.keep_log_dir = keep_log_dir
         args = [
             "lazy-pages",
             "--page-server",

@@ -226,7 +226,8 @@ def test_ipc_objects_and_special_fds_survive_restore(py: Jaula, py2: Jaula, tmp_
     child), a TCP listener and an established TCP connection in the container's net
     namespace, SysV and POSIX shared memory written by two processes, eventfd, a periodic
     timerfd, epoll over them, signalfd, flock and a POSIX lock: the workload checks each
-    every 100 ms across the move; from outside, a new connection from an ``exec`` reaches
+    every 100 ms across the move (the timerfd for progress, not punctuality: the workload's
+    docstring says why); from outside, a new connection from an ``exec`` reaches
     the listener, SIGUSR2 arrives through the signalfd, the locks are busy, the segments
     are there."""
     py.run(
@@ -253,6 +254,8 @@ def test_ipc_objects_and_special_fds_survive_restore(py: Jaula, py2: Jaula, tmp_
     wait_lines(py2, "ipc", r"^tick \d+ ok ", after=m, count=2)
     assert inspect(py2, "ipc")["State"]["Status"] == "running"
     no_fail(py2, "ipc")
+    # allowed, not asserted (see the workload): a timer re-armed late across the restore
+    print("timerfd late:", [ln for ln in stdout_lines(py2, "ipc") if "timerfd late" in ln])
 
 
 # -- memory ---------------------------------------------------------------------------------

@@ -9,6 +9,15 @@ queued in each, a SOCK_SEQPACKET pair to a child that also writes both shared me
 a TCP listener on 127.0.0.1:7000 answering ``ping`` with ``pong N``.  Every 100 ms it checks
 each of them; ``tick N ok timer=E interval=NS`` every 10th tick, ``FAIL ...`` on anything
 wrong, ``signalfd got SIGNO`` when SIGUSR2 arrives.
+
+The timerfd is checked for consistency and progress, not for punctuality: epoll never
+reports it without an expiry to read, and it expires again within TIMER_DEADLINE_S of its
+last expiry (a timer that stopped for good, as CRIU's disarmed re-arm did).  A tick that
+finds no expiry yet is allowed and logged (``tick N timerfd late ...``): across a restore the
+timer is late by up to its remaining time at the dump, because CRIU re-arms a relative timer
+with the time it had left when its fdinfo was read, while the restored CLOCK_MONOTONIC (and
+so this loop's sleep) went on during the rest of the dump and the restore; the first check
+after the resume can then come a few ms before the expiry (seen in CI, issue 11 item 4).
 """
 
 import ctypes
@@ -114,7 +123,11 @@ ep = select.epoll()
 for fd in (sfd, tfd, efd, userv.fileno(), tconn.fileno()):
     ep.register(fd, select.EPOLLIN)
 
+#: s of CLOCK_MONOTONIC (the timer's clock) without an expiry after which the 50 ms timer
+#: is taken to have stopped: 100 periods, a liveness bound, not a punctuality one
+TIMER_DEADLINE_S = 5.0
 pending = expirations = 0
+last_expiry = time.monotonic()
 print("ready", flush=True)
 while True:
     time.sleep(0.1)
@@ -124,7 +137,6 @@ while True:
     pending += 1
     ready = {fd for fd, _ in ep.poll(0)}
     want = {
-        tfd: "timerfd",
         efd: "eventfd",
         userv.fileno(): "unix socket",
         tconn.fileno(): "tcp connection",
@@ -133,8 +145,15 @@ while True:
         fail(f"tick {n}: epoll did not report {', '.join(missing)}")
     try:
         expirations += Q.unpack(os.read(tfd, 8))[0]
+        last_expiry = time.monotonic()
     except BlockingIOError:
-        fail(f"tick {n}: the timerfd did not expire in 100 ms")
+        # ticks are only taken away by a read: epoll saw none either
+        if tfd in ready:
+            fail(f"tick {n}: epoll reported the timerfd but it had no expiry to read")
+        quiet = time.monotonic() - last_expiry
+        print(f"tick {n} timerfd late: no expiry for {quiet * 1000:.0f} ms", flush=True)
+        if quiet > TIMER_DEADLINE_S:
+            fail(f"tick {n}: the timerfd has not expired for {quiet:.1f} s (stopped?)")
     try:
         info = os.read(sfd, 128)
         print(f"signalfd got {struct.unpack_from('I', info)[0]}", flush=True)
