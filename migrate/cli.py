@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -27,6 +28,7 @@ from migrate.errors import MigrationError, PeerUnavailable
 from runtime import cli as runtime_cli
 from runtime.container import Runtime
 from runtime.errors import JaulaError
+from runtime.store import CRIU_LOGS_DIR
 
 REMOTE_COMMANDS = ("ps", "inspect", "logs", "exec", "stop", "rm")
 
@@ -116,6 +118,10 @@ class MigrateCommands:
                 f"{a.node}'s host, or here with --state-root set to its "
                 "state root"
             )
+        if rt is not None:
+            # a failed CRIU action's log is kept under this state root (and the restorer,
+            # which runs in the container's monitor, learns it from the environment)
+            os.environ.setdefault("JAULA_CRIU_LOG_DIR", str(rt.root / CRIU_LOGS_DIR))
         if a.cmd == "checkpoint":
             from migrate.checkpoint import checkpoint
 

@@ -615,9 +615,7 @@ def keep_log(path: Path, action: str, directory: Path | None = None) -> Path:
     except OSError as e:
         with contextlib.suppress(OSError):
             dest.unlink()
-        _log().warning(  # type: ignore[attr-defined]
-            "criu.log.not_kept", log=str(path), kept_dir=str(dest_dir), error=str(e)
-        )
+        _log().warning("criu.log.not_kept", log=str(path), kept_dir=str(dest_dir), error=str(e))
         return path
     _prune_kept(dest_dir)
     return dest

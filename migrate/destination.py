@@ -480,7 +480,8 @@ class DestinationSession:
         step("criu_restore")
         if self.lazy_daemon is not None and self.lazy_daemon.proc.poll() is not None:
             raise MigrationError(
-                f"the lazy-pages daemon exited before the commit (see {self.lazy_daemon.log_path})"
+                "the lazy-pages daemon exited before the commit (see "
+                f"{self.lazy_daemon.kept_log()})"
             )
         extra = {"steps_s": steps} if "restore_steps" in self.offer.get("features", []) else {}
         await self.send("ready", restore_s=round(time.monotonic() - t0, 6), **extra)
@@ -540,7 +541,7 @@ class DestinationSession:
             raise MigrationError(
                 f"the lazy-pages daemon on this node died before the "
                 f"resume: the container's memory cannot arrive, so it was "
-                f"not resumed (see {self.lazy_daemon.log_path})"
+                f"not resumed (see {self.lazy_daemon.kept_log()})"
             )
         self.hold.decide(True)
         await self.revive_task

@@ -44,7 +44,7 @@ from runtime.errors import JaulaError
 from runtime.logs import read_log
 from runtime.poll import await_for
 from runtime.state import ContainerStatus
-from runtime.store import LOG
+from runtime.store import CRIU_LOGS_DIR, LOG
 
 log = structlog.get_logger(__name__)
 S = ContainerStatus
@@ -83,6 +83,9 @@ class NodeService:
         self.peer_timeout_s = peer_timeout_s
         self.rt = Runtime(cfg.state_root, cgroup_parent=cfg.cgroup_parent)
         self.rt.store.ensure()
+        # each node keeps the logs of its failed CRIU actions under its own state root (the
+        # restorer, in the container's monitor, learns the place from the environment)
+        os.environ["JAULA_CRIU_LOG_DIR"] = str(self.rt.root / CRIU_LOGS_DIR)
         self.client_cfg = ClientConfig.from_node(cfg)
         self.incoming: dict[str, tuple[DestinationSession, asyncio.Queue[Any]]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()

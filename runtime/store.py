@@ -7,6 +7,8 @@ below is a constant of this module, and no other module spells one::
     <root>/node.lock               NODE_LOCK: flock of the one node service of this root
     <root>/tmp/                    TMP_DIR: transient files (imports, migrations' scratch
                                    when /dev/shm has no room)
+    <root>/logs/criu/              CRIU_LOGS_DIR: copies of the CRIU logs of failed actions
+                                   (the newest 20; migrate.criu.keep_log)
     <root>/images/ <root>/layers/  the image store (runtime.image.ImageStore)
     <root>/containers/<id>/        one directory per container
         config.json                CONFIG: ContainerConfig (written once, atomically)
@@ -19,7 +21,6 @@ below is a constant of this module, and no other module spells one::
         armed                      ARMED_MARK: an armed monitor has loaded its restorer
         checkpoint/                CHECKPOINT_DIR: the last checkpoint bundle
         checkpoint.new/            CHECKPOINT_NEW_DIR: a checkpoint being written
-        criu-logs/                 CRIU_LOGS_DIR: CRIU logs of failed actions, kept
         upper/ work/ merged/       UPPER, WORK, MERGED: overlayfs upperdir, workdir, and
                                    the mount point of the rootfs
 
@@ -60,7 +61,7 @@ GO_FIFO = "go.fifo"
 ARMED_MARK = "armed"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_NEW_DIR = "checkpoint.new"
-CRIU_LOGS_DIR = "criu-logs"
+CRIU_LOGS_DIR = "logs/criu"
 UPPER = "upper"
 WORK = "work"
 MERGED = "merged"

@@ -17,6 +17,15 @@ from tests.helpers.images import (
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kept_criu_logs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The CRIU logs of failed actions that tests provoke are kept in the session's temp
+    dir, not the host's /var/log/jaula/criu (node services use their state roots')."""
+    import os
+
+    os.environ.setdefault("JAULA_CRIU_LOG_DIR", str(tmp_path_factory.mktemp("criu-logs")))
+
+
 @pytest.fixture(scope="session")
 def busybox_image_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-layer busybox OCI image layout named ``busybox:latest``, built once per session.

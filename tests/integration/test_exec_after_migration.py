@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.nodes import Cluster2
-from tests.linux.conftest import needs_criu
-from tests.linux.test_cases import wait_lines
-from tests.linux.test_exec_namespaces import INIT, PROBE, assert_one_clock_and_namespaces, probe
+from tests.helpers.containers import wait_lines
+from tests.helpers.exec_probe import INIT, PROBE, assert_one_clock_and_namespaces, probe
+from tests.helpers.nodes import Cluster2
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 

@@ -1,8 +1,7 @@
 """A migration whose dump fails on the source quotes a CRIU log that still exists once the
 error is printed (issue 11, item 9): the source's session removes its scratch dir, where
 CRIU wrote the log, before the error reaches the operator; the error quotes the copy kept
-in the node's kept-logs dir (``$JAULA_CRIU_LOG_DIR`` of the services, a directory of the
-test's here)."""
+in the node's kept-logs dir (``logs/criu`` under its state root)."""
 
 from __future__ import annotations
 
@@ -10,19 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from runtime.store import CRIU_LOGS_DIR
 from tests.helpers.counter import ticks, wait_ticks
-from tests.integration.nodes import make_cluster, serving
-from tests.linux.conftest import needs_criu
-from tests.linux.test_kept_criu_logs import GHOST, quoted_log
+from tests.helpers.criu_logs import GHOST, quoted_log
+from tests.helpers.nodes import make_cluster, serving
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 
 
 def test_a_failed_migration_dump_quotes_a_log_that_exists(
-    tmp_path: Path, busybox_image_layout: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, busybox_image_layout: Path
 ) -> None:
-    kept = tmp_path / "kept-criu-logs"
-    monkeypatch.setenv("JAULA_CRIU_LOG_DIR", str(kept))  # inherited by both services
     with serving(make_cluster(tmp_path / "cluster", busybox_image_layout)) as nodes:
         n1 = nodes.local("node1")
         n1.run("run", "-d", "--name", "ghost", "busybox", "sh", "-c", GHOST)
@@ -31,6 +29,7 @@ def test_a_failed_migration_dump_quotes_a_log_that_exists(
         assert p.returncode != 0 and "criu dump failed" in p.stderr, p.stderr
         log = quoted_log(p.stderr)
         assert log.is_file(), f"the log the error quotes is gone: {log}"
+        kept = nodes.state_root("node1") / CRIU_LOGS_DIR
         assert log.parent == kept and "Error" in log.read_text()
         nodes.assert_only_on("ghost", "node1")
         n = ticks(n1, "ghost")[-1]

@@ -5,25 +5,16 @@ which the failed checkpoint removes; the error quotes the copy kept in
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.counter import COUNTER, wait_ticks
-from tests.linux.conftest import Jaula, needs_criu
+from tests.helpers.counter import wait_ticks
+from tests.helpers.criu_logs import GHOST, quoted_log
+from tests.helpers.jaula import Jaula
+from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
-
-#: a deleted-but-open file larger than the ghost limit (64 MiB): CRIU refuses to dump it
-GHOST = "head -c 80000000 /dev/zero > /tmp/big; exec 3</tmp/big; rm /tmp/big; " + COUNTER
-
-
-def quoted_log(stderr: str) -> Path:
-    """The log path a CriuError quotes (``criu log (PATH): ...``)."""
-    m = re.search(r"criu log \((/[^)]+)\)", stderr)
-    assert m, f"the error quotes no CRIU log: {stderr}"
-    return Path(m.group(1))
 
 
 def test_a_failed_dump_quotes_a_log_that_exists(
