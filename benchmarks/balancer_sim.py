@@ -227,9 +227,9 @@ class ProxmoxBaseline:
     """Proxmox VE's rule (``PVE::HA::Manager::load_balance``): no move while one is in flight;
     the imbalance must exceed 0.3 for 3 rounds in a row (the counter is reset when it
     triggers); the best single move (lowest imbalance after) is made if it lowers the
-    imbalance by at least 10 % of its value.  The candidate destinations of a container are
-    the 8 least loaded nodes (all nodes have one capacity here, so the least loaded one is
-    the best for every container: nothing is lost).  Maintenance (drain): one container at
+    imbalance by at least 10 % of its value.  Each container's candidate destination is the
+    least loaded node (all nodes have one capacity here, so it is the best one for every
+    container: the brute force loses nothing).  Maintenance (drain): one container at
     a time, to the node that leaves the imbalance lowest, memory permitting."""
 
     def __init__(self, threshold: float = 0.3, hold: int = 3, margin: float = 0.1) -> None:
@@ -289,9 +289,11 @@ class ProxmoxBaseline:
             return []
         self.rounds = 0
         best: tuple[float, str, ContainerView, int] | None = None
+        # equal capacities: the least loaded node is every container's best destination
+        # (the variance drop 2 d (l_s - l_d - d) grows as l_d falls), so one is enough
         for c in movable:
             si = idx[c.node]
-            for di in dests:
+            for di in [d for d in dests if d != si][:1]:
                 if di == si or not fits(c, di):
                     continue
                 a = after(c, si, di)
