@@ -56,6 +56,14 @@ bench: bench-setup
 bench-quick: bench-setup
 	@$(PY) -m benchmarks.harness --quick
 
+# The balancer's policy against a simulated cluster of 100 and 1,000 nodes beside no balancing
+# and Proxmox's rule (benchmarks/balancer_sim.py); no root, no cluster. Results in
+# results/balancer-<date>/ (summary.md, runs.json, imbalance.png); about ten minutes.
+.PHONY: bench-balancer
+bench-balancer: setup-venv
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[bench]'
+	@$(PY) -m benchmarks.balancer_sim $(BALANCER_SIM_ARGS)
+
 clean-build:
 	rm -rf .build
 
