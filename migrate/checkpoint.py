@@ -25,7 +25,7 @@ import platform
 import shutil
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,12 @@ import structlog
 
 from migrate import criu, portability, rootfs_diff
 from migrate.bundle import Bundle, Manifest, cpu_flags
+from migrate.deadlines import SCALE_ENV, FrozenLimits
 from migrate.errors import MigrationError, PreflightError
 from migrate.restorer import NETNS_KEY, network_lock
 from runtime.cgroups import detect_mode
 from runtime.container import Container, Runtime
-from runtime.errors import ContainerError
+from runtime.errors import CgroupError, ContainerError
 from runtime.state import ContainerStatus, Operation, can
 from runtime.store import CHECKPOINT_DIR, CHECKPOINT_NEW_DIR, LOG
 from runtime.syscalls import is_alive, statfs_type
@@ -386,6 +387,31 @@ def freezer_path(c: Container) -> str:
     return str(paths.get("freezer") or paths.get(""))
 
 
+def stopped_tasks(pids: list[int]) -> list[int]:
+    """The tasks of ``pids`` in a job-control stop (SIGSTOP, SIGTSTP...: state ``T`` in
+    /proc/PID/stat), or stopped so and then frozen (state ``D`` with wchan
+    ``do_signal_stop``: the freezer leaves a stopped task in its stop).
+
+    Why it matters: with the cgroup frozen, CRIU's PTRACE_SEIZE of such a task never
+    returns.  ptrace_attach(2) finds the task stopped, asks it to re-trap as traced
+    (JOBCTL_TRAPPING) and waits for it, but a frozen task cannot run to do so: CRIU hangs
+    in the kernel, killable only, and the container stays frozen (issue 11, A).  CRIU's own
+    freezing by ptrace (no ``--freeze-cgroup``, as its tests for stopped tasks run) seizes
+    it while it is not frozen, dumps it as stopped, and the restore stops it again."""
+    found = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            frozen_in_stop = (
+                state == "D" and Path(f"/proc/{pid}/wchan").read_text() == "do_signal_stop"
+            )
+            if state == "T" or frozen_in_stop:
+                found.append(pid)
+        except (OSError, IndexError):
+            continue
+    return found
+
+
 @dataclass(frozen=True)
 class DumpPlan:
     """What one dump of a running container needs from it, taken before the freeze: the
@@ -397,20 +423,27 @@ class DumpPlan:
         stdio: CRIU keys of the init's stdout/stderr pipes (:func:`_stdio_keys`).
         netns: ``--external net[...]`` when the net namespace is external, else None.
         volumes: one ``{key, destination, source}`` per bind mount (``--external mnt[]``).
-        freezer: the cgroup dir CRIU freezes (``--freeze-cgroup``).
+        freezer: the cgroup dir frozen for the dump (``--freeze-cgroup``), or None when
+            a task is stopped (:func:`stopped_tasks`): CRIU then freezes the tasks itself
+            with ptrace, and the cgroup is not frozen.
         network_lock: CRIU's network lock method (migrate.restorer.network_lock).
+        stopped: the stopped tasks that made ``freezer`` None.
     """
 
     pid: int
     stdio: dict[str, str | None]
     netns: str | None
     volumes: tuple[dict[str, str], ...]
-    freezer: str
+    freezer: str | None
     network_lock: int
+    stopped: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, c: Container) -> DumpPlan:
         """The plan for ``c`` (running).  Raises OSError when its init is gone."""
+        stopped = tuple(stopped_tasks(tasks_of(c)))
+        if stopped:
+            log.info("dump.freeze_by_ptrace", id=c.id[:12], stopped=list(stopped))
         return cls(
             pid=c.state.pid,
             stdio=_stdio_keys(c),
@@ -419,9 +452,38 @@ class DumpPlan:
                 {"key": f"vol{i}", "destination": m.destination, "source": m.source}
                 for i, m in enumerate(c.config.mounts)
             ),
-            freezer=freezer_path(c),
+            freezer=None if stopped else freezer_path(c),
             network_lock=network_lock(c.config),
+            stopped=stopped,
         )
+
+    def freeze(self, c: Container, limit_s: float) -> DumpPlan:
+        """Freeze ``c``'s cgroup before the dump (the cgroup driver polls from 1 ms, CRIU
+        every 100 ms) and return the plan to dump with: the cgroup is frozen when its
+        ``freezer`` is set.  Not when a task is stopped (``freezer`` None already), nor
+        when one turns out stopped once frozen: the cgroup is thawed again and the plan
+        returned leaves the freezing to CRIU.  Raises CgroupError when the cgroup did not
+        freeze within ``limit_s`` seconds (it is thawed again)."""
+        if self.freezer is None:
+            return self
+        cg = c.cgroup()
+        cg.freeze(timeout_s=limit_s)
+        stopped = tuple(stopped_tasks(tasks_of(c)))
+        if not stopped:
+            return self
+        cg.thaw()
+        log.info("dump.freeze_by_ptrace", id=c.id[:12], stopped=list(stopped))
+        return replace(self, freezer=None, stopped=stopped)
+        cg = c.cgroup()
+        cg.freeze(timeout_s=limit_s)
+        stopped = tuple(stopped_tasks(tasks_of(c)))
+        if not stopped:
+            return True
+        cg.thaw()
+        log.info("dump.freeze_by_ptrace", id=c.id[:12], stopped=list(stopped))
+        object.__setattr__(self, "freezer", None)
+        object.__setattr__(self, "stopped", stopped)
+        return False
 
     def options(self, images_dir: Path, **kw: Any) -> criu.DumpOptions:
         """CRIU's dump options into ``images_dir``; ``kw`` adds the caller's own
@@ -464,25 +526,39 @@ def checkpoint(
         plan = DumpPlan.of(c)
         marks: dict[str, float] = {}
 
+        limits = FrozenLimits.from_env()
+        memory = c.cgroup().stats().memory_bytes
+        dump_s = limits.dump_s(memory)
+        handle = criu.CriuHandle()
+
         def on_notify(n: criu.Notify) -> bool:
             if n.script == "post-dump":
                 marks["post_dump"] = time.monotonic()
                 rootfs_diff.write(c.upperdir, bundle.rootfs_diff)
                 marks["rootfs"] = time.monotonic()
+                # the point of no return: from the answer on CRIU kills (or resumes) the tasks
+                return handle.disarm()
             return True
 
         t_dump = time.monotonic()
         try:
-            # Freeze first: CRIU polls the freezer every 100 ms, the cgroup driver from 1 ms.
-            c.cgroup().freeze()
-            result = criu.dump(
-                plan.options(bundle.criu_dir, leave_running=leave_running), on_notify
+            plan = plan.freeze(c, limits.freeze_s(memory))
+            # the time limit covers the freeze, the dump and the rootfs tar, to post-dump
+            handle.arm(
+                dump_s,
+                f"the dump of {c.name} did not reach post-dump within {dump_s:.0f} s "
+                f"({memory >> 20} MiB of memory; ${SCALE_ENV} scales the limit): its CRIU "
+                "was killed, the container thawed",
             )
-        except MigrationError:
+            result = criu.dump(
+                plan.options(bundle.criu_dir, leave_running=leave_running), on_notify, handle
+            )
+        except (MigrationError, CgroupError):
+            handle.disarm()
             _make_sure_running(c)
             shutil.rmtree(bundle.path, ignore_errors=True)
             raise
-        if leave_running:
+        if leave_running and plan.freezer is not None:
             c.cgroup().thaw()  # CRIU leaves a cgroup as frozen as it found it
         t_released = time.monotonic()
         criu.rearm_expired_timerfds(bundle.criu_dir)

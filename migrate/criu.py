@@ -52,8 +52,9 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,6 +109,79 @@ class StopCriu(Exception):
     pid namespace whose tasks it traces.  The handler kills the restored tasks first
     (they are stopped and traced: they run nothing more); when CRIU dies its tracees
     are released, dead.  The call then raises CriuError with this message."""
+
+
+class CriuHandle:
+    """A way to end one :func:`dump` or :func:`restore` from another thread (the event
+    loop, a watchdog): :meth:`kill` SIGKILLs its ``criu swrk``, and the call then raises
+    CriuError with the reason given.  :meth:`arm` does the same after a time limit unless
+    :meth:`disarm` comes first (a caller disarms at its point of no return: a dump whose
+    ``post-dump`` was answered with success must not be killed, its tasks are dying).
+
+    When CRIU dies the kernel lets go of every task it had seized (ptrace): a dump's tasks
+    run again (a frozen cgroup stays frozen until thawed), a restore's half-restored tasks
+    are left to whoever kills them.  Thread-safe; a kill before the call has started CRIU
+    kills it as soon as it starts.
+
+    Attributes:
+        reason: why it was killed (None: it was not).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._timer: threading.Timer | None = None
+        self._armed = False
+        self.reason: str | None = None
+
+    @property
+    def pid(self) -> int:
+        """The pid of its ``criu swrk`` (0 before it started)."""
+        return self._proc.pid if self._proc is not None else 0
+
+    def _attach(self, proc: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._proc = proc
+            if self.reason is not None:
+                proc.kill()
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the CRIU (or the one about to start) because of ``reason``; nothing when
+        it has already ended.  Idempotent: the first reason is kept."""
+        with self._lock:
+            p = self._proc
+            if p is not None and p.poll() is not None:
+                return  # it ended on its own: the call reports how
+            if self.reason is None:
+                self.reason = reason
+            if p is not None:
+                p.kill()
+
+    def arm(self, limit_s: float, reason: str) -> None:
+        """:meth:`kill` with ``reason`` after ``limit_s`` seconds, unless disarmed first."""
+        self.disarm()
+        with self._lock:
+            self._armed = True
+        t = threading.Timer(limit_s, self._expire, (reason,))
+        t.daemon = True
+        self._timer = t
+        t.start()
+
+    def _expire(self, reason: str) -> None:
+        with self._lock:
+            if not self._armed:
+                return  # disarmed as the timer fired
+        self.kill(reason)
+
+    def disarm(self) -> bool:
+        """Call off :meth:`arm` (idempotent).  Returns False when it was too late: the
+        CRIU was killed already (the call fails with :attr:`reason`)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        with self._lock:
+            self._armed = False
+            return self.reason is None
 
 
 @dataclass(frozen=True)
@@ -708,12 +782,17 @@ def _call(
     pass_fds: tuple[int, ...],
     die_with_thread: bool = True,
     keep_log_dir: Path | None = None,
+    handle: CriuHandle | None = None,
+    raise_inheritable: bool = False,
 ) -> tuple[object, Result]:
     binary = require()
     log = images_dir / log_file
     res = Result()
     t0 = time.monotonic()
-    swrk = _Swrk(binary, pass_fds, die_with_thread)
+    with _inheritable_raised() if raise_inheritable else contextlib.nullcontext():
+        swrk = _Swrk(binary, pass_fds, die_with_thread)
+    if handle is not None:
+        handle._attach(swrk.proc)
     try:
         req = rpc.criu_req(type=req_type)
         req.opts.CopyFrom(opts)
@@ -722,7 +801,8 @@ def _call(
             try:
                 resp = swrk.recv()
             except (EOFError, OSError) as e:
-                raise _failed(action, f"criu swrk died ({e})", log, keep_log_dir) from e
+                why = handle.reason if handle is not None else None
+                raise _failed(action, why or f"criu swrk died ({e})", log, keep_log_dir) from e
             if resp.type == rpc.NOTIFY:  # type: ignore[attr-defined]
                 n = Notify(resp.notify.script, resp.notify.pid)  # type: ignore[attr-defined]
                 res.notifications.append(n.script)
@@ -736,14 +816,26 @@ def _call(
                         raise _failed(action, str(e), log, keep_log_dir, excerpt=False) from e
                     except Exception as e:
                         _log().error("criu.notify.handler_failed", script=n.script, error=str(e))
-                        swrk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=False))
+                        with contextlib.suppress(OSError):
+                            swrk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=False))
                         _drain(swrk)
                         raise
-                swrk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=ok))
+                try:
+                    swrk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=ok))
+                except OSError as e:  # it died (killed?) while the handler ran
+                    why = handle.reason if handle is not None else None
+                    raise CriuError(
+                        action,
+                        why or f"criu swrk died ({e})",
+                        log_path=str(images_dir / log_file),
+                        log_excerpt=log_excerpt(images_dir / log_file),
+                    ) from e
                 continue
             break
     finally:
         swrk.close()
+        if handle is not None:
+            handle.disarm()
     res.duration_s = time.monotonic() - t0
     if not resp.success:  # type: ignore[attr-defined]
         errmsg = resp.cr_errmsg or ""  # type: ignore[attr-defined]
@@ -752,6 +844,58 @@ def _call(
             errmsg = os.strerror(errno_) if errno_ else "see the log lines"
         raise _failed(action, errmsg, log, keep_log_dir, errno=errno_)
     return resp, res
+
+
+def _status_caps() -> dict[str, int]:
+    """CapInh/CapPrm/CapEff/CapBnd of the calling thread (/proc/thread-self/status)."""
+    caps: dict[str, int] = {}
+    with open("/proc/thread-self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("CapInh", "CapPrm", "CapEff", "CapBnd"):
+                caps[key] = int(value, 16)
+    return caps
+
+
+@contextlib.contextmanager
+def _inheritable_raised() -> Iterator[None]:
+    """Start CRIU (in the ``with`` body) with an inheritable set as large as it may be: this
+    thread's permitted set within its bounding set; the thread's own set is put back after.
+
+    Why: CRIU's restorer (criu/pie/restorer.c ``restore_creds``) trims a task's bounding set
+    first and sets its capabilities after, and capset(2) refuses (EPERM) a new inheritable
+    set that is not within the old inheritable set and the bounding set.  A task whose
+    inheritable set holds a capability its bounding set lacks (a jaula container starts with
+    inheritable = its capabilities; a workload that then drops one from its bounding set,
+    as ``capsh --drop`` does) failed "Unable to restore capabilities: -1", then CRIU's BUG
+    and a segfault.  The restored tasks start with CRIU's credentials, so with CRIU's
+    inheritable set holding every capability the dump may name, the check passes and the
+    task still ends with exactly its dumped sets.  For root the larger inheritable set
+    gives the programs CRIU runs (ip, iptables-restore) nothing more: root's exec already
+    gets the bounding set.  Raising the inheritable set within the permitted set needs no
+    capability (capset(2)); when it fails anyway, CRIU starts as before."""
+    from runtime import syscalls as sc
+
+    try:
+        caps = _status_caps()
+        want = caps["CapInh"] | (caps["CapPrm"] & caps["CapBnd"])
+    except (OSError, KeyError, ValueError):
+        yield
+        return
+    if want == caps["CapInh"]:
+        yield
+        return
+    try:
+        sc.capset(caps["CapEff"], caps["CapPrm"], want)
+    except OSError as e:
+        _log().warning("criu.inheritable_caps", error=str(e))
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            sc.capset(caps["CapEff"], caps["CapPrm"], caps["CapInh"])
 
 
 def _drain(swrk: _Swrk) -> None:
@@ -767,12 +911,17 @@ def _drain(swrk: _Swrk) -> None:
         return
 
 
-def dump(opts: DumpOptions, on_notify: NotifyHandler | None = None) -> Result:
+def dump(
+    opts: DumpOptions,
+    on_notify: NotifyHandler | None = None,
+    handle: CriuHandle | None = None,
+) -> Result:
     """Checkpoint the tree rooted at ``opts.pid`` into ``opts.images_dir``.
 
     ``on_notify`` is called for each notification and must return True to let CRIU go on;
-    returning False at ``post-dump`` resumes the tasks and fails the dump.  Raises
-    CriuUnavailable, CriuError (with the log's error lines)."""
+    returning False at ``post-dump`` resumes the tasks and fails the dump.  ``handle`` lets
+    another thread kill this dump's CRIU (:class:`CriuHandle`).  Raises CriuUnavailable,
+    CriuError (with the log's error lines; killed: the handle's reason)."""
     opts.images_dir.mkdir(parents=True, exist_ok=True)
     dfd = os.open(opts.images_dir, os.O_DIRECTORY | os.O_RDONLY)
     try:
@@ -823,17 +972,24 @@ def dump(opts: DumpOptions, on_notify: NotifyHandler | None = None) -> Result:
             fds,
             die_with_thread=not opts.lazy_pages,
             keep_log_dir=opts.keep_log_dir,
+            handle=handle,
         )
         return res
     finally:
         os.close(dfd)
 
 
-def restore(opts: RestoreOptions, on_notify: NotifyHandler | None = None) -> Result:
+def restore(
+    opts: RestoreOptions,
+    on_notify: NotifyHandler | None = None,
+    handle: CriuHandle | None = None,
+) -> Result:
     """Restore the tree in ``opts.images_dir`` onto ``opts.root``.
 
     With ``rst_sibling`` the restored root task is a child of the calling process, which
-    must reap it.  Returns the Result with the root task's host pid.  Raises CriuError."""
+    must reap it.  CRIU starts with a raised inheritable set (see
+    :func:`_inheritable_raised`).  ``handle`` lets another thread kill its CRIU.  Returns
+    the Result with the root task's host pid.  Raises CriuError."""
     dfd = os.open(opts.images_dir, os.O_DIRECTORY | os.O_RDONLY)
     wdir = opts.work_dir or opts.images_dir
     wfd = os.open(wdir, os.O_DIRECTORY | os.O_RDONLY)
@@ -876,6 +1032,8 @@ def restore(opts: RestoreOptions, on_notify: NotifyHandler | None = None) -> Res
             on_notify,
             fds,
             keep_log_dir=opts.keep_log_dir,
+            handle=handle,
+            raise_inheritable=True,
         )
         res.pid = resp.restore.pid  # type: ignore[attr-defined]
         return res

@@ -39,6 +39,7 @@ import structlog
 
 from migrate import criu, image_pack, lazy_conn, rootfs_diff
 from migrate.addresses import bind_address
+from migrate.deadlines import SCALE_ENV, FrozenLimits
 from migrate.errors import MigrationError, PreflightError, ProtocolError
 from migrate.hold import HoldServer, hold_socket_path
 from migrate.protocol import (
@@ -50,6 +51,7 @@ from migrate.protocol import (
     encode,
     next_phase,
 )
+from migrate.restorer import FAILED_RESTORE_GRACE_S, kill_restored_tree
 from migrate.scratch import remove_scratch, scratch_dir
 from migrate.stream import FileReceiver, IncomingFile
 from runtime.container import ArmedRestore, Container, Runtime
@@ -70,6 +72,9 @@ log = structlog.get_logger(__name__)
 S = ContainerStatus
 DP = DestinationPhase
 M = MessageType
+
+#: how long a restore may take to end once refused or failed, before it is torn down (s)
+END_RESTORE_S = 15.0
 
 #: asks the source node for the durable outcome of a session: True committed, False not,
 #: None when it cannot be reached
@@ -116,6 +121,7 @@ class DestinationSession:
         self.cfg: ContainerConfig | None = None
         self.cdir: Path | None = None
         self.armed: ArmedRestore | None = None
+        self.monitor: tuple[int, int | None] = (0, None)  # the restoring monitor (pid, start)
         self.revive_task: asyncio.Future[Any] | None = None
         self.hold: HoldServer | None = None
         self.queue = queue
@@ -452,6 +458,7 @@ class DestinationSession:
         check_pipes(Bundle(self.staging))  # pipe sizes this node cannot give back: refuse
         await asyncio.to_thread(register_image, self.rt.images, self.offer["image"])
         await asyncio.to_thread(self._fill_container, m)
+        limit = self._restore_limit(m)
         atomic_write_json(
             self.staging / "restore.json",
             {
@@ -459,6 +466,7 @@ class DestinationSession:
                 "volumes": m["volumes"],
                 "netns": m.get("netns", ""),
                 "lazy": self.postcopy,
+                "limit_s": limit,  # the restorer's own watchdog (migrate.restorer)
             },
         )
         step("prepare")
@@ -468,13 +476,24 @@ class DestinationSession:
         self.hold = HoldServer(self.hold_path)
         await self.hold.start()
         armed, self.armed = self.armed, None
+        self.monitor = (armed.mon_pid, armed.mon_start)
         self.revive_task = asyncio.ensure_future(
             asyncio.to_thread(self.rt.revive, self.cfg.id, RESTORER, "", armed)
         )
         held = asyncio.ensure_future(self.hold.held.wait())
-        await asyncio.wait({self.revive_task, held}, return_when=asyncio.FIRST_COMPLETED)
+        # the monitor's watchdog kills a stuck CRIU at this limit; this one is the backstop
+        await asyncio.wait(
+            {self.revive_task, held},
+            timeout=limit + FAILED_RESTORE_GRACE_S + 1.0,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
         if not self.held:
             held.cancel()
+            if not self.revive_task.done():  # on_abort tears it down
+                raise MigrationError(
+                    f"the restore was not held within {limit:.0f} s: given up ({SCALE_ENV} "
+                    "scales the limit)"
+                )
             self.revive_task.result()  # raises the restore's error; on_abort cleans up
             raise MigrationError("the restore finished without being held")
         step("criu_restore")
@@ -485,6 +504,14 @@ class DestinationSession:
             )
         extra = {"steps_s": steps} if "restore_steps" in self.offer.get("features", []) else {}
         await self.send("ready", restore_s=round(time.monotonic() - t0, 6), **extra)
+
+    def _restore_limit(self, m: dict[str, Any]) -> float:
+        """Seconds the restore may take until held: what the source says it waits for
+        (``dump.restore_limit_s``), else this node's limit for the offered size."""
+        told = (m.get("dump") or {}).get("restore_limit_s")
+        if isinstance(told, int | float) and 0 < told < 86400:
+            return float(told)
+        return FrozenLimits.from_env().restore_s(int(self.offer.get("estimate_bytes", 0)))
 
     def _fill_container(self, m: dict[str, Any]) -> None:
         """Apply the upperdir's delta (deletions, then the delta tar) and move the log in."""
@@ -604,10 +631,7 @@ class DestinationSession:
         if self.hold is not None:
             self.hold.decide(False)
         if self.revive_task is not None:
-            try:
-                await self.revive_task
-            except Exception:  # noqa: BLE001, S110 - expected: the restore was refused
-                pass
+            await self._end_restore()
         if self.armed is not None:
             armed, self.armed = self.armed, None
             await asyncio.to_thread(self.rt.disarm, armed)
@@ -620,6 +644,31 @@ class DestinationSession:
                 pass
         await self.finish()
         self.phase = DP.ABORTED
+
+    async def _end_restore(self) -> None:
+        """Wait for the restore to end (refused at pre-resume, or failed); if it does not
+        within :data:`END_RESTORE_S`, tear it down: SIGKILL the monitor (its CRIU dies with
+        it, ``PR_SET_PDEATHSIG``) and every task the restore made, then wait again for
+        :meth:`Runtime.revive` to undo its steps (it sees the monitor gone)."""
+        assert self.revive_task is not None
+        done, _ = await asyncio.wait({self.revive_task}, timeout=END_RESTORE_S)
+        if not done:
+            log.error("migration.incoming.restore_stuck", session=self.session)
+            await asyncio.to_thread(self._kill_restore)
+            done, _ = await asyncio.wait({self.revive_task}, timeout=END_RESTORE_S)
+        if not done:
+            log.error("migration.incoming.restore_left", session=self.session)
+        elif not self.revive_task.cancelled():
+            self.revive_task.exception()  # expected: the restore was refused or failed
+
+    def _kill_restore(self) -> None:
+        assert self.cfg is not None
+        pid, start = self.monitor
+        if pid and is_alive(pid, start):
+            kill_restored_tree(self.cfg, pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        kill_restored_tree(self.cfg, 0)
 
     async def finish(self) -> None:
         """Release everything the session holds: page server, lazy daemon and connection,

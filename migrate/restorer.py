@@ -10,13 +10,23 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 
 from migrate import criu
 from migrate.bundle import Bundle
+from migrate.deadlines import SCALE_ENV, FrozenLimits
 from runtime.cgroups import CgroupMode, create_manager, detect_mode
+from runtime.poll import wait_for
 from runtime.spec import ContainerConfig
 from runtime.store import CONFIG
+
+#: how long CRIU may take to end by itself once a restored task has started to exit (its
+#: own clean-up after a failure: seconds at most)
+FAILED_RESTORE_GRACE_S = 2.0
+#: PF_EXITING in the flags of /proc/PID/stat (include/linux/sched.h)
+_PF_EXITING = 0x4
 
 #: the key under which a container's net namespace is external to CRIU (see
 #: migrate.checkpoint.external_netns)
@@ -72,32 +82,142 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
     )
     hold = a.get("hold")
     root = [0]
+    handle = criu.CriuHandle()
+    watching = threading.Event()  # set: the watchdog is done (held, or CRIU returned)
 
     def on_notify(n: criu.Notify) -> bool:
         if n.script == "post-restore" and n.pid:
             root[0] = n.pid  # the restored init's host pid (CRIU sends it here)
-        if n.script == "pre-resume" and hold and not _wait_for_decision(hold):
-            _kill_restored(root[0], cfg)
-            raise criu.StopCriu(
-                "the migration was called off: the restored copy was killed before it ran"
-            )
+        if n.script == "pre-resume":
+            watching.set()  # held: as long as the decision takes, never on a time limit
+            if not handle.disarm():
+                return False  # killed at its limit as it got here: it is ending
+            if hold and not _wait_for_decision(hold):
+                _kill_restored(root[0], cfg)
+                raise criu.StopCriu(
+                    "the migration was called off: the restored copy was killed before it ran"
+                )
         return True
 
-    res = criu.restore(
-        criu.RestoreOptions(
-            images_dir=bundle.criu_dir,
-            root=str(cdir / "merged"),
-            cg_root=cgroup_roots(cfg),
-            work_dir=cdir,
-            inherit_fd=tuple(inherit),
-            external=external,
-            network_lock=network_lock(cfg),
-            lazy_pages=bool(a.get("lazy")),
-            cgroup_yard=criu.host_cgroup_yard(bundle.criu_dir),
-        ),
-        on_notify,
+    limit = a.get("limit_s")
+    if not isinstance(limit, int | float) or not 0 < limit < 86400:
+        limit = FrozenLimits.from_env().restore_s(_pages_bytes(bundle.criu_dir))
+    watchdog = threading.Thread(
+        target=_watch_restore, args=(handle, watching, float(limit)), daemon=True
     )
+    watchdog.start()
+    try:
+        res = criu.restore(
+            criu.RestoreOptions(
+                images_dir=bundle.criu_dir,
+                root=str(cdir / "merged"),
+                cg_root=cgroup_roots(cfg),
+                work_dir=cdir,
+                inherit_fd=tuple(inherit),
+                external=external,
+                network_lock=network_lock(cfg),
+                lazy_pages=bool(a.get("lazy")),
+                cgroup_yard=criu.host_cgroup_yard(bundle.criu_dir),
+            ),
+            on_notify,
+            handle,
+        )
+    except BaseException:
+        # a failed restore leaves nothing behind: CRIU is gone (it returned, or was killed:
+        # the kernel let go of its tracees), the tasks it made are killed now
+        kill_restored_tree(cfg, os.getpid())
+        raise
+    finally:
+        watching.set()
+        watchdog.join()
     return res.pid
+
+
+def _pages_bytes(images_dir: Path) -> int:
+    """Bytes of memory pages in a dump's images (``pages-*.img``): the size its restore
+    limit scales with."""
+    total = 0
+    for p in images_dir.glob("pages-*.img"):
+        try:
+            total += p.stat().st_size
+        except OSError:
+            continue
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    """Children of every thread of ``pid`` (/proc/PID/task/TID/children)."""
+    kids: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tids:
+        try:
+            kids += map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return kids
+
+
+def _exiting(pid: int) -> bool:
+    """Whether ``pid`` is exiting or dead (PF_EXITING, zombie) or gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return True
+    return fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
+
+
+def _watch_restore(handle: criu.CriuHandle, done: threading.Event, limit_s: float) -> None:
+    """Kill the restore's CRIU when it is stuck, until ``done`` is set (held at
+    ``pre-resume``, or the call returned):
+
+    - past ``limit_s`` seconds (the restore limit, :mod:`migrate.deadlines`);
+    - when a restored task, a child of this process (``rst_sibling``), has started to exit
+      and CRIU has not ended :data:`FAILED_RESTORE_GRACE_S` later.  That is CRIU failing:
+      on a failed restore it kills the restored init and waits for it, while the init of a
+      pid namespace, exiting, waits for its children to be reaped, and a child that died
+      in the restore (a segfault after "Unable to restore capabilities") is a zombie still
+      traced by CRIU, which alone can reap it: both wait for ever (CRIU 4.2,
+      cr-restore.c ``out_kill``).  Once CRIU dies the kernel gives the zombie back to
+      the init, which reaps it and ends."""
+
+    def dying_or_done() -> bool:
+        return done.is_set() or any(
+            _exiting(p) for p in _children(os.getpid()) if p != handle.pid and handle.pid
+        )
+
+    if not wait_for(dying_or_done, limit_s, 0.05):
+        handle.kill(
+            f"the restore was not ready within {limit_s:.0f} s (${SCALE_ENV} scales the "
+            "limit): its CRIU was killed"
+        )
+        return
+    if done.is_set():
+        return
+    if not wait_for(done.is_set, FAILED_RESTORE_GRACE_S, 0.05):
+        handle.kill(
+            "the restore failed: CRIU killed the restored tasks but did not end (it waits "
+            "for a pid namespace whose dead task it still traces), so it was killed"
+        )
+
+
+def kill_restored_tree(cfg: ContainerConfig, parent: int, spare: tuple[int, ...] = ()) -> None:
+    """SIGKILL what a restore made: the children of ``parent`` (the process that ran CRIU
+    with ``rst_sibling``: the restored init is its child) but ``spare``, and every task in
+    the container's cgroup.  Killing the init of the container's pid namespace takes the
+    whole namespace with it once nothing traces its tasks."""
+    for pid in _children(parent):
+        if pid in spare:
+            continue
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm not in ("criu", "setpriv"):
+            _kill_restored(pid, cfg)
+    _kill_restored(0, cfg)
 
 
 def _kill_restored(root_pid: int, cfg: ContainerConfig) -> None:
@@ -105,8 +225,6 @@ def _kill_restored(root_pid: int, cfg: ContainerConfig) -> None:
     init of their pid namespace (which takes the namespace with it) and every task in the
     container's cgroup.  Not the cgroup's ``kill_all``: it freezes first, and a frozen
     traced task is not woken by the SIGKILL until thawed."""
-    import signal
-
     pids = set(create_manager(cfg.id, parent=cfg.cgroup_parent).pids())
     if root_pid:
         pids.add(root_pid)

@@ -51,12 +51,14 @@ from migrate import criu, image_pack, lazy_conn, portability, rootfs_diff
 from migrate.addresses import endpoint_host
 from migrate.bundle import cpu_flags
 from migrate.checkpoint import DumpPlan, preflight, process_tree, tasks_of
+from migrate.deadlines import SCALE_ENV, FrozenLimits
 from migrate.errors import (
     MigrationAborted,
     MigrationError,
     PeerUnavailable,
     PreflightError,
     ProtocolError,
+    TransferError,
 )
 from migrate.link import SourceLink
 from migrate.portability import sysv_shm_segments
@@ -146,6 +148,10 @@ class SourceSession:
         #: back (CRIU resumes it); set once, read by CRIU's notify thread
         self.verdict: concurrent.futures.Future[bool] = concurrent.futures.Future()
         self.t_freeze = 0.0
+        #: kills the dump's CRIU from the event loop (a frozen step past its limit)
+        self.criu = criu.CriuHandle()
+        self.limits = FrozenLimits.from_env()
+        self.memory_bytes = 0
 
     @property
     def committed(self) -> bool:
@@ -175,7 +181,8 @@ class SourceSession:
             client = await self.connect(self.destination)
             self.link = SourceLink(client, self.session, self.peer_timeout_s)
             self.link.start()
-            self.estimate = int(c.cgroup().stats().memory_bytes + disk_usage_bytes(c.upperdir))
+            self.memory_bytes = int(c.cgroup().stats().memory_bytes)
+            self.estimate = self.memory_bytes + int(disk_usage_bytes(c.upperdir))
             self.work = scratch_dir(self.rt, self.estimate) / f"outgoing-{self.session}"
             self.work.mkdir(parents=True)
             try:
@@ -361,10 +368,15 @@ class SourceSession:
 
     async def _freeze(self) -> None:
         """Freeze the cgroup ourselves: CRIU polls the freezer every 100 ms, we poll from
-        1 ms (it then finds the cgroup FROZEN at once).  The downtime starts here."""
-        self.plan = DumpPlan.of(self.c)
+        1 ms (it then finds the cgroup FROZEN at once).  The downtime starts here.  Within
+        the freeze limit (CgroupError past it, the cgroup thawed again).  Not when a task
+        is stopped (:func:`migrate.checkpoint.stopped_tasks`): CRIU then freezes by ptrace
+        in the dump."""
+        plan = DumpPlan.of(self.c)
         self.t_freeze = time.monotonic()
-        await asyncio.to_thread(self.c.cgroup().freeze)
+        self.plan = await asyncio.to_thread(
+            plan.freeze, self.c, self.limits.freeze_s(self.memory_bytes)
+        )
 
     async def _dump(self) -> None:
         """CRIU dumps the frozen tasks (the pages to the page server, or kept for the lazy
@@ -373,6 +385,9 @@ class SourceSession:
 
         def on_notify(n: criu.Notify) -> bool:
             if n.script == "post-dump":
+                # held: the dump's limit is over; the phases that follow have their own,
+                # and the roll back ends CRIU if it does not resume the tasks in time
+                self.criu.disarm()
                 loop.call_soon_threadsafe(self.post_dump.set)
                 return self.verdict.result()
             return True
@@ -385,7 +400,16 @@ class SourceSession:
             lazy_pages=lazy,
             ps_socket=self.ps_sock.fileno() if self.ps_sock else None,
         )
-        self.dump_task = asyncio.ensure_future(asyncio.to_thread(criu.dump, opts, on_notify))
+        limit = self.limits.dump_s(self.memory_bytes) - (time.monotonic() - self.t_freeze)
+        self.criu.arm(
+            max(limit, 0.0),
+            f"the dump did not finish within {self.limits.dump_s(self.memory_bytes):.0f} s of "
+            f"the freeze ({self.memory_bytes >> 20} MiB of memory; ${SCALE_ENV} scales the "
+            "limit): its CRIU was killed",
+        )
+        self.dump_task = asyncio.ensure_future(
+            asyncio.to_thread(criu.dump, opts, on_notify, self.criu)
+        )
         waiter = asyncio.ensure_future(self.post_dump.wait())
         # the pages go to the page server, not through this channel: tell the destination
         # we are alive, or it gives up on a dump longer than its idle limit
@@ -408,11 +432,26 @@ class SourceSession:
             await asyncio.sleep(self.peer_timeout_s / 3)
             try:
                 await self.link.send("dumping")
-            except MigrationError:
-                return  # the dump's own end tells what happened
+            except Exception:  # noqa: BLE001 - the dump's own end tells what happened
+                # (also a closed socket: Python 3.11's wait_for can swallow the cancel
+                # that ends this task, which then runs on after the link closed)
+                return
 
     async def _transfer(self) -> None:
-        """The CRIU images and the upperdir's changes, each checked on arrival."""
+        """The CRIU images and the upperdir's changes, each checked on arrival, within the
+        transfer limit (the link's peer timeout bounds each wait for the destination; this
+        bounds the whole, a destination that acknowledges too slowly included).  Raises
+        TransferError past it."""
+        limit = self.limits.transfer_s(self.estimate)
+        try:
+            await asyncio.wait_for(self._send_images(), limit)
+        except TimeoutError:
+            raise TransferError(
+                f"the images did not reach {self.destination} within {limit:.0f} s "
+                f"({self.estimate >> 20} MiB of container; ${SCALE_ENV} scales the limit)"
+            ) from None
+
+    async def _send_images(self) -> None:
         c, sender, work = self.c, self.link.sender, self.work
         delta = work / "rootfs-delta.tar"
         self.deleted, changed = await asyncio.to_thread(
@@ -440,16 +479,22 @@ class SourceSession:
         await sender.wait_files_ok()
 
     async def _restore(self) -> None:
-        """The destination restores and holds its tasks at pre-resume, then says ready."""
+        """The destination restores and holds its tasks at pre-resume, then says ready;
+        within the restore limit, which it is told (``dump.restore_limit_s``)."""
+        restore_s = round(self.limits.restore_s(self.memory_bytes), 3)
         await self.link.send(
             "restore",
             stdio=self.plan.stdio,
             volumes=list(self.plan.volumes),
             deleted=self.deleted,
             netns="external" if self.plan.netns else "",
-            dump={"freeze_to_post_dump_s": self.rep.phases_s.get("dump", 0.0)},
+            dump={
+                "freeze_to_post_dump_s": self.rep.phases_s.get("dump", 0.0),
+                "restore_limit_s": restore_s,
+            },
         )
-        ready = await self.link.expect("ready", timeout_s=max(120.0, self.peer_timeout_s))
+        # the destination gives up at that limit and says so: wait a little longer
+        ready = await self.link.expect("ready", timeout_s=restore_s + self.peer_timeout_s)
         self.rep.restore_steps_s = {
             str(k): float(v)
             for k, v in dict(ready.get("steps_s") or {}).items()
@@ -518,10 +563,7 @@ class SourceSession:
         if not self.verdict.done():
             self.verdict.set_result(False)
         if self.dump_task is not None:
-            try:
-                await self.dump_task
-            except Exception:  # noqa: BLE001, S110 - expected: post-dump answered "failure"
-                pass
+            await self._end_dump()
         await _best_effort(self.link.send("abort", reason=reason[:4000]))
         c = self.c
         if phase is not SP.PREFLIGHT or c.status is S.MIGRATING:
@@ -535,6 +577,20 @@ class SourceSession:
                 c.state.migration = None
                 c.save()
         log.warning("migration.aborted", session=self.session, phase=phase.value, reason=reason)
+
+    async def _end_dump(self) -> None:
+        """Roll back: wait for CRIU to resume the tasks (post-dump answered "failure") and
+        end, within the resume limit; past it, kill it (the kernel then lets go of the
+        tasks it seized) and wait for its call to return."""
+        assert self.dump_task is not None
+        limit = self.limits.resume_s(self.memory_bytes)
+        done, _ = await asyncio.wait({self.dump_task}, timeout=limit)
+        if not done:
+            log.error("migration.rollback.criu_stuck", session=self.session, limit_s=limit)
+            self.criu.kill(f"CRIU did not resume the tasks within {limit:.0f} s")
+            await asyncio.wait({self.dump_task}, timeout=limit)
+        if self.dump_task.done() and not self.dump_task.cancelled():
+            self.dump_task.exception()  # expected: post-dump answered "failure", or killed
 
     def _cleanup_source(self) -> None:
         c = self.c

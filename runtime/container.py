@@ -152,18 +152,34 @@ class Container:
         self._saved_status = self.state.status
 
     @contextlib.contextmanager
-    def locked(self, blocking: bool = True) -> Iterator[None]:
+    def locked(self, blocking: bool = True, timeout_s: float | None = None) -> Iterator[None]:
         """Hold this container's lock, refreshed on entry.  With ``blocking=False`` raise
-        ContainerError at once when another operation holds it."""
-        try:
-            cm = flocked(self.dir / "lock", blocking=blocking)
+        ContainerError at once when another operation holds it; with ``timeout_s``, when it
+        still holds it after that many seconds (the error names the holder's pid)."""
+
+        def attempt() -> contextlib.AbstractContextManager[None] | None:
+            cm = flocked(self.dir / "lock", blocking=False)
+            try:
+                cm.__enter__()
+            except BlockingIOError:
+                return None
+            return cm
+
+        cm: contextlib.AbstractContextManager[None]
+        if blocking and timeout_s is None:
+            cm = flocked(self.dir / "lock")
             cm.__enter__()
-        except BlockingIOError:
-            raise ContainerError(
-                f"container {self.name} is busy: another operation (a "
-                "checkpoint or a migration?) is in progress",
-                self.id,
-            ) from None
+        else:
+            got = wait_for(attempt, timeout_s if blocking else 0.0, 0.05)
+            if got is None:
+                holders = _lock_holders(self.dir / "lock")
+                raise ContainerError(
+                    f"container {self.name} is busy: another operation (a checkpoint or a "
+                    "migration?) is in progress"
+                    + (f" (process {', '.join(map(str, holders))})" if holders else ""),
+                    self.id,
+                )
+            cm = got
         try:
             self.refresh()
             yield
@@ -320,8 +336,23 @@ class Container:
     def delete(self, force: bool = False) -> None:
         """Remove the container: its processes (with ``force``), cgroup, mount and directory.
 
-        Raises ContainerError when it is running or paused and ``force`` is False."""
-        with self.locked():
+        Never waits without a bound: another operation holding the container's lock for
+        more than :data:`DELETE_LOCK_WAIT_S` is, with ``force``, ended by killing every
+        process of the container (its tasks, its monitor and the monitor's children: a
+        restore stuck in CRIU ends when its monitor dies), and the lock waited for once
+        more.  Raises ContainerError when it is running or paused and ``force`` is False,
+        or when the lock is still held after that."""
+        try:
+            lock = self.locked(timeout_s=DELETE_LOCK_WAIT_S)
+            lock.__enter__()
+        except ContainerError:
+            if not force:
+                raise
+            log.warning("container.remove.busy", id=self.id[:12], action="killing it")
+            self._kill_everything()
+            lock = self.locked(timeout_s=DELETE_LOCK_WAIT_S)
+            lock.__enter__()
+        try:
             if self.status in (S.RUNNING, S.PAUSED, S.MIGRATING) and not force:
                 raise ContainerError(
                     f"container {self.name} ({self.id[:12]}) is {self.status.value}: stop it "
@@ -329,8 +360,28 @@ class Container:
                     self.id,
                 )
             self._teardown()
+        finally:
+            lock.__exit__(None, None, None)
         self.rt.store.remove_dir(self.id)
         log.info("container.removed", id=self.id[:12], name=self.name)
+
+    def _kill_everything(self) -> None:
+        """SIGKILL, without the lock, every process of the container: the monitor's
+        children (the init, or a restore's half-restored init and its CRIU), the monitor,
+        and every task of the cgroup.  For ``rm -f`` of a container whose operation is
+        stuck; errors are logged (the teardown that follows reports what is left)."""
+        self.refresh()
+        mon, mon_start = self.state.monitor_pid, self.state.monitor_start_time
+        if mon and sc.is_alive(mon, mon_start):
+            for pid in _children(mon):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(mon, signal.SIGKILL)
+        try:
+            self.cgroup().kill_all(signal.SIGKILL)
+        except JaulaError as e:
+            log.error("container.remove.kill", id=self.id[:12], error=str(e))
 
     def _teardown(self) -> None:
         """Kill every task, wait for the monitor, unmount, destroy the cgroup.  Errors are
@@ -350,7 +401,12 @@ class Container:
                 os.close(fd)
         self.wait_monitor(10.0)
         if self.monitor_alive():
-            os.kill(self.state.monitor_pid, signal.SIGKILL)
+            for pid in _children(self.state.monitor_pid):  # a stuck restore's CRIU, say
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.state.monitor_pid, signal.SIGKILL)
+            self.wait_monitor(5.0)
         try:
             unmount(self.rootfs)
         except JaulaError as e:
@@ -679,6 +735,38 @@ class Runtime:
                 raise
         log.info("container.restored", id=c.id[:12], name=c.name, pid=pid)
         return c
+
+
+#: how long ``rm`` waits for another operation's lock before it gives up (or, ``rm -f``,
+#: kills the container's processes and waits once more), in seconds
+DELETE_LOCK_WAIT_S = 10.0
+
+
+def _children(pid: int) -> list[int]:
+    """Children of every thread of ``pid`` (/proc/PID/task/TID/children); empty when it
+    is gone."""
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError):
+                kids += map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
+    return kids
+
+
+def _lock_holders(path: Path) -> list[int]:
+    """Pids holding an flock on ``path`` (/proc/locks, matched by inode)."""
+    try:
+        ino = os.stat(path).st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    pids = []
+    for line in lines:
+        f = line.split()
+        if len(f) >= 6 and f[1] == "FLOCK" and f[5].rsplit(":", 1)[-1] == str(ino):
+            with contextlib.suppress(ValueError):
+                pids.append(int(f[4]))
+    return sorted(set(pids))
 
 
 def default_cgroup_parent(root: Path) -> str:
