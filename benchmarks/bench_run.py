@@ -24,8 +24,8 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from runtime.cli import configure_logging
 from runtime.container import RunOptions, Runtime
+from runtime.logconfig import configure_logging
 from tests.helpers.images import build_busybox_image
 
 JAULA = [sys.executable, "-m", "migrate.cli"]

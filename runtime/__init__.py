@@ -7,7 +7,7 @@ Public API::
     c = rt.run(RunOptions(image="busybox", command=("sleep", "100")))
 
 Libraries log through structlog and never print; configuring structlog is the application's
-choice, not an import's.  The ``jaula`` CLI calls :func:`runtime.cli.configure_logging`
+choice, not an import's.  The ``jaula`` CLI calls :func:`runtime.logconfig.configure_logging`
 (warnings and errors on stderr unless ``--log-level`` says otherwise); a program using the
 library can call it too, or else gets structlog's defaults.
 """

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import re
 import signal
@@ -20,12 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
-import structlog
-
 from runtime.cgroups import Resources
 from runtime.container import Container, RunOptions, Runtime, require_root
 from runtime.errors import CommandNotExecutable, CommandNotFound, ConfigError, JaulaError
 from runtime.image.store import ImportProgress
+from runtime.logconfig import configure_logging
 from runtime.logs import read_log, write_record
 from runtime.spec import (
     parse_capabilities,
@@ -39,24 +37,6 @@ from runtime.state import ContainerStatus
 from runtime.store import LOG, default_root
 
 EXIT_ERROR = 125
-
-
-def configure_logging(level: str) -> None:
-    """Structured key=value logs on stderr at ``level`` (debug, info, warning, error) and
-    above; an unknown name means warning.  The library configures nothing: this is the CLI's
-    choice (``--log-level``, default warning), made in :func:`main` before any command runs,
-    and a program that uses the library may call it too."""
-    lvl = getattr(logging, level.upper(), logging.WARNING)
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"]),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        # resolve sys.stderr at each call: it may be replaced (tests, daemons)
-        logger_factory=lambda *args: structlog.PrintLogger(sys.stderr),
-    )
 
 
 class CliExtension(Protocol):

@@ -50,7 +50,7 @@ from runtime.state import (
 )
 from runtime.store import CONFIG, EXIT, GO_FIFO, LOG, MONITOR_LOG, STATE, Store, flocked
 
-# Configured by the application, not here (runtime.cli.configure_logging for the CLI)
+# Configured by the application, not here (runtime.logconfig.configure_logging: the CLI and the monitor)
 log = structlog.get_logger(__name__)
 S = ContainerStatus
 

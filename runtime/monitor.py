@@ -29,6 +29,7 @@ from pathlib import Path
 from runtime import syscalls as sc
 from runtime.cgroups import CgroupManager, create_manager
 from runtime.init_process import run_init
+from runtime.logconfig import configure_logging
 from runtime.rootfs.overlay import unmount
 from runtime.spec import ContainerConfig
 from runtime.state import ExitRecord, atomic_write_json
@@ -84,6 +85,7 @@ def main(argv: list[str]) -> int:
     """Entry point: ``argv = [container_dir, sync_fd]`` to start the container, or
     ``[container_dir, sync_fd, "--restore-with", "MODULE:FUNCTION", ARG]`` to bring it back
     from a checkpoint (see :func:`_restore`)."""
+    configure_logging("warning")  # quiet, as the CLI by default (runtime.logconfig)
     cdir = Path(argv[0])
     sync_fd = int(argv[1])
     if len(argv) in (5, 6) and argv[2] == "--restore-with":
