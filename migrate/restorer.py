@@ -128,8 +128,9 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
         kill_restored_tree(cfg, os.getpid())
         raise
     finally:
+        # not joined: it may be in one of its 50 ms pauses, and the resume (the source
+        # measures the downtime up to it) would wait for that; set, it kills nothing more
         watching.set()
-        watchdog.join()
     return res.pid
 
 
