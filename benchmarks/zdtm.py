@@ -27,7 +27,11 @@ went on); ``rolled back`` (jaula only: failed after the freeze, running again on
 ``dump failed`` / ``restore failed`` (plain CRIU); ``lost`` (running nowhere); ``stuck``
 (a command ran past its time limit); ``start failed``; ``error`` (the runner's own trouble).
 The goal, per test and strategy: jaula passes every test plain CRIU passes, and refuses
-every other one (``refused``, with the test still passing on node1).
+every other one (``refused``, with the test still passing on node1); a test that does not
+even start on the host (or that the runner could not run) has no baseline and is not
+judged.  Containers run ``--privileged`` (every capability, nothing masked) because the
+plain run has root's capabilities too: a difference in the table is then the migration's,
+not the container's permissions.
 
 The tests run as root: zdtm runs most tests under uid 18943, but CRIU then needs
 CAP_SYS_RESOURCE to read the task's rlimits, and a host without it (this one) would fail
@@ -91,6 +95,7 @@ START_TIMEOUT_S = 30.0
 VERDICT_TIMEOUT_S = 30.0
 MIGRATE_TIMEOUT_S = 150.0
 CRIU_TIMEOUT_S = 120.0
+RM_TIMEOUT_S = 60.0
 # the phases of a migration after which the container is frozen (migrate.protocol.SourcePhase)
 AFTER_FREEZE = ("freeze", "dump", "transfer", "restore")
 
@@ -382,8 +387,7 @@ class PlainCriu:
             res = self._in_netns(holder.pid) or self._run(t, d, pids)
         finally:
             for pid in pids:
-                with _quiet():
-                    os.killpg(pid, signal.SIGKILL)
+                _kill_session(pid, d)
             holder.kill()
             holder.wait()
         res.seconds = round(time.monotonic() - t0, 2)
@@ -476,6 +480,17 @@ class PlainCriu:
         return verdict_line(_read(out))
 
 
+def _kill_session(pid: int, d: Path) -> None:
+    """SIGKILL the session ``pid`` leads if it is still our test's: its leader alive with
+    its working directory in ``d`` (a pid is not reused while its group lives)."""
+    try:
+        if os.getsid(pid) != pid or not Path(os.readlink(f"/proc/{pid}/cwd")).is_relative_to(d):
+            return
+        os.killpg(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+
+
 class _quiet:
     def __enter__(self) -> None:
         return None
@@ -546,7 +561,9 @@ class JaulaZdtm:
             res.log = self._keep_logs(name)
         problems = self._remove(name)
         if problems and res.outcome == PASS:
-            res = Result(ERROR, one_line("; ".join(problems)), res.seconds)
+            res = Result(ERROR, one_line("; ".join(problems)), res.seconds, res.log)
+        elif problems:
+            res.error = one_line(f"{res.error}; then {'; '.join(problems)}")
         return res
 
     def _run(self, t: ZdtmTest, strategy: str, name: str) -> Result:
@@ -642,7 +659,7 @@ class JaulaZdtm:
         for node in ("node2", "node1"):
             if name not in self._containers(node):
                 continue
-            rc, out = self._jaula(node, "rm", "-f", name, timeout_s=120)
+            rc, out = self._jaula(node, "rm", "-f", name, timeout_s=RM_TIMEOUT_S)
             if rc is None or (rc != 0 and "no such container" not in out.lower()):
                 problems.append(f"jaula rm -f {name} on {node}: {one_line(out, 200)}")
         return problems
@@ -693,6 +710,8 @@ class Row:
         plain = self.cells.get("plain CRIU")
         cell = self.cells.get(JAULA_COLUMNS[strategy])
         if plain is None or cell is None or cell.outcome == SKIPPED:
+            return None
+        if plain.outcome in (START_FAILED, ERROR, SKIPPED):  # no baseline to compare with
             return None
         want = PASS if plain.outcome == PASS else REFUSED
         return cell.outcome == want
@@ -920,6 +939,7 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now()
     camp: Campaign | None = None
     rows: list[Row] = []
+    interrupted = False
     try:
         console.print(f"[bold]zdtm through jaula[/]: {len(names)} tests, results in {out_dir}")
         console.print("building the tests and the image, starting two node services")
@@ -941,15 +961,17 @@ def main(argv: list[str] | None = None) -> int:
             task = progress.add_task("zdtm", total=len(camp.tests))
 
             def on_row(r: Row) -> None:
+                rows.append(r)  # here, not from the return value: an interrupt keeps them
                 jl.write(json.dumps(r.to_json()) + "\n")
                 jl.flush()
                 progress.advance(task)
 
-            rows = run_campaign(
+            run_campaign(
                 camp.tests, a.strategy_list, None if a.no_plain else camp.plain, camp.jaula,
                 on_row, lambda s: progress.update(task, description=f"{s:40}"),
             )  # fmt: skip
     except KeyboardInterrupt:
+        interrupted = True
         console.print("[red]interrupted[/]: the table holds the tests that ended")
     except RunError as e:
         console.print(f"[red]cannot run:[/] {e}")
@@ -968,6 +990,7 @@ def main(argv: list[str] | None = None) -> int:
         (
             f"kernel {platform.release()}, {os.cpu_count()} CPUs; {shutil.which('criu')}; "
             f"{len(rows)} tests run of {len(names)} asked"
+            + (" (interrupted)" if interrupted else "")
         ),
         *(camp.notes if camp else []),
     ]
@@ -989,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report)
     console.print(f"results: {out_dir}")
     missed = any(r.goal_met(s) is False for r in rows for s in a.strategy_list)
-    return 1 if missed else 0
+    return 1 if missed or interrupted else 0
 
 
 if __name__ == "__main__":
