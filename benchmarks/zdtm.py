@@ -412,7 +412,10 @@ class PlainCriu:
                 return Result(START_FAILED, f"did not daemonize in {t.timeout_s:.0f} s")
         pidfile = d / f"{t.name}.pid"
         if p.returncode != 0 or not pidfile.is_file():
-            why = tail((d / "test.log").read_text(errors="replace"), 200) or f"exit {p.returncode}"
+            said = _read(d / f"{t.name}.out") + _read(d / f"{t.name}.out.inprogress")
+            why = (
+                verdict_line(said)[1] or tail(_read(d / "test.log"), 200) or f"exit {p.returncode}"
+            )
             return Result(START_FAILED, one_line(why))
         pid = int(pidfile.read_text().strip())
         pids.append(pid)
@@ -578,8 +581,10 @@ class JaulaZdtm:
             return Result(START_FAILED, one_line(f"jaula run: {out}"))
         pidfile = f"zdtm/static/{t.name}.pid"
         if self._file("node1", name, pidfile, t.timeout_s) is None:
-            _, logs = self._jaula("node1", "logs", name, timeout_s=60)
-            return Result(START_FAILED, one_line(tail(logs, 200) or "no pidfile"))
+            init = self._init_pid("node1", name)
+            root = Path(f"/proc/{init}/root/zdtm/static")
+            said = _read(root / f"{t.name}.out") + _read(root / f"{t.name}.out.inprogress")
+            return Result(START_FAILED, one_line(verdict_line(said)[1] or "no pidfile"))
         rc, out = self._jaula_op("migrate", name, "node2", "--from", "node1",
                                  "--strategy", strategy, "--json")  # fmt: skip
         where = self._status(name)
@@ -688,12 +693,18 @@ def host_pid_of(init: int, ns_pid: int) -> int | None:
 
 
 def _migrate_error(text: str) -> str:
-    """The one line of a failed ``jaula migrate``'s stderr that says why."""
+    """The line of a failed ``jaula migrate``'s stderr that says why, shortened to its
+    message and, when it quotes CRIU's log, CRIU's first error (``Error (file:line):
+    ...``) rather than the log's path."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in lines:
-        if ln.startswith(("error:", "jaula:")):
-            return ln
-    return lines[-1] if lines else "(no message)"
+    line = next((ln for ln in lines if ln.startswith(("error:", "jaula:"))), None)
+    line = line or (lines[-1] if lines else "(no message)")
+    line = re.sub(r"^(jaula: )?error: ", "", line)
+    criu_error = re.search(r"(Error|BUG) \([^)]*\):[^|\n]*", text)
+    if criu_error:
+        head = line.split(": see the log lines", 1)[0].split(" | ", 1)[0]
+        return f"{head}: {criu_error[0].strip()}"
+    return line
 
 
 # --- the campaign ------------------------------------------------------------------------
