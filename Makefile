@@ -64,6 +64,14 @@ bench-balancer: setup-venv
 	@$(PY) -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[bench]'
 	@$(PY) -m benchmarks.balancer_sim $(BALANCER_SIM_ARGS)
 
+# CRIU's zdtm static tests, each migrated node1 -> node2 with every strategy beside plain
+# criu dump/restore (benchmarks/zdtm.py, list in benchmarks/zdtm_tests.toml); not part of
+# `make test` (about an hour here; a dozen of them are, tests/integration/test_zdtm_sample.py).
+# Results in results/zdtm-<date>/; ZDTM_ARGS='--tests a,b --strategies cold' for a subset.
+.PHONY: zdtm
+zdtm: setup
+	@$(PY) -m benchmarks.zdtm $(ZDTM_ARGS)
+
 clean-build:
 	rm -rf .build
 

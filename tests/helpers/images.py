@@ -18,6 +18,8 @@ and the host's Debian packages; :func:`workload_tools_missing` says what is lack
 * :func:`build_redis_image`: busybox plus Debian's redis-server and redis-cli.
 * :func:`build_memory_image`: the python image plus ``/opt/workloads/memhog.py``
   (``tests/workloads/memhog.py``).
+* :func:`build_zdtm_image`: busybox plus CRIU's zdtm static test programs (built by
+  ``benchmarks/zdtm.py``) under ``/zdtm/static`` and the ``/zdtm/run`` entrypoint.
 
 Each builds in one or two seconds.  From the shell (the demo and the benchmarks):
 ``python -m tests.helpers.images {busybox,python,redis,memory} OUTDIR [--name NAME]``.
@@ -456,6 +458,52 @@ def build_memory_image(workdir: Path, name: str = "jaula-mem:latest") -> Path:
     _run("umoci", "gc", "--layout", str(layout))
     _set_ref_name(layout, name)
     return layout
+
+
+ZDTM_DIR = "/zdtm/static"
+# pid 1 of a zdtm container: start the test as zdtm's Makefile does (``make TEST.pid``), in
+# /zdtm/static; the test forks, its parent writes TEST.pid and exits when the child is
+# ready; then stay as init (the daemonized test is reparented here).
+ZDTM_RUN = f"""#!/bin/sh
+# /zdtm/run TEST [ARGS...]: run ./TEST ARGS in {ZDTM_DIR}, then stay as the container's init.
+cd {ZDTM_DIR} || exit 1
+"./$@"
+rc=$?
+[ "$rc" -eq 0 ] || echo "zdtm: $1 did not start (exit $rc)" >&2
+exec sleep 2147483647
+"""
+
+
+def build_zdtm_image(
+    workdir: Path, tests_dir: Path, tests: Sequence[str], name: str = "jaula-zdtm:latest"
+) -> Path:
+    """Build the image of CRIU's zdtm static tests in ``workdir/layout``.
+
+    One layer: :func:`busybox_rootfs` plus every busybox applet; the test programs
+    ``tests`` copied from ``tests_dir`` (a built ``test/zdtm/static`` of CRIU's source,
+    linked statically so that they need no library) into ``/zdtm/static`` (mode 1777: a
+    test writes its ``.out``, ``.pid`` and ``.test`` files beside itself, possibly after
+    changing to zdtm's test uid), and ``/zdtm/run`` (:data:`ZDTM_RUN`), the entrypoint:
+    ``/zdtm/run TEST ARGS...`` starts one test as ``make TEST.pid`` would and stays pid 1.
+    Config: Env PATH as in :func:`build_python_image`, Cmd ``["/zdtm/run"]``, WorkingDir
+    ``/zdtm/static``.  Raises ``FileNotFoundError`` naming a test that ``tests_dir`` lacks.
+    """
+    missing = [t for t in tests if not (tests_dir / t).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{tests_dir}: no test program {', '.join(missing[:5])}")
+
+    def populate(rootfs: Path) -> None:
+        dest = rootfs / ZDTM_DIR.lstrip("/")
+        dest.mkdir(parents=True)
+        os.chmod(dest, 0o1777)
+        for t in tests:
+            _copy_into(rootfs, tests_dir / t, f"{ZDTM_DIR}/{t}", 0o755)
+        run = rootfs / "zdtm/run"
+        run.write_text(ZDTM_RUN)
+        os.chmod(run, 0o755)
+
+    env = (WORKLOAD_PATH,)
+    return _build_rootfs_image(workdir, name, populate, env, ["/zdtm/run"], ZDTM_DIR)
 
 
 BUILDERS: dict[str, Callable[[Path, str], Path]] = {
