@@ -185,3 +185,17 @@ def test_the_reader_sees_every_kind_of_import() -> None:
     assert {imp.module for imp in imports_in("from . import x\n", "migrate/__init__.py")} >= {
         "migrate.x"
     }
+
+
+def test_test_modules_outside_packages_have_unique_names() -> None:
+    """tests/unit and tests/linux are not packages: pytest imports their files by base
+    name, and two files of one name in them stop the whole run at collection."""
+    root = Path(__file__).resolve().parents[1]
+    seen: dict[str, Path] = {}
+    clashes = []
+    for d in ("unit", "linux"):
+        for p in sorted((root / d).glob("test_*.py")):
+            if p.name in seen:
+                clashes.append(f"{seen[p.name].relative_to(root)} and {p.relative_to(root)}")
+            seen[p.name] = p
+    assert not clashes, f"rename one of each: {clashes}"
