@@ -211,6 +211,16 @@ def preflight(c: Container) -> None:
                 )
         if zombie:
             continue
+        tracer = int(st.get("TracerPid", "0") or 0)
+        if tracer:
+            # CRIU seizes every task with ptrace, and a task has one tracer at most: plain
+            # CRIU fails this after the freeze ("Unseizable non-zombie ... state t")
+            raise PreflightError(
+                f"cannot checkpoint {c.name}: process {pid} ({comm}) is traced by process "
+                f"{tracer} ({_status(tracer).get('Name', '?')}), and CRIU cannot seize a task "
+                f"another tracer holds: detach the tracer (end the debugger or strace) first"
+                f"{keeps}"
+            )
         if pid not in in_cgroup:  # or forked since that look (children inherit the cgroup)
             in_cgroup |= set(tasks_of(c))
         if pid not in in_cgroup and _status(pid):

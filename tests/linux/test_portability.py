@@ -166,3 +166,20 @@ def test_an_inotify_watch_is_refused_naming_the_path(py: Jaula) -> None:
     watching = lambda: py.run("exec", "iw", "test", "-e", "/tmp/watching", check=False)
     assert wait_for(lambda: watching().returncode == 0, 15), "the watch was not set up"
     _refused_and_still_running(py, "iw", "inotify", "/tmp/watched")
+
+
+#: a child that asks to be traced by its parent (the shell, which never waits for it):
+#: traced, though running
+TRACED_CHILD = (
+    "python3 -c 'import ctypes, time; ctypes.CDLL(None).ptrace(0, 0, None, None); "
+    "time.sleep(100000)' & "
+)
+
+
+def test_a_traced_task_is_refused_before_the_freeze(py: Jaula) -> None:
+    """A task held by a tracer (ptrace: a debugger, strace, CRIU's zdtm ptrace_sig) cannot
+    be seized by CRIU, which failed the dump after the freeze: refused, naming the task and
+    its tracer, and the container runs on."""
+    py.run("run", "-d", "--name", "tr", PY_IMAGE, "sh", "-c", TRACED_CHILD + COUNTER)
+    wait_ticks(py, "tr", 3)
+    _refused_and_still_running(py, "tr", "(python3) is traced by process", "(sh)")
