@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.poll import wait_for
 from tests.helpers.etcd import ETCD, StateCluster, state_cluster
 from tests.helpers.nodes import Cluster2, make_cluster, serving
 from tests.integration.cluster_setup import ClusterFiles, write_cluster
@@ -42,9 +43,14 @@ def _zmq_threads() -> list[str]:
 
 @pytest.fixture
 def zmq_leak_check() -> Iterator[None]:
-    """Fail the test if it leaves ZeroMQ contexts open (their ``ZMQbg/*`` threads alive)."""
+    """Fail the test if it leaves ZeroMQ contexts open (their ``ZMQbg/*`` threads alive).
+
+    A context closed at the test's end (a finalizer, the event loop's last callbacks) may
+    take a moment to stop its threads on a loaded host: the check waits for them up to 10 s
+    (a fresh clone's run once failed two tests on an IO thread still ending)."""
     before = len(_zmq_threads())
     yield
+    wait_for(lambda: len(_zmq_threads()) <= before, 10.0)
     after = _zmq_threads()
     assert len(after) <= before, f"ZeroMQ contexts left open (threads {after})"
 
