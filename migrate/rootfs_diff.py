@@ -137,14 +137,10 @@ def validate(tar_path: Path) -> int:
         raise BundleError(f"cannot read the rootfs diff {tar_path}: {e.strerror or e}") from e
 
 
-def extract(tar_path: Path, upperdir: Path) -> None:
-    """Validate, then extract into an empty ``upperdir`` (created 0755 if missing).
-
-    Raises BundleError."""
-    validate(tar_path)
-    upperdir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    if any(upperdir.iterdir()):
-        raise BundleError(f"cannot restore the rootfs diff into {upperdir}: it is not empty")
+def _tar_extract(tar_path: Path, upperdir: Path, what: str, *more: str) -> None:
+    """GNU tar extracting a validated upperdir tar into ``upperdir``, owners, modes, ACLs
+    and xattrs kept (``trusted.overlay.origin`` left out: it names the source's inodes).
+    Raises BundleError naming ``what`` with tar's message."""
     p = subprocess.run(
         [
             "tar",
@@ -159,13 +155,25 @@ def extract(tar_path: Path, upperdir: Path) -> None:
             "--acls",
             *_XATTR_ARGS,
             "--xattrs-exclude=trusted.overlay.origin",
+            *more,
         ],
         capture_output=True,
         text=True,
         check=False,
     )
     if p.returncode != 0:
-        raise BundleError(f"cannot extract the rootfs diff into {upperdir}: {p.stderr.strip()}")
+        raise BundleError(f"cannot extract {what} into {upperdir}: {p.stderr.strip()}")
+
+
+def extract(tar_path: Path, upperdir: Path) -> None:
+    """Validate, then extract into an empty ``upperdir`` (created 0755 if missing).
+
+    Raises BundleError."""
+    validate(tar_path)
+    upperdir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if any(upperdir.iterdir()):
+        raise BundleError(f"cannot restore the rootfs diff into {upperdir}: it is not empty")
+    _tar_extract(tar_path, upperdir, "the rootfs diff")
     os.chmod(upperdir, 0o755)
 
 
@@ -255,26 +263,4 @@ def apply_deleted(upperdir: Path, deleted: list[str]) -> None:
 def extract_over(tar_path: Path, upperdir: Path) -> None:
     """Validate, then extract a delta tar over an existing ``upperdir``."""
     validate(tar_path)
-    p = subprocess.run(
-        [
-            "tar",
-            "--extract",
-            "--file",
-            str(tar_path),
-            "--directory",
-            str(upperdir),
-            "--same-owner",
-            "--same-permissions",
-            "--numeric-owner",
-            "--acls",
-            *_XATTR_ARGS,
-            "--xattrs-exclude=trusted.overlay.origin",
-            "--overwrite",
-            "--no-recursion",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if p.returncode != 0:
-        raise BundleError(f"cannot extract the rootfs delta into {upperdir}: {p.stderr.strip()}")
+    _tar_extract(tar_path, upperdir, "the rootfs delta", "--overwrite", "--no-recursion")
