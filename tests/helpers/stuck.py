@@ -16,12 +16,26 @@ STOPPED_CHILD = "sleep 1000 & kill -STOP $!; " + COUNTER
 def children(pid: int) -> list[int]:
     kids: list[int] = []
     for tid in os.listdir(f"/proc/{pid}/task"):
-        kids += map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
+        try:
+            kids += map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
+        except FileNotFoundError:  # a thread that ended between listdir and read
+            continue
     return kids
 
 
 def state_of(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    """The task's state letter from /proc/PID/stat (proc(5)); "gone" once it has ended and
+    been reaped, which the counter's short-lived ``sleep`` children do all the time."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
+
+
+def task_states(pid: int) -> dict[int, str]:
+    """State letter of each child of PID that still exists when read."""
+    states = {k: state_of(k) for k in children(pid)}
+    return {k: s for k, s in states.items() if s != "gone"}
 
 
 def caps_of(pid: int) -> dict[str, str]:

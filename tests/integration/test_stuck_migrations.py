@@ -36,7 +36,7 @@ from tests.helpers.stuck import (
     criu_children,
     freezer_state,
     poison_child_creds,
-    state_of,
+    task_states,
     unrestorable_bit,
 )
 
@@ -70,7 +70,7 @@ def test_a_container_with_a_stopped_task_migrates(nodes: Cluster2, strategy: str
     assert p.returncode == 0, p.stderr
     _continues_on(nodes, "stp", "node2")
     init = inspect(n2, "stp")["State"]["Pid"]
-    states = sorted(state_of(k) for k in children(init))
+    states = sorted(task_states(init).values())
     assert states.count("T") == 1, f"the stopped task is not stopped on node2: {states}"
 
 

@@ -39,6 +39,7 @@ from tests.helpers.stuck import (
     freezer_state,
     poison_child_creds,
     state_of,
+    task_states,
     unrestorable_bit,
 )
 
@@ -53,15 +54,16 @@ def test_a_stopped_task_is_checkpointed_and_stopped_again(jaula: Jaula) -> None:
     jaula.run("run", "-d", "--name", "stp", "busybox", "sh", "-c", STOPPED_CHILD)
     wait_ticks(jaula, "stp", 5)
     init = inspect(jaula, "stp")["State"]["Pid"]
-    stopped = [k for k in children(init) if state_of(k) == "T"]
-    assert len(stopped) == 1, f"the workload did not stop its child: {children(init)}"
+    before = task_states(init)
+    stopped = [k for k, s in before.items() if s == "T"]
+    assert len(stopped) == 1, f"the workload did not stop its child: {before}"
     try:
         jaula.run("checkpoint", "stp", timeout=HUNG_S)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the checkpoint of a container with a stopped task hung for {HUNG_S:.0f} s")
     jaula.run("restore", "stp", timeout=HUNG_S)
     init = inspect(jaula, "stp")["State"]["Pid"]
-    states = {k: state_of(k) for k in children(init)}
+    states = task_states(init)
     assert sorted(states.values()).count("T") == 1, f"not stopped after restore: {states}"
     n = count(jaula, "stp")
     wait_ticks(jaula, "stp", n + 5)
