@@ -19,7 +19,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -314,10 +314,20 @@ class Nodes:
         self._next = 0
 
     async def request(
-        self, node: str, mtype: str, wait_s: float = 30.0, on_progress: Any = None, **fields: Any
+        self,
+        node: str,
+        mtype: str,
+        wait_s: float = 30.0,
+        on_progress: Any = None,
+        on_silence: Callable[[], Awaitable[None]] | None = None,
+        **fields: Any,
     ) -> dict[str, Any]:
         """Send one request to ``node`` and return its reply (``progress`` messages go to
-        ``on_progress``).  Raises PeerUnavailable, MigrationError with the node's error."""
+        ``on_progress``).  When nothing arrives for ``wait_s`` seconds, ``on_silence`` is
+        awaited: it raises to give up, or returns to wait ``wait_s`` more.
+
+        Raises PeerUnavailable (silence, without ``on_silence``), MigrationError with the
+        node's error, or what ``on_silence`` raises."""
         from migrate.protocol import decode, encode
         from migrate.transport import Client
 
@@ -327,7 +337,14 @@ class Nodes:
         try:
             await client.send(encode(mtype, id=rid, **fields))
             while True:
-                msg, _ = decode(await client.recv(timeout_s=wait_s))
+                try:
+                    frames = await client.recv(timeout_s=wait_s)
+                except PeerUnavailable:
+                    if on_silence is None:
+                        raise
+                    await on_silence()
+                    continue
+                msg, _ = decode(frames)
                 if msg.get("id") != rid:
                     continue
                 if msg["type"] == "progress":
@@ -458,26 +475,152 @@ async def find_container(nodes: Nodes, ref: str) -> str:
     return found[0]
 
 
+#: seconds without a heartbeat from the source before the CLI asks whether it is still there
+#: (the service sends one every migrate.protocol.HEARTBEAT_S)
+SILENCE_S = 5.0
+#: seconds a silent source may stay unreachable (a restart takes a second or two) before
+#: the CLI gives up on it and looks for the container
+SOURCE_GONE_S = 30.0
+#: seconds to wait for the nodes to settle where the container runs after that
+SETTLE_S = 60.0
+
+
+class _SourceLost(Exception):
+    """The source service restarted (``restarted``) or is gone, and our request with it."""
+
+    def __init__(self, restarted: bool, phase: str) -> None:
+        super().__init__(phase)
+        self.restarted = restarted
+        self.phase = phase
+
+
+class _Watch:
+    """What the CLI heard of the source during a migration: its incarnation (from the ping
+    before the request), the last phase its heartbeat named.  :meth:`silence` is the
+    request's ``on_silence``: it pings the source and raises :class:`_SourceLost` when
+    another incarnation answers, or none for SOURCE_GONE_S seconds."""
+
+    def __init__(self, nodes: Nodes, source: str, incarnation: str, progress: _Progress) -> None:
+        self.nodes = nodes
+        self.source = source
+        self.incarnation = incarnation
+        self.progress = progress
+        self.phase = "preflight"
+
+    def update(self, msg: dict[str, Any]) -> None:
+        self.phase = msg.get("phase", self.phase)
+        if not msg.get("heartbeat"):
+            self.progress.update(msg)
+
+    async def silence(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SOURCE_GONE_S
+        while True:
+            try:
+                pong = await self.nodes.request(self.source, "ping", wait_s=2.0)
+            except (PeerUnavailable, MigrationError):
+                pong = None
+            if pong is not None:
+                if pong.get("incarnation") == self.incarnation:
+                    return  # the same service, slow to speak: wait on
+                raise _SourceLost(True, self.phase)
+            if loop.time() > deadline:
+                raise _SourceLost(False, self.phase)
+            await asyncio.sleep(1.0)
+
+
+async def _locate(nodes: Nodes, cid: str) -> dict[str, str]:
+    """node -> status of container ``cid`` there, once the nodes agree (it runs on one node
+    and is migrating on none) or SETTLE_S seconds passed; unreachable nodes are left out."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_S
+    while True:
+        where: dict[str, str] = {}
+        for name in sorted(nodes.cluster.nodes):
+            try:
+                r = await nodes.request(name, "ps", wait_s=5.0, all=True)
+            except (PeerUnavailable, MigrationError):
+                continue
+            for i in r["items"]:
+                if i["id"] == cid:
+                    where[name] = i["status"]
+        statuses = list(where.values())
+        settled = statuses.count("running") == 1 and "migrating" not in statuses
+        if settled or loop.time() > deadline:
+            return where
+        await asyncio.sleep(1.0)
+
+
+async def _container_id(nodes: Nodes, node: str, ref: str) -> str:
+    r = await nodes.request(node, "ps", wait_s=5.0, all=False)
+    for i in r["items"]:
+        if ref in (i["name"], i["id"]) or i["id"].startswith(ref):
+            return str(i["id"])
+    raise MigrationError(f"{node} runs no container {ref!r} (see `jaula --node {node} ps`)")
+
+
+async def _after_source_lost(
+    nodes: Nodes, a: argparse.Namespace, source: str, cid: str, lost: _SourceLost
+) -> int:
+    """The source restarted or went away during the migration: say where the container
+    runs now.  Returns 0 when it runs on the destination (the migration went through, its
+    report is lost); raises MigrationError otherwise."""
+    what = (
+        f"{source}'s service restarted during the migration (phase {lost.phase}), and the "
+        "request died with it"
+        if lost.restarted
+        else f"{source}'s service stopped answering during the migration (phase "
+        f"{lost.phase}) and did not come back within {SOURCE_GONE_S:.0f} s"
+    )
+    print(f"jaula: {what}; looking for {a.container}...", file=sys.stderr)
+    where = await _locate(nodes, cid)
+    running = [n for n, st in where.items() if st == "running"]
+    seen = ", ".join(f"{n} {st}" for n, st in sorted(where.items())) or "on no reachable node"
+    if running == [a.destination]:
+        print(
+            f"migrated {a.container} ({cid[:12]}) {source} -> {a.destination} ({what}; "
+            "the report is lost)"
+        )
+        return 0
+    if len(running) == 1:
+        raise MigrationError(
+            f"{what}: {a.container} ({cid[:12]}) runs on {running[0]} now; "
+            f"migrate it again if you still want it on {a.destination}"
+        )
+    raise MigrationError(
+        f"{what}: where {a.container} ({cid[:12]}) runs is not settled after {SETTLE_S:.0f} s "
+        f"({seen}): see `jaula node ls` and the node services' logs"
+    )
+
+
 async def _migrate(nodes: Nodes, a: argparse.Namespace) -> int:
     source = a.source or await find_container(nodes, a.container)
     try:  # a short question first: a migration may rightly take minutes, a ping not
-        await nodes.request(source, "ping", wait_s=5.0)
+        pong = await nodes.request(source, "ping", wait_s=5.0)
     except PeerUnavailable as e:
         raise MigrationError(
             f"{source} is not reachable ({e}): start its service (`jaula node "
             "serve`) or check the cluster file; nothing was done"
         ) from e
+    cid = await _container_id(nodes, source, a.container)
     progress = _Progress(enabled=sys.stderr.isatty() and not a.json)
+    incarnation = pong.get("incarnation")
+    watch = _Watch(nodes, source, str(incarnation), progress)
     try:
         r = await nodes.request(
             source,
             "migrate",
-            wait_s=600.0,
-            on_progress=progress.update,
+            # a service without heartbeats (no incarnation) is given the old 600 s
+            wait_s=SILENCE_S if incarnation else 600.0,
+            on_progress=watch.update,
+            on_silence=watch.silence if incarnation else None,
             container=a.container,
             destination=a.destination,
             strategy=a.strategy,
         )
+    except _SourceLost as lost:
+        progress.close()  # before we print
+        return await _after_source_lost(nodes, a, source, cid, lost)
     finally:
         progress.close()
     rep = r["report"]
@@ -540,8 +683,10 @@ class _Progress:
         self.bar.update(self.tasks[phase], completed=msg.get("done_bytes", 0), total=total)
 
     def close(self) -> None:
+        """Stop the bar (idempotent)."""
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
 
 
 EXTENSIONS = (MigrateCommands(),)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,15 @@ from migrate.config import ClientConfig, Cluster, NodeConfig, PeerKind
 from migrate.destination import DestinationSession
 from migrate.errors import MigrationError, NodeConfigError, PeerUnavailable, ProtocolError
 from migrate.hold import HoldServer, hold_socket_path, stale_hold_sockets
-from migrate.protocol import NODE_MESSAGES, OPERATOR_REQUESTS, MessageType, decode, encode, error
+from migrate.protocol import (
+    HEARTBEAT_S,
+    NODE_MESSAGES,
+    OPERATOR_REQUESTS,
+    MessageType,
+    decode,
+    encode,
+    error,
+)
 from migrate.report import MigrationReport
 from migrate.scratch import scratch_dirs
 from migrate.source import SourceSession
@@ -90,6 +99,9 @@ class NodeService:
         self.incoming: dict[str, tuple[DestinationSession, asyncio.Queue[Any]]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.server: Server | None = None
+        #: this run of the service: a client that sees another one in ``pong`` knows the
+        #: service restarted, and that what it asked the old one will never be answered
+        self.incarnation = secrets.token_hex(8)
 
     # -- life -------------------------------------------------------------------------------
     async def serve(self, started: asyncio.Event | None = None) -> None:
@@ -232,7 +244,14 @@ class NodeService:
 
     async def _ping(self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]) -> list[bytes]:
         running = [c for c in self.rt.list() if c.status is S.RUNNING]
-        return encode("pong", node=self.cfg.name, containers=len(running), load=_load(), **extra)
+        return encode(
+            "pong",
+            node=self.cfg.name,
+            containers=len(running),
+            load=_load(),
+            incarnation=self.incarnation,
+            **extra,
+        )
 
     async def _ps(self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]) -> list[bytes]:
         items = [container_summary(c) for c in self.rt.list(all=msg.get("all", False))]
@@ -346,7 +365,32 @@ class NodeService:
             self.peer_timeout_s,
             progress,
         )
-        return await session.run()
+        beat = (
+            None
+            if requester is None
+            else asyncio.create_task(self._heartbeat(requester, session, extra or {}))
+        )
+        try:
+            return await session.run()
+        finally:
+            if beat is not None:
+                beat.cancel()
+
+    async def _heartbeat(
+        self, requester: Incoming, session: SourceSession, extra: dict[str, Any]
+    ) -> None:
+        """Tell the requester every HEARTBEAT_S that this service (``incarnation``) still
+        works on its migration, and in which phase: a client that stops hearing it learns
+        within seconds that the service is gone, rather than waiting for a reply that the
+        next incarnation will never send."""
+        while True:
+            link = getattr(session, "link", None)
+            phase = link.phase.value if link is not None else "preflight"
+            frames = encode(
+                "progress", phase=phase, heartbeat=True, incarnation=self.incarnation, **extra
+            )
+            await self.reply(requester, frames)
+            await asyncio.sleep(HEARTBEAT_S)
 
     def _committed(self, session: str) -> bool:
         for c in self.rt.list(all=True):

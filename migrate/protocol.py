@@ -9,11 +9,15 @@ message with an ``error`` reply and carries on.  Never pickle.
 Requests from an operator (or a balancer) to a node, each answered by one reply (``migrate``
 first streams ``progress`` messages)::
 
-    ping -> pong {node, containers, load}        ps {all} -> containers {items}
+    ping -> pong {node, containers, load, incarnation}
+    ps {all} -> containers {items}
     inspect {container} -> inspected {info}      logs {container, tail} -> logs {data}
     exec {container, args, env} -> exec_result {exit_code, stdout, stderr}
     stop {container, timeout_s} -> ok            rm {container, force} -> ok
     migrate {container, destination, strategy} -> progress* -> migrated {report}
+      (a ``progress {phase, heartbeat, incarnation}`` every HEARTBEAT_S while it runs: a
+       client that hears nothing for a few of them asks ``ping``; another ``incarnation``
+       there means the service restarted and the request is lost)
     any -> error {code, message}
 
 A migration session between the source node (DEALER) and the destination (ROUTER), after
@@ -63,6 +67,8 @@ from migrate.errors import ProtocolError
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 CHUNK_BYTES = 4 << 20  #: fits the default 8 MiB frame limit (max_message_bytes)
+#: seconds between a running ``migrate`` request's heartbeats (``progress`` with heartbeat)
+HEARTBEAT_S = 1.0
 
 _STR = (str, 4096)
 _NAME = (str, 256)
@@ -77,7 +83,12 @@ _LIST = (list, 100_000)
 SCHEMAS: dict[str, dict[str, tuple[Any, int | None, bool]]] = {
     # operator <-> node
     "ping": {},
-    "pong": {"node": (*_NAME, True), "containers": (*_INT, True), "load": (*_MAP, False)},
+    "pong": {
+        "node": (*_NAME, True),
+        "containers": (*_INT, True),
+        "load": (*_MAP, False),
+        "incarnation": (*_NAME, False),
+    },
     "ps": {"all": (*_BOOL, False)},
     "containers": {"items": (*_LIST, True), "node": (*_NAME, False)},
     "inspect": {"container": (*_NAME, True)},
@@ -102,6 +113,8 @@ SCHEMAS: dict[str, dict[str, tuple[Any, int | None, bool]]] = {
         "done_bytes": (*_INT, False),
         "total_bytes": (*_INT, False),
         "message": (*_STR, False),
+        "heartbeat": (*_BOOL, False),
+        "incarnation": (*_NAME, False),
     },
     "migrated": {"report": (*_MAP, True)},
     "error": {"code": (*_NAME, True), "message": (*_BIG, True), "session": (*_NAME, False)},
