@@ -9,6 +9,8 @@ Layout (a directory; exported as one uncompressed tar of the same tree)::
     criu/dump.log       CRIU's log of the dump (listed too)
     rootfs-diff.tar     the container's upperdir (see :mod:`migrate.rootfs_diff`)
     ctr.log             the container's output so far (CRI log format), when it has any
+    manifest.sig        in an exported tar only: the exporting node's signature of
+                        manifest.json (see "Signatures" below)
 
 ``manifest.json`` (format version 1)::
 
@@ -21,13 +23,25 @@ Layout (a directory; exported as one uncompressed tar of the same tree)::
      "cgroup_mode": "hybrid", "dump": {"freeze_to_dump_s": ..., "pages_bytes": ...},
      "files": [{"path": "criu/pages-1.img", "size": 1234, "sha256": "..."}, ...]}
 
+Signatures.  The sha256 digests find corruption, not an attacker: whoever edits a file can
+update its digest.  An exported tar therefore carries ``manifest.sig``, a JSON object
+``{"node": "node1", "signing_key": <base64 Ed25519 public key>, "signature": <base64>}``:
+the exporting node's Ed25519 signature (RFC 8032; key: :func:`migrate.keys.signing_key`) of
+``SIGNED_CONTEXT + manifest.json's bytes``.  The manifest holds every file's digest, so the
+signature covers the whole bundle.  On import (:func:`check_signature`) the key must be the
+``signing_key`` of a node in the cluster file (the allowlist) and the signature must verify;
+an unsigned bundle, or one signed by a key the cluster does not list, is restored only with
+``insecure=True`` (``--insecure-unsigned``), and a signature that does not verify never is.
+
 Sources: DESIGN.md ("checkpoint bundle"); STYLE.md habit 3 (manifest last, verified before
 anything is restored).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import os
 import platform
@@ -39,6 +53,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from migrate import keys
 from migrate.errors import BundleError
 from runtime.errors import ArchiveError
 from runtime.state import atomic_write_json
@@ -49,6 +66,16 @@ MANIFEST = "manifest.json"
 CRIU_DIR = "criu"
 ROOTFS_DIFF = "rootfs-diff.tar"
 LOG = "ctr.log"
+SIGNATURE = "manifest.sig"
+#: what a node signs: this prefix, then manifest.json's bytes (a signature made for
+#: something else never passes for a bundle's)
+SIGNED_CONTEXT = b"jaula checkpoint bundle manifest v1\0"
+#: the flag that lets an unsigned or foreign bundle in, and what it risks (CLI help, errors)
+INSECURE_FLAG = "--insecure-unsigned"
+INSECURE_RISK = (
+    "the bundle's processes are restored as root with whatever memory, files and command it "
+    "holds; anyone who could edit it can run anything on this node"
+)
 _CHUNK = 1 << 20
 #: members an imported bundle may have (CRIU writes a few images per task)
 _MAX_IMPORT_ENTRIES = 1_000_000
@@ -174,7 +201,11 @@ class Bundle:
 
     def _files(self) -> Iterator[Path]:
         for p in sorted(self.path.rglob("*")):
-            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".manifest"):
+            if (
+                p.is_file()
+                and p.name not in (MANIFEST, SIGNATURE)
+                and not p.name.startswith(".manifest")
+            ):
                 yield p
 
     def finalize(self, manifest: Manifest) -> Manifest:
@@ -229,14 +260,22 @@ class Bundle:
                     )
         return m
 
-    def export(self, out: Path) -> int:
-        """Write the bundle as one uncompressed tar at ``out`` (atomically); returns bytes."""
+    def export(self, out: Path, signer: tuple[str, Ed25519PrivateKey] | None = None) -> int:
+        """Write the bundle as one uncompressed tar at ``out`` (atomically); returns bytes.
+
+        ``signer``: (node name, its key from :func:`migrate.keys.signing_key`): the tar then
+        carries ``manifest.sig`` (module docstring); without it the tar is unsigned."""
         self.manifest()
         tmp = out.with_name(f".{out.name}.partial")
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
             for p in self._files():
                 tf.add(p, arcname=str(p.relative_to(self.path)), recursive=False)
             tf.add(self.path / MANIFEST, arcname=MANIFEST, recursive=False)
+            if signer is not None:
+                sig = _sign((self.path / MANIFEST).read_bytes(), *signer)
+                info = tarfile.TarInfo(SIGNATURE)
+                info.size, info.mode, info.mtime = len(sig), 0o644, int(time.time())
+                tf.addfile(info, io.BytesIO(sig))
         os.replace(tmp, out)
         return out.stat().st_size
 
@@ -285,5 +324,63 @@ class Bundle:
 def _bundle_place(parts: tuple[str, ...]) -> bool:
     """Whether a member at ``parts`` is a bundle file: at the root, or an image in criu/."""
     if len(parts) == 1:
-        return parts[0] in (MANIFEST, ROOTFS_DIFF, LOG)
+        return parts[0] in (MANIFEST, ROOTFS_DIFF, LOG, SIGNATURE)
     return len(parts) == 2 and parts[0] == CRIU_DIR
+
+
+def _sign(manifest: bytes, node: str, key: Ed25519PrivateKey) -> bytes:
+    """``manifest.sig``'s bytes for ``manifest`` signed by ``node`` with ``key``."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    sig = key.sign(SIGNED_CONTEXT + manifest)
+    doc = {
+        "node": node,
+        "signing_key": base64.b64encode(pub).decode(),
+        "signature": base64.b64encode(sig).decode(),
+    }
+    return json.dumps(doc, sort_keys=True).encode() + b"\n"
+
+
+def check_signature(bundle: Bundle, signers: dict[str, bytes], insecure: bool = False) -> str:
+    """Check an imported bundle's ``manifest.sig`` against ``signers`` (node name -> its
+    32-byte Ed25519 public key: the cluster file's ``signing_key`` entries).
+
+    Returns the name of the node that signed it, or ``""`` for an unsigned or foreign
+    bundle let in by ``insecure``.  Raises BundleError: a signature that does not verify
+    (the bundle was edited after it was signed: always refused), or, without ``insecure``,
+    an unsigned bundle or one whose key no node of the cluster has."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    path = bundle.path / SIGNATURE
+    manifest = (bundle.path / MANIFEST).read_bytes()
+    how = f"restore it with {INSECURE_FLAG} only if you trust where it came from ({INSECURE_RISK})"
+    if not path.is_file():
+        if insecure:
+            return ""
+        raise BundleError(f"the bundle is not signed ({SIGNATURE} missing): {how}")
+    try:
+        doc = json.loads(path.read_text())
+        node, key_b64, sig = str(doc["node"]), doc["signing_key"], doc["signature"]
+        raw_key = keys.parse_signing_public(key_b64)
+        raw_sig = base64.b64decode(sig, validate=True)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise BundleError(f"the bundle's {SIGNATURE} is malformed ({e}): refused") from None
+    try:
+        Ed25519PublicKey.from_public_bytes(raw_key).verify(raw_sig, SIGNED_CONTEXT + manifest)
+    except InvalidSignature:
+        raise BundleError(
+            f"the bundle's signature (by {node!r}) does not verify: manifest.json (and with it "
+            "a file it lists) was changed after it was signed; refused"
+        ) from None
+    signer = next((n for n, k in signers.items() if k == raw_key), None)
+    if signer is None:
+        if insecure:
+            return ""
+        known = ", ".join(sorted(signers)) or "none (the cluster file lists no signing_key)"
+        raise BundleError(
+            f"the bundle is signed by a key no node of the cluster has (it says {node!r}; "
+            f"nodes with a signing_key: {known}): {how}"
+        )
+    return signer

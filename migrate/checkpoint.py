@@ -515,13 +515,15 @@ def checkpoint(
     leave_running: bool = False,
     export: Path | None = None,
     node_name: str = "",
+    signer: tuple[str, Any] | None = None,
 ) -> CheckpointReport:
     """Checkpoint container ``ref`` into ``<container dir>/checkpoint``.
 
     Without ``leave_running`` the container's processes are gone afterwards and its status is
     ``checkpointed``; with it they continue.  If anything fails before the commit point (the
     answer to ``post-dump``), the container keeps running.  ``export`` also writes the
-    bundle as one tar there.
+    bundle as one tar there, signed by ``signer`` (node name, Ed25519 key from
+    :func:`migrate.keys.signing_key`) when given (:meth:`Bundle.export`).
 
     Raises PreflightError, CriuUnavailable, CriuError (with CRIU's log lines),
     BundleError, ContainerError."""
@@ -609,7 +611,7 @@ def checkpoint(
     size = sum(f.size for f in manifest.files)
     exported = None
     if export is not None:
-        bundle.export(export)
+        bundle.export(export, signer)
         exported = export
     report = CheckpointReport(
         container_id=c.id,

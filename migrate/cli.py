@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from migrate.bundle import INSECURE_FLAG, INSECURE_RISK
 from migrate.errors import MigrationError, PeerUnavailable
 from runtime import cli as runtime_cli
 from runtime.container import Runtime
@@ -72,6 +73,7 @@ class MigrateCommands:
             help="also write the checkpoint bundle as one tar file",
         )
         cp.add_argument("--json", action="store_true", help="print the report as JSON")
+        _node_config_option(cp, "sign the exported bundle with this node's key")
         cp.add_argument("container", help="name, id or id prefix")
         rs = sub.add_parser("restore", help="restore a checkpointed container")
         rs.add_argument(
@@ -83,6 +85,16 @@ class MigrateCommands:
             help="restore from an exported checkpoint bundle",
         )
         rs.add_argument("-n", "--name", help="name for the restored container (with --import)")
+        _node_config_option(
+            rs, "check the imported bundle's signature against this node's cluster file"
+        )
+        rs.add_argument(
+            INSECURE_FLAG,
+            dest="insecure_unsigned",
+            action="store_true",
+            help="restore an imported bundle that is unsigned, or signed by a node the "
+            f"cluster file does not list. Risk: {INSECURE_RISK}",
+        )
         rs.add_argument("container", nargs="?", help="a checkpointed container")
 
         mg = sub.add_parser("migrate", help="move a running container to another node")
@@ -126,7 +138,18 @@ class MigrateCommands:
             from migrate.checkpoint import checkpoint
 
             assert rt is not None
-            r = checkpoint(rt, a.container, leave_running=a.leave_running, export=a.export)
+            signer = None
+            if a.export is not None:
+                signer = _signer(a.node_config)
+                if signer is None:
+                    print(
+                        f"jaula: warning: {a.export} is unsigned (no --node-config nor "
+                        f"${NODE_CONFIG_ENV}): restoring it will need {INSECURE_FLAG}",
+                        file=sys.stderr,
+                    )
+            r = checkpoint(
+                rt, a.container, leave_running=a.leave_running, export=a.export, signer=signer
+            )
             if a.json:
                 print(
                     json.dumps(
@@ -156,14 +179,23 @@ class MigrateCommands:
             if a.name and a.import_file is None:
                 print("jaula: error: --name goes with --import", file=sys.stderr)
                 return runtime_cli.EXIT_ERROR
-            c = restore(rt, a.container, import_file=a.import_file, name=a.name)
+            c = restore(
+                rt,
+                a.container,
+                import_file=a.import_file,
+                name=a.name,
+                signers=_signers(a.node_config) if a.import_file is not None else {},
+                insecure_unsigned=a.insecure_unsigned,
+            )
             print(c.id)
             return 0
         if a.cmd == "node" and a.node_cmd == "keygen":
-            from migrate.keys import keygen_command, load_public
+            from migrate.keys import keygen_command, load_public, load_secret, signing_public
 
             pub, sec = keygen_command(a.out, a.name)
             print(f"{pub}\n{sec}\npublic key: {load_public(pub).decode()}")
+            # for the cluster file's signing_key: the key its exported bundles are signed with
+            print(f"signing key: {signing_public(load_secret(sec)[1])}")
             return 0
         if a.cmd == "node" and a.node_cmd == "serve":
             from migrate.config import load_node
@@ -176,6 +208,41 @@ class MigrateCommands:
                 pass
             return 0
         return None
+
+
+NODE_CONFIG_ENV = "JAULA_NODE_CONFIG"
+
+
+def _node_config_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--node-config",
+        type=Path,
+        default=os.environ.get(NODE_CONFIG_ENV) or None,
+        metavar="FILE",
+        help=f"this node's TOML config: {what} (default: ${NODE_CONFIG_ENV})",
+    )
+
+
+def _signer(node_config: Path | None) -> tuple[str, Any] | None:
+    """(node name, Ed25519 signing key) of the node config, or None without one."""
+    if node_config is None:
+        return None
+    from migrate import keys
+    from migrate.config import load_node
+
+    cfg, _ = load_node(node_config)
+    _, secret = keys.load_secret(cfg.secret_key)
+    return cfg.name, keys.signing_key(secret)
+
+
+def _signers(node_config: Path | None) -> dict[str, bytes]:
+    """node -> bundle-signing public key, from the cluster file of the node config."""
+    if node_config is None:
+        return {}
+    from migrate.config import load_node
+
+    _, cluster = load_node(node_config)
+    return {n: p.signing_key for n, p in cluster.nodes.items() if p.signing_key is not None}
 
 
 def add_migrate_arguments(p: argparse.ArgumentParser) -> None:

@@ -396,7 +396,14 @@ def _node_files(root: Path, name: str, endpoint: str, listen: str, state: Path) 
 
 
 def _cluster_entry(root: Path, nf: NodeFiles) -> dict[str, Any]:
-    return {"endpoint": nf.endpoint, "public_key": _rel(root, nf.public_key)}
+    """The node's ``[nodes.NAME]`` entry; its keys must exist (the bundle-signing key is
+    derived from its secret)."""
+    _, secret = keys.load_secret(nf.secret_key)
+    return {
+        "endpoint": nf.endpoint,
+        "public_key": _rel(root, nf.public_key),
+        "signing_key": keys.signing_public(secret),
+    }
 
 
 def _node_toml(

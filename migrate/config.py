@@ -18,6 +18,7 @@ listed here (CURVE + ZAP, see :mod:`migrate.transport`), and knows the peer by t
     [nodes.node1]
     endpoint = "tcp://127.0.0.1:7001"      # where the others connect: no *
     public_key = "keys/node1.key"          # path to a public certificate, or the 40 Z85 chars
+    signing_key = "<44 base64 chars>"      # optional: its bundle-signing key (node keygen)
     [nodes.node2]
     endpoint = "tcp://127.0.0.1:7002"
     public_key = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"
@@ -94,12 +95,16 @@ class Peer:
         kind: :class:`PeerKind` (a ``str``: compares equal to ``"node"``/``"operator"``).
         public_key: its CURVE public key, 40 Z85 bytes.
         endpoint: where its node service listens (``tcp://HOST:PORT``); ``None`` for operators.
+        signing_key: the node's Ed25519 bundle-signing public key, 32 raw bytes
+            (:func:`migrate.keys.signing_key`); ``None`` when the file does not list it (its
+            exported bundles then verify only with ``--insecure-unsigned``).
     """
 
     name: str
     kind: PeerKind
     public_key: bytes
     endpoint: str | None = None
+    signing_key: bytes | None = None
 
 
 class StateBackend(StrEnum):
@@ -464,6 +469,7 @@ _CLUSTER_EXAMPLE = '[nodes.node1]; endpoint = "tcp://127.0.0.1:7001"; public_key
 _NODE_ENTRY_KEYS = {
     "endpoint": 'endpoint = "tcp://127.0.0.1:7001"',
     "public_key": 'public_key = "keys/node1.key" (or the 40 Z85 characters of the key)',
+    "signing_key": 'signing_key = "<44 base64 characters, printed by `jaula node keygen`>"',
 }
 _OPERATOR_ENTRY_KEYS = {
     "public_key": 'public_key = "keys/alice.key" (or the 40 Z85 characters of the key)',
@@ -538,7 +544,13 @@ def load_cluster(path: Path | str) -> Cluster:
                     "(`jaula node keygen`)",
                 )
             seen_keys[key] = f"{section}.{name}"
-            peers[kind][name] = Peer(name, kind, key, endpoint)
+            signing = None
+            if "signing_key" in entry:
+                try:
+                    signing = keys.parse_signing_public(entry["signing_key"])
+                except ValueError as e:
+                    raise t.error("signing_key", f"{e}; write {allowed['signing_key']}") from None
+            peers[kind][name] = Peer(name, kind, key, endpoint, signing)
     return Cluster(peers[PeerKind.NODE], peers[PeerKind.OPERATOR], path, _state(top))
 
 

@@ -27,6 +27,8 @@ overwrites an existing key.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import stat
@@ -36,6 +38,8 @@ from pathlib import Path
 import structlog
 import zmq
 import zmq.auth
+import zmq.utils.z85
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from migrate.errors import NodeConfigError
 
@@ -252,3 +256,48 @@ def load_secret(path: Path | str) -> tuple[bytes, bytes]:
             path=str(path),
         )
     return pub, sec
+
+
+# -- bundle signing keys ------------------------------------------------------------------------
+#
+# A node signs the checkpoint bundles it exports (migrate.bundle) with an Ed25519 key derived
+# from its CURVE secret: HKDF-SHA256 (RFC 5869) of the 32 secret bytes, info
+# SIGNING_KEY_INFO, gives the 32-byte Ed25519 seed (RFC 8032).  No second secret to keep: the
+# node's one secret file stays the only one.  The public half goes into the cluster file
+# (``signing_key`` of ``[nodes.NAME]``, base64 of its 32 bytes), where importers check it.
+
+SIGNING_KEY_INFO = b"jaula bundle signing key v1"
+SIGNING_PUBLIC_B64_LEN = 44
+"""Length of an Ed25519 public key in base64 (32 bytes)."""
+
+
+def signing_key(secret_z85: bytes) -> Ed25519PrivateKey:
+    """The Ed25519 bundle-signing key derived from a CURVE secret key (40 Z85 bytes)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    seed = HKDF(hashes.SHA256(), 32, salt=None, info=SIGNING_KEY_INFO).derive(
+        zmq.utils.z85.decode(secret_z85)
+    )
+    return Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def signing_public(secret_z85: bytes) -> str:
+    """The base64 public half of :func:`signing_key` (what the cluster file lists)."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    raw = signing_key(secret_z85).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return base64.b64encode(raw).decode("ascii")
+
+
+def parse_signing_public(text: str) -> bytes:
+    """The 32 raw bytes of a base64 Ed25519 public key.  Raises ValueError saying why."""
+    if not isinstance(text, str) or len(text) != SIGNING_PUBLIC_B64_LEN:
+        raise ValueError(f"expected {SIGNING_PUBLIC_B64_LEN} base64 characters")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error as e:
+        raise ValueError(f"not base64: {e}") from None
+    if len(raw) != 32:
+        raise ValueError("not 32 bytes")
+    return raw

@@ -28,7 +28,7 @@ from pathlib import Path
 import structlog
 
 from migrate import criu, rootfs_diff
-from migrate.bundle import Bundle, Manifest, cpu_flags
+from migrate.bundle import Bundle, Manifest, check_signature, cpu_flags
 from migrate.errors import BundleError, PreflightError
 from runtime.cgroups import CgroupMode, Resources, detect_mode
 from runtime.container import Container, Runtime, require_root
@@ -184,10 +184,20 @@ def _restorer_arg(bundle: Path) -> str:
 
 
 def restore(
-    rt: Runtime, ref: str | None = None, *, import_file: Path | None = None, name: str | None = None
+    rt: Runtime,
+    ref: str | None = None,
+    *,
+    import_file: Path | None = None,
+    name: str | None = None,
+    signers: dict[str, bytes] | None = None,
+    insecure_unsigned: bool = False,
 ) -> Container:
     """Restore a container: its local checkpoint (``ref``), or an exported bundle
     (``import_file``) into ``rt``'s state root, optionally under a new ``name``.
+
+    An imported bundle must be signed by one of ``signers`` (node -> Ed25519 public key, the
+    cluster file's ``signing_key`` entries), unless ``insecure_unsigned``
+    (:func:`migrate.bundle.check_signature`); a signature that does not verify is refused.
 
     The container keeps its id (and name unless ``name`` is given).  Returns it running.
     A stopped container whose checkpoint was kept (``checkpoint --leave-running``) can be
@@ -198,7 +208,7 @@ def restore(
     require_root()
     criu.require()
     if import_file is not None:
-        return _restore_import(rt, import_file, name)
+        return _restore_import(rt, import_file, name, signers or {}, insecure_unsigned)
     if ref is None:
         raise ContainerError("restore needs a container or --import FILE")
     c = rt.get(ref)
@@ -233,7 +243,9 @@ def _fresh_upper(cdir: Path, bundle: Bundle) -> None:
     rootfs_diff.extract(bundle.rootfs_diff, cdir / "upper")
 
 
-def _restore_import(rt: Runtime, tar_path: Path, name: str | None) -> Container:
+def _restore_import(
+    rt: Runtime, tar_path: Path, name: str | None, signers: dict[str, bytes], insecure: bool
+) -> Container:
     if not tar_path.is_file():
         raise BundleError(f"no bundle file at {tar_path}")
     rt.store.ensure()
@@ -241,6 +253,7 @@ def _restore_import(rt: Runtime, tar_path: Path, name: str | None) -> Container:
     staging.parent.mkdir(parents=True, exist_ok=True)
     bundle = Bundle.import_tar(tar_path, staging)
     try:
+        check_signature(bundle, signers, insecure)
         m = bundle.manifest()
         check_compatible(m)
         check_pipes(bundle)

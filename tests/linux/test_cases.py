@@ -455,7 +455,7 @@ def test_c12_target_with_a_smaller_pipe_max_size_refuses_the_import(
     bundle = tmp_path / "c12n.tar"
     py.run("checkpoint", "--leave-running", "c12n", "--export", str(bundle))
     pipe_max_size.write_text(str(512 << 10))
-    p = py2.run("restore", "--import", str(bundle), check=False)
+    p = py2.run("restore", "--import", str(bundle), "--insecure-unsigned", check=False)
     assert p.returncode == 125 and len(p.stderr.splitlines()) == 1, p.stderr
     assert "fs.pipe-max-size is 524288" in p.stderr and "1048576" in p.stderr
     assert_nothing_made(py2)
@@ -712,7 +712,7 @@ def test_c19_target_that_cannot_provide_the_limits_refuses(
                 data = json.dumps(manifest).encode()
                 m.size = len(data)
             dst.addfile(m, io.BytesIO(data))
-    p = py2.run("restore", "--import", str(moved), check=False)
+    p = py2.run("restore", "--import", str(moved), "--insecure-unsigned", check=False)
     assert p.returncode == 125 and f"({other})" in p.stderr and "same cgroup version" in p.stderr
     assert_nothing_made(py2)
 

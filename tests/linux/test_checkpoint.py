@@ -96,7 +96,7 @@ def test_export_import_into_another_state_root(jaula: Jaula, jaula2: Jaula, tmp_
         names = tf.getnames()
     assert "manifest.json" in names and "rootfs-diff.tar" in names
     assert any(n.startswith("criu/pages-") for n in names)
-    assert jaula2.out("restore", "--import", str(bundle)).strip() == cid
+    assert jaula2.out("restore", "--import", str(bundle), "--insecure-unsigned").strip() == cid
     info = inspect(jaula2, "mover")
     assert info["Id"] == cid and info["Name"] == "mover"
     assert info["State"]["Status"] == "running"
@@ -140,7 +140,7 @@ def test_import_refuses_missing_layer_and_name_collision(
     # a node without the image
     bare = Jaula(jaula2.root.parent / (jaula2.root.name + "-bare"))
     try:
-        p = bare.run("restore", "--import", str(b), check=False)
+        p = bare.run("restore", "--import", str(b), "--insecure-unsigned", check=False)
         assert p.returncode == 125 and "layer sha256:" in p.stderr and "import" in p.stderr
         assert bare.container_ids() == []
     finally:
@@ -148,13 +148,13 @@ def test_import_refuses_missing_layer_and_name_collision(
 
         shutil.rmtree(bare.root, ignore_errors=True)
     # the same id is already here
-    p = jaula.run("restore", "--import", str(b), check=False)
+    p = jaula.run("restore", "--import", str(b), "--insecure-unsigned", check=False)
     assert p.returncode == 125 and "already exists" in p.stderr
     # a different container already holds the name
     jaula2.run("run", "-d", "--name", "n1", "busybox", "sleep", "100")
-    p = jaula2.run("restore", "--import", str(b), check=False)
+    p = jaula2.run("restore", "--import", str(b), "--insecure-unsigned", check=False)
     assert p.returncode == 125 and "--name" in p.stderr
-    jaula2.run("restore", "--import", str(b), "--name", "n1-copy")
+    jaula2.run("restore", "--import", str(b), "--insecure-unsigned", "--name", "n1-copy")
     assert inspect(jaula2, "n1-copy")["State"]["Status"] == "running"
 
 
