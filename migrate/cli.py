@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
@@ -379,6 +380,7 @@ class Nodes:
         self.client_cfg = load_client_config(client_config)
         self.cluster = load_cluster(self.client_cfg.cluster)
         self._next = 0
+        self._session = secrets.token_hex(8)
 
     async def request(
         self,
@@ -399,7 +401,8 @@ class Nodes:
         from migrate.transport import Client
 
         self._next += 1
-        rid = self._next
+        # unique across processes: a node refuses a state-changing request whose id it saw
+        rid = f"{self._session}-{self._next}"
         client = await Client.for_peer(self.client_cfg, self.cluster, node)
         try:
             await client.send(encode(mtype, id=rid, **fields))

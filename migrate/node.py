@@ -39,10 +39,12 @@ from migrate.protocol import (
     HEARTBEAT_S,
     NODE_MESSAGES,
     OPERATOR_REQUESTS,
+    STATE_CHANGING,
     MessageType,
     decode,
     encode,
     error,
+    request_id,
 )
 from migrate.report import MigrationReport
 from migrate.scratch import scratch_dirs
@@ -59,6 +61,10 @@ log = structlog.get_logger(__name__)
 S = ContainerStatus
 
 M = MessageType
+#: seconds a state-changing request's id is remembered: the same id from the same peer
+#: within it is a replay, refused (issue 15); at most REPLAY_MAX ids are kept
+REPLAY_WINDOW_S = 600.0
+REPLAY_MAX = 100_000
 #: an operator request's handler: (requester, message, reply fields) -> the reply's frames
 Handler = Callable[[Incoming, dict[str, Any], dict[str, Any]], Awaitable[list[bytes]]]
 
@@ -102,6 +108,8 @@ class NodeService:
         #: this run of the service: a client that sees another one in ``pong`` knows the
         #: service restarted, and that what it asked the old one will never be answered
         self.incarnation = secrets.token_hex(8)
+        #: (peer, request id) -> when it arrived (loop time), for the replay window
+        self.seen_ids: dict[tuple[str, str], float] = {}
 
     # -- life -------------------------------------------------------------------------------
     async def serve(self, started: asyncio.Event | None = None) -> None:
@@ -176,10 +184,21 @@ class NodeService:
             msg, payload = decode(inc.frames)
         except ProtocolError as e:
             log.warning("node.bad_message", peer=inc.peer.name, error=str(e))
-            await self.reply(inc, error("bad_message", str(e)))
+            rid = request_id(inc.frames)
+            await self.reply(inc, error("bad_message", str(e), **({"id": rid} if rid else {})))
             return
         mtype = M(msg["type"])
-        if mtype in OPERATOR_REQUESTS:
+        if mtype in OPERATOR_REQUESTS and self._replayed(inc, msg):
+            await self.reply(
+                inc,
+                error(
+                    "replay",
+                    f"{mtype}.id: {msg['id']!r} was already used by {inc.peer.name} in the "
+                    f"last {REPLAY_WINDOW_S:.0f} s: a resent request is refused; send a new id",
+                    id=msg["id"],
+                ),
+            )
+        elif mtype in OPERATOR_REQUESTS:
             self._spawn(self._request(inc, msg, msg.get("id")))
         elif mtype in NODE_MESSAGES and inc.peer.kind is not PeerKind.NODE:
             await self.reply(
@@ -211,6 +230,25 @@ class NodeService:
                 inc,
                 error("unexpected", f"{mtype} is not a request", session=msg.get("session", "")),
             )
+
+    def _replayed(self, inc: Incoming, msg: dict[str, Any]) -> bool:
+        """Whether ``msg`` is a state-changing request whose id this peer already used
+        within REPLAY_WINDOW_S (else its id is remembered).  The protocol requires such
+        requests to carry a unique string id (:data:`migrate.protocol.STATE_CHANGING`)."""
+        if msg["type"] not in STATE_CHANGING:
+            return False
+        now = asyncio.get_running_loop().time()
+        key = (inc.peer.name, msg["id"])
+        when = self.seen_ids.get(key)
+        if when is not None and now - when < REPLAY_WINDOW_S:
+            return True
+        if len(self.seen_ids) >= REPLAY_MAX:  # drop the expired, then the oldest
+            for k in [k for k, t in self.seen_ids.items() if now - t >= REPLAY_WINDOW_S]:
+                del self.seen_ids[k]
+            while len(self.seen_ids) >= REPLAY_MAX:
+                del self.seen_ids[next(iter(self.seen_ids))]
+        self.seen_ids[key] = now
+        return False
 
     async def _request(self, inc: Incoming, msg: dict[str, Any], rid: Any) -> None:
         extra = {"id": rid} if rid is not None else {}
@@ -303,7 +341,7 @@ class NodeService:
             "exec",
             *env_args,
             msg["container"],
-            *[str(a) for a in msg["args"]],
+            *msg["args"],  # strings without NUL (the protocol checked them)
         ]
         p = await asyncio.to_thread(
             subprocess.run,

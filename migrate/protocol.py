@@ -390,9 +390,60 @@ def decode(frames: list[bytes]) -> tuple[dict[str, Any], bytes | None]:
     return msg, payload
 
 
+#: requests that change something: each carries a unique string ``id`` (REQUEST_ID_LEN
+#: characters at least, e.g. random hex), and the node refuses the same id from the same
+#: peer again within its replay window (a captured request resent does not run twice)
+STATE_CHANGING = frozenset({"exec", "stop", "rm", "migrate"})
+REQUEST_ID_LEN = (16, 128)
+MAX_ARG_BYTES = 128 << 10  #: one exec argument or environment entry (Linux's MAX_ARG_STRLEN)
+MAX_LOG_TAIL = 10_000_000  #: records
+MAX_STOP_TIMEOUT_S = 3600.0
+
+
+def _exec_strings(items: list[Any], need_eq: bool, min_items: int) -> str | None:
+    if len(items) < min_items:
+        return f"needs at least {min_items} item(s)"
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            return f"item {i} is {type(item).__name__}, not a string"
+        if "\0" in item:
+            return f"item {i} contains a NUL byte"
+        if len(item.encode()) > MAX_ARG_BYTES:
+            return f"item {i} is over {MAX_ARG_BYTES} bytes"
+        if need_eq and (not item or item.startswith("=") or "=" not in item):
+            return f"item {i} {item[:40]!r} is not NAME=VALUE"
+    return None
+
+
+def _in_range(value: float, low: float, high: float) -> str | None:
+    if not low <= value <= high:  # also refuses NaN
+        return f"{value!r} is out of range: give {low:g} to {high:g}"
+    return None
+
+
+#: (type, field) -> check of its value beyond type and size: the problem, or None
+_VALUE_CHECKS: dict[tuple[str, str], Any] = {
+    ("exec", "args"): lambda v: _exec_strings(v, False, 1),
+    ("exec", "env"): lambda v: _exec_strings(v, True, 0),
+    ("logs", "tail"): lambda v: _in_range(v, 1, MAX_LOG_TAIL),
+    ("stop", "timeout_s"): lambda v: _in_range(v, 0, MAX_STOP_TIMEOUT_S),
+}
+
+
+def request_id(frames: list[bytes]) -> int | str | None:
+    """The ``id`` of a message that may not pass :func:`decode` (for its error reply, so
+    that the client sees the answer to its request), or None."""
+    try:
+        msg = msgpack.unpackb(frames[0], raw=False) if frames else None
+    except Exception:  # noqa: BLE001 - junk: no id
+        return None
+    rid = msg.get("id") if isinstance(msg, dict) else None
+    return rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
+
+
 def _check(msg: dict[str, Any]) -> None:
     v = msg.get("v")
-    if v != PROTOCOL_VERSION:
+    if type(v) is not int or v != PROTOCOL_VERSION:  # 1.0 and True are not 1 here
         raise ProtocolError(
             f"protocol version {v!r} is not supported (this node speaks {PROTOCOL_VERSION})"
         )
@@ -417,11 +468,24 @@ def _check(msg: dict[str, Any]) -> None:
             raise ProtocolError(
                 f"{mtype}.{name}: {len(value)} items/bytes, over the limit of {limit}"
             )
+        if isinstance(value, str) and "\0" in value:
+            raise ProtocolError(f"{mtype}.{name}: contains a NUL byte")
+        check = _VALUE_CHECKS.get((mtype, name))
+        if check is not None and (problem := check(value)) is not None:
+            raise ProtocolError(f"{mtype}.{name}: {problem}")
     for name, (_, _, required) in schema.items():
         if required and name not in msg:
             raise ProtocolError(f"{mtype}: missing field {name!r}")
-    if "id" in msg and not isinstance(msg["id"], (int, str)):
-        raise ProtocolError("id must be an int or a string")
+    rid = msg.get("id")
+    if "id" in msg and (not isinstance(rid, (int, str)) or isinstance(rid, bool)):
+        raise ProtocolError(f"{mtype}.id: must be an int or a string")
+    if mtype in STATE_CHANGING:
+        low, high = REQUEST_ID_LEN
+        if not isinstance(rid, str) or not low <= len(rid) <= high or "\0" in rid:
+            raise ProtocolError(
+                f"{mtype}.id: a {mtype} request needs a unique string id of {low} to {high} "
+                "characters (e.g. random hex), so that a resent copy is refused"
+            )
 
 
 def error(code: str, message: str, **extra: Any) -> list[bytes]:
