@@ -622,11 +622,14 @@ async def _locate(nodes: Nodes, cid: str) -> dict[str, str]:
 
 
 async def _container_id(nodes: Nodes, node: str, ref: str) -> str:
-    r = await nodes.request(node, "ps", wait_s=5.0, all=False)
-    for i in r["items"]:
+    """The id of ``ref`` on ``node`` (running ones first), or ``ref`` itself when the node
+    has none such: its service then refuses the migration and says why."""
+    r = await nodes.request(node, "ps", wait_s=5.0, all=True)
+    items = sorted(r["items"], key=lambda i: i["status"] != "running")
+    for i in items:
         if ref in (i["name"], i["id"]) or i["id"].startswith(ref):
             return str(i["id"])
-    raise MigrationError(f"{node} runs no container {ref!r} (see `jaula --node {node} ps`)")
+    return ref
 
 
 async def _after_source_lost(

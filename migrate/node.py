@@ -517,7 +517,7 @@ class NodeService:
             elif c.monitor_alive():
                 self._spawn(self._recover_held(c, came_from, session, hold))
             else:
-                shutil.rmtree(c.dir, ignore_errors=True)
+                await asyncio.to_thread(self._remove_incoming, c)
                 log.warning("recover.incoming_removed", id=c.id[:12])
         sessions = {
             c.state.migration.session
@@ -532,6 +532,16 @@ class NodeService:
                 for d in scratch.iterdir():
                     if d.name not in active:
                         shutil.rmtree(d, ignore_errors=True)
+
+    def _remove_incoming(self, c: Container) -> None:
+        """Remove an incoming copy that will not run here: its processes, cgroup, rootfs
+        mount and directory (``rm -f``; a bare rmtree left the overlay mounted and the
+        directory behind, and the next migration of that container here was refused as
+        "already exists": found by ``make chaos``).  A failure is logged, never dropped."""
+        try:
+            c.delete(True)
+        except JaulaError as e:
+            log.error("recover.incoming_cleanup", id=c.id[:12], error=str(e))
 
     def _kill_migrated_copy(self, c: Container) -> None:
         """A container recorded ``migrated`` whose tasks still run here: this service died
@@ -594,7 +604,7 @@ class NodeService:
             c.wait_monitor(10.0)
             c.refresh()
             if c.status is S.MIGRATING:
-                shutil.rmtree(c.dir, ignore_errors=True)
+                await asyncio.to_thread(self._remove_incoming, c)
         log.warning("recover.incoming_decided", id=c.id[:12], committed=committed)
 
 

@@ -190,6 +190,7 @@ class Campaign:
         j = self.cluster.local("node1")
         big_container(j, NAME, mib=60)
         wait_ticks(j, NAME, 3)
+        self.cid = j.container_ids()[0]
 
     def close(self) -> list[str]:
         problems = self.cluster.close()
@@ -254,16 +255,26 @@ class Campaign:
                 return where
             time.sleep(0.5)
 
-    def _leaks(self) -> list[str]:
-        """What is left of sessions once settled (waits up to 30 s for it to go)."""
+    def _leaks(self, on: str) -> list[str]:
+        """What is left of sessions once settled on node ``on`` (waits up to 30 s for it
+        to go): session dirs, hold sockets, CRIU processes, and on the other node a copy
+        of the container that is not the record of its departure (``migrated``), or a
+        mount of its rootfs."""
         from migrate.hold import stale_hold_sockets
         from runtime.container import Runtime
+        from tests.helpers.leaks import mounts_under
 
         root = str(self.cluster.files.root)
         deadline = time.monotonic() + 30
         while True:
             left = []
             for n in ("node1", "node2"):
+                cdir = self.cluster.state_root(n) / "containers" / self.cid
+                if n != on and cdir.exists():
+                    status = self.cluster.where(NAME).get(n)
+                    if status != "migrated":
+                        left.append(f"{n}: a copy of the container is left ({status})")
+                    left += [f"{n}: mount {m}" for m in mounts_under(cdir)]
                 left += [f"{n}: session dir {d.name}" for d in self.cluster.incoming(n)]
                 for s in self.cluster.scratch(n):
                     if s.is_dir():
@@ -333,7 +344,7 @@ class Campaign:
         except (AssertionError, IndexError) as e:
             self.ledger.notes.append(f"broken: {detail}: {str(e)[:200]}")
             return "broken"
-        if left := self._leaks():
+        if left := self._leaks(running[0]):
             self.ledger.notes.append(f"leaks: {detail}: {left[:3]}")
             return "leaks"
         return None if hit else "missed"

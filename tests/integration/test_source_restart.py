@@ -33,3 +33,42 @@ def test_migrate_reports_a_source_restart_and_where_the_container_runs(nodes: Cl
     assert "node1's service restarted" in err and "phoenix" in err
     assert "runs on node1" in err
     continues_on(nodes, "phoenix", "node1")
+
+
+def test_a_destination_killed_while_held_leaves_no_copy_and_takes_it_later(
+    nodes: Cluster2,
+) -> None:
+    """Found by ``make chaos``: the destination's service killed while its restore was held
+    at pre-resume; its next incarnation learnt from the source that there was no commit and
+    removed the copy with a bare rmtree, which left the rootfs mounted and the directory
+    behind: every later migration of that container to it was refused ("already exists")."""
+    import time
+
+    from migrate.hold import stale_hold_sockets
+    from runtime.container import Runtime
+    from tests.helpers.leaks import mounts_under
+
+    big_container(nodes.local("node1"), "held", mib=20)
+    cid = nodes.local("node1").container_ids()[0]
+    rt2 = Runtime(nodes.state_root("node2"))
+    mig = migrate_async(nodes, "held", "node2")
+    try:
+        deadline = time.monotonic() + 120
+        while not stale_hold_sockets(rt2, set()):
+            assert mig.poll() is None and time.monotonic() < deadline, "never held"
+            time.sleep(0.002)
+        nodes.kill("node2")
+        nodes.start("node2")
+        mig.communicate(timeout=120)
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+            mig.wait()
+    copy = nodes.state_root("node2") / "containers" / cid
+    deadline = time.monotonic() + 60
+    while copy.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not copy.exists() and not mounts_under(copy.parent), list(copy.parent.iterdir())
+    continues_on(nodes, "held", "node1")
+    nodes.op("migrate", "held", "node2")
+    continues_on(nodes, "held", "node2")
