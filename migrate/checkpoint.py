@@ -159,7 +159,8 @@ def preflight(c: Container) -> None:
       missing where the container is restored (shared/cases C11);
     - a file lock shared with a process outside the container (shared/cases C08);
     - an interface other than ``lo`` in the container's own net namespace, a UNIX socket
-      connected to a process outside the container, an inotify or fanotify watch
+      connected to a process outside the container, an inotify or fanotify watch, a UDP
+      socket with unsent data (corked) or a TCP listener with connections not yet accepted
       (:mod:`migrate.portability`);
     - a container whose memory is still arriving from a post-copy (its lazy-pages daemon
       runs): the pages not fetched yet would be left out.
@@ -245,6 +246,7 @@ def preflight(c: Container) -> None:
         if c.config.network == "none":
             portability.check_netns(c.name, portability.netns_contents(c.state.pid))
         portability.check_unix_peers(c.name, c.state.pid, in_cgroup | set(tree))
+        portability.check_socket_queues(c.name, c.state.pid, in_cgroup | set(tree))
     except OSError as e:
         raise PreflightError(
             f"cannot checkpoint {c.name}: its network namespace cannot be looked at "
