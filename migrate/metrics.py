@@ -4,7 +4,8 @@ A :class:`MetricsSampler` samples, every ``interval_s`` (1 s), the host's CPU ti
 memory (psutil) and, per running container, its cgroup's CPU time, memory and page-fault
 count (:meth:`runtime.cgroups.CgroupManager.stats`, ``memory.stat``; v1 and v2 alike).  A
 ``metrics`` reply averages the samples of the last ``window_s`` (10 s): rates are the
-difference between the oldest and the newest sample over the time between them.  The
+difference between the oldest and the newest sample over the time between them (for a
+container that started within the window, from its first sample on).  The
 sampler starts with the first request (which then waits about ``interval_s`` for a second
 sample), so a node nobody asks never samples.
 
@@ -191,12 +192,15 @@ class MetricsSampler:
         cpu_percent = 100.0 * (last.busy_s - first.busy_s) / host_total if host_total > 0 else 0.0
         containers = []
         for cid, c in last.containers.items():
-            before = first.containers.get(cid)
+            # a container that started within the window: from its own first sample on
+            since = next((s for s in self.samples if cid in s.containers), last)
+            before = since.containers[cid]
+            span = last.mono_s - since.mono_s
             cores = dirty = 0.0
-            if before is not None and dt > 0:
-                cores = max(0, c.cpu_usage_ns - before.cpu_usage_ns) / 1e9 / dt
+            if span > 0:
+                cores = max(0, c.cpu_usage_ns - before.cpu_usage_ns) / 1e9 / span
                 faults = max(0, c.pgfault - before.pgfault)
-                dirty = min(float(c.memory_bytes), faults * PAGE_BYTES / dt)
+                dirty = min(float(c.memory_bytes), faults * PAGE_BYTES / span)
             containers.append(
                 {
                     "id": c.id,
