@@ -49,6 +49,20 @@ class BalancerCommands:
         run.add_argument(
             "--dry-run", action="store_true", help="decide and record rounds, move nothing"
         )
+        run.add_argument(
+            "--prometheus-port",
+            type=int,
+            default=0,
+            metavar="PORT",
+            help="serve the cluster's figures and the moves' cost for Prometheus on this "
+            "port (default 0: not served)",
+        )
+        run.add_argument(
+            "--prometheus-addr",
+            default="127.0.0.1",
+            metavar="ADDR",
+            help="address for --prometheus-port (default 127.0.0.1)",
+        )
         pl = bsub.add_parser("plan", help="what the balancer would do now, and why")
         pl.add_argument("--config", type=Path, help="the balancer's TOML file (default: defaults)")
         pl.add_argument("--json", action="store_true", help="print the decision as JSON")
@@ -87,6 +101,19 @@ def _open(a: argparse.Namespace, cfg: BalancerConfig) -> Any:
 
 async def _run(a: argparse.Namespace, cfg: BalancerConfig) -> int:
     b = _open(a, cfg)
+    if a.prometheus_port:
+        from balancer.prometheus import Exporter
+        from runtime.errors import JaulaError
+
+        b.exporter = Exporter()
+        try:
+            b.exporter.serve(a.prometheus_port, a.prometheus_addr)
+        except OSError as e:
+            b.state.close()
+            raise JaulaError(
+                f"--prometheus-port {a.prometheus_port}: cannot listen on "
+                f"{a.prometheus_addr}: {e.strerror or e}; pick a free port"
+            ) from e
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -307,6 +307,8 @@ class Balancer:
         self.rounds = 0
         self.moves: set[asyncio.Task[None]] = set()
         self.lead: Leadership | None = None
+        #: a balancer.prometheus.Exporter to feed, or None
+        self.exporter: Any = None
 
     # -- sensing ----------------------------------------------------------------------------
     async def collect(self) -> tuple[ClusterView, dict[str, str]]:
@@ -348,6 +350,8 @@ class Balancer:
         acting = act and not self.dry_run
         # the round now; each move once it is requested (Decision.record would add them all)
         self.history = self.history.with_round(now, d.imbalance, d.hot).pruned(now, self.cfg)
+        if self.exporter is not None:
+            self.exporter.observe_round(view, d)
         data = decision_json(d, view)
         if down:
             data["unreachable"] = down
@@ -388,6 +392,8 @@ class Balancer:
         except (MigrationError, JaulaError, OSError, KeyError) as e:
             now = self.clock()
             self.history = self.history.with_finished(m.container, finished_s=now, ok=False)
+            if self.exporter is not None:
+                self.exporter.observe_move(False, 0.0, 0.0, 0)
             log.warning("balancer.move_failed", container=m.container, error=str(e))
             data = {**move_json(m), "finished_s": now, "error": str(e)[:2000]}
             await self._event_quietly(EV_FAILED, data)
@@ -404,6 +410,8 @@ class Balancer:
             total_s=total,
             bytes_sent=sent,
         )
+        if self.exporter is not None:
+            self.exporter.observe_move(True, downtime, total, sent)
         log.info("balancer.moved", container=m.container, to=m.destination, downtime_s=downtime)
         data = {
             **move_json(m),

@@ -188,3 +188,36 @@ def test_dry_run_requests_nothing(tmp_path: Path) -> None:
     r = asyncio.run(b.round())
     assert r.decision.moves and not r.started and nodes.migrations == []
     st.close()
+
+
+def test_prometheus_exporter_serves_the_round_and_the_moves(tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    from balancer.prometheus import Exporter
+
+    nodes = FakeNodes(loaded())
+    b, st = daemon(tmp_path, nodes)
+    b.exporter = Exporter()
+
+    async def go() -> None:
+        await b.round()
+        await b.wait_moves(10)
+
+    asyncio.run(go())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = b.exporter.serve(port)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert 'jaula_node_cpu_percent{node="n1"} 75.0' in text
+    assert 'jaula_container_cpu_cores{container="a",node="n1"} 2.0' in text
+    assert 'jaula_balancer_moves_total{result="finished"} 1.0' in text
+    assert "jaula_migration_downtime_seconds_count 1.0" in text
+    assert "jaula_migration_bytes_sum 12345.0" in text
+    st.close()
