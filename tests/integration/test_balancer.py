@@ -28,7 +28,7 @@ from tests.helpers.balancer import (
     write_config,
 )
 from tests.helpers.containers import wait_for
-from tests.helpers.nodes import Cluster2, make_cluster, serving
+from tests.helpers.nodes import Cluster2, in_process_node, make_cluster, serving
 from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
@@ -201,3 +201,48 @@ def test_drain_of_an_unknown_node_is_refused(three: Cluster2) -> None:
         check=False,
     )
     assert p.returncode == 125 and "unknown node 'nodeX'" in p.stderr, p.stderr
+
+
+def test_a_refused_move_leaves_the_container_and_is_not_retried(
+    tmp_path: Path, busybox_image_layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from migrate.destination import DestinationSession
+    from migrate.errors import PreflightError
+
+    refused: list[str] = []
+
+    def refuse(self: DestinationSession, cfg: Any) -> None:
+        refused.append(cfg.name)
+        raise PreflightError("not enough disk here (refused by the test)")
+
+    monkeypatch.setattr(DestinationSession, "_check_space_and_names", refuse)
+    c = make_cluster(tmp_path / "cluster", busybox_image_layout)
+    try:
+        with in_process_node(c, "node2"):  # node2 refuses every offer at its preflight
+            c.start("node1")
+            n1 = c.local("node1")
+            for name in ("burn1", "burn2"):
+                n1.run("run", "-d", "--name", name, "--cpus", "0.5", "busybox", "sh", "-c", BURN)
+            with balancers(c, write_config(tmp_path / "b.toml")) as d:
+                d.start("alice")
+                failed = wait_for(
+                    lambda: [e for e in moves(c) if e.kind == "balancer.move.failed"],
+                    120,
+                    f"a failed move; log:\n{d.log('alice')}",
+                )
+                after = failed[0].seq
+                wait_for(
+                    lambda: len([e for e in rounds(c) if e.seq > after]) >= 5,
+                    90,
+                    f"five rounds after the failure; log:\n{d.log('alice')}",
+                )
+            assert refused, "node2's preflight never ran"
+            assert "refused by the test" in failed[0].data["error"], failed[0].data
+            started = [e for e in moves(c) if e.kind == "balancer.move.started"]
+            assert len(started) == 1, started  # node2 backs off: no retry at once
+            for name in ("burn1", "burn2"):
+                assert running_on(c, name) == ["node1"], (name, c.where(name))
+            assert c.local("node2").container_ids() == []
+    finally:
+        problems = c.close()
+        assert not problems, "\n".join(problems)
