@@ -28,6 +28,7 @@ The reply (``node_metrics``), units in the names::
                                          (memory.stat pgfault), at most memory_bytes per s
         image_layers              [str]  the layer digests of its image
         pids                      int
+        labels                    {str: str}  ``jaula run --label`` (jaula.balance=false pins it)
 
 The dirty-page estimate is a lower bound: a page written again after its first fault
 costs no fault (soft-dirty tracking would see it, but clearing the bits of a running
@@ -72,6 +73,7 @@ class ContainerSample:
     pgfault: int
     pids: int
     image_layers: tuple[str, ...]
+    labels: dict[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +133,7 @@ def take_sample(rt: Runtime) -> Sample:
             faults,
             pids,
             tuple(c.config.layers),
+            c.config.label_map(),
         )
     return Sample(time.time(), time.monotonic(), total - idle, total, vm.percent, out)
 
@@ -211,6 +214,7 @@ class MetricsSampler:
                     "dirty_bytes_per_s": dirty,
                     "image_layers": list(c.image_layers),
                     "pids": c.pids,
+                    "labels": c.labels,
                 }
             )
         layers = sorted({la for im in self.rt.images.list() for la in im.layers})

@@ -246,3 +246,24 @@ def test_a_refused_move_leaves_the_container_and_is_not_retried(
     finally:
         problems = c.close()
         assert not problems, "\n".join(problems)
+
+
+def test_a_container_labelled_balance_false_is_never_moved(three: Cluster2, tmp_path: Path) -> None:
+    n1 = three.local("node1")
+    for name in ("pin1", "pin2"):
+        n1.run(
+            "run", "-d", "--name", name, "--cpus", "0.5", "--label", "jaula.balance=false",
+            "busybox", "sh", "-c", BURN,
+        )  # fmt: skip
+    assert metrics(three, "node1")["containers"][0]["labels"] == {"jaula.balance": "false"}
+    with balancers(three, write_config(tmp_path / "b.toml")) as d:
+        d.start("alice")
+        wait_for(
+            lambda: sum(e.data["hot"] for e in rounds(three)) >= 6,
+            120,
+            f"six hot rounds; log:\n{d.log('alice')}",
+        )
+    assert moves(three) == []
+    assert "no-candidate" in {e.data["reason"] for e in rounds(three)}
+    for name in ("pin1", "pin2"):
+        assert running_on(three, name) == ["node1"]

@@ -221,3 +221,17 @@ def test_prometheus_exporter_serves_the_round_and_the_moves(tmp_path: Path) -> N
     assert "jaula_migration_downtime_seconds_count 1.0" in text
     assert "jaula_migration_bytes_sum 12345.0" in text
     st.close()
+
+
+def test_labels_pin_a_container_and_bad_ones_are_refused() -> None:
+    from runtime.errors import ConfigError
+    from runtime.spec import parse_labels
+
+    assert parse_labels(["jaula.balance=false", "team=a=b"]) == ("jaula.balance=false", "team=a=b")
+    for bad in ("nolabel", "=x", " k=v"):
+        with pytest.raises(ConfigError, match="--label"):
+            parse_labels([bad])
+    r = loaded()
+    r["n1"]["containers"][0]["labels"] = {"jaula.balance": "false"}
+    by = {c.id: c for c in view_from_metrics(r, {}, CFG, 1.0).containers}
+    assert by["a"].pinned and not by["b"].pinned
