@@ -5,7 +5,7 @@ memory (psutil) and, per running container, its cgroup's CPU time, memory and pa
 count (:meth:`runtime.cgroups.CgroupManager.stats`, ``memory.stat``; v1 and v2 alike).  A
 ``metrics`` reply averages the samples of the last ``window_s`` (10 s): rates are the
 difference between the oldest and the newest sample over the time between them (for a
-container that started within the window, from its first sample on).  The
+container that started or arrived within the window, from its first sample as running).  The
 sampler starts with the first request (which then waits about ``interval_s`` for a second
 sample), so a node nobody asks never samples.
 
@@ -106,6 +106,11 @@ def _pgfault(cg_paths: dict[str, Any]) -> int:
     return stat.get("total_pgfault", stat.get("pgfault", 0))
 
 
+def _running(s: Sample, cid: str) -> bool:
+    c = s.containers.get(cid)
+    return c is not None and c.status == ContainerStatus.RUNNING.value
+
+
 def take_sample(rt: Runtime) -> Sample:
     """Sample the host and every container of ``rt`` now (blocking; reads /proc and the
     cgroup files).  A container whose cgroup cannot be read counts as using nothing."""
@@ -195,8 +200,9 @@ class MetricsSampler:
         cpu_percent = 100.0 * (last.busy_s - first.busy_s) / host_total if host_total > 0 else 0.0
         containers = []
         for cid, c in last.containers.items():
-            # a container that started within the window: from its own first sample on
-            since = next((s for s in self.samples if cid in s.containers), last)
+            # a container that started (or arrived) within the window: from its first
+            # sample as running on (its restore, when it ran nothing, would dilute the rate)
+            since = next((s for s in self.samples if _running(s, cid)), last)
             before = since.containers[cid]
             span = last.mono_s - since.mono_s
             cores = dirty = 0.0

@@ -24,6 +24,11 @@ JAULA_ALL = [sys.executable, "-m", "balancer.cli"]
 #: a bounded CPU burner (a shell busy loop; run it with --cpus so it takes half a core)
 BURN = "while :; do :; done"
 IDLE = "while :; do sleep 1; done"
+#: a CPU burner that counts: ``tick N`` every 5000 turns of its busy loop (read it with
+#: :func:`tests.helpers.counter.ticks`: every tick once, in order, across a move)
+BUSY_COUNTER = (
+    'i=0; while :; do i=$((i+1)); [ $((i % 5000)) -eq 0 ] && echo "tick $((i / 5000))"; done'
+)
 
 #: a fast, test-sized policy: 1 s rounds, a hold of 2, nodes judged by their containers
 #: (all nodes share this host), cold moves only, long cool-downs (nothing moves twice)

@@ -17,6 +17,7 @@ import pytest
 from migrate.cli import Nodes
 from tests.helpers.balancer import (
     BURN,
+    BUSY_COUNTER,
     IDLE,
     JAULA_ALL,
     balancers,
@@ -28,6 +29,7 @@ from tests.helpers.balancer import (
     write_config,
 )
 from tests.helpers.containers import wait_for
+from tests.helpers.counter import assert_continuous, ticks
 from tests.helpers.nodes import Cluster2, in_process_node, make_cluster, serving
 from tests.helpers.skips import needs_criu
 
@@ -89,7 +91,7 @@ def test_metrics_report_node_and_container_usage(three: Cluster2) -> None:
 def test_loaded_node_is_relieved_and_nothing_moves_back(three: Cluster2, tmp_path: Path) -> None:
     n1 = three.local("node1")
     for name in ("burn1", "burn2"):
-        n1.run("run", "-d", "--name", name, "--cpus", "0.5", "busybox", "sh", "-c", BURN)
+        n1.run("run", "-d", "--name", name, "--cpus", "0.5", "busybox", "sh", "-c", BUSY_COUNTER)
     n1.run("run", "-d", "--name", "idle", "busybox", "sh", "-c", IDLE)
     with balancers(three, write_config(tmp_path / "b.toml")) as d:
         d.start("alice")
@@ -112,6 +114,12 @@ def test_loaded_node_is_relieved_and_nothing_moves_back(three: Cluster2, tmp_pat
     where = {name: running_on(three, name) for name in ("burn1", "burn2", "idle")}
     assert where["idle"] == ["node1"], where
     assert sorted(where["burn1"] + where["burn2"]) == sorted(["node1", moved["destination"]])
+    # the moved one counts on where it was: every tick once, in order
+    name = "burn1" if where["burn1"] == [moved["destination"]] else "burn2"
+    dest = three.local(moved["destination"])
+    before = len(ticks(dest, name))
+    wait_for(lambda: len(ticks(dest, name)) > before + 5, 30, f"{name} counting on")
+    assert_continuous(ticks(dest, name))
     assert moved["downtime_s"] > 0 and moved["bytes_sent"] > 0, moved
     assert moved["predicted"]["strategy"] == "cold"
     # status shows the move and the cool-down

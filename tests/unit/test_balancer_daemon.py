@@ -235,3 +235,23 @@ def test_labels_pin_a_container_and_bad_ones_are_refused() -> None:
     r["n1"]["containers"][0]["labels"] = {"jaula.balance": "false"}
     by = {c.id: c for c in view_from_metrics(r, {}, CFG, 1.0).containers}
     assert by["a"].pinned and not by["b"].pinned
+
+
+def test_a_move_in_flight_counts_on_its_destination() -> None:
+    """Both busy containers of n1 must not chase n2: the first one's load is on its way."""
+    from balancer import MoveHistory, plan
+
+    view = view_from_metrics(
+        {"n1": report("n1", ("a", 1.0, "migrating"), ("b", 1.0, "running")), "n2": report("n2")},
+        {},
+        CFG,
+        1.0,
+    )
+    first = plan(view, CFG, MoveHistory(), 10.0)
+    assert [m.container for m in first.moves] == ["b"]  # a is migrating: not picked
+    # now a's move (to n2) is ours and in flight; b must stay
+    from balancer.history import MoveRecord
+
+    h = MoveHistory().with_started(MoveRecord("a", "n1", "n2", "cold", 9.0, 64 << 20))
+    d = plan(view, CFG, h, 10.0)
+    assert d.moves == (), d
