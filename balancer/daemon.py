@@ -391,7 +391,7 @@ class Balancer:
             rep = r["report"]
         except (MigrationError, JaulaError, OSError, KeyError) as e:
             now = self.clock()
-            self.history = self.history.with_finished(m.container, finished_s=now, ok=False)
+            self._finish(m, started_s, finished_s=now, ok=False)
             if self.exporter is not None:
                 self.exporter.observe_move(False, 0.0, 0.0, 0)
             log.warning("balancer.move_failed", container=m.container, error=str(e))
@@ -402,8 +402,9 @@ class Balancer:
         downtime = float(rep.get("downtime_s", 0.0))
         total = float(rep.get("total_s", 0.0))
         sent = int(rep.get("bytes_sent", 0))
-        self.history = self.history.with_finished(
-            m.container,
+        self._finish(
+            m,
+            started_s,
             finished_s=now,
             ok=True,
             downtime_s=downtime,
@@ -421,6 +422,15 @@ class Balancer:
             "bytes_sent": sent,
         }
         await self._event_quietly(EV_FINISHED, data)
+
+    def _finish(self, m: PlannedMove, started_s: float, **outcome: Any) -> None:
+        """Record ``m``'s outcome; a history rebuilt meanwhile (leadership lost and won
+        again) no longer has it in flight, so it is added back first."""
+        try:
+            self.history = self.history.with_finished(m.container, **outcome)
+        except KeyError:
+            h = self.history.with_started(m.record(started_s))
+            self.history = h.with_finished(m.container, **outcome)
 
     async def _event_quietly(self, kind: str, data: Mapping[str, Any]) -> None:
         try:

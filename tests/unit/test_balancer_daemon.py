@@ -255,3 +255,23 @@ def test_a_move_in_flight_counts_on_its_destination() -> None:
     h = MoveHistory().with_started(MoveRecord("a", "n1", "n2", "cold", 9.0, 64 << 20))
     d = plan(view, CFG, h, 10.0)
     assert d.moves == (), d
+
+
+def test_a_move_that_ends_after_the_history_was_rebuilt_is_still_recorded(
+    tmp_path: Path,
+) -> None:
+    from balancer.history import MoveHistory
+
+    nodes = FakeNodes(loaded())
+    b, st = daemon(tmp_path, nodes)
+
+    async def go() -> None:
+        r = await b.round()
+        assert r.started
+        b.history = MoveHistory()  # leadership lost and won again while the move ran
+        await b.wait_moves(10)
+
+    asyncio.run(go())
+    done = [m for m in b.history.moves if not m.in_flight]
+    assert len(done) == 1 and done[0].ok and done[0].downtime_s == 0.25
+    st.close()
