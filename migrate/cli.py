@@ -54,7 +54,7 @@ class MigrateCommands:
             a.cmd == "cluster"  # writes files only: no root, no local state
             or (a.node is not None and a.cmd in REMOTE_COMMANDS)
             or a.cmd == "migrate"
-            or (a.cmd == "node" and a.node_cmd == "ls")
+            or (a.cmd == "node" and a.node_cmd in ("ls", "drain", "undrain"))
         )
 
     def add_commands(self, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -102,6 +102,14 @@ class MigrateCommands:
             help="seconds a peer may stay silent in a migration (default 20)",
         )
         nsub.add_parser("ls", help="every node of the cluster: reachable, load, containers")
+        dr = nsub.add_parser(
+            "drain",
+            help="mark a node draining in the cluster state: it takes no new containers and "
+            "the balancer moves every one off it, one at a time",
+        )
+        dr.add_argument("drain_node", metavar="NODE", help="the node to drain")
+        ud = nsub.add_parser("undrain", help="mark a drained node ready again")
+        ud.add_argument("drain_node", metavar="NODE", help="the node")
         add_cluster_commands(sub)
 
     def dispatch(self, rt: Runtime | None, a: argparse.Namespace) -> int | None:
@@ -343,6 +351,8 @@ class Nodes:
 
 async def remote(a: argparse.Namespace) -> int:
     nodes = Nodes(a.client_config)
+    if a.cmd == "node" and a.node_cmd in ("drain", "undrain"):
+        return await asyncio.to_thread(_drain, nodes, a.drain_node, a.node_cmd == "drain")
     if a.cmd == "node":
         return await _node_ls(nodes)
     if a.cmd == "migrate":
@@ -426,6 +436,46 @@ async def _node_ls(nodes: Nodes) -> int:
     widths = [max(len(r[k]) for r in rows) for k in range(6)]
     for r in rows:
         print("  ".join(v.ljust(widths[k]) for k, v in enumerate(r)).rstrip())
+    return 0
+
+
+def operator_name(nodes: Nodes) -> str:
+    """Our name in the cluster file: the operator (or node) whose public key we hold.
+
+    Raises:
+        MigrationError: the cluster file does not list our key."""
+    peer = nodes.cluster.by_key(nodes.client_cfg.public_key)
+    if peer is None:
+        raise MigrationError(
+            f"the cluster file {nodes.cluster.source} does not list the public key of "
+            f"{nodes.client_cfg.source}: add it under [operators] (`jaula cluster init`)"
+        )
+    return peer.name
+
+
+def _drain(nodes: Nodes, node: str, draining: bool) -> int:
+    """``jaula node drain|undrain NODE``: the member's ``draining`` flag in the cluster
+    state (the balancer empties a draining node and sends nothing to it)."""
+    from migrate.cluster_state import MemberLost, open_state
+
+    if node not in nodes.cluster.nodes:
+        raise MigrationError(
+            f"unknown node {node!r}: the cluster has {', '.join(sorted(nodes.cluster.nodes))}"
+        )
+    state = open_state(nodes.cluster, operator_name(nodes), nodes.client_cfg.secret_key)
+    try:
+        state.set_draining(node, draining)
+        state.append_event(
+            "node.drain" if draining else "node.undrain", operator_name(nodes), {"node": node}
+        )
+    except MemberLost:
+        raise MigrationError(
+            f"node {node} never registered in the cluster state: start its service "
+            "(`jaula node serve`), which registers it, then drain it"
+        ) from None
+    finally:
+        state.close()
+    print(f"{node} {'draining' if draining else 'ready'}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """The node migration service: one per node, ``jaula node serve --config FILE``.
 
 It binds a ROUTER socket (CURVE, ZAP allowlist: :mod:`migrate.transport`) and serves:
-- operators (and the balancer): ping, ps, inspect, logs, exec, stop, rm, migrate;
+- operators (and the balancer): ping, ps, inspect, logs, exec, stop, rm, migrate, metrics
+  (:mod:`migrate.metrics`: sampled from its first request on);
 - peer nodes: migration sessions (this node as destination) and outcome queries.
 
 Requests run as concurrent tasks; the messages of one incoming session are handled in order
@@ -26,7 +27,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -45,6 +46,9 @@ from runtime.logs import read_log
 from runtime.poll import await_for
 from runtime.state import ContainerStatus
 from runtime.store import CRIU_LOGS_DIR, LOG
+
+if TYPE_CHECKING:
+    from migrate.metrics import MetricsSampler
 
 log = structlog.get_logger(__name__)
 S = ContainerStatus
@@ -90,6 +94,7 @@ class NodeService:
         self.incoming: dict[str, tuple[DestinationSession, asyncio.Queue[Any]]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.server: Server | None = None
+        self.sampler: MetricsSampler | None = None  # started by the first metrics request
 
     # -- life -------------------------------------------------------------------------------
     async def serve(self, started: asyncio.Event | None = None) -> None:
@@ -224,6 +229,7 @@ class NodeService:
             M.STOP: self._stop,
             M.RM: self._rm,
             M.MIGRATE: self._migrate_request,
+            M.METRICS: self._metrics,
         }
         handler = handlers.get(M(msg["type"]))
         if handler is None:
@@ -233,6 +239,18 @@ class NodeService:
     async def _ping(self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]) -> list[bytes]:
         running = [c for c in self.rt.list() if c.status is S.RUNNING]
         return encode("pong", node=self.cfg.name, containers=len(running), load=_load(), **extra)
+
+    async def _metrics(
+        self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]
+    ) -> list[bytes]:
+        if self.sampler is None:
+            from migrate.metrics import MetricsSampler
+
+            self.sampler = MetricsSampler(self.rt, self.cfg.name)
+            t = self.sampler.start()  # cancelled with the service's other tasks
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+        return encode("node_metrics", **await self.sampler.report(), **extra)
 
     async def _ps(self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]) -> list[bytes]:
         items = [container_summary(c) for c in self.rt.list(all=msg.get("all", False))]

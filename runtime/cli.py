@@ -28,6 +28,7 @@ from runtime.logs import read_log, write_record
 from runtime.spec import (
     parse_capabilities,
     parse_cpus,
+    parse_labels,
     parse_memory,
     parse_pids_limit,
     parse_signal,
@@ -146,6 +147,13 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     run.add_argument("--cpus", help="CPU limit, e.g. 0.5")
     run.add_argument("--pids-limit", help="maximum number of processes")
     run.add_argument("-e", "--env", action="append", default=[], help="KEY=VALUE")
+    run.add_argument(
+        "-l",
+        "--label",
+        action="append",
+        default=[],
+        help="KEY=VALUE metadata (jaula.balance=false: the balancer never moves it)",
+    )
     run.add_argument("-w", "--workdir")
     run.add_argument("-u", "--user", help="UID[:GID] or NAME[:GROUP]")
     run.add_argument("--hostname", help="hostname inside (default: the short id)")
@@ -303,6 +311,7 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
         mounts=tuple(parse_volume(v) for v in a.volume),
         capabilities=parse_capabilities(a.cap_add, a.cap_drop, a.privileged),
         privileged=a.privileged,
+        labels=parse_labels(a.label),
     )
     if a.rm and a.detach:
         raise ConfigError("--rm goes with an attached run, not with -d")

@@ -85,6 +85,7 @@ class RunOptions:
     mounts: tuple[Mount, ...] = ()
     capabilities: tuple[str, ...] | None = None
     privileged: bool = False
+    labels: tuple[str, ...] = ()
 
 
 class Container:
@@ -549,6 +550,7 @@ class Runtime:
                 stop_signal=_stop_signal(icfg.stop_signal),
                 cgroup_parent=self.cgroup_parent,
                 created_at=time.time(),
+                labels=opts.labels,
             )
             atomic_write_json(cdir / CONFIG, cfg.to_json())
             atomic_write_json(cdir / STATE, State().to_json())

@@ -148,6 +148,8 @@ class ContainerConfig:
         stop_signal: signal number ``stop`` sends first.
         cgroup_parent: directory under each cgroup hierarchy holding the container's.
         created_at: seconds since the epoch.
+        labels: ``K=V`` strings (``jaula run --label``), e.g. ``jaula.balance=false``, which
+            the balancer reads to leave the container where it is.
     """
 
     id: str
@@ -169,9 +171,14 @@ class ContainerConfig:
     stop_signal: int = 15
     cgroup_parent: str = "jaula"
     created_at: float = 0.0
+    labels: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def label_map(self) -> dict[str, str]:
+        """``labels`` as a mapping (a later ``K=`` wins)."""
+        return dict(kv.partition("=")[::2] for kv in self.labels)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ContainerConfig:
@@ -184,6 +191,7 @@ class ContainerConfig:
         d["resources"] = Resources(**(d.get("resources") or {}))
         d["mounts"] = tuple(Mount(**m) for m in d.get("mounts", ()))
         d["capabilities"] = tuple(d.get("capabilities", DEFAULT_CAPABILITIES))
+        d["labels"] = tuple(d.get("labels", ()))
         return cls(**d)
 
 
@@ -247,6 +255,15 @@ def parse_env(items: list[str], base: tuple[str, ...] = ()) -> tuple[str, ...]:
         env[k] = v
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     return tuple(f"{k}={v}" for k, v in env.items())
+
+
+def parse_labels(items: list[str]) -> tuple[str, ...]:
+    """Check ``--label K=V`` items (Podman's spelling); ConfigError naming a bad one."""
+    for item in items:
+        k, sep, _ = item.partition("=")
+        if not sep or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]*$", k):
+            raise ConfigError(f"invalid --label {item!r}: use KEY=VALUE, e.g. jaula.balance=false")
+    return tuple(items)
 
 
 def parse_volume(value: str) -> Mount:
