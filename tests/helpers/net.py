@@ -1,0 +1,155 @@
+"""Networks for the tests: a scratch bridge network per state root, client namespaces on a
+wire, and the check that nothing of them is left (veths, bridge ports, leases, pins).
+
+Names are unique per test (``jtb`` + 6 hex for a bridge) so that runs side by side never
+meet; every helper removes only what it made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import secrets
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from runtime.network import LEASES_FILE, NETWORK_FILE, host_if_name
+from runtime.network import link as netlink
+from tests.helpers.jaula import Jaula
+
+
+def scratch_subnet(prefixlen: int = 28) -> str:
+    """A random subnet of 10.240.0.0/12 (unlikely to meet anything on the host)."""
+    base = ipaddress.IPv4Network("10.240.0.0/12")
+    size = 1 << (32 - prefixlen)
+    n = secrets.randbelow(base.num_addresses // size)
+    return f"{base.network_address + n * size}/{prefixlen}"
+
+
+@dataclass(frozen=True)
+class BridgeNet:
+    """A state root's bridge network: ``bridge`` (made by the runtime on first use unless
+    ``create`` is False), ``subnet``, ``gateway`` (its first host)."""
+
+    bridge: str
+    subnet: str
+    create: bool = True
+    leases_file: str = ""
+
+    @property
+    def gateway(self) -> str:
+        return str(next(ipaddress.IPv4Network(self.subnet).hosts()))
+
+    def host(self, n: int) -> str:
+        """The n-th host address (1 = the gateway)."""
+        return str(ipaddress.IPv4Network(self.subnet).network_address + n)
+
+    def write(self, root: Path) -> None:
+        """Configure state root ``root`` with this network (``network.json``)."""
+        root.mkdir(parents=True, exist_ok=True)
+        cfg = {"bridge": self.bridge, "subnet": self.subnet, "create_bridge": self.create}
+        if self.leases_file:
+            cfg["leases_file"] = self.leases_file
+        (root / NETWORK_FILE).write_text(json.dumps(cfg))
+
+
+def new_bridge_name() -> str:
+    return "jtb" + secrets.token_hex(3)
+
+
+def links() -> dict[str, int]:
+    """Every link of this (the host's) net namespace: name -> index."""
+    with IPRoute() as ipr:
+        return {str(lk.get("IFLA_IFNAME")): int(lk["index"]) for lk in ipr.get_links()}
+
+
+def bridge_ports(bridge: str) -> list[str]:
+    """Names of the links enslaved to ``bridge`` (empty when it does not exist)."""
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=bridge)
+        if not idx:
+            return []
+        return [
+            str(lk.get("IFLA_IFNAME")) for lk in ipr.get_links() if lk.get("IFLA_MASTER") == idx[0]
+        ]
+
+
+def make_bridge(name: str, address: str | None = None, prefixlen: int = 24) -> None:
+    """A bridge ``name`` (up), with ``address`` when given."""
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=name, kind="bridge")
+        idx = ipr.link_lookup(ifname=name)[0]
+        if address:
+            ipr.addr("add", index=idx, address=address, prefixlen=prefixlen)
+        ipr.link("set", index=idx, state="up")
+
+
+def delete_link(name: str) -> None:
+    """Delete link ``name`` when it exists."""
+    netlink.delete_link(name)
+
+
+def leases(root: Path, net: BridgeNet) -> dict[str, str]:
+    """address -> container id in ``root``'s lease file (or the shared one)."""
+    path = Path(net.leases_file) if net.leases_file else root / LEASES_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    got: dict[str, str] = doc.get("subnets", {}).get(net.subnet, {})
+    return got
+
+
+def network_leaks(root: Path, net: BridgeNet, ids: list[str]) -> list[str]:
+    """What the containers ``ids`` of ``root`` left of their network: host veths, bridge
+    ports, leases, netns pins."""
+    problems: list[str] = []
+    have = links()
+    for cid in ids:
+        if host_if_name(cid) in have:
+            problems.append(f"veth {host_if_name(cid)} of {cid[:12]} left")
+        pin = root / "containers" / cid / "netns"
+        if pin.exists():
+            problems.append(f"netns pin {pin} left")
+    ports = bridge_ports(net.bridge)
+    if ports:
+        problems.append(f"bridge {net.bridge} still has ports {ports}")
+    if leases(root, net):
+        problems.append(f"leases left in {net.subnet}: {leases(root, net)}")
+    return problems
+
+
+@contextlib.contextmanager
+def bridge_network(j: Jaula, net: BridgeNet | None = None) -> Iterator[BridgeNet]:
+    """Configure ``j``'s state root with a scratch bridge network; afterwards remove every
+    container of the root, assert that nothing of their network is left, and delete the
+    bridge."""
+    net = net or BridgeNet(new_bridge_name(), scratch_subnet())
+    net.write(j.root)
+    try:
+        yield net
+    finally:
+        ids = j.container_ids()
+        for cid in ids:
+            j.run("rm", "-f", cid, check=False)
+        problems = network_leaks(j.root, net, ids)
+        for cid in ids:  # clean what leaked, then fail
+            delete_link(host_if_name(cid))
+        delete_link(net.bridge)
+    assert not problems, "\n".join(problems)
+
+
+def in_netns(netns: Path, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in the net namespace pinned at ``netns`` (nsenter)."""
+    return subprocess.run(
+        ["nsenter", f"--net={netns}", *argv],
+        text=True,
+        capture_output=True,
+        check=False,
+        timeout=timeout,
+    )
