@@ -373,6 +373,8 @@ def external_netns(c: Container) -> str | None:
     up (``inherit_fd``).  None when the namespace must be dumped.  Raises OSError when the
     init is gone."""
     cfg = c.config
+    if cfg.network == "bridge":  # made by jaula, rebuilt by the destination (migrate.netmove)
+        return f"net[{os.stat(f'/proc/{c.state.pid}/ns/net').st_ino}]:{NETNS_KEY}"
     if cfg.network != "none" or cfg.privileged or "CAP_NET_ADMIN" in cfg.capabilities:
         return None
     if not portability.netns_contents(c.state.pid).fresh:

@@ -427,11 +427,14 @@ class Container:
             raise ContainerError(f"cleaning up {self.name} failed: " + "; ".join(errors), self.id)
 
     def _network_down(self) -> tuple[str, ...]:
-        """A bridged container's veth and lease, once its tasks are gone (stop, rm); not for
-        one that migrated away, whose lease is the destination's now.  Returns the errors."""
+        """A bridged container's veth and lease, once its tasks are gone (stop, rm).  The
+        lease follows the id across nodes: one that migrated away (its lease is the
+        destination's now) or an incoming one being discarded (still the source's) keeps
+        it.  Returns the errors."""
         if self.config.attachment is None or self.state.status is S.MIGRATED:
             return ()
-        return self.rt._detach(self.id, self.config.attachment)
+        release = self.state.status is not S.MIGRATING
+        return self.rt._detach(self.id, self.config.attachment, release=release)
 
     def inspect(self) -> dict[str, object]:
         """A JSON-able description shaped like ``podman inspect``'s (Id, Name, Created,
@@ -705,9 +708,9 @@ class Runtime:
             add_hosts=opts.add_hosts,
         )
 
-    def _detach(self, cid: str, att: Attachment | None) -> tuple[str, ...]:
+    def _detach(self, cid: str, att: Attachment | None, release: bool = True) -> tuple[str, ...]:
         """Undo :meth:`_attach` and the plug: unpin the namespace, delete the veth, give the
-        lease back.  Returns the errors (logged), never raises."""
+        lease back (unless not ``release``).  Returns the errors (logged), never raises."""
         from runtime.network import NetworkError, host_if_name, link
 
         errors: builtins.list[str] = []
@@ -716,7 +719,7 @@ class Runtime:
             link.delete_link(att.host_if if att else host_if_name(cid))
         except (NetworkError, OSError) as e:
             errors.append(str(e))
-        if att is not None:
+        if att is not None and release:
             try:
                 self.leases.release_ip(att.subnet or self.network.subnet, cid)
             except (JaulaError, OSError) as e:

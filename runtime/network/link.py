@@ -157,17 +157,9 @@ def plug(att: Attachment, netns: Path, bridge_index: int, host_up: bool = True) 
                 ipr.link("set", index=inner, net_ns_fd=fd)
             finally:
                 os.close(fd)
-        with IPRoute(netns=str(netns)) as ns:
-            lo = _link_index(ns, "lo")
-            if lo is not None:
-                ns.link("set", index=lo, state="up")
-            idx = _link_index(ns, peer)
-            if idx is None:
-                raise NetworkError(f"veth {peer} did not arrive in {netns}")
-            ns.link("set", index=idx, ifname="eth0", address=att.mac, mtu=att.mtu)
-            ns.link("set", index=idx, state="up")
-            ns.addr("add", index=idx, address=att.ip, prefixlen=att.prefixlen)
-            ns.route("add", dst="default", gateway=att.gateway)
+        from runtime.network.arp import in_netns
+
+        in_netns(str(netns), lambda: _configure_inside(att, peer, str(netns)))
     except NetlinkError as e:
         with contextlib.suppress(NetworkError, NetlinkError):
             delete_link(att.host_if)
@@ -176,6 +168,24 @@ def plug(att: Attachment, netns: Path, bridge_index: int, host_up: bool = True) 
         with contextlib.suppress(NetworkError, NetlinkError):
             delete_link(att.host_if)
         raise
+
+
+def _configure_inside(att: Attachment, peer: str, netns: str) -> None:
+    """In the container's namespace (the calling thread joined it): ``peer`` becomes
+    ``eth0`` with ``att``'s MAC, MTU, address and default route; ``lo`` up.  A socket made
+    in a thread that joined a namespace is that namespace's (``IPRoute(netns=)`` forks,
+    which a node service's threads must not do)."""
+    with IPRoute() as ns:
+        lo = _link_index(ns, "lo")
+        if lo is not None:
+            ns.link("set", index=lo, state="up")
+        idx = _link_index(ns, peer)
+        if idx is None:
+            raise NetworkError(f"veth {peer} did not arrive in {netns}")
+        ns.link("set", index=idx, ifname="eth0", address=att.mac, mtu=att.mtu)
+        ns.link("set", index=idx, state="up")
+        ns.addr("add", index=idx, address=att.ip, prefixlen=att.prefixlen)
+        ns.route("add", dst="default", gateway=att.gateway)
 
 
 def addresses_in_use(ip: str, mac: str) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import os
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -111,14 +112,16 @@ def network_leaks(root: Path, net: BridgeNet, ids: list[str]) -> list[str]:
     problems: list[str] = []
     have = links()
     for cid in ids:
-        if host_if_name(cid) in have:
-            problems.append(f"veth {host_if_name(cid)} of {cid[:12]} left")
+        for name in (host_if_name(cid), "jm" + cid[:12]):
+            if name in have:
+                problems.append(f"veth {name} of {cid[:12]} left")
         pin = root / "containers" / cid / "netns"
         if pin.exists():
             problems.append(f"netns pin {pin} left")
-    ports = bridge_ports(net.bridge)
+    short = {cid[:12] for cid in ids}
+    ports = [p for p in bridge_ports(net.bridge) if p[2:] in short or p.startswith("jl")]
     if ports:
-        problems.append(f"bridge {net.bridge} still has ports {ports}")
+        problems.append(f"bridge {net.bridge} still has container ports {ports}")
     if leases(root, net):
         problems.append(f"leases left in {net.subnet}: {leases(root, net)}")
     return problems
@@ -140,6 +143,7 @@ def bridge_network(j: Jaula, net: BridgeNet | None = None) -> Iterator[BridgeNet
         problems = network_leaks(j.root, net, ids)
         for cid in ids:  # clean what leaked, then fail
             delete_link(host_if_name(cid))
+            delete_link("jm" + cid[:12])
         delete_link(net.bridge)
     assert not problems, "\n".join(problems)
 
@@ -153,3 +157,103 @@ def in_netns(netns: Path, *argv: str, timeout: float = 30) -> subprocess.Complet
         check=False,
         timeout=timeout,
     )
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Two nodes' bridges joined through a wire bridge, as two hosts on one layer-2 segment,
+    and a client machine outside the cluster: its own net namespace (pinned at
+    ``client_ns``) with ``eth0`` at ``client_ip`` on the wire."""
+
+    bridges: tuple[str, str]
+    wire: str
+    subnet: str
+    client_ns: Path
+    client_ip: str
+    links: tuple[str, ...]
+
+
+def _veth_into(ipr: IPRoute, name: str, peer: str, master: int) -> None:
+    ipr.link("add", ifname=name, kind="veth", peer=peer)
+    idx = ipr.link_lookup(ifname=name)[0]
+    ipr.link("set", index=idx, master=master, state="up")
+
+
+@contextlib.contextmanager
+def two_node_segment(tmp: Path, prefixlen: int = 28) -> Iterator[Segment]:
+    """Make the topology of :class:`Segment` (nothing of it has an address in the host's
+    namespace); remove all of it afterwards, also on failure."""
+    tag = secrets.token_hex(2)
+    b1, b2, wire = f"jtb1{tag}", f"jtb2{tag}", f"jtw{tag}"
+    subnet = scratch_subnet(prefixlen)
+    client_ip = str(ipaddress.IPv4Network(subnet).broadcast_address - 1)
+    ns = tmp / f"client-{tag}.netns"
+    made: list[str] = []
+    try:
+        for br in (b1, b2, wire):
+            make_bridge(br)
+            made.append(br)
+        with IPRoute() as ipr:
+            w = ipr.link_lookup(ifname=wire)[0]
+            for i, br in ((1, b1), (2, b2)):
+                _veth_into(ipr, f"jtu{i}{tag}", f"jtv{i}{tag}", w)
+                made.append(f"jtu{i}{tag}")
+                v = ipr.link_lookup(ifname=f"jtv{i}{tag}")[0]
+                ipr.link("set", index=v, master=ipr.link_lookup(ifname=br)[0], state="up")
+            _veth_into(ipr, f"jtc{tag}", f"jtd{tag}", w)
+            made.append(f"jtc{tag}")
+            netlink.create_netns(ns)
+            fd = os.open(ns, os.O_RDONLY)
+            try:
+                ipr.link("set", index=ipr.link_lookup(ifname=f"jtd{tag}")[0], net_ns_fd=fd)
+            finally:
+                os.close(fd)
+        with IPRoute(netns=str(ns)) as c:
+            idx = c.link_lookup(ifname=f"jtd{tag}")[0]
+            c.link("set", index=idx, ifname="eth0", state="up")
+            c.link("set", index=c.link_lookup(ifname="lo")[0], state="up")
+            c.addr("add", index=idx, address=client_ip, prefixlen=prefixlen)
+        yield Segment((b1, b2), wire, subnet, ns, client_ip, tuple(made))
+    finally:
+        for name in reversed(made):
+            delete_link(name)
+        netlink.remove_netns(ns)
+
+
+def add_client_address(seg: Segment, ip: str) -> None:
+    """Give the client another address (one a container should have: a squatter)."""
+    with IPRoute(netns=str(seg.client_ns)) as c:
+        idx = c.link_lookup(ifname="eth0")[0]
+        c.addr("add", index=idx, address=ip, prefixlen=ipaddress.IPv4Network(seg.subnet).prefixlen)
+
+
+#: a client holding one TCP connection: sends n, expects n+1, until the file argv[3]
+#: exists; prints "ok <last n> <longest gap s>" or "FAIL <why>"; writes its count to argv[4]
+PINGPONG_CLIENT = r"""
+import socket, sys, time, os
+host, port, stop, progress = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+s = socket.create_connection((host, port), timeout=60)
+f = s.makefile("rw")
+n, gap, last = 0, 0.0, time.monotonic()
+try:
+    while not os.path.exists(stop):
+        f.write(f"{n}\n"); f.flush()
+        line = f.readline()
+        if not line:
+            print(f"FAIL EOF after {n}"); sys.exit(1)
+        if int(line) != n + 1:
+            print(f"FAIL sent {n} got {line.strip()}"); sys.exit(1)
+        now = time.monotonic(); gap = max(gap, now - last); last = now
+        n += 1
+        with open(progress + ".tmp", "w") as p:
+            p.write(str(n))
+        os.replace(progress + ".tmp", progress)
+        time.sleep(0.01)
+except OSError as e:
+    print(f"FAIL {e!r} after {n}"); sys.exit(1)
+print(f"ok {n} {gap:.3f}")
+"""
+
+#: the counter server: one connection, reply n+1 to n (busybox nc hands it to sh)
+COUNTER_SERVER = ("busybox", "nc", "-l", "-p", "7000", "-e", "sh", "-c",
+                  "while read n; do echo $((n+1)); done")  # fmt: skip
