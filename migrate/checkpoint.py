@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from migrate import criu, portability, rootfs_diff
+from migrate import criu, netmove, portability, rootfs_diff
 from migrate.bundle import Bundle, Manifest, cpu_flags
 from migrate.deadlines import SCALE_ENV, FrozenLimits
 from migrate.errors import MigrationError, PreflightError
@@ -244,6 +244,14 @@ def preflight(c: Container) -> None:
     try:
         if c.config.network == "none":
             portability.check_netns(c.name, portability.netns_contents(c.state.pid))
+        elif (att := netmove.bridged(c.config)) is not None:
+            n = portability.netns_contents(c.state.pid)
+            if extra := netmove.unexpected(att, n.links, n.addresses, n.routes, n.rules):
+                raise PreflightError(
+                    f"cannot checkpoint {c.name}: its network namespace holds "
+                    f"{', '.join(extra)}, which jaula did not set up and would not carry: "
+                    f"remove it first{keeps}"
+                )
         portability.check_unix_peers(c.name, c.state.pid, in_cgroup | set(tree))
     except OSError as e:
         raise PreflightError(

@@ -46,6 +46,23 @@ def bridged(cfg: ContainerConfig) -> Attachment | None:
     return cfg.attachment if cfg.network == "bridge" else None
 
 
+def unexpected(att: Attachment, links: tuple[str, ...], addresses: tuple[str, ...],
+               routes: tuple[str, ...], rules: tuple[str, ...]) -> list[str]:  # fmt: skip
+    """What a bridged container's namespace holds beyond what jaula put there (``eth0``,
+    its address and IPv6 link-local, the default route), from
+    :func:`migrate.portability.netns_contents`' fields.  A migration rebuilds only what
+    jaula put there, so anything else must be refused, never dropped."""
+    extra = [x for x in links if x != "eth0 (veth)"]
+    extra += [
+        a
+        for a in addresses
+        if a != f"{att.ip}/{att.prefixlen} on eth0"
+        and not (a.startswith("fe80:") and a.endswith("/64 on eth0"))
+    ]
+    extra += [r for r in routes if r != "default table main"]
+    return extra + list(rules)
+
+
 def lock_source(c: Container) -> None:
     """Take the source's port down (at the freeze).  NetworkError when it cannot."""
     att = bridged(c.config)

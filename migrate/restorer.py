@@ -79,6 +79,12 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
         inherit.append((err_key, stderr_w))
     prepared = cdir / NETNS  # a bridged container's, made before the freeze
     if netns == "external":
+        if bridged(cfg) and not prepared.exists():
+            # a local restore of a checkpoint (no migration prepared it): make it now
+            from migrate.netmove import prepare_destination
+            from runtime.container import Runtime
+
+            prepare_destination(Runtime(cdir.parents[1]), cdir, cfg)
         inherit.append((NETNS_KEY, prepared_netns(prepared) if bridged(cfg) else fresh_netns()))
     sources = {mt.destination: mt.source for mt in cfg.mounts}
     external = tuple(

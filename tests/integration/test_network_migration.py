@@ -62,7 +62,7 @@ def _progress(path: Path) -> int:
 
 
 @pytest.mark.parametrize("strategy", ["cold", "postcopy"])
-def test_a_connected_client_sees_no_reset(
+def test_a_connected_client_sees_no_reset_there_and_back(
     bridged_nodes: Cluster2, segment: tnet.Segment, tmp_path: Path, strategy: str
 ) -> None:
     c = bridged_nodes
@@ -80,16 +80,18 @@ def test_a_connected_client_sees_no_reset(
     try:
         assert wait_for(lambda: _progress(progress) >= 20 or client.poll() is not None, 30)
         assert client.poll() is None, client.communicate()[0]
-        c.op("migrate", "ctr", "node2", "--strategy", strategy)
-        c.assert_only_on("ctr", "node2")
-        assert _ip_of(c, "node2", "ctr") == ip
-        after = _progress(progress)
-        assert wait_for(
-            lambda: _progress(progress) >= after + 20 or client.poll() is not None, 30
-        ), "the client made no progress after the migration"
-        ports1, ports2 = (tnet.bridge_ports(b) for b in segment.bridges)
-        assert [p for p in ports1 if p.endswith(cid[:12])] == []  # the source's port is gone
-        assert [p for p in ports2 if p.endswith(cid[:12])] != []
+        for there, back in (("node2", "node1"), ("node1", "node2")):
+            c.op("migrate", "ctr", there, "--strategy", strategy)
+            c.assert_only_on("ctr", there)
+            assert _ip_of(c, there, "ctr") == ip
+            after = _progress(progress)
+            assert wait_for(
+                lambda a=after: _progress(progress) >= a + 20 or client.poll() is not None, 30
+            ), f"the client made no progress after the migration to {there}"
+            assert client.poll() is None, client.communicate()[0]
+            ports = dict(zip(("node1", "node2"), map(tnet.bridge_ports, segment.bridges)))
+            assert [p for p in ports[back] if p.endswith(cid[:12])] == []  # source port gone
+            assert [p for p in ports[there] if p.endswith(cid[:12])] != []
     finally:
         stop.touch()
         out, _ = client.communicate(timeout=60)

@@ -4,6 +4,7 @@ removed by each test (tests.helpers.net checks that nothing is left)."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -130,3 +131,32 @@ def test_a_missing_bridge_is_refused(jaula: Jaula) -> None:
         assert f"bridge {net.bridge} does not exist" in msg
         assert net.bridge not in tnet.links()
         assert tnet.leases(jaula.root, net) == {}
+
+
+def test_checkpoint_and_restore_keep_the_address(jaula: Jaula, bridged: tnet.BridgeNet) -> None:
+    cid = _run_bridged(jaula, "--cap-add", "NET_RAW", "--name", "cr", "busybox", "sleep", "300")
+    jaula.run("checkpoint", "cr")
+    assert tnet.bridge_ports(bridged.bridge) == []  # the namespace died with the tasks
+    assert tnet.leases(jaula.root, bridged) == {bridged.host(2): cid}  # kept while checkpointed
+    jaula.run("restore", "cr")
+    assert tnet.bridge_ports(bridged.bridge) == [host_if_name(cid)]
+    addr = jaula.out("exec", "cr", "busybox", "ip", "-4", "addr", "show", "eth0")
+    assert f"inet {bridged.host(2)}/28" in addr
+    p = jaula.run(
+        "exec", "cr", "busybox", "ping", "-c", "1", "-W", "5", bridged.gateway, check=False
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_what_jaula_did_not_set_up_is_refused(jaula: Jaula, bridged: tnet.BridgeNet) -> None:
+    _run_bridged(jaula, "--name", "odd", "busybox", "sleep", "300")
+    pid = _inspect(jaula, "odd")["State"]["Pid"]  # type: ignore[index]
+    added = subprocess.run(
+        ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "addr", "add", "192.0.2.99/32", "dev", "eth0"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    p = jaula.run("checkpoint", "odd", check=False)
+    assert p.returncode == 125
+    assert "192.0.2.99/32 on eth0" in p.stderr and "keeps running" in p.stderr
+    assert _inspect(jaula, "odd")["State"]["Status"] == "running"  # type: ignore[index]
