@@ -562,8 +562,9 @@ class DestinationSession:
             raise ProtocolError("resume before the restore was held")
         self.phase = DP.RESUMING
         t0 = time.monotonic()
-        if self.lazy_daemon is not None and self.lazy_daemon.proc.poll() is not None:
+        if self.lazy_daemon is not None and self.lazy_daemon.proc.poll() not in (None, 0):
             # committed on the source, but the pages cannot come: never run on zero-fill
+            # (exit 0: a small container's every page came between the commit and now)
             log.error(
                 "migration.postcopy.daemon_gone",
                 session=self.session,
