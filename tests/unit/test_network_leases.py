@@ -62,3 +62,26 @@ def test_checks() -> None:
     m = mac_from_id(A)
     assert m == mac_from_id(A) != mac_from_id(B)
     assert check_mac(m) == m  # unicast, locally administered
+
+
+def test_only_what_jaula_set_up_is_expected_in_a_bridged_namespace() -> None:
+    from migrate.netmove import unexpected
+    from runtime.network import Attachment
+
+    att = Attachment("10.9.2.5", 24, "10.9.2.1", mac_from_id(A), "br0", 1500, "jl" + A[:12])
+    ours = (
+        ("eth0 (veth)",),
+        ("10.9.2.5/24 on eth0", "fe80::1/64 on eth0"),
+        ("default table main",),
+        (),
+    )
+    assert unexpected(att, *ours) == []
+    links, addrs, routes, rules = ours
+    assert unexpected(att, links + ("eth1 (veth)",), addrs, routes, rules) == ["eth1 (veth)"]
+    assert unexpected(att, links, addrs + ("192.0.2.9/32 on eth0",), routes, rules) == [
+        "192.0.2.9/32 on eth0"
+    ]
+    assert unexpected(att, links, addrs, routes + ("10.0.0.0/8 table main",), ("priority 5",)) == [
+        "10.0.0.0/8 table main",
+        "priority 5",
+    ]
