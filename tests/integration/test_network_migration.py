@@ -4,6 +4,7 @@ one connection to a counter server in the container (tests.helpers.net)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -54,6 +55,11 @@ def _ip_of(c: Cluster2, node: str, name: str) -> str:
     return ip
 
 
+def _advanced(path: Path, n: int, client: subprocess.Popen[str]) -> bool:
+    """The client got reply ``n`` (or ended)."""
+    return _progress(path) >= n or client.poll() is not None
+
+
 def _progress(path: Path) -> int:
     try:
         return int(path.read_text())
@@ -85,9 +91,9 @@ def test_a_connected_client_sees_no_reset_there_and_back(
             c.assert_only_on("ctr", there)
             assert _ip_of(c, there, "ctr") == ip
             after = _progress(progress)
-            assert wait_for(
-                lambda a=after: _progress(progress) >= a + 20 or client.poll() is not None, 30
-            ), f"the client made no progress after the migration to {there}"
+            assert wait_for(functools.partial(_advanced, progress, after + 20, client), 30), (
+                f"the client made no progress after the migration to {there}"
+            )
             assert client.poll() is None, client.communicate()[0]
             ports = dict(zip(("node1", "node2"), map(tnet.bridge_ports, segment.bridges)))
             assert [p for p in ports[back] if p.endswith(cid[:12])] == []  # source port gone
