@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from migrate import criu, portability, rootfs_diff
+from migrate import criu, netmove, portability, rootfs_diff
 from migrate.bundle import Bundle, Manifest, cpu_flags
 from migrate.deadlines import SCALE_ENV, FrozenLimits
 from migrate.errors import MigrationError, PreflightError
@@ -245,6 +245,14 @@ def preflight(c: Container) -> None:
     try:
         if c.config.network == "none":
             portability.check_netns(c.name, portability.netns_contents(c.state.pid))
+        elif (att := netmove.bridged(c.config)) is not None:
+            n = portability.netns_contents(c.state.pid)
+            if extra := netmove.unexpected(att, n.links, n.addresses, n.routes, n.rules):
+                raise PreflightError(
+                    f"cannot checkpoint {c.name}: its network namespace holds "
+                    f"{', '.join(extra)}, which jaula did not set up and would not carry: "
+                    f"remove it first{keeps}"
+                )
         portability.check_unix_peers(c.name, c.state.pid, in_cgroup | set(tree))
         portability.check_socket_queues(c.name, c.state.pid, in_cgroup | set(tree))
     except OSError as e:
@@ -375,6 +383,8 @@ def external_netns(c: Container) -> str | None:
     up (``inherit_fd``).  None when the namespace must be dumped.  Raises OSError when the
     init is gone."""
     cfg = c.config
+    if cfg.network == "bridge":  # made by jaula, rebuilt by the destination (migrate.netmove)
+        return f"net[{os.stat(f'/proc/{c.state.pid}/ns/net').st_ino}]:{NETNS_KEY}"
     if cfg.network != "none" or cfg.privileged or "CAP_NET_ADMIN" in cfg.capabilities:
         return None
     if not portability.netns_contents(c.state.pid).fresh:

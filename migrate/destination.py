@@ -37,7 +37,7 @@ from typing import Any
 
 import structlog
 
-from migrate import criu, image_pack, lazy_conn, rootfs_diff
+from migrate import criu, image_pack, lazy_conn, netmove, rootfs_diff
 from migrate.addresses import bind_address
 from migrate.deadlines import SCALE_ENV, FrozenLimits
 from migrate.errors import MigrationError, PreflightError, ProtocolError
@@ -56,6 +56,7 @@ from migrate.scratch import remove_scratch, scratch_dir
 from migrate.stream import FileReceiver, IncomingFile
 from runtime.container import ArmedRestore, Container, Runtime
 from runtime.errors import ContainerExists, ContainerNotFound, JaulaError
+from runtime.network import link as _netlink  # noqa: F401 - pyroute2 (~0.5 s) at start-up, not in an offer
 from runtime.spec import ContainerConfig
 from runtime.state import (
     ContainerStatus,
@@ -232,14 +233,18 @@ class DestinationSession:
             )
         )
         self._check_space_and_names(cfg)
+        if why := await asyncio.to_thread(netmove.check_destination, self.rt, cfg):
+            raise PreflightError(f"cannot take {cfg.name}'s network here: {why}")
         if "needs" in o:  # what this node must give it: volumes, ports, memory
             from migrate.portability import NodeNeeds, check_needs
 
             needs = NodeNeeds.from_json(o["needs"])
             await asyncio.to_thread(check_needs, needs, cfg.name, self.source, self.node_name)
         missing = [la for la in o["image"].get("layers", []) if not self.rt.images.has_layer(la)]
-        self.cfg = ContainerConfig.from_json(
-            {**cfg.to_json(), "cgroup_parent": self.rt.cgroup_parent}
+        self.cfg = await asyncio.to_thread(  # netlink: not from the event loop
+            netmove.for_this_node,
+            self.rt,
+            ContainerConfig.from_json({**cfg.to_json(), "cgroup_parent": self.rt.cgroup_parent}),
         )
         (self.staging / "criu").mkdir(parents=True)
         (self.staging / "layers").mkdir()
@@ -257,6 +262,8 @@ class DestinationSession:
         self.armed = await asyncio.to_thread(self.rt.arm, self.cfg.id, RESTORER, arg)
         ps = await self._listen_lazy() if self.postcopy else self._start_page_server()
         await asyncio.to_thread(self.rt.wait_armed, self.armed)
+        assert self.cdir is not None
+        await asyncio.to_thread(netmove.prepare_destination, self.rt, self.cdir, self.cfg)
         await self.send("accept", missing_layers=missing, **bulk, **ps)
 
     def _check_patches(self, strategy: str) -> None:
@@ -555,8 +562,9 @@ class DestinationSession:
             raise ProtocolError("resume before the restore was held")
         self.phase = DP.RESUMING
         t0 = time.monotonic()
-        if self.lazy_daemon is not None and self.lazy_daemon.proc.poll() is not None:
+        if self.lazy_daemon is not None and self.lazy_daemon.proc.poll() not in (None, 0):
             # committed on the source, but the pages cannot come: never run on zero-fill
+            # (exit 0: a small container's every page came between the commit and now)
             log.error(
                 "migration.postcopy.daemon_gone",
                 session=self.session,
@@ -639,6 +647,7 @@ class DestinationSession:
             try:
                 c = Container(self.rt, self.cdir.name)
                 if c.status is S.MIGRATING:
+                    await asyncio.to_thread(netmove.discard_destination, self.cdir, c.config)
                     await asyncio.to_thread(shutil.rmtree, self.cdir, True)
             except (FileNotFoundError, ContainerNotFound, JaulaError):
                 pass

@@ -47,7 +47,7 @@ from typing import Any
 
 import structlog
 
-from migrate import criu, image_pack, lazy_conn, portability, rootfs_diff
+from migrate import criu, image_pack, lazy_conn, netmove, portability, rootfs_diff
 from migrate.addresses import endpoint_host
 from migrate.bundle import cpu_flags
 from migrate.checkpoint import DumpPlan, preflight, process_tree, tasks_of
@@ -373,6 +373,7 @@ class SourceSession:
         is stopped (:func:`migrate.checkpoint.stopped_tasks`): CRIU then freezes by ptrace
         in the dump."""
         plan = DumpPlan.of(self.c)
+        await asyncio.to_thread(netmove.lock_source, self.c)  # bridged: its port goes down
         self.t_freeze = time.monotonic()
         self.plan = await asyncio.to_thread(
             plan.freeze, self.c, self.limits.freeze_s(self.memory_bytes)
@@ -512,6 +513,7 @@ class SourceSession:
         )
         c.save()
         self.verdict.set_result(True)
+        await asyncio.to_thread(netmove.remove_source_port, c)  # bridged: down since the freeze
 
     async def _resume(self) -> None:
         """Tell the destination to resume (it decides from our record if this is lost),
@@ -571,6 +573,7 @@ class SourceSession:
                 c.cgroup().thaw()
             except JaulaError as e:
                 log.error("migration.rollback.thaw", error=str(e))
+            await asyncio.to_thread(netmove.unlock_source, c)
             c.refresh()
             if c.status is S.MIGRATING:
                 c.state.status = S.RUNNING

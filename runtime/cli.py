@@ -157,7 +157,18 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     run.add_argument("-w", "--workdir")
     run.add_argument("-u", "--user", help="UID[:GID] or NAME[:GROUP]")
     run.add_argument("--hostname", help="hostname inside (default: the short id)")
-    run.add_argument("--network", default="none", choices=["none", "host"])
+    run.add_argument(
+        "--network",
+        default="none",
+        choices=["bridge", "none", "host"],
+        help="bridge: a veth into the node's bridge with a leased IP; none: only lo (default)",
+    )
+    run.add_argument("--ip", help="IPv4 address on the bridge network (default: a free one)")
+    run.add_argument("--mac-address", help="MAC of eth0 (default: derived from the id)")
+    run.add_argument("--dns", action="append", default=[], help="nameserver for resolv.conf")
+    run.add_argument(
+        "--add-host", action="append", default=[], metavar="NAME:IP", help="line for /etc/hosts"
+    )
     run.add_argument("-v", "--volume", action="append", default=[], help="HOST:CTR[:ro][,shared]")
     run.add_argument("--entrypoint", help="override the image's Entrypoint")
     run.add_argument("--cap-add", action="append", default=[], help="add a capability")
@@ -312,6 +323,10 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
         capabilities=parse_capabilities(a.cap_add, a.cap_drop, a.privileged),
         privileged=a.privileged,
         labels=parse_labels(a.label),
+        ip=a.ip,
+        mac_address=a.mac_address,
+        dns=tuple(a.dns),
+        add_hosts=tuple(a.add_host),
     )
     if a.rm and a.detach:
         raise ConfigError("--rm goes with an attached run, not with -d")

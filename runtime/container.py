@@ -8,6 +8,7 @@ so a failed ``run`` leaves no mount, cgroup, process or directory behind.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import shutil
@@ -33,6 +34,7 @@ from runtime.errors import (
 )
 from runtime.exec_process import exec_in
 from runtime.image import ImageStore
+from runtime.network import LEASES_FILE, Attachment, IpLeases, NetworkConfig
 from runtime.poll import wait_for
 from runtime.rootfs.mounts import secure_join
 from runtime.rootfs.overlay import OverlayLayout, is_mountpoint, mount_overlay, unmount
@@ -48,7 +50,7 @@ from runtime.state import (
     check_transition,
     read_json,
 )
-from runtime.store import CONFIG, EXIT, GO_FIFO, LOG, MONITOR_LOG, STATE, Store, flocked
+from runtime.store import CONFIG, EXIT, GO_FIFO, LOG, MONITOR_LOG, NETNS, STATE, Store, flocked
 
 # Configured by the application, not here (runtime.logconfig.configure_logging: the CLI and the monitor)
 log = structlog.get_logger(__name__)
@@ -86,6 +88,10 @@ class RunOptions:
     capabilities: tuple[str, ...] | None = None
     privileged: bool = False
     labels: tuple[str, ...] = ()
+    ip: str | None = None
+    mac_address: str | None = None
+    dns: tuple[str, ...] = ()
+    add_hosts: tuple[str, ...] = ()
 
 
 class Container:
@@ -253,6 +259,7 @@ class Container:
             if self.state.status is not S.STOPPED:
                 raise ContainerError(f"container {self.name} did not stop", self.id)
             self.save()
+            self._network_down()
             return self.state.exit_code
 
     def _wait_stopped(self, timeout_s: float) -> bool:
@@ -416,8 +423,19 @@ class Container:
             cg.destroy()
         except JaulaError as e:
             errors.append(str(e))
+        errors += list(self._network_down())
         if errors:
             raise ContainerError(f"cleaning up {self.name} failed: " + "; ".join(errors), self.id)
+
+    def _network_down(self) -> tuple[str, ...]:
+        """A bridged container's veth and lease, once its tasks are gone (stop, rm).  The
+        lease follows the id across nodes: one that migrated away (its lease is the
+        destination's now) or an incoming one being discarded (still the source's) keeps
+        it.  Returns the errors."""
+        if self.config.attachment is None or self.state.status is S.MIGRATED:
+            return ()
+        release = self.state.status is not S.MIGRATING
+        return self.rt._detach(self.id, self.config.attachment, release=release)
 
     def inspect(self) -> dict[str, object]:
         """A JSON-able description shaped like ``podman inspect``'s (Id, Name, Created,
@@ -449,7 +467,53 @@ class Container:
             "UpperDir": str(self.upperdir),
             "LogPath": str(self.dir / LOG),
             "CgroupPaths": {k: str(v) for k, v in self.cgroup().paths().items()},
+            "NetworkSettings": _network_settings(self.config),
         }
+
+
+def _network_settings(cfg: ContainerConfig) -> dict[str, object]:
+    """``podman inspect``'s NetworkSettings subset for a bridged container, else empty."""
+    att = cfg.attachment
+    if att is None:
+        return {}
+    return {
+        "IPAddress": att.ip,
+        "IPPrefixLen": att.prefixlen,
+        "Gateway": att.gateway,
+        "MacAddress": att.mac,
+        "Bridge": att.bridge,
+        "HostInterface": att.host_if,
+    }
+
+
+def _check_network_options(rt: Runtime, opts: RunOptions) -> tuple[str | None, str | None]:
+    """Check --ip, --mac-address, --dns, --add-host before anything is made; returns the
+    normalised (ip, mac).  NetworkError naming the bad one."""
+    from runtime.network import NetworkError, check_ip, check_mac
+    from runtime.network.files import check_dns, parse_add_host
+
+    if opts.network != "bridge":
+        given = [
+            flag
+            for flag, v in (
+                ("--ip", opts.ip),
+                ("--mac-address", opts.mac_address),
+                ("--dns", opts.dns),
+                ("--add-host", opts.add_hosts),
+            )
+            if v
+        ]
+        if given:
+            raise NetworkError(f"{given[0]} needs --network bridge (not {opts.network})")
+        return None, None
+    for d in opts.dns:
+        check_dns(d)
+    for h in opts.add_hosts:
+        parse_add_host(h)
+    net = rt.network.validate()
+    ip = check_ip(net, opts.ip) if opts.ip else None
+    mac = check_mac(opts.mac_address) if opts.mac_address else None
+    return ip, mac
 
 
 def _rfc3339(t: float) -> str:
@@ -475,12 +539,34 @@ class Runtime:
         root: Path | None = None,
         cgroup_root: Path = Path("/sys/fs/cgroup"),
         cgroup_parent: str | None = None,
+        network: NetworkConfig | None = None,
+        leases: IpLeases | None = None,
     ) -> None:
         self.store = Store(root)
         self.root = self.store.root
         self.images = ImageStore(self.root)
         self.cgroup_root = cgroup_root
         self.cgroup_parent = cgroup_parent or default_cgroup_parent(self.root)
+        self._network = network
+        self._leases = leases
+
+    @property
+    def network(self) -> NetworkConfig:
+        """This node's bridge network: as given, else ``<root>/network.json``, else the
+        defaults (:class:`runtime.network.NetworkConfig`)."""
+        if self._network is None:
+            self._network = NetworkConfig.load(self.root)
+        return self._network
+
+    @property
+    def leases(self) -> IpLeases:
+        """The IP leases: as given (a node service's cluster state), else a locked file."""
+        if self._leases is None:
+            from runtime.network.ipam import FileLeases
+
+            f = self.network.leases_file
+            self._leases = FileLeases(Path(f) if f else self.root / LEASES_FILE)
+        return self._leases
 
     def get(self, ref: str) -> Container:
         """The container named ``ref`` or whose id (or unique id prefix) is ``ref``."""
@@ -508,8 +594,9 @@ class Runtime:
         user, workdir or command), MountError, CgroupError, ContainerError (the init failed
         to start, with its reason).  On any failure nothing is left behind."""
         require_root()
-        if opts.network not in ("none", "host"):
-            raise ConfigError(f"invalid --network {opts.network!r}: use none or host")
+        if opts.network not in ("none", "host", "bridge"):
+            raise ConfigError(f"invalid --network {opts.network!r}: use bridge, none or host")
+        want_ip, want_mac = _check_network_options(self, opts)
         image = self.images.resolve(opts.image)
         layer_dirs = self.images.layer_dirs(image)
         icfg = image.config
@@ -557,13 +644,22 @@ class Runtime:
         layout = OverlayLayout.in_dir(cdir, layer_dirs)
         mon_pid, mon_start = 0, None
         cg = create_manager(cid, root=self.cgroup_root, parent=self.cgroup_parent)
+        att: Attachment | None = None
         try:
+            if opts.network == "bridge":
+                att = self._attach(cid, want_ip, want_mac, opts)
             mount_overlay(layout)
             user = resolve_user(layout.merged, cfg.user_spec) if cfg.user_spec else User()
             check_command(layout.merged, cfg.args[0], cfg.env, cfg.cwd)
             make_workdir(layout.merged, cfg.cwd, user)
-            cfg = replace(cfg, user=user)
+            cfg = replace(cfg, user=user, attachment=att)
             atomic_write_json(cdir / CONFIG, cfg.to_json())
+            if att is not None:
+                from runtime.network import files, link
+
+                files.write_etc(layout.merged, cfg.hostname, name, att.ip, att.dns, att.add_hosts)
+                link.create_netns(cdir / NETNS)
+                link.plug(att, cdir / NETNS, link.ensure_bridge(self.network))
             cg.create(cfg.resources)
             ctr = Container(self, cid)
             with ctr.locked():
@@ -579,11 +675,60 @@ class Runtime:
                     started_at=time.time(),
                 )
                 ctr.save()
+            if att is not None:  # the init joined it: the namespace now lives as long as it
+                from runtime.network import link
+
+                link.remove_netns(cdir / NETNS)
         except BaseException:
+            if att is not None or (cdir / NETNS).exists():
+                self._detach(cid, att)
             _rollback(cdir, layout, cg, mon_pid, mon_start)
             raise
         log.info("container.started", id=cid[:12], name=name, pid=pid)
         return ctr
+
+    def _attach(
+        self, cid: str, want_ip: str | None, want_mac: str | None, opts: RunOptions
+    ) -> Attachment:
+        """Check the bridge, lease an address; the container's :class:`Attachment`.
+        NetworkError (bridge missing, no address free, address taken)."""
+        from runtime.network import host_if_name, link, mac_from_id
+
+        net = self.network
+        link.ensure_bridge(net)  # before the lease: a missing bridge takes nothing
+        ip = self.leases.lease_ip(net.subnet, cid, want_ip)
+        return Attachment(
+            ip=ip,
+            prefixlen=net.network.prefixlen,
+            gateway=net.gateway_ip,
+            mac=want_mac or mac_from_id(cid),
+            bridge=net.bridge,
+            mtu=net.mtu,
+            host_if=host_if_name(cid),
+            subnet=str(net.network),
+            dns=opts.dns,
+            add_hosts=opts.add_hosts,
+        )
+
+    def _detach(self, cid: str, att: Attachment | None, release: bool = True) -> tuple[str, ...]:
+        """Undo :meth:`_attach` and the plug: unpin the namespace, delete the veth, give the
+        lease back (unless not ``release``).  Returns the errors (logged), never raises."""
+        from runtime.network import NetworkError, host_if_name, link
+
+        errors: builtins.list[str] = []
+        try:
+            link.remove_netns(self.store.container_dir(cid) / NETNS)
+            link.delete_link(att.host_if if att else host_if_name(cid))
+        except (NetworkError, OSError) as e:
+            errors.append(str(e))
+        if att is not None and release:
+            try:
+                self.leases.release_ip(att.subnet or self.network.subnet, cid)
+            except (JaulaError, OSError) as e:
+                errors.append(f"cannot release {att.ip}: {e}")
+        for msg in errors:
+            log.error("network.detach", id=cid[:12], error=msg)
+        return tuple(errors)
 
     def adopt(
         self, cfg: ContainerConfig, state: State, *, replace_departed: bool = False

@@ -35,9 +35,18 @@ from runtime.spec import ContainerConfig
 
 
 def run_init(
-    cfg: ContainerConfig, rootfs: str, start_r: int, err_w: int, stdout_w: int, stderr_w: int
+    cfg: ContainerConfig,
+    rootfs: str,
+    start_r: int,
+    err_w: int,
+    stdout_w: int,
+    stderr_w: int,
+    netns: str | None = None,
 ) -> NoReturn:
     """Become the container init and exec its program; never returns.
+
+    ``netns``: a net namespace to join (``--network bridge``: made and plugged by the
+    runtime, runtime.network.link) instead of making one.
 
     On failure writes ``"<step>: <reason>"`` to ``err_w`` and exits 127."""
     step = "wait for the monitor"
@@ -48,14 +57,20 @@ def run_init(
         os.setsid()
         step = "create namespaces"
         flags = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
-        if cfg.network != "host":
+        if netns is not None:
+            step = "join the net namespace"
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            sc.setns(fd, sc.CLONE_NEWNET)
+            os.close(fd)
+            step = "create namespaces"
+        elif cfg.network != "host":
             flags |= sc.CLONE_NEWNET
         sc.unshare(flags)
         step = "make mounts private"
         sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
         step = "set the hostname"
         socket.sethostname(cfg.hostname or cfg.id[:12])
-        if cfg.network != "host":
+        if cfg.network == "none":
             step = "bring lo up"
             sc.link_up("lo")
         step = "mount the container filesystems"

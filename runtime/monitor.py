@@ -33,7 +33,7 @@ from runtime.logconfig import configure_logging
 from runtime.rootfs.overlay import unmount
 from runtime.spec import ContainerConfig
 from runtime.state import ExitRecord, atomic_write_json
-from runtime.store import ARMED_MARK, CONFIG, EXIT, GO_FIFO, LOG
+from runtime.store import ARMED_MARK, CONFIG, EXIT, GO_FIFO, LOG, NETNS
 
 _PARTIAL_FLUSH = 16 * 1024
 
@@ -108,7 +108,8 @@ def main(argv: list[str]) -> int:
         os.close(sync_fd)
         for fd in (out_r, err_r, start_w, fail_r):
             os.close(fd)
-        run_init(cfg, str(cdir / "merged"), start_r, fail_w, out_w, err_w)
+        netns = str(cdir / NETNS) if cfg.network == "bridge" else None
+        run_init(cfg, str(cdir / "merged"), start_r, fail_w, out_w, err_w, netns)
     for fd in (out_w, err_w, start_r, fail_w):
         os.close(fd)
     try:

@@ -15,6 +15,7 @@ from typing import Any
 
 from runtime.cgroups import Resources
 from runtime.errors import ConfigError
+from runtime.network import Attachment
 
 #: Capabilities a container keeps by default: Podman's default set (containers.conf
 #: ``default_capabilities``), which is runc's minus AUDIT_WRITE, MKNOD and NET_RAW.
@@ -141,8 +142,9 @@ class ContainerConfig:
         layers: layer ids bottom -> top (see :class:`runtime.image.ImageStore`).
         args: argv of the init (entrypoint + cmd, resolved); env: ``K=V`` strings.
         cwd: working directory inside the container; user: uid/gid it runs as.
-        hostname: the UTS hostname; network: ``none`` (own net namespace with lo) or
-            ``host``.
+        hostname: the UTS hostname; network: ``none`` (own net namespace with lo),
+            ``host``, or ``bridge`` (a veth into the node's bridge: ``attachment``).
+        attachment: a bridged container's address, MAC and bridge (runtime.network).
         resources: cgroup limits; mounts: bind mounts; capabilities: names kept.
         privileged: keep every capability and mask nothing.
         stop_signal: signal number ``stop`` sends first.
@@ -164,6 +166,7 @@ class ContainerConfig:
     user_spec: str = ""
     hostname: str = ""
     network: str = "none"
+    attachment: Attachment | None = None
     resources: Resources = field(default_factory=Resources)
     mounts: tuple[Mount, ...] = ()
     capabilities: tuple[str, ...] = DEFAULT_CAPABILITIES
@@ -192,6 +195,8 @@ class ContainerConfig:
         d["mounts"] = tuple(Mount(**m) for m in d.get("mounts", ()))
         d["capabilities"] = tuple(d.get("capabilities", DEFAULT_CAPABILITIES))
         d["labels"] = tuple(d.get("labels", ()))
+        att = d.get("attachment")
+        d["attachment"] = Attachment.from_json(att) if att else None
         return cls(**d)
 
 

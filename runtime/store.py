@@ -58,6 +58,7 @@ LOCK = "lock"
 LOG = "ctr.log"
 MONITOR_LOG = "monitor.log"
 GO_FIFO = "go.fifo"
+NETNS = "netns"  # a bridged container's net namespace, pinned until its init joined it
 ARMED_MARK = "armed"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_NEW_DIR = "checkpoint.new"
