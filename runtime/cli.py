@@ -25,6 +25,7 @@ from runtime.errors import CommandNotExecutable, CommandNotFound, ConfigError, J
 from runtime.image.store import ImportProgress
 from runtime.logconfig import configure_logging
 from runtime.logs import read_log, write_record
+from runtime.seccomp_filter import parse_security_opts
 from runtime.spec import (
     parse_capabilities,
     parse_cpus,
@@ -158,6 +159,12 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     )
     run.add_argument(
         "--privileged", action="store_true", help="keep all capabilities, mask nothing"
+    )
+    run.add_argument(
+        "--security-opt",
+        action="append",
+        default=[],
+        help="seccomp=unconfined or seccomp=PROFILE.json (default: Podman's profile)",
     )
     run.add_argument("image", help="image name, id or id prefix")
     run.add_argument(
@@ -303,6 +310,7 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
         mounts=tuple(parse_volume(v) for v in a.volume),
         capabilities=parse_capabilities(a.cap_add, a.cap_drop, a.privileged),
         privileged=a.privileged,
+        seccomp=parse_security_opts(a.security_opt, a.privileged),
     )
     if a.rm and a.detach:
         raise ConfigError("--rm goes with an attached run, not with -d")

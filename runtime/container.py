@@ -85,6 +85,7 @@ class RunOptions:
     mounts: tuple[Mount, ...] = ()
     capabilities: tuple[str, ...] | None = None
     privileged: bool = False
+    seccomp: str = "default"
 
 
 class Container:
@@ -331,6 +332,7 @@ class Container:
             cfg.capabilities,
             detach,
             self.id,
+            cfg.seccomp,
         )
 
     def delete(self, force: bool = False) -> None:
@@ -546,6 +548,7 @@ class Runtime:
                     DEFAULT_CAPABILITIES if opts.capabilities is None else opts.capabilities
                 ),
                 privileged=opts.privileged,
+                seccomp=opts.seccomp,
                 stop_signal=_stop_signal(icfg.stop_signal),
                 cgroup_parent=self.cgroup_parent,
                 created_at=time.time(),

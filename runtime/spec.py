@@ -148,6 +148,8 @@ class ContainerConfig:
         stop_signal: signal number ``stop`` sends first.
         cgroup_parent: directory under each cgroup hierarchy holding the container's.
         created_at: seconds since the epoch.
+        seccomp: ``default`` (Podman's profile), ``unconfined``, or a profile's JSON text
+            (see :mod:`runtime.seccomp_filter`).
     """
 
     id: str
@@ -169,6 +171,7 @@ class ContainerConfig:
     stop_signal: int = 15
     cgroup_parent: str = "jaula"
     created_at: float = 0.0
+    seccomp: str = "default"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
