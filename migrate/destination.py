@@ -54,8 +54,9 @@ from migrate.protocol import (
 from migrate.restorer import FAILED_RESTORE_GRACE_S, kill_restored_tree
 from migrate.scratch import remove_scratch, scratch_dir
 from migrate.stream import FileReceiver, IncomingFile
+from runtime import quota
 from runtime.container import ArmedRestore, Container, Runtime
-from runtime.errors import ContainerExists, ContainerNotFound, JaulaError
+from runtime.errors import ConfigError, ContainerExists, ContainerNotFound, JaulaError
 from runtime.spec import ContainerConfig
 from runtime.state import (
     ContainerStatus,
@@ -232,6 +233,11 @@ class DestinationSession:
             )
         )
         self._check_space_and_names(cfg)
+        if cfg.storage_size_bytes:
+            try:
+                quota.check_supported(self.rt.root)
+            except ConfigError as e:
+                raise PreflightError(f"the destination cannot keep the disk quota: {e}") from None
         if "needs" in o:  # what this node must give it: volumes, ports, memory
             from migrate.portability import NodeNeeds, check_needs
 
@@ -415,6 +421,8 @@ class DestinationSession:
         if f.name == "rootfs-base.tar" and self.cdir is not None:
             # Unpack the pre-copied upperdir now, while the source still runs: only the
             # delta is left for the downtime.
+            size = self.cfg.storage_size_bytes if self.cfg is not None else None
+            await asyncio.to_thread(quota.prepare_dirs, self.cdir, size)
             await asyncio.to_thread(rootfs_diff.extract, path, self.cdir / UPPER)
             os.unlink(path)
         if f.name == "criu-images.tar":  # the small CRIU images, packed (migrate.image_pack)

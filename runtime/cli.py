@@ -25,6 +25,7 @@ from runtime.errors import CommandNotExecutable, CommandNotFound, ConfigError, J
 from runtime.image.store import ImportProgress
 from runtime.logconfig import configure_logging
 from runtime.logs import read_log, write_record
+from runtime.quota import parse_storage_opts
 from runtime.seccomp_filter import parse_security_opts
 from runtime.spec import (
     parse_capabilities,
@@ -165,6 +166,12 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
         action="append",
         default=[],
         help="seccomp=unconfined or seccomp=PROFILE.json (default: Podman's profile)",
+    )
+    run.add_argument(
+        "--storage-opt",
+        action="append",
+        default=[],
+        help="size=SIZE: disk quota of the container's writable layer (project quotas)",
     )
     run.add_argument("image", help="image name, id or id prefix")
     run.add_argument(
@@ -311,6 +318,7 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
         capabilities=parse_capabilities(a.cap_add, a.cap_drop, a.privileged),
         privileged=a.privileged,
         seccomp=parse_security_opts(a.security_opt, a.privileged),
+        storage_size_bytes=parse_storage_opts(a.storage_opt),
     )
     if a.rm and a.detach:
         raise ConfigError("--rm goes with an attached run, not with -d")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import structlog
 
+from runtime import quota
 from runtime import syscalls as sc
 from runtime.cgroups import CgroupManager, Resources, create_manager
 from runtime.errors import (
@@ -86,6 +87,7 @@ class RunOptions:
     capabilities: tuple[str, ...] | None = None
     privileged: bool = False
     seccomp: str = "default"
+    storage_size_bytes: int | None = None
 
 
 class Container:
@@ -417,6 +419,10 @@ class Container:
             cg.destroy()
         except JaulaError as e:
             errors.append(str(e))
+        try:
+            quota.release(self.dir, self.config.storage_size_bytes)
+        except OSError as e:
+            errors.append(f"cannot clear the disk quota of {self.dir}: {e.strerror}")
         if errors:
             raise ContainerError(f"cleaning up {self.name} failed: " + "; ".join(errors), self.id)
 
@@ -525,6 +531,8 @@ class Runtime:
         from runtime.spec import DEFAULT_CAPABILITIES
 
         env = parse_env(list(opts.env), tuple(icfg.env))  # may raise: before anything is made
+        if opts.storage_size_bytes:
+            quota.check_supported(self.root)
         with self.store.lock():
             name = opts.name or self.store.new_name()
             self.store.check_name(name)
@@ -549,6 +557,7 @@ class Runtime:
                 ),
                 privileged=opts.privileged,
                 seccomp=opts.seccomp,
+                storage_size_bytes=opts.storage_size_bytes,
                 stop_signal=_stop_signal(icfg.stop_signal),
                 cgroup_parent=self.cgroup_parent,
                 created_at=time.time(),
@@ -559,6 +568,7 @@ class Runtime:
         mon_pid, mon_start = 0, None
         cg = create_manager(cid, root=self.cgroup_root, parent=self.cgroup_parent)
         try:
+            quota.prepare_dirs(cdir, cfg.storage_size_bytes)
             mount_overlay(layout)
             user = resolve_user(layout.merged, cfg.user_spec) if cfg.user_spec else User()
             check_command(layout.merged, cfg.args[0], cfg.env, cfg.cwd)

@@ -150,6 +150,8 @@ class ContainerConfig:
         created_at: seconds since the epoch.
         seccomp: ``default`` (Podman's profile), ``unconfined``, or a profile's JSON text
             (see :mod:`runtime.seccomp_filter`).
+        storage_size_bytes: ``--storage-opt size=``, the quota of the writable layer
+            (:mod:`runtime.quota`); None: no limit.
     """
 
     id: str
@@ -172,6 +174,7 @@ class ContainerConfig:
     cgroup_parent: str = "jaula"
     created_at: float = 0.0
     seccomp: str = "default"
+    storage_size_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
