@@ -56,7 +56,7 @@ from migrate.scratch import remove_scratch, scratch_dir
 from migrate.stream import FileReceiver, IncomingFile
 from runtime import quota
 from runtime.container import ArmedRestore, Container, Runtime
-from runtime.errors import ConfigError, ContainerExists, ContainerNotFound, JaulaError
+from runtime.errors import CgroupError, ConfigError, ContainerExists, ContainerNotFound, JaulaError
 from runtime.spec import ContainerConfig
 from runtime.state import (
     ContainerStatus,
@@ -238,6 +238,11 @@ class DestinationSession:
                 quota.check_supported(self.rt.root)
             except ConfigError as e:
                 raise PreflightError(f"the destination cannot keep the disk quota: {e}") from None
+        for lim in cfg.resources.io_limits:  # resolved by path here, as the cgroup will be
+            try:
+                lim.device_numbers()
+            except CgroupError as e:
+                raise PreflightError(f"the destination cannot keep an I/O limit: {e}") from None
         if "needs" in o:  # what this node must give it: volumes, ports, memory
             from migrate.portability import NodeNeeds, check_needs
 

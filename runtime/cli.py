@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
-from runtime.cgroups import Resources
+from runtime.cgroups import IO_KINDS, Resources
 from runtime.container import Container, RunOptions, Runtime, require_root
 from runtime.errors import CommandNotExecutable, CommandNotFound, ConfigError, JaulaError
 from runtime.image.store import ImportProgress
@@ -30,6 +30,7 @@ from runtime.seccomp_filter import parse_security_opts
 from runtime.spec import (
     parse_capabilities,
     parse_cpus,
+    parse_device_limit,
     parse_memory,
     parse_pids_limit,
     parse_signal,
@@ -167,6 +168,11 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
         default=[],
         help="seccomp=unconfined or seccomp=PROFILE.json (default: Podman's profile)",
     )
+    for kind, (_, _, flag) in IO_KINDS.items():
+        unit = "bytes/s, e.g. /dev/sda:1mb" if kind.endswith("bps") else "operations/s"
+        run.add_argument(
+            flag, action="append", default=[], dest=kind, help=f"PATH:RATE, limit ({unit})"
+        )
     run.add_argument(
         "--storage-opt",
         action="append",
@@ -313,6 +319,9 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
             memory_bytes=parse_memory(a.memory) if a.memory else None,
             cpu_quota_us=parse_cpus(a.cpus) if a.cpus else None,
             pids_max=parse_pids_limit(a.pids_limit) if a.pids_limit else None,
+            io_limits=tuple(
+                parse_device_limit(v, kind) for kind in IO_KINDS for v in getattr(a, kind)
+            ),
         ),
         mounts=tuple(parse_volume(v) for v in a.volume),
         capabilities=parse_capabilities(a.cap_add, a.cap_drop, a.privileged),

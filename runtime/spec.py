@@ -13,8 +13,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from runtime.cgroups import Resources
-from runtime.errors import ConfigError
+from runtime.cgroups import IO_KINDS, IoLimit, Resources
+from runtime.errors import CgroupError, ConfigError
 
 #: Capabilities a container keeps by default: Podman's default set (containers.conf
 #: ``default_capabilities``), which is runc's minus AUDIT_WRITE, MKNOD and NET_RAW.
@@ -221,6 +221,31 @@ def parse_cpus(value: str) -> int:
     return round(f * 100_000)
 
 
+def parse_device_limit(value: str, kind: str) -> IoLimit:
+    """Parse ``--device-{read,write}-{bps,iops} PATH:RATE`` (``kind`` a key of
+    :data:`runtime.cgroups.IO_KINDS`): RATE in bytes per second with an optional k/m/g unit
+    (``1mb``, ``512k``) for ``*_bps``, a whole number of operations per second for
+    ``*_iops``.  PATH must be a block device here.  Raises ConfigError."""
+    flag = IO_KINDS[kind][2]
+    path, sep, rate = value.rpartition(":")
+    form = "PATH:RATE (e.g. /dev/sda:1mb)" if kind.endswith("bps") else "PATH:N (e.g. /dev/sda:100)"
+    if not sep or not path.startswith("/") or not rate:
+        raise ConfigError(f"invalid {flag} {value!r}: use {form}")
+    if kind.endswith("bps"):
+        m = _SIZE_RE.match(rate.strip())
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()]) if m else 0
+    else:
+        n = int(rate) if rate.isdigit() else 0
+    if n <= 0:
+        raise ConfigError(f"invalid {flag} {value!r}: the rate must be positive; use {form}")
+    lim = IoLimit(path, kind, n)
+    try:
+        lim.device_numbers()
+    except CgroupError as e:
+        raise ConfigError(str(e)) from None
+    return lim
+
+
 def parse_pids_limit(value: str) -> int | None:
     """Parse ``--pids-limit N``; 0 or -1 mean unlimited (as Podman)."""
     try:
@@ -351,6 +376,7 @@ __all__ = [
     "capability_mask",
     "parse_capabilities",
     "parse_cpus",
+    "parse_device_limit",
     "parse_env",
     "parse_memory",
     "parse_pids_limit",

@@ -22,6 +22,8 @@ Files (Documentation/admin-guide/cgroup-v1/):
 - ``cpu.cfs_period_us``, ``cpu.cfs_quota_us`` (Documentation/scheduler/sched-bwc.rst,
   "Management"), ``cpuacct.usage`` in ns (cpuacct.rst);
 - ``pids.max``, ``pids.current`` (pids.rst, "Usage");
+- ``blkio.throttle.{read,write}_{bps,iops}_device``, ``MAJ:MIN VALUE`` per device
+  (blkio-controller.rst, "Throttling/Upper limit policy");
 - ``freezer.state`` THAWED/FREEZING/FROZEN (freezer-subsystem.rst);
 - ``cgroup.procs`` (cgroups.rst, "2.2 Attaching processes": writing a pid moves its whole
   thread group).
@@ -35,6 +37,7 @@ import time
 from pathlib import Path
 
 from runtime.cgroups import (
+    IO_KINDS,
     V1_CONTROLLERS,
     CgroupMode,
     CgroupStats,
@@ -149,6 +152,9 @@ class V1Manager:
         for controller, value in needs.items():
             if value is not None:
                 self._dir(controller, f"apply the {controller} limit {value}")
+        if resources.io_limits:
+            self._dir("blkio", "apply the block-I/O limits")
+        io_lines = [(lim, lim.device_numbers()) for lim in resources.io_limits]
         for mount in dict.fromkeys(self._mounts.values()):
             fs.make_dirs(mount, self.relpath)
         paths = self.paths()
@@ -161,6 +167,8 @@ class V1Manager:
                 paths["pids"] / "pids.max",
                 "max" if resources.pids_max is None else resources.pids_max,
             )
+        for lim, (major, minor) in io_lines:
+            fs.write(paths["blkio"] / IO_KINDS[lim.kind][0], f"{major}:{minor} {lim.value}")
 
     @staticmethod
     def _set_memory(path: Path, limit_bytes: int | None) -> None:
