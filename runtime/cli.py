@@ -28,6 +28,7 @@ from runtime.logs import read_log, write_record
 from runtime.quota import parse_storage_opts
 from runtime.seccomp_filter import parse_security_opts
 from runtime.spec import (
+    parse_blkio_weight,
     parse_capabilities,
     parse_cpus,
     parse_device_limit,
@@ -173,6 +174,7 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
         run.add_argument(
             flag, action="append", default=[], dest=kind, help=f"PATH:RATE, limit ({unit})"
         )
+    run.add_argument("--blkio-weight", help="block-I/O weight, 10 to 1000 (BFQ devices)")
     run.add_argument(
         "--storage-opt",
         action="append",
@@ -319,6 +321,7 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
             memory_bytes=parse_memory(a.memory) if a.memory else None,
             cpu_quota_us=parse_cpus(a.cpus) if a.cpus else None,
             pids_max=parse_pids_limit(a.pids_limit) if a.pids_limit else None,
+            blkio_weight=parse_blkio_weight(a.blkio_weight) if a.blkio_weight else None,
             io_limits=tuple(
                 parse_device_limit(v, kind) for kind in IO_KINDS for v in getattr(a, kind)
             ),

@@ -246,6 +246,13 @@ def parse_device_limit(value: str, kind: str) -> IoLimit:
     return lim
 
 
+def parse_blkio_weight(value: str) -> int:
+    """Parse ``--blkio-weight N``: 10..1000, as Podman.  Raises ConfigError."""
+    if not value.isdigit() or not 10 <= int(value) <= 1000:
+        raise ConfigError(f"invalid --blkio-weight {value!r}: use a whole number from 10 to 1000")
+    return int(value)
+
+
 def parse_pids_limit(value: str) -> int | None:
     """Parse ``--pids-limit N``; 0 or -1 mean unlimited (as Podman)."""
     try:
@@ -374,6 +381,7 @@ __all__ = [
     "Mount",
     "User",
     "capability_mask",
+    "parse_blkio_weight",
     "parse_capabilities",
     "parse_cpus",
     "parse_device_limit",

@@ -96,6 +96,9 @@ class Resources:
         pids_max: maximum number of tasks (``pids.max``).
         io_limits: block-I/O throttles (v1 ``blkio.throttle.*_device``, v2 ``io.max``);
             see :class:`IoLimit`.
+        blkio_weight: ``--blkio-weight`` 10..1000, the proportional share of disk time
+            (v1 ``blkio.weight`` or BFQ's ``blkio.bfq.weight``; v2 ``io.bfq.weight``, else
+            ``io.weight``); it acts only on devices whose scheduler is BFQ (or with io.cost).
     """
 
     memory_bytes: int | None = None
@@ -103,6 +106,7 @@ class Resources:
     cpu_period_us: int = 100_000
     pids_max: int | None = None
     io_limits: tuple[IoLimit, ...] = ()
+    blkio_weight: int | None = None
 
     def __post_init__(self) -> None:
         # from JSON (config.json, a bundle's manifest): a list of dicts
@@ -131,6 +135,8 @@ class Resources:
             problems.append(f"cpu_period_us={self.cpu_period_us} must be in 1000..1000000")
         if self.cpu_quota_us is not None and self.cpu_quota_us < 1_000:
             problems.append(f"cpu_quota_us={self.cpu_quota_us} must be >= 1000")
+        if self.blkio_weight is not None and not 10 <= self.blkio_weight <= 1000:
+            problems.append(f"--blkio-weight {self.blkio_weight} must be in 10..1000")
         for lim in self.io_limits:
             if lim.kind not in IO_KINDS:
                 problems.append(f"io limit kind {lim.kind!r} must be one of {', '.join(IO_KINDS)}")

@@ -152,7 +152,7 @@ class V1Manager:
         for controller, value in needs.items():
             if value is not None:
                 self._dir(controller, f"apply the {controller} limit {value}")
-        if resources.io_limits:
+        if resources.io_limits or resources.blkio_weight is not None:
             self._dir("blkio", "apply the block-I/O limits")
         io_lines = [(lim, lim.device_numbers()) for lim in resources.io_limits]
         for mount in dict.fromkeys(self._mounts.values()):
@@ -167,6 +167,16 @@ class V1Manager:
                 paths["pids"] / "pids.max",
                 "max" if resources.pids_max is None else resources.pids_max,
             )
+        if resources.blkio_weight is not None:
+            names = ("blkio.weight", "blkio.bfq.weight")
+            found = [paths["blkio"] / n for n in names if (paths["blkio"] / n).exists()]
+            if not found:
+                raise CgroupError(
+                    f"--blkio-weight needs {' or '.join(names)} in {paths['blkio']} (CFQ or "
+                    "BFQ group scheduling in the kernel): drop the weight",
+                    path=str(paths["blkio"]),
+                )
+            fs.write(found[0], resources.blkio_weight)
         for lim, (major, minor) in io_lines:
             fs.write(paths["blkio"] / IO_KINDS[lim.kind][0], f"{major}:{minor} {lim.value}")
 

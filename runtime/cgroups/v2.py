@@ -72,6 +72,8 @@ class V2Manager:
             )
         if resources.pids_max is not None:
             needs["pids"] = f"pids limit of {resources.pids_max}"
+        if resources.blkio_weight is not None:
+            needs["io"] = f"--blkio-weight {resources.blkio_weight}"
         if resources.io_limits:
             needs["io"] = (
                 "block-I/O limits ("
@@ -140,6 +142,11 @@ class V2Manager:
             fs.write(path / "cpu.max", f"{quota} {resources.cpu_period_us}")
         if (path / "pids.max").exists():
             fs.write(path / "pids.max", "max" if resources.pids_max is None else resources.pids_max)
+        if resources.blkio_weight is not None:
+            if (path / "io.bfq.weight").exists():
+                fs.write(path / "io.bfq.weight", resources.blkio_weight)
+            else:
+                fs.write(path / "io.weight", f"default {resources.blkio_weight}")
         per_device: dict[tuple[int, int], list[str]] = {}
         for lim in resources.io_limits:
             per_device.setdefault(lim.device_numbers(), []).append(

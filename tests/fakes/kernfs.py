@@ -40,9 +40,12 @@ V1_FILES: dict[str, dict[str, str]] = {
     "pids": {"pids.max": "max", "pids.current": "0"},
     "freezer": {"freezer.state": "THAWED"},
     "blkio": {
-        f"blkio.throttle.{rw}_{unit}_device": ""
-        for rw in ("read", "write")
-        for unit in ("bps", "iops")
+        **{
+            f"blkio.throttle.{rw}_{unit}_device": ""
+            for rw in ("read", "write")
+            for unit in ("bps", "iops")
+        },
+        "blkio.bfq.weight": "100",
     },
 }
 
@@ -65,7 +68,7 @@ V2_FILES: dict[str, dict[str, str]] = {
     },
     "cpu": {"cpu.max": "max 100000", "cpu.weight": "100"},
     "pids": {"pids.max": "max", "pids.current": "0"},
-    "io": {"io.max": "", "io.stat": ""},
+    "io": {"io.max": "", "io.stat": "", "io.bfq.weight": "default 100"},
 }
 
 

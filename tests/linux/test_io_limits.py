@@ -94,6 +94,7 @@ def test_write_bps_bites_after_restore_and_a_move(py: Jaula, py2: Jaula, tmp_pat
         (("--device-write-bps", "/dev/null"), "PATH:RATE"),
         (("--device-write-iops", "/dev/null:lots"), "PATH:N"),
         (("--device-read-bps", "/dev/null:0"), "must be positive"),
+        (("--blkio-weight", "5"), "10 to 1000"),
     ],
 )
 def test_bad_io_limits_are_refused_in_one_line(
@@ -104,3 +105,12 @@ def test_bad_io_limits_are_refused_in_one_line(
     assert len(p.stderr.strip().splitlines()) == 1 and words in p.stderr, p.stderr
     assert args[0] in p.stderr, p.stderr
     assert py.container_ids() == []
+
+
+def test_blkio_weight_reaches_the_cgroup(py: Jaula) -> None:
+    py.run("run", "-d", "--name", "w", "--blkio-weight", "300", "jaula-python", "sleep", "100")
+    paths = inspect(py, "w")["CgroupPaths"]
+    d = Path(paths.get("blkio") or paths[""])
+    files = ("blkio.weight", "blkio.bfq.weight", "io.bfq.weight", "io.weight")
+    got = [(d / f).read_text().split()[-1] for f in files if (d / f).exists()]
+    assert got and got[0] == "300", got

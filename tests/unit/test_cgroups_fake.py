@@ -481,3 +481,15 @@ def test_io_limits_without_the_controller_are_refused(
         V2Manager(kernfs.v2("cpu memory pids"), "jaula/c1").create(Resources(io_limits=lims))
     with pytest.raises(CgroupError, match="'blkio' is not mounted"):
         V1Manager(kernfs.v1("cpu", "memory"), "jaula/c2").create(Resources(io_limits=lims))
+
+
+def test_blkio_weight_goes_to_the_bfq_weight(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("cpu", "cpuacct", "memory", "pids", "freezer", "blkio")
+    V1Manager(root, "jaula/c1", CgroupMode.HYBRID).create(Resources(blkio_weight=300))
+    assert kernfs.written("blkio/") == [("blkio/jaula/c1/blkio.bfq.weight", "300")]
+    V2Manager(kernfs.v2("cpu io memory pids", at="v2"), "jaula/c2").create(
+        Resources(blkio_weight=300)
+    )
+    assert ("v2/jaula/c2/io.bfq.weight", "300") in kernfs.writes
+    with pytest.raises(CgroupError, match="must be in 10..1000"):
+        Resources(blkio_weight=5).validate()
