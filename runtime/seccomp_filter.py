@@ -252,7 +252,8 @@ def build(prof: dict[str, Any], capabilities: frozenset[str]) -> Any:
     except RuntimeError as e:
         raise ConfigError(f"cannot add the profile's architectures: {e}") from None
     go_arch = _GO_ARCH.get(os.uname().machine, os.uname().machine)
-    rules = prof.get("syscalls") or []
+    rules = prof.get("syscalls")
+    rules = [] if rules is None else rules
     if not isinstance(rules, list):
         raise ConfigError("syscalls must be a list of rules")
     for i, rule in enumerate(rules):
