@@ -242,11 +242,16 @@ def create_manager(
 #: v1 controllers jaula puts a container in (those the host mounts; others are skipped).
 #: Single names: "cpu" and "cpuacct" may be separate hierarchies or co-mounted as
 #: "cpu,cpuacct"; the v1 driver finds either (see :func:`runtime.cgroups.v1.find_v1_mounts`).
-V1_CONTROLLERS: tuple[str, ...] = ("blkio", "cpu", "cpuacct", "freezer", "memory", "pids")
+V1_CONTROLLERS: tuple[str, ...] = ("cpu", "cpuacct", "freezer", "memory", "pids")
+#: v1 controllers a container is put in only when its limits need them (blkio: I/O limits),
+#: or when its directory there already exists (made by an earlier ``create``), so that every
+#: later manager of the same container (monitor, restorer, teardown) sees the same set.
+V1_OPTIONAL_CONTROLLERS: tuple[str, ...] = ("blkio",)
 
 __all__ = [
     "IO_KINDS",
     "V1_CONTROLLERS",
+    "V1_OPTIONAL_CONTROLLERS",
     "CgroupManager",
     "CgroupMode",
     "CgroupStats",

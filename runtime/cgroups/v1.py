@@ -39,6 +39,7 @@ from pathlib import Path
 from runtime.cgroups import (
     IO_KINDS,
     V1_CONTROLLERS,
+    V1_OPTIONAL_CONTROLLERS,
     CgroupMode,
     CgroupStats,
     FreezerState,
@@ -103,6 +104,11 @@ class V1Manager:
         mounts = find_v1_mounts(root)
         #: controller -> its hierarchy's mount dir, for the wanted controllers that are mounted
         self._mounts = {c: mounts[c] for c in controllers if c in mounts}
+        #: optional controllers mounted here, added by create() when a limit needs them
+        self._optional = {c: mounts[c] for c in V1_OPTIONAL_CONTROLLERS if c in mounts}
+        for c, mount in self._optional.items():
+            if c not in self._mounts and (mount / relpath).is_dir():
+                self._mounts[c] = mount
 
     # --- paths ---
 
@@ -153,6 +159,8 @@ class V1Manager:
             if value is not None:
                 self._dir(controller, f"apply the {controller} limit {value}")
         if resources.io_limits or resources.blkio_weight is not None:
+            if "blkio" in self._optional:
+                self._mounts.setdefault("blkio", self._optional["blkio"])
             self._dir("blkio", "apply the block-I/O limits")
         io_lines = [(lim, lim.device_numbers()) for lim in resources.io_limits]
         for mount in dict.fromkeys(self._mounts.values()):

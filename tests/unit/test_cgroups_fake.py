@@ -145,10 +145,10 @@ def test_v1_create_writes_limits_separate_cpu_cpuacct(kernfs: FakeKernfs) -> Non
     ]
     assert kernfs.written("pids/") == [("pids/jaula/c1/pids.max", "5")]
     assert (root / "cpuacct/jaula/c1").is_dir() and (root / "freezer/jaula/c1").is_dir()
-    # blkio too (for --device-*-bps/iops), with nothing written when no I/O limit is set
-    assert (root / "blkio/jaula/c1").is_dir() and kernfs.written("blkio/") == []
+    # not in blkio: only a container with I/O limits goes there
+    assert not (root / "blkio/jaula").exists()
     assert mgr.paths() == {
-        c: root / c / "jaula/c1" for c in ("blkio", "cpu", "cpuacct", "freezer", "memory", "pids")
+        c: root / c / "jaula/c1" for c in ("cpu", "cpuacct", "freezer", "memory", "pids")
     }
 
 
@@ -452,6 +452,9 @@ def test_v1_io_limits_go_to_the_blkio_throttle_files(
     root = kernfs.v1("cpu", "cpuacct", "memory", "pids", "freezer", "blkio")
     lims = (IoLimit("/dev/x", "write_bps", 1 << 20), IoLimit("/dev/x", "read_iops", 50))
     V1Manager(root, "jaula/c1", CgroupMode.HYBRID).create(Resources(io_limits=lims))
+    # a later manager of the same container (monitor, teardown) finds its blkio dir
+    assert "blkio" in V1Manager(root, "jaula/c1", CgroupMode.HYBRID).paths()
+    assert "blkio" not in V1Manager(root, "jaula/c9", CgroupMode.HYBRID).paths()
     assert kernfs.written("blkio/") == [
         ("blkio/jaula/c1/blkio.throttle.write_bps_device", f"7:3 {1 << 20}"),
         ("blkio/jaula/c1/blkio.throttle.read_iops_device", "7:3 50"),
