@@ -54,8 +54,9 @@ from migrate.protocol import (
 from migrate.restorer import FAILED_RESTORE_GRACE_S, kill_restored_tree
 from migrate.scratch import remove_scratch, scratch_dir
 from migrate.stream import FileReceiver, IncomingFile
+from runtime import quota
 from runtime.container import ArmedRestore, Container, Runtime
-from runtime.errors import ContainerExists, ContainerNotFound, JaulaError
+from runtime.errors import CgroupError, ConfigError, ContainerExists, ContainerNotFound, JaulaError
 from runtime.network import link as _netlink  # noqa: F401 - pyroute2 (~0.5 s) at start-up, not in an offer
 from runtime.spec import ContainerConfig
 from runtime.state import (
@@ -235,6 +236,16 @@ class DestinationSession:
         self._check_space_and_names(cfg)
         if why := await asyncio.to_thread(netmove.check_destination, self.rt, cfg):
             raise PreflightError(f"cannot take {cfg.name}'s network here: {why}")
+        if cfg.storage_size_bytes:
+            try:
+                quota.check_supported(self.rt.root)
+            except ConfigError as e:
+                raise PreflightError(f"the destination cannot keep the disk quota: {e}") from None
+        for lim in cfg.resources.io_limits:  # resolved by path here, as the cgroup will be
+            try:
+                lim.device_numbers()
+            except CgroupError as e:
+                raise PreflightError(f"the destination cannot keep an I/O limit: {e}") from None
         if "needs" in o:  # what this node must give it: volumes, ports, memory
             from migrate.portability import NodeNeeds, check_needs
 
@@ -422,6 +433,8 @@ class DestinationSession:
         if f.name == "rootfs-base.tar" and self.cdir is not None:
             # Unpack the pre-copied upperdir now, while the source still runs: only the
             # delta is left for the downtime.
+            size = self.cfg.storage_size_bytes if self.cfg is not None else None
+            await asyncio.to_thread(quota.prepare_dirs, self.cdir, size)
             await asyncio.to_thread(rootfs_diff.extract, path, self.cdir / UPPER)
             os.unlink(path)
         if f.name == "criu-images.tar":  # the small CRIU images, packed (migrate.image_pack)

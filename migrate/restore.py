@@ -30,12 +30,13 @@ import structlog
 from migrate import criu, rootfs_diff
 from migrate.bundle import Bundle, Manifest, cpu_flags
 from migrate.errors import BundleError, PreflightError
+from runtime import quota
 from runtime.cgroups import CgroupMode, Resources, detect_mode
 from runtime.container import Container, Runtime, require_root
 from runtime.errors import ContainerError, ContainerExists
 from runtime.spec import ContainerConfig
 from runtime.state import ContainerStatus, State
-from runtime.store import CHECKPOINT_DIR, LOG
+from runtime.store import CHECKPOINT_DIR, CONFIG, LOG
 
 log = structlog.get_logger(__name__)
 
@@ -230,6 +231,8 @@ def restore(
 def _fresh_upper(cdir: Path, bundle: Bundle) -> None:
     for d in ("upper", "work"):
         shutil.rmtree(cdir / d, ignore_errors=True)
+    cfg = ContainerConfig.from_json(json.loads((cdir / CONFIG).read_text()))
+    quota.prepare_dirs(cdir, cfg.storage_size_bytes)  # the disk quota, before the files
     rootfs_diff.extract(bundle.rootfs_diff, cdir / "upper")
 
 

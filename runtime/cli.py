@@ -19,15 +19,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
-from runtime.cgroups import Resources
+from runtime.cgroups import IO_KINDS, Resources
 from runtime.container import Container, RunOptions, Runtime, require_root
 from runtime.errors import CommandNotExecutable, CommandNotFound, ConfigError, JaulaError
 from runtime.image.store import ImportProgress
 from runtime.logconfig import configure_logging
 from runtime.logs import read_log, write_record
+from runtime.quota import parse_storage_opts
+from runtime.seccomp_filter import parse_security_opts
 from runtime.spec import (
+    parse_blkio_weight,
     parse_capabilities,
     parse_cpus,
+    parse_device_limit,
     parse_labels,
     parse_memory,
     parse_pids_limit,
@@ -178,6 +182,24 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     run.add_argument(
         "--privileged", action="store_true", help="keep all capabilities, mask nothing"
     )
+    run.add_argument(
+        "--security-opt",
+        action="append",
+        default=[],
+        help="seccomp=unconfined or seccomp=PROFILE.json (default: Podman's profile)",
+    )
+    for kind, (_, _, flag) in IO_KINDS.items():
+        unit = "bytes/s, e.g. /dev/sda:1mb" if kind.endswith("bps") else "operations/s"
+        run.add_argument(
+            flag, action="append", default=[], dest=kind, help=f"PATH:RATE, limit ({unit})"
+        )
+    run.add_argument("--blkio-weight", help="block-I/O weight, 10 to 1000 (BFQ devices)")
+    run.add_argument(
+        "--storage-opt",
+        action="append",
+        default=[],
+        help="size=SIZE: disk quota of the container's writable layer (project quotas)",
+    )
     run.add_argument("image", help="image name, id or id prefix")
     run.add_argument(
         "command", nargs=argparse.REMAINDER, help="command and arguments (default: the image's)"
@@ -318,6 +340,10 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
             memory_bytes=parse_memory(a.memory) if a.memory else None,
             cpu_quota_us=parse_cpus(a.cpus) if a.cpus else None,
             pids_max=parse_pids_limit(a.pids_limit) if a.pids_limit else None,
+            blkio_weight=parse_blkio_weight(a.blkio_weight) if a.blkio_weight else None,
+            io_limits=tuple(
+                parse_device_limit(v, kind) for kind in IO_KINDS for v in getattr(a, kind)
+            ),
         ),
         mounts=tuple(parse_volume(v) for v in a.volume),
         capabilities=parse_capabilities(a.cap_add, a.cap_drop, a.privileged),
@@ -327,6 +353,8 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
         mac_address=a.mac_address,
         dns=tuple(a.dns),
         add_hosts=tuple(a.add_host),
+        seccomp=parse_security_opts(a.security_opt, a.privileged),
+        storage_size_bytes=parse_storage_opts(a.storage_opt),
     )
     if a.rm and a.detach:
         raise ConfigError("--rm goes with an attached run, not with -d")

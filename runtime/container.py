@@ -21,6 +21,7 @@ from pathlib import Path
 
 import structlog
 
+from runtime import quota
 from runtime import syscalls as sc
 from runtime.cgroups import CgroupManager, Resources, create_manager
 from runtime.errors import (
@@ -92,6 +93,8 @@ class RunOptions:
     mac_address: str | None = None
     dns: tuple[str, ...] = ()
     add_hosts: tuple[str, ...] = ()
+    seccomp: str = "default"
+    storage_size_bytes: int | None = None
 
 
 class Container:
@@ -339,6 +342,7 @@ class Container:
             cfg.capabilities,
             detach,
             self.id,
+            cfg.seccomp,
         )
 
     def delete(self, force: bool = False) -> None:
@@ -424,6 +428,10 @@ class Container:
         except JaulaError as e:
             errors.append(str(e))
         errors += list(self._network_down())
+        try:
+            quota.release(self.dir, self.config.storage_size_bytes)
+        except OSError as e:
+            errors.append(f"cannot clear the disk quota of {self.dir}: {e.strerror}")
         if errors:
             raise ContainerError(f"cleaning up {self.name} failed: " + "; ".join(errors), self.id)
 
@@ -611,6 +619,8 @@ class Runtime:
         from runtime.spec import DEFAULT_CAPABILITIES
 
         env = parse_env(list(opts.env), tuple(icfg.env))  # may raise: before anything is made
+        if opts.storage_size_bytes:
+            quota.check_supported(self.root)
         with self.store.lock():
             name = opts.name or self.store.new_name()
             self.store.check_name(name)
@@ -634,6 +644,8 @@ class Runtime:
                     DEFAULT_CAPABILITIES if opts.capabilities is None else opts.capabilities
                 ),
                 privileged=opts.privileged,
+                seccomp=opts.seccomp,
+                storage_size_bytes=opts.storage_size_bytes,
                 stop_signal=_stop_signal(icfg.stop_signal),
                 cgroup_parent=self.cgroup_parent,
                 created_at=time.time(),
@@ -648,6 +660,7 @@ class Runtime:
         try:
             if opts.network == "bridge":
                 att = self._attach(cid, want_ip, want_mac, opts)
+            quota.prepare_dirs(cdir, cfg.storage_size_bytes)
             mount_overlay(layout)
             user = resolve_user(layout.merged, cfg.user_spec) if cfg.user_spec else User()
             check_command(layout.merged, cfg.args[0], cfg.env, cfg.cwd)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import os
 from typing import NoReturn
 
+from runtime import seccomp_filter
 from runtime import syscalls as sc
 from runtime.cgroups import CgroupManager
 from runtime.errors import ContainerError, NamespaceError
@@ -96,19 +97,21 @@ def exec_in(
     capabilities: tuple[str, ...],
     detach: bool = False,
     container_id: str | None = None,
+    seccomp: str = "unconfined",
 ) -> int:
     """Run ``args`` in the namespaces of ``init_pid`` (host pid) and wait for it.
 
     Returns the program's exit code (128 + signal when killed; 0 at once with ``detach``).
     Raises NamespaceError when the namespaces cannot be opened, ContainerError with the
     reason when the program cannot be started (not found, bad cwd, a namespace that cannot
-    be joined...)."""
+    be joined...).  ``seccomp``: the container's setting (:mod:`runtime.seccomp_filter`),
+    loaded in the program before execve, as in the init."""
     ns_fds = namespaces_to_join(init_pid)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         os.close(err_r)
-        _helper(ns_fds, cgroup, args, env, cwd, user, capabilities, detach, err_w)
+        _helper(ns_fds, cgroup, args, env, cwd, user, capabilities, detach, err_w, seccomp)
     os.close(err_w)
     for _, fd in ns_fds:
         os.close(fd)
@@ -133,9 +136,12 @@ def _helper(
     capabilities: tuple[str, ...],
     detach: bool,
     err_w: int,
+    seccomp: str,
 ) -> NoReturn:
-    step = "join the cgroup"
+    step = "prepare the seccomp filter"
     try:
+        syscall_filter = seccomp_filter.prepare(seccomp, capabilities)
+        step = "join the cgroup"
         cgroup.add_process(os.getpid())
         for ns, fd in ns_fds:
             step = f"join the {ns} namespace"
@@ -152,6 +158,8 @@ def _helper(
                     os.dup2(devnull, fd)
             step = "drop privileges"
             drop_privileges(user, capabilities)
+            step = "load the seccomp filter"
+            syscall_filter.load()
             exec_user_program(args, env, cwd)
         if detach:
             os._exit(0)

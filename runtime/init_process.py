@@ -9,7 +9,7 @@ pid namespace.  Sequence (parent = monitor)::
       write "go" ─────────────────────────► setsid; unshare(mnt|uts|ipc[|net])
                                             make / rprivate; hostname; lo up
                                             mounts (runtime.rootfs.mounts); pivot_root
-                                            stdio; drop privileges; execve
+                                            stdio; drop privileges; seccomp; execve
       read error pipe: EOF = exec worked ◄── (O_CLOEXEC) or "message" + exit 127
 
 Why setsid first: CRIU dumps a tree only when its session and process-group leaders are
@@ -22,6 +22,7 @@ import os
 import socket
 from typing import NoReturn
 
+from runtime import seccomp_filter
 from runtime import syscalls as sc
 from runtime.process import (
     ExecFailed,
@@ -73,6 +74,8 @@ def run_init(
         if cfg.network == "none":
             step = "bring lo up"
             sc.link_up("lo")
+        step = "prepare the seccomp filter"
+        syscall_filter = seccomp_filter.prepare(cfg.seccomp, cfg.capabilities)
         step = "mount the container filesystems"
         prepare_rootfs(cfg, rootfs)
         step = "pivot_root"
@@ -85,6 +88,8 @@ def run_init(
         close_fds_except({err_w})
         step = "drop privileges"
         drop_privileges(cfg.user, cfg.capabilities)
+        step = "load the seccomp filter"
+        syscall_filter.load()
         step = "exec"
         exec_user_program(cfg.args, cfg.env, cfg.cwd)
     except ExecFailed as e:

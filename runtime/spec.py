@@ -13,8 +13,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from runtime.cgroups import Resources
-from runtime.errors import ConfigError
+from runtime.cgroups import IO_KINDS, IoLimit, Resources
+from runtime.errors import CgroupError, ConfigError
 from runtime.network import Attachment
 
 #: Capabilities a container keeps by default: Podman's default set (containers.conf
@@ -152,6 +152,10 @@ class ContainerConfig:
         created_at: seconds since the epoch.
         labels: ``K=V`` strings (``jaula run --label``), e.g. ``jaula.balance=false``, which
             the balancer reads to leave the container where it is.
+        seccomp: ``default`` (Podman's profile), ``unconfined``, or a profile's JSON text
+            (see :mod:`runtime.seccomp_filter`).
+        storage_size_bytes: ``--storage-opt size=``, the quota of the writable layer
+            (:mod:`runtime.quota`); None: no limit.
     """
 
     id: str
@@ -175,6 +179,8 @@ class ContainerConfig:
     cgroup_parent: str = "jaula"
     created_at: float = 0.0
     labels: tuple[str, ...] = ()
+    seccomp: str = "default"
+    storage_size_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -226,6 +232,38 @@ def parse_cpus(value: str) -> int:
     if not 0.01 <= f <= 1024:
         raise ConfigError(f"invalid --cpus {value!r}: must be between 0.01 and 1024")
     return round(f * 100_000)
+
+
+def parse_device_limit(value: str, kind: str) -> IoLimit:
+    """Parse ``--device-{read,write}-{bps,iops} PATH:RATE`` (``kind`` a key of
+    :data:`runtime.cgroups.IO_KINDS`): RATE in bytes per second with an optional k/m/g unit
+    (``1mb``, ``512k``) for ``*_bps``, a whole number of operations per second for
+    ``*_iops``.  PATH must be a block device here.  Raises ConfigError."""
+    flag = IO_KINDS[kind][2]
+    path, sep, rate = value.rpartition(":")
+    form = "PATH:RATE (e.g. /dev/sda:1mb)" if kind.endswith("bps") else "PATH:N (e.g. /dev/sda:100)"
+    if not sep or not path.startswith("/") or not rate:
+        raise ConfigError(f"invalid {flag} {value!r}: use {form}")
+    if kind.endswith("bps"):
+        m = _SIZE_RE.match(rate.strip())
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()]) if m else 0
+    else:
+        n = int(rate) if rate.isdigit() else 0
+    if n <= 0:
+        raise ConfigError(f"invalid {flag} {value!r}: the rate must be positive; use {form}")
+    lim = IoLimit(path, kind, n)
+    try:
+        lim.device_numbers()
+    except CgroupError as e:
+        raise ConfigError(str(e)) from None
+    return lim
+
+
+def parse_blkio_weight(value: str) -> int:
+    """Parse ``--blkio-weight N``: 10..1000, as Podman.  Raises ConfigError."""
+    if not value.isdigit() or not 10 <= int(value) <= 1000:
+        raise ConfigError(f"invalid --blkio-weight {value!r}: use a whole number from 10 to 1000")
+    return int(value)
 
 
 def parse_pids_limit(value: str) -> int | None:
@@ -365,8 +403,10 @@ __all__ = [
     "Mount",
     "User",
     "capability_mask",
+    "parse_blkio_weight",
     "parse_capabilities",
     "parse_cpus",
+    "parse_device_limit",
     "parse_env",
     "parse_memory",
     "parse_pids_limit",
