@@ -2,14 +2,10 @@
 
 Three settings, kept in :attr:`runtime.spec.ContainerConfig.seccomp`:
 
-* ``"default"``: Podman's default profile, shipped as ``runtime/seccomp_default.json`` (a
-  byte-for-byte copy of containers/common's ``seccomp.json``, Debian 12's
-  golang-github-containers-common 0.50.1, Apache-2.0).  Its default action is ``ERRNO(ENOSYS)``
-  for any syscall it does not name; it allows about 370 by name, denies some two dozen with
-  ``EPERM`` (``kexec_load``, ``userfaultfd``, ``swapon``, ``vmsplice``...), and allows a few
-  only when the container keeps a capability (``bpf``, ``perf_event_open``, ``quotactl`` with
-  ``CAP_SYS_ADMIN``; ``chroot`` with ``CAP_SYS_CHROOT``; ``ptrace``-like ``kcmp`` with
-  ``CAP_SYS_PTRACE``...), otherwise ``EPERM``.
+* ``"default"``: jaula's default profile (:mod:`runtime.seccomp_default`): every syscall
+  allowed but a deny list of about forty that reach host-wide kernel state (modules, kexec,
+  the clock, the keyring, BPF and perf, file handles, userfaultfd), which fail with
+  ``EPERM`` unless the container keeps the capability that guards each one.
 * ``"unconfined"``: no filter (also what ``--privileged`` implies, as in Podman).
 * the text of a profile (``--security-opt seccomp=PROFILE.json``): the file is read when the
   container is created and its text is kept in the config, so that a restored or migrated
@@ -48,7 +44,6 @@ import errno as errno_mod
 import json
 import os
 import sys
-from importlib import resources
 from typing import Any
 
 from runtime.errors import ConfigError
@@ -106,8 +101,10 @@ def bindings() -> Any:
 
 
 def default_profile_text() -> str:
-    """The text of Podman's default profile shipped with jaula."""
-    return resources.files("runtime").joinpath("seccomp_default.json").read_text()
+    """The text (JSON) of jaula's default profile (:mod:`runtime.seccomp_default`)."""
+    from runtime.seccomp_default import default_profile
+
+    return json.dumps(default_profile())
 
 
 def parse_security_opts(values: list[str], privileged: bool) -> str:

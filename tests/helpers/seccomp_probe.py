@@ -1,11 +1,11 @@
 """What a container's processes can see of their seccomp filter, for the seccomp tests.
 
 :data:`LOOP` is a container init (python3 in the python workload image) that prints, every
-0.2 s, ``tick N errno E seccomp S``: E is the errno of ``io_pgetevents(0, ...)`` (x86_64
-syscall 333; 0 when it succeeded), S the ``Seccomp:`` field of its own ``/proc/self/status``
-(0 none, 2 filter).  ``io_pgetevents`` is one of the syscalls Podman's default profile denies
-with EPERM; unconfined, the kernel answers EINVAL (context 0 is no AIO context), so the two
-cases differ by the filter alone.  :data:`ONCE` prints one such line and exits (for
+0.2 s, ``tick N errno E seccomp S``: E is the errno of ``add_key("jaulaprobe", ...)``
+(x86_64 syscall 248; 0 when it succeeded), S the ``Seccomp:`` field of its own
+``/proc/self/status`` (0 none, 2 filter).  ``add_key`` is one of the syscalls jaula's default
+profile denies with EPERM (the keyring is not namespaced); unconfined, the kernel answers
+ENODEV (no key type of that name), so the two cases differ by the filter alone.  :data:`ONCE` prints one such line and exits (for
 ``jaula exec`` and attached runs)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import ctypes, time
 libc = ctypes.CDLL(None, use_errno=True)
 def line(n):
     ctypes.set_errno(0)
-    r = libc.syscall(333, 0, 0, 0, None, None, None)
+    r = libc.syscall(248, b'jaulaprobe', b'd', None, 0, ctypes.c_int(-2))
     e = ctypes.get_errno() if r == -1 else 0
     s = [l.split()[1] for l in open('/proc/self/status') if l.startswith('Seccomp:')][0]
     return f'tick {n} errno {e} seccomp {s}'
@@ -38,11 +38,11 @@ while True:
 )
 ONCE = _BODY + "\nprint(line(0), flush=True)\n"
 
-EPERM, EINVAL, EACCES = errno.EPERM, errno.EINVAL, errno.EACCES
+EPERM, ENODEV, EACCES = errno.EPERM, errno.ENODEV, errno.EACCES
 _LINE = re.compile(r"tick (\d+) errno (\d+) seccomp (\d+)")
 
 needs_x86_64 = pytest.mark.skipif(
-    platform.machine() != "x86_64", reason="the probe calls io_pgetevents by its x86_64 number"
+    platform.machine() != "x86_64", reason="the probe calls add_key by its x86_64 number"
 )
 
 
@@ -64,7 +64,7 @@ def host_seccomp_mode(pid: int) -> int:
 
 __all__ = [
     "EACCES",
-    "EINVAL",
+    "ENODEV",
     "EPERM",
     "LOOP",
     "ONCE",

@@ -1,6 +1,6 @@
 """Isolation kept through a live migration between two node services (issue 16): I/O
-limits (resolved by device path on the destination) and the seccomp filter of Podman's default profile is still loaded in the migrated init (host
-``/proc/PID/status``) and still denies what it denied (EPERM from ``io_pgetevents``), in the
+limits (resolved by device path on the destination) and the seccomp filter of jaula's default profile is still loaded in the migrated init (host
+``/proc/PID/status``) and still denies what it denied (EPERM from ``add_key``), in the
 init and in a ``jaula exec`` on the destination."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The seccomp profile compiler (runtime.seccomp_filter) without loading anything: Docker's
-conditions on capabilities resolve as moby's do, Podman's default denies what it denies, and
+conditions on capabilities resolve as moby's do, jaula's default denies what it denies, and
 malformed profiles are refused with the rule named.  Needs libseccomp's Python bindings (Debian's
 python3-seccomp, linked into the venv by `make setup`), not root."""
 
@@ -34,12 +34,15 @@ def action_of(prof: dict[str, Any], caps: list[str], syscall: str) -> str:
     return m.group(1)
 
 
-def test_podman_default_denies_and_allows_by_capability() -> None:
+def test_the_default_denies_and_allows_by_capability() -> None:
     prof = sf.profile_of(sf.DEFAULT)
     assert prof is not None
     assert action_of(prof, [], "bpf") == "ERRNO(1)"
     assert action_of(prof, ["CAP_SYS_ADMIN"], "bpf") == "ALLOW"
-    assert action_of(prof, [], "io_pgetevents") == "ERRNO(1)"
+    assert action_of(prof, [], "add_key") == "ERRNO(1)"
+    assert action_of(prof, ["CAP_SYS_ADMIN"], "add_key") == "ERRNO(1)"
+    assert action_of(prof, [], "clock_settime") == "ERRNO(1)"
+    assert action_of(prof, ["CAP_SYS_TIME"], "clock_settime") == "ALLOW"
     assert action_of(prof, [], "read") == "ALLOW"
 
 
