@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -363,6 +364,8 @@ class Container:
         finally:
             lock.__exit__(None, None, None)
         self.rt.store.remove_dir(self.id)
+        if self.rt.admission is not None:
+            self.rt.admission.release(self.id)
         log.info("container.removed", id=self.id[:12], name=self.name)
 
     def _kill_everything(self) -> None:
@@ -459,6 +462,22 @@ def _rfc3339(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
+class Admission(Protocol):
+    """What a higher layer decides when a container comes to life here and is told when one
+    is gone, without the runtime knowing it (migrate: the container's ownership in the
+    cluster state, :class:`migrate.membership.NodeOwnership`)."""
+
+    def claim(self, container_id: str) -> bool:
+        """Allow ``container_id`` to run on this node, before any of its processes starts;
+        returns True when the claim is new.  Raises a JaulaError (one line, naming what is
+        wrong) to refuse: the caller then undoes what it made."""
+        ...
+
+    def release(self, container_id: str) -> None:
+        """``container_id`` is gone from this node (removed); never raises."""
+        ...
+
+
 class Runtime:
     """A node's containers and images under one state root.
 
@@ -480,6 +499,9 @@ class Runtime:
         self.images = ImageStore(self.root)
         self.cgroup_root = cgroup_root
         self.cgroup_parent = cgroup_parent or default_cgroup_parent(self.root)
+        #: asked before a container starts (``run``) and told when one is removed; None:
+        #: every container may run (a runtime outside a cluster)
+        self.admission: Admission | None = None
 
     def get(self, ref: str) -> Container:
         """The container named ``ref`` or whose id (or unique id prefix) is ``ref``."""
@@ -555,7 +577,10 @@ class Runtime:
         layout = OverlayLayout.in_dir(cdir, layer_dirs)
         mon_pid, mon_start = 0, None
         cg = create_manager(cid, root=self.cgroup_root, parent=self.cgroup_parent)
+        claimed = False
         try:
+            if self.admission is not None:
+                claimed = self.admission.claim(cid)
             mount_overlay(layout)
             user = resolve_user(layout.merged, cfg.user_spec) if cfg.user_spec else User()
             check_command(layout.merged, cfg.args[0], cfg.env, cfg.cwd)
@@ -579,6 +604,8 @@ class Runtime:
                 ctr.save()
         except BaseException:
             _rollback(cdir, layout, cg, mon_pid, mon_start)
+            if claimed and self.admission is not None:
+                self.admission.release(cid)
             raise
         log.info("container.started", id=cid[:12], name=name, pid=pid)
         return ctr
