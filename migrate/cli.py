@@ -264,6 +264,33 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
         help="port of the first node, the next ones follow (default 7001; 0: free ports "
         "the kernel picks on the listen host now)",
     )
+    ini.add_argument(
+        "--state",
+        choices=["files", "etcd"],
+        default="files",
+        help="the cluster state: files (one host, the default) or etcd (writes its CA, "
+        "member and client certificates in DIR/etcd and the [state] table)",
+    )
+    ini.add_argument(
+        "--etcd-endpoints",
+        default="",
+        metavar="URLS",
+        help="with --state etcd: the members' client URLs, comma-separated "
+        "(https://HOST:2379,...); one member certificate each",
+    )
+    ini.add_argument(
+        "--etcd-hosts",
+        default="",
+        metavar="HOSTS",
+        help="with --state etcd: more names or IPs every member certificate is valid for",
+    )
+    pe = csub.add_parser(
+        "provision-etcd",
+        help="create the etcd users and roles of the cluster in DIR and turn auth on "
+        "(once its etcd members run; idempotent)",
+    )
+    pe.add_argument("dir", type=Path, help="a directory made by `jaula cluster init --state etcd`")
+    pe.add_argument("--admin", help="the operator whose key is etcd's root (default: the first)")
     jn = csub.add_parser(
         "join", help="add a node to the cluster in DIR: its keys, NODE.toml, its cluster.toml entry"
     )
@@ -293,7 +320,13 @@ def cluster_command(a: argparse.Namespace) -> int:
     """``jaula cluster init|join``: call :mod:`migrate.cluster_init`, print what it wrote."""
     from migrate import cluster_init
 
+    if a.cluster_cmd == "provision-etcd":
+        admin = cluster_init.provision_etcd(a.dir, a.admin)
+        print(f"etcd provisioned for {a.dir / cluster_init.CLUSTER_FILE} (root: {admin})")
+        return 0
     if a.cluster_cmd == "init":
+        if a.state == "files" and (a.etcd_endpoints or a.etcd_hosts):
+            raise JaulaError("--etcd-endpoints and --etcd-hosts go with --state etcd")
         endpoints = cluster_init.plan_endpoints(_names(a.nodes), a.listen_host, a.base_port)
         c = cluster_init.init_cluster(
             a.dir,
@@ -302,7 +335,12 @@ def cluster_command(a: argparse.Namespace) -> int:
             state_dir=a.state_dir,
             cgroup_parent=a.cgroup_parent,
         )
-        for f in c.written:
+        written = list(c.written)
+        if a.state == "etcd":
+            written += cluster_init.add_etcd_state(
+                c.root, _names(a.etcd_endpoints), _names(a.etcd_hosts)
+            )
+        for f in written:
             print(f)
         for nf in c.nodes.values():
             print(
@@ -314,6 +352,13 @@ def cluster_command(a: argparse.Namespace) -> int:
             print(
                 f"operator {of.name}: export JAULA_CLIENT_CONFIG={of.client_config} "
                 "(or --client-config)",
+                file=sys.stderr,
+            )
+        if a.state == "etcd":
+            print(
+                f'etcd: start each member with {c.root}/etcd/member-mN.crt (README "Cluster '
+                f'state"), then `jaula cluster provision-etcd {c.root}`; keep etcd/ca.key '
+                "off the nodes",
                 file=sys.stderr,
             )
         return 0
