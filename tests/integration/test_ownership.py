@@ -9,12 +9,14 @@ double-import of issue 13), and can be once the original is removed; a store tha
 answer refuses a migration before anything freezes, and one lost at the commit itself
 rolls the migration back, the container running on the source only; a node service killed
 is ``lost`` once its lease expires, its containers listed as ``unknown (node lost)``, and
-``ready`` with its containers again when it restarts.
+``ready`` with its containers again when it restarts; one stalled past its lease is
+``lost``, and registers again by itself when it runs on.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -117,6 +119,16 @@ def test_node_killed_is_lost_then_ready_with_its_containers(state_nodes: StateNo
     assert row.split()[1] == "ready" and "stays" in row, row
     assert state_nodes.owner(cid) == "node2"
     _continues_on(c, "stays", "node2")
+    # a service that stalls past its lease (stopped here) is lost, and registers again
+    # by itself when it renews and finds the lease gone
+    pid = c.procs["node2"].pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: _node_ls(c)["node2"].split()[1] == "lost", 30.0, "node2 lost")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: _node_ls(c)["node2"].split()[1] == "ready", 30.0, "node2 ready")
+    assert state_nodes.owner(cid) == "node2"
 
 
 def test_store_unavailable_refuses_before_the_freeze_or_rolls_back_at_the_commit(
@@ -127,7 +139,6 @@ def test_store_unavailable_refuses_before_the_freeze_or_rolls_back_at_the_commit
     in-process service): the migration rolls back, the container runs on node1 only, and
     once etcd is back the owner is still node1."""
     import asyncio
-    import os
 
     from migrate.source import SourceSession
     from tests.helpers.etcd import ETCD, state_for
