@@ -190,14 +190,14 @@ class MigrateCommands:
 def _set_admission(rt: Runtime, cmd: str) -> None:
     """Claim and release as the node whose state root ``rt`` is.  ``rm`` works without the
     store (the node's next reconcile releases the claim); ``run`` and ``restore`` do not."""
-    from migrate.membership import OwnershipRefused, local_admission
+    from migrate.membership import local_admission
 
     try:
         rt.admission = local_admission(rt)
-    except OwnershipRefused as e:
+    except JaulaError as e:  # the store, or the node's config or keys
         if cmd != "rm":
             raise
-        print(f"jaula: warning: {e}", file=sys.stderr)
+        print(f"jaula: warning: {e}; removing without releasing the claim", file=sys.stderr)
 
 
 async def _serve_until_stopped(service: Any) -> None:
