@@ -191,3 +191,39 @@ def test_store_unavailable_refuses_before_the_freeze_or_rolls_back_at_the_commit
             sn.close()
             problems = c.close()
             assert not problems, "\n".join(problems)
+
+
+def test_etcd_without_quorum_refuses_then_works_again(
+    tmp_path: Path, busybox_image_layout: Path
+) -> None:
+    """A 3-member etcd with two members killed: a migration is refused before anything
+    freezes and the container keeps running; once they are back, it migrates."""
+    from tests.helpers.etcd import ETCD, state_for
+    from tests.helpers.nodes import serving
+
+    if not os.access(ETCD, os.X_OK):
+        pytest.skip("etcd not installed (make setup installs etcd-server)")
+    root = tmp_path / "cluster"
+    c = make_cluster(root, busybox_image_layout)
+    with state_for(root, "etcd", ("node1", "node2"), ("alice",), members=3) as etcd:
+        assert etcd is not None
+        sn = StateNodes(c, etcd, "etcd")
+        try:
+            with serving(c):
+                n1 = c.local("node1")
+                n1.run("run", "-d", "--name", "q", "busybox", "sh", "-c", COUNTER)
+                cid = _id(c, "node1", "q")
+                wait_ticks(n1, "q", 3)
+                etcd.kill(1)
+                etcd.kill(2)
+                p = c.op("migrate", "q", "node2", "--from", "node1", check=False, timeout=180)
+                assert p.returncode == 125, p.stderr
+                assert "cluster state is unavailable" in p.stderr, p.stderr
+                assert "nothing was frozen" in p.stderr, p.stderr
+                _continues_on(c, "q", "node1")
+                etcd.start()
+                c.op("migrate", "q", "node2", "--from", "node1", timeout=180)
+                assert sn.owner(cid) == "node2"
+                _continues_on(c, "q", "node2")
+        finally:
+            sn.close()
