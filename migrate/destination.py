@@ -94,8 +94,7 @@ class DestinationSession:
         node_name: this node's name, in what it refuses.
         state: the cluster state (None: none): the source moves the container's owner key
             to this node at its commit; :meth:`on_resume` resumes only when the store does
-            not name another owner (the fencing check), and a held restore whose source is
-            silent resumes when the store names this node.
+            not name another owner (the fencing check).
 
     Raises PreflightError when its scratch directory is not private.
     """
@@ -209,9 +208,9 @@ class DestinationSession:
         alive, still has its copy).  While held: ask the source's durable record."""
         if not self.held:
             raise MigrationError(f"the source {self.source} went silent")
-        committed: bool | None = True if await self._store_owner() == self.node_name else None
-        if committed is None:
-            committed = await ask_outcome(self.source, self.session)
+        # the source's record decides, not the store: a compare-and-swap that timed out on
+        # the source (which then rolled back) may still be applied by etcd later
+        committed = await ask_outcome(self.source, self.session)
         if committed is None:
             return  # cannot know yet: stay held and ask again later
         if committed:
@@ -588,20 +587,6 @@ class DestinationSession:
             await self._await_postcopy()
         await self.finish()  # after the answer: removing a large staging dir takes a while
         self.phase = DP.DONE
-
-    async def _store_owner(self) -> str | None:
-        """The owner of the incoming container as the store says now; None when there is
-        no store, nobody owns it, or the store cannot answer."""
-        from migrate.cluster_state import ClusterStateError
-
-        if self.state is None or self.cfg is None:
-            return None
-        try:
-            owner = await asyncio.to_thread(self.state.owner, self.cfg.id)
-        except ClusterStateError as e:
-            log.warning("migration.owner_unknown", session=self.session, error=str(e))
-            return None
-        return None if owner is None else str(owner.node)
 
     async def _fence(self) -> None:
         """Before the tasks run: the store must not name another owner than this node (a

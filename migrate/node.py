@@ -100,6 +100,8 @@ class NodeService:
         self.server: Server | None = None
         #: the cluster state, opened by :meth:`serve` (None before)
         self.state: ClusterState | None = None
+        #: the outgoing sessions running now (their own record decides their outcome)
+        self.outgoing: set[str] = set()
 
     # -- life -------------------------------------------------------------------------------
     async def serve(self, started: asyncio.Event | None = None) -> None:
@@ -376,19 +378,30 @@ class NodeService:
             progress,
             state=self.state,
         )
-        return await session.run()
+        self.outgoing.add(session.session)
+        try:
+            return await session.run()
+        finally:
+            self.outgoing.discard(session.session)
 
     def _committed(self, session: str) -> bool:
         """Whether outgoing ``session`` passed its commit point: the record says
         ``migrated``, or (the service died between the store's compare-and-swap and that
-        record, or the record could not be written) the store names the destination."""
+        record, or the record could not be written) the store names the destination.  A
+        session still running answers from its record alone: its compare-and-swap may have
+        timed out, and be applied by the store after it rolled back."""
         for c in self.rt.list(all=True):
             m = c.state.migration
             if m is None or m.session != session:
                 continue
             if c.status is S.MIGRATED:
                 return True
-            if c.status is S.MIGRATING and not c.state.incoming and self._owned_by(c.id, m.peer):
+            if (
+                c.status is S.MIGRATING
+                and not c.state.incoming
+                and session not in self.outgoing
+                and self._owned_by(c.id, m.peer)
+            ):
                 return True
         return False
 
