@@ -563,8 +563,10 @@ class DestinationSession:
         await self._fence()
         self.phase = DP.RESUMING
         t0 = time.monotonic()
-        if self.lazy_daemon is not None and self.lazy_daemon.proc.poll() is not None:
+        if self.lazy_daemon is not None and self.lazy_daemon.proc.poll() not in (None, 0):
             # committed on the source, but the pages cannot come: never run on zero-fill
+            # (status 0: it already has every page, which a small container's few pages
+            # can reach between the source's commit and this resume)
             log.error(
                 "migration.postcopy.daemon_gone",
                 session=self.session,
