@@ -8,6 +8,10 @@
 Who we are on the network: ``--client-config FILE`` (else ``$JAULA_CLIENT_CONFIG``, else
 ``~/.config/jaula/client.toml``): an operator keypair and the cluster file.
 
+On a node's state root (one a node service has served: :mod:`migrate.membership`),
+``run``, ``restore`` and ``rm`` claim and release the container's ownership in the cluster
+state as that node.
+
 Thin: parse, call the library, print.  Exit codes as :mod:`runtime.cli` (125 for jaula's own
 errors).
 """
@@ -31,6 +35,9 @@ from runtime.errors import JaulaError
 from runtime.store import CRIU_LOGS_DIR
 
 REMOTE_COMMANDS = ("ps", "inspect", "logs", "exec", "stop", "rm")
+#: local commands that bring a container to life or remove one: they claim or release its
+#: ownership in the cluster state when the state root is a node's
+OWNING_COMMANDS = ("run", "restore", "rm")
 
 
 class MigrateCommands:
@@ -126,6 +133,8 @@ class MigrateCommands:
                 f"{a.node}'s host, or here with --state-root set to its "
                 "state root"
             )
+        if rt is not None and a.cmd in OWNING_COMMANDS:
+            _set_admission(rt, a.cmd)
         if rt is not None:
             # a failed CRIU action's log is kept under this state root (and the restorer,
             # which runs in the container's monitor, learns it from the environment)
@@ -179,11 +188,43 @@ class MigrateCommands:
 
             cfg, cluster = load_node(a.config)
             try:
-                asyncio.run(NodeService(cfg, cluster, a.peer_timeout).serve())
+                asyncio.run(_serve_until_stopped(NodeService(cfg, cluster, a.peer_timeout)))
             except KeyboardInterrupt:
                 pass
             return 0
         return None
+
+
+def _set_admission(rt: Runtime, cmd: str) -> None:
+    """Claim and release as the node whose state root ``rt`` is.  ``rm`` works without the
+    store (the node's next reconcile releases the claim); ``run`` and ``restore`` do not."""
+    from migrate.membership import local_admission
+
+    try:
+        rt.admission = local_admission(rt)
+        if rt.admission is not None:  # and its leases: one store for service and commands
+            from migrate.net_leases import ClusterLeases
+
+            rt.leases = ClusterLeases(rt.admission.state)
+    except JaulaError as e:  # the store, or the node's config or keys
+        if cmd != "rm":
+            raise
+        print(f"jaula: warning: {e}; removing without releasing the claim", file=sys.stderr)
+
+
+async def _serve_until_stopped(service: Any) -> None:
+    """Serve until SIGTERM or SIGINT, then stop cleanly (the membership lease is given up,
+    so `jaula node ls` shows the node lost at once)."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(service.serve())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
 
 
 def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
@@ -235,6 +276,33 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
         help="port of the first node, the next ones follow (default 7001; 0: free ports "
         "the kernel picks on the listen host now)",
     )
+    ini.add_argument(
+        "--state",
+        choices=["files", "etcd"],
+        default="files",
+        help="the cluster state: files (one host, the default) or etcd (writes its CA, "
+        "member and client certificates in DIR/etcd and the [state] table)",
+    )
+    ini.add_argument(
+        "--etcd-endpoints",
+        default="",
+        metavar="URLS",
+        help="with --state etcd: the members' client URLs, comma-separated "
+        "(https://HOST:2379,...); one member certificate each",
+    )
+    ini.add_argument(
+        "--etcd-hosts",
+        default="",
+        metavar="HOSTS",
+        help="with --state etcd: more names or IPs every member certificate is valid for",
+    )
+    pe = csub.add_parser(
+        "provision-etcd",
+        help="create the etcd users and roles of the cluster in DIR and turn auth on "
+        "(once its etcd members run; idempotent)",
+    )
+    pe.add_argument("dir", type=Path, help="a directory made by `jaula cluster init --state etcd`")
+    pe.add_argument("--admin", help="the operator whose key is etcd's root (default: the first)")
     jn = csub.add_parser(
         "join", help="add a node to the cluster in DIR: its keys, NODE.toml, its cluster.toml entry"
     )
@@ -264,7 +332,13 @@ def cluster_command(a: argparse.Namespace) -> int:
     """``jaula cluster init|join``: call :mod:`migrate.cluster_init`, print what it wrote."""
     from migrate import cluster_init
 
+    if a.cluster_cmd == "provision-etcd":
+        admin = cluster_init.provision_etcd(a.dir, a.admin)
+        print(f"etcd provisioned for {a.dir / cluster_init.CLUSTER_FILE} (root: {admin})")
+        return 0
     if a.cluster_cmd == "init":
+        if a.state == "files" and (a.etcd_endpoints or a.etcd_hosts):
+            raise JaulaError("--etcd-endpoints and --etcd-hosts go with --state etcd")
         endpoints = cluster_init.plan_endpoints(_names(a.nodes), a.listen_host, a.base_port)
         c = cluster_init.init_cluster(
             a.dir,
@@ -273,7 +347,12 @@ def cluster_command(a: argparse.Namespace) -> int:
             state_dir=a.state_dir,
             cgroup_parent=a.cgroup_parent,
         )
-        for f in c.written:
+        written = list(c.written)
+        if a.state == "etcd":
+            written += cluster_init.add_etcd_state(
+                c.root, _names(a.etcd_endpoints), _names(a.etcd_hosts)
+            )
+        for f in written:
             print(f)
         for nf in c.nodes.values():
             print(
@@ -285,6 +364,13 @@ def cluster_command(a: argparse.Namespace) -> int:
             print(
                 f"operator {of.name}: export JAULA_CLIENT_CONFIG={of.client_config} "
                 "(or --client-config)",
+                file=sys.stderr,
+            )
+        if a.state == "etcd":
+            print(
+                f'etcd: start each member with {c.root}/etcd/member-mN.crt (README "Cluster '
+                f'state"), then `jaula cluster provision-etcd {c.root}`; keep etcd/ca.key '
+                "off the nodes",
                 file=sys.stderr,
             )
         return 0
@@ -413,9 +499,41 @@ def _print_ps(items: list[dict[str, Any]], quiet: bool = False, fmt: str = "tabl
         print("  ".join(v.ljust(widths[k]) for k, v in enumerate(r)).rstrip())
 
 
+def _cluster_members(nodes: Nodes) -> tuple[dict[str, str], dict[str, list[str]], str]:
+    """From the cluster state: node -> ``ready``/``draining``/``lost``, node -> the
+    containers it owns, and why the store could not be read ("" when it could)."""
+    from migrate.cluster_state import ClusterStateError, open_state
+    from migrate.membership import operator_name
+
+    me = operator_name(nodes.cluster, nodes.client_cfg.public_key)
+    if me is None:
+        return {}, {}, "this client's key is not in the cluster file"
+    try:
+        state = open_state(nodes.cluster, me, nodes.client_cfg.secret_key)
+    except (ClusterStateError, JaulaError) as e:
+        return {}, {}, str(e)
+    try:
+        status = {m.name: m.status.value for m in state.members()}
+        owned = {n: sorted(state.owned_by(n)) for n in nodes.cluster.nodes}
+    except ClusterStateError as e:
+        return {}, {}, str(e)
+    finally:
+        state.close()
+    return status, owned, ""
+
+
 async def _node_ls(nodes: Nodes) -> int:
-    rows = [("NODE", "ENDPOINT", "REACHABLE", "LOAD", "MEM FREE", "CONTAINERS")]
+    status, owned, why = await asyncio.to_thread(_cluster_members, nodes)
+    if why:
+        print(f"jaula: warning: cluster state not read: {why}", file=sys.stderr)
+    rows = [("NODE", "STATE", "ENDPOINT", "REACHABLE", "LOAD", "MEM FREE", "CONTAINERS")]
     for name, peer in sorted(nodes.cluster.nodes.items()):
+        st = status.get(name, "?" if why else "unregistered")
+        if st == "lost":
+            # never asked, never started elsewhere: what it owned is unknown until it returns
+            lost = ", ".join(f"{cid[:12]} unknown (node lost)" for cid in owned.get(name, []))
+            rows.append((name, st, peer.endpoint or "", "-", "-", "-", lost or "-"))
+            continue
         try:
             pong = await nodes.request(name, "ping", wait_s=3.0)
             ps = await nodes.request(name, "ps", wait_s=5.0)
@@ -424,6 +542,7 @@ async def _node_ls(nodes: Nodes) -> int:
             rows.append(
                 (
                     name,
+                    st,
                     peer.endpoint or "",
                     "yes",
                     f"{load.get('loadavg1', 0):.2f}",
@@ -432,8 +551,8 @@ async def _node_ls(nodes: Nodes) -> int:
                 )
             )
         except (PeerUnavailable, MigrationError) as e:
-            rows.append((name, peer.endpoint or "", "no", "-", "-", str(e)[:60]))
-    widths = [max(len(r[k]) for r in rows) for k in range(6)]
+            rows.append((name, st, peer.endpoint or "", "no", "-", "-", str(e)[:60]))
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(widths[k]) for k, v in enumerate(r)).rstrip())
     return 0

@@ -94,6 +94,9 @@ class DestinationSession:
             channel's chunks); listen: this node's endpoint (``tcp://`` for a page
             server or a post-copy listener); max_message_bytes: the bulk channel's limit.
         node_name: this node's name, in what it refuses.
+        state: the cluster state (None: none): the source moves the container's owner key
+            to this node at its commit; :meth:`on_resume` resumes only when the store does
+            not name another owner (the fencing check).
 
     Raises PreflightError when its scratch directory is not private.
     """
@@ -108,8 +111,10 @@ class DestinationSession:
         listen: str = "",
         max_message_bytes: int = 8 << 20,
         node_name: str = "the destination",
+        state: Any = None,
     ) -> None:
         self.rt = rt
+        self.state = state
         self.node_name = node_name
         self._send = send
         self.offer = offer
@@ -205,6 +210,8 @@ class DestinationSession:
         alive, still has its copy).  While held: ask the source's durable record."""
         if not self.held:
             raise MigrationError(f"the source {self.source} went silent")
+        # the source's record decides, not the store: a compare-and-swap that timed out on
+        # the source (which then rolled back) may still be applied by etcd later
         committed = await ask_outcome(self.source, self.session)
         if committed is None:
             return  # cannot know yet: stay held and ask again later
@@ -573,11 +580,13 @@ class DestinationSession:
         the resume: the container is not resumed)."""
         if not self.held or self.revive_task is None or self.hold is None:
             raise ProtocolError("resume before the restore was held")
+        await self._fence()
         self.phase = DP.RESUMING
         t0 = time.monotonic()
         if self.lazy_daemon is not None and self.lazy_daemon.proc.poll() not in (None, 0):
             # committed on the source, but the pages cannot come: never run on zero-fill
-            # (exit 0: a small container's every page came between the commit and now)
+            # (status 0: it already has every page, which a small container's few pages
+            # can reach between the source's commit and this resume)
             log.error(
                 "migration.postcopy.daemon_gone",
                 session=self.session,
@@ -600,6 +609,34 @@ class DestinationSession:
             await self._await_postcopy()
         await self.finish()  # after the answer: removing a large staging dir takes a while
         self.phase = DP.DONE
+
+    async def _fence(self) -> None:
+        """Before the tasks run: the store must not name another owner than this node (a
+        source whose commit lost the compare-and-swap must not resume us).  Another owner:
+        the held copy is discarded (MigrationError).  The store silent or naming nobody:
+        the source's ``resume`` comes only after its compare-and-swap succeeded, so it is
+        believed (never discard on a store that cannot answer: that could leave none)."""
+        from migrate.cluster_state import ClusterStateError
+
+        if self.state is None or self.cfg is None:
+            return
+        try:
+            owner = await asyncio.to_thread(self.state.owner, self.cfg.id)
+        except ClusterStateError as e:
+            log.warning("migration.fence_unknown", session=self.session, error=str(e))
+            return
+        if owner is not None and owner.node != self.node_name:
+            raise MigrationError(
+                f"the cluster state names {owner.node} (revision {owner.revision}) as the "
+                f"owner of {self.cfg.id[:12]}, not {self.node_name}: the held copy is "
+                "discarded"
+            )
+        log.info(
+            "migration.fenced",
+            session=self.session,
+            owner=owner.node if owner else None,
+            revision=owner.revision if owner else 0,
+        )
 
     async def _await_postcopy(self) -> None:
         """Post-copy, after the resume: wait for the lazy-pages daemon to have every page.

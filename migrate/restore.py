@@ -194,8 +194,14 @@ def restore(
     A stopped container whose checkpoint was kept (``checkpoint --leave-running``) can be
     restored too: it goes back to that checkpoint, its filesystem rolled back with it.
 
-    Raises BundleError, PreflightError, CriuError, ContainerError; on failure an imported
-    container is removed again and a local one stays ``checkpointed``."""
+    Ownership: when ``rt.admission`` is set (a node of a cluster: :mod:`migrate.membership`)
+    the id is claimed for this node before anything runs; another node's claim refuses the
+    restore, naming that node (an export made with ``--leave-running`` imported elsewhere
+    while the original runs would be a second live copy).
+
+    Raises BundleError, PreflightError, CriuError, ContainerError, a JaulaError of the
+    admission (owned elsewhere, store unavailable); on failure an imported container is
+    removed again (its new claim released) and a local one stays ``checkpointed``."""
     require_root()
     criu.require()
     if import_file is not None:
@@ -224,6 +230,8 @@ def restore(
                 raise ContainerError(f"container {c.name} is still shutting down: retry", c.id)
             c.state.status = ContainerStatus.CHECKPOINTED
             c.save()
+        if rt.admission is not None:
+            rt.admission.claim(c.id)
         _fresh_upper(c.dir, bundle)
     return rt.revive(c.id, RESTORER, _restorer_arg(bundle.path))
 
@@ -243,6 +251,7 @@ def _restore_import(rt: Runtime, tar_path: Path, name: str | None) -> Container:
     staging = rt.root / "tmp" / f"import-{secrets.token_hex(6)}"
     staging.parent.mkdir(parents=True, exist_ok=True)
     bundle = Bundle.import_tar(tar_path, staging)
+    claimed = False
     try:
         m = bundle.manifest()
         check_compatible(m)
@@ -251,8 +260,12 @@ def _restore_import(rt: Runtime, tar_path: Path, name: str | None) -> Container:
         cfg = ContainerConfig.from_json(m.container)
         cfg = replace(cfg, name=name or cfg.name, cgroup_parent=rt.cgroup_parent)
         try:
+            if rt.admission is not None and not (rt.store.containers_dir / cfg.id).exists():
+                claimed = rt.admission.claim(cfg.id)
             c = rt.adopt(cfg, State(status=ContainerStatus.CHECKPOINTED))
         except ContainerExists as e:
+            if claimed and rt.admission is not None:
+                rt.admission.release(cfg.id)
             if e.container_id == cfg.id:
                 raise PreflightError(
                     f"container {cfg.id[:12]} already exists on this node: "
@@ -271,4 +284,6 @@ def _restore_import(rt: Runtime, tar_path: Path, name: str | None) -> Container:
         return rt.revive(cfg.id, RESTORER, _restorer_arg(cdir / CHECKPOINT_DIR))
     except BaseException:
         shutil.rmtree(cdir, ignore_errors=True)
+        if claimed and rt.admission is not None:
+            rt.admission.release(cfg.id)
         raise

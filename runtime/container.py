@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -375,6 +376,8 @@ class Container:
         finally:
             lock.__exit__(None, None, None)
         self.rt.store.remove_dir(self.id)
+        if self.rt.admission is not None:
+            self.rt.admission.release(self.id)
         log.info("container.removed", id=self.id[:12], name=self.name)
 
     def _kill_everything(self) -> None:
@@ -532,6 +535,22 @@ def _rfc3339(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
+class Admission(Protocol):
+    """What a higher layer decides when a container comes to life here and is told when one
+    is gone, without the runtime knowing it (migrate: the container's ownership in the
+    cluster state, :class:`migrate.membership.NodeOwnership`)."""
+
+    def claim(self, container_id: str) -> bool:
+        """Allow ``container_id`` to run on this node, before any of its processes starts;
+        returns True when the claim is new.  Raises a JaulaError (one line, naming what is
+        wrong) to refuse: the caller then undoes what it made."""
+        ...
+
+    def release(self, container_id: str) -> None:
+        """``container_id`` is gone from this node (removed); never raises."""
+        ...
+
+
 class Runtime:
     """A node's containers and images under one state root.
 
@@ -557,6 +576,9 @@ class Runtime:
         self.cgroup_parent = cgroup_parent or default_cgroup_parent(self.root)
         self._network = network
         self._leases = leases
+        #: asked before a container starts (``run``) and told when one is removed; None:
+        #: every container may run (a runtime outside a cluster)
+        self.admission: Admission | None = None
 
     @property
     def network(self) -> NetworkConfig:
@@ -575,6 +597,10 @@ class Runtime:
             f = self.network.leases_file
             self._leases = FileLeases(Path(f) if f else self.root / LEASES_FILE)
         return self._leases
+
+    @leases.setter
+    def leases(self, leases: IpLeases) -> None:
+        self._leases = leases
 
     def get(self, ref: str) -> Container:
         """The container named ``ref`` or whose id (or unique id prefix) is ``ref``."""
@@ -657,7 +683,10 @@ class Runtime:
         mon_pid, mon_start = 0, None
         cg = create_manager(cid, root=self.cgroup_root, parent=self.cgroup_parent)
         att: Attachment | None = None
+        claimed = False
         try:
+            if self.admission is not None:
+                claimed = self.admission.claim(cid)
             if opts.network == "bridge":
                 att = self._attach(cid, want_ip, want_mac, opts)
             quota.prepare_dirs(cdir, cfg.storage_size_bytes)
@@ -696,6 +725,8 @@ class Runtime:
             if att is not None or (cdir / NETNS).exists():
                 self._detach(cid, att)
             _rollback(cdir, layout, cg, mon_pid, mon_start)
+            if claimed and self.admission is not None:
+                self.admission.release(cid)
             raise
         log.info("container.started", id=cid[:12], name=name, pid=pid)
         return ctr
