@@ -209,6 +209,9 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
 
     w = sub.add_parser("wait", help="wait for containers to stop; print their exit codes")
     w.add_argument("containers", nargs="+")
+    from runtime import commands  # here: it imports this module's helpers
+
+    commands.add_commands(sub)
     for ext in extensions:
         ext.add_commands(sub)
     return p
@@ -485,6 +488,10 @@ def dispatch(
         if rc is not None:
             return rc
     assert rt is not None, "a remote command fell through to the local runtime"
+    from runtime import commands
+
+    if (rc := commands.dispatch(rt, a)) is not None:
+        return rc
     match a.cmd:
         case "image":
             return cmd_image(rt, a)
