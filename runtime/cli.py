@@ -25,6 +25,7 @@ from runtime.errors import CommandNotExecutable, CommandNotFound, ConfigError, J
 from runtime.image.store import ImportProgress
 from runtime.logconfig import configure_logging
 from runtime.logs import read_log, write_record
+from runtime.restart import parse_restart
 from runtime.spec import (
     parse_capabilities,
     parse_cpus,
@@ -306,9 +307,13 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
         mounts=tuple(parse_volume(v) for v in a.volume),
         capabilities=parse_capabilities(a.cap_add, a.cap_drop, a.privileged),
         privileged=a.privileged,
+        restart=parse_restart(a.restart),
     )
     if a.rm and a.detach:
         raise ConfigError("--rm goes with an attached run, not with -d")
+    if a.cmd == "create":  # runtime.commands.lifecycle: the same flags, not started
+        print(rt.create(opts).id)
+        return 0
     c = rt.run(opts)
     if a.detach:
         print(c.id)

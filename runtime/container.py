@@ -34,6 +34,7 @@ from runtime.errors import (
 from runtime.exec_process import exec_in
 from runtime.image import ImageStore
 from runtime.poll import wait_for
+from runtime.restart import RestartPolicy, load_init, load_policy, save_policy
 from runtime.rootfs.mounts import secure_join
 from runtime.rootfs.overlay import OverlayLayout, is_mountpoint, mount_overlay, unmount
 from runtime.spec import ContainerConfig, Mount, User, parse_env
@@ -48,7 +49,18 @@ from runtime.state import (
     check_transition,
     read_json,
 )
-from runtime.store import CONFIG, EXIT, GO_FIFO, LOG, MONITOR_LOG, STATE, Store, flocked
+from runtime.store import (
+    CONFIG,
+    EXIT,
+    GO_FIFO,
+    INIT,
+    LOG,
+    MONITOR_LOG,
+    STATE,
+    STOP_MARK,
+    Store,
+    flocked,
+)
 
 # Configured by the application, not here (runtime.logconfig.configure_logging: the CLI and the monitor)
 log = structlog.get_logger(__name__)
@@ -85,6 +97,7 @@ class RunOptions:
     mounts: tuple[Mount, ...] = ()
     capabilities: tuple[str, ...] | None = None
     privileged: bool = False
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
 
 
 class Container:
@@ -125,6 +138,7 @@ class Container:
 
     def _refresh_from_facts(self) -> None:
         st = self.state
+        self._follow_restart()
         if st.status in (S.RUNNING, S.PAUSED) and not sc.is_alive(st.pid, st.pid_start_time):
             st.status = S.STOPPED
             rec = self.exit_record()
@@ -137,6 +151,25 @@ class Container:
             else:  # the monitor died too: the exit status is lost
                 st.exit_code = st.exit_code if st.exit_code is not None else -1
                 st.finished_at = st.finished_at or time.time()
+
+    def _follow_restart(self) -> None:
+        """Take the init a restarting monitor started (``init.json``, :mod:`runtime.restart`)
+        when it is newer than the one in state.json and alive: the container runs again."""
+        st = self.state
+        if st.status not in (S.RUNNING, S.PAUSED, S.STOPPED):
+            return
+        rec = load_init(self.dir)
+        if rec is None or rec.started_at <= st.started_at or rec.pid == st.pid:
+            return
+        if not sc.is_alive(rec.pid, rec.start_time):
+            return
+        st.status, st.pid, st.pid_start_time = S.RUNNING, rec.pid, rec.start_time
+        st.started_at, st.exit_code, st.finished_at = rec.started_at, None, 0.0
+
+    def restart_count(self) -> int:
+        """How many times the monitor restarted the init since the last start."""
+        rec = load_init(self.dir)
+        return rec.restart_count if rec is not None else 0
 
     def refresh(self) -> None:
         """Re-read state.json and the facts."""
@@ -218,6 +251,49 @@ class Container:
             )
 
     # -- operations ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run a created or stopped container: a new init (its command again) in the same
+        rootfs, so what it wrote in its upperdir is still there.  Raises ContainerError
+        (wrong status, or the init's reason), MountError, CgroupError; on failure the
+        container stays as it was (unmounted, no cgroup)."""
+        require_root()
+        with self.locked():
+            self._require(Operation.START)
+            for layer in self.config.layers:
+                if not self.rt.images.has_layer(layer):
+                    raise ContainerError(
+                        f"layer sha256:{layer} of container {self.name} is not in this node's "
+                        "image store: pull or import its image again",
+                        self.id,
+                    )
+            layout = OverlayLayout.in_dir(
+                self.dir, [self.rt.images.layer_dir(la) for la in self.config.layers]
+            )
+            for f in (EXIT, INIT, STOP_MARK):
+                (self.dir / f).unlink(missing_ok=True)
+            cg = self.cgroup()
+            mon_pid, mon_start = 0, None
+            try:
+                if not is_mountpoint(layout.merged):
+                    mount_overlay(layout)
+                cg.create(self.config.resources)
+                mon_pid, sync_r = _launch_monitor(self.dir)
+                mon_start = sc.proc_start_time(mon_pid)
+                pid, start = _await_monitor(self.dir, sync_r)
+                self.state = State(
+                    status=S.RUNNING,
+                    pid=pid,
+                    pid_start_time=start,
+                    monitor_pid=mon_pid,
+                    monitor_start_time=mon_start,
+                    started_at=time.time(),
+                )
+                self.save()
+            except BaseException:
+                _undo_start(layout, cg, mon_pid, mon_start)
+                raise
+        log.info("container.started", id=self.id[:12], name=self.name, pid=pid)
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the container init.  Raises ContainerError unless running/paused."""
         with self.locked():
@@ -234,7 +310,10 @@ class Container:
         Returns the exit code (None if the monitor could not record it).  Stopping a stopped
         container is a no-op, as in Podman."""
         with self.locked():
+            if self.monitor_alive():
+                (self.dir / STOP_MARK).touch()  # no restart (runtime.restart)
             if not can(Operation.STOP, self.status):
+                self.wait_monitor(10.0)  # it may be waiting to restart: it ends now
                 return self.state.exit_code
             cg = self.cgroup()
             try:
@@ -388,6 +467,8 @@ class Container:
         collected and raised together, never dropped."""
         errors: list[str] = []
         cg = self.cgroup()
+        if self.monitor_alive():
+            (self.dir / STOP_MARK).touch()  # no restart (runtime.restart)
         try:
             if cg.pids():
                 cg.kill_all(signal.SIGKILL)
@@ -442,6 +523,13 @@ class Container:
                 "FinishedAt": _rfc3339(st.finished_at),
                 "MonitorPid": st.monitor_pid,
                 "MigratedTo": st.migrated_to,
+            },
+            "RestartCount": self.restart_count(),
+            "HostConfig": {
+                "RestartPolicy": {
+                    "Name": load_policy(self.dir).name.value,
+                    "MaximumRetryCount": load_policy(self.dir).max_retries,
+                }
             },
             "Config": self.config.to_json(),
             "Rootfs": str(self.rootfs),
@@ -500,8 +588,14 @@ class Runtime:
     def image_in_use(self, image_id: str) -> bool:
         return any(c.config.image_id == image_id for c in self.list(all=True))
 
-    def run(self, opts: RunOptions) -> Container:
-        """Create and start a container; returns it running.
+    def create(self, opts: RunOptions) -> Container:
+        """Create a container without starting it (status created; :meth:`Container.start`
+        runs it).  Checks as :meth:`run` does; raises the same errors."""
+        return self.run(opts, start_now=False)
+
+    def run(self, opts: RunOptions, start_now: bool = True) -> Container:
+        """Create and start a container; returns it running (with ``start_now`` False:
+        created, its rootfs prepared and unmounted).
 
         Raises ImageError (no such image), ContainerExists (name taken), ConfigError (bad
         user, workdir or command), MountError, CgroupError, ContainerError (the init failed
@@ -552,6 +646,8 @@ class Runtime:
             )
             atomic_write_json(cdir / CONFIG, cfg.to_json())
             atomic_write_json(cdir / STATE, State().to_json())
+            if opts.restart != RestartPolicy():
+                save_policy(cdir, opts.restart)
         layout = OverlayLayout.in_dir(cdir, layer_dirs)
         mon_pid, mon_start = 0, None
         cg = create_manager(cid, root=self.cgroup_root, parent=self.cgroup_parent)
@@ -562,6 +658,9 @@ class Runtime:
             make_workdir(layout.merged, cfg.cwd, user)
             cfg = replace(cfg, user=user)
             atomic_write_json(cdir / CONFIG, cfg.to_json())
+            if not start_now:
+                unmount(layout.merged)
+                return Container(self, cid)
             cg.create(cfg.resources)
             ctr = Container(self, cid)
             with ctr.locked():

@@ -19,6 +19,11 @@ below is a constant of this module, and no other module spells one::
         monitor.log                MONITOR_LOG: the monitor's own errors
         go.fifo                    GO_FIFO: an armed monitor waits on it for go/cancel
         armed                      ARMED_MARK: an armed monitor has loaded its restorer
+        restart.json               RESTART: the --restart policy (runtime.restart), if any
+        init.json                  INIT: the init a restarting monitor started last
+                                   (pid, start time, restart count; runtime.restart)
+        stop-requested             STOP_MARK: stop/rm asked for it: the monitor restarts
+                                   nothing more
         checkpoint/                CHECKPOINT_DIR: the last checkpoint bundle
         checkpoint.new/            CHECKPOINT_NEW_DIR: a checkpoint being written
         upper/ work/ merged/       UPPER, WORK, MERGED: overlayfs upperdir, workdir, and
@@ -59,6 +64,9 @@ LOG = "ctr.log"
 MONITOR_LOG = "monitor.log"
 GO_FIFO = "go.fifo"
 ARMED_MARK = "armed"
+RESTART = "restart.json"
+INIT = "init.json"
+STOP_MARK = "stop-requested"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_NEW_DIR = "checkpoint.new"
 CRIU_LOGS_DIR = "logs/criu"

@@ -5,16 +5,17 @@ Each module adds its subparsers and runs them; :mod:`runtime.cli` calls
 commands, so that the core CLI stays small and these grow apart from it:
 
 * :mod:`runtime.commands.images`: ``pull``.
+* :mod:`runtime.commands.lifecycle`: ``create``, ``start``, ``restart``, ``run --restart``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from runtime.commands import images
+from runtime.commands import images, lifecycle
 from runtime.container import Runtime
 
-_MODULES = (images,)
+_MODULES = (images, lifecycle)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
