@@ -212,7 +212,7 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     w.add_argument("containers", nargs="+")
     from runtime import commands  # here: it imports this module's helpers
 
-    commands.add_commands(sub)
+    commands.add_commands(sub, p)
     for ext in extensions:
         ext.add_commands(sub)
     return p

@@ -294,6 +294,49 @@ class Container:
                 raise
         log.info("container.started", id=self.id[:12], name=self.name, pid=pid)
 
+    def rename(self, new_name: str) -> None:
+        """Give the container another name (``podman rename``).  Raises InvalidContainerId
+        (a malformed name), ContainerExists (taken), ContainerError (migrating)."""
+        with self.rt.store.lock(), self.locked():
+            if self.status is S.MIGRATING:
+                raise ContainerError(
+                    f"container {self.name} is migrating: rename it once that is over", self.id
+                )
+            if new_name == self.name:
+                return
+            self.rt.store.check_name(new_name)
+            self.config = replace(self.config, name=new_name)
+            atomic_write_json(self.dir / CONFIG, self.config.to_json())
+
+    @contextlib.contextmanager
+    def filesystem(self) -> Iterator[Path]:
+        """The container's root as the host sees it, for ``cp``: ``/proc/PID/root`` of a
+        running or paused container (its own mounts, volumes included, are visible there);
+        for a created or stopped one, its overlay mounted for the time of the block (the
+        upperdir holds what is written).  Resolve paths in it with
+        :func:`runtime.rootfs.mounts.secure_join`.  Raises ContainerError (checkpointed,
+        migrating or migrated: no filesystem here to use), MountError."""
+        with self.locked():
+            if self.status in (S.RUNNING, S.PAUSED):
+                yield Path(f"/proc/{self.state.pid}/root")
+                return
+            if self.status not in (S.CREATED, S.STOPPED):
+                raise ContainerError(
+                    f"container {self.name} is {self.status.value}: its files cannot be copied now",
+                    self.id,
+                )
+            layout = OverlayLayout.in_dir(
+                self.dir, [self.rt.images.layer_dir(la) for la in self.config.layers]
+            )
+            mounted_here = not is_mountpoint(layout.merged)
+            if mounted_here:
+                mount_overlay(layout)
+            try:
+                yield layout.merged
+            finally:
+                if mounted_here:
+                    unmount(layout.merged)
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the container init.  Raises ContainerError unless running/paused."""
         with self.locked():

@@ -6,22 +6,30 @@ commands, so that the core CLI stays small and these grow apart from it:
 
 * :mod:`runtime.commands.images`: ``pull``.
 * :mod:`runtime.commands.lifecycle`: ``create``, ``start``, ``restart``, ``run --restart``.
+* :mod:`runtime.commands.containers`: ``cp``, ``top``, ``rename``, ``rm -a``.
+* :mod:`runtime.commands.system`: ``version``, ``--version``, ``info``, ``images``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from runtime.commands import images, lifecycle
+from runtime.commands import containers, images, lifecycle, system
 from runtime.container import Runtime
 
-_MODULES = (images, lifecycle)
+_MODULES = (images, lifecycle, containers, system)
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add every command of this package to ``jaula``'s subparsers."""
-    for m in _MODULES:
-        m.add_commands(sub)
+def add_commands(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    top: argparse.ArgumentParser | None = None,
+) -> None:
+    """Add every command of this package to ``jaula``'s subparsers (and ``--version`` to
+    ``top``, the ``jaula`` parser)."""
+    images.add_commands(sub)
+    lifecycle.add_commands(sub)
+    containers.add_commands(sub)
+    system.add_commands(sub, top)
 
 
 def dispatch(rt: Runtime, a: argparse.Namespace) -> int | None:
