@@ -20,6 +20,7 @@ from pathlib import Path
 
 import structlog
 
+from runtime import events
 from runtime import syscalls as sc
 from runtime.cgroups import CgroupManager, Resources, create_manager
 from runtime.errors import (
@@ -166,6 +167,10 @@ class Container:
         st.status, st.pid, st.pid_start_time = S.RUNNING, rec.pid, rec.start_time
         st.started_at, st.exit_code, st.finished_at = rec.started_at, None, 0.0
 
+    def _event(self, status: str, **attributes: object) -> None:
+        """Record ``status`` in the state root's event log (:mod:`runtime.events`)."""
+        events.record(self.rt.root, status, self.id, self.name, self.config.image_ref, **attributes)
+
     def restart_count(self) -> int:
         """How many times the monitor restarted the init since the last start."""
         rec = load_init(self.dir)
@@ -305,8 +310,10 @@ class Container:
             if new_name == self.name:
                 return
             self.rt.store.check_name(new_name)
+            old = self.name
             self.config = replace(self.config, name=new_name)
             atomic_write_json(self.dir / CONFIG, self.config.to_json())
+            self._event("rename", oldName=old)
 
     @contextlib.contextmanager
     def filesystem(self) -> Iterator[Path]:
@@ -345,6 +352,9 @@ class Container:
                 os.kill(self.state.pid, sig)
             except ProcessLookupError:
                 return
+            self._event(
+                "kill", signal=signal.Signals(sig).name if sig in signal.valid_signals() else sig
+            )
             if self.status is S.PAUSED and sig == signal.SIGKILL:
                 self.cgroup().thaw()
 
@@ -374,6 +384,7 @@ class Container:
             if self.state.status is not S.STOPPED:
                 raise ContainerError(f"container {self.name} did not stop", self.id)
             self.save()
+            self._event("stop")
             return self.state.exit_code
 
     def _wait_stopped(self, timeout_s: float) -> bool:
@@ -411,6 +422,7 @@ class Container:
             self.cgroup().freeze()
             self.state.status = S.PAUSED
             self.save()
+            self._event("pause")
 
     def resume(self) -> None:
         """Thaw a paused container."""
@@ -423,6 +435,7 @@ class Container:
             self.cgroup().thaw()
             self.state.status = S.RUNNING
             self.save()
+            self._event("unpause")
 
     def exec(
         self,
@@ -443,6 +456,7 @@ class Container:
             pid = self.state.pid
             cfg = self.config
             u = resolve_user(self.rootfs, user) if user else cfg.user
+        self._event("exec", command=" ".join(args))
         return exec_in(
             pid,
             self.cgroup(),
@@ -486,6 +500,7 @@ class Container:
             lock.__exit__(None, None, None)
         self.rt.store.remove_dir(self.id)
         log.info("container.removed", id=self.id[:12], name=self.name)
+        self._event("remove")
 
     def _kill_everything(self) -> None:
         """SIGKILL, without the lock, every process of the container: the monitor's
@@ -701,11 +716,12 @@ class Runtime:
             make_workdir(layout.merged, cfg.cwd, user)
             cfg = replace(cfg, user=user)
             atomic_write_json(cdir / CONFIG, cfg.to_json())
+            ctr = Container(self, cid)
+            ctr._event("create")  # before the monitor's "start" (runtime.events)
             if not start_now:
                 unmount(layout.merged)
-                return Container(self, cid)
+                return ctr
             cg.create(cfg.resources)
-            ctr = Container(self, cid)
             with ctr.locked():
                 mon_pid, sync_r = _launch_monitor(cdir)
                 mon_start = sc.proc_start_time(mon_pid)
@@ -876,6 +892,7 @@ class Runtime:
                 _undo_start(layout, cg, mon_pid, mon_start)
                 raise
         log.info("container.restored", id=c.id[:12], name=c.name, pid=pid)
+        c._event("restore")
         return c
 
 

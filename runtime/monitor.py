@@ -29,6 +29,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from runtime import events
 from runtime import syscalls as sc
 from runtime.cgroups import CgroupManager, create_manager
 from runtime.init_process import run_init
@@ -110,6 +111,7 @@ def main(argv: list[str]) -> int:
         _report(sync_fd, f"error {e}")
         return 1
     _report(sync_fd, f"ok {pid} {sc.proc_start_time(pid)}")
+    _event(cdir, cfg, "start")  # here, so that it comes before its "died"
     status = _pump(pid, log, out_r, err_r)
     return _finish(cdir, cgroup, pid, _restart_loop(cdir, cfg, cgroup, log, pid, status))
 
@@ -171,6 +173,7 @@ def _restart_loop(
     started = time.monotonic()
     while True:
         code = _exit_code(status)
+        _event(cdir, cfg, "died", exitCode=code)
         if not policy.should_restart(code, restarts) or (cdir / STOP_MARK).exists():
             return status
         _record_exit(cdir, cgroup, status)
@@ -195,6 +198,7 @@ def _restart_loop(
             return status
         restarts += 1
         started = time.monotonic()
+        _event(cdir, cfg, "restart", restartCount=restarts)
         (cdir / EXIT).unlink(missing_ok=True)
         save_init(cdir, InitRecord(pid, sc.proc_start_time(pid), time.time(), restarts))
         status = _pump(pid, log, out_r, err_r)
@@ -203,6 +207,11 @@ def _restart_loop(
 def _exit_code(status: int) -> int:
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
+
+
+def _event(cdir: Path, cfg: ContainerConfig, status: str, **attributes: object) -> None:
+    """Record an event in the state root's log (``cdir`` is ``<root>/containers/<id>``)."""
+    events.record(cdir.parent.parent, status, cfg.id, cfg.name, cfg.image_ref, **attributes)
 
 
 def _record_exit(cdir: Path, cgroup: CgroupManager, status: int) -> None:
@@ -271,7 +280,9 @@ def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = F
         os.close(out_w)
         os.close(err_w)
     _report(sync_fd, f"ok {pid} {sc.proc_start_time(pid)}")
-    return _finish(cdir, cgroup, pid, _pump(pid, log, out_r, err_r))
+    status = _pump(pid, log, out_r, err_r)
+    _event(cdir, cfg, "died", exitCode=_exit_code(status))
+    return _finish(cdir, cgroup, pid, status)
 
 
 def _pump(pid: int, log: LogWriter, out_r: int, err_r: int) -> int:

@@ -9,6 +9,7 @@ below is a constant of this module, and no other module spells one::
                                    when /dev/shm has no room)
     <root>/logs/criu/              CRIU_LOGS_DIR: copies of the CRIU logs of failed actions
                                    (the newest 20; migrate.criu.keep_log)
+    <root>/events.jsonl            EVENTS: the append-only event log (runtime.events)
     <root>/images/ <root>/layers/  the image store (runtime.image.ImageStore)
     <root>/containers/<id>/        one directory per container
         config.json                CONFIG: ContainerConfig (written once, atomically)
@@ -64,6 +65,7 @@ LOG = "ctr.log"
 MONITOR_LOG = "monitor.log"
 GO_FIFO = "go.fifo"
 ARMED_MARK = "armed"
+EVENTS = "events.jsonl"
 RESTART = "restart.json"
 INIT = "init.json"
 STOP_MARK = "stop-requested"

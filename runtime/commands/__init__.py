@@ -8,16 +8,17 @@ commands, so that the core CLI stays small and these grow apart from it:
 * :mod:`runtime.commands.lifecycle`: ``create``, ``start``, ``restart``, ``run --restart``.
 * :mod:`runtime.commands.containers`: ``cp``, ``top``, ``rename``, ``rm -a``.
 * :mod:`runtime.commands.system`: ``version``, ``--version``, ``info``, ``images``.
+* :mod:`runtime.commands.observe`: ``stats``, ``events``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from runtime.commands import containers, images, lifecycle, system
+from runtime.commands import containers, images, lifecycle, observe, system
 from runtime.container import Runtime
 
-_MODULES = (images, lifecycle, containers, system)
+_MODULES = (images, lifecycle, containers, system, observe)
 
 
 def add_commands(
@@ -30,6 +31,7 @@ def add_commands(
     lifecycle.add_commands(sub)
     containers.add_commands(sub)
     system.add_commands(sub, top)
+    observe.add_commands(sub)
 
 
 def dispatch(rt: Runtime, a: argparse.Namespace) -> int | None:
