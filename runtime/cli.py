@@ -308,6 +308,7 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
         capabilities=parse_capabilities(a.cap_add, a.cap_drop, a.privileged),
         privileged=a.privileged,
         restart=parse_restart(a.restart),
+        tty=a.tty,
     )
     if a.rm and a.detach:
         raise ConfigError("--rm goes with an attached run, not with -d")
@@ -319,6 +320,10 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
         print(c.id)
         return 0
     try:
+        if a.tty:  # runtime.commands.terminal
+            from runtime.commands.terminal import attach_terminal
+
+            return attach_terminal(c, send_input=a.interactive)
         return _attach(c)
     finally:
         if a.rm:

@@ -59,6 +59,7 @@ from runtime.store import (
     MONITOR_LOG,
     STATE,
     STOP_MARK,
+    TTY_MARK,
     Store,
     flocked,
 )
@@ -99,6 +100,7 @@ class RunOptions:
     capabilities: tuple[str, ...] | None = None
     privileged: bool = False
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    tty: bool = False
 
 
 class Container:
@@ -706,6 +708,8 @@ class Runtime:
             atomic_write_json(cdir / STATE, State().to_json())
             if opts.restart != RestartPolicy():
                 save_policy(cdir, opts.restart)
+            if opts.tty:
+                (cdir / TTY_MARK).touch()  # the monitor owns a pty (runtime.tty)
         layout = OverlayLayout.in_dir(cdir, layer_dirs)
         mon_pid, mon_start = 0, None
         cg = create_manager(cid, root=self.cgroup_root, parent=self.cgroup_parent)

@@ -18,8 +18,10 @@ inside it (DESIGN.md, "Pitfalls").
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import termios
 from typing import NoReturn
 
 from runtime import syscalls as sc
@@ -35,9 +37,17 @@ from runtime.spec import ContainerConfig
 
 
 def run_init(
-    cfg: ContainerConfig, rootfs: str, start_r: int, err_w: int, stdout_w: int, stderr_w: int
+    cfg: ContainerConfig,
+    rootfs: str,
+    start_r: int,
+    err_w: int,
+    stdout_w: int,
+    stderr_w: int,
+    tty_fd: int | None = None,
 ) -> NoReturn:
-    """Become the container init and exec its program; never returns.
+    """Become the container init and exec its program; never returns.  With ``tty_fd`` (a
+    pty's slave side) that terminal is its stdin, stdout, stderr and controlling terminal
+    instead of /dev/null and the two pipes.
 
     On failure writes ``"<step>: <reason>"`` to ``err_w`` and exits 127."""
     step = "wait for the monitor"
@@ -63,10 +73,15 @@ def run_init(
         step = "pivot_root"
         pivot_into(rootfs)
         step = "set up stdio"
-        devnull = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(stdout_w, 1)
-        os.dup2(stderr_w, 2)
+        if tty_fd is not None:  # the monitor's pty (runtime.tty): stdio and controlling tty
+            for fd in (0, 1, 2):
+                os.dup2(tty_fd, fd)
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        else:
+            devnull = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(stdout_w, 1)
+            os.dup2(stderr_w, 2)
         close_fds_except({err_w})
         step = "drop privileges"
         drop_privileges(cfg.user, cfg.capabilities)

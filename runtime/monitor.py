@@ -24,12 +24,14 @@ import json
 import os
 import selectors
 import signal
+import socket
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from runtime import events
+from runtime import events, tty
 from runtime import syscalls as sc
 from runtime.cgroups import CgroupManager, create_manager
 from runtime.init_process import run_init
@@ -39,7 +41,7 @@ from runtime.restart import RESET_AFTER_S, InitRecord, backoff_s, load_policy, s
 from runtime.rootfs.overlay import unmount
 from runtime.spec import ContainerConfig
 from runtime.state import ExitRecord, atomic_write_json
-from runtime.store import ARMED_MARK, CONFIG, EXIT, GO_FIFO, LOG, STOP_MARK
+from runtime.store import ARMED_MARK, CONFIG, EXIT, GO_FIFO, LOG, STOP_MARK, TTY_MARK
 
 _PARTIAL_FLUSH = 16 * 1024
 
@@ -104,16 +106,40 @@ def main(argv: list[str]) -> int:
     cgroup = create_manager(cfg.id, parent=cfg.cgroup_parent)
     log = LogWriter(cdir / LOG)
 
+    term: _Terminal | None = None
+    if (cdir / TTY_MARK).exists():
+        master, slave = os.openpty()
+        term = _Terminal(master, slave, tty.listen(cdir), tty.Backlog())
     sc.unshare(sc.CLONE_NEWPID)
     try:
-        pid, out_r, err_r = _spawn(cfg, cdir, cgroup, sync_fd)
+        pid, out_r, err_r = _spawn(cfg, cdir, cgroup, sync_fd, term)
     except _StartFailed as e:
         _report(sync_fd, f"error {e}")
         return 1
     _report(sync_fd, f"ok {pid} {sc.proc_start_time(pid)}")
     _event(cdir, cfg, "start")  # here, so that it comes before its "died"
-    status = _pump(pid, log, out_r, err_r)
-    return _finish(cdir, cgroup, pid, _restart_loop(cdir, cfg, cgroup, log, pid, status))
+    status = _pump_any(pid, log, out_r, err_r, term)
+    status = _restart_loop(cdir, cfg, cgroup, log, status, term)
+    return _finish(cdir, cgroup, pid, status)
+
+
+@dataclass(frozen=True)
+class _Terminal:
+    """The pty of a ``-t`` container (:mod:`runtime.tty`): kept for its whole life."""
+
+    master: int
+    slave: int
+    server: socket.socket
+    backlog: tty.Backlog
+
+
+def _pump_any(pid: int, log: LogWriter, out_r: int, err_r: int, term: _Terminal | None) -> int:
+    if term is None:
+        return _pump(pid, log, out_r, err_r)
+    status = tty.pump(pid, log, term.master, term.server, term.backlog)
+    log.flush()
+    _reap_others()
+    return status
 
 
 class _StartFailed(Exception):
@@ -121,13 +147,22 @@ class _StartFailed(Exception):
 
 
 def _spawn(
-    cfg: ContainerConfig, cdir: Path, cgroup: CgroupManager, sync_fd: int | None
+    cfg: ContainerConfig,
+    cdir: Path,
+    cgroup: CgroupManager,
+    sync_fd: int | None,
+    term: _Terminal | None = None,
 ) -> tuple[int, int, int]:
     """Fork the init into a fresh pid namespace (the caller unshared it), put it in the
-    cgroup and release it.  Returns (pid, stdout read end, stderr read end).  Raises
-    _StartFailed with the init's or the cgroup's reason (the init is reaped then)."""
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
+    cgroup and release it.  Returns (pid, stdout read end, stderr read end; -1 and -1 with
+    a terminal, whose slave side is then the init's stdio).  Raises _StartFailed with the
+    init's or the cgroup's reason (the init is reaped then)."""
+    if term is not None:
+        out_r, out_w = os.open("/dev/null", os.O_RDONLY), os.dup(term.slave)
+        err_r, err_w = os.open("/dev/null", os.O_RDONLY), os.dup(term.slave)
+    else:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
     start_r, start_w = os.pipe2(os.O_CLOEXEC)
     fail_r, fail_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
@@ -136,7 +171,15 @@ def _spawn(
             os.close(sync_fd)
         for fd in (out_r, err_r, start_w, fail_r):
             os.close(fd)
-        run_init(cfg, str(cdir / "merged"), start_r, fail_w, out_w, err_w)
+        run_init(
+            cfg,
+            str(cdir / "merged"),
+            start_r,
+            fail_w,
+            out_w,
+            err_w,
+            tty_fd=None if term is None else out_w,
+        )
     for fd in (out_w, err_w, start_r, fail_w):
         os.close(fd)
     try:
@@ -158,11 +201,20 @@ def _spawn(
         os.close(out_r)
         os.close(err_r)
         raise _StartFailed(failure.decode(errors="replace"))
+    if term is not None:
+        os.close(out_r)
+        os.close(err_r)
+        return pid, -1, -1
     return pid, out_r, err_r
 
 
 def _restart_loop(
-    cdir: Path, cfg: ContainerConfig, cgroup: CgroupManager, log: LogWriter, pid: int, status: int
+    cdir: Path,
+    cfg: ContainerConfig,
+    cgroup: CgroupManager,
+    log: LogWriter,
+    status: int,
+    term: _Terminal | None = None,
 ) -> int:
     """Carry out the container's restart policy (:mod:`runtime.restart`) after its init
     exited with wait status ``status``: start it again, after the backoff, as long as the
@@ -192,7 +244,7 @@ def _restart_loop(
             os.close(own)
         sc.unshare(sc.CLONE_NEWPID)
         try:
-            pid, out_r, err_r = _spawn(cfg, cdir, cgroup, None)
+            pid, out_r, err_r = _spawn(cfg, cdir, cgroup, None, term)
         except _StartFailed as e:
             print(f"monitor: restart failed: {e}", file=sys.stderr)
             return status
@@ -201,7 +253,7 @@ def _restart_loop(
         _event(cdir, cfg, "restart", restartCount=restarts)
         (cdir / EXIT).unlink(missing_ok=True)
         save_init(cdir, InitRecord(pid, sc.proc_start_time(pid), time.time(), restarts))
-        status = _pump(pid, log, out_r, err_r)
+        status = _pump_any(pid, log, out_r, err_r, term)
 
 
 def _exit_code(status: int) -> int:
@@ -318,14 +370,18 @@ def _pump(pid: int, log: LogWriter, out_r: int, err_r: int) -> int:
         _, status = os.waitpid(pid, 0)
         os.close(pidfd)
     log.flush()
-    # Reap anything else that was reparented to us (we are a subreaper).
+    _reap_others()
+    return status
+
+
+def _reap_others() -> None:
+    """Reap anything else that was reparented to us (we are a subreaper)."""
     while True:
         try:
             if os.waitpid(-1, os.WNOHANG)[0] == 0:
                 break
         except ChildProcessError:
             break
-    return status
 
 
 if __name__ == "__main__":

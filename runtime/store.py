@@ -23,6 +23,8 @@ below is a constant of this module, and no other module spells one::
         restart.json               RESTART: the --restart policy (runtime.restart), if any
         init.json                  INIT: the init a restarting monitor started last
                                    (pid, start time, restart count; runtime.restart)
+        tty                        TTY_MARK: run with -t: the monitor owns a pty (runtime.tty)
+        attach.sock                ATTACH_SOCK: the monitor's terminal, for attach
         stop-requested             STOP_MARK: stop/rm asked for it: the monitor restarts
                                    nothing more
         checkpoint/                CHECKPOINT_DIR: the last checkpoint bundle
@@ -69,6 +71,8 @@ EVENTS = "events.jsonl"
 RESTART = "restart.json"
 INIT = "init.json"
 STOP_MARK = "stop-requested"
+TTY_MARK = "tty"
+ATTACH_SOCK = "attach.sock"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_NEW_DIR = "checkpoint.new"
 CRIU_LOGS_DIR = "logs/criu"

@@ -9,16 +9,17 @@ commands, so that the core CLI stays small and these grow apart from it:
 * :mod:`runtime.commands.containers`: ``cp``, ``top``, ``rename``, ``rm -a``.
 * :mod:`runtime.commands.system`: ``version``, ``--version``, ``info``, ``images``.
 * :mod:`runtime.commands.observe`: ``stats``, ``events``.
+* :mod:`runtime.commands.terminal`: ``-i``/``-t``, ``attach``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from runtime.commands import containers, images, lifecycle, observe, system
+from runtime.commands import containers, images, lifecycle, observe, system, terminal
 from runtime.container import Runtime
 
-_MODULES = (images, lifecycle, containers, system, observe)
+_MODULES = (terminal, images, lifecycle, containers, system, observe)
 
 
 def add_commands(
@@ -28,6 +29,7 @@ def add_commands(
     """Add every command of this package to ``jaula``'s subparsers (and ``--version`` to
     ``top``, the ``jaula`` parser)."""
     images.add_commands(sub)
+    terminal.add_commands(sub)  # before lifecycle: create copies run's flags
     lifecycle.add_commands(sub)
     containers.add_commands(sub)
     system.add_commands(sub, top)
