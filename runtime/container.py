@@ -446,8 +446,10 @@ class Container:
         workdir: str | None = None,
         user: str | None = None,
         detach: bool = False,
+        tty_fd: int | None = None,
     ) -> int:
-        """Run ``args`` inside the running container (see :mod:`runtime.exec_process`).
+        """Run ``args`` inside the running container (see :mod:`runtime.exec_process`);
+        with ``tty_fd`` (a pty's slave side) on that terminal.
 
         Returns the program's exit code.  Raises ContainerError when the container is not
         running or the program cannot be started."""
@@ -469,6 +471,7 @@ class Container:
             cfg.capabilities,
             detach,
             self.id,
+            tty_fd,
         )
 
     def delete(self, force: bool = False) -> None:

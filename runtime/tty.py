@@ -255,3 +255,50 @@ def relay(sock: socket.socket, stdin: int = 0, stdout: int = 1, send_input: bool
         sock.close()
         with contextlib.suppress(OSError):
             sys.stdout.flush()
+
+
+def relay_pty(
+    master: int, stop_r: int, stdin: int = 0, stdout: int = 1, send_input: bool = True
+) -> None:
+    """``exec -it``: relay the caller's terminal (raw mode when it is one) to and from the
+    pty ``master`` whose slave the exec'd program holds, until ``stop_r`` becomes readable
+    (the program exited); what it printed last is drained first."""
+    with contextlib.suppress(OSError):
+        rows, cols = os.get_terminal_size(stdin)
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    saved = None
+    if send_input and os.isatty(stdin):
+        saved = termios.tcgetattr(stdin)
+        stdlib_tty.setraw(stdin, termios.TCSANOW)
+    sel = selectors.DefaultSelector()
+    sel.register(master, selectors.EVENT_READ, "master")
+    if send_input:
+        sel.register(stdin, selectors.EVENT_READ, "stdin")
+    sel.register(stop_r, selectors.EVENT_READ, "stop")
+    try:
+        while True:
+            for key, _ in sel.select():
+                if key.data == "stop":
+                    os.set_blocking(master, False)
+                    with contextlib.suppress(OSError):
+                        while data := os.read(master, 65536):
+                            os.write(stdout, data)
+                    return
+                if key.data == "master":
+                    try:
+                        data = os.read(master, 65536)
+                    except OSError:
+                        data = b""
+                    if data:
+                        os.write(stdout, data)
+                    else:
+                        sel.unregister(master)
+                    continue
+                data = os.read(stdin, 4096)
+                if not data:
+                    sel.unregister(stdin)
+                    continue
+                os.write(master, data)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)

@@ -25,6 +25,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     run = sub._name_parser_map["run"]
     run.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
     run.add_argument("-t", "--tty", action="store_true", help="give the container a terminal")
+    ex = sub._name_parser_map["exec"]
+    ex.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
+    ex.add_argument("-t", "--tty", action="store_true", help="give the command a terminal")
     at = sub.add_parser("attach", help="attach to a running container's terminal")
     at.add_argument("--no-stdin", action="store_true", help="do not send input")
     at.add_argument("container")
@@ -56,10 +59,52 @@ def attach_terminal(c: Container, send_input: bool = True) -> int:
     return code if code is not None and code >= 0 else 125
 
 
+def exec_terminal(rt: Runtime, a: argparse.Namespace) -> int:
+    """``exec -it``: the program on a new pty this process relays (:func:`runtime.tty.relay_pty`)."""
+    import os
+    import threading
+
+    cmd = list(a.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if a.detach:
+        raise ConfigError("exec -t goes with an attached exec, not with -d")
+    c = rt.get(a.container)
+    master, slave = os.openpty()
+    stop_r, stop_w = os.pipe()
+    result: list[int] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(c.exec(tuple(cmd), tuple(a.env), a.workdir, a.user, False, slave))
+        except BaseException as e:  # noqa: BLE001 - raised again in the main thread
+            failure.append(e)
+        finally:
+            os.write(stop_w, b"x")
+
+    worker = threading.Thread(target=run, name="exec", daemon=True)
+    worker.start()
+    try:
+        tty.relay_pty(master, stop_r, send_input=a.interactive)
+    finally:
+        worker.join()
+        for fd in (master, slave, stop_r, stop_w):
+            os.close(fd)
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
 def dispatch(rt: Runtime, a: argparse.Namespace) -> int | None:
     if a.cmd in ("run", "create"):
         check_flags(a)
         return None
+    if a.cmd == "exec" and a.tty:
+        check_flags(a)
+        return exec_terminal(rt, a)
+    if a.cmd == "exec" and a.interactive:
+        return None  # exec inherits this process's stdin already
     if a.cmd == "attach":
         c = rt.get(a.container)
         if c.status is not ContainerStatus.RUNNING:

@@ -55,7 +55,9 @@ def test_line_discipline_and_ctrl_c(jaula: Jaula) -> None:
         # the kernel's line discipline, not the shell's editor, reads for cat: typed
         # before cat runs, the keys wait in the pty; two erases leave "axy"
         t.send(b"abc\x7f\x7fxy\r")
-        t.expect(b"axy\r\n")
+        echo = t.expect(b"xy\r\n")  # the echo: "abc", two erases, "xy"
+        assert echo.endswith(b"abc\b \b\b \bxy\r\n"), echo
+        t.expect(b"axy\r\n")  # cat's copy: it runs, in the foreground
         t.send(b"\x03")  # ^C: SIGINT to cat through the controlling terminal
         prompt(t)
         t.send(b"exit 0\r")
@@ -72,3 +74,25 @@ def test_interactive_without_tty_is_refused(jaula: Jaula) -> None:
     p = jaula.run("run", "-i", "busybox", "cat", check=False)
     assert p.returncode == 125 and "-i without -t" in p.stderr
     assert jaula.container_ids() == []
+
+
+def test_exec_it_shell(jaula: Jaula) -> None:
+    jaula.out("run", "-d", "--name", "svc", "busybox", "sleep", "1000")
+    with Terminal(jaula.root, "exec", "-it", "svc", "sh") as t:
+        prompt(t)
+        t.send(b"echo $((2+3)) $$\r")
+        out = t.expect(b"\r\n", 20.0) + t.expect(b"\r\n", 20.0)
+        assert b"5 " in out  # and a pid of the container's namespace after it
+        prompt(t)
+        t.send(b"sleep 1001\r")
+        t.expect(b"sleep 1001\r\n")
+        from runtime.poll import wait_for
+
+        # the shell makes it the terminal's foreground job before it execs it
+        assert wait_for(lambda: "sleep 1001" in jaula.out("top", "svc"), 20.0, 0.1)
+        t.send(b"\x03")  # ^C reaches the exec'd shell's foreground job: its own terminal
+        prompt(t)
+        t.send(b"exit 4\r")
+        assert t.wait() == 4
+    (d,) = json.loads(jaula.out("inspect", "svc"))
+    assert d["State"]["Status"] == "running"
