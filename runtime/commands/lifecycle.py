@@ -49,9 +49,13 @@ def dispatch(rt: Runtime, a: argparse.Namespace) -> int | None:
             return EXIT_ERROR
         if a.attach:
             from runtime.cli import _attach
+            from runtime.commands.terminal import attach_terminal
+            from runtime.store import TTY_MARK
 
             c = rt.get(a.containers[0])
             c.start()
+            if (c.dir / TTY_MARK).exists():  # created with -t: its terminal
+                return attach_terminal(c, send_input=True)
             return _attach(c)
         return _each(rt, a.containers, lambda c: c.start())
     if a.cmd == "restart":

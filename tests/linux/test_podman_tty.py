@@ -96,3 +96,12 @@ def test_exec_it_shell(jaula: Jaula) -> None:
         assert t.wait() == 4
     (d,) = json.loads(jaula.out("inspect", "svc"))
     assert d["State"]["Status"] == "running"
+
+
+def test_checkpoint_of_a_terminal_is_refused_before_the_freeze(jaula: Jaula) -> None:
+    jaula.out("run", "-d", "-t", "--name", "term", "busybox", "sh")
+    p = jaula.run("checkpoint", "term", check=False)
+    assert p.returncode == 125 and p.stderr.count("\n") == 1, p.stderr
+    assert "has a terminal" in p.stderr
+    (d,) = json.loads(jaula.out("inspect", "term"))
+    assert d["State"]["Status"] == "running"
