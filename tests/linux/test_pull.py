@@ -1,12 +1,14 @@
 """``jaula pull`` against a real registry: Debian's docker-registry on 127.0.0.1 (started and
 stopped by the ``registry`` fixture), the session's busybox image pushed into it with skopeo;
 pulled by tag and by digest, then run as a container.  The failures (a missing tag, TLS
-refused by default against a plain-HTTP registry, a transport we do not take) are one-line
+refused by default against a plain-HTTP registry, a transport we do not take, and against an
+HTTPS registry with basic auth a wrong password and an untrusted certificate) are one-line
 errors with exit 125 and leave nothing in the image store.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.jaula import Jaula
-from tests.helpers.registry import Registry, local_registry, registry_missing
+from tests.helpers.registry import PASSWORD, USER, Registry, local_registry, registry_missing
 
 pytestmark = [
     pytest.mark.root,
@@ -119,3 +121,50 @@ def test_bad_reference_is_refused(empty: Jaula, ref: str, needle: str) -> None:
     assert p.returncode == 125
     assert len(p.stderr.strip().splitlines()) == 1
     assert needle in p.stderr
+
+
+@pytest.fixture(scope="module")
+def secure_registry(
+    tmp_path_factory: pytest.TempPathFactory, busybox_image_layout: Path
+) -> Iterator[Registry]:
+    """An HTTPS registry with basic auth (user alice) holding ``busybox:latest``."""
+    with local_registry(tmp_path_factory.mktemp("secure-registry"), secure=True) as reg:
+        reg.push(busybox_image_layout, "busybox:latest", "busybox:latest")
+        yield reg
+
+
+def test_pull_over_tls_with_credentials(secure_registry: Registry, empty: Jaula) -> None:
+    reg = secure_registry
+    assert reg.cert_dir is not None
+    image_id = empty.out(
+        "pull", "--cert-dir", str(reg.cert_dir), "--creds", f"{USER}:{PASSWORD}",
+        f"{reg.host}/busybox:latest",
+    ).strip()  # fmt: skip
+    assert len(image_id) == 64
+
+
+def test_pull_with_an_auth_file(secure_registry: Registry, empty: Jaula, tmp_path: Path) -> None:
+    reg = secure_registry
+    assert reg.cert_dir is not None
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    authfile = tmp_path / "auth.json"
+    authfile.write_text(json.dumps({"auths": {reg.host: {"auth": token}}}))
+    ref = f"{reg.host}/busybox:latest"
+    empty.out("pull", "--cert-dir", str(reg.cert_dir), "--authfile", str(authfile), ref)
+    missing = empty.run("pull", "--authfile", str(tmp_path / "nope.json"), ref, check=False)
+    assert missing.returncode == 125 and "auth file" in missing.stderr
+
+
+def test_wrong_password_and_untrusted_certificate(secure_registry: Registry, empty: Jaula) -> None:
+    reg = secure_registry
+    assert reg.cert_dir is not None
+    ref = f"{reg.host}/busybox:latest"
+    wrong = empty.run(
+        "pull", "--cert-dir", str(reg.cert_dir), "--creds", f"{USER}:wrong", ref, check=False
+    )
+    assert wrong.returncode == 125 and wrong.stderr.count("\n") == 1, wrong.stderr
+    assert "unauthorized" in wrong.stderr.lower() or "authentication" in wrong.stderr.lower()
+    untrusted = empty.run("pull", "--creds", f"{USER}:{PASSWORD}", ref, check=False)
+    assert untrusted.returncode == 125 and untrusted.stderr.count("\n") == 1, untrusted.stderr
+    assert "certificate" in untrusted.stderr
+    assert _store(empty)[0] == []
