@@ -333,7 +333,8 @@ def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = F
         os.close(err_w)
     _report(sync_fd, f"ok {pid} {sc.proc_start_time(pid)}")
     status = _pump(pid, log, out_r, err_r)
-    _event(cdir, cfg, "died", exitCode=_exit_code(status))
+    # the restart policy holds for a restored container too (a fresh start of its command)
+    status = _restart_loop(cdir, cfg, cgroup, log, status)
     return _finish(cdir, cgroup, pid, status)
 
 

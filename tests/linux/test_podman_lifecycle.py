@@ -108,3 +108,22 @@ def test_bad_restart_policy(jaula: Jaula, bad: str) -> None:
     assert p.returncode == 125
     assert p.stderr.count("\n") == 1 and "invalid --restart" in p.stderr
     assert jaula.container_ids() == []
+
+
+def test_restart_policy_holds_after_a_checkpoint_and_restore(jaula: Jaula) -> None:
+    from tests.helpers.skips import criu_works
+
+    if (why := criu_works()) is not None:
+        pytest.skip(why)
+    script = "while [ ! -e /go ]; do sleep 0.1; done; echo done; exit 5"
+    jaula.out(
+        "run", "-d", "--name", "cr", "--restart", "on-failure:1", "busybox", "sh", "-c", script
+    )  # fmt: skip
+    jaula.out("checkpoint", "cr")
+    jaula.out("restore", "cr")
+    jaula.out("exec", "cr", "touch", "/go")
+    # the restored init exits 5, the monitor starts the command once more (/go is still in
+    # the upperdir: it exits 5 at once), and on-failure:1 ends it there
+    assert jaula.out("wait", "cr").strip() == "5"
+    assert jaula.out("logs", "cr").splitlines() == ["done", "done"]
+    assert _inspect(jaula, "cr")["RestartCount"] == 1
