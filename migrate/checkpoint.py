@@ -40,7 +40,7 @@ from runtime.cgroups import detect_mode
 from runtime.container import Container, Runtime
 from runtime.errors import CgroupError, ContainerError
 from runtime.state import ContainerStatus, Operation, can
-from runtime.store import CHECKPOINT_DIR, CHECKPOINT_NEW_DIR, LOG
+from runtime.store import CHECKPOINT_DIR, CHECKPOINT_NEW_DIR, LOG, TTY_MARK
 from runtime.syscalls import is_alive, statfs_type
 
 log = structlog.get_logger(__name__)
@@ -162,6 +162,7 @@ def preflight(c: Container) -> None:
       connected to a process outside the container, an inotify or fanotify watch, a UDP
       socket with unsent data (corked) or a TCP listener with connections not yet accepted
       (:mod:`migrate.portability`);
+    - a container with a terminal (``run -t``): its pty would have to be declared external;
     - a container whose memory is still arriving from a post-copy (its lazy-pages daemon
       runs): the pages not fetched yet would be left out.
 
@@ -181,6 +182,11 @@ def preflight(c: Container) -> None:
             f"container {c.name} is still receiving its memory from {pc.source or 'its source'}"
             f" (post-copy, session {pc.session}): checkpoint or migrate it once that "
             f"is over{keeps}"
+        )
+    if (c.dir / TTY_MARK).exists():  # runtime.tty: the pty's master is the monitor's
+        raise PreflightError(
+            f"container {c.name} has a terminal (run -t): checkpointing one is not supported "
+            f"yet{keeps}"
         )
     in_cgroup = set(tasks_of(c))
     tree = process_tree(c.state.pid)

@@ -26,6 +26,7 @@ from runtime.image.store import ImportProgress
 from runtime.logconfig import configure_logging
 from runtime.logs import read_log, write_record
 from runtime.quota import parse_storage_opts
+from runtime.restart import parse_restart
 from runtime.seccomp_filter import parse_security_opts
 from runtime.spec import (
     parse_blkio_weight,
@@ -250,6 +251,9 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
 
     w = sub.add_parser("wait", help="wait for containers to stop; print their exit codes")
     w.add_argument("containers", nargs="+")
+    from runtime import commands  # here: it imports this module's helpers
+
+    commands.add_commands(sub, p)
     for ext in extensions:
         ext.add_commands(sub)
     return p
@@ -355,14 +359,23 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
         add_hosts=tuple(a.add_host),
         seccomp=parse_security_opts(a.security_opt, a.privileged),
         storage_size_bytes=parse_storage_opts(a.storage_opt),
+        restart=parse_restart(a.restart),
+        tty=a.tty,
     )
     if a.rm and a.detach:
         raise ConfigError("--rm goes with an attached run, not with -d")
+    if a.cmd == "create":  # runtime.commands.lifecycle: the same flags, not started
+        print(rt.create(opts).id)
+        return 0
     c = rt.run(opts)
     if a.detach:
         print(c.id)
         return 0
     try:
+        if a.tty:  # runtime.commands.terminal
+            from runtime.commands.terminal import attach_terminal
+
+            return attach_terminal(c, send_input=a.interactive)
         return _attach(c)
     finally:
         if a.rm:
@@ -537,6 +550,10 @@ def dispatch(
         if rc is not None:
             return rc
     assert rt is not None, "a remote command fell through to the local runtime"
+    from runtime import commands
+
+    if (rc := commands.dispatch(rt, a)) is not None:
+        return rc
     match a.cmd:
         case "image":
             return cmd_image(rt, a)

@@ -39,7 +39,9 @@ around the user namespace), CRIU's criu/timens.c (restore into a new time namesp
 
 from __future__ import annotations
 
+import fcntl
 import os
+import termios
 from typing import NoReturn
 
 from runtime import seccomp_filter
@@ -98,8 +100,10 @@ def exec_in(
     detach: bool = False,
     container_id: str | None = None,
     seccomp: str = "unconfined",
+    tty_fd: int | None = None,
 ) -> int:
-    """Run ``args`` in the namespaces of ``init_pid`` (host pid) and wait for it.
+    """Run ``args`` in the namespaces of ``init_pid`` (host pid) and wait for it.  With
+    ``tty_fd`` (a pty's slave side) that terminal is its stdio and controlling terminal.
 
     Returns the program's exit code (128 + signal when killed; 0 at once with ``detach``).
     Raises NamespaceError when the namespaces cannot be opened, ContainerError with the
@@ -111,7 +115,7 @@ def exec_in(
     pid = os.fork()
     if pid == 0:
         os.close(err_r)
-        _helper(ns_fds, cgroup, args, env, cwd, user, capabilities, detach, err_w, seccomp)
+        _helper(ns_fds, cgroup, args, env, cwd, user, capabilities, detach, err_w, seccomp, tty_fd)
     os.close(err_w)
     for _, fd in ns_fds:
         os.close(fd)
@@ -137,6 +141,7 @@ def _helper(
     detach: bool,
     err_w: int,
     seccomp: str,
+    tty_fd: int | None = None,
 ) -> NoReturn:
     step = "prepare the seccomp filter"
     try:
@@ -152,6 +157,13 @@ def _helper(
         if pid == 0:
             step = "setsid"
             os.setsid()
+            if tty_fd is not None:
+                step = "set up the terminal"
+                for fd in (0, 1, 2):
+                    os.dup2(tty_fd, fd)
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+                if tty_fd > 2:
+                    os.close(tty_fd)
             if detach:
                 devnull = os.open("/dev/null", os.O_RDWR)
                 for fd in (0, 1, 2):

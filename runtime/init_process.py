@@ -18,8 +18,10 @@ inside it (DESIGN.md, "Pitfalls").
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import termios
 from typing import NoReturn
 
 from runtime import seccomp_filter
@@ -43,8 +45,11 @@ def run_init(
     stdout_w: int,
     stderr_w: int,
     netns: str | None = None,
+    tty_fd: int | None = None,
 ) -> NoReturn:
-    """Become the container init and exec its program; never returns.
+    """Become the container init and exec its program; never returns.  With ``tty_fd`` (a
+    pty's slave side) that terminal is its stdin, stdout, stderr and controlling terminal
+    instead of /dev/null and the two pipes.
 
     ``netns``: a net namespace to join (``--network bridge``: made and plugged by the
     runtime, runtime.network.link) instead of making one.
@@ -81,10 +86,15 @@ def run_init(
         step = "pivot_root"
         pivot_into(rootfs)
         step = "set up stdio"
-        devnull = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(stdout_w, 1)
-        os.dup2(stderr_w, 2)
+        if tty_fd is not None:  # the monitor's pty (runtime.tty): stdio and controlling tty
+            for fd in (0, 1, 2):
+                os.dup2(tty_fd, fd)
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        else:
+            devnull = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(stdout_w, 1)
+            os.dup2(stderr_w, 2)
         close_fds_except({err_w})
         step = "drop privileges"
         drop_privileges(cfg.user, cfg.capabilities)

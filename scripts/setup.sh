@@ -72,6 +72,8 @@ unset MAKEFLAGS MFLAGS MAKELEVEL MAKEOVERRIDES
 APT_PACKAGES=(
     # used by jaula, its tests and its demo
     busybox-static umoci skopeo runc redis-server iptables iproute2 e2fsprogs util-linux
+    # `jaula pull` tests: a local registry on 127.0.0.1 (started by a test fixture only)
+    docker-registry
     # the cluster store of migrate/cluster_state (its tests start their own etcd members)
     etcd-server
     # libseccomp's Python bindings (runtime/seccomp_filter.py; linked into the venv below)
