@@ -34,6 +34,11 @@ lint: setup-venv
 demo: setup
 	@bash scripts/demo.sh
 
+# A loaded node relieved by the balancing daemon (three local nodes; scripts/demo-balance.sh).
+.PHONY: demo-balance
+demo-balance: setup
+	@bash scripts/demo-balance.sh
+
 test: setup
 	@$(MAKE) --no-print-directory lint
 	@$(VENV)/bin/pytest -p no:cacheprovider tests

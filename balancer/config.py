@@ -22,6 +22,9 @@ table (or the whole file when it has none)::
     strategies = ["postcopy", "cold"]  # strategies the balancer may choose
     link_bytes_per_s = 125000000.0     # for image layers the destination lacks
     prior_weight = 2.0           # weight of each README benchmark row in the cost model
+    load_from = "host"           # a node's load: "host" (psutil: the whole host) or
+                                 # "containers" (its containers' share: nodes sharing a host)
+    move_timeout_s = 600.0       # the longest the daemon waits for one move's report
 
 Unknown keys are errors; every error is one :class:`~balancer.errors.BalancerConfigError`
 line naming the file, the key, what is wrong and what to write.
@@ -38,6 +41,9 @@ from typing import Any
 
 from balancer.costmodel import STRATEGIES
 from balancer.errors import BalancerConfigError
+
+#: where a node's load comes from (see ``load_from`` in the module docstring)
+LOAD_FROM = ("host", "containers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,8 @@ class BalancerConfig:
     strategies: tuple[str, ...] = ("postcopy", "cold")
     link_bytes_per_s: float = 125e6
     prior_weight: float = 2.0
+    load_from: str = "host"
+    move_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         problem = self.problem()
@@ -72,7 +80,13 @@ class BalancerConfig:
 
     def problem(self) -> tuple[str, str] | None:
         """The first ``(key, what is wrong)`` in these settings, or None when they are usable."""
-        positive = ("interval_s", "threshold", "overload_percent", "link_bytes_per_s")
+        positive = (
+            "interval_s",
+            "threshold",
+            "overload_percent",
+            "link_bytes_per_s",
+            "move_timeout_s",
+        )
         for k in positive:
             if not getattr(self, k) > 0:
                 return k, f"must be > 0, got {getattr(self, k)!r}"
@@ -106,6 +120,8 @@ class BalancerConfig:
             return "max_in_flight_per_node", (
                 f"({self.max_in_flight_per_node}) must be <= max_in_flight ({self.max_in_flight})"
             )
+        if self.load_from not in LOAD_FROM:
+            return "load_from", f"must be one of {list(LOAD_FROM)}, got {self.load_from!r}"
         if not self.strategies:
             return "strategies", f"must name at least one of {list(STRATEGIES)}"
         for s in self.strategies:
@@ -189,6 +205,10 @@ def _convert(key: str, value: Any, default: Any, where: str, source: str) -> Any
         if not math.isfinite(value):
             raise bad("a finite number")
         return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
     if isinstance(default, tuple):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad('a list of strings, e.g. ["postcopy", "cold"]')

@@ -72,6 +72,11 @@ The rules, and whose they are
 9. **Drain** (``NodeView.draining``): its containers leave regardless of the hysteresis,
    gain, cool-down and no-return rules, within the caps and the destination checks, to the
    destination that leaves the cluster best balanced.
+10. **Moves in flight count where they go**: a container being moved is still reported by
+    its source until it has arrived, so its load is applied to its destination before any
+    candidate is simulated (the hysteresis still reads the measured imbalance).  Without
+    this a second move chases the same empty destination before the first has arrived
+    (seen on three real nodes: both busy containers of node1 went to node2).
 
 Several moves may be planned in one round (up to the caps); each is applied to the working
 loads before the next is chosen, and balancing stops once the projected cluster is no
@@ -322,9 +327,20 @@ def plan(view: ClusterView, cfg: BalancerConfig, history: MoveHistory, now_s: fl
     # -- what is already moving ---------------------------------------------------------------
     busy_containers: set[str] = set()
     in_flight = 0
+    by_id = {c.id: c for c in view.containers}
     for m in history.in_flight():
         busy_containers.add(m.container)
         in_flight += 1
+        moving = by_id.get(m.container)
+        if (
+            moving is not None
+            and moving.node == m.source
+            and {m.source, m.destination} <= set(work.index)
+        ):
+            # its load is on its way: count it where it goes (else a second move chases
+            # the same empty destination before the first has arrived)
+            work.apply(work.index[m.source], work.index[m.destination], moving)
+            continue
         for name in (m.source, m.destination):
             if name in work.index:
                 work.busy[work.index[name]] += 1
@@ -382,7 +398,7 @@ def plan(view: ClusterView, cfg: BalancerConfig, history: MoveHistory, now_s: fl
     planned_ids: set[str] = set()
     candidates = 0
     seen_candidate = False  # an eligible (container, destination) pair, worth it or not
-    now_imb = imb
+    now_imb = work.imbalance()  # with the moves in flight counted where they go
 
     def destinations(exclude: int = -1) -> list[int]:
         order = sorted(

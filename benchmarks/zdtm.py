@@ -645,8 +645,10 @@ class JaulaZdtm:
         return verdict_line(_read(out))
 
     def _keep_logs(self, name: str) -> str:
-        """Copy the node logs' tails and the container's log to ``logs/NAME``."""
+        """Copy the node logs' tails, the container's log and the CRIU logs each node kept
+        of its failed actions (``<root>/logs/criu``) to ``logs/NAME``."""
         from runtime.container import Runtime
+        from runtime.store import CRIU_LOGS_DIR
 
         d = self.logs / name
         d.mkdir(parents=True, exist_ok=True)
@@ -657,6 +659,9 @@ class JaulaZdtm:
                 log = Path(str(info.get("LogPath", "")))
                 if log.is_file():
                     shutil.copyfile(log, d / f"container-{node}.log")
+            kept = self.c.state_root(node) / CRIU_LOGS_DIR
+            for f in sorted(kept.glob("*.log")) if kept.is_dir() else ():
+                shutil.copyfile(f, d / f"criu-{node}-{f.name}")
         return str(d)
 
     def _remove(self, name: str) -> list[str]:

@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from migrate import criu, portability, rootfs_diff
+from migrate import criu, netmove, portability, rootfs_diff
 from migrate.bundle import Bundle, Manifest, cpu_flags
 from migrate.deadlines import SCALE_ENV, FrozenLimits
 from migrate.errors import MigrationError, PreflightError
@@ -40,7 +40,7 @@ from runtime.cgroups import detect_mode
 from runtime.container import Container, Runtime
 from runtime.errors import CgroupError, ContainerError
 from runtime.state import ContainerStatus, Operation, can
-from runtime.store import CHECKPOINT_DIR, CHECKPOINT_NEW_DIR, LOG
+from runtime.store import CHECKPOINT_DIR, CHECKPOINT_NEW_DIR, LOG, TTY_MARK
 from runtime.syscalls import is_alive, statfs_type
 
 log = structlog.get_logger(__name__)
@@ -159,8 +159,10 @@ def preflight(c: Container) -> None:
       missing where the container is restored (shared/cases C11);
     - a file lock shared with a process outside the container (shared/cases C08);
     - an interface other than ``lo`` in the container's own net namespace, a UNIX socket
-      connected to a process outside the container, an inotify or fanotify watch
+      connected to a process outside the container, an inotify or fanotify watch, a UDP
+      socket with unsent data (corked) or a TCP listener with connections not yet accepted
       (:mod:`migrate.portability`);
+    - a container with a terminal (``run -t``): its pty would have to be declared external;
     - a container whose memory is still arriving from a post-copy (its lazy-pages daemon
       runs): the pages not fetched yet would be left out.
 
@@ -180,6 +182,11 @@ def preflight(c: Container) -> None:
             f"container {c.name} is still receiving its memory from {pc.source or 'its source'}"
             f" (post-copy, session {pc.session}): checkpoint or migrate it once that "
             f"is over{keeps}"
+        )
+    if (c.dir / TTY_MARK).exists():  # runtime.tty: the pty's master is the monitor's
+        raise PreflightError(
+            f"container {c.name} has a terminal (run -t): checkpointing one is not supported "
+            f"yet{keeps}"
         )
     in_cgroup = set(tasks_of(c))
     tree = process_tree(c.state.pid)
@@ -244,7 +251,16 @@ def preflight(c: Container) -> None:
     try:
         if c.config.network == "none":
             portability.check_netns(c.name, portability.netns_contents(c.state.pid))
+        elif (att := netmove.bridged(c.config)) is not None:
+            n = portability.netns_contents(c.state.pid)
+            if extra := netmove.unexpected(att, n.links, n.addresses, n.routes, n.rules):
+                raise PreflightError(
+                    f"cannot checkpoint {c.name}: its network namespace holds "
+                    f"{', '.join(extra)}, which jaula did not set up and would not carry: "
+                    f"remove it first{keeps}"
+                )
         portability.check_unix_peers(c.name, c.state.pid, in_cgroup | set(tree))
+        portability.check_socket_queues(c.name, c.state.pid, in_cgroup | set(tree))
     except OSError as e:
         raise PreflightError(
             f"cannot checkpoint {c.name}: its network namespace cannot be looked at "
@@ -373,6 +389,8 @@ def external_netns(c: Container) -> str | None:
     up (``inherit_fd``).  None when the namespace must be dumped.  Raises OSError when the
     init is gone."""
     cfg = c.config
+    if cfg.network == "bridge":  # made by jaula, rebuilt by the destination (migrate.netmove)
+        return f"net[{os.stat(f'/proc/{c.state.pid}/ns/net').st_ino}]:{NETNS_KEY}"
     if cfg.network != "none" or cfg.privileged or "CAP_NET_ADMIN" in cfg.capabilities:
         return None
     if not portability.netns_contents(c.state.pid).fresh:

@@ -8,6 +8,10 @@
 Who we are on the network: ``--client-config FILE`` (else ``$JAULA_CLIENT_CONFIG``, else
 ``~/.config/jaula/client.toml``): an operator keypair and the cluster file.
 
+On a node's state root (one a node service has served: :mod:`migrate.membership`),
+``run``, ``restore`` and ``rm`` claim and release the container's ownership in the cluster
+state as that node.
+
 Thin: parse, call the library, print.  Exit codes as :mod:`runtime.cli` (125 for jaula's own
 errors).
 """
@@ -33,6 +37,9 @@ from runtime.errors import JaulaError
 from runtime.store import CRIU_LOGS_DIR
 
 REMOTE_COMMANDS = ("ps", "inspect", "logs", "exec", "stop", "rm")
+#: local commands that bring a container to life or remove one: they claim or release its
+#: ownership in the cluster state when the state root is a node's
+OWNING_COMMANDS = ("run", "restore", "rm")
 
 
 class MigrateCommands:
@@ -56,7 +63,7 @@ class MigrateCommands:
             a.cmd == "cluster"  # writes files only: no root, no local state
             or (a.node is not None and a.cmd in REMOTE_COMMANDS)
             or a.cmd == "migrate"
-            or (a.cmd == "node" and a.node_cmd == "ls")
+            or (a.cmd == "node" and a.node_cmd in ("ls", "drain", "undrain"))
         )
 
     def add_commands(self, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -115,6 +122,14 @@ class MigrateCommands:
             help="seconds a peer may stay silent in a migration (default 20)",
         )
         nsub.add_parser("ls", help="every node of the cluster: reachable, load, containers")
+        dr = nsub.add_parser(
+            "drain",
+            help="mark a node draining in the cluster state: it takes no new containers and "
+            "the balancer moves every one off it, one at a time",
+        )
+        dr.add_argument("drain_node", metavar="NODE", help="the node to drain")
+        ud = nsub.add_parser("undrain", help="mark a drained node ready again")
+        ud.add_argument("drain_node", metavar="NODE", help="the node")
         add_cluster_commands(sub)
 
     def dispatch(self, rt: Runtime | None, a: argparse.Namespace) -> int | None:
@@ -131,6 +146,8 @@ class MigrateCommands:
                 f"{a.node}'s host, or here with --state-root set to its "
                 "state root"
             )
+        if rt is not None and a.cmd in OWNING_COMMANDS:
+            _set_admission(rt, a.cmd)
         if rt is not None:
             # a failed CRIU action's log is kept under this state root (and the restorer,
             # which runs in the container's monitor, learns it from the environment)
@@ -204,7 +221,7 @@ class MigrateCommands:
 
             cfg, cluster = load_node(a.config)
             try:
-                asyncio.run(NodeService(cfg, cluster, a.peer_timeout).serve())
+                asyncio.run(_serve_until_stopped(NodeService(cfg, cluster, a.peer_timeout)))
             except KeyboardInterrupt:
                 pass
             return 0
@@ -244,6 +261,38 @@ def _signers(node_config: Path | None) -> dict[str, bytes]:
 
     _, cluster = load_node(node_config)
     return {n: p.signing_key for n, p in cluster.nodes.items() if p.signing_key is not None}
+
+
+def _set_admission(rt: Runtime, cmd: str) -> None:
+    """Claim and release as the node whose state root ``rt`` is.  ``rm`` works without the
+    store (the node's next reconcile releases the claim); ``run`` and ``restore`` do not."""
+    from migrate.membership import local_admission
+
+    try:
+        rt.admission = local_admission(rt)
+        if rt.admission is not None:  # and its leases: one store for service and commands
+            from migrate.net_leases import ClusterLeases
+
+            rt.leases = ClusterLeases(rt.admission.state)
+    except JaulaError as e:  # the store, or the node's config or keys
+        if cmd != "rm":
+            raise
+        print(f"jaula: warning: {e}; removing without releasing the claim", file=sys.stderr)
+
+
+async def _serve_until_stopped(service: Any) -> None:
+    """Serve until SIGTERM or SIGINT, then stop cleanly (the membership lease is given up,
+    so `jaula node ls` shows the node lost at once)."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(service.serve())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
 
 
 def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
@@ -295,6 +344,33 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
         help="port of the first node, the next ones follow (default 7001; 0: free ports "
         "the kernel picks on the listen host now)",
     )
+    ini.add_argument(
+        "--state",
+        choices=["files", "etcd"],
+        default="files",
+        help="the cluster state: files (one host, the default) or etcd (writes its CA, "
+        "member and client certificates in DIR/etcd and the [state] table)",
+    )
+    ini.add_argument(
+        "--etcd-endpoints",
+        default="",
+        metavar="URLS",
+        help="with --state etcd: the members' client URLs, comma-separated "
+        "(https://HOST:2379,...); one member certificate each",
+    )
+    ini.add_argument(
+        "--etcd-hosts",
+        default="",
+        metavar="HOSTS",
+        help="with --state etcd: more names or IPs every member certificate is valid for",
+    )
+    pe = csub.add_parser(
+        "provision-etcd",
+        help="create the etcd users and roles of the cluster in DIR and turn auth on "
+        "(once its etcd members run; idempotent)",
+    )
+    pe.add_argument("dir", type=Path, help="a directory made by `jaula cluster init --state etcd`")
+    pe.add_argument("--admin", help="the operator whose key is etcd's root (default: the first)")
     jn = csub.add_parser(
         "join", help="add a node to the cluster in DIR: its keys, NODE.toml, its cluster.toml entry"
     )
@@ -324,7 +400,13 @@ def cluster_command(a: argparse.Namespace) -> int:
     """``jaula cluster init|join``: call :mod:`migrate.cluster_init`, print what it wrote."""
     from migrate import cluster_init
 
+    if a.cluster_cmd == "provision-etcd":
+        admin = cluster_init.provision_etcd(a.dir, a.admin)
+        print(f"etcd provisioned for {a.dir / cluster_init.CLUSTER_FILE} (root: {admin})")
+        return 0
     if a.cluster_cmd == "init":
+        if a.state == "files" and (a.etcd_endpoints or a.etcd_hosts):
+            raise JaulaError("--etcd-endpoints and --etcd-hosts go with --state etcd")
         endpoints = cluster_init.plan_endpoints(_names(a.nodes), a.listen_host, a.base_port)
         c = cluster_init.init_cluster(
             a.dir,
@@ -333,7 +415,12 @@ def cluster_command(a: argparse.Namespace) -> int:
             state_dir=a.state_dir,
             cgroup_parent=a.cgroup_parent,
         )
-        for f in c.written:
+        written = list(c.written)
+        if a.state == "etcd":
+            written += cluster_init.add_etcd_state(
+                c.root, _names(a.etcd_endpoints), _names(a.etcd_hosts)
+            )
+        for f in written:
             print(f)
         for nf in c.nodes.values():
             print(
@@ -345,6 +432,13 @@ def cluster_command(a: argparse.Namespace) -> int:
             print(
                 f"operator {of.name}: export JAULA_CLIENT_CONFIG={of.client_config} "
                 "(or --client-config)",
+                file=sys.stderr,
+            )
+        if a.state == "etcd":
+            print(
+                f'etcd: start each member with {c.root}/etcd/member-mN.crt (README "Cluster '
+                f'state"), then `jaula cluster provision-etcd {c.root}`; keep etcd/ca.key '
+                "off the nodes",
                 file=sys.stderr,
             )
         return 0
@@ -430,6 +524,8 @@ class Nodes:
 
 async def remote(a: argparse.Namespace) -> int:
     nodes = Nodes(a.client_config)
+    if a.cmd == "node" and a.node_cmd in ("drain", "undrain"):
+        return await asyncio.to_thread(_drain, nodes, a.drain_node, a.node_cmd == "drain")
     if a.cmd == "node":
         return await _node_ls(nodes)
     if a.cmd == "migrate":
@@ -490,9 +586,41 @@ def _print_ps(items: list[dict[str, Any]], quiet: bool = False, fmt: str = "tabl
         print("  ".join(v.ljust(widths[k]) for k, v in enumerate(r)).rstrip())
 
 
+def _cluster_members(nodes: Nodes) -> tuple[dict[str, str], dict[str, list[str]], str]:
+    """From the cluster state: node -> ``ready``/``draining``/``lost``, node -> the
+    containers it owns, and why the store could not be read ("" when it could)."""
+    from migrate.cluster_state import ClusterStateError, open_state
+    from migrate.membership import operator_name
+
+    me = operator_name(nodes.cluster, nodes.client_cfg.public_key)
+    if me is None:
+        return {}, {}, "this client's key is not in the cluster file"
+    try:
+        state = open_state(nodes.cluster, me, nodes.client_cfg.secret_key)
+    except (ClusterStateError, JaulaError) as e:
+        return {}, {}, str(e)
+    try:
+        status = {m.name: m.status.value for m in state.members()}
+        owned = {n: sorted(state.owned_by(n)) for n in nodes.cluster.nodes}
+    except ClusterStateError as e:
+        return {}, {}, str(e)
+    finally:
+        state.close()
+    return status, owned, ""
+
+
 async def _node_ls(nodes: Nodes) -> int:
-    rows = [("NODE", "ENDPOINT", "REACHABLE", "LOAD", "MEM FREE", "CONTAINERS")]
+    status, owned, why = await asyncio.to_thread(_cluster_members, nodes)
+    if why:
+        print(f"jaula: warning: cluster state not read: {why}", file=sys.stderr)
+    rows = [("NODE", "STATE", "ENDPOINT", "REACHABLE", "LOAD", "MEM FREE", "CONTAINERS")]
     for name, peer in sorted(nodes.cluster.nodes.items()):
+        st = status.get(name, "?" if why else "unregistered")
+        if st == "lost":
+            # never asked, never started elsewhere: what it owned is unknown until it returns
+            lost = ", ".join(f"{cid[:12]} unknown (node lost)" for cid in owned.get(name, []))
+            rows.append((name, st, peer.endpoint or "", "-", "-", "-", lost or "-"))
+            continue
         try:
             pong = await nodes.request(name, "ping", wait_s=3.0)
             ps = await nodes.request(name, "ps", wait_s=5.0)
@@ -501,6 +629,7 @@ async def _node_ls(nodes: Nodes) -> int:
             rows.append(
                 (
                     name,
+                    st,
                     peer.endpoint or "",
                     "yes",
                     f"{load.get('loadavg1', 0):.2f}",
@@ -509,10 +638,50 @@ async def _node_ls(nodes: Nodes) -> int:
                 )
             )
         except (PeerUnavailable, MigrationError) as e:
-            rows.append((name, peer.endpoint or "", "no", "-", "-", str(e)[:60]))
-    widths = [max(len(r[k]) for r in rows) for k in range(6)]
+            rows.append((name, st, peer.endpoint or "", "no", "-", "-", str(e)[:60]))
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(widths[k]) for k, v in enumerate(r)).rstrip())
+    return 0
+
+
+def operator_name(nodes: Nodes) -> str:
+    """Our name in the cluster file: the operator (or node) whose public key we hold.
+
+    Raises:
+        MigrationError: the cluster file does not list our key."""
+    peer = nodes.cluster.by_key(nodes.client_cfg.public_key)
+    if peer is None:
+        raise MigrationError(
+            f"the cluster file {nodes.cluster.source} does not list the public key of "
+            f"{nodes.client_cfg.source}: add it under [operators] (`jaula cluster init`)"
+        )
+    return peer.name
+
+
+def _drain(nodes: Nodes, node: str, draining: bool) -> int:
+    """``jaula node drain|undrain NODE``: the member's ``draining`` flag in the cluster
+    state (the balancer empties a draining node and sends nothing to it)."""
+    from migrate.cluster_state import MemberLost, open_state
+
+    if node not in nodes.cluster.nodes:
+        raise MigrationError(
+            f"unknown node {node!r}: the cluster has {', '.join(sorted(nodes.cluster.nodes))}"
+        )
+    state = open_state(nodes.cluster, operator_name(nodes), nodes.client_cfg.secret_key)
+    try:
+        state.set_draining(node, draining)
+        state.append_event(
+            "node.drain" if draining else "node.undrain", operator_name(nodes), {"node": node}
+        )
+    except MemberLost:
+        raise MigrationError(
+            f"node {node} never registered in the cluster state: start its service "
+            "(`jaula node serve`), which registers it, then drain it"
+        ) from None
+    finally:
+        state.close()
+    print(f"{node} {'draining' if draining else 'ready'}")
     return 0
 
 

@@ -543,3 +543,95 @@ def _undo(e: BaseException, files: list[Path], dirs: list[Path]) -> None:
             pass
         except OSError as err:
             e.add_note(f"left behind: {d} ({err.strerror or err})")
+
+
+ETCD_DIR = "etcd"
+
+
+def add_etcd_state(
+    root: Path,
+    endpoints: Sequence[str],
+    member_hosts: Sequence[str] | None = None,
+    ttl_s: float | None = None,
+) -> list[Path]:
+    """Give the cluster in ``root`` (written by :func:`init_cluster`) the etcd backend:
+    the etcd CA, a member certificate per endpoint (``member-mN``, for the endpoint's host
+    and ``member_hosts``), a client certificate per node and operator bound to its CURVE
+    key (:mod:`migrate.cluster_state.pki`), all under ``root/etcd``, and the ``[state]``
+    table at the end of ``cluster.toml``.  Returns the files written.
+
+    The members then run with these certificates (README "Cluster state"); once they
+    answer, :func:`provision_etcd` creates the users and roles and turns auth on.
+
+    Raises NodeConfigError: no endpoint, an endpoint that is not ``https://HOST:PORT``,
+    ``cluster.toml`` has a ``[state]`` table already, or ``root/etcd`` exists."""
+    from urllib.parse import urlsplit
+
+    from migrate.cluster_state.pki import issue_client, issue_member, make_ca
+
+    cluster = root / CLUSTER_FILE
+    text = cluster.read_text()
+    if "\n[state]" in f"\n{text}":
+        raise NodeConfigError(f"{cluster} has a [state] table already: edit it by hand")
+    if not endpoints:
+        raise NodeConfigError("--state etcd needs --etcd-endpoints https://HOST:2379[,...]")
+    hosts = []
+    for e in endpoints:
+        u = urlsplit(e)
+        if u.scheme != "https" or not u.hostname or u.port is None:
+            raise NodeConfigError(f"{e!r} is not an etcd endpoint https://HOST:PORT")
+        hosts.append(u.hostname)
+    d = root / ETCD_DIR
+    if d.exists():
+        raise NodeConfigError(f"{d} exists: remove it, or write [state] by hand")
+    c = load_cluster(cluster)
+    ca = make_ca(d)
+    written = [ca.cert, ca.key]
+    for i, h in enumerate(hosts):
+        m = issue_member(ca, d, f"m{i}", sorted({h, *(member_hosts or ())}))
+        written += [m.cert, m.key]
+    for name, peer in sorted({**c.nodes, **c.operators}.items()):
+        cf = issue_client(ca, d, name, peer.public_key)
+        written += [cf.cert, cf.key]
+    table: dict[str, Any] = {
+        "backend": "etcd",
+        "endpoints": list(endpoints),
+        "ca": f"{ETCD_DIR}/ca.crt",
+        "cert": f"{ETCD_DIR}/{{name}}.crt",
+        "key": f"{ETCD_DIR}/{{name}}.key",
+    }
+    if ttl_s is not None:
+        table["ttl_s"] = ttl_s
+    with open(cluster, "a") as f:
+        f.write("\n# the cluster state (jaula cluster init --state etcd)\n")
+        f.write(tomli_w.dumps({"state": table}))
+        f.flush()
+        os.fsync(f.fileno())
+    load_cluster(cluster)  # what every node will load
+    return written
+
+
+def provision_etcd(root: Path, admin: str | None = None) -> str:
+    """Create the etcd users and roles of the cluster in ``root`` and turn auth on
+    (idempotent; :func:`migrate.cluster_state.etcd.provision`), with the secret keys in
+    ``root/keys`` and operator ``admin``'s certificate (default: the first operator).
+    Returns the admin's name.  Raises NodeConfigError (no operator, a key missing),
+    StateUnavailable (etcd does not answer)."""
+    from migrate.cluster_state import etcd as etcd_backend
+
+    c = load_cluster(root / CLUSTER_FILE)
+    admin = admin or next(iter(sorted(c.operators)), None)
+    if admin is None:
+        raise NodeConfigError("provisioning etcd needs an operator (the etcd root's key)")
+
+    def secret(name: str) -> bytes:
+        return keys.load_secret(root / KEYS_DIR / f"{name}.key_secret")[1]
+
+    etcd_backend.provision(
+        c.state,
+        admin,
+        secret(admin),
+        {n: secret(n) for n in c.nodes},
+        {o: secret(o) for o in c.operators},
+    )
+    return admin

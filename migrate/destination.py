@@ -37,7 +37,7 @@ from typing import Any
 
 import structlog
 
-from migrate import criu, image_pack, lazy_conn, rootfs_diff
+from migrate import criu, image_pack, lazy_conn, netmove, rootfs_diff
 from migrate.addresses import bind_address
 from migrate.deadlines import SCALE_ENV, FrozenLimits
 from migrate.errors import MigrationError, PreflightError, ProtocolError
@@ -54,8 +54,10 @@ from migrate.protocol import (
 from migrate.restorer import FAILED_RESTORE_GRACE_S, kill_restored_tree
 from migrate.scratch import remove_scratch, scratch_dir
 from migrate.stream import FileReceiver, IncomingFile
+from runtime import quota
 from runtime.container import ArmedRestore, Container, Runtime
-from runtime.errors import ContainerExists, ContainerNotFound, JaulaError
+from runtime.errors import CgroupError, ConfigError, ContainerExists, ContainerNotFound, JaulaError
+from runtime.network import link as _netlink  # noqa: F401 - pyroute2 (~0.5 s) at start-up, not in an offer
 from runtime.spec import ContainerConfig
 from runtime.state import (
     ContainerStatus,
@@ -92,6 +94,9 @@ class DestinationSession:
             channel's chunks); listen: this node's endpoint (``tcp://`` for a page
             server or a post-copy listener); max_message_bytes: the bulk channel's limit.
         node_name: this node's name, in what it refuses.
+        state: the cluster state (None: none): the source moves the container's owner key
+            to this node at its commit; :meth:`on_resume` resumes only when the store does
+            not name another owner (the fencing check).
 
     Raises PreflightError when its scratch directory is not private.
     """
@@ -106,8 +111,10 @@ class DestinationSession:
         listen: str = "",
         max_message_bytes: int = 8 << 20,
         node_name: str = "the destination",
+        state: Any = None,
     ) -> None:
         self.rt = rt
+        self.state = state
         self.node_name = node_name
         self._send = send
         self.offer = offer
@@ -203,6 +210,8 @@ class DestinationSession:
         alive, still has its copy).  While held: ask the source's durable record."""
         if not self.held:
             raise MigrationError(f"the source {self.source} went silent")
+        # the source's record decides, not the store: a compare-and-swap that timed out on
+        # the source (which then rolled back) may still be applied by etcd later
         committed = await ask_outcome(self.source, self.session)
         if committed is None:
             return  # cannot know yet: stay held and ask again later
@@ -232,14 +241,28 @@ class DestinationSession:
             )
         )
         self._check_space_and_names(cfg)
+        if why := await asyncio.to_thread(netmove.check_destination, self.rt, cfg):
+            raise PreflightError(f"cannot take {cfg.name}'s network here: {why}")
+        if cfg.storage_size_bytes:
+            try:
+                quota.check_supported(self.rt.root)
+            except ConfigError as e:
+                raise PreflightError(f"the destination cannot keep the disk quota: {e}") from None
+        for lim in cfg.resources.io_limits:  # resolved by path here, as the cgroup will be
+            try:
+                lim.device_numbers()
+            except CgroupError as e:
+                raise PreflightError(f"the destination cannot keep an I/O limit: {e}") from None
         if "needs" in o:  # what this node must give it: volumes, ports, memory
             from migrate.portability import NodeNeeds, check_needs
 
             needs = NodeNeeds.from_json(o["needs"])
             await asyncio.to_thread(check_needs, needs, cfg.name, self.source, self.node_name)
         missing = [la for la in o["image"].get("layers", []) if not self.rt.images.has_layer(la)]
-        self.cfg = ContainerConfig.from_json(
-            {**cfg.to_json(), "cgroup_parent": self.rt.cgroup_parent}
+        self.cfg = await asyncio.to_thread(  # netlink: not from the event loop
+            netmove.for_this_node,
+            self.rt,
+            ContainerConfig.from_json({**cfg.to_json(), "cgroup_parent": self.rt.cgroup_parent}),
         )
         (self.staging / "criu").mkdir(parents=True)
         (self.staging / "layers").mkdir()
@@ -257,6 +280,8 @@ class DestinationSession:
         self.armed = await asyncio.to_thread(self.rt.arm, self.cfg.id, RESTORER, arg)
         ps = await self._listen_lazy() if self.postcopy else self._start_page_server()
         await asyncio.to_thread(self.rt.wait_armed, self.armed)
+        assert self.cdir is not None
+        await asyncio.to_thread(netmove.prepare_destination, self.rt, self.cdir, self.cfg)
         await self.send("accept", missing_layers=missing, **bulk, **ps)
 
     def _check_patches(self, strategy: str) -> None:
@@ -415,6 +440,8 @@ class DestinationSession:
         if f.name == "rootfs-base.tar" and self.cdir is not None:
             # Unpack the pre-copied upperdir now, while the source still runs: only the
             # delta is left for the downtime.
+            size = self.cfg.storage_size_bytes if self.cfg is not None else None
+            await asyncio.to_thread(quota.prepare_dirs, self.cdir, size)
             await asyncio.to_thread(rootfs_diff.extract, path, self.cdir / UPPER)
             os.unlink(path)
         if f.name == "criu-images.tar":  # the small CRIU images, packed (migrate.image_pack)
@@ -553,10 +580,13 @@ class DestinationSession:
         the resume: the container is not resumed)."""
         if not self.held or self.revive_task is None or self.hold is None:
             raise ProtocolError("resume before the restore was held")
+        await self._fence()
         self.phase = DP.RESUMING
         t0 = time.monotonic()
-        if self.lazy_daemon is not None and self.lazy_daemon.proc.poll() is not None:
+        if self.lazy_daemon is not None and self.lazy_daemon.proc.poll() not in (None, 0):
             # committed on the source, but the pages cannot come: never run on zero-fill
+            # (status 0: it already has every page, which a small container's few pages
+            # can reach between the source's commit and this resume)
             log.error(
                 "migration.postcopy.daemon_gone",
                 session=self.session,
@@ -579,6 +609,34 @@ class DestinationSession:
             await self._await_postcopy()
         await self.finish()  # after the answer: removing a large staging dir takes a while
         self.phase = DP.DONE
+
+    async def _fence(self) -> None:
+        """Before the tasks run: the store must not name another owner than this node (a
+        source whose commit lost the compare-and-swap must not resume us).  Another owner:
+        the held copy is discarded (MigrationError).  The store silent or naming nobody:
+        the source's ``resume`` comes only after its compare-and-swap succeeded, so it is
+        believed (never discard on a store that cannot answer: that could leave none)."""
+        from migrate.cluster_state import ClusterStateError
+
+        if self.state is None or self.cfg is None:
+            return
+        try:
+            owner = await asyncio.to_thread(self.state.owner, self.cfg.id)
+        except ClusterStateError as e:
+            log.warning("migration.fence_unknown", session=self.session, error=str(e))
+            return
+        if owner is not None and owner.node != self.node_name:
+            raise MigrationError(
+                f"the cluster state names {owner.node} (revision {owner.revision}) as the "
+                f"owner of {self.cfg.id[:12]}, not {self.node_name}: the held copy is "
+                "discarded"
+            )
+        log.info(
+            "migration.fenced",
+            session=self.session,
+            owner=owner.node if owner else None,
+            revision=owner.revision if owner else 0,
+        )
 
     async def _await_postcopy(self) -> None:
         """Post-copy, after the resume: wait for the lazy-pages daemon to have every page.
@@ -639,6 +697,7 @@ class DestinationSession:
             try:
                 c = Container(self.rt, self.cdir.name)
                 if c.status is S.MIGRATING:
+                    await asyncio.to_thread(netmove.discard_destination, self.cdir, c.config)
                     await asyncio.to_thread(shutil.rmtree, self.cdir, True)
             except (FileNotFoundError, ContainerNotFound, JaulaError):
                 pass

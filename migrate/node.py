@@ -1,19 +1,26 @@
 """The node migration service: one per node, ``jaula node serve --config FILE``.
 
 It binds a ROUTER socket (CURVE, ZAP allowlist: :mod:`migrate.transport`) and serves:
-- operators (and the balancer): ping, ps, inspect, logs, exec, stop, rm, migrate;
+- operators (and the balancer): ping, ps, inspect, logs, exec, stop, rm, migrate, metrics
+  (:mod:`migrate.metrics`: sampled from its first request on);
 - peer nodes: migration sessions (this node as destination) and outcome queries.
 
 Requests run as concurrent tasks; the messages of one incoming session are handled in order
 by that session's own task.  A malformed or unknown message gets an ``error`` reply; the
 service never crashes on input.  Who a peer is comes from its authenticated key only.
 
-On start the service reconciles what a crash may have left (:meth:`NodeService.recover`):
-- outgoing containers still marked ``migrating`` whose tasks run: CRIU resumed them when
-  the service died before the commit, so they are ``running`` again;
+On start the service opens the cluster state (``[state]`` of the cluster file) and
+reconciles what a crash may have left (:meth:`NodeService.recover`):
+- outgoing containers still marked ``migrating``: if the store names the destination as
+  the owner, the commit happened (the service died between the compare-and-swap and its
+  record): they are ``migrated`` and a copy left running here is killed; else CRIU resumed
+  them when the service died before the commit, so they are ``running`` again;
 - incoming containers whose restore was held at pre-resume: the source's durable record
   decides (``outcome``), never a timeout alone; the rest of an unfinished incoming session
   is removed.
+Then it registers its membership and reconciles its containers' ownership with the store
+(:mod:`migrate.membership`), renews the lease while it serves, and gives it up on a clean
+stop.
 """
 
 from __future__ import annotations
@@ -27,14 +34,17 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from migrate.cluster_state import ClusterState, ClusterStateError, StateUnavailable
 from migrate.config import ClientConfig, Cluster, NodeConfig, PeerKind
 from migrate.destination import DestinationSession
 from migrate.errors import MigrationError, NodeConfigError, PeerUnavailable, ProtocolError
 from migrate.hold import HoldServer, hold_socket_path, stale_hold_sockets
+from migrate.membership import Membership, NodeOwnership, open_node_state, write_node_file
+from migrate.net_leases import ClusterLeases
 from migrate.protocol import (
     HEARTBEAT_S,
     NODE_MESSAGES,
@@ -56,6 +66,9 @@ from runtime.logs import read_log
 from runtime.poll import await_for
 from runtime.state import ContainerStatus
 from runtime.store import CRIU_LOGS_DIR, LOG
+
+if TYPE_CHECKING:
+    from migrate.metrics import MetricsSampler
 
 log = structlog.get_logger(__name__)
 S = ContainerStatus
@@ -110,6 +123,11 @@ class NodeService:
         self.incarnation = secrets.token_hex(8)
         #: (peer, request id) -> when it arrived (loop time), for the replay window
         self.seen_ids: dict[tuple[str, str], float] = {}
+        self.sampler: MetricsSampler | None = None  # started by the first metrics request
+        #: the cluster state, opened by :meth:`serve` (None before)
+        self.state: ClusterState | None = None
+        #: the outgoing sessions running now (their own record decides their outcome)
+        self.outgoing: set[str] = set()
 
     # -- life -------------------------------------------------------------------------------
     async def serve(self, started: asyncio.Event | None = None) -> None:
@@ -119,6 +137,16 @@ class NodeService:
         would both act on its containers)."""
         lock = self._lock_state_root()
         try:
+            try:
+                self.state = await asyncio.to_thread(open_node_state, self.cfg, self.cluster)
+            except StateUnavailable as e:
+                raise NodeConfigError(
+                    f"node {self.cfg.name} cannot open the cluster state ({e}): it reconciles "
+                    "its containers with it before it serves; start the store (or fix [state] "
+                    "in the cluster file) and start the node again"
+                ) from e
+            self.rt.admission = NodeOwnership(self.state, self.cfg.name)
+            self.rt.leases = ClusterLeases(self.state)  # IP leases cluster-wide (issue 12)
             await self._serve(started)
         finally:
             os.close(lock)
@@ -141,9 +169,16 @@ class NodeService:
         return fd
 
     async def _serve(self, started: asyncio.Event | None) -> None:
+        assert self.state is not None
+        membership = Membership(self.rt, self.state, self.cfg.name, self.cluster.state.ttl_s)
         self.server = await Server.start(self.cfg, self.cluster)
+        keeper: asyncio.Task[None] | None = None
         try:
             await self.recover()
+            await asyncio.to_thread(membership.join)
+            if self.cfg.source is not None:
+                write_node_file(self.rt.root, self.cfg.name, self.cfg.source)
+            keeper = asyncio.create_task(membership.keep())
             log.info("node.serving", node=self.cfg.name, listen=self.cfg.listen)
             if started is not None:
                 started.set()
@@ -154,9 +189,12 @@ class NodeService:
                 except Exception as e:  # noqa: BLE001 - one bad message never stops the node
                     log.error("node.dispatch_failed", peer=inc.peer.name, error=str(e))
         finally:
+            if keeper is not None:
+                keeper.cancel()
             for t in list(self.tasks):
                 t.cancel()
             await self.server.close()
+            await asyncio.to_thread(membership.leave)
 
     def _spawn(self, coro: Any) -> None:
         t = asyncio.create_task(coro)
@@ -274,6 +312,7 @@ class NodeService:
             M.STOP: self._stop,
             M.RM: self._rm,
             M.MIGRATE: self._migrate_request,
+            M.METRICS: self._metrics,
         }
         handler = handlers.get(M(msg["type"]))
         if handler is None:
@@ -290,6 +329,18 @@ class NodeService:
             incarnation=self.incarnation,
             **extra,
         )
+
+    async def _metrics(
+        self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]
+    ) -> list[bytes]:
+        if self.sampler is None:
+            from migrate.metrics import MetricsSampler
+
+            self.sampler = MetricsSampler(self.rt, self.cfg.name)
+            t = self.sampler.start()  # cancelled with the service's other tasks
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+        return encode("node_metrics", **await self.sampler.report(), **extra)
 
     async def _ps(self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]) -> list[bytes]:
         items = [container_summary(c) for c in self.rt.list(all=msg.get("all", False))]
@@ -402,6 +453,7 @@ class NodeService:
             strategy,
             self.peer_timeout_s,
             progress,
+            state=self.state,
         )
         beat = (
             None
@@ -429,13 +481,43 @@ class NodeService:
             )
             await self.reply(requester, frames)
             await asyncio.sleep(HEARTBEAT_S)
+        self.outgoing.add(session.session)
+        try:
+            return await session.run()
+        finally:
+            self.outgoing.discard(session.session)
 
     def _committed(self, session: str) -> bool:
+        """Whether outgoing ``session`` passed its commit point: the record says
+        ``migrated``, or (the service died between the store's compare-and-swap and that
+        record, or the record could not be written) the store names the destination.  A
+        session still running answers from its record alone: its compare-and-swap may have
+        timed out, and be applied by the store after it rolled back."""
         for c in self.rt.list(all=True):
             m = c.state.migration
-            if m is not None and m.session == session and c.status is S.MIGRATED:
+            if m is None or m.session != session:
+                continue
+            if c.status is S.MIGRATED:
+                return True
+            if (
+                c.status is S.MIGRATING
+                and not c.state.incoming
+                and session not in self.outgoing
+                and self._owned_by(c.id, m.peer)
+            ):
                 return True
         return False
+
+    def _owned_by(self, container_id: str, node: str) -> bool:
+        """Whether the store says ``node`` owns ``container_id`` (False when it cannot say)."""
+        if self.state is None:
+            return False
+        try:
+            owner = self.state.owner(container_id)
+        except ClusterStateError as e:
+            log.warning("node.owner_unknown", id=container_id[:12], error=str(e))
+            return False
+        return owner is not None and owner.node == node
 
     # -- incoming sessions ------------------------------------------------------------------------
     async def _offer(self, inc: Incoming, msg: dict[str, Any]) -> None:
@@ -458,6 +540,7 @@ class NodeService:
                 listen=self.cfg.listen,
                 max_message_bytes=self.cfg.max_message_bytes,
                 node_name=self.cfg.name,
+                state=self.state,
             )
         except JaulaError as e:  # e.g. a scratch dir someone else made: refuse, say why
             await self.reply(inc, error(type(e).__name__, str(e), session=sid))
@@ -495,6 +578,17 @@ class NodeService:
                 continue
             if c.status is not S.MIGRATING:
                 continue
+            if not c.state.incoming and c.state.migration is not None:
+                peer = c.state.migration.peer
+                if await asyncio.to_thread(self._owned_by, c.id, peer):
+                    # committed in the store, not yet in the record: the store decides
+                    with c.locked():
+                        c.state.status = S.MIGRATED
+                        c.state.migrated_to = peer
+                        c.save()
+                    await asyncio.to_thread(self._kill_migrated_copy, c)
+                    log.warning("recover.outgoing_committed", id=c.id[:12], to=peer)
+                    continue
             if not c.state.incoming:  # outgoing, never committed
                 c.refresh()
                 alive = c.state.pid and os.path.exists(f"/proc/{c.state.pid}")

@@ -385,6 +385,86 @@ def check_sockets(sockets: Iterable[BoundSocket], name: str, node: str) -> None:
                 ) from None
 
 
+_UDP_TABLES, _TCP_TABLES = ("udp", "udp6"), ("tcp", "tcp6")
+
+
+@dataclass(frozen=True)
+class QueuedSocket:
+    """A socket of the container whose queue CRIU refuses to dump.
+
+    Attributes:
+        kind: ``"udp"`` (unsent datagram data: a corked socket, or data sent with
+        ``MSG_MORE``) or ``"listen"`` (connections in a TCP listener's accept queue, not
+        yet accepted: CRIU's "in-flight" connections).
+        address, port: the socket's local address and port.  queued: bytes (udp) or
+        connections (listen); the send queue of a UDP socket counts the
+        buffer charged (skb truesize), not the payload.  pid, comm: the process holding it.
+    """
+
+    kind: str
+    address: str
+    port: int
+    queued: int
+    pid: int
+    comm: str
+
+
+def queued_sockets(init: int, pids: Iterable[int]) -> tuple[QueuedSocket, ...]:
+    """The UDP sockets of ``pids`` with unsent data and the TCP listeners with connections
+    waiting in their accept queue, from the tables of the net namespace of ``init``.
+
+    proc(5) ``/proc/net/udp``: ``tx_queue`` is the send queue (``sk_wmem_alloc``), which
+    CRIU reads as ``idiag_wqueue`` and refuses when not empty ("Can't dump corked dgram
+    socket", criu/sk-inet.c); for a listener in ``/proc/net/tcp`` ``rx_queue`` is the
+    accept backlog, whose connections CRIU refuses ("In-flight connection") unless told
+    ``--skip-in-flight``, which would reset them."""
+    ours = socket_inodes(pids)
+    found: list[QueuedSocket] = []
+    for table in (*_UDP_TABLES, *_TCP_TABLES):
+        try:
+            lines = Path(f"/proc/{init}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) < 10 or int(f[9]) not in ours:
+                continue
+            tx, rx = (int(q, 16) for q in f[4].split(":"))
+            if table in _UDP_TABLES and tx:
+                kind, queued = "udp", tx
+            elif table in _TCP_TABLES and f[3] == _TCP_LISTEN and rx:
+                kind, queued = "listen", rx
+            else:
+                continue
+            addr, port = _hex_address(f[1])
+            pid, comm = ours[int(f[9])]
+            found.append(QueuedSocket(kind, addr, port, queued, pid, comm))
+    return tuple(found)
+
+
+def check_socket_queues(name: str, init: int, pids: Iterable[int]) -> None:
+    """On the source, before the freeze: refuse a container holding a socket whose queue
+    CRIU would refuse after the freeze (see :func:`queued_sockets`).  Raises
+    PreflightError naming the socket, the process and what to do."""
+    for q in queued_sockets(init, pids):
+        where = f"[{q.address}]:{q.port}" if ":" in q.address else f"{q.address}:{q.port}"
+        if q.kind == "udp":
+            what = (
+                f"a UDP socket on {where} with data not yet sent ({q.queued} bytes of send "
+                "buffer: corked, or sent with MSG_MORE), which CRIU cannot dump: uncork it or "
+                "retry once sent"
+            )
+        else:
+            what = (
+                f"a TCP listener on {where} with {q.queued} connection"
+                f"{'s' if q.queued > 1 else ''} not yet accepted, which CRIU would have to "
+                "reset: retry once the process has accepted them"
+            )
+        raise PreflightError(
+            f"cannot checkpoint {name}: process {q.pid} ({q.comm}) holds {what}{KEEPS}"
+        )
+
+
 # -- inotify and fanotify -----------------------------------------------------------------
 _WATCH = re.compile(r"^(inotify|fanotify) .*?\bino:([0-9a-f]+) sdev:([0-9a-f]+)", re.MULTILINE)
 WATCH_FDS = ("anon_inode:inotify", "anon_inode:[fanotify]")

@@ -18,6 +18,7 @@ first streams ``progress`` messages)::
       (a ``progress {phase, heartbeat, incarnation}`` every HEARTBEAT_S while it runs: a
        client that hears nothing for a few of them asks ``ping``; another ``incarnation``
        there means the service restarted and the request is lost)
+    metrics -> node_metrics {node, cpu/memory %, containers [...]}  (migrate.metrics)
     any -> error {code, message}
 
 A migration session between the source node (DEALER) and the destination (ROUTER), after
@@ -117,6 +118,19 @@ SCHEMAS: dict[str, dict[str, tuple[Any, int | None, bool]]] = {
         "incarnation": (*_NAME, False),
     },
     "migrated": {"report": (*_MAP, True)},
+    "metrics": {},
+    "node_metrics": {  #: the fields and units: migrate.metrics
+        "node": (*_NAME, True),
+        "at_s": (*_NUM, True),
+        "window_s": (*_NUM, True),
+        "cpu_cores": (*_NUM, True),
+        "memory_bytes": (*_INT, True),
+        "cpu_percent": (*_NUM, True),
+        "memory_percent": (*_NUM, True),
+        "cpu_flags": (*_LIST, False),
+        "image_layers": (*_LIST, False),
+        "containers": (*_LIST, True),
+    },
     "error": {"code": (*_NAME, True), "message": (*_BIG, True), "session": (*_NAME, False)},
     # node <-> node (migration session)
     "offer": {
@@ -199,6 +213,8 @@ class MessageType(enum.StrEnum):
     MIGRATE = "migrate"
     PROGRESS = "progress"
     MIGRATED = "migrated"
+    METRICS = "metrics"
+    NODE_METRICS = "node_metrics"
     ERROR = "error"
     OFFER = "offer"
     ACCEPT = "accept"
@@ -221,7 +237,9 @@ class MessageType(enum.StrEnum):
 M = MessageType
 
 #: what an operator (or the balancer) may ask a node; each is answered by one reply
-OPERATOR_REQUESTS = frozenset({M.PING, M.PS, M.INSPECT, M.LOGS, M.EXEC, M.STOP, M.RM, M.MIGRATE})
+OPERATOR_REQUESTS = frozenset(
+    {M.PING, M.PS, M.INSPECT, M.LOGS, M.EXEC, M.STOP, M.RM, M.MIGRATE, M.METRICS}
+)
 #: what only a peer node may send: a session's offer, its messages, and outcome queries
 NODE_MESSAGES = frozenset(
     {M.OFFER, M.OUTCOME, M.FILE_BEGIN, M.CHUNK, M.FILE_END, M.RESTORE, M.RESUME, M.ABORT, M.DUMPING}

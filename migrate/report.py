@@ -30,6 +30,8 @@ class MigrationReport:
             CRIU restore up to ``pre-resume``).
         resume_confirmed: the destination confirmed the tasks run (else the destination
             resumes them on its own after asking for the outcome).
+        owner_revision: the container's owner key revision after the commit's
+            compare-and-swap (the destination's fencing token); 0 without a cluster state.
     """
 
     session: str
@@ -48,6 +50,7 @@ class MigrationReport:
     postcopy_s: float = 0.0
     postcopy_error: str = ""
     restore_steps_s: dict[str, float] = field(default_factory=dict)
+    owner_revision: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -30,12 +30,13 @@ import structlog
 from migrate import criu, rootfs_diff
 from migrate.bundle import Bundle, Manifest, check_signature, cpu_flags
 from migrate.errors import BundleError, PreflightError
+from runtime import quota
 from runtime.cgroups import CgroupMode, Resources, detect_mode
 from runtime.container import Container, Runtime, require_root
 from runtime.errors import ContainerError, ContainerExists
 from runtime.spec import ContainerConfig
 from runtime.state import ContainerStatus, State
-from runtime.store import CHECKPOINT_DIR, LOG
+from runtime.store import CHECKPOINT_DIR, CONFIG, LOG
 
 log = structlog.get_logger(__name__)
 
@@ -203,8 +204,14 @@ def restore(
     A stopped container whose checkpoint was kept (``checkpoint --leave-running``) can be
     restored too: it goes back to that checkpoint, its filesystem rolled back with it.
 
-    Raises BundleError, PreflightError, CriuError, ContainerError; on failure an imported
-    container is removed again and a local one stays ``checkpointed``."""
+    Ownership: when ``rt.admission`` is set (a node of a cluster: :mod:`migrate.membership`)
+    the id is claimed for this node before anything runs; another node's claim refuses the
+    restore, naming that node (an export made with ``--leave-running`` imported elsewhere
+    while the original runs would be a second live copy).
+
+    Raises BundleError, PreflightError, CriuError, ContainerError, a JaulaError of the
+    admission (owned elsewhere, store unavailable); on failure an imported container is
+    removed again (its new claim released) and a local one stays ``checkpointed``."""
     require_root()
     criu.require()
     if import_file is not None:
@@ -233,6 +240,8 @@ def restore(
                 raise ContainerError(f"container {c.name} is still shutting down: retry", c.id)
             c.state.status = ContainerStatus.CHECKPOINTED
             c.save()
+        if rt.admission is not None:
+            rt.admission.claim(c.id)
         _fresh_upper(c.dir, bundle)
     return rt.revive(c.id, RESTORER, _restorer_arg(bundle.path))
 
@@ -240,6 +249,8 @@ def restore(
 def _fresh_upper(cdir: Path, bundle: Bundle) -> None:
     for d in ("upper", "work"):
         shutil.rmtree(cdir / d, ignore_errors=True)
+    cfg = ContainerConfig.from_json(json.loads((cdir / CONFIG).read_text()))
+    quota.prepare_dirs(cdir, cfg.storage_size_bytes)  # the disk quota, before the files
     rootfs_diff.extract(bundle.rootfs_diff, cdir / "upper")
 
 
@@ -252,6 +263,7 @@ def _restore_import(
     staging = rt.root / "tmp" / f"import-{secrets.token_hex(6)}"
     staging.parent.mkdir(parents=True, exist_ok=True)
     bundle = Bundle.import_tar(tar_path, staging)
+    claimed = False
     try:
         check_signature(bundle, signers, insecure)
         m = bundle.manifest()
@@ -261,8 +273,12 @@ def _restore_import(
         cfg = ContainerConfig.from_json(m.container)
         cfg = replace(cfg, name=name or cfg.name, cgroup_parent=rt.cgroup_parent)
         try:
+            if rt.admission is not None and not (rt.store.containers_dir / cfg.id).exists():
+                claimed = rt.admission.claim(cfg.id)
             c = rt.adopt(cfg, State(status=ContainerStatus.CHECKPOINTED))
         except ContainerExists as e:
+            if claimed and rt.admission is not None:
+                rt.admission.release(cfg.id)
             if e.container_id == cfg.id:
                 raise PreflightError(
                     f"container {cfg.id[:12]} already exists on this node: "
@@ -281,4 +297,6 @@ def _restore_import(
         return rt.revive(cfg.id, RESTORER, _restorer_arg(cdir / CHECKPOINT_DIR))
     except BaseException:
         shutil.rmtree(cdir, ignore_errors=True)
+        if claimed and rt.admission is not None:
+            rt.admission.release(cfg.id)
         raise

@@ -17,10 +17,11 @@ from pathlib import Path
 from migrate import criu
 from migrate.bundle import Bundle
 from migrate.deadlines import SCALE_ENV, FrozenLimits
+from migrate.netmove import bridged, go_live
 from runtime.cgroups import CgroupMode, create_manager, detect_mode
 from runtime.poll import wait_for
 from runtime.spec import ContainerConfig
-from runtime.store import CONFIG
+from runtime.store import CONFIG, NETNS
 
 #: how long CRIU may take to end by itself once a restored task has started to exit (its
 #: own clean-up after a failure: seconds at most)
@@ -36,6 +37,8 @@ NETNS_KEY = "jaula-netns"
 def network_lock(cfg: ContainerConfig) -> int:
     """CRIU's network lock for this container: none is needed for a private net namespace
     with only ``lo`` (nobody outside can send it anything while it is frozen)."""
+    if cfg.network == "bridge":  # locked by jaula on the veth's host side (migrate.netmove)
+        return criu.NET_LOCK_SKIP
     return criu.NET_LOCK_SKIP if cfg.network == "none" else criu.NET_LOCK_IPTABLES
 
 
@@ -74,8 +77,15 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
         inherit.append((out_key, stdout_w))
     if err_key and err_key != out_key:
         inherit.append((err_key, stderr_w))
+    prepared = cdir / NETNS  # a bridged container's, made before the freeze
     if netns == "external":
-        inherit.append((NETNS_KEY, fresh_netns()))
+        if bridged(cfg) and not prepared.exists():
+            # a local restore of a checkpoint (no migration prepared it): make it now
+            from migrate.netmove import prepare_destination
+            from runtime.container import Runtime
+
+            prepare_destination(Runtime(cdir.parents[1]), cdir, cfg)
+        inherit.append((NETNS_KEY, prepared_netns(prepared) if bridged(cfg) else fresh_netns()))
     sources = {mt.destination: mt.source for mt in cfg.mounts}
     external = tuple(
         f"mnt[{v['key']}]:{sources.get(v['destination'], v['source'])}" for v in volumes
@@ -97,6 +107,8 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
                 raise criu.StopCriu(
                     "the migration was called off: the restored copy was killed before it ran"
                 )
+            if bridged(cfg):  # its port up and announced before its tasks run
+                go_live(cfg, f"/proc/{root[0]}/ns/net")
         return True
 
     limit = a.get("limit_s")
@@ -240,6 +252,20 @@ def warm_up() -> None:
     """What an armed monitor does before it waits for ``go``: check CRIU now (a process
     start) rather than in the downtime."""
     criu.require()
+
+
+def prepared_netns(pin: Path) -> int:
+    """The namespace the destination prepared (:func:`migrate.netmove.prepare_destination`)
+    as an open fd; its pin is removed, so that it lives as long as the restored tasks."""
+    from runtime.network import NetworkError
+    from runtime.network.link import remove_netns
+
+    try:
+        fd = os.open(pin, os.O_RDONLY)
+    except FileNotFoundError as e:
+        raise NetworkError(f"the prepared net namespace {pin} is missing") from e
+    remove_netns(pin)
+    return fd
 
 
 def fresh_netns() -> int:

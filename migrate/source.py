@@ -12,7 +12,9 @@ The phases, in the order of :data:`migrate.protocol.SOURCE_PLAN`, one method eac
     transfer   the other CRIU images (the small ones packed into one tar, migrate.image_pack)
                and what changed in the upperdir since the pre-copy
     restore    the destination restores and holds its tasks before they resume (pre-resume)
-    commit     the source records "migrated -> destination" durably; its copy dies
+    commit     the owner key moves to the destination (a compare-and-swap in the cluster
+               state at the revision read at preflight), then the source records
+               "migrated -> destination" durably; its copy dies
     resume     the destination lets its tasks run
     postcopy   (``postcopy`` only) the rest of the pages, served by the source's CRIU
     cleanup    the source drops its images and rootfs
@@ -24,6 +26,13 @@ private memory stays in CRIU's page pipes, only the rest goes in the images), an
 follows the resume.  Between the commit and the last page the container's memory is split
 between the two nodes: if either is lost then, the container is lost (the destination kills
 its copy rather than let it run on missing pages).  ``cold`` has no such window.
+
+Ownership (the cluster state, :mod:`migrate.cluster_state`): the preflight reads the
+container's owner key, which must name this node (an unowned one is claimed), and refuses,
+before anything freezes, when the store cannot answer.  The commit's compare-and-swap is the
+point of no return: if it fails (another writer came first, or the store cannot answer) the
+migration rolls back as any failure before the commit does, so the container is never live
+on two nodes, nor on none.
 
 A failure in any phase before ``commit`` rolls back: the post-dump notification is answered
 "failure" (CRIU resumes the tasks), the freezer is thawed, the destination told to abort,
@@ -43,11 +52,11 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from migrate import criu, image_pack, lazy_conn, portability, rootfs_diff
+from migrate import criu, image_pack, lazy_conn, netmove, portability, rootfs_diff
 from migrate.addresses import endpoint_host
 from migrate.bundle import cpu_flags
 from migrate.checkpoint import DumpPlan, preflight, process_tree, tasks_of
@@ -69,6 +78,9 @@ from runtime.container import Runtime
 from runtime.errors import JaulaError
 from runtime.state import ContainerStatus, MigrationDirection, MigrationRecord
 from runtime.store import LOG, ROOTFS_DIRS
+
+if TYPE_CHECKING:
+    from migrate.cluster_state import ClusterState
 
 log = structlog.get_logger(__name__)
 S = ContainerStatus
@@ -110,6 +122,8 @@ class SourceSession:
         strategy: ``cold`` or ``postcopy`` (:class:`Strategy`).
         peer_timeout_s: how long the destination may stay silent before we abort.
         progress: called with (phase, done_bytes, total_bytes).
+        state: the cluster state (:class:`migrate.cluster_state.ClusterState`) or None for
+            none (the local record alone decides).
 
     Raises PreflightError for an unknown strategy or a destination that is this node.
     """
@@ -124,8 +138,12 @@ class SourceSession:
         strategy: str = "cold",
         peer_timeout_s: float = 20.0,
         progress: ProgressFn | None = None,
+        state: Any = None,
     ) -> None:
         self.strategy = parse_strategy(strategy)
+        self.state = state
+        #: the owner key's revision read at preflight: the commit's compare-and-swap expects it
+        self.owner_revision = 0
         if destination == node_name:
             raise PreflightError(f"container is already on {node_name}: pick another node")
         self.rt = rt
@@ -246,6 +264,7 @@ class SourceSession:
         from runtime.image.transfer import image_record
 
         c, link = self.c, self.link
+        await self._check_owner()
         crb = await asyncio.to_thread(criu.build)
         if missing := crb.missing(self.strategy.value):
             raise PreflightError(
@@ -321,6 +340,36 @@ class SourceSession:
         )
         c.save()
 
+    async def _check_owner(self) -> None:
+        """The store must name this node as the owner (an unowned container, from before
+        the store, is claimed now); remember the revision for the commit.  PreflightError
+        when another node owns it or the store cannot answer: nothing was frozen."""
+        from migrate.cluster_state import ClusterStateError, OwnershipConflict
+
+        if self.state is None:
+            return
+        c = self.c
+        try:
+            owner = await asyncio.to_thread(self.state.owner, c.id)
+            if owner is None:
+                owner = await asyncio.to_thread(self.state.claim, c.id, self.node_name)
+        except OwnershipConflict as e:
+            raise PreflightError(
+                f"{c.name} is owned by node {e.owner} in the cluster state, not "
+                f"{self.node_name}: nothing was frozen"
+            ) from e
+        except ClusterStateError as e:
+            raise PreflightError(
+                f"the cluster state is unavailable ({e}): a migration needs it for its "
+                f"commit point; nothing was frozen, {c.name} keeps running on {self.node_name}"
+            ) from e
+        if owner.node != self.node_name:
+            raise PreflightError(
+                f"{c.name} is owned by node {owner.node} in the cluster state, not "
+                f"{self.node_name}: nothing was frozen"
+            )
+        self.owner_revision = owner.revision
+
     async def _open_page_connection(self, ps: dict[str, Any] | None) -> None:
         """Post-copy: connect to the destination's listener and authenticate with the
         token of its accept.  Raises ProtocolError (no connection offered), PreflightError
@@ -373,6 +422,7 @@ class SourceSession:
         is stopped (:func:`migrate.checkpoint.stopped_tasks`): CRIU then freezes by ptrace
         in the dump."""
         plan = DumpPlan.of(self.c)
+        await asyncio.to_thread(netmove.lock_source, self.c)  # bridged: its port goes down
         self.t_freeze = time.monotonic()
         self.plan = await asyncio.to_thread(
             plan.freeze, self.c, self.limits.freeze_s(self.memory_bytes)
@@ -502,8 +552,46 @@ class SourceSession:
         }
 
     async def _commit(self) -> None:
-        """The point of no return: the durable record first, then CRIU kills our frozen
-        copy (it can never run again)."""
+        """The point of no return: the owner key moves to the destination (compare-and-swap
+        at the preflight's revision), the durable record is written, then CRIU kills our
+        frozen copy (it can never run again).
+
+        Raises MigrationError (rolled back by the caller: the copy here resumes, the
+        destination discards its own) when the compare-and-swap fails or the store cannot
+        answer.  Once the swap succeeded the store has decided: the verdict is given even
+        if the local record cannot be written (the outcome query then asks the store)."""
+        if self.state is None:
+            self._record_migrated()
+            self.verdict.set_result(True)
+        else:
+            await self._transfer_ownership(self.state)
+        # bridged: the source's port, down since the freeze, goes (and its FDB entry)
+        await asyncio.to_thread(netmove.remove_source_port, self.c)
+
+    async def _transfer_ownership(self, state: ClusterState) -> None:
+        """The compare-and-swap of the owner key, then the record; the verdict is given
+        once the swap succeeded.  Raises MigrationError when the swap fails."""
+        from migrate.cluster_state import ClusterStateError
+
+        try:
+            new = await asyncio.to_thread(
+                state.transfer,
+                self.c.id,
+                self.node_name,
+                self.destination,
+                self.owner_revision,
+            )
+        except ClusterStateError as e:
+            raise MigrationError(
+                f"the commit's ownership move to {self.destination} failed ({e})"
+            ) from e
+        self.rep.owner_revision = new.revision
+        try:
+            self._record_migrated()
+        finally:
+            self.verdict.set_result(True)
+
+    def _record_migrated(self) -> None:
         c = self.c
         c.state.status = S.MIGRATED
         c.state.migrated_to = self.destination
@@ -511,7 +599,6 @@ class SourceSession:
             self.session, MigrationDirection.OUTGOING, self.destination, time.time()
         )
         c.save()
-        self.verdict.set_result(True)
 
     async def _resume(self) -> None:
         """Tell the destination to resume (it decides from our record if this is lost),
@@ -571,6 +658,7 @@ class SourceSession:
                 c.cgroup().thaw()
             except JaulaError as e:
                 log.error("migration.rollback.thaw", error=str(e))
+            await asyncio.to_thread(netmove.unlock_source, c)
             c.refresh()
             if c.status is S.MIGRATING:
                 c.state.status = S.RUNNING

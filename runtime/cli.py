@@ -19,15 +19,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
-from runtime.cgroups import Resources
+from runtime.cgroups import IO_KINDS, Resources
 from runtime.container import Container, RunOptions, Runtime, require_root
 from runtime.errors import CommandNotExecutable, CommandNotFound, ConfigError, JaulaError
 from runtime.image.store import ImportProgress
 from runtime.logconfig import configure_logging
 from runtime.logs import read_log, write_record
+from runtime.quota import parse_storage_opts
+from runtime.restart import parse_restart
+from runtime.seccomp_filter import parse_security_opts
 from runtime.spec import (
+    parse_blkio_weight,
     parse_capabilities,
     parse_cpus,
+    parse_device_limit,
+    parse_labels,
     parse_memory,
     parse_pids_limit,
     parse_signal,
@@ -146,10 +152,28 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     run.add_argument("--cpus", help="CPU limit, e.g. 0.5")
     run.add_argument("--pids-limit", help="maximum number of processes")
     run.add_argument("-e", "--env", action="append", default=[], help="KEY=VALUE")
+    run.add_argument(
+        "-l",
+        "--label",
+        action="append",
+        default=[],
+        help="KEY=VALUE metadata (jaula.balance=false: the balancer never moves it)",
+    )
     run.add_argument("-w", "--workdir")
     run.add_argument("-u", "--user", help="UID[:GID] or NAME[:GROUP]")
     run.add_argument("--hostname", help="hostname inside (default: the short id)")
-    run.add_argument("--network", default="none", choices=["none", "host"])
+    run.add_argument(
+        "--network",
+        default="none",
+        choices=["bridge", "none", "host"],
+        help="bridge: a veth into the node's bridge with a leased IP; none: only lo (default)",
+    )
+    run.add_argument("--ip", help="IPv4 address on the bridge network (default: a free one)")
+    run.add_argument("--mac-address", help="MAC of eth0 (default: derived from the id)")
+    run.add_argument("--dns", action="append", default=[], help="nameserver for resolv.conf")
+    run.add_argument(
+        "--add-host", action="append", default=[], metavar="NAME:IP", help="line for /etc/hosts"
+    )
     run.add_argument("-v", "--volume", action="append", default=[], help="HOST:CTR[:ro][,shared]")
     run.add_argument("--entrypoint", help="override the image's Entrypoint")
     run.add_argument("--cap-add", action="append", default=[], help="add a capability")
@@ -158,6 +182,24 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     )
     run.add_argument(
         "--privileged", action="store_true", help="keep all capabilities, mask nothing"
+    )
+    run.add_argument(
+        "--security-opt",
+        action="append",
+        default=[],
+        help="seccomp=unconfined or seccomp=PROFILE.json (default: Podman's profile)",
+    )
+    for kind, (_, _, flag) in IO_KINDS.items():
+        unit = "bytes/s, e.g. /dev/sda:1mb" if kind.endswith("bps") else "operations/s"
+        run.add_argument(
+            flag, action="append", default=[], dest=kind, help=f"PATH:RATE, limit ({unit})"
+        )
+    run.add_argument("--blkio-weight", help="block-I/O weight, 10 to 1000 (BFQ devices)")
+    run.add_argument(
+        "--storage-opt",
+        action="append",
+        default=[],
+        help="size=SIZE: disk quota of the container's writable layer (project quotas)",
     )
     run.add_argument("image", help="image name, id or id prefix")
     run.add_argument(
@@ -209,6 +251,9 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
 
     w = sub.add_parser("wait", help="wait for containers to stop; print their exit codes")
     w.add_argument("containers", nargs="+")
+    from runtime import commands  # here: it imports this module's helpers
+
+    commands.add_commands(sub, p)
     for ext in extensions:
         ext.add_commands(sub)
     return p
@@ -299,18 +344,38 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
             memory_bytes=parse_memory(a.memory) if a.memory else None,
             cpu_quota_us=parse_cpus(a.cpus) if a.cpus else None,
             pids_max=parse_pids_limit(a.pids_limit) if a.pids_limit else None,
+            blkio_weight=parse_blkio_weight(a.blkio_weight) if a.blkio_weight else None,
+            io_limits=tuple(
+                parse_device_limit(v, kind) for kind in IO_KINDS for v in getattr(a, kind)
+            ),
         ),
         mounts=tuple(parse_volume(v) for v in a.volume),
         capabilities=parse_capabilities(a.cap_add, a.cap_drop, a.privileged),
         privileged=a.privileged,
+        labels=parse_labels(a.label),
+        ip=a.ip,
+        mac_address=a.mac_address,
+        dns=tuple(a.dns),
+        add_hosts=tuple(a.add_host),
+        seccomp=parse_security_opts(a.security_opt, a.privileged),
+        storage_size_bytes=parse_storage_opts(a.storage_opt),
+        restart=parse_restart(a.restart),
+        tty=a.tty,
     )
     if a.rm and a.detach:
         raise ConfigError("--rm goes with an attached run, not with -d")
+    if a.cmd == "create":  # runtime.commands.lifecycle: the same flags, not started
+        print(rt.create(opts).id)
+        return 0
     c = rt.run(opts)
     if a.detach:
         print(c.id)
         return 0
     try:
+        if a.tty:  # runtime.commands.terminal
+            from runtime.commands.terminal import attach_terminal
+
+            return attach_terminal(c, send_input=a.interactive)
         return _attach(c)
     finally:
         if a.rm:
@@ -485,6 +550,10 @@ def dispatch(
         if rc is not None:
             return rc
     assert rt is not None, "a remote command fell through to the local runtime"
+    from runtime import commands
+
+    if (rc := commands.dispatch(rt, a)) is not None:
+        return rc
     match a.cmd:
         case "image":
             return cmd_image(rt, a)

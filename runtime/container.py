@@ -8,6 +8,7 @@ so a failed ``run`` leaves no mount, cgroup, process or directory behind.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import shutil
@@ -17,9 +18,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
+from runtime import events, quota
 from runtime import syscalls as sc
 from runtime.cgroups import CgroupManager, Resources, create_manager
 from runtime.errors import (
@@ -33,7 +36,9 @@ from runtime.errors import (
 )
 from runtime.exec_process import exec_in
 from runtime.image import ImageStore
+from runtime.network import LEASES_FILE, Attachment, IpLeases, NetworkConfig
 from runtime.poll import wait_for
+from runtime.restart import RestartPolicy, load_init, load_policy, save_policy
 from runtime.rootfs.mounts import secure_join
 from runtime.rootfs.overlay import OverlayLayout, is_mountpoint, mount_overlay, unmount
 from runtime.spec import ContainerConfig, Mount, User, parse_env
@@ -48,7 +53,20 @@ from runtime.state import (
     check_transition,
     read_json,
 )
-from runtime.store import CONFIG, EXIT, GO_FIFO, LOG, MONITOR_LOG, STATE, Store, flocked
+from runtime.store import (
+    CONFIG,
+    EXIT,
+    GO_FIFO,
+    INIT,
+    LOG,
+    MONITOR_LOG,
+    NETNS,
+    STATE,
+    STOP_MARK,
+    TTY_MARK,
+    Store,
+    flocked,
+)
 
 # Configured by the application, not here (runtime.logconfig.configure_logging: the CLI and the monitor)
 log = structlog.get_logger(__name__)
@@ -85,6 +103,15 @@ class RunOptions:
     mounts: tuple[Mount, ...] = ()
     capabilities: tuple[str, ...] | None = None
     privileged: bool = False
+    labels: tuple[str, ...] = ()
+    ip: str | None = None
+    mac_address: str | None = None
+    dns: tuple[str, ...] = ()
+    add_hosts: tuple[str, ...] = ()
+    seccomp: str = "default"
+    storage_size_bytes: int | None = None
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    tty: bool = False
 
 
 class Container:
@@ -125,6 +152,7 @@ class Container:
 
     def _refresh_from_facts(self) -> None:
         st = self.state
+        self._follow_restart()
         if st.status in (S.RUNNING, S.PAUSED) and not sc.is_alive(st.pid, st.pid_start_time):
             st.status = S.STOPPED
             rec = self.exit_record()
@@ -137,6 +165,29 @@ class Container:
             else:  # the monitor died too: the exit status is lost
                 st.exit_code = st.exit_code if st.exit_code is not None else -1
                 st.finished_at = st.finished_at or time.time()
+
+    def _follow_restart(self) -> None:
+        """Take the init a restarting monitor started (``init.json``, :mod:`runtime.restart`)
+        when it is newer than the one in state.json and alive: the container runs again."""
+        st = self.state
+        if st.status not in (S.RUNNING, S.PAUSED, S.STOPPED):
+            return
+        rec = load_init(self.dir)
+        if rec is None or rec.started_at <= st.started_at or rec.pid == st.pid:
+            return
+        if not sc.is_alive(rec.pid, rec.start_time):
+            return
+        st.status, st.pid, st.pid_start_time = S.RUNNING, rec.pid, rec.start_time
+        st.started_at, st.exit_code, st.finished_at = rec.started_at, None, 0.0
+
+    def _event(self, status: str, **attributes: object) -> None:
+        """Record ``status`` in the state root's event log (:mod:`runtime.events`)."""
+        events.record(self.rt.root, status, self.id, self.name, self.config.image_ref, **attributes)
+
+    def restart_count(self) -> int:
+        """How many times the monitor restarted the init since the last start."""
+        rec = load_init(self.dir)
+        return rec.restart_count if rec is not None else 0
 
     def refresh(self) -> None:
         """Re-read state.json and the facts."""
@@ -218,6 +269,104 @@ class Container:
             )
 
     # -- operations ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run a created or stopped container: a new init (its command again) in the same
+        rootfs, so what it wrote in its upperdir is still there.  Raises ContainerError
+        (wrong status, or the init's reason), MountError, CgroupError; on failure the
+        container stays as it was (unmounted, no cgroup)."""
+        require_root()
+        with self.locked():
+            self._require(Operation.START)
+            for layer in self.config.layers:
+                if not self.rt.images.has_layer(layer):
+                    raise ContainerError(
+                        f"layer sha256:{layer} of container {self.name} is not in this node's "
+                        "image store: pull or import its image again",
+                        self.id,
+                    )
+            layout = OverlayLayout.in_dir(
+                self.dir, [self.rt.images.layer_dir(la) for la in self.config.layers]
+            )
+            for f in (EXIT, INIT, STOP_MARK):
+                (self.dir / f).unlink(missing_ok=True)
+            cg = self.cgroup()
+            mon_pid, mon_start = 0, None
+            att = self.config.attachment
+            try:
+                if att is not None:  # bridged: its address again (given back at stop), a veth
+                    self.rt.leases.lease_ip(att.subnet or self.rt.network.subnet, self.id, att.ip)
+                    self.rt._plug(self.dir, att)
+                if not is_mountpoint(layout.merged):
+                    mount_overlay(layout)
+                cg.create(self.config.resources)
+                mon_pid, sync_r = _launch_monitor(self.dir)
+                mon_start = sc.proc_start_time(mon_pid)
+                pid, start = _await_monitor(self.dir, sync_r)
+                self.state = State(
+                    status=S.RUNNING,
+                    pid=pid,
+                    pid_start_time=start,
+                    monitor_pid=mon_pid,
+                    monitor_start_time=mon_start,
+                    started_at=time.time(),
+                )
+                self.save()
+                if att is not None:  # the init joined it: it lives as long as the init
+                    from runtime.network import link
+
+                    link.remove_netns(self.dir / NETNS)
+            except BaseException:
+                _undo_start(layout, cg, mon_pid, mon_start)
+                if att is not None:
+                    self.rt._detach(self.id, att)
+                raise
+        log.info("container.started", id=self.id[:12], name=self.name, pid=pid)
+
+    def rename(self, new_name: str) -> None:
+        """Give the container another name (``podman rename``).  Raises InvalidContainerId
+        (a malformed name), ContainerExists (taken), ContainerError (migrating)."""
+        with self.rt.store.lock(), self.locked():
+            if self.status is S.MIGRATING:
+                raise ContainerError(
+                    f"container {self.name} is migrating: rename it once that is over", self.id
+                )
+            if new_name == self.name:
+                return
+            self.rt.store.check_name(new_name)
+            old = self.name
+            self.config = replace(self.config, name=new_name)
+            atomic_write_json(self.dir / CONFIG, self.config.to_json())
+            self._event("rename", oldName=old)
+
+    @contextlib.contextmanager
+    def filesystem(self) -> Iterator[Path]:
+        """The container's root as the host sees it, for ``cp``: ``/proc/PID/root`` of a
+        running or paused container (its own mounts, volumes included, are visible there);
+        for a created or stopped one, its overlay mounted for the time of the block (the
+        upperdir holds what is written).  Resolve paths in it with
+        :func:`runtime.rootfs.mounts.secure_join`.  Raises ContainerError (checkpointed,
+        migrating or migrated: no filesystem here to use), MountError."""
+        with self.locked():
+            if self.status in (S.RUNNING, S.PAUSED):
+                yield Path(f"/proc/{self.state.pid}/root")
+                return
+            if self.status not in (S.CREATED, S.STOPPED):
+                raise ContainerError(
+                    f"container {self.name} is {self.status.value}: its files cannot be copied now",
+                    self.id,
+                )
+            layout = OverlayLayout.in_dir(
+                self.dir, [self.rt.images.layer_dir(la) for la in self.config.layers]
+            )
+            mounted_here = not is_mountpoint(layout.merged)
+            if mounted_here:
+                mount_overlay(layout)
+            try:
+                yield layout.merged
+            finally:
+                if mounted_here:
+                    unmount(layout.merged)
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the container init.  Raises ContainerError unless running/paused."""
         with self.locked():
@@ -226,6 +375,9 @@ class Container:
                 os.kill(self.state.pid, sig)
             except ProcessLookupError:
                 return
+            self._event(
+                "kill", signal=signal.Signals(sig).name if sig in signal.valid_signals() else sig
+            )
             if self.status is S.PAUSED and sig == signal.SIGKILL:
                 self.cgroup().thaw()
 
@@ -234,7 +386,10 @@ class Container:
         Returns the exit code (None if the monitor could not record it).  Stopping a stopped
         container is a no-op, as in Podman."""
         with self.locked():
+            if self.monitor_alive():
+                (self.dir / STOP_MARK).touch()  # no restart (runtime.restart)
             if not can(Operation.STOP, self.status):
+                self.wait_monitor(10.0)  # it may be waiting to restart: it ends now
                 return self.state.exit_code
             cg = self.cgroup()
             try:
@@ -252,6 +407,8 @@ class Container:
             if self.state.status is not S.STOPPED:
                 raise ContainerError(f"container {self.name} did not stop", self.id)
             self.save()
+            self._network_down()
+            self._event("stop")
             return self.state.exit_code
 
     def _wait_stopped(self, timeout_s: float) -> bool:
@@ -289,6 +446,7 @@ class Container:
             self.cgroup().freeze()
             self.state.status = S.PAUSED
             self.save()
+            self._event("pause")
 
     def resume(self) -> None:
         """Thaw a paused container."""
@@ -301,6 +459,7 @@ class Container:
             self.cgroup().thaw()
             self.state.status = S.RUNNING
             self.save()
+            self._event("unpause")
 
     def exec(
         self,
@@ -309,8 +468,10 @@ class Container:
         workdir: str | None = None,
         user: str | None = None,
         detach: bool = False,
+        tty_fd: int | None = None,
     ) -> int:
-        """Run ``args`` inside the running container (see :mod:`runtime.exec_process`).
+        """Run ``args`` inside the running container (see :mod:`runtime.exec_process`);
+        with ``tty_fd`` (a pty's slave side) on that terminal.
 
         Returns the program's exit code.  Raises ContainerError when the container is not
         running or the program cannot be started."""
@@ -321,6 +482,7 @@ class Container:
             pid = self.state.pid
             cfg = self.config
             u = resolve_user(self.rootfs, user) if user else cfg.user
+        self._event("exec", command=" ".join(args))
         return exec_in(
             pid,
             self.cgroup(),
@@ -331,6 +493,8 @@ class Container:
             cfg.capabilities,
             detach,
             self.id,
+            cfg.seccomp,
+            tty_fd,
         )
 
     def delete(self, force: bool = False) -> None:
@@ -363,7 +527,10 @@ class Container:
         finally:
             lock.__exit__(None, None, None)
         self.rt.store.remove_dir(self.id)
+        if self.rt.admission is not None:
+            self.rt.admission.release(self.id)
         log.info("container.removed", id=self.id[:12], name=self.name)
+        self._event("remove")
 
     def _kill_everything(self) -> None:
         """SIGKILL, without the lock, every process of the container: the monitor's
@@ -388,6 +555,8 @@ class Container:
         collected and raised together, never dropped."""
         errors: list[str] = []
         cg = self.cgroup()
+        if self.monitor_alive():
+            (self.dir / STOP_MARK).touch()  # no restart (runtime.restart)
         try:
             if cg.pids():
                 cg.kill_all(signal.SIGKILL)
@@ -415,8 +584,23 @@ class Container:
             cg.destroy()
         except JaulaError as e:
             errors.append(str(e))
+        errors += list(self._network_down())
+        try:
+            quota.release(self.dir, self.config.storage_size_bytes)
+        except OSError as e:
+            errors.append(f"cannot clear the disk quota of {self.dir}: {e.strerror}")
         if errors:
             raise ContainerError(f"cleaning up {self.name} failed: " + "; ".join(errors), self.id)
+
+    def _network_down(self) -> tuple[str, ...]:
+        """A bridged container's veth and lease, once its tasks are gone (stop, rm).  The
+        lease follows the id across nodes: one that migrated away (its lease is the
+        destination's now) or an incoming one being discarded (still the source's) keeps
+        it.  Returns the errors."""
+        if self.config.attachment is None or self.state.status is S.MIGRATED:
+            return ()
+        release = self.state.status is not S.MIGRATING
+        return self.rt._detach(self.id, self.config.attachment, release=release)
 
     def inspect(self) -> dict[str, object]:
         """A JSON-able description shaped like ``podman inspect``'s (Id, Name, Created,
@@ -443,12 +627,65 @@ class Container:
                 "MonitorPid": st.monitor_pid,
                 "MigratedTo": st.migrated_to,
             },
+            "RestartCount": self.restart_count(),
+            "HostConfig": {
+                "RestartPolicy": {
+                    "Name": load_policy(self.dir).name.value,
+                    "MaximumRetryCount": load_policy(self.dir).max_retries,
+                }
+            },
             "Config": self.config.to_json(),
             "Rootfs": str(self.rootfs),
             "UpperDir": str(self.upperdir),
             "LogPath": str(self.dir / LOG),
             "CgroupPaths": {k: str(v) for k, v in self.cgroup().paths().items()},
+            "NetworkSettings": _network_settings(self.config),
         }
+
+
+def _network_settings(cfg: ContainerConfig) -> dict[str, object]:
+    """``podman inspect``'s NetworkSettings subset for a bridged container, else empty."""
+    att = cfg.attachment
+    if att is None:
+        return {}
+    return {
+        "IPAddress": att.ip,
+        "IPPrefixLen": att.prefixlen,
+        "Gateway": att.gateway,
+        "MacAddress": att.mac,
+        "Bridge": att.bridge,
+        "HostInterface": att.host_if,
+    }
+
+
+def _check_network_options(rt: Runtime, opts: RunOptions) -> tuple[str | None, str | None]:
+    """Check --ip, --mac-address, --dns, --add-host before anything is made; returns the
+    normalised (ip, mac).  NetworkError naming the bad one."""
+    from runtime.network import NetworkError, check_ip, check_mac
+    from runtime.network.files import check_dns, parse_add_host
+
+    if opts.network != "bridge":
+        given = [
+            flag
+            for flag, v in (
+                ("--ip", opts.ip),
+                ("--mac-address", opts.mac_address),
+                ("--dns", opts.dns),
+                ("--add-host", opts.add_hosts),
+            )
+            if v
+        ]
+        if given:
+            raise NetworkError(f"{given[0]} needs --network bridge (not {opts.network})")
+        return None, None
+    for d in opts.dns:
+        check_dns(d)
+    for h in opts.add_hosts:
+        parse_add_host(h)
+    net = rt.network.validate()
+    ip = check_ip(net, opts.ip) if opts.ip else None
+    mac = check_mac(opts.mac_address) if opts.mac_address else None
+    return ip, mac
 
 
 def _rfc3339(t: float) -> str:
@@ -457,6 +694,22 @@ def _rfc3339(t: float) -> str:
     import datetime as dt
 
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+class Admission(Protocol):
+    """What a higher layer decides when a container comes to life here and is told when one
+    is gone, without the runtime knowing it (migrate: the container's ownership in the
+    cluster state, :class:`migrate.membership.NodeOwnership`)."""
+
+    def claim(self, container_id: str) -> bool:
+        """Allow ``container_id`` to run on this node, before any of its processes starts;
+        returns True when the claim is new.  Raises a JaulaError (one line, naming what is
+        wrong) to refuse: the caller then undoes what it made."""
+        ...
+
+    def release(self, container_id: str) -> None:
+        """``container_id`` is gone from this node (removed); never raises."""
+        ...
 
 
 class Runtime:
@@ -474,12 +727,41 @@ class Runtime:
         root: Path | None = None,
         cgroup_root: Path = Path("/sys/fs/cgroup"),
         cgroup_parent: str | None = None,
+        network: NetworkConfig | None = None,
+        leases: IpLeases | None = None,
     ) -> None:
         self.store = Store(root)
         self.root = self.store.root
         self.images = ImageStore(self.root)
         self.cgroup_root = cgroup_root
         self.cgroup_parent = cgroup_parent or default_cgroup_parent(self.root)
+        self._network = network
+        self._leases = leases
+        #: asked before a container starts (``run``) and told when one is removed; None:
+        #: every container may run (a runtime outside a cluster)
+        self.admission: Admission | None = None
+
+    @property
+    def network(self) -> NetworkConfig:
+        """This node's bridge network: as given, else ``<root>/network.json``, else the
+        defaults (:class:`runtime.network.NetworkConfig`)."""
+        if self._network is None:
+            self._network = NetworkConfig.load(self.root)
+        return self._network
+
+    @property
+    def leases(self) -> IpLeases:
+        """The IP leases: as given (a node service's cluster state), else a locked file."""
+        if self._leases is None:
+            from runtime.network.ipam import FileLeases
+
+            f = self.network.leases_file
+            self._leases = FileLeases(Path(f) if f else self.root / LEASES_FILE)
+        return self._leases
+
+    @leases.setter
+    def leases(self, leases: IpLeases) -> None:
+        self._leases = leases
 
     def get(self, ref: str) -> Container:
         """The container named ``ref`` or whose id (or unique id prefix) is ``ref``."""
@@ -500,15 +782,28 @@ class Runtime:
     def image_in_use(self, image_id: str) -> bool:
         return any(c.config.image_id == image_id for c in self.list(all=True))
 
-    def run(self, opts: RunOptions) -> Container:
-        """Create and start a container; returns it running.
+    def create(self, opts: RunOptions) -> Container:
+        """Create a container without starting it (status created; :meth:`Container.start`
+        runs it).  Checks as :meth:`run` does; raises the same errors."""
+        return self.run(opts, start_now=False)
+
+    def run(self, opts: RunOptions, start_now: bool = True) -> Container:
+        """Create and start a container; returns it running (with ``start_now`` False:
+        created, its rootfs prepared and unmounted).
 
         Raises ImageError (no such image), ContainerExists (name taken), ConfigError (bad
         user, workdir or command), MountError, CgroupError, ContainerError (the init failed
         to start, with its reason).  On any failure nothing is left behind."""
         require_root()
-        if opts.network not in ("none", "host"):
-            raise ConfigError(f"invalid --network {opts.network!r}: use none or host")
+        if opts.network not in ("none", "host", "bridge"):
+            raise ConfigError(f"invalid --network {opts.network!r}: use bridge, none or host")
+        want_ip, want_mac = _check_network_options(self, opts)
+        if opts.network == "bridge" and opts.restart != RestartPolicy():
+            # the monitor restarts the init in place, but the veth dies with the last task
+            raise ConfigError(
+                "--restart with --network bridge is not supported yet: the restarted init "
+                "would have no eth0; use --network none or host, or restart it with `jaula start`"
+            )
         image = self.images.resolve(opts.image)
         layer_dirs = self.images.layer_dirs(image)
         icfg = image.config
@@ -523,6 +818,8 @@ class Runtime:
         from runtime.spec import DEFAULT_CAPABILITIES
 
         env = parse_env(list(opts.env), tuple(icfg.env))  # may raise: before anything is made
+        if opts.storage_size_bytes:
+            quota.check_supported(self.root)
         with self.store.lock():
             name = opts.name or self.store.new_name()
             self.store.check_name(name)
@@ -546,24 +843,48 @@ class Runtime:
                     DEFAULT_CAPABILITIES if opts.capabilities is None else opts.capabilities
                 ),
                 privileged=opts.privileged,
+                seccomp=opts.seccomp,
+                storage_size_bytes=opts.storage_size_bytes,
                 stop_signal=_stop_signal(icfg.stop_signal),
                 cgroup_parent=self.cgroup_parent,
                 created_at=time.time(),
+                labels=opts.labels,
             )
             atomic_write_json(cdir / CONFIG, cfg.to_json())
             atomic_write_json(cdir / STATE, State().to_json())
+            if opts.restart != RestartPolicy():
+                save_policy(cdir, opts.restart)
+            if opts.tty:
+                (cdir / TTY_MARK).touch()  # the monitor owns a pty (runtime.tty)
         layout = OverlayLayout.in_dir(cdir, layer_dirs)
         mon_pid, mon_start = 0, None
         cg = create_manager(cid, root=self.cgroup_root, parent=self.cgroup_parent)
+        att: Attachment | None = None
+        claimed = False
         try:
+            if self.admission is not None:
+                claimed = self.admission.claim(cid)
+            if opts.network == "bridge":
+                att = self._attach(cid, want_ip, want_mac, opts)
+            quota.prepare_dirs(cdir, cfg.storage_size_bytes)
             mount_overlay(layout)
             user = resolve_user(layout.merged, cfg.user_spec) if cfg.user_spec else User()
             check_command(layout.merged, cfg.args[0], cfg.env, cfg.cwd)
             make_workdir(layout.merged, cfg.cwd, user)
-            cfg = replace(cfg, user=user)
+            cfg = replace(cfg, user=user, attachment=att)
             atomic_write_json(cdir / CONFIG, cfg.to_json())
-            cg.create(cfg.resources)
+            if att is not None:
+                from runtime.network import files
+
+                files.write_etc(layout.merged, cfg.hostname, name, att.ip, att.dns, att.add_hosts)
             ctr = Container(self, cid)
+            ctr._event("create")  # before the monitor's "start" (runtime.events)
+            if not start_now:  # created: the lease is kept, the veth made at start
+                unmount(layout.merged)
+                return ctr
+            if att is not None:
+                self._plug(cdir, att)
+            cg.create(cfg.resources)
             with ctr.locked():
                 mon_pid, sync_r = _launch_monitor(cdir)
                 mon_start = sc.proc_start_time(mon_pid)
@@ -577,11 +898,70 @@ class Runtime:
                     started_at=time.time(),
                 )
                 ctr.save()
+            if att is not None:  # the init joined it: the namespace now lives as long as it
+                from runtime.network import link
+
+                link.remove_netns(cdir / NETNS)
         except BaseException:
+            if att is not None or (cdir / NETNS).exists():
+                self._detach(cid, att)
             _rollback(cdir, layout, cg, mon_pid, mon_start)
+            if claimed and self.admission is not None:
+                self.admission.release(cid)
             raise
         log.info("container.started", id=cid[:12], name=name, pid=pid)
         return ctr
+
+    def _plug(self, cdir: Path, att: Attachment) -> None:
+        """Pin a new net namespace at ``cdir``/netns and plug the container's veth into the
+        bridge (the init joins that namespace).  Raises NetworkError."""
+        from runtime.network import link
+
+        link.create_netns(cdir / NETNS)
+        link.plug(att, cdir / NETNS, link.ensure_bridge(self.network))
+
+    def _attach(
+        self, cid: str, want_ip: str | None, want_mac: str | None, opts: RunOptions
+    ) -> Attachment:
+        """Check the bridge, lease an address; the container's :class:`Attachment`.
+        NetworkError (bridge missing, no address free, address taken)."""
+        from runtime.network import host_if_name, link, mac_from_id
+
+        net = self.network
+        link.ensure_bridge(net)  # before the lease: a missing bridge takes nothing
+        ip = self.leases.lease_ip(net.subnet, cid, want_ip)
+        return Attachment(
+            ip=ip,
+            prefixlen=net.network.prefixlen,
+            gateway=net.gateway_ip,
+            mac=want_mac or mac_from_id(cid),
+            bridge=net.bridge,
+            mtu=net.mtu,
+            host_if=host_if_name(cid),
+            subnet=str(net.network),
+            dns=opts.dns,
+            add_hosts=opts.add_hosts,
+        )
+
+    def _detach(self, cid: str, att: Attachment | None, release: bool = True) -> tuple[str, ...]:
+        """Undo :meth:`_attach` and the plug: unpin the namespace, delete the veth, give the
+        lease back (unless not ``release``).  Returns the errors (logged), never raises."""
+        from runtime.network import NetworkError, host_if_name, link
+
+        errors: builtins.list[str] = []
+        try:
+            link.remove_netns(self.store.container_dir(cid) / NETNS)
+            link.delete_link(att.host_if if att else host_if_name(cid))
+        except (NetworkError, OSError) as e:
+            errors.append(str(e))
+        if att is not None and release:
+            try:
+                self.leases.release_ip(att.subnet or self.network.subnet, cid)
+            except (JaulaError, OSError) as e:
+                errors.append(f"cannot release {att.ip}: {e}")
+        for msg in errors:
+            log.error("network.detach", id=cid[:12], error=msg)
+        return tuple(errors)
 
     def adopt(
         self, cfg: ContainerConfig, state: State, *, replace_departed: bool = False
@@ -734,6 +1114,7 @@ class Runtime:
                 _undo_start(layout, cg, mon_pid, mon_start)
                 raise
         log.info("container.restored", id=c.id[:12], name=c.name, pid=pid)
+        c._event("restore")
         return c
 
 

@@ -39,9 +39,12 @@ around the user namespace), CRIU's criu/timens.c (restore into a new time namesp
 
 from __future__ import annotations
 
+import fcntl
 import os
+import termios
 from typing import NoReturn
 
+from runtime import seccomp_filter
 from runtime import syscalls as sc
 from runtime.cgroups import CgroupManager
 from runtime.errors import ContainerError, NamespaceError
@@ -96,19 +99,23 @@ def exec_in(
     capabilities: tuple[str, ...],
     detach: bool = False,
     container_id: str | None = None,
+    seccomp: str = "unconfined",
+    tty_fd: int | None = None,
 ) -> int:
-    """Run ``args`` in the namespaces of ``init_pid`` (host pid) and wait for it.
+    """Run ``args`` in the namespaces of ``init_pid`` (host pid) and wait for it.  With
+    ``tty_fd`` (a pty's slave side) that terminal is its stdio and controlling terminal.
 
     Returns the program's exit code (128 + signal when killed; 0 at once with ``detach``).
     Raises NamespaceError when the namespaces cannot be opened, ContainerError with the
     reason when the program cannot be started (not found, bad cwd, a namespace that cannot
-    be joined...)."""
+    be joined...).  ``seccomp``: the container's setting (:mod:`runtime.seccomp_filter`),
+    loaded in the program before execve, as in the init."""
     ns_fds = namespaces_to_join(init_pid)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         os.close(err_r)
-        _helper(ns_fds, cgroup, args, env, cwd, user, capabilities, detach, err_w)
+        _helper(ns_fds, cgroup, args, env, cwd, user, capabilities, detach, err_w, seccomp, tty_fd)
     os.close(err_w)
     for _, fd in ns_fds:
         os.close(fd)
@@ -133,9 +140,13 @@ def _helper(
     capabilities: tuple[str, ...],
     detach: bool,
     err_w: int,
+    seccomp: str,
+    tty_fd: int | None = None,
 ) -> NoReturn:
-    step = "join the cgroup"
+    step = "prepare the seccomp filter"
     try:
+        syscall_filter = seccomp_filter.prepare(seccomp, capabilities)
+        step = "join the cgroup"
         cgroup.add_process(os.getpid())
         for ns, fd in ns_fds:
             step = f"join the {ns} namespace"
@@ -146,12 +157,21 @@ def _helper(
         if pid == 0:
             step = "setsid"
             os.setsid()
+            if tty_fd is not None:
+                step = "set up the terminal"
+                for fd in (0, 1, 2):
+                    os.dup2(tty_fd, fd)
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+                if tty_fd > 2:
+                    os.close(tty_fd)
             if detach:
                 devnull = os.open("/dev/null", os.O_RDWR)
                 for fd in (0, 1, 2):
                     os.dup2(devnull, fd)
             step = "drop privileges"
             drop_privileges(user, capabilities)
+            step = "load the seccomp filter"
+            syscall_filter.load()
             exec_user_program(args, env, cwd)
         if detach:
             os._exit(0)

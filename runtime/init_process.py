@@ -9,7 +9,7 @@ pid namespace.  Sequence (parent = monitor)::
       write "go" ─────────────────────────► setsid; unshare(mnt|uts|ipc[|net])
                                             make / rprivate; hostname; lo up
                                             mounts (runtime.rootfs.mounts); pivot_root
-                                            stdio; drop privileges; execve
+                                            stdio; drop privileges; seccomp; execve
       read error pipe: EOF = exec worked ◄── (O_CLOEXEC) or "message" + exit 127
 
 Why setsid first: CRIU dumps a tree only when its session and process-group leaders are
@@ -18,10 +18,13 @@ inside it (DESIGN.md, "Pitfalls").
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import termios
 from typing import NoReturn
 
+from runtime import seccomp_filter
 from runtime import syscalls as sc
 from runtime.process import (
     ExecFailed,
@@ -35,9 +38,21 @@ from runtime.spec import ContainerConfig
 
 
 def run_init(
-    cfg: ContainerConfig, rootfs: str, start_r: int, err_w: int, stdout_w: int, stderr_w: int
+    cfg: ContainerConfig,
+    rootfs: str,
+    start_r: int,
+    err_w: int,
+    stdout_w: int,
+    stderr_w: int,
+    netns: str | None = None,
+    tty_fd: int | None = None,
 ) -> NoReturn:
-    """Become the container init and exec its program; never returns.
+    """Become the container init and exec its program; never returns.  With ``tty_fd`` (a
+    pty's slave side) that terminal is its stdin, stdout, stderr and controlling terminal
+    instead of /dev/null and the two pipes.
+
+    ``netns``: a net namespace to join (``--network bridge``: made and plugged by the
+    runtime, runtime.network.link) instead of making one.
 
     On failure writes ``"<step>: <reason>"`` to ``err_w`` and exits 127."""
     step = "wait for the monitor"
@@ -48,28 +63,43 @@ def run_init(
         os.setsid()
         step = "create namespaces"
         flags = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
-        if cfg.network != "host":
+        if netns is not None:
+            step = "join the net namespace"
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            sc.setns(fd, sc.CLONE_NEWNET)
+            os.close(fd)
+            step = "create namespaces"
+        elif cfg.network != "host":
             flags |= sc.CLONE_NEWNET
         sc.unshare(flags)
         step = "make mounts private"
         sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
         step = "set the hostname"
         socket.sethostname(cfg.hostname or cfg.id[:12])
-        if cfg.network != "host":
+        if cfg.network == "none":
             step = "bring lo up"
             sc.link_up("lo")
+        step = "prepare the seccomp filter"
+        syscall_filter = seccomp_filter.prepare(cfg.seccomp, cfg.capabilities)
         step = "mount the container filesystems"
         prepare_rootfs(cfg, rootfs)
         step = "pivot_root"
         pivot_into(rootfs)
         step = "set up stdio"
-        devnull = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(stdout_w, 1)
-        os.dup2(stderr_w, 2)
+        if tty_fd is not None:  # the monitor's pty (runtime.tty): stdio and controlling tty
+            for fd in (0, 1, 2):
+                os.dup2(tty_fd, fd)
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        else:
+            devnull = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(stdout_w, 1)
+            os.dup2(stderr_w, 2)
         close_fds_except({err_w})
         step = "drop privileges"
         drop_privileges(cfg.user, cfg.capabilities)
+        step = "load the seccomp filter"
+        syscall_filter.load()
         step = "exec"
         exec_user_program(cfg.args, cfg.env, cfg.cwd)
     except ExecFailed as e:

@@ -9,8 +9,11 @@ detached (its own session, reparented away from the CLI), so it outlives the CLI
 4. copies the pipes into ``ctr.log`` until the init exits (pidfd), in the CRI log format
    (``RFC3339NANO STREAM F|P TEXT``; ``P`` marks a partial line), the format Podman's
    ``k8s-file`` driver writes;
-5. writes ``exit.json`` (exit code, 128+signal when killed, OOM flag), unmounts the rootfs and
-   exits.
+5. writes ``exit.json`` (exit code, 128+signal when killed, OOM flag);
+6. when the restart policy says so (:mod:`runtime.restart`), waits the backoff and starts
+   the init again in a new pid namespace (same rootfs and upperdir, same cgroup), recording
+   it in ``init.json``, back to 4;
+7. unmounts the rootfs and exits.
 
 The container never writes into the state root: it only holds the write ends of the pipes.
 """
@@ -21,19 +24,24 @@ import json
 import os
 import selectors
 import signal
+import socket
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from runtime import events, tty
 from runtime import syscalls as sc
 from runtime.cgroups import CgroupManager, create_manager
 from runtime.init_process import run_init
 from runtime.logconfig import configure_logging
+from runtime.poll import wait_for
+from runtime.restart import RESET_AFTER_S, InitRecord, backoff_s, load_policy, save_init
 from runtime.rootfs.overlay import unmount
 from runtime.spec import ContainerConfig
 from runtime.state import ExitRecord, atomic_write_json
-from runtime.store import ARMED_MARK, CONFIG, EXIT, GO_FIFO, LOG
+from runtime.store import ARMED_MARK, CONFIG, EXIT, GO_FIFO, LOG, NETNS, STOP_MARK, TTY_MARK
 
 _PARTIAL_FLUSH = 16 * 1024
 
@@ -98,26 +106,92 @@ def main(argv: list[str]) -> int:
     cgroup = create_manager(cfg.id, parent=cfg.cgroup_parent)
     log = LogWriter(cdir / LOG)
 
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
+    term: _Terminal | None = None
+    if (cdir / TTY_MARK).exists():
+        master, slave = os.openpty()
+        term = _Terminal(master, slave, tty.listen(cdir), tty.Backlog())
+    sc.unshare(sc.CLONE_NEWPID)
+    try:
+        pid, out_r, err_r = _spawn(cfg, cdir, cgroup, sync_fd, term)
+    except _StartFailed as e:
+        _report(sync_fd, f"error {e}")
+        return 1
+    _report(sync_fd, f"ok {pid} {sc.proc_start_time(pid)}")
+    _event(cdir, cfg, "start")  # here, so that it comes before its "died"
+    status = _pump_any(pid, log, out_r, err_r, term)
+    status = _restart_loop(cdir, cfg, cgroup, log, status, term)
+    return _finish(cdir, cgroup, pid, status)
+
+
+@dataclass(frozen=True)
+class _Terminal:
+    """The pty of a ``-t`` container (:mod:`runtime.tty`): kept for its whole life."""
+
+    master: int
+    slave: int
+    server: socket.socket
+    backlog: tty.Backlog
+
+
+def _pump_any(pid: int, log: LogWriter, out_r: int, err_r: int, term: _Terminal | None) -> int:
+    if term is None:
+        return _pump(pid, log, out_r, err_r)
+    status = tty.pump(pid, log, term.master, term.server, term.backlog)
+    log.flush()
+    _reap_others()
+    return status
+
+
+class _StartFailed(Exception):
+    """The init could not be started (the message says why)."""
+
+
+def _spawn(
+    cfg: ContainerConfig,
+    cdir: Path,
+    cgroup: CgroupManager,
+    sync_fd: int | None,
+    term: _Terminal | None = None,
+) -> tuple[int, int, int]:
+    """Fork the init into a fresh pid namespace (the caller unshared it), put it in the
+    cgroup and release it.  Returns (pid, stdout read end, stderr read end; -1 and -1 with
+    a terminal, whose slave side is then the init's stdio).  Raises _StartFailed with the
+    init's or the cgroup's reason (the init is reaped then)."""
+    if term is not None:
+        out_r, out_w = os.open("/dev/null", os.O_RDONLY), os.dup(term.slave)
+        err_r, err_w = os.open("/dev/null", os.O_RDONLY), os.dup(term.slave)
+    else:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
     start_r, start_w = os.pipe2(os.O_CLOEXEC)
     fail_r, fail_w = os.pipe2(os.O_CLOEXEC)
-    sc.unshare(sc.CLONE_NEWPID)
     pid = os.fork()
     if pid == 0:
-        os.close(sync_fd)
+        if sync_fd is not None:
+            os.close(sync_fd)
         for fd in (out_r, err_r, start_w, fail_r):
             os.close(fd)
-        run_init(cfg, str(cdir / "merged"), start_r, fail_w, out_w, err_w)
+        netns = str(cdir / NETNS) if cfg.network == "bridge" else None
+        run_init(
+            cfg,
+            str(cdir / "merged"),
+            start_r,
+            fail_w,
+            out_w,
+            err_w,
+            netns,
+            tty_fd=None if term is None else out_w,
+        )
     for fd in (out_w, err_w, start_r, fail_w):
         os.close(fd)
     try:
         cgroup.add_process(pid)
-    except Exception as e:  # noqa: BLE001 - reported to the CLI, then the init is killed
+    except Exception as e:  # reported to the CLI, then the init is killed
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        _report(sync_fd, f"error cannot put the init in its cgroup: {e}")
-        return 1
+        for fd in (out_r, err_r, start_w, fail_r):
+            os.close(fd)
+        raise _StartFailed(f"cannot put the init in its cgroup: {e}") from e
     os.write(start_w, b"g")
     os.close(start_w)
     failure = b""
@@ -126,16 +200,75 @@ def main(argv: list[str]) -> int:
     os.close(fail_r)
     if failure:
         os.waitpid(pid, 0)
-        _report(sync_fd, "error " + failure.decode(errors="replace"))
-        return 1
-    start = sc.proc_start_time(pid)
-    _report(sync_fd, f"ok {pid} {start}")
+        os.close(out_r)
+        os.close(err_r)
+        raise _StartFailed(failure.decode(errors="replace"))
+    if term is not None:
+        os.close(out_r)
+        os.close(err_r)
+        return pid, -1, -1
+    return pid, out_r, err_r
 
-    return _finish(cdir, cgroup, pid, _pump(pid, log, out_r, err_r))
+
+def _restart_loop(
+    cdir: Path,
+    cfg: ContainerConfig,
+    cgroup: CgroupManager,
+    log: LogWriter,
+    status: int,
+    term: _Terminal | None = None,
+) -> int:
+    """Carry out the container's restart policy (:mod:`runtime.restart`) after its init
+    exited with wait status ``status``: start it again, after the backoff, as long as the
+    policy says so and nobody asked for a stop.  Each exit is recorded in ``exit.json`` and
+    each new init in ``init.json``.  Returns the wait status of the last init."""
+    policy = load_policy(cdir)
+    restarts = 0
+    started = time.monotonic()
+    while True:
+        code = _exit_code(status)
+        _event(cdir, cfg, "died", exitCode=code)
+        if not policy.should_restart(code, restarts) or (cdir / STOP_MARK).exists():
+            return status
+        _record_exit(cdir, cgroup, status)
+        if time.monotonic() - started >= RESET_AFTER_S:
+            restarts_backoff = 0
+        else:
+            restarts_backoff = restarts
+        if wait_for(lambda: (cdir / STOP_MARK).exists(), backoff_s(restarts_backoff), 0.05):
+            return status
+        # a fresh pid namespace: the last one died with its init.  Back into our own
+        # first (a second unshare needs pid_for_children == the active one: EINVAL else)
+        own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            sc.setns(own, sc.CLONE_NEWPID)
+        finally:
+            os.close(own)
+        sc.unshare(sc.CLONE_NEWPID)
+        try:
+            pid, out_r, err_r = _spawn(cfg, cdir, cgroup, None, term)
+        except _StartFailed as e:
+            print(f"monitor: restart failed: {e}", file=sys.stderr)
+            return status
+        restarts += 1
+        started = time.monotonic()
+        _event(cdir, cfg, "restart", restartCount=restarts)
+        (cdir / EXIT).unlink(missing_ok=True)
+        save_init(cdir, InitRecord(pid, sc.proc_start_time(pid), time.time(), restarts))
+        status = _pump_any(pid, log, out_r, err_r, term)
 
 
-def _finish(cdir: Path, cgroup: CgroupManager, pid: int, status: int) -> int:
-    """Record the init's exit in ``exit.json`` and unmount the rootfs."""
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _event(cdir: Path, cfg: ContainerConfig, status: str, **attributes: object) -> None:
+    """Record an event in the state root's log (``cdir`` is ``<root>/containers/<id>``)."""
+    events.record(cdir.parent.parent, status, cfg.id, cfg.name, cfg.image_ref, **attributes)
+
+
+def _record_exit(cdir: Path, cgroup: CgroupManager, status: int) -> None:
     code = os.waitstatus_to_exitcode(status)
     sig = -code if code < 0 else 0
     try:
@@ -146,6 +279,11 @@ def _finish(cdir: Path, cgroup: CgroupManager, pid: int, status: int) -> int:
         exit_code=128 + sig if sig else code, signal=sig, finished_at=time.time(), oom_killed=oom
     )
     atomic_write_json(cdir / EXIT, record.__dict__)
+
+
+def _finish(cdir: Path, cgroup: CgroupManager, pid: int, status: int) -> int:
+    """Record the init's exit in ``exit.json`` and unmount the rootfs."""
+    _record_exit(cdir, cgroup, status)
     try:
         unmount(cdir / "merged")
     except Exception as e:  # noqa: BLE001 - rm retries; say it in the monitor log
@@ -196,7 +334,10 @@ def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = F
         os.close(out_w)
         os.close(err_w)
     _report(sync_fd, f"ok {pid} {sc.proc_start_time(pid)}")
-    return _finish(cdir, cgroup, pid, _pump(pid, log, out_r, err_r))
+    status = _pump(pid, log, out_r, err_r)
+    # the restart policy holds for a restored container too (a fresh start of its command)
+    status = _restart_loop(cdir, cfg, cgroup, log, status)
+    return _finish(cdir, cgroup, pid, status)
 
 
 def _pump(pid: int, log: LogWriter, out_r: int, err_r: int) -> int:
@@ -232,14 +373,18 @@ def _pump(pid: int, log: LogWriter, out_r: int, err_r: int) -> int:
         _, status = os.waitpid(pid, 0)
         os.close(pidfd)
     log.flush()
-    # Reap anything else that was reparented to us (we are a subreaper).
+    _reap_others()
+    return status
+
+
+def _reap_others() -> None:
+    """Reap anything else that was reparented to us (we are a subreaper)."""
     while True:
         try:
             if os.waitpid(-1, os.WNOHANG)[0] == 0:
                 break
         except ChildProcessError:
             break
-    return status
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from runtime.cgroups import Resources
-from runtime.errors import ConfigError
+from runtime.cgroups import IO_KINDS, IoLimit, Resources
+from runtime.errors import CgroupError, ConfigError
+from runtime.network import Attachment
 
 #: Capabilities a container keeps by default: Podman's default set (containers.conf
 #: ``default_capabilities``), which is runc's minus AUDIT_WRITE, MKNOD and NET_RAW.
@@ -141,13 +142,20 @@ class ContainerConfig:
         layers: layer ids bottom -> top (see :class:`runtime.image.ImageStore`).
         args: argv of the init (entrypoint + cmd, resolved); env: ``K=V`` strings.
         cwd: working directory inside the container; user: uid/gid it runs as.
-        hostname: the UTS hostname; network: ``none`` (own net namespace with lo) or
-            ``host``.
+        hostname: the UTS hostname; network: ``none`` (own net namespace with lo),
+            ``host``, or ``bridge`` (a veth into the node's bridge: ``attachment``).
+        attachment: a bridged container's address, MAC and bridge (runtime.network).
         resources: cgroup limits; mounts: bind mounts; capabilities: names kept.
         privileged: keep every capability and mask nothing.
         stop_signal: signal number ``stop`` sends first.
         cgroup_parent: directory under each cgroup hierarchy holding the container's.
         created_at: seconds since the epoch.
+        labels: ``K=V`` strings (``jaula run --label``), e.g. ``jaula.balance=false``, which
+            the balancer reads to leave the container where it is.
+        seccomp: ``default`` (Podman's profile), ``unconfined``, or a profile's JSON text
+            (see :mod:`runtime.seccomp_filter`).
+        storage_size_bytes: ``--storage-opt size=``, the quota of the writable layer
+            (:mod:`runtime.quota`); None: no limit.
     """
 
     id: str
@@ -162,6 +170,7 @@ class ContainerConfig:
     user_spec: str = ""
     hostname: str = ""
     network: str = "none"
+    attachment: Attachment | None = None
     resources: Resources = field(default_factory=Resources)
     mounts: tuple[Mount, ...] = ()
     capabilities: tuple[str, ...] = DEFAULT_CAPABILITIES
@@ -169,9 +178,16 @@ class ContainerConfig:
     stop_signal: int = 15
     cgroup_parent: str = "jaula"
     created_at: float = 0.0
+    labels: tuple[str, ...] = ()
+    seccomp: str = "default"
+    storage_size_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def label_map(self) -> dict[str, str]:
+        """``labels`` as a mapping (a later ``K=`` wins)."""
+        return dict(kv.partition("=")[::2] for kv in self.labels)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ContainerConfig:
@@ -184,6 +200,9 @@ class ContainerConfig:
         d["resources"] = Resources(**(d.get("resources") or {}))
         d["mounts"] = tuple(Mount(**m) for m in d.get("mounts", ()))
         d["capabilities"] = tuple(d.get("capabilities", DEFAULT_CAPABILITIES))
+        d["labels"] = tuple(d.get("labels", ()))
+        att = d.get("attachment")
+        d["attachment"] = Attachment.from_json(att) if att else None
         return cls(**d)
 
 
@@ -213,6 +232,38 @@ def parse_cpus(value: str) -> int:
     if not 0.01 <= f <= 1024:
         raise ConfigError(f"invalid --cpus {value!r}: must be between 0.01 and 1024")
     return round(f * 100_000)
+
+
+def parse_device_limit(value: str, kind: str) -> IoLimit:
+    """Parse ``--device-{read,write}-{bps,iops} PATH:RATE`` (``kind`` a key of
+    :data:`runtime.cgroups.IO_KINDS`): RATE in bytes per second with an optional k/m/g unit
+    (``1mb``, ``512k``) for ``*_bps``, a whole number of operations per second for
+    ``*_iops``.  PATH must be a block device here.  Raises ConfigError."""
+    flag = IO_KINDS[kind][2]
+    path, sep, rate = value.rpartition(":")
+    form = "PATH:RATE (e.g. /dev/sda:1mb)" if kind.endswith("bps") else "PATH:N (e.g. /dev/sda:100)"
+    if not sep or not path.startswith("/") or not rate:
+        raise ConfigError(f"invalid {flag} {value!r}: use {form}")
+    if kind.endswith("bps"):
+        m = _SIZE_RE.match(rate.strip())
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()]) if m else 0
+    else:
+        n = int(rate) if rate.isdigit() else 0
+    if n <= 0:
+        raise ConfigError(f"invalid {flag} {value!r}: the rate must be positive; use {form}")
+    lim = IoLimit(path, kind, n)
+    try:
+        lim.device_numbers()
+    except CgroupError as e:
+        raise ConfigError(str(e)) from None
+    return lim
+
+
+def parse_blkio_weight(value: str) -> int:
+    """Parse ``--blkio-weight N``: 10..1000, as Podman.  Raises ConfigError."""
+    if not value.isdigit() or not 10 <= int(value) <= 1000:
+        raise ConfigError(f"invalid --blkio-weight {value!r}: use a whole number from 10 to 1000")
+    return int(value)
 
 
 def parse_pids_limit(value: str) -> int | None:
@@ -247,6 +298,15 @@ def parse_env(items: list[str], base: tuple[str, ...] = ()) -> tuple[str, ...]:
         env[k] = v
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     return tuple(f"{k}={v}" for k, v in env.items())
+
+
+def parse_labels(items: list[str]) -> tuple[str, ...]:
+    """Check ``--label K=V`` items (Podman's spelling); ConfigError naming a bad one."""
+    for item in items:
+        k, sep, _ = item.partition("=")
+        if not sep or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]*$", k):
+            raise ConfigError(f"invalid --label {item!r}: use KEY=VALUE, e.g. jaula.balance=false")
+    return tuple(items)
 
 
 def parse_volume(value: str) -> Mount:
@@ -343,8 +403,10 @@ __all__ = [
     "Mount",
     "User",
     "capability_mask",
+    "parse_blkio_weight",
     "parse_capabilities",
     "parse_cpus",
+    "parse_device_limit",
     "parse_env",
     "parse_memory",
     "parse_pids_limit",

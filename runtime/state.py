@@ -85,7 +85,7 @@ class Operation(enum.Enum):
 #: operation -> (the statuses it may start from, the status it leads to; None: unchanged).
 #: Every ``(from, to)`` pair here is also in :data:`TRANSITIONS` (a unit test checks it).
 OPERATIONS: dict[Operation, tuple[frozenset[ContainerStatus], ContainerStatus | None]] = {
-    Operation.START: (frozenset({S.CREATED}), S.RUNNING),
+    Operation.START: (frozenset({S.CREATED, S.STOPPED}), S.RUNNING),
     Operation.PAUSE: (frozenset({S.RUNNING}), S.PAUSED),
     Operation.UNPAUSE: (frozenset({S.PAUSED}), S.RUNNING),
     Operation.STOP: (frozenset({S.RUNNING, S.PAUSED}), S.STOPPED),

@@ -9,6 +9,7 @@ below is a constant of this module, and no other module spells one::
                                    when /dev/shm has no room)
     <root>/logs/criu/              CRIU_LOGS_DIR: copies of the CRIU logs of failed actions
                                    (the newest 20; migrate.criu.keep_log)
+    <root>/events.jsonl            EVENTS: the append-only event log (runtime.events)
     <root>/images/ <root>/layers/  the image store (runtime.image.ImageStore)
     <root>/containers/<id>/        one directory per container
         config.json                CONFIG: ContainerConfig (written once, atomically)
@@ -19,6 +20,13 @@ below is a constant of this module, and no other module spells one::
         monitor.log                MONITOR_LOG: the monitor's own errors
         go.fifo                    GO_FIFO: an armed monitor waits on it for go/cancel
         armed                      ARMED_MARK: an armed monitor has loaded its restorer
+        restart.json               RESTART: the --restart policy (runtime.restart), if any
+        init.json                  INIT: the init a restarting monitor started last
+                                   (pid, start time, restart count; runtime.restart)
+        tty                        TTY_MARK: run with -t: the monitor owns a pty (runtime.tty)
+        attach.sock                ATTACH_SOCK: the monitor's terminal, for attach
+        stop-requested             STOP_MARK: stop/rm asked for it: the monitor restarts
+                                   nothing more
         checkpoint/                CHECKPOINT_DIR: the last checkpoint bundle
         checkpoint.new/            CHECKPOINT_NEW_DIR: a checkpoint being written
         upper/ work/ merged/       UPPER, WORK, MERGED: overlayfs upperdir, workdir, and
@@ -58,7 +66,14 @@ LOCK = "lock"
 LOG = "ctr.log"
 MONITOR_LOG = "monitor.log"
 GO_FIFO = "go.fifo"
+NETNS = "netns"  # a bridged container's net namespace, pinned until its init joined it
 ARMED_MARK = "armed"
+EVENTS = "events.jsonl"
+RESTART = "restart.json"
+INIT = "init.json"
+STOP_MARK = "stop-requested"
+TTY_MARK = "tty"
+ATTACH_SOCK = "attach.sock"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_NEW_DIR = "checkpoint.new"
 CRIU_LOGS_DIR = "logs/criu"

@@ -72,8 +72,13 @@ unset MAKEFLAGS MFLAGS MAKELEVEL MAKEOVERRIDES
 APT_PACKAGES=(
     # used by jaula, its tests and its demo
     busybox-static umoci skopeo runc redis-server iptables iproute2 e2fsprogs util-linux
+    # `jaula pull` tests: a local registry on 127.0.0.1 (started by a test fixture only)
+    docker-registry
     # the cluster store of migrate/cluster_state (its tests start their own etcd members)
     etcd-server
+    # libseccomp's Python bindings (runtime/seccomp_filter.py; linked into the venv below)
+    # and XFS, whose project quotas back --storage-opt size= (the tests make a loop XFS)
+    python3-seccomp xfsprogs
     # protoc, for pycriu's Python protobuf modules
     protobuf-compiler
     # to build CRIU (the minimal set found by building 4.1.1 and 4.2.1 here; libbsd and
@@ -433,6 +438,25 @@ else
     run_logged pip-install "$PY" -m pip install -q -e "${ROOT}[test]"
     echo "$PYPROJECT_HASH" >"$VENV/.jaula-pyproject.sha256"
     say "venv ok"
+fi
+
+# --- 3b. libseccomp's Python bindings --------------------------------------------------
+# Debian's python3-seccomp installs one extension module for Debian's python3; the venv may
+# run another build of the same minor version (pyenv): link just that module into the
+# venv's site-packages (not the whole dist-packages, whose other modules would shadow or
+# mix with the venv's), and check that it imports there.
+if (cd / && "$PY" -I -c 'import seccomp' >/dev/null 2>&1); then
+    say "seccomp bindings ok"
+else
+    tag=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+    so=$(dpkg -L python3-seccomp 2>/dev/null | grep "/seccomp$tag\$" | head -n1 || true)
+    [ -n "$so" ] && [ -f "$so" ] \
+        || die "python3-seccomp has no module for the venv's python ($("$PY" -V 2>&1), suffix $tag)"
+    site=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    ln -sfn "$so" "$site/seccomp$tag"
+    (cd / && "$PY" -I -c 'import seccomp' >/dev/null 2>&1) \
+        || die "linked $so into $site but 'import seccomp' still fails in the venv"
+    say "seccomp bindings ok (linked $so into the venv)"
 fi
 
 # --- 4. pycriu --------------------------------------------------------------------------

@@ -38,6 +38,52 @@ class FreezerState(enum.Enum):
     FROZEN = "FROZEN"
 
 
+#: IoLimit kinds -> (v1 blkio throttle file, v2 io.max key, the Podman flag).
+IO_KINDS: dict[str, tuple[str, str, str]] = {
+    "read_bps": ("blkio.throttle.read_bps_device", "rbps", "--device-read-bps"),
+    "write_bps": ("blkio.throttle.write_bps_device", "wbps", "--device-write-bps"),
+    "read_iops": ("blkio.throttle.read_iops_device", "riops", "--device-read-iops"),
+    "write_iops": ("blkio.throttle.write_iops_device", "wiops", "--device-write-iops"),
+}
+
+
+@dataclass(frozen=True)
+class IoLimit:
+    """One block-I/O throttle: at most ``value`` bytes (``*_bps``) or operations (``*_iops``)
+    per second of ``kind`` on the block device at ``device`` (a path, resolved to its
+    major:minor on the node where the cgroup is made, so a migrated container is throttled
+    on the destination's device of that path).
+
+    Sources: Documentation/admin-guide/cgroup-v1/blkio-controller.rst ("Throttling/Upper
+    limit policy"), cgroup-v2.rst ("IO Interface Files", ``io.max``)."""
+
+    device: str
+    kind: str
+    value: int
+
+    def device_numbers(self) -> tuple[int, int]:
+        """(major, minor) of :attr:`device`.  Raises CgroupError when it is missing or not a
+        block device."""
+        import os
+        import stat
+
+        from runtime.errors import CgroupError
+
+        flag = IO_KINDS[self.kind][2] if self.kind in IO_KINDS else self.kind
+        try:
+            st = os.stat(self.device)
+        except OSError as e:
+            raise CgroupError(
+                f"{flag} {self.device}: {e.strerror} on this node: give a block device that "
+                "exists here",
+                path=self.device,
+                errno=e.errno,
+            ) from None
+        if not stat.S_ISBLK(st.st_mode):
+            raise CgroupError(f"{flag} {self.device}: not a block device", path=self.device)
+        return os.major(st.st_rdev), os.minor(st.st_rdev)
+
+
 @dataclass(frozen=True)
 class Resources:
     """Limits applied to a container's cgroup.  ``None`` means unlimited.
@@ -48,12 +94,26 @@ class Resources:
         cpu_quota_us / cpu_period_us: CFS bandwidth; ``--cpus 1.5`` is quota 150000 per
             period 100000 (v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``, v2 ``cpu.max``).
         pids_max: maximum number of tasks (``pids.max``).
+        io_limits: block-I/O throttles (v1 ``blkio.throttle.*_device``, v2 ``io.max``);
+            see :class:`IoLimit`.
+        blkio_weight: ``--blkio-weight`` 10..1000, the proportional share of disk time
+            (v1 ``blkio.weight`` or BFQ's ``blkio.bfq.weight``; v2 ``io.bfq.weight``, else
+            ``io.weight``); it acts only on devices whose scheduler is BFQ (or with io.cost).
     """
 
     memory_bytes: int | None = None
     cpu_quota_us: int | None = None
     cpu_period_us: int = 100_000
     pids_max: int | None = None
+    io_limits: tuple[IoLimit, ...] = ()
+    blkio_weight: int | None = None
+
+    def __post_init__(self) -> None:
+        # from JSON (config.json, a bundle's manifest): a list of dicts
+        limits = tuple(
+            lim if isinstance(lim, IoLimit) else IoLimit(**lim) for lim in self.io_limits
+        )
+        object.__setattr__(self, "io_limits", limits)
 
     def validate(self) -> None:
         """Check the values against the kernel's bounds before anything is written.
@@ -75,6 +135,13 @@ class Resources:
             problems.append(f"cpu_period_us={self.cpu_period_us} must be in 1000..1000000")
         if self.cpu_quota_us is not None and self.cpu_quota_us < 1_000:
             problems.append(f"cpu_quota_us={self.cpu_quota_us} must be >= 1000")
+        if self.blkio_weight is not None and not 10 <= self.blkio_weight <= 1000:
+            problems.append(f"--blkio-weight {self.blkio_weight} must be in 10..1000")
+        for lim in self.io_limits:
+            if lim.kind not in IO_KINDS:
+                problems.append(f"io limit kind {lim.kind!r} must be one of {', '.join(IO_KINDS)}")
+            elif lim.value <= 0:
+                problems.append(f"{IO_KINDS[lim.kind][2]} {lim.device}:{lim.value} must be > 0")
         if problems:
             raise CgroupError("invalid cgroup resources: " + "; ".join(problems))
 
@@ -176,13 +243,20 @@ def create_manager(
 #: Single names: "cpu" and "cpuacct" may be separate hierarchies or co-mounted as
 #: "cpu,cpuacct"; the v1 driver finds either (see :func:`runtime.cgroups.v1.find_v1_mounts`).
 V1_CONTROLLERS: tuple[str, ...] = ("cpu", "cpuacct", "freezer", "memory", "pids")
+#: v1 controllers a container is put in only when its limits need them (blkio: I/O limits),
+#: or when its directory there already exists (made by an earlier ``create``), so that every
+#: later manager of the same container (monitor, restorer, teardown) sees the same set.
+V1_OPTIONAL_CONTROLLERS: tuple[str, ...] = ("blkio",)
 
 __all__ = [
+    "IO_KINDS",
     "V1_CONTROLLERS",
+    "V1_OPTIONAL_CONTROLLERS",
     "CgroupManager",
     "CgroupMode",
     "CgroupStats",
     "FreezerState",
+    "IoLimit",
     "Resources",
     "create_manager",
     "detect_mode",

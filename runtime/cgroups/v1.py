@@ -22,6 +22,8 @@ Files (Documentation/admin-guide/cgroup-v1/):
 - ``cpu.cfs_period_us``, ``cpu.cfs_quota_us`` (Documentation/scheduler/sched-bwc.rst,
   "Management"), ``cpuacct.usage`` in ns (cpuacct.rst);
 - ``pids.max``, ``pids.current`` (pids.rst, "Usage");
+- ``blkio.throttle.{read,write}_{bps,iops}_device``, ``MAJ:MIN VALUE`` per device
+  (blkio-controller.rst, "Throttling/Upper limit policy");
 - ``freezer.state`` THAWED/FREEZING/FROZEN (freezer-subsystem.rst);
 - ``cgroup.procs`` (cgroups.rst, "2.2 Attaching processes": writing a pid moves its whole
   thread group).
@@ -35,7 +37,9 @@ import time
 from pathlib import Path
 
 from runtime.cgroups import (
+    IO_KINDS,
     V1_CONTROLLERS,
+    V1_OPTIONAL_CONTROLLERS,
     CgroupMode,
     CgroupStats,
     FreezerState,
@@ -100,6 +104,11 @@ class V1Manager:
         mounts = find_v1_mounts(root)
         #: controller -> its hierarchy's mount dir, for the wanted controllers that are mounted
         self._mounts = {c: mounts[c] for c in controllers if c in mounts}
+        #: optional controllers mounted here, added by create() when a limit needs them
+        self._optional = {c: mounts[c] for c in V1_OPTIONAL_CONTROLLERS if c in mounts}
+        for c, mount in self._optional.items():
+            if c not in self._mounts and (mount / relpath).is_dir():
+                self._mounts[c] = mount
 
     # --- paths ---
 
@@ -149,6 +158,11 @@ class V1Manager:
         for controller, value in needs.items():
             if value is not None:
                 self._dir(controller, f"apply the {controller} limit {value}")
+        if resources.io_limits or resources.blkio_weight is not None:
+            if "blkio" in self._optional:
+                self._mounts.setdefault("blkio", self._optional["blkio"])
+            self._dir("blkio", "apply the block-I/O limits")
+        io_lines = [(lim, lim.device_numbers()) for lim in resources.io_limits]
         for mount in dict.fromkeys(self._mounts.values()):
             fs.make_dirs(mount, self.relpath)
         paths = self.paths()
@@ -161,6 +175,18 @@ class V1Manager:
                 paths["pids"] / "pids.max",
                 "max" if resources.pids_max is None else resources.pids_max,
             )
+        if resources.blkio_weight is not None:
+            names = ("blkio.weight", "blkio.bfq.weight")
+            found = [paths["blkio"] / n for n in names if (paths["blkio"] / n).exists()]
+            if not found:
+                raise CgroupError(
+                    f"--blkio-weight needs {' or '.join(names)} in {paths['blkio']} (CFQ or "
+                    "BFQ group scheduling in the kernel): drop the weight",
+                    path=str(paths["blkio"]),
+                )
+            fs.write(found[0], resources.blkio_weight)
+        for lim, (major, minor) in io_lines:
+            fs.write(paths["blkio"] / IO_KINDS[lim.kind][0], f"{major}:{minor} {lim.value}")
 
     @staticmethod
     def _set_memory(path: Path, limit_bytes: int | None) -> None:

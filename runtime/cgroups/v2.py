@@ -19,6 +19,8 @@ Files (Documentation/admin-guide/cgroup-v2.rst):
 - "CPU Interface Files": ``cpu.max`` "$MAX $PERIOD" in us (``max`` = no limit), ``cpu.stat``
   ``usage_usec`` (present even when the cpu controller is not enabled).
 - "PID Interface Files": ``pids.max``, ``pids.current``.
+- "IO Interface Files": ``io.max``, one line ``MAJ:MIN rbps=N wbps=N riops=N wiops=N`` per
+  device (a key left out keeps its value; ``max`` = no limit).
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ import signal
 import time
 from pathlib import Path
 
-from runtime.cgroups import CgroupMode, CgroupStats, FreezerState, Resources, fs
+from runtime.cgroups import IO_KINDS, CgroupMode, CgroupStats, FreezerState, Resources, fs
 from runtime.cgroups.common import raise_collected, rmdir_until, signal_frozen
 from runtime.errors import CgroupError
 
 #: Controllers jaula enables for its containers, where the host makes them available.
-V2_CONTROLLERS: tuple[str, ...] = ("cpu", "memory", "pids")
+V2_CONTROLLERS: tuple[str, ...] = ("cpu", "io", "memory", "pids")
 
 
 class V2Manager:
@@ -70,6 +72,14 @@ class V2Manager:
             )
         if resources.pids_max is not None:
             needs["pids"] = f"pids limit of {resources.pids_max}"
+        if resources.blkio_weight is not None:
+            needs["io"] = f"--blkio-weight {resources.blkio_weight}"
+        if resources.io_limits:
+            needs["io"] = (
+                "block-I/O limits ("
+                + ", ".join(f"{IO_KINDS[lim.kind][2]} {lim.device}" for lim in resources.io_limits)
+                + ")"
+            )
         return needs
 
     def create(self, resources: Resources) -> None:
@@ -84,6 +94,8 @@ class V2Manager:
                 names it and says what to do), or a write failed.
         """
         resources.validate()
+        for lim in resources.io_limits:
+            lim.device_numbers()  # a missing device: refused before anything is made
         available = set(fs.read_words(self.root / "cgroup.controllers"))
         for controller, what in self._required(resources).items():
             if controller not in available:
@@ -130,6 +142,18 @@ class V2Manager:
             fs.write(path / "cpu.max", f"{quota} {resources.cpu_period_us}")
         if (path / "pids.max").exists():
             fs.write(path / "pids.max", "max" if resources.pids_max is None else resources.pids_max)
+        if resources.blkio_weight is not None:
+            if (path / "io.bfq.weight").exists():
+                fs.write(path / "io.bfq.weight", resources.blkio_weight)
+            else:
+                fs.write(path / "io.weight", f"default {resources.blkio_weight}")
+        per_device: dict[tuple[int, int], list[str]] = {}
+        for lim in resources.io_limits:
+            per_device.setdefault(lim.device_numbers(), []).append(
+                f"{IO_KINDS[lim.kind][1]}={lim.value}"
+            )
+        for (major, minor), keys in per_device.items():
+            fs.write(path / "io.max", f"{major}:{minor} " + " ".join(keys))
 
     def add_process(self, pid: int) -> None:
         """Write ``pid`` to ``cgroup.procs`` (moves the whole thread group)."""

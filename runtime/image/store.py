@@ -535,7 +535,10 @@ class ImageStore:
                     f"image id prefix {ref} is ambiguous: it matches "
                     + ", ".join(image.id[:12] for image in matches)
                 )
-        raise ImageNotFound(f"image {ref} not found: import it with `jaula image import PATH`")
+        raise ImageNotFound(
+            f"image {ref} not found: pull it (`jaula pull {ref}`) or import it with "
+            "`jaula image import PATH`"
+        )
 
     def _load(self) -> dict[str, Image]:
         try:

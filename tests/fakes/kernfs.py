@@ -39,6 +39,14 @@ V1_FILES: dict[str, dict[str, str]] = {
     "cpuacct": {"cpuacct.usage": "0"},
     "pids": {"pids.max": "max", "pids.current": "0"},
     "freezer": {"freezer.state": "THAWED"},
+    "blkio": {
+        **{
+            f"blkio.throttle.{rw}_{unit}_device": ""
+            for rw in ("read", "write")
+            for unit in ("bps", "iops")
+        },
+        "blkio.bfq.weight": "100",
+    },
 }
 
 V2_FILES: dict[str, dict[str, str]] = {
@@ -60,6 +68,7 @@ V2_FILES: dict[str, dict[str, str]] = {
     },
     "cpu": {"cpu.max": "max 100000", "cpu.weight": "100"},
     "pids": {"pids.max": "max", "pids.current": "0"},
+    "io": {"io.max": "", "io.stat": "", "io.bfq.weight": "default 100"},
 }
 
 

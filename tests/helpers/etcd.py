@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -267,6 +268,33 @@ class StateCluster:
             self.etcd.close()
 
 
+@dataclass
+class StateNodes:
+    """Node services (a :class:`tests.helpers.nodes.Cluster2`) with their cluster state:
+    ``etcd`` (None for ``files``), and :meth:`store`, the store as operator alice."""
+
+    cluster: Any
+    etcd: EtcdCluster | None
+    backend: str
+    _store: ClusterState | None = None
+
+    def store(self) -> ClusterState:
+        if self._store is None:
+            root = self.cluster.files.root
+            secret = keys.load_secret(root / "keys" / "alice.key_secret")[1]
+            self._store = open_state(load_cluster(root / "cluster.toml"), "alice", secret)
+        return self._store
+
+    def owner(self, container_id: str) -> str | None:
+        o = self.store().owner(container_id)
+        return None if o is None else o.node
+
+    def close(self) -> None:
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                self._store.close()
+
+
 def write_etcd_pki(root: Path, names: list[str]) -> CertFiles:
     """CA and client certificates for ``names`` under ``root/etcd`` (their CURVE public
     keys from ``root/keys``); returns the CA."""
@@ -283,25 +311,27 @@ def add_state_table(cluster_file: Path, table: dict) -> None:
 
 
 @contextmanager
-def state_cluster(
-    root: Path, backend: str, members: int = 1, ttl_s: float = 2.0, timeout_s: float = 3.0
-) -> Iterator[StateCluster]:
-    """A cluster under ``root`` with nodes node1..node3, operator admin, and the ``backend``
-    (``files`` or ``etcd`` with ``members`` members) running and provisioned; everything
-    stopped at the end, also when the test fails."""
-    init_cluster(root, plan_endpoints(list(NODES), "127.0.0.1", 0), operators=[ADMIN])
+def state_for(
+    root: Path,
+    backend: str,
+    nodes: tuple[str, ...] | list[str],
+    operators: tuple[str, ...] | list[str],
+    members: int = 1,
+    ttl_s: float = 2.0,
+    timeout_s: float = 3.0,
+) -> Iterator[EtcdCluster | None]:
+    """Give the cluster directory ``root`` (made by ``jaula cluster init``: ``cluster.toml``
+    and ``keys/``) its ``[state]`` table for ``backend``: ``files`` (yields None), or
+    ``etcd`` with ``members`` real members started and provisioned for ``nodes`` and
+    ``operators`` (yields the :class:`EtcdCluster`, stopped at the end, also on failure)."""
     if backend == "files":
         add_state_table(root / "cluster.toml", {"backend": "files", "ttl_s": ttl_s})
-        sc = StateCluster(root, backend, None)
-        try:
-            yield sc
-        finally:
-            sc.close()
+        yield None
         return
-    ca = write_etcd_pki(root, [*NODES, ADMIN])
-    probe = CertFiles(root / "etcd" / f"{ADMIN}.crt", root / "etcd" / f"{ADMIN}.key")
+    admin = operators[0]
+    ca = write_etcd_pki(root, [*nodes, *operators])
+    probe = CertFiles(root / "etcd" / f"{admin}.crt", root / "etcd" / f"{admin}.key")
     cluster = EtcdCluster.make(root / "etcd-run", members, ca, probe)
-    sc = StateCluster(root, backend, cluster)
     try:
         (root / "etcd-run").mkdir(exist_ok=True)
         cluster.start()
@@ -317,17 +347,36 @@ def state_cluster(
                 "timeout_s": timeout_s,
             },
         )
-        c = sc.cluster()
+
+        def secret(name: str) -> bytes:
+            return keys.load_secret(root / "keys" / f"{name}.key_secret")[1]
+
         etcd_backend.provision(
-            c.state,
-            ADMIN,
-            sc.secret(ADMIN),
-            {n: sc.secret(n) for n in NODES},
-            {ADMIN: sc.secret(ADMIN)},
+            load_cluster(root / "cluster.toml").state,
+            admin,
+            secret(admin),
+            {n: secret(n) for n in nodes},
+            {o: secret(o) for o in operators},
         )
-        yield sc
+        yield cluster
     finally:
-        sc.close()
+        cluster.close()
+
+
+@contextmanager
+def state_cluster(
+    root: Path, backend: str, members: int = 1, ttl_s: float = 2.0, timeout_s: float = 3.0
+) -> Iterator[StateCluster]:
+    """A cluster under ``root`` with nodes node1..node3, operator admin, and the ``backend``
+    (``files`` or ``etcd`` with ``members`` members) running and provisioned; everything
+    stopped at the end, also when the test fails."""
+    init_cluster(root, plan_endpoints(list(NODES), "127.0.0.1", 0), operators=[ADMIN])
+    with state_for(root, backend, NODES, (ADMIN,), members, ttl_s, timeout_s) as etcd:
+        sc = StateCluster(root, backend, etcd)
+        try:
+            yield sc
+        finally:
+            sc.close()
 
 
 def wait_until(condition, timeout_s: float, what: str):

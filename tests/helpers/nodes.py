@@ -186,8 +186,12 @@ def make_cluster(
     busybox_layout: Path,
     peer_timeout_s: float = 3.0,
     import_on: tuple[str, ...] = ("node1", "node2"),
+    nodes: tuple[str, ...] = ("node1", "node2"),
+    operators: tuple[str, ...] = ("alice",),
 ) -> Cluster2:
-    c = Cluster2(write_cluster(root), peer_timeout_s)
+    """A cluster of ``nodes`` (two by default; the balancer's tests use three) and
+    ``operators``, busybox imported on ``import_on``; nothing started."""
+    c = Cluster2(write_cluster(root, nodes, operators), peer_timeout_s)
     for node in import_on:
         c.local(node).run("image", "import", str(busybox_layout), "--name", "busybox:latest")
     return c

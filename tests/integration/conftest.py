@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runtime.poll import wait_for
-from tests.helpers.etcd import ETCD, StateCluster, state_cluster
+from tests.helpers.etcd import ETCD, StateCluster, StateNodes, state_cluster, state_for
 from tests.helpers.nodes import Cluster2, make_cluster, serving
 from tests.integration.cluster_setup import ClusterFiles, write_cluster
 
@@ -81,3 +81,24 @@ def etcd3(tmp_path: Path) -> Iterator[StateCluster]:
         pytest.skip("etcd not installed (make setup installs etcd-server)")
     with state_cluster(tmp_path / "cluster", "etcd", members=3) as sc:
         yield sc
+
+
+@pytest.fixture(params=["files", "etcd"])
+def state_nodes(
+    request: pytest.FixtureRequest, tmp_path: Path, busybox_image_layout: Path
+) -> Iterator[StateNodes]:
+    """node1 and node2 serving as :func:`nodes` does, once per cluster-state backend:
+    ``files``, and ``etcd`` with one real member (TLS, auth on); a 2 s membership TTL.
+    Yields a :class:`tests.helpers.etcd.StateNodes` (the cluster, its etcd or None, and
+    the store as operator alice); the services stop before the store does."""
+    if request.param == "etcd" and not os.access(ETCD, os.X_OK):
+        pytest.skip("etcd not installed (make setup installs etcd-server)")
+    root = tmp_path / "cluster"
+    c = make_cluster(root, busybox_image_layout)
+    with state_for(root, request.param, ("node1", "node2"), ("alice",)) as etcd:
+        sn = StateNodes(c, etcd, request.param)
+        try:
+            with serving(c):
+                yield sn
+        finally:
+            sn.close()

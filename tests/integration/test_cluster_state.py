@@ -350,3 +350,61 @@ def _as_other_cert(state: StateCluster, me: str, other: str) -> Cluster:
     path = state.cluster_file.with_name("cluster-swapped.toml")
     path.write_text(text)
     return load_cluster(path)
+
+
+def test_cluster_init_with_etcd_then_provision(tmp_path: Path) -> None:
+    """`jaula cluster init --state etcd` writes a PKI and [state] that a real etcd member
+    runs with; `jaula cluster provision-etcd` turns auth on; then a node claims, and a
+    second run of provision changes nothing."""
+    from migrate.cluster_state import open_state
+    from migrate.cluster_state.pki import CertFiles
+    from migrate.keys import load_secret
+    from tests.helpers.etcd import ETCD, EtcdCluster, Member, free_ports
+
+    if not os.access(ETCD, os.X_OK):
+        pytest.skip("etcd not installed (make setup installs etcd-server)")
+    root = tmp_path / "c"
+    client_port, peer_port = free_ports(2)
+    jaula = [sys.executable, "-m", "migrate.cli"]
+    p = subprocess.run(
+        [*jaula, "cluster", "init", str(root), "--nodes", "node1,node2", "--operators", "boss",
+         "--base-port", "0", "--state", "etcd",
+         "--etcd-endpoints", f"https://127.0.0.1:{client_port}"],
+        capture_output=True, text=True, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "provision-etcd" in p.stderr
+    d = root / "etcd"
+    ca = CertFiles(d / "ca.crt", d / "ca.key")
+    etcd = EtcdCluster(tmp_path / "run", 1, ca, CertFiles(d / "boss.crt", d / "boss.key"))
+    etcd.members.append(
+        Member(
+            "m0",
+            client_port,
+            peer_port,
+            tmp_path / "run" / "m0.etcd",
+            tmp_path / "run" / "member-0.log",
+            CertFiles(d / "member-m0.crt", d / "member-m0.key"),
+        )
+    )
+    (tmp_path / "run").mkdir()
+    try:
+        etcd.start()
+        for _ in range(2):
+            p = subprocess.run(
+                [*jaula, "cluster", "provision-etcd", str(root)],
+                capture_output=True, text=True, cwd=REPO, check=False,
+            )  # fmt: skip
+            assert p.returncode == 0, p.stderr
+        cluster = load_cluster(root / "cluster.toml")
+        s = open_state(cluster, "node1", load_secret(root / "keys" / "node1.key_secret")[1])
+        try:
+            assert s.claim("abc", "node1").node == "node1"
+            assert s.owner("abc") is not None
+        finally:
+            s.close()
+        # auth is on: a client of the CA without node1's password cannot write
+        with pytest.raises(StateAuthError):
+            open_state(cluster, "node1", load_secret(root / "keys" / "node2.key_secret")[1])
+    finally:
+        etcd.close()

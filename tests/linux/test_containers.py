@@ -423,7 +423,7 @@ def test_cap_drop_all_drops_everything(jaula: Jaula) -> None:
 def test_exit_codes_as_podman(jaula: Jaula, tmp_path: Path) -> None:
     assert jaula.run("run", "busybox", "nosuchcmd", check=False).returncode == 127
     assert jaula.run("run", "busybox", "/etc/passwd", check=False).returncode == 126
-    p = jaula.run("run", "--network", "bridge", "busybox", "true", check=False)
+    p = jaula.run("run", "--network", "bogus", "busybox", "true", check=False)
     assert p.returncode == 125 and p.stderr.startswith("jaula: error:")
     p = jaula.run("stop", "-t", "abc", "x", check=False)
     assert p.returncode == 125 and len(p.stderr.strip().splitlines()) == 1

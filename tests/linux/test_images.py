@@ -161,7 +161,10 @@ def test_list_and_resolve(
                 busybox.id[:12], f"sha256:{busybox.id}"):  # fmt: skip
         assert store.resolve(ref) == busybox, ref
     assert store.resolve("layered").id == layered.id
-    with pytest.raises(ImageNotFound, match=r"image alpine not found: import it with `jaula"):
+    with pytest.raises(
+        ImageNotFound,
+        match=r"image alpine not found: pull it \(`jaula pull alpine`\) or import it with `jaula",
+    ):
         store.resolve("alpine")
 
 

@@ -183,3 +183,61 @@ def test_a_traced_task_is_refused_before_the_freeze(py: Jaula) -> None:
     py.run("run", "-d", "--name", "tr", PY_IMAGE, "sh", "-c", TRACED_CHILD + COUNTER)
     wait_ticks(py, "tr", 3)
     _refused_and_still_running(py, "tr", "(python3) is traced by process", "(sh)")
+
+
+#: a UDP socket with data held back by UDP_CORK (CRIU: "Can't dump corked dgram socket")
+CORKED_UDP = (
+    "import socket, time\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "s.setsockopt(socket.IPPROTO_UDP, 1, 1)\n"  # UDP_CORK
+    "s.bind(('127.0.0.1', 4711))\n"
+    "s.sendto(b'x' * 100, ('127.0.0.1', 9))\n"
+    "open('/tmp/ready', 'w').close()\n"
+    "while True: time.sleep(1)\n"
+)
+
+#: a listener with one connection its process never accepts (CRIU: "In-flight connection")
+UNACCEPTED = (
+    "import socket, time\n"
+    "l = socket.socket()\n"
+    "l.bind(('127.0.0.1', 4712))\n"
+    "l.listen(4)\n"
+    "c = socket.create_connection(('127.0.0.1', 4712))\n"
+    "open('/tmp/ready', 'w').close()\n"
+    "while True: time.sleep(1)\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("script", "needles"),
+    [
+        (CORKED_UDP, ("UDP socket on 127.0.0.1:4711", "with data not yet sent")),
+        (UNACCEPTED, ("TCP listener on 127.0.0.1:4712", "1 connection not yet accepted")),
+    ],
+    ids=["corked-udp", "unaccepted-connection"],
+)
+def test_a_socket_queue_crius_refuses_is_refused_before_the_freeze(
+    py: Jaula, script: str, needles: tuple[str, ...]
+) -> None:
+    """zdtm socket_udp-corked and socket-tcp-skip-in-flight: CRIU refused these queues
+    after the freeze (the dump failed, the container was thawed); they are refused before
+    it, naming the socket and its process."""
+    (py.root / "q.py").write_text(script)
+    py.run(
+        "run",
+        "-d",
+        "--name",
+        "sq",
+        "-v",
+        f"{py.root / 'q.py'}:/q.py:ro",
+        PY_IMAGE,
+        "sh",
+        "-c",
+        f"python3 /q.py & {COUNTER}",
+    )
+    from runtime.poll import wait_for
+
+    ready = lambda: py.run("exec", "sq", "test", "-e", "/tmp/ready", check=False)
+    assert wait_for(lambda: ready().returncode == 0, 15), py.out("logs", "sq")
+    wait_ticks(py, "sq", 3)
+    _refused_and_still_running(py, "sq", "(python3)", *needles)

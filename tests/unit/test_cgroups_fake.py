@@ -18,6 +18,7 @@ from runtime.cgroups import (
     CgroupMode,
     CgroupStats,
     FreezerState,
+    IoLimit,
     Resources,
     create_manager,
     detect_mode,
@@ -144,6 +145,7 @@ def test_v1_create_writes_limits_separate_cpu_cpuacct(kernfs: FakeKernfs) -> Non
     ]
     assert kernfs.written("pids/") == [("pids/jaula/c1/pids.max", "5")]
     assert (root / "cpuacct/jaula/c1").is_dir() and (root / "freezer/jaula/c1").is_dir()
+    # not in blkio: only a container with I/O limits goes there
     assert not (root / "blkio/jaula").exists()
     assert mgr.paths() == {
         c: root / c / "jaula/c1" for c in ("cpu", "cpuacct", "freezer", "memory", "pids")
@@ -343,9 +345,11 @@ def test_v2_create_enables_controllers_top_down_and_writes_limits(kernfs: FakeKe
     mgr.create(Resources(memory_bytes=64 << 20, cpu_quota_us=150_000, pids_max=5))
     assert kernfs.writes == [
         ("cgroup.subtree_control", "+cpu"),
+        ("cgroup.subtree_control", "+io"),
         ("cgroup.subtree_control", "+memory"),
         ("cgroup.subtree_control", "+pids"),
         ("jaula/cgroup.subtree_control", "+cpu"),
+        ("jaula/cgroup.subtree_control", "+io"),
         ("jaula/cgroup.subtree_control", "+memory"),
         ("jaula/cgroup.subtree_control", "+pids"),
         ("jaula/c1/memory.max", str(64 << 20)),
@@ -434,3 +438,61 @@ def test_v2_destroy_keeps_shared_parent(kernfs: FakeKernfs) -> None:
     assert (root / "jaula/c2").is_dir()
     two.destroy()
     assert not (root / "jaula").exists()
+
+
+def _fake_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every IoLimit's device is 7:3 (no real block device in a unit test)."""
+    monkeypatch.setattr(IoLimit, "device_numbers", lambda self: (7, 3))
+
+
+def test_v1_io_limits_go_to_the_blkio_throttle_files(
+    kernfs: FakeKernfs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_device(monkeypatch)
+    root = kernfs.v1("cpu", "cpuacct", "memory", "pids", "freezer", "blkio")
+    lims = (IoLimit("/dev/x", "write_bps", 1 << 20), IoLimit("/dev/x", "read_iops", 50))
+    V1Manager(root, "jaula/c1", CgroupMode.HYBRID).create(Resources(io_limits=lims))
+    # a later manager of the same container (monitor, teardown) finds its blkio dir
+    assert "blkio" in V1Manager(root, "jaula/c1", CgroupMode.HYBRID).paths()
+    assert "blkio" not in V1Manager(root, "jaula/c9", CgroupMode.HYBRID).paths()
+    assert kernfs.written("blkio/") == [
+        ("blkio/jaula/c1/blkio.throttle.write_bps_device", f"7:3 {1 << 20}"),
+        ("blkio/jaula/c1/blkio.throttle.read_iops_device", "7:3 50"),
+    ]
+    # and the limits survive the config's JSON round trip (what a bundle carries)
+    import dataclasses
+
+    assert Resources(**dataclasses.asdict(Resources(io_limits=lims))).io_limits == lims
+
+
+def test_v2_io_limits_go_to_io_max_one_line_per_device(
+    kernfs: FakeKernfs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_device(monkeypatch)
+    root = kernfs.v2("cpu io memory pids")
+    lims = (IoLimit("/dev/x", "write_bps", 1 << 20), IoLimit("/dev/x", "write_iops", 9))
+    V2Manager(root, "jaula/c1").create(Resources(io_limits=lims))
+    assert kernfs.written("jaula/c1/io") == [("jaula/c1/io.max", f"7:3 wbps={1 << 20} wiops=9")]
+
+
+def test_io_limits_without_the_controller_are_refused(
+    kernfs: FakeKernfs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_device(monkeypatch)
+    lims = (IoLimit("/dev/x", "write_bps", 1 << 20),)
+    with pytest.raises(CgroupError, match="'io' is not available"):
+        V2Manager(kernfs.v2("cpu memory pids"), "jaula/c1").create(Resources(io_limits=lims))
+    with pytest.raises(CgroupError, match="'blkio' is not mounted"):
+        V1Manager(kernfs.v1("cpu", "memory"), "jaula/c2").create(Resources(io_limits=lims))
+
+
+def test_blkio_weight_goes_to_the_bfq_weight(kernfs: FakeKernfs) -> None:
+    root = kernfs.v1("cpu", "cpuacct", "memory", "pids", "freezer", "blkio")
+    V1Manager(root, "jaula/c1", CgroupMode.HYBRID).create(Resources(blkio_weight=300))
+    assert kernfs.written("blkio/") == [("blkio/jaula/c1/blkio.bfq.weight", "300")]
+    V2Manager(kernfs.v2("cpu io memory pids", at="v2"), "jaula/c2").create(
+        Resources(blkio_weight=300)
+    )
+    assert ("v2/jaula/c2/io.bfq.weight", "300") in kernfs.writes
+    with pytest.raises(CgroupError, match="must be in 10..1000"):
+        Resources(blkio_weight=5).validate()

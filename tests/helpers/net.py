@@ -1,0 +1,259 @@
+"""Networks for the tests: a scratch bridge network per state root, client namespaces on a
+wire, and the check that nothing of them is left (veths, bridge ports, leases, pins).
+
+Names are unique per test (``jtb`` + 6 hex for a bridge) so that runs side by side never
+meet; every helper removes only what it made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from runtime.network import LEASES_FILE, NETWORK_FILE, host_if_name
+from runtime.network import link as netlink
+from tests.helpers.jaula import Jaula
+
+
+def scratch_subnet(prefixlen: int = 28) -> str:
+    """A random subnet of 10.240.0.0/12 (unlikely to meet anything on the host)."""
+    base = ipaddress.IPv4Network("10.240.0.0/12")
+    size = 1 << (32 - prefixlen)
+    n = secrets.randbelow(base.num_addresses // size)
+    return f"{base.network_address + n * size}/{prefixlen}"
+
+
+@dataclass(frozen=True)
+class BridgeNet:
+    """A state root's bridge network: ``bridge`` (made by the runtime on first use unless
+    ``create`` is False), ``subnet``, ``gateway`` (its first host)."""
+
+    bridge: str
+    subnet: str
+    create: bool = True
+    leases_file: str = ""
+
+    @property
+    def gateway(self) -> str:
+        return str(next(ipaddress.IPv4Network(self.subnet).hosts()))
+
+    def host(self, n: int) -> str:
+        """The n-th host address (1 = the gateway)."""
+        return str(ipaddress.IPv4Network(self.subnet).network_address + n)
+
+    def write(self, root: Path) -> None:
+        """Configure state root ``root`` with this network (``network.json``)."""
+        root.mkdir(parents=True, exist_ok=True)
+        cfg = {"bridge": self.bridge, "subnet": self.subnet, "create_bridge": self.create}
+        if self.leases_file:
+            cfg["leases_file"] = self.leases_file
+        (root / NETWORK_FILE).write_text(json.dumps(cfg))
+
+
+def new_bridge_name() -> str:
+    return "jtb" + secrets.token_hex(3)
+
+
+def links() -> dict[str, int]:
+    """Every link of this (the host's) net namespace: name -> index."""
+    with IPRoute() as ipr:
+        return {str(lk.get("IFLA_IFNAME")): int(lk["index"]) for lk in ipr.get_links()}
+
+
+def bridge_ports(bridge: str) -> list[str]:
+    """Names of the links enslaved to ``bridge`` (empty when it does not exist)."""
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=bridge)
+        if not idx:
+            return []
+        return [
+            str(lk.get("IFLA_IFNAME")) for lk in ipr.get_links() if lk.get("IFLA_MASTER") == idx[0]
+        ]
+
+
+def make_bridge(name: str, address: str | None = None, prefixlen: int = 24) -> None:
+    """A bridge ``name`` (up), with ``address`` when given."""
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=name, kind="bridge")
+        idx = ipr.link_lookup(ifname=name)[0]
+        if address:
+            ipr.addr("add", index=idx, address=address, prefixlen=prefixlen)
+        ipr.link("set", index=idx, state="up")
+
+
+def delete_link(name: str) -> None:
+    """Delete link ``name`` when it exists."""
+    netlink.delete_link(name)
+
+
+def leases(root: Path, net: BridgeNet) -> dict[str, str]:
+    """address -> container id in ``root``'s lease file (or the shared one)."""
+    path = Path(net.leases_file) if net.leases_file else root / LEASES_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    got: dict[str, str] = doc.get("subnets", {}).get(net.subnet, {})
+    return got
+
+
+def network_leaks(root: Path, net: BridgeNet, ids: list[str]) -> list[str]:
+    """What the containers ``ids`` of ``root`` left of their network: host veths, bridge
+    ports, leases, netns pins."""
+    problems: list[str] = []
+    have = links()
+    for cid in ids:
+        for name in (host_if_name(cid), "jm" + cid[:12]):
+            if name in have:
+                problems.append(f"veth {name} of {cid[:12]} left")
+        pin = root / "containers" / cid / "netns"
+        if pin.exists():
+            problems.append(f"netns pin {pin} left")
+    short = {cid[:12] for cid in ids}
+    ports = [p for p in bridge_ports(net.bridge) if p[2:] in short or p.startswith("jl")]
+    if ports:
+        problems.append(f"bridge {net.bridge} still has container ports {ports}")
+    if leases(root, net):
+        problems.append(f"leases left in {net.subnet}: {leases(root, net)}")
+    return problems
+
+
+@contextlib.contextmanager
+def bridge_network(j: Jaula, net: BridgeNet | None = None) -> Iterator[BridgeNet]:
+    """Configure ``j``'s state root with a scratch bridge network; afterwards remove every
+    container of the root, assert that nothing of their network is left, and delete the
+    bridge."""
+    net = net or BridgeNet(new_bridge_name(), scratch_subnet())
+    net.write(j.root)
+    try:
+        yield net
+    finally:
+        ids = j.container_ids()
+        for cid in ids:
+            j.run("rm", "-f", cid, check=False)
+        problems = network_leaks(j.root, net, ids)
+        for cid in ids:  # clean what leaked, then fail
+            delete_link(host_if_name(cid))
+            delete_link("jm" + cid[:12])
+        delete_link(net.bridge)
+    assert not problems, "\n".join(problems)
+
+
+def in_netns(netns: Path, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in the net namespace pinned at ``netns`` (nsenter)."""
+    return subprocess.run(
+        ["nsenter", f"--net={netns}", *argv],
+        text=True,
+        capture_output=True,
+        check=False,
+        timeout=timeout,
+    )
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Two nodes' bridges joined through a wire bridge, as two hosts on one layer-2 segment,
+    and a client machine outside the cluster: its own net namespace (pinned at
+    ``client_ns``) with ``eth0`` at ``client_ip`` on the wire."""
+
+    bridges: tuple[str, str]
+    wire: str
+    subnet: str
+    client_ns: Path
+    client_ip: str
+    links: tuple[str, ...]
+
+
+def _veth_into(ipr: IPRoute, name: str, peer: str, master: int) -> None:
+    ipr.link("add", ifname=name, kind="veth", peer=peer)
+    idx = ipr.link_lookup(ifname=name)[0]
+    ipr.link("set", index=idx, master=master, state="up")
+
+
+@contextlib.contextmanager
+def two_node_segment(tmp: Path, prefixlen: int = 28) -> Iterator[Segment]:
+    """Make the topology of :class:`Segment` (nothing of it has an address in the host's
+    namespace); remove all of it afterwards, also on failure."""
+    tag = secrets.token_hex(2)
+    b1, b2, wire = f"jtb1{tag}", f"jtb2{tag}", f"jtw{tag}"
+    subnet = scratch_subnet(prefixlen)
+    client_ip = str(ipaddress.IPv4Network(subnet).broadcast_address - 1)
+    ns = tmp / f"client-{tag}.netns"
+    made: list[str] = []
+    try:
+        for br in (b1, b2, wire):
+            make_bridge(br)
+            made.append(br)
+        with IPRoute() as ipr:
+            w = ipr.link_lookup(ifname=wire)[0]
+            for i, br in ((1, b1), (2, b2)):
+                _veth_into(ipr, f"jtu{i}{tag}", f"jtv{i}{tag}", w)
+                made.append(f"jtu{i}{tag}")
+                v = ipr.link_lookup(ifname=f"jtv{i}{tag}")[0]
+                ipr.link("set", index=v, master=ipr.link_lookup(ifname=br)[0], state="up")
+            _veth_into(ipr, f"jtc{tag}", f"jtd{tag}", w)
+            made.append(f"jtc{tag}")
+            netlink.create_netns(ns)
+            fd = os.open(ns, os.O_RDONLY)
+            try:
+                ipr.link("set", index=ipr.link_lookup(ifname=f"jtd{tag}")[0], net_ns_fd=fd)
+            finally:
+                os.close(fd)
+        with IPRoute(netns=str(ns)) as c:
+            idx = c.link_lookup(ifname=f"jtd{tag}")[0]
+            c.link("set", index=idx, ifname="eth0", state="up")
+            c.link("set", index=c.link_lookup(ifname="lo")[0], state="up")
+            c.addr("add", index=idx, address=client_ip, prefixlen=prefixlen)
+        yield Segment((b1, b2), wire, subnet, ns, client_ip, tuple(made))
+    finally:
+        for name in reversed(made):
+            delete_link(name)
+        netlink.remove_netns(ns)
+
+
+def add_client_address(seg: Segment, ip: str) -> None:
+    """Give the client another address (one a container should have: a squatter)."""
+    with IPRoute(netns=str(seg.client_ns)) as c:
+        idx = c.link_lookup(ifname="eth0")[0]
+        c.addr("add", index=idx, address=ip, prefixlen=ipaddress.IPv4Network(seg.subnet).prefixlen)
+
+
+#: a client holding one TCP connection: sends n, expects n+1, until the file argv[3]
+#: exists; prints "ok <last n> <longest gap s>" or "FAIL <why>"; writes its count to argv[4]
+PINGPONG_CLIENT = r"""
+import socket, sys, time, os
+host, port, stop, progress = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+s = socket.create_connection((host, port), timeout=60)
+f = s.makefile("rw")
+n, gap, last = 0, 0.0, time.monotonic()
+try:
+    while not os.path.exists(stop):
+        f.write(f"{n}\n"); f.flush()
+        line = f.readline()
+        if not line:
+            print(f"FAIL EOF after {n}"); sys.exit(1)
+        if int(line) != n + 1:
+            print(f"FAIL sent {n} got {line.strip()}"); sys.exit(1)
+        now = time.monotonic(); gap = max(gap, now - last); last = now
+        n += 1
+        with open(progress + ".tmp", "w") as p:
+            p.write(str(n))
+        os.replace(progress + ".tmp", progress)
+        time.sleep(0.01)
+except OSError as e:
+    print(f"FAIL {e!r} after {n}"); sys.exit(1)
+print(f"ok {n} {gap:.3f}")
+"""
+
+#: the counter server: one connection, reply n+1 to n (busybox nc hands it to sh)
+COUNTER_SERVER = ("busybox", "nc", "-l", "-p", "7000", "-e", "sh", "-c",
+                  "while read n; do echo $((n+1)); done")  # fmt: skip

@@ -1,0 +1,96 @@
+"""Drive the real ``jaula`` CLI through a pseudo-terminal, as a user at a keyboard would
+(the standard library's :mod:`pty`; no pexpect needed): :class:`Terminal` starts
+``jaula --state-root ROOT ARGS...`` on a new pty, sends keystrokes and waits for output."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pty
+import select
+import signal
+import time
+from pathlib import Path
+from typing import Self
+
+from tests.helpers.jaula import JAULA, REPO
+
+#: "where is the cursor?" (DSR 6), which busybox's line editor asks at each prompt, and the
+#: answer a terminal emulator gives (row 24, column 1)
+CURSOR_QUERY = b"\x1b[6n"
+CURSOR_REPLY = b"\x1b[24;1R"
+
+
+class Terminal:
+    """One CLI process on its own pty.  :meth:`close` (or the ``with`` block's end) kills it
+    if it still runs."""
+
+    def __init__(self, root: Path, *args: str) -> None:
+        argv = [*JAULA, "--state-root", str(root), *args]
+        pid, fd = pty.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.chdir(REPO)
+            os.execv(argv[0], argv)
+        self.pid, self.fd = pid, fd
+        self.seen = b""
+        self.code: int | None = None
+
+    def send(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def expect(self, needle: bytes, timeout_s: float = 20.0) -> bytes:
+        """Read until ``needle`` shows (after what earlier calls consumed); returns what was
+        read up to and including it.  A cursor position query read meanwhile is answered
+        (unless it is the needle: the caller answers it then).  Raises AssertionError with the output on a time-out
+        or when the process closed its terminal first."""
+        deadline = time.monotonic() + timeout_s
+        while needle not in self.seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{needle!r} did not show; the terminal had {self.seen!r}")
+            ready, _, _ = select.select([self.fd], [], [], min(left, 0.5))
+            if not ready:
+                continue
+            try:
+                data = os.read(self.fd, 4096)
+            except OSError:  # EIO: the process closed the terminal
+                data = b""
+            if not data:
+                raise AssertionError(f"{needle!r} did not show before the end: {self.seen!r}")
+            if CURSOR_QUERY in data and needle != CURSOR_QUERY:
+                self.send(CURSOR_REPLY)  # as a terminal emulator answers busybox's line editor
+            self.seen += data
+        i = self.seen.index(needle) + len(needle)
+        out, self.seen = self.seen[:i], self.seen[i:]
+        return out
+
+    def wait(self, timeout_s: float = 30.0) -> int:
+        """The CLI's exit code (its terminal's output is drained meanwhile)."""
+        deadline = time.monotonic() + timeout_s
+        while self.code is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.code = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"jaula still runs after {timeout_s} s: {self.seen!r}")
+            ready, _, _ = select.select([self.fd], [], [], 0.1)
+            if ready:
+                with contextlib.suppress(OSError):
+                    self.seen += os.read(self.fd, 4096)
+        return self.code
+
+    def close(self) -> None:
+        if self.code is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.code = -9
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

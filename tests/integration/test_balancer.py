@@ -1,0 +1,277 @@
+"""The balancing daemon against real node services on 127.0.0.1 with real containers and
+real CRIU: the ``metrics`` request, a loaded node relieved, a balanced cluster left alone,
+one leader of two daemons, and a drained node emptied.  Waits are bounded polls; nothing
+asserts how long anything took."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from migrate.cli import Nodes
+from tests.helpers.balancer import (
+    BURN,
+    BUSY_COUNTER,
+    IDLE,
+    JAULA_ALL,
+    balancers,
+    events,
+    op_all,
+    register,
+    running_on,
+    state_of,
+    write_config,
+)
+from tests.helpers.containers import wait_for
+from tests.helpers.counter import assert_continuous, ticks
+from tests.helpers.nodes import Cluster2, in_process_node, make_cluster, serving
+from tests.helpers.skips import needs_criu
+
+pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
+
+THREE = ("node1", "node2", "node3")
+
+
+@pytest.fixture
+def three(tmp_path: Path, busybox_image_layout: Path) -> Iterator[Cluster2]:
+    """node1..node3 serving, busybox on each, operators alice and bob."""
+    c = make_cluster(
+        tmp_path / "cluster",
+        busybox_image_layout,
+        import_on=THREE,
+        nodes=THREE,
+        operators=("alice", "bob"),
+    )
+    with serving(c, *THREE):
+        yield c
+
+
+def metrics(c: Cluster2, node: str) -> dict[str, Any]:
+    async def ask() -> dict[str, Any]:
+        return await Nodes(c.files.clients["alice"]).request(node, "metrics", wait_s=20.0)
+
+    return asyncio.run(ask())
+
+
+def moves(c: Cluster2) -> list[Any]:
+    return [e for e in events(c) if e.kind.startswith("balancer.move.")]
+
+
+def rounds(c: Cluster2, by: str | None = None) -> list[Any]:
+    return [e for e in events(c) if e.kind == "balancer.round" and by in (None, e.node)]
+
+
+def test_metrics_report_node_and_container_usage(three: Cluster2) -> None:
+    n1 = three.local("node1")
+    n1.run("run", "-d", "--name", "burn", "--cpus", "0.5", "busybox", "sh", "-c", BURN)
+    n1.run("run", "-d", "--name", "idle", "busybox", "sh", "-c", IDLE)
+
+    def usage() -> dict[str, dict[str, Any]]:
+        m = metrics(three, "node1")
+        by = {c["name"]: c for c in m["containers"]}
+        return by if by["burn"]["cpu_cores"] > 0.2 else {}
+
+    by = wait_for(usage, 30, "the burner's CPU use in node1's metrics")
+    m = metrics(three, "node1")
+    assert m["node"] == "node1" and m["cpu_cores"] >= 1 and m["memory_bytes"] > 0
+    assert 0 <= m["cpu_percent"] <= 100 and 0 < m["memory_percent"] <= 100
+    assert by["burn"]["cpu_cores"] < 0.8, by["burn"]  # --cpus 0.5 holds it
+    assert by["idle"]["cpu_cores"] < 0.1, by["idle"]
+    assert by["burn"]["memory_bytes"] > 0 and by["burn"]["status"] == "running"
+    assert by["burn"]["image_layers"] and set(by["burn"]["image_layers"]) <= set(m["image_layers"])
+    assert metrics(three, "node2")["containers"] == []
+
+
+def test_loaded_node_is_relieved_and_nothing_moves_back(three: Cluster2, tmp_path: Path) -> None:
+    n1 = three.local("node1")
+    for name in ("burn1", "burn2"):
+        n1.run("run", "-d", "--name", name, "--cpus", "0.5", "busybox", "sh", "-c", BUSY_COUNTER)
+    n1.run("run", "-d", "--name", "idle", "busybox", "sh", "-c", IDLE)
+    with balancers(three, write_config(tmp_path / "b.toml")) as d:
+        d.start("alice")
+        done = wait_for(
+            lambda: [e for e in moves(three) if e.kind == "balancer.move.finished"],
+            120,
+            f"a finished move; balancer log:\n{d.log('alice')}",
+        )
+        assert done[0].data["source"] == "node1", done[0].data
+        first = done[0].seq
+        # ten rounds after the move: nothing else moves (no bounce, no second move)
+        wait_for(
+            lambda: len([e for e in rounds(three) if e.seq > first]) >= 10,
+            120,
+            f"ten rounds after the move; log:\n{d.log('alice')}",
+        )
+        assert [e.seq for e in moves(three) if e.seq > first] == [], moves(three)
+        assert d.alive("alice"), d.log("alice")
+    moved = done[0].data
+    where = {name: running_on(three, name) for name in ("burn1", "burn2", "idle")}
+    assert where["idle"] == ["node1"], where
+    assert sorted(where["burn1"] + where["burn2"]) == sorted(["node1", moved["destination"]])
+    # the moved one counts on where it was: every tick once, in order
+    name = "burn1" if where["burn1"] == [moved["destination"]] else "burn2"
+    dest = three.local(moved["destination"])
+    before = len(ticks(dest, name))
+    wait_for(lambda: len(ticks(dest, name)) > before + 5, 30, f"{name} counting on")
+    assert_continuous(ticks(dest, name))
+    assert moved["downtime_s"] > 0 and moved["bytes_sent"] > 0, moved
+    assert moved["predicted"]["strategy"] == "cold"
+    # status shows the move and the cool-down
+    out = op_all(three, "balancer", "status", "--config", str(tmp_path / "b.toml")).stdout
+    assert "finished" in out and "cooling down" in out, out
+
+
+def test_balanced_cluster_sees_no_move(three: Cluster2, tmp_path: Path) -> None:
+    for node in THREE:
+        three.local(node).run("run", "-d", "--name", f"idle-{node}", "busybox", "sh", "-c", IDLE)
+    cfg = write_config(tmp_path / "b.toml")
+    plan = op_all(three, "balancer", "plan", "--config", str(cfg)).stdout
+    assert "no move" in plan, plan
+    with balancers(three, cfg) as d:
+        d.start("alice")
+        wait_for(lambda: len(rounds(three)) >= 6, 90, f"six rounds; log:\n{d.log('alice')}")
+    assert moves(three) == []
+    reasons = {e.data["reason"] for e in rounds(three)}
+    assert reasons <= {"balanced", "holding", "not-worth", "no-candidate"}, reasons
+    for node in THREE:
+        assert running_on(three, f"idle-{node}") == [node]
+
+
+def test_two_daemons_only_the_leader_acts(three: Cluster2, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "b.toml")
+    st = state_of(three)
+    try:
+        with balancers(three, cfg) as d:
+            d.start("alice")
+            wait_for(lambda: st.leader("balancer") == "alice", 30, "alice leading")
+            d.start("bob")
+            wait_for(lambda: len(rounds(three, "alice")) >= 4, 60, "four rounds by alice")
+            assert rounds(three, "bob") == [], "bob acted while alice led"
+            assert d.alive("bob"), d.log("bob")  # waiting as a standby
+            d.kill("alice", signal.SIGKILL)  # no resignation: the lock goes with the process
+            wait_for(lambda: st.leader("balancer") == "bob", 60, f"bob leading:\n{d.log('bob')}")
+            wait_for(lambda: len(rounds(three, "bob")) >= 2, 60, "rounds by bob")
+            last_alice = max(e.seq for e in rounds(three, "alice"))
+            assert min(e.seq for e in rounds(three, "bob")) > last_alice
+    finally:
+        st.close()
+
+
+def test_drain_empties_a_node(three: Cluster2, tmp_path: Path) -> None:
+    n1 = three.local("node1")
+    for name in ("a", "b"):
+        n1.run("run", "-d", "--name", name, "busybox", "sh", "-c", IDLE)
+    register(three, *THREE)
+    out = op_all(three, "node", "drain", "node1").stdout
+    assert "node1 draining" in out
+    with balancers(three, write_config(tmp_path / "b.toml")) as d:
+        d.start("alice")
+        wait_for(
+            lambda: (
+                running_on(three, "a") != ["node1"]
+                and running_on(three, "b") != ["node1"]
+                and len([e for e in moves(three) if e.kind == "balancer.move.finished"]) >= 2
+            ),
+            180,
+            f"node1 emptied; log:\n{d.log('alice')}",
+        )
+    for name in ("a", "b"):
+        where = running_on(three, name)
+        assert len(where) == 1 and where[0] in ("node2", "node3"), (name, where)
+    assert all(e.data["why"] == "drain" for e in moves(three)), moves(three)
+    op_all(three, "node", "undrain", "node1")
+    st = state_of(three)
+    try:
+        assert {m.name: m.status.value for m in st.members()}["node1"] == "ready"
+    finally:
+        st.close()
+
+
+def test_drain_of_an_unknown_node_is_refused(three: Cluster2) -> None:
+    p = subprocess.run(
+        [
+            *JAULA_ALL,
+            "--client-config",
+            str(three.files.clients["alice"]),
+            "node",
+            "drain",
+            "nodeX",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert p.returncode == 125 and "unknown node 'nodeX'" in p.stderr, p.stderr
+
+
+def test_a_refused_move_leaves_the_container_and_is_not_retried(
+    tmp_path: Path, busybox_image_layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from migrate.destination import DestinationSession
+    from migrate.errors import PreflightError
+
+    refused: list[str] = []
+
+    def refuse(self: DestinationSession, cfg: Any) -> None:
+        refused.append(cfg.name)
+        raise PreflightError("not enough disk here (refused by the test)")
+
+    monkeypatch.setattr(DestinationSession, "_check_space_and_names", refuse)
+    c = make_cluster(tmp_path / "cluster", busybox_image_layout)
+    try:
+        with in_process_node(c, "node2"):  # node2 refuses every offer at its preflight
+            c.start("node1")
+            n1 = c.local("node1")
+            for name in ("burn1", "burn2"):
+                n1.run("run", "-d", "--name", name, "--cpus", "0.5", "busybox", "sh", "-c", BURN)
+            with balancers(c, write_config(tmp_path / "b.toml")) as d:
+                d.start("alice")
+                failed = wait_for(
+                    lambda: [e for e in moves(c) if e.kind == "balancer.move.failed"],
+                    120,
+                    f"a failed move; log:\n{d.log('alice')}",
+                )
+                after = failed[0].seq
+                wait_for(
+                    lambda: len([e for e in rounds(c) if e.seq > after]) >= 5,
+                    90,
+                    f"five rounds after the failure; log:\n{d.log('alice')}",
+                )
+            assert refused, "node2's preflight never ran"
+            assert "refused by the test" in failed[0].data["error"], failed[0].data
+            started = [e for e in moves(c) if e.kind == "balancer.move.started"]
+            assert len(started) == 1, started  # node2 backs off: no retry at once
+            for name in ("burn1", "burn2"):
+                assert running_on(c, name) == ["node1"], (name, c.where(name))
+            assert c.local("node2").container_ids() == []
+    finally:
+        problems = c.close()
+        assert not problems, "\n".join(problems)
+
+
+def test_a_container_labelled_balance_false_is_never_moved(three: Cluster2, tmp_path: Path) -> None:
+    n1 = three.local("node1")
+    for name in ("pin1", "pin2"):
+        n1.run(
+            "run", "-d", "--name", name, "--cpus", "0.5", "--label", "jaula.balance=false",
+            "busybox", "sh", "-c", BURN,
+        )  # fmt: skip
+    assert metrics(three, "node1")["containers"][0]["labels"] == {"jaula.balance": "false"}
+    with balancers(three, write_config(tmp_path / "b.toml")) as d:
+        d.start("alice")
+        wait_for(
+            lambda: sum(e.data["hot"] for e in rounds(three)) >= 6,
+            120,
+            f"six hot rounds; log:\n{d.log('alice')}",
+        )
+    assert moves(three) == []
+    assert "no-candidate" in {e.data["reason"] for e in rounds(three)}
+    for name in ("pin1", "pin2"):
+        assert running_on(three, name) == ["node1"]

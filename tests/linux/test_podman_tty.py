@@ -1,0 +1,107 @@
+"""``run -it``, detach (ctrl-p ctrl-q) and ``attach`` through a real pty (issue 17): the
+container's terminal is a pty its monitor owns, so the shell keeps it while nobody is
+attached, and its line discipline (erase, ^C) is the kernel's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers.jaula import Jaula
+from tests.helpers.terminal import CURSOR_QUERY, CURSOR_REPLY, Terminal
+
+pytestmark = pytest.mark.root
+
+PROMPT = b"# "
+
+
+def prompt(t: Terminal) -> None:
+    """Wait for the shell's prompt and answer the cursor query that follows it (busybox's
+    line editor reads nothing else until it has its answer)."""
+    t.expect(PROMPT)
+    t.expect(CURSOR_QUERY)
+    t.send(CURSOR_REPLY)
+
+
+def test_interactive_shell_detach_attach_exit(jaula: Jaula) -> None:
+    with Terminal(jaula.root, "run", "-it", "--name", "sh", "busybox", "sh") as t:
+        prompt(t)
+        t.send(b"echo $((6*7))\r")
+        assert b"42\r\n" in t.expect(b"42\r\n")
+        prompt(t)
+        t.send(b"\x10\x11")  # ctrl-p ctrl-q
+        t.expect(b"detached from sh")
+        assert t.wait() == 0
+    (d,) = json.loads(jaula.out("inspect", "sh"))
+    assert d["State"]["Status"] == "running"
+    with Terminal(jaula.root, "attach", "sh") as t:
+        t.send(b"\r")  # as a user does: Enter, to see a fresh prompt
+        prompt(t)
+        t.send(b"echo again$((1+1))\r")
+        t.expect(b"again2")
+        prompt(t)
+        t.send(b"exit 3\r")
+        assert t.wait() == 3
+    assert jaula.out("wait", "sh").strip() == "3"
+    assert "42" in jaula.out("logs", "sh")  # the terminal's output is in the log too
+
+
+def test_line_discipline_and_ctrl_c(jaula: Jaula) -> None:
+    with Terminal(jaula.root, "run", "-it", "--name", "ld", "busybox", "sh") as t:
+        prompt(t)
+        t.send(b"cat\r")
+        t.expect(b"cat\r\n")
+        # the kernel's line discipline, not the shell's editor, reads for cat: typed
+        # before cat runs, the keys wait in the pty; two erases leave "axy"
+        t.send(b"abc\x7f\x7fxy\r")
+        echo = t.expect(b"xy\r\n")  # the echo: "abc", two erases, "xy"
+        assert echo.endswith(b"abc\b \b\b \bxy\r\n"), echo
+        t.expect(b"axy\r\n")  # cat's copy: it runs, in the foreground
+        t.send(b"\x03")  # ^C: SIGINT to cat through the controlling terminal
+        prompt(t)
+        t.send(b"exit 0\r")
+        assert t.wait() == 0
+
+
+def test_attach_needs_a_terminal(jaula: Jaula) -> None:
+    jaula.out("run", "-d", "--name", "plain", "busybox", "sleep", "1000")
+    p = jaula.run("attach", "plain", check=False)
+    assert p.returncode == 125 and p.stderr.count("\n") == 1 and "has no terminal" in p.stderr
+
+
+def test_interactive_without_tty_is_refused(jaula: Jaula) -> None:
+    p = jaula.run("run", "-i", "busybox", "cat", check=False)
+    assert p.returncode == 125 and "-i without -t" in p.stderr
+    assert jaula.container_ids() == []
+
+
+def test_exec_it_shell(jaula: Jaula) -> None:
+    jaula.out("run", "-d", "--name", "svc", "busybox", "sleep", "1000")
+    with Terminal(jaula.root, "exec", "-it", "svc", "sh") as t:
+        prompt(t)
+        t.send(b"echo $((2+3)) $$\r")
+        out = t.expect(b"\r\n", 20.0) + t.expect(b"\r\n", 20.0)
+        assert b"5 " in out  # and a pid of the container's namespace after it
+        prompt(t)
+        t.send(b"sleep 1001\r")
+        t.expect(b"sleep 1001\r\n")
+        from runtime.poll import wait_for
+
+        # the shell makes it the terminal's foreground job before it execs it
+        assert wait_for(lambda: "sleep 1001" in jaula.out("top", "svc"), 20.0, 0.1)
+        t.send(b"\x03")  # ^C reaches the exec'd shell's foreground job: its own terminal
+        prompt(t)
+        t.send(b"exit 4\r")
+        assert t.wait() == 4
+    (d,) = json.loads(jaula.out("inspect", "svc"))
+    assert d["State"]["Status"] == "running"
+
+
+def test_checkpoint_of_a_terminal_is_refused_before_the_freeze(jaula: Jaula) -> None:
+    jaula.out("run", "-d", "-t", "--name", "term", "busybox", "sh")
+    p = jaula.run("checkpoint", "term", check=False)
+    assert p.returncode == 125 and p.stderr.count("\n") == 1, p.stderr
+    assert "has a terminal" in p.stderr
+    (d,) = json.loads(jaula.out("inspect", "term"))
+    assert d["State"]["Status"] == "running"
