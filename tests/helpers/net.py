@@ -1,5 +1,6 @@
-"""Networks for the tests: a scratch bridge network per state root, client namespaces on a
-wire, and the check that nothing of them is left (veths, bridge ports, leases, pins).
+"""Networks for the tests: a scratch bridge network per state root, the two-host segment of
+:mod:`migrate.localnet` (re-exported), and the check that nothing of them is left (veths,
+bridge ports, leases, pins).
 
 Names are unique per test (``jtb`` + 6 hex for a bridge) so that runs side by side never
 meet; every helper removes only what it made.
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -19,17 +19,13 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
+from migrate.localnet import Segment, add_client_address, scratch_subnet, two_node_segment
 from runtime.network import LEASES_FILE, NETWORK_FILE, host_if_name
 from runtime.network import link as netlink
 from tests.helpers.jaula import Jaula
 
-
-def scratch_subnet(prefixlen: int = 28) -> str:
-    """A random subnet of 10.240.0.0/12 (unlikely to meet anything on the host)."""
-    base = ipaddress.IPv4Network("10.240.0.0/12")
-    size = 1 << (32 - prefixlen)
-    n = secrets.randbelow(base.num_addresses // size)
-    return f"{base.network_address + n * size}/{prefixlen}"
+#: the two-host segment lives in migrate.localnet (the demo builds it too)
+SEGMENT_API = (Segment, add_client_address, two_node_segment)
 
 
 @dataclass(frozen=True)
@@ -157,74 +153,6 @@ def in_netns(netns: Path, *argv: str, timeout: float = 30) -> subprocess.Complet
         check=False,
         timeout=timeout,
     )
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Two nodes' bridges joined through a wire bridge, as two hosts on one layer-2 segment,
-    and a client machine outside the cluster: its own net namespace (pinned at
-    ``client_ns``) with ``eth0`` at ``client_ip`` on the wire."""
-
-    bridges: tuple[str, str]
-    wire: str
-    subnet: str
-    client_ns: Path
-    client_ip: str
-    links: tuple[str, ...]
-
-
-def _veth_into(ipr: IPRoute, name: str, peer: str, master: int) -> None:
-    ipr.link("add", ifname=name, kind="veth", peer=peer)
-    idx = ipr.link_lookup(ifname=name)[0]
-    ipr.link("set", index=idx, master=master, state="up")
-
-
-@contextlib.contextmanager
-def two_node_segment(tmp: Path, prefixlen: int = 28) -> Iterator[Segment]:
-    """Make the topology of :class:`Segment` (nothing of it has an address in the host's
-    namespace); remove all of it afterwards, also on failure."""
-    tag = secrets.token_hex(2)
-    b1, b2, wire = f"jtb1{tag}", f"jtb2{tag}", f"jtw{tag}"
-    subnet = scratch_subnet(prefixlen)
-    client_ip = str(ipaddress.IPv4Network(subnet).broadcast_address - 1)
-    ns = tmp / f"client-{tag}.netns"
-    made: list[str] = []
-    try:
-        for br in (b1, b2, wire):
-            make_bridge(br)
-            made.append(br)
-        with IPRoute() as ipr:
-            w = ipr.link_lookup(ifname=wire)[0]
-            for i, br in ((1, b1), (2, b2)):
-                _veth_into(ipr, f"jtu{i}{tag}", f"jtv{i}{tag}", w)
-                made.append(f"jtu{i}{tag}")
-                v = ipr.link_lookup(ifname=f"jtv{i}{tag}")[0]
-                ipr.link("set", index=v, master=ipr.link_lookup(ifname=br)[0], state="up")
-            _veth_into(ipr, f"jtc{tag}", f"jtd{tag}", w)
-            made.append(f"jtc{tag}")
-            netlink.create_netns(ns)
-            fd = os.open(ns, os.O_RDONLY)
-            try:
-                ipr.link("set", index=ipr.link_lookup(ifname=f"jtd{tag}")[0], net_ns_fd=fd)
-            finally:
-                os.close(fd)
-        with IPRoute(netns=str(ns)) as c:
-            idx = c.link_lookup(ifname=f"jtd{tag}")[0]
-            c.link("set", index=idx, ifname="eth0", state="up")
-            c.link("set", index=c.link_lookup(ifname="lo")[0], state="up")
-            c.addr("add", index=idx, address=client_ip, prefixlen=prefixlen)
-        yield Segment((b1, b2), wire, subnet, ns, client_ip, tuple(made))
-    finally:
-        for name in reversed(made):
-            delete_link(name)
-        netlink.remove_netns(ns)
-
-
-def add_client_address(seg: Segment, ip: str) -> None:
-    """Give the client another address (one a container should have: a squatter)."""
-    with IPRoute(netns=str(seg.client_ns)) as c:
-        idx = c.link_lookup(ifname="eth0")[0]
-        c.addr("add", index=idx, address=ip, prefixlen=ipaddress.IPv4Network(seg.subnet).prefixlen)
 
 
 #: a client holding one TCP connection: sends n, expects n+1, until the file argv[3]
