@@ -148,6 +148,11 @@ class MigrateCommands:
             )
         if rt is not None and a.cmd in OWNING_COMMANDS:
             _set_admission(rt, a.cmd)
+        if rt is not None and "node_config" in a and a.node_config is None:
+            # a node's own state root: sign and verify bundles as that node by default
+            from migrate.membership import node_config_of
+
+            a.node_config = node_config_of(rt.root)
         if rt is not None:
             # a failed CRIU action's log is kept under this state root (and the restorer,
             # which runs in the container's monitor, learns it from the environment)
@@ -237,7 +242,8 @@ def _node_config_option(p: argparse.ArgumentParser, what: str) -> None:
         type=Path,
         default=os.environ.get(NODE_CONFIG_ENV) or None,
         metavar="FILE",
-        help=f"this node's TOML config: {what} (default: ${NODE_CONFIG_ENV})",
+        help=f"this node's TOML config: {what} (default: ${NODE_CONFIG_ENV}, else the node "
+        "whose state root this is)",
     )
 
 

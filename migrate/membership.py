@@ -132,6 +132,16 @@ def write_node_file(root: Path, node: str, config: Path) -> None:
     os.replace(tmp, root / NODE_FILE)
 
 
+def node_config_of(root: Path) -> Path | None:
+    """The node config recorded in state root ``root`` by its node service
+    (:func:`write_node_file`), or None when it never belonged to one or the record cannot
+    be read."""
+    try:
+        return Path(json.loads((root / NODE_FILE).read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def local_admission(rt: Runtime) -> NodeOwnership | None:
     """The ownership of the node whose state root ``rt`` is (its :data:`NODE_FILE`), for a
     local command; None when the state root never belonged to a node service.
