@@ -6,6 +6,7 @@ asserts how long anything took."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -17,15 +18,18 @@ import pytest
 from migrate.cli import Nodes
 from tests.helpers.balancer import (
     BURN,
+    BURST,
     BUSY_COUNTER,
     IDLE,
     JAULA_ALL,
     balancers,
+    big_busy,
     events,
     op_all,
     register,
     running_on,
     state_of,
+    wait_receiving,
     write_config,
 )
 from tests.helpers.containers import wait_for
@@ -143,6 +147,50 @@ def test_balanced_cluster_sees_no_move(three: Cluster2, tmp_path: Path) -> None:
         assert running_on(three, f"idle-{node}") == [node]
 
 
+def test_a_brief_spike_moves_nothing(three: Cluster2, tmp_path: Path) -> None:
+    # a hold of 30 rounds (about 30 s at 1 s rounds): the burst (about 4 s, seen for at
+    # most the nodes' 10 s averaging window after it) makes some rounds hot, never 30 in a row
+    cfg = write_config(tmp_path / "b.toml", hold_rounds=30)
+    # the same base load everywhere, counting the bursters' memory once they are idle:
+    # one idle container on node1 (and the two bursters), three on node2 and node3
+    for node, n in (("node1", 1), ("node2", 3), ("node3", 3)):
+        for i in range(n):
+            three.local(node).run(
+                "run", "-d", "--name", f"idle-{node}-{i}", "busybox", "sh", "-c", IDLE
+            )
+    n1 = three.local("node1")
+    with balancers(three, cfg) as d:
+        d.start("alice")
+        wait_for(lambda: len(rounds(three)) >= 2, 60, f"two rounds; log:\n{d.log('alice')}")
+        before = max(e.seq for e in rounds(three))
+        for name in ("spike1", "spike2"):
+            n1.run("run", "-d", "--name", name, "--cpus", "0.5", "busybox", "sh", "-c", BURST)
+        hot = wait_for(
+            lambda: [e for e in rounds(three) if e.seq > before and e.data["hot"]],
+            60,
+            f"a hot round from the spike; log:\n{d.log('alice')}",
+        )[0]
+        # the spike is over (a round that is not hot after it), and ten rounds more
+        wait_for(
+            lambda: _rounds_after_cooling(three, hot.seq) >= 10,
+            120,
+            "ten rounds after the spike",
+        )
+        assert d.alive("alice"), d.log("alice")
+    assert moves(three) == []
+    spiked = [e for e in rounds(three) if e.seq >= hot.seq and e.data["hot"]]
+    assert {e.data["reason"] for e in spiked} == {"holding"}, [e.data for e in spiked]
+    for name in ("idle-node1-0", "spike1", "spike2"):
+        assert running_on(three, name) == ["node1"], (name, three.where(name))
+
+
+def _rounds_after_cooling(c: Cluster2, seq: int) -> int:
+    """How many rounds came after the first round after ``seq`` that is not hot."""
+    after = [e for e in rounds(c) if e.seq > seq]
+    cool = next((i for i, e in enumerate(after) if not e.data["hot"]), None)
+    return 0 if cool is None else len(after) - cool - 1
+
+
 def test_two_daemons_only_the_leader_acts(three: Cluster2, tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "b.toml")
     st = state_of(three)
@@ -251,6 +299,61 @@ def test_a_refused_move_leaves_the_container_and_is_not_retried(
             for name in ("burn1", "burn2"):
                 assert running_on(c, name) == ["node1"], (name, c.where(name))
             assert c.local("node2").container_ids() == []
+    finally:
+        problems = c.close()
+        assert not problems, "\n".join(problems)
+
+
+def test_destination_killed_mid_move_leaves_the_container_and_backs_off(
+    tmp_path: Path, busybox_image_layout: Path
+) -> None:
+    c = make_cluster(tmp_path / "cluster", busybox_image_layout)
+    cfg = write_config(tmp_path / "b.toml", destination_backoff_s=3600.0)
+    try:
+        c.start("node1")
+        c.start("node2")
+        n1 = c.local("node1")
+        for name in ("big1", "big2"):  # 300 MB of upper dir each: a transfer to break into
+            n1.run(
+                "run", "-d", "--name", name, "--cpus", "0.5", "busybox", "sh", "-c", big_busy(300)
+            )
+        for name in ("big1", "big2"):
+            wait_for(lambda name=name: ticks(n1, name), 120, f"{name} counting")
+        with balancers(c, cfg) as d:
+            d.start("alice")
+            # the source is in its transfer phase: node2 has 20 MB of the rootfs; then the
+            # destination's service dies for real (SIGKILL to the process this test started)
+            victim = wait_receiving(c, ("node2",), 20 << 20, 180)
+            c.kill(victim, signal.SIGKILL)
+            failed = wait_for(
+                lambda: [e for e in moves(c) if e.kind == "balancer.move.failed"],
+                120,
+                f"a failed move; log:\n{d.log('alice')}\nnode1: {c.log('node1')}",
+            )
+            c.start("node2")  # back, and able to take a move: only the back-off keeps it idle
+            back = max(e.seq for e in rounds(c))
+            wait_for(
+                lambda: len([e for e in rounds(c) if e.seq > back]) >= 5,
+                90,
+                f"five rounds with node2 back; log:\n{d.log('alice')}",
+            )
+            assert d.alive("alice"), d.log("alice")
+        f = failed[0].data
+        assert f["source"] == "node1" and f["destination"] == "node2", f
+        started = [e for e in moves(c) if e.kind == "balancer.move.started"]
+        assert len(started) == 1, started  # not retried at once
+        after = [e for e in rounds(c) if e.seq > back]
+        assert all("node2" not in e.data.get("unreachable", {}) for e in after), after
+        assert {e.data["reason"] for e in after} == {"no-candidate"}, after
+        # the back-off is recorded: the failed container cools down (balancer status)
+        st = json.loads(op_all(c, "balancer", "status", "--config", str(cfg), "--json").stdout)
+        assert f["container"] in st["cooling_down"], st
+        for name in ("big1", "big2"):
+            assert running_on(c, name) == ["node1"], (name, c.where(name))
+        n = len(ticks(n1, "big1"))
+        wait_for(lambda: len(ticks(n1, "big1")) > n + 5, 60, "big1 counting on node1")
+        assert_continuous(ticks(n1, "big1"))
+        assert c.local("node2").container_ids() == []
     finally:
         problems = c.close()
         assert not problems, "\n".join(problems)
