@@ -49,6 +49,7 @@ from runtime.store import CRIU_LOGS_DIR, LOG
 
 if TYPE_CHECKING:
     from migrate.metrics import MetricsSampler
+    from migrate.prometheus import NodeExporter
 
 log = structlog.get_logger(__name__)
 S = ContainerStatus
@@ -95,6 +96,7 @@ class NodeService:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.server: Server | None = None
         self.sampler: MetricsSampler | None = None  # started by the first metrics request
+        self.exporter: NodeExporter | None = None  # with metrics_port (migrate.prometheus)
 
     # -- life -------------------------------------------------------------------------------
     async def serve(self, started: asyncio.Event | None = None) -> None:
@@ -104,8 +106,17 @@ class NodeService:
         would both act on its containers)."""
         lock = self._lock_state_root()
         try:
+            if self.cfg.metrics_port is not None:
+                from migrate.prometheus import NodeExporter
+
+                self.exporter = NodeExporter(self.cfg.name)
+                self.exporter.serve(
+                    self.cfg.metrics_port, self.cfg.metrics_host, lambda: self._sampler().report()
+                )
             await self._serve(started)
         finally:
+            if self.exporter is not None:
+                self.exporter.close()
             os.close(lock)
 
     def _lock_state_root(self) -> int:
@@ -243,6 +254,10 @@ class NodeService:
     async def _metrics(
         self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]
     ) -> list[bytes]:
+        return encode("node_metrics", **await self._sampler().report(), **extra)
+
+    def _sampler(self) -> MetricsSampler:
+        """The metrics sampler, started by its first user (a request, a scrape)."""
         if self.sampler is None:
             from migrate.metrics import MetricsSampler
 
@@ -250,7 +265,7 @@ class NodeService:
             t = self.sampler.start()  # cancelled with the service's other tasks
             self.tasks.add(t)
             t.add_done_callback(self.tasks.discard)
-        return encode("node_metrics", **await self.sampler.report(), **extra)
+        return self.sampler
 
     async def _ps(self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]) -> list[bytes]:
         items = [container_summary(c) for c in self.rt.list(all=msg.get("all", False))]
@@ -364,7 +379,15 @@ class NodeService:
             self.peer_timeout_s,
             progress,
         )
-        return await session.run()
+        if self.exporter is None:
+            return await session.run()
+        try:
+            rep = await session.run()
+        except BaseException:
+            self.exporter.observe_migration(strategy, ok=False)
+            raise
+        self.exporter.observe_migration(strategy, True, rep.downtime_s, rep.total_s, rep.bytes_sent)
+        return rep
 
     def _committed(self, session: str) -> bool:
         for c in self.rt.list(all=True):

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,74 @@ def test_metrics_report_node_and_container_usage(three: Cluster2) -> None:
     assert by["burn"]["memory_bytes"] > 0 and by["burn"]["status"] == "running"
     assert by["burn"]["image_layers"] and set(by["burn"]["image_layers"]) <= set(m["image_layers"])
     assert metrics(three, "node2")["containers"] == []
+
+
+def test_node_serves_prometheus_metrics(tmp_path: Path, busybox_image_layout: Path) -> None:
+    c = make_cluster(tmp_path / "cluster", busybox_image_layout)
+    port = _free_port()
+    with c.files.nodes["node1"].open("a") as f:  # node2 keeps the default: no endpoint
+        f.write(f"metrics_port = {port}\n")
+    try:
+        c.start("node1")
+        c.start("node2")
+        n1 = c.local("node1")
+        n1.run("run", "-d", "--name", "burn", "--cpus", "0.5", "busybox", "sh", "-c", BURN)
+        n1.run("run", "-d", "--name", "mover", "busybox", "sh", "-c", IDLE)
+        c.op("migrate", "mover", "node2")
+
+        def burning() -> Series | None:
+            m = _scrape(port)
+            return (
+                m
+                if m.get(("jaula_container_cpu_cores", _by(m, "name", "burn")), 0.0) > 0.2
+                else None
+            )
+
+        got = wait_for(burning, 30, "the burner's CPU use in node1's /metrics")
+        assert 0 <= got[("jaula_node_cpu_percent", (("node", "node1"),))] <= 100
+        assert got[("jaula_node_memory_bytes", (("node", "node1"),))] > 0
+        assert got[("jaula_container_cpu_cores", _by(got, "name", "burn"))] < 0.8
+        assert _by(got, "name", "mover") == (), "a migrated container has no gauges here"
+        cold = (("node", "node1"), ("strategy", "cold"))
+        finished = (("node", "node1"), ("result", "finished"), ("strategy", "cold"))
+        assert got[("jaula_node_migrations_total", finished)] == 1
+        assert got[("jaula_node_migration_downtime_seconds_count", cold)] == 1
+        assert got[("jaula_node_migration_downtime_seconds_sum", cold)] > 0
+        assert got[("jaula_node_migration_bytes_sum", cold)] > 0
+        inf = (("le", "+Inf"), *cold)
+        assert got[("jaula_node_migration_bytes_bucket", inf)] == 1
+    finally:
+        problems = c.close()
+        assert not problems, "\n".join(problems)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _scrape(port: int) -> Series:
+    """``GET /metrics`` over loopback: (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def _by(m: Series, label: str, value: str) -> tuple[tuple[str, str], ...]:
+    """The labels of the container series whose ``label`` is ``value`` (``()``: none)."""
+    return next(
+        (ls for name, ls in m if name == "jaula_container_cpu_cores" and (label, value) in ls), ()
+    )
 
 
 def test_loaded_node_is_relieved_and_nothing_moves_back(three: Cluster2, tmp_path: Path) -> None:
