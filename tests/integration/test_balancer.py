@@ -201,6 +201,63 @@ def test_loaded_node_is_relieved_and_nothing_moves_back(three: Cluster2, tmp_pat
     assert "finished" in out and "cooling down" in out, out
 
 
+def test_six_busy_containers_spread_and_stay(three: Cluster2, tmp_path: Path) -> None:
+    # the issue's test: six bounded CPU-busy containers (a tenth of a core each, so that two
+    # shared cores cope) and two idle ones, all on node1 of three
+    n1 = three.local("node1")
+    busy = [f"busy{i}" for i in range(6)]
+    for name in busy:
+        n1.run("run", "-d", "--name", name, "--cpus", "0.1", "busybox", "sh", "-c", BUSY_COUNTER)
+    for name in ("idle1", "idle2"):
+        n1.run("run", "-d", "--name", name, "busybox", "sh", "-c", IDLE)
+    cfg = write_config(tmp_path / "b.toml")
+    threshold = 0.3  # the default (balancer.config)
+    with balancers(three, cfg) as d:
+        d.start("alice")
+        # balanced again: a round under the threshold after a finished move, none in flight
+        settled = wait_for(
+            lambda: _settled(three, threshold),
+            300,
+            f"the imbalance under {threshold}; log:\n{d.log('alice')}",
+        )
+        wait_for(
+            lambda: len([e for e in rounds(three) if e.seq > settled]) >= 10,
+            120,
+            f"ten rounds after balance; log:\n{d.log('alice')}",
+        )
+        assert d.alive("alice"), d.log("alice")
+    assert [e for e in moves(three) if e.seq > settled] == [], "moved in the ten rounds after"
+    done = [e.data for e in moves(three) if e.kind == "balancer.move.finished"]
+    assert done and all(m["source"] == "node1" for m in done), done  # nothing moved back
+    assert len({m["container"] for m in done}) == len(done), done  # none moved twice
+    where = {name: running_on(three, name) for name in [*busy, "idle1", "idle2"]}
+    assert all(len(w) == 1 for w in where.values()), where
+    assert {w[0] for w in where.values()} == set(THREE), where  # every node took some
+    for name, (node,) in where.items():  # every counter counts on, every tick once, in order
+        if name in busy:
+            j = three.local(node)
+            n = len(ticks(j, name))
+            wait_for(lambda j=j, name=name, n=n: len(ticks(j, name)) > n + 2, 60, f"{name} on")
+            assert_continuous(ticks(j, name))
+
+
+def _settled(c: Cluster2, threshold: float) -> int | None:
+    """The seq of the first round under ``threshold`` after a finished move with no move in
+    flight, or None."""
+    ev = [e for e in events(c) if e.kind == "balancer.round" or e.kind.startswith("balancer.move.")]
+    in_flight = 0
+    finished = False
+    for e in ev:
+        if e.kind == "balancer.move.started":
+            in_flight += 1
+        elif e.kind in ("balancer.move.finished", "balancer.move.failed"):
+            in_flight -= 1
+            finished = finished or e.kind == "balancer.move.finished"
+        elif finished and in_flight == 0 and e.data["imbalance"] <= threshold:
+            return e.seq
+    return None
+
+
 def test_balanced_cluster_sees_no_move(three: Cluster2, tmp_path: Path) -> None:
     for node in THREE:
         three.local(node).run("run", "-d", "--name", f"idle-{node}", "busybox", "sh", "-c", IDLE)
