@@ -36,6 +36,7 @@ from tests.helpers.balancer import (
 )
 from tests.helpers.containers import wait_for
 from tests.helpers.counter import assert_continuous, ticks
+from tests.helpers.jaula import Jaula
 from tests.helpers.nodes import Cluster2, in_process_node, make_cluster, serving
 from tests.helpers.skips import needs_criu
 
@@ -107,12 +108,10 @@ def test_node_serves_prometheus_metrics(tmp_path: Path, busybox_image_layout: Pa
         n1.run("run", "-d", "--name", "mover", "busybox", "sh", "-c", IDLE)
         c.op("migrate", "mover", "node2")
 
-        def burning() -> Series | None:
+        def burning() -> Series:
             m = _scrape(port)
             return (
-                m
-                if m.get(("jaula_container_cpu_cores", _by(m, "name", "burn")), 0.0) > 0.2
-                else None
+                m if m.get(("jaula_container_cpu_cores", _by(m, "name", "burn")), 0.0) > 0.2 else {}
             )
 
         got = wait_for(burning, 30, "the burner's CPU use in node1's /metrics")
@@ -237,8 +236,13 @@ def test_six_busy_containers_spread_and_stay(three: Cluster2, tmp_path: Path) ->
         if name in busy:
             j = three.local(node)
             n = len(ticks(j, name))
-            wait_for(lambda j=j, name=name, n=n: len(ticks(j, name)) > n + 2, 60, f"{name} on")
+            _wait_ticks(j, name, n + 3)
             assert_continuous(ticks(j, name))
+
+
+def _wait_ticks(j: Jaula, name: str, n: int, timeout_s: float = 60) -> None:
+    """Until container ``name`` has counted ``n`` ticks on ``j``'s node."""
+    wait_for(lambda: len(ticks(j, name)) >= n, timeout_s, f"{name} counting to {n}")
 
 
 def _settled(c: Cluster2, threshold: float) -> int | None:
@@ -445,7 +449,7 @@ def test_destination_killed_mid_move_leaves_the_container_and_backs_off(
                 "run", "-d", "--name", name, "--cpus", "0.5", "busybox", "sh", "-c", big_busy(300)
             )
         for name in ("big1", "big2"):
-            wait_for(lambda name=name: ticks(n1, name), 120, f"{name} counting")
+            _wait_ticks(n1, name, 1, 120)
         with balancers(c, cfg) as d:
             d.start("alice")
             # the source is in its transfer phase: node2 has 20 MB of the rootfs; then the
