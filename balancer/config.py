@@ -25,6 +25,8 @@ table (or the whole file when it has none)::
     load_from = "host"           # a node's load: "host" (psutil: the whole host) or
                                  # "containers" (its containers' share: nodes sharing a host)
     move_timeout_s = 600.0       # the longest the daemon waits for one move's report
+    settle_s = 15.0              # a node a move arrived at takes no other for this long: its
+                                 # figures lag (the node's 10 s averaging window, a round)
 
 Unknown keys are errors; every error is one :class:`~balancer.errors.BalancerConfigError`
 line naming the file, the key, what is wrong and what to write.
@@ -71,6 +73,7 @@ class BalancerConfig:
     prior_weight: float = 2.0
     load_from: str = "host"
     move_timeout_s: float = 600.0
+    settle_s: float = 15.0
 
     def __post_init__(self) -> None:
         problem = self.problem()
@@ -104,6 +107,7 @@ class BalancerConfig:
             "cost_per_downtime_s",
             "cost_per_total_s",
             "prior_weight",
+            "settle_s",
         )
         for k in non_negative:
             if getattr(self, k) < 0:

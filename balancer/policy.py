@@ -76,7 +76,11 @@ The rules, and whose they are
     its source until it has arrived, so its load is applied to its destination before any
     candidate is simulated (the hysteresis still reads the measured imbalance).  Without
     this a second move chases the same empty destination before the first has arrived
-    (seen on three real nodes: both busy containers of node1 went to node2).
+    (seen on three real nodes: both busy containers of node1 went to node2).  A container
+    that has just arrived is reported with no CPU use until its destination has two samples
+    of it running (:mod:`migrate.metrics`), so a node a move arrived at within the last
+    ``settle_s`` is no destination either (seen on three real nodes: of six busy containers
+    on node1, the second round sent two more to node2, which the first round had filled).
 
 Several moves may be planned in one round (up to the caps); each is applied to the working
 loads before the next is chosen, and balancing stops once the projected cluster is no
@@ -351,6 +355,12 @@ def plan(view: ClusterView, cfg: BalancerConfig, history: MoveHistory, now_s: fl
             in_flight += 1
             if c.node in work.index:
                 work.busy[work.index[c.node]] += 1
+    # nodes a move arrived at within settle_s: their figures do not show it yet (point 10)
+    settling = {
+        m.destination
+        for m in history.moves
+        if not m.in_flight and m.ok and (m.finished_s or 0.0) > now_s - cfg.settle_s
+    }
     budget = cfg.max_in_flight - in_flight
     if budget <= 0:
         return decision(
@@ -410,6 +420,8 @@ def plan(view: ClusterView, cfg: BalancerConfig, history: MoveHistory, now_s: fl
             if work.busy[i] >= cfg.max_in_flight_per_node:
                 continue
             if history.destination_backoff_until_s(work.nodes[i].name, now_s, cfg) > now_s:
+                continue
+            if work.nodes[i].name in settling:
                 continue
             out.append(i)
             if len(out) > cfg.candidate_nodes:

@@ -10,6 +10,8 @@ A node service reads its own file, which points at its secret key and at the clu
     cluster = "cluster.toml"
     cgroup_parent = "jaula"                # optional (default: jaula-<hash of state_root>)
     max_message_bytes = 8388608            # optional (default 8 MiB): largest frame payload
+    metrics_port = 9101                    # optional (default: off): Prometheus /metrics over
+                                           # plain HTTP on listen's host (migrate.prometheus)
 
 The cluster file is the allowlist: the transport accepts a connection only from a public key
 listed here (CURVE + ZAP, see :mod:`migrate.transport`), and knows the peer by that key::
@@ -236,6 +238,8 @@ class NodeConfig:
         cgroup_parent: parent cgroup of this node's containers (relative, e.g. ``jaula``).
         max_message_bytes: the largest frame payload accepted, in bytes (each frame of a
             message; a larger one makes libzmq drop the connection, see migrate.transport).
+        metrics_port: the TCP port of the Prometheus ``/metrics`` endpoint
+            (:mod:`migrate.prometheus`), or None: not served (the default).
         source: the file this was loaded from.
     """
 
@@ -246,7 +250,17 @@ class NodeConfig:
     cluster: Path
     cgroup_parent: str | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    metrics_port: int | None = None
     source: Path | None = None
+
+    @property
+    def metrics_host(self) -> str:
+        """The address the Prometheus endpoint binds: ``listen``'s host (``*`` is every
+        address, ``0.0.0.0``), 127.0.0.1 for an ``ipc://`` endpoint."""
+        if not self.listen.startswith("tcp://"):
+            return "127.0.0.1"
+        host = self.listen[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+        return "0.0.0.0" if host == "*" else host
 
 
 @dataclass(frozen=True)
@@ -418,6 +432,7 @@ _NODE_KEYS = {
     "cluster": 'cluster = "cluster.toml"',
     "cgroup_parent": 'cgroup_parent = "jaula"',
     "max_message_bytes": f"max_message_bytes = {DEFAULT_MAX_MESSAGE_BYTES}",
+    "metrics_port": "metrics_port = 9101",
 }
 
 
@@ -434,7 +449,9 @@ def load_node_config(path: Path | str) -> NodeConfig:
             path,
             "node config file",
             "; ".join(
-                v for k, v in _NODE_KEYS.items() if k not in ("cgroup_parent", "max_message_bytes")
+                v
+                for k, v in _NODE_KEYS.items()
+                if k not in ("cgroup_parent", "max_message_bytes", "metrics_port")
             ),
         ),
     )
@@ -460,6 +477,11 @@ def load_node_config(path: Path | str) -> NodeConfig:
             DEFAULT_MAX_MESSAGE_BYTES,
             MIN_MAX_MESSAGE_BYTES,
             MAX_MAX_MESSAGE_BYTES,
+        ),
+        metrics_port=(
+            t.integer("metrics_port", _NODE_KEYS["metrics_port"], 0, 1, 65535)
+            if "metrics_port" in t.data
+            else None
         ),
         source=path,
     )

@@ -69,6 +69,7 @@ from runtime.store import CRIU_LOGS_DIR, LOG
 
 if TYPE_CHECKING:
     from migrate.metrics import MetricsSampler
+    from migrate.prometheus import NodeExporter
 
 log = structlog.get_logger(__name__)
 S = ContainerStatus
@@ -128,6 +129,7 @@ class NodeService:
         self.state: ClusterState | None = None
         #: the outgoing sessions running now (their own record decides their outcome)
         self.outgoing: set[str] = set()
+        self.exporter: NodeExporter | None = None  # with metrics_port (migrate.prometheus)
 
     # -- life -------------------------------------------------------------------------------
     async def serve(self, started: asyncio.Event | None = None) -> None:
@@ -147,8 +149,17 @@ class NodeService:
                 ) from e
             self.rt.admission = NodeOwnership(self.state, self.cfg.name)
             self.rt.leases = ClusterLeases(self.state)  # IP leases cluster-wide (issue 12)
+            if self.cfg.metrics_port is not None:
+                from migrate.prometheus import NodeExporter
+
+                self.exporter = NodeExporter(self.cfg.name)
+                self.exporter.serve(
+                    self.cfg.metrics_port, self.cfg.metrics_host, lambda: self._sampler().report()
+                )
             await self._serve(started)
         finally:
+            if self.exporter is not None:
+                self.exporter.close()
             os.close(lock)
 
     def _lock_state_root(self) -> int:
@@ -333,6 +344,10 @@ class NodeService:
     async def _metrics(
         self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]
     ) -> list[bytes]:
+        return encode("node_metrics", **await self._sampler().report(), **extra)
+
+    def _sampler(self) -> MetricsSampler:
+        """The metrics sampler, started by its first user (a request, a scrape)."""
         if self.sampler is None:
             from migrate.metrics import MetricsSampler
 
@@ -340,7 +355,7 @@ class NodeService:
             t = self.sampler.start()  # cancelled with the service's other tasks
             self.tasks.add(t)
             t.add_done_callback(self.tasks.discard)
-        return encode("node_metrics", **await self.sampler.report(), **extra)
+        return self.sampler
 
     async def _ps(self, inc: Incoming, msg: dict[str, Any], extra: dict[str, Any]) -> list[bytes]:
         items = [container_summary(c) for c in self.rt.list(all=msg.get("all", False))]
@@ -460,11 +475,25 @@ class NodeService:
             if requester is None
             else asyncio.create_task(self._heartbeat(requester, session, extra or {}))
         )
+        self.outgoing.add(session.session)
         try:
-            return await session.run()
+            return await self._run_observed(session, strategy)
         finally:
+            self.outgoing.discard(session.session)
             if beat is not None:
                 beat.cancel()
+
+    async def _run_observed(self, session: SourceSession, strategy: str) -> MigrationReport:
+        """Run the session; with ``metrics_port``, count it and observe its figures."""
+        if self.exporter is None:
+            return await session.run()
+        try:
+            rep = await session.run()
+        except BaseException:
+            self.exporter.observe_migration(strategy, ok=False)
+            raise
+        self.exporter.observe_migration(strategy, True, rep.downtime_s, rep.total_s, rep.bytes_sent)
+        return rep
 
     async def _heartbeat(
         self, requester: Incoming, session: SourceSession, extra: dict[str, Any]
@@ -481,11 +510,6 @@ class NodeService:
             )
             await self.reply(requester, frames)
             await asyncio.sleep(HEARTBEAT_S)
-        self.outgoing.add(session.session)
-        try:
-            return await session.run()
-        finally:
-            self.outgoing.discard(session.session)
 
     def _committed(self, session: str) -> bool:
         """Whether outgoing ``session`` passed its commit point: the record says

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from migrate.cluster_state import ClusterState, Event, open_state
+from runtime.poll import wait_for
 from tests.helpers.jaula import REPO
 from tests.helpers.nodes import Cluster2
 
@@ -29,6 +30,19 @@ IDLE = "while :; do sleep 1; done"
 BUSY_COUNTER = (
     'i=0; while :; do i=$((i+1)); [ $((i % 5000)) -eq 0 ] && echo "tick $((i / 5000))"; done'
 )
+
+#: a CPU burst of about four seconds, then idle (the brief spike: shorter than a long hold)
+BURST = (
+    "end=$(($(date +%s) + 4)); while [ $(date +%s) -lt $end ]; do :; done; "
+    "while :; do sleep 1; done"
+)
+
+
+def big_busy(mib: int) -> str:
+    """A counting burner that first writes ``mib`` MB of random data into its upper dir, so
+    that its move lasts long enough to break it in the middle."""
+    return f"head -c {mib}000000 /dev/urandom > /big; {BUSY_COUNTER}"
+
 
 #: a fast, test-sized policy: 1 s rounds, a hold of 2, nodes judged by their containers
 #: (all nodes share this host), cold moves only, long cool-downs (nothing moves twice)
@@ -152,6 +166,27 @@ def op_all(c: Cluster2, *args: str, who: str = "alice") -> subprocess.CompletedP
     if p.returncode != 0:
         raise AssertionError(f"jaula {' '.join(args)} exited {p.returncode}:\n{p.stdout}{p.stderr}")
     return p
+
+
+def wait_receiving(c: Cluster2, nodes: tuple[str, ...], min_bytes: int, timeout_s: float) -> str:
+    """The first of ``nodes`` whose unfinished incoming session has received at least
+    ``min_bytes`` of the rootfs (the source is in its transfer); polled every 20 ms at most.
+
+    Raises:
+        AssertionError: none did within ``timeout_s``.
+    """
+
+    def receiving() -> str | None:
+        for n in nodes:
+            for f in (d / "rootfs-base.tar" for d in c.incoming(n)):
+                with contextlib.suppress(OSError):
+                    if f.stat().st_size >= min_bytes:
+                        return n
+        return None
+
+    if got := wait_for(receiving, timeout_s, max_interval_s=0.02):
+        return got
+    raise AssertionError(f"no transfer into {nodes} within {timeout_s:g} s")
 
 
 def running_on(c: Cluster2, name: str) -> list[str]:

@@ -179,6 +179,18 @@ def test_a_failed_destination_backs_off() -> None:
     assert failed.destination_backoff_until_s("n1", 1000.0, CFG) == 990.0 + 300.0
 
 
+def test_a_node_a_move_just_arrived_at_takes_no_other_until_it_settles() -> None:
+    # c7 arrived on n1 at 995 s; n1 still reports no load for it (its figures lag)
+    arrived = MoveHistory().with_started(MoveRecord("c7", "n0", "n1", "cold", 900.0, GIB))
+    arrived = arrived.with_finished("c7", finished_s=995.0, ok=True, total_s=5.0)
+    view = hot_view([ctr(f"c{i}", "n0") for i in range(7)] + [ctr("c7", "n1", cpu=0.0)])
+    cfg = BalancerConfig(hold_rounds=1)
+    d = plan(view, cfg, arrived, 1000.0)
+    assert d.moves and all(m.destination == "n2" for m in d.moves), d.moves
+    later = plan(view, cfg, arrived, 995.0 + cfg.settle_s + 1.0)
+    assert "n1" in {m.destination for m in later.moves}, later.moves
+
+
 # -- the containers ---------------------------------------------------------------------------
 
 

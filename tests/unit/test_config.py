@@ -356,7 +356,8 @@ def test_node_config_absolute_and_home_paths_and_options(
         NODE1.replace('"keys/', '"~/keys/')
         .replace('"cluster.toml"', f'"{tmp_path}/c/cluster.toml"')
         .replace("tcp://127.0.0.1:7001", "tcp://*:7001")
-        + 'cgroup_parent = "machine.slice/jaula"\nmax_message_bytes = 65536\n',
+        + 'cgroup_parent = "machine.slice/jaula"\nmax_message_bytes = 65536\n'
+        + "metrics_port = 9101\n",
     )
     cfg = load_node_config(f)
     assert cfg.secret_key == tmp_path / "home" / "keys" / "node1.key_secret"
@@ -364,6 +365,8 @@ def test_node_config_absolute_and_home_paths_and_options(
     assert cfg.state_root == Path("/var/lib/jaula/node1")
     assert cfg.listen == "tcp://*:7001"
     assert (cfg.cgroup_parent, cfg.max_message_bytes) == ("machine.slice/jaula", 65536)
+    assert (cfg.metrics_port, cfg.metrics_host) == (9101, "0.0.0.0")  # listen's host, * = all
+    assert load_node_config(write(tmp_path / "m.toml", NODE1)).metrics_port is None  # off
 
 
 @pytest.mark.parametrize(
@@ -391,6 +394,8 @@ def test_node_config_absolute_and_home_paths_and_options(
         (("", "max_message_bytes = true\n"), "max_message_bytes", "integer from 4096"),
         (("", 'max_message_bytes = "8M"\n'), "max_message_bytes", "integer from 4096"),
         (("", "max_message_bytes = 2147483648\n"), "max_message_bytes", "to 1073741824"),
+        (("", "metrics_port = 0\n"), "metrics_port", "integer from 1 to 65535"),
+        (("", 'metrics_port = "9101"\n'), "metrics_port", "write metrics_port = 9101"),
     ],
 )
 def test_every_node_config_error_names_file_and_key(
