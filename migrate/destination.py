@@ -336,6 +336,14 @@ class DestinationSession:
         except ContainerExists as e:
             raise PreflightError(str(e)) from e
         self.cdir = c.dir
+        if "restart" in self.offer:  # the --restart policy goes with the container
+            from runtime.restart import RestartPolicy, save_policy
+
+            try:
+                policy = RestartPolicy.from_json(self.offer["restart"])
+            except (KeyError, ValueError, TypeError) as e:
+                raise ProtocolError(f"offer.restart is malformed: {e}") from None
+            save_policy(c.dir, policy)
 
     def _open_bulk_channel(self) -> dict[str, Any]:
         """Bind the bulk data channel when the source offered sealed chunks; returns the

@@ -148,6 +148,7 @@ SCHEMAS: dict[str, dict[str, tuple[Any, int | None, bool]]] = {
         "features": (*_LIST, False),
         "criu_patches": (*_LIST, False),
         "needs": (*_MAP, False),  #: migrate.portability.NodeNeeds
+        "restart": (*_MAP, False),  #: runtime.restart.RestartPolicy (--restart)
     },
     "accept": {
         "session": (*_NAME, True),

@@ -76,6 +76,7 @@ from migrate.report import MigrationReport
 from migrate.scratch import disk_usage_bytes, remove_scratch, scratch_dir
 from runtime.container import Runtime
 from runtime.errors import JaulaError
+from runtime.restart import load_policy
 from runtime.state import ContainerStatus, MigrationDirection, MigrationRecord
 from runtime.store import LOG, ROOTFS_DIRS
 
@@ -291,6 +292,7 @@ class SourceSession:
             ps_cert=ps_cert,
             features=list(FEATURES),
             needs=needs.to_json(),
+            restart=load_policy(c.dir).to_json(),
         )
         try:
             accept = await link.expect("accept")
