@@ -128,7 +128,7 @@ class NodeService:
         #: the cluster state, opened by :meth:`serve` (None before)
         self.state: ClusterState | None = None
         #: the outgoing sessions running now (their own record decides their outcome)
-        self.outgoing: set[str] = set()
+        self.outgoing: dict[str, SourceSession] = {}
         self.exporter: NodeExporter | None = None  # with metrics_port (migrate.prometheus)
 
     # -- life -------------------------------------------------------------------------------
@@ -257,12 +257,7 @@ class NodeService:
         elif mtype is M.OFFER:
             await self._offer(inc, msg)
         elif mtype is M.OUTCOME:
-            await self.reply(
-                inc,
-                encode(
-                    "outcome_is", session=msg["session"], committed=self._committed(msg["session"])
-                ),
-            )
+            await self.reply(inc, self._outcome_reply(msg["session"]))
         elif mtype in NODE_MESSAGES:
             entry = self.incoming.get(msg["session"])
             if entry is None:
@@ -475,11 +470,11 @@ class NodeService:
             if requester is None
             else asyncio.create_task(self._heartbeat(requester, session, extra or {}))
         )
-        self.outgoing.add(session.session)
+        self.outgoing[session.session] = session
         try:
             return await self._run_observed(session, strategy)
         finally:
-            self.outgoing.discard(session.session)
+            self.outgoing.pop(session.session, None)
             if beat is not None:
                 beat.cancel()
 
@@ -510,6 +505,22 @@ class NodeService:
             )
             await self.reply(requester, frames)
             await asyncio.sleep(HEARTBEAT_S)
+
+    def _outcome_reply(self, session: str) -> list[bytes]:
+        """The reply to an ``outcome`` query: ``outcome_is``, or an ``undecided`` error
+        while ``session`` runs here and has not reached its verdict (its compare-and-swap
+        may still be in flight, for example while etcd elects a new leader).  Answering
+        "not committed" then would let the destination discard its held copy just before
+        the swap names it the owner: no copy at all.  The destination stays held and asks
+        again (:meth:`ask_outcome` returns None)."""
+        running = self.outgoing.get(session)
+        if running is None:
+            committed = self._committed(session)
+        elif running.verdict.done():
+            committed = running.verdict.result()
+        else:
+            return error("undecided", f"session {session} has not passed or failed its commit")
+        return encode("outcome_is", session=session, committed=committed)
 
     def _committed(self, session: str) -> bool:
         """Whether outgoing ``session`` passed its commit point: the record says

@@ -227,3 +227,66 @@ def test_etcd_without_quorum_refuses_then_works_again(
                 _continues_on(c, "q", "node2")
         finally:
             sn.close()
+
+
+@pytest.mark.parametrize("strategy", ["cold", "postcopy"])
+def test_etcd_leader_killed_at_the_commit_leaves_one_copy(
+    strategy: str, tmp_path: Path, busybox_image_layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 3-member etcd whose leader is SIGKILLed, for real, as node1's source session enters
+    its commit (the compare-and-swap of the owner key runs while the remaining two members
+    elect a new leader): the migration either completes or rolls back cleanly; either way
+    the container runs on exactly one node, which the store names as its owner, its counter
+    continues without gap or repeat, and the other node keeps nothing running (node2 nothing
+    at all after a rollback; node1 only its ``migrated`` record after a completion)."""
+    import asyncio
+
+    from migrate.source import SourceSession
+    from tests.helpers.etcd import ETCD, state_for
+
+    if not os.access(ETCD, os.X_OK):
+        pytest.skip("etcd not installed (make setup installs etcd-server)")
+    root = tmp_path / "cluster"
+    c = make_cluster(root, busybox_image_layout)
+    commit = SourceSession._commit
+    killed: list[str] = []
+    with state_for(root, "etcd", ("node1", "node2"), ("alice",), members=3) as etcd:
+        assert etcd is not None
+        sn = StateNodes(c, etcd, "etcd")
+
+        async def leader_killed_at_commit(self: SourceSession) -> None:
+            lead = await asyncio.to_thread(etcd.leader)
+            assert lead is not None, "no etcd leader at the commit"
+            await asyncio.to_thread(etcd.kill, etcd.members.index(lead))
+            killed.append(lead.name)
+            await commit(self)
+
+        monkeypatch.setattr(SourceSession, "_commit", leader_killed_at_commit)
+        try:
+            with in_process_node(c, "node1"):
+                c.start("node2")
+                n1 = c.local("node1")
+                n1.run("run", "-d", "--name", "lk", "busybox", "sh", "-c", COUNTER)
+                cid = _id(c, "node1", "lk")
+                wait_ticks(n1, "lk", 5)
+                p = c.op(
+                    "migrate", "lk", "node2", "--from", "node1", "--strategy", strategy,
+                    check=False, timeout=180,
+                )  # fmt: skip
+                assert len(killed) == 1, "the patched commit did not run"
+                assert len(etcd.running()) == 2
+                if p.returncode == 0:  # completed: the new leader took the CAS
+                    where = "node2"
+                    assert c.where("lk")["node1"] == "migrated", c.where("lk")
+                else:  # rolled back cleanly, saying so
+                    assert p.returncode == 125, p.stderr
+                    assert "keeps running on node1" in p.stderr, p.stderr
+                    where = "node1"
+                    assert c.local("node2").container_ids() == []
+                _continues_on(c, "lk", where)
+                etcd.wait_healthy()
+                assert sn.owner(cid) == where
+        finally:
+            sn.close()
+            problems = c.close()
+            assert not problems, "\n".join(problems)
