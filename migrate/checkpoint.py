@@ -160,8 +160,8 @@ def preflight(c: Container) -> None:
     - a file lock shared with a process outside the container (shared/cases C08);
     - an interface other than ``lo`` in the container's own net namespace, a UNIX socket
       connected to a process outside the container, an inotify or fanotify watch, a UDP
-      socket with unsent data (corked) or a TCP listener with connections not yet accepted
-      (:mod:`migrate.portability`);
+      socket with unsent data (corked) or a TCP listener with connections not yet accepted,
+      a task in a nested time namespace or with a SIGTRAP pending (:mod:`migrate.portability`);
     - a container with a terminal (``run -t``): its pty would have to be declared external;
     - a container whose memory is still arriving from a post-copy (its lazy-pages daemon
       runs): the pages not fetched yet would be left out.
@@ -228,6 +228,8 @@ def preflight(c: Container) -> None:
                 f"another tracer holds: detach the tracer (end the debugger or strace) first"
                 f"{keeps}"
             )
+        portability.check_time_namespace(c.name, c.state.pid, pid, comm)
+        portability.check_pending_trap(c.name, pid, comm)
         if pid not in in_cgroup:  # or forked since that look (children inherit the cgroup)
             in_cgroup |= set(tasks_of(c))
         if pid not in in_cgroup and _status(pid):

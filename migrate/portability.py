@@ -465,6 +465,61 @@ def check_socket_queues(name: str, init: int, pids: Iterable[int]) -> None:
         )
 
 
+# -- time namespaces and pending traps ----------------------------------------------------
+def _ns_inode(pid: int, name: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/{name}").st_ino
+    except OSError:
+        return None
+
+
+def check_time_namespace(name: str, init: int, pid: int, comm: str) -> None:
+    """Refuse a task in a time namespace of its own, or one that made one for its children
+    (``unshare(CLONE_NEWTIME)``): CRIU dumps only the container's own time namespace and
+    fails on a nested one after the freeze ("Can't dump nested time namespace",
+    criu/namespaces.c; zdtm timens_nested, timens_for_kids).  time_namespaces(7).
+    Raises PreflightError naming the task."""
+    own = _ns_inode(init, "time")
+    mine, kids = _ns_inode(pid, "time"), _ns_inode(pid, "time_for_children")
+    if own is None or mine is None:
+        return  # gone, or a kernel without time namespaces
+    if mine != own or (kids is not None and kids != own):
+        which = "is in" if mine != own else "made for its children"
+        raise PreflightError(
+            f"cannot checkpoint {name}: process {pid} ({comm}) {which} a time namespace "
+            f"of its own inside the container's, which CRIU cannot dump: run it without "
+            f"unshare --time{KEEPS}"
+        )
+
+
+#: SIGTRAP's bit in the SigPnd/ShdPnd masks of /proc/PID/status (signal 5)
+_SIGTRAP_BIT = 1 << (5 - 1)
+
+
+def check_pending_trap(name: str, pid: int, comm: str) -> None:
+    """Refuse a task with a SIGTRAP pending (on a thread or the process): CRIU seizes tasks
+    with ptrace and cannot tell that trap from its own, and fails after the freeze ("Can't
+    dump the thread with a pending SIGTRAP", compel/src/lib/infect.c; zdtm sigtrap).
+    proc(5) ``SigPnd``/``ShdPnd``.  Raises PreflightError naming the task."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            key, _, value = line.partition(":")
+            if key in ("SigPnd", "ShdPnd") and int(value.strip() or "0", 16) & _SIGTRAP_BIT:
+                raise PreflightError(
+                    f"cannot checkpoint {name}: thread {tid} of process {pid} ({comm}) has a "
+                    "SIGTRAP pending, which CRIU cannot tell from its own traps: retry once "
+                    f"it is handled{KEEPS}"
+                )
+
+
 # -- inotify and fanotify -----------------------------------------------------------------
 _WATCH = re.compile(r"^(inotify|fanotify) .*?\bino:([0-9a-f]+) sdev:([0-9a-f]+)", re.MULTILINE)
 WATCH_FDS = ("anon_inode:inotify", "anon_inode:[fanotify]")
