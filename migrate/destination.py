@@ -52,7 +52,7 @@ from migrate.protocol import (
     next_phase,
 )
 from migrate.restorer import FAILED_RESTORE_GRACE_S, kill_restored_tree
-from migrate.scratch import remove_scratch, scratch_dir
+from migrate.scratch import record_lazy_daemon, remove_scratch, scratch_dir
 from migrate.stream import FileReceiver, IncomingFile
 from runtime import quota
 from runtime.container import ArmedRestore, Container, Runtime
@@ -568,6 +568,9 @@ class DestinationSession:
             self.lazy_daemon = await asyncio.to_thread(
                 criu.LazyPagesDaemon, self.staging / "criu", self.cdir, conn.fileno(), self.lazy_tls
             )
+            # before the hold: a restarted service must find this very process (pid + start
+            # time) to end it with a discarded copy, or to wait for it after a commit
+            record_lazy_daemon(self.staging, self.lazy_daemon.proc.pid)
         finally:
             conn.close()  # the daemon has its own copy
 
