@@ -590,10 +590,12 @@ class DestinationSession:
             # committed on the source, but the pages cannot come: never run on zero-fill
             # (status 0: it already has every page, which a small container's few pages
             # can reach between the source's commit and this resume)
-            log.error(
+            log.error(  # its status and log lines here: its log goes with the session
                 "migration.postcopy.daemon_gone",
                 session=self.session,
+                status=self.lazy_daemon.proc.returncode,
                 log=str(self.lazy_daemon.log_path),
+                criu_log=criu.log_excerpt(self.lazy_daemon.log_path),
             )
             self.hold.decide(False)
             with contextlib.suppress(Exception):
