@@ -699,14 +699,15 @@ class NodeService:
             from runtime import syscalls as sc
 
             mon = c.state.monitor_pid
-            children = Path(f"/proc/{mon}/task/{mon}/children")
-            kids = await await_for(lambda: children.read_text().split(), 10.0)
-            if kids:
+            init = await await_for(lambda: _restored_init(mon), 10.0) if mon else None
+            if init:
                 with c.locked():
                     c.state.status = S.RUNNING
-                    c.state.pid = int(kids[0])
-                    c.state.pid_start_time = sc.proc_start_time(int(kids[0]))
+                    c.state.pid = init
+                    c.state.pid_start_time = sc.proc_start_time(init)
                     c.save()
+            else:
+                log.error("recover.restored_init_unknown", id=c.id[:12], monitor=mon)
             await self._follow_postcopy(c, source, session)
         else:
             c.wait_monitor(10.0)
@@ -740,6 +741,24 @@ class NodeService:
                 c.save()
         for d in self._session_dirs(session):
             await asyncio.to_thread(self._discard_session_dir, d)
+
+
+def _restored_init(monitor: int) -> int | None:
+    """The restored init among the monitor's children: the one that is not CRIU.  Right
+    after the resume the monitor's ``criu swrk`` may still run beside it (it is the older
+    child, listed first): taking the first child recorded CRIU's pid, which soon exited,
+    and the resumed container read as ``stopped`` (a committed migration lost)."""
+    try:
+        kids = Path(f"/proc/{monitor}/task/{monitor}/children").read_text().split()
+    except OSError:
+        return None
+    for k in kids:
+        try:
+            if Path(os.readlink(f"/proc/{k}/exe")).name != "criu":
+                return int(k)
+        except OSError:
+            continue
+    return None
 
 
 def _load() -> dict[str, Any]:

@@ -9,6 +9,7 @@ resumed.  Either way the workload continues on exactly one node."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,48 @@ def test_discarded_held_postcopy_copy_ends_its_lazy_daemon(nodes: Cluster2) -> N
     assert wait_for(lambda: not c.incoming("node2"), 30), (
         f"node2 kept the session dir: {c.incoming('node2')}"
     )
+
+
+#: COUNTER with a 24 MB heap that post-copy must bring: ``tick N`` then ``len 24000000``
+BIG = 24_000_000
+BIG_COUNTER = (
+    f"x=$(head -c {BIG} /dev/zero | tr '\\0' a); i=0; while true; do i=$((i+1)); "
+    'echo $i > /tmp/count; echo "tick $i"; echo "len ${#x}"; sleep 0.05; done'
+)
+
+
+def test_committed_held_postcopy_copy_resumes_after_a_restart(nodes: Cluster2) -> None:
+    """node2's service dies the moment the source records the commit (``migrated``),
+    before or as the ``resume`` reaches it: its restore is held at pre-resume and its
+    lazy-pages daemon runs on.  Restarted, it learns the commit from the source, resumes
+    the copy and follows the daemon to the last page: the container runs on node2 only,
+    its memory whole (the two-outcome rule; a lost container was found by ``make
+    chaos``)."""
+    c = nodes
+    n1, n2 = c.local("node1"), c.local("node2")
+    n1.run("run", "-d", "--name", "pk", "busybox", "sh", "-c", BIG_COUNTER)
+    wait_ticks(n1, "pk", 5, timeout=60)
+    states = list(c.state_root("node1").glob("containers/*/state.json"))
+    assert len(states) == 1, states
+    mig = migrate_async(c, "pk", "node2", "--strategy", "postcopy")
+    try:
+
+        def committed() -> bool:
+            try:
+                return '"migrated"' in states[0].read_text()
+            except OSError:
+                return False
+
+        assert wait_for(committed, 120, 0.001), "node1 never committed"
+        c.kill("node2")
+        mig.communicate(timeout=180)
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+            mig.wait()
+    c.start("node2")
+    assert wait_for(lambda: c.where("pk").get("node2") == "running", 60), c.where("pk")
+    continues_on(c, "pk", "node2")
+    lengths = set(re.findall(r"^len (\d+)$", n2.out("logs", "pk"), re.MULTILINE))
+    assert lengths == {str(BIG)}, lengths
+    assert wait_for(lambda: not c.incoming("node2"), 60), c.incoming("node2")
