@@ -52,7 +52,7 @@ from migrate.protocol import (
     next_phase,
 )
 from migrate.restorer import FAILED_RESTORE_GRACE_S, kill_restored_tree
-from migrate.scratch import remove_scratch, scratch_dir
+from migrate.scratch import record_lazy_daemon, remove_scratch, scratch_dir
 from migrate.stream import FileReceiver, IncomingFile
 from runtime import quota
 from runtime.container import ArmedRestore, Container, Runtime
@@ -576,6 +576,9 @@ class DestinationSession:
             self.lazy_daemon = await asyncio.to_thread(
                 criu.LazyPagesDaemon, self.staging / "criu", self.cdir, conn.fileno(), self.lazy_tls
             )
+            # before the hold: a restarted service must find this very process (pid + start
+            # time) to end it with a discarded copy, or to wait for it after a commit
+            record_lazy_daemon(self.staging, self.lazy_daemon.proc.pid)
         finally:
             conn.close()  # the daemon has its own copy
 
@@ -595,10 +598,12 @@ class DestinationSession:
             # committed on the source, but the pages cannot come: never run on zero-fill
             # (status 0: it already has every page, which a small container's few pages
             # can reach between the source's commit and this resume)
-            log.error(
+            log.error(  # its status and log lines here: its log goes with the session
                 "migration.postcopy.daemon_gone",
                 session=self.session,
+                status=self.lazy_daemon.proc.returncode,
                 log=str(self.lazy_daemon.log_path),
+                criu_log=criu.log_excerpt(self.lazy_daemon.log_path),
             )
             self.hold.decide(False)
             with contextlib.suppress(Exception):

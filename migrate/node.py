@@ -29,7 +29,6 @@ import asyncio
 import fcntl
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -57,7 +56,7 @@ from migrate.protocol import (
     request_id,
 )
 from migrate.report import MigrationReport
-from migrate.scratch import scratch_dirs
+from migrate.scratch import discard_session_dir, lazy_daemon, scratch_dirs
 from migrate.source import SourceSession
 from migrate.transport import Client, Incoming, Server
 from runtime.container import Container, Runtime
@@ -660,7 +659,21 @@ class NodeService:
             if scratch.is_dir():
                 for d in scratch.iterdir():
                     if d.name not in active:
-                        shutil.rmtree(d, ignore_errors=True)
+                        self._discard_session_dir(d)
+
+    def _session_dirs(self, session: str) -> list[Path]:
+        """The staging dirs incoming ``session`` may have (one per scratch place)."""
+        return [s / f"incoming-{session}" for s in scratch_dirs(self.rt)]
+
+    def _discard_session_dir(self, d: Path) -> None:
+        """Remove an abandoned session dir and end the lazy-pages daemon it records (it
+        outlives the service that started it: left alone it ran forever, found by
+        ``make chaos``)."""
+        if not d.is_dir():
+            return
+        pid = discard_session_dir(d)
+        if pid is not None:
+            log.warning("recover.lazy_daemon_ended", dir=d.name, pid=pid)
 
     def _remove_incoming(self, c: Container) -> None:
         """Remove an incoming copy that will not run here: its processes, cgroup, rootfs
@@ -721,20 +734,66 @@ class NodeService:
             from runtime import syscalls as sc
 
             mon = c.state.monitor_pid
-            children = Path(f"/proc/{mon}/task/{mon}/children")
-            kids = await await_for(lambda: children.read_text().split(), 10.0)
-            if kids:
+            init = await await_for(lambda: _restored_init(mon), 10.0) if mon else None
+            if init:
                 with c.locked():
                     c.state.status = S.RUNNING
-                    c.state.pid = int(kids[0])
-                    c.state.pid_start_time = sc.proc_start_time(int(kids[0]))
+                    c.state.pid = init
+                    c.state.pid_start_time = sc.proc_start_time(init)
                     c.save()
+            else:
+                log.error("recover.restored_init_unknown", id=c.id[:12], monitor=mon)
+            await self._follow_postcopy(c, source, session)
         else:
             c.wait_monitor(10.0)
             c.refresh()
             if c.status is S.MIGRATING:
                 await asyncio.to_thread(self._remove_incoming, c)
+            for d in self._session_dirs(session):
+                await asyncio.to_thread(self._discard_session_dir, d)
         log.warning("recover.incoming_decided", id=c.id[:12], committed=committed)
+
+    async def _follow_postcopy(self, c: Container, source: str, session: str) -> None:
+        """A held post-copy copy resumed by recovery: its lazy-pages daemon (recorded in
+        the session dir) is still bringing the memory.  Record it in the container's state
+        (a dump meanwhile is refused), wait until it exits, then clear the record and
+        remove the session dir.  No daemon: cold, or it already ended."""
+        from runtime.state import PostcopyRecord
+        from runtime.syscalls import is_alive
+
+        found = next((f for d in self._session_dirs(session) if (f := lazy_daemon(d))), None)
+        if found is not None:
+            pid, start = found
+            with c.locked():
+                c.refresh()
+                c.state.postcopy = PostcopyRecord(session, source, pid, start)
+                c.save()
+            log.warning("recover.postcopy_followed", id=c.id[:12], daemon_pid=pid)
+            await await_for(lambda: not is_alive(pid, start), None, max_interval_s=0.5)
+            with c.locked():
+                c.refresh()
+                c.state.postcopy = None
+                c.save()
+        for d in self._session_dirs(session):
+            await asyncio.to_thread(self._discard_session_dir, d)
+
+
+def _restored_init(monitor: int) -> int | None:
+    """The restored init among the monitor's children: the one that is not CRIU.  Right
+    after the resume the monitor's ``criu swrk`` may still run beside it (it is the older
+    child, listed first): taking the first child recorded CRIU's pid, which soon exited,
+    and the resumed container read as ``stopped`` (a committed migration lost)."""
+    try:
+        kids = Path(f"/proc/{monitor}/task/{monitor}/children").read_text().split()
+    except OSError:
+        return None
+    for k in kids:
+        try:
+            if Path(os.readlink(f"/proc/{k}/exe")).name != "criu":
+                return int(k)
+        except OSError:
+            continue
+    return None
 
 
 def _load() -> dict[str, Any]:

@@ -8,20 +8,30 @@ Layout::
     /dev/shm/jaula-<root tag>/         mode 0700, ours (checked: /dev/shm is world-writable)
         outgoing-<session>/            the source's CRIU images, tars, TLS identity
         incoming-<session>/            the destination's staging dir (criu/, layers/, ...)
+            lazy-daemon.json           post-copy: {"pid": int, "start": int} of the session's
+                                       ``criu lazy-pages`` (it outlives the node service)
     <state root>/tmp/                  the same, when /dev/shm has no room
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import shutil
+import signal
 import stat
 from pathlib import Path
 
 from migrate.errors import PreflightError
 from runtime.container import Runtime
+from runtime.state import atomic_write_json
 from runtime.store import TMP_DIR
+from runtime.syscalls import is_alive, proc_start_time
+
+#: in an incoming session's dir: the pid and start time of its lazy-pages daemon
+LAZY_DAEMON_FILE = "lazy-daemon.json"
 
 #: where the CRIU images of a migration live for the seconds they exist: memory (tmpfs)
 #: when it has room, so that a large dump is not also written back to disk
@@ -91,3 +101,41 @@ def disk_usage_bytes(path: Path) -> int:
             except OSError:
                 pass
     return total
+
+
+def record_lazy_daemon(d: Path, pid: int) -> None:
+    """Write :data:`LAZY_DAEMON_FILE` in session dir ``d``: ``pid`` and its start time
+    (clock ticks since boot), so that a restarted service can end that very process and
+    no other (never by name).  Raises OSError."""
+    atomic_write_json(d / LAZY_DAEMON_FILE, {"pid": pid, "start": proc_start_time(pid)})
+
+
+def lazy_daemon(d: Path) -> tuple[int, int] | None:
+    """The (pid, start time) recorded in session dir ``d`` when that process still runs,
+    else None (no record, unreadable, or the pid now names another process)."""
+    try:
+        rec = json.loads((d / LAZY_DAEMON_FILE).read_text())
+        pid, start = int(rec["pid"]), rec["start"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (pid, start) if isinstance(start, int) and is_alive(pid, start) else None
+
+
+def end_lazy_daemon(d: Path) -> int | None:
+    """SIGKILL the lazy-pages daemon recorded in session dir ``d`` if it still runs (its
+    copy of the container is not resumed, so nothing needs its pages); returns its pid,
+    or None when there was none.  A daemon that is not our child is reaped by init."""
+    found = lazy_daemon(d)
+    if found is None:
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(found[0], signal.SIGKILL)
+    return found[0]
+
+
+def discard_session_dir(d: Path) -> int | None:
+    """Remove an abandoned session dir ``d`` (:func:`remove_scratch`) after ending its
+    lazy-pages daemon (:func:`end_lazy_daemon`); returns that daemon's pid, or None."""
+    pid = end_lazy_daemon(d)
+    remove_scratch(d)
+    return pid
