@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from runtime.poll import wait_for
 from tests.helpers.jaula import Jaula
 from tests.helpers.terminal import CURSOR_QUERY, CURSOR_REPLY, Terminal
 
@@ -52,8 +53,14 @@ def test_line_discipline_and_ctrl_c(jaula: Jaula) -> None:
         prompt(t)
         t.send(b"cat\r")
         t.expect(b"cat\r\n")
-        # the kernel's line discipline, not the shell's editor, reads for cat: typed
-        # before cat runs, the keys wait in the pty; two erases leave "axy"
+        # type only once cat runs: until then the shell's line editor may still hold the
+        # terminal raw (the echo of "cat" comes before it gives the line discipline back)
+        running = lambda: any(
+            ln.split()[-1:] == ["cat"] for ln in jaula.out("exec", "ld", "ps").splitlines()
+        )
+        assert wait_for(running, 20), jaula.out("exec", "ld", "ps")
+        # the kernel's line discipline, not the shell's editor, reads for cat: two erases
+        # leave "axy"
         t.send(b"abc\x7f\x7fxy\r")
         echo = t.expect(b"xy\r\n")  # the echo: "abc", two erases, "xy"
         assert echo.endswith(b"abc\b \b\b \bxy\r\n"), echo
