@@ -42,7 +42,8 @@ done
 
 step "Start the three node services"
 for n in "${NODES[@]}"; do
-    jaula node serve --config "$WORK/$n.toml" >"$WORK/$n.log" 2>&1 &
+    # "$PY" itself in the background, not the jaula function: $! must be the service's pid
+    "$PY" -m balancer.cli node serve --config "$WORK/$n.toml" >"$WORK/$n.log" 2>&1 &
     PIDS+=($!)
 done
 for _ in $(seq 100); do
@@ -75,7 +76,8 @@ step "jaula balancer plan: what a round would do now"
 jaula balancer plan --config "$WORK/balancer.toml"
 
 step "jaula balancer run (the daemon; rounds every 2 s, hold 2 rounds)"
-jaula --log-level warning balancer run --config "$WORK/balancer.toml" >"$WORK/balancer.log" 2>&1 &
+"$PY" -m balancer.cli --log-level warning balancer run --config "$WORK/balancer.toml" \
+    >"$WORK/balancer.log" 2>&1 &
 PIDS+=($!)
 moved=""
 for _ in $(seq 120); do
