@@ -44,6 +44,8 @@ from migrate.errors import MigrationError, PreflightError, ProtocolError
 from migrate.hold import HoldServer, hold_socket_path
 from migrate.protocol import (
     DESTINATION_TABLE,
+    HEARTBEAT_S,
+    RESTORING_BEATS,
     DestinationPhase,
     MessageType,
     Strategy,
@@ -141,6 +143,8 @@ class DestinationSession:
         self.lazy_conn: asyncio.Future[socket.socket] | None = None  # the source's, checked
         self.lazy_tls: Any = None  # certs.TlsFiles of the post-copy connection
         self.lazy_daemon: criu.LazyPagesDaemon | None = None
+        self._steps: dict[str, float] = {}  #: restore step -> s, for ``ready``
+        self._restore_t0 = 0.0  #: time.monotonic() when the restore began
 
     @property
     def finished(self) -> bool:
@@ -282,7 +286,7 @@ class DestinationSession:
         await asyncio.to_thread(self.rt.wait_armed, self.armed)
         assert self.cdir is not None
         await asyncio.to_thread(netmove.prepare_destination, self.rt, self.cdir, self.cfg)
-        await self.send("accept", missing_layers=missing, **bulk, **ps)
+        await self.send("accept", missing_layers=missing, features=[RESTORING_BEATS], **bulk, **ps)
 
     def _check_patches(self, strategy: str) -> None:
         """Raise PreflightError when this node's CRIU or the source's (``offer.criu_patches``;
@@ -469,17 +473,44 @@ class DestinationSession:
 
         Raises ProtocolError (files incomplete), MigrationError (the restore ended without
         holding, the lazy-pages daemon died), CriuError, BundleError."""
-        from migrate.bundle import Bundle
-        from migrate.restore import RESTORER, check_pipes
-        from runtime.image.transfer import register_image
-
         self.phase = DP.RESTORING
         if self.cfg is None or self.armed is None:
             raise ProtocolError("restore before the offer was accepted")
         if not self.receiver.all_complete():
             raise ProtocolError("restore before every file was complete")
-        t0 = mark = time.monotonic()
+        beats = asyncio.create_task(self._beat_while_restoring())
+        try:
+            await self._restore_and_hold(m)
+        finally:
+            beats.cancel()
+            await asyncio.gather(beats, return_exceptions=True)
+        extra = (
+            {"steps_s": self._steps} if "restore_steps" in self.offer.get("features", []) else {}
+        )
+        await self.send("ready", restore_s=round(time.monotonic() - self._restore_t0, 6), **extra)
+
+    async def _beat_while_restoring(self) -> None:
+        """Send ``restoring`` every HEARTBEAT_S until cancelled: the source, whose copy is
+        frozen, then knows within its peer timeout that this service died or restarted
+        instead of waiting out the whole restore limit."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await self.send("restoring")
+            except Exception:  # noqa: BLE001 - the restore's own end tells what happened
+                return
+
+    async def _restore_and_hold(self, m: dict[str, Any]) -> None:
+        """The body of :meth:`on_restore`, up to the hold; sets ``_steps`` and
+        ``_restore_t0``."""
+        from migrate.bundle import Bundle
+        from migrate.restore import RESTORER, check_pipes
+        from runtime.image.transfer import register_image
+
+        assert self.cfg is not None and self.armed is not None  # checked by on_restore
+        mark = self._restore_t0 = time.monotonic()
         steps: dict[str, float] = {}
+        self._steps = steps
 
         def step(name: str) -> None:
             nonlocal mark
@@ -537,8 +568,6 @@ class DestinationSession:
                 "the lazy-pages daemon exited before the commit (see "
                 f"{self.lazy_daemon.kept_log()})"
             )
-        extra = {"steps_s": steps} if "restore_steps" in self.offer.get("features", []) else {}
-        await self.send("ready", restore_s=round(time.monotonic() - t0, 6), **extra)
 
     def _restore_limit(self, m: dict[str, Any]) -> float:
         """Seconds the restore may take until held: what the source says it waits for

@@ -84,16 +84,33 @@ class SourceLink:
     async def send(self, mtype: str, payload: bytes | None = None, **fields: Any) -> None:
         await self.client.send(encode(mtype, payload, session=self.session, **fields))
 
-    async def expect(self, mtype: str, timeout_s: float | None = None) -> dict[str, Any]:
+    async def expect(
+        self, mtype: str, timeout_s: float | None = None, silent_s: float | None = None
+    ) -> dict[str, Any]:
         """The next ``mtype`` message.  Raises the session's failure, or PeerUnavailable
-        when the destination said nothing for ``timeout_s`` (default: the peer timeout)."""
+        when the destination did not send it within ``timeout_s`` (default: the peer
+        timeout), or, with ``silent_s``, sent nothing at all (heartbeats included) for
+        ``silent_s`` seconds: a destination that beats while it works and stops beating
+        has died or restarted, and the wait ends then instead of at ``timeout_s``."""
         limit = timeout_s if timeout_s is not None else self.timeout
+        deadline = time.monotonic() + limit
         get = asyncio.ensure_future(self.inbox[mtype].get())
         fail = asyncio.ensure_future(self.failed.wait())
         try:
-            done, _ = await asyncio.wait(
-                {get, fail}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
-            )
+            while True:
+                left = deadline - time.monotonic()
+                if silent_s is not None:
+                    left = min(left, self.last_heard + silent_s - time.monotonic())
+                done, _ = await asyncio.wait(
+                    {get, fail}, timeout=max(left, 0.0), return_when=asyncio.FIRST_COMPLETED
+                )
+                if done or time.monotonic() >= deadline:
+                    break
+                if silent_s is not None and time.monotonic() - self.last_heard >= silent_s:
+                    raise PeerUnavailable(
+                        f"the destination sent nothing for {silent_s:.0f} s while it should "
+                        f"have been working on {mtype}: its node service stopped or restarted"
+                    )
         finally:
             for t in (get, fail):
                 if not t.done():

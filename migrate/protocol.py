@@ -40,6 +40,11 @@ DESIGN.md "The migration handoff"::
     file_* (other CRIU images, small ones     ──►
             packed; rootfs delta)
     restore {stdio, volumes, deleted}         ──►  criu restore, held at pre-resume
+                                               ◄──  restoring {session} every HEARTBEAT_S
+                                                    (when accept's features name
+                                                    "restoring_beats": the source, frozen,
+                                                    gives up after its peer timeout of
+                                                    silence, not the whole restore limit)
                                                ◄──  ready {restore_s}
     [commit point: source records migrated -> destination, its copy dies]
     resume {session}                          ──►  tasks resume
@@ -68,8 +73,11 @@ from migrate.errors import ProtocolError
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 CHUNK_BYTES = 4 << 20  #: fits the default 8 MiB frame limit (max_message_bytes)
-#: seconds between a running ``migrate`` request's heartbeats (``progress`` with heartbeat)
+#: seconds between a running ``migrate`` request's heartbeats (``progress`` with heartbeat),
+#: and between a restoring destination's ``restoring`` messages
 HEARTBEAT_S = 1.0
+#: the ``accept`` feature of a destination that sends ``restoring`` while it restores
+RESTORING_BEATS = "restoring_beats"
 
 _STR = (str, 4096)
 _NAME = (str, 256)
@@ -156,6 +164,7 @@ SCHEMAS: dict[str, dict[str, tuple[Any, int | None, bool]]] = {
         "data_endpoint": (*_STR, False),
         "data_key": (bytes, 64, False),
         "page_server": (dict, 16, False),
+        "features": (*_LIST, False),  #: what this destination does, e.g. "restoring_beats"
     },
     "file_begin": {
         "session": (*_NAME, True),
@@ -188,6 +197,7 @@ SCHEMAS: dict[str, dict[str, tuple[Any, int | None, bool]]] = {
     "ready": {"session": (*_NAME, True), "restore_s": (*_NUM, False), "steps_s": (dict, 16, False)},
     "resume": {"session": (*_NAME, True)},
     "dumping": {"session": (*_NAME, True)},
+    "restoring": {"session": (*_NAME, True)},
     "resumed": {"session": (*_NAME, True), "resume_s": (*_NUM, False)},
     "abort": {"session": (*_NAME, True), "reason": (*_STR, True)},
     "aborted": {"session": (*_NAME, True)},
@@ -228,6 +238,7 @@ class MessageType(enum.StrEnum):
     READY = "ready"
     RESUME = "resume"
     DUMPING = "dumping"
+    RESTORING = "restoring"
     RESUMED = "resumed"
     ABORT = "abort"
     ABORTED = "aborted"
@@ -324,13 +335,13 @@ SOURCE_TABLE: dict[SourcePhase, dict[MessageType, SourcePhase | None]] = {
     SP.FREEZE: {**_STREAM, M.ERROR: SP.ROLLED_BACK},
     SP.DUMP: {**_STREAM, M.ERROR: SP.ROLLED_BACK},
     SP.TRANSFER: {**_STREAM, M.ERROR: SP.ROLLED_BACK},
-    SP.RESTORE: {M.CREDIT: None, M.READY: SP.COMMIT, M.ERROR: SP.ROLLED_BACK},
+    SP.RESTORE: {M.CREDIT: None, M.RESTORING: None, M.READY: SP.COMMIT, M.ERROR: SP.ROLLED_BACK},
     SP.COMMIT: {M.ERROR: None},
     SP.RESUME: {M.RESUMED: SP.CLEANUP, M.ERROR: None},  # after the commit: logged
     SP.POSTCOPY: {M.ERROR: None},
     SP.CLEANUP: {M.ERROR: None},
     SP.DONE: {},
-    SP.ROLLED_BACK: {M.ABORTED: None, M.ERROR: None, **_STREAM},
+    SP.ROLLED_BACK: {M.ABORTED: None, M.ERROR: None, M.RESTORING: None, **_STREAM},
 }
 
 #: the destination's phase -> message from the source it takes -> the phase after its

@@ -71,7 +71,7 @@ from migrate.errors import (
 )
 from migrate.link import SourceLink
 from migrate.portability import sysv_shm_segments
-from migrate.protocol import SOURCE_PLAN, SourcePhase, Strategy
+from migrate.protocol import HEARTBEAT_S, RESTORING_BEATS, SOURCE_PLAN, SourcePhase, Strategy
 from migrate.report import MigrationReport
 from migrate.scratch import disk_usage_bytes, remove_scratch, scratch_dir
 from runtime.container import Runtime
@@ -84,6 +84,11 @@ if TYPE_CHECKING:
     from migrate.cluster_state import ClusterState
 
 log = structlog.get_logger(__name__)
+
+#: ``restoring`` beats missed (HEARTBEAT_S each) before a frozen source gives up on a
+#: destination that beats (at least its peer timeout): ten, so that a loaded destination
+#: whose event loop stalls a few seconds is not taken for a dead one
+BEATS_MISSED = 10
 S = ContainerStatus
 SP = SourcePhase
 
@@ -157,6 +162,7 @@ class SourceSession:
         self.session = secrets.token_hex(8)
         # what the phases hand on to each other
         self.missing_layers: list[str] = []
+        self.restoring_beats = False  #: the destination sends ``restoring`` (its accept)
         self.page_server: tuple[str, int] | None = None
         self.ps_tls: Any = None  # certs.TlsFiles of the page connection
         self.ps_sock: socket.socket | None = None  # post-copy: the page connection
@@ -303,6 +309,7 @@ class SourceSession:
                 f"frozen, {c.name} keeps running on {self.node_name}"
             ) from e
         self.missing_layers = [str(x) for x in accept["missing_layers"]]
+        self.restoring_beats = RESTORING_BEATS in (accept.get("features") or [])
         if accept.get("data_endpoint") and accept.get("data_key"):
             link.sender.open_data_channel(accept["data_endpoint"], accept["data_key"])
         ps = accept.get("page_server")
@@ -546,7 +553,13 @@ class SourceSession:
             },
         )
         # the destination gives up at that limit and says so: wait a little longer
-        ready = await self.link.expect("ready", timeout_s=restore_s + self.peer_timeout_s)
+        ready = await self.link.expect(
+            "ready",
+            timeout_s=restore_s + self.peer_timeout_s,
+            silent_s=max(self.peer_timeout_s, BEATS_MISSED * HEARTBEAT_S)
+            if self.restoring_beats
+            else None,
+        )
         self.rep.restore_steps_s = {
             str(k): float(v)
             for k, v in dict(ready.get("steps_s") or {}).items()

@@ -186,6 +186,7 @@ def test_a_failed_restore_is_torn_down_on_the_destination_at_once(
             assert "during restore" in p.stderr and "keeps running on node1" in p.stderr
             # node2 said why at once rather than leave node1 waiting for ``ready``
             assert "did not answer ready" not in p.stderr, (took, p.stderr)
+            assert "sent nothing for" not in p.stderr, (took, p.stderr)
             c.assert_only_on("bad", "node1")
             assert c.local("node2").container_ids() == [], c.where("bad")
             assert c.incoming("node2") == []
