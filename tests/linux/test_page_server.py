@@ -100,11 +100,13 @@ def page_server(tmp_path: Path) -> Iterator[StartFn]:
 
 
 def _send_plain(port: int, parts: list[bytes]) -> bytes:
-    """Connect without TLS, send ``parts``; returns what the server answered (if any)."""
+    """Connect without TLS, send ``parts`` and end our side (a server still reading sees
+    EOF instead of waiting out WAIT_S); returns what the server answered (if any)."""
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as s:
         try:
             for part in parts:
                 s.sendall(part)
+            s.shutdown(socket.SHUT_WR)
             return s.recv(64)
         except OSError:
             return b""
