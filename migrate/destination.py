@@ -31,7 +31,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -478,27 +478,34 @@ class DestinationSession:
             raise ProtocolError("restore before the offer was accepted")
         if not self.receiver.all_complete():
             raise ProtocolError("restore before every file was complete")
-        beats = asyncio.create_task(self._beat_while_restoring())
-        try:
+        async with self._beating():
             await self._restore_and_hold(m)
-        finally:
-            beats.cancel()
-            await asyncio.gather(beats, return_exceptions=True)
         extra = (
             {"steps_s": self._steps} if "restore_steps" in self.offer.get("features", []) else {}
         )
         await self.send("ready", restore_s=round(time.monotonic() - self._restore_t0, 6), **extra)
 
-    async def _beat_while_restoring(self) -> None:
-        """Send ``restoring`` every HEARTBEAT_S until cancelled: the source, whose copy is
-        frozen, then knows within its peer timeout that this service died or restarted
-        instead of waiting out the whole restore limit."""
-        while True:
-            await asyncio.sleep(HEARTBEAT_S)
-            try:
-                await self.send("restoring")
-            except Exception:  # noqa: BLE001 - the restore's own end tells what happened
-                return
+    @contextlib.asynccontextmanager
+    async def _beating(self) -> AsyncIterator[None]:
+        """Send ``restoring`` every HEARTBEAT_S while the body runs (the restore up to the
+        hold, the resume up to ``resumed``), and none after it: the source, waiting for
+        the answer, then knows within its peer timeout that this service died or
+        restarted instead of waiting out the whole restore (or resume) limit."""
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(HEARTBEAT_S)
+                try:
+                    await self.send("restoring")
+                except Exception:  # noqa: BLE001 - the body's own end tells what happened
+                    return
+
+        beats = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            beats.cancel()
+            await asyncio.gather(beats, return_exceptions=True)
 
     async def _restore_and_hold(self, m: dict[str, Any]) -> None:
         """The body of :meth:`on_restore`, up to the hold; sets ``_steps`` and
@@ -620,6 +627,20 @@ class DestinationSession:
         the resume: the container is not resumed)."""
         if not self.held or self.revive_task is None or self.hold is None:
             raise ProtocolError("resume before the restore was held")
+        async with self._beating():
+            t0 = await self._fence_and_resume()
+        await self.send("resumed", resume_s=round(time.monotonic() - t0, 6))
+        if self.lazy_daemon is not None:
+            # (after the answer: the source measures the downtime up to it)
+            await asyncio.to_thread(self._mark_postcopy, True)
+            await self._await_postcopy()
+        await self.finish()  # after the answer: removing a large staging dir takes a while
+        self.phase = DP.DONE
+
+    async def _fence_and_resume(self) -> float:
+        """The body of :meth:`on_resume` up to the running tasks; returns the
+        time.monotonic() it began at."""
+        assert self.revive_task is not None and self.hold is not None  # checked by on_resume
         await self._fence()
         self.phase = DP.RESUMING
         t0 = time.monotonic()
@@ -644,13 +665,7 @@ class DestinationSession:
             )
         self.hold.decide(True)
         await self.revive_task
-        await self.send("resumed", resume_s=round(time.monotonic() - t0, 6))
-        if self.lazy_daemon is not None:
-            # (after the answer: the source measures the downtime up to it)
-            await asyncio.to_thread(self._mark_postcopy, True)
-            await self._await_postcopy()
-        await self.finish()  # after the answer: removing a large staging dir takes a while
-        self.phase = DP.DONE
+        return t0
 
     async def _fence(self) -> None:
         """Before the tasks run: the store must not name another owner than this node (a

@@ -48,7 +48,7 @@ DESIGN.md "The migration handoff"::
                                                ◄──  ready {restore_s}
     [commit point: source records migrated -> destination, its copy dies]
     resume {session}                          ──►  tasks resume
-                                               ◄──  resumed {resume_s}
+                                               ◄──  restoring* (as above), resumed {resume_s}
     abort {session, reason} (before commit)   ──►  held copy discarded ◄── aborted
     outcome {session} (destination recovering)──►  source's durable record decides
 
@@ -337,7 +337,7 @@ SOURCE_TABLE: dict[SourcePhase, dict[MessageType, SourcePhase | None]] = {
     SP.TRANSFER: {**_STREAM, M.ERROR: SP.ROLLED_BACK},
     SP.RESTORE: {M.CREDIT: None, M.RESTORING: None, M.READY: SP.COMMIT, M.ERROR: SP.ROLLED_BACK},
     SP.COMMIT: {M.ERROR: None},
-    SP.RESUME: {M.RESUMED: SP.CLEANUP, M.ERROR: None},  # after the commit: logged
+    SP.RESUME: {M.RESTORING: None, M.RESUMED: SP.CLEANUP, M.ERROR: None},  # after commit: logged
     SP.POSTCOPY: {M.ERROR: None},
     SP.CLEANUP: {M.ERROR: None},
     SP.DONE: {},

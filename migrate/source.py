@@ -556,9 +556,7 @@ class SourceSession:
         ready = await self.link.expect(
             "ready",
             timeout_s=restore_s + self.peer_timeout_s,
-            silent_s=max(self.peer_timeout_s, BEATS_MISSED * HEARTBEAT_S)
-            if self.restoring_beats
-            else None,
+            silent_s=self._restoring_silence_s(),
         )
         self.rep.restore_steps_s = {
             str(k): float(v)
@@ -606,6 +604,13 @@ class SourceSession:
         finally:
             self.verdict.set_result(True)
 
+    def _restoring_silence_s(self) -> float | None:
+        """Seconds without a ``restoring`` beat after which the destination is taken for
+        dead while it restores or resumes; None: it does not beat (older service)."""
+        if not self.restoring_beats:
+            return None
+        return max(self.peer_timeout_s, BEATS_MISSED * HEARTBEAT_S)
+
     def _record_migrated(self) -> None:
         c = self.c
         c.state.status = S.MIGRATED
@@ -620,7 +625,11 @@ class SourceSession:
         while CRIU kills our frozen copy (seconds for a large one: not worth waiting for)."""
         try:
             await self.link.send("resume")
-            await self.link.expect("resumed", timeout_s=max(60.0, self.peer_timeout_s))
+            await self.link.expect(
+                "resumed",
+                timeout_s=max(60.0, self.peer_timeout_s),
+                silent_s=self._restoring_silence_s(),
+            )
             self.rep.resume_confirmed = True
         except MigrationError as e:
             log.warning("migration.resume_unconfirmed", session=self.session, error=str(e))
