@@ -470,7 +470,7 @@ class DestinationSession:
         Raises ProtocolError (files incomplete), MigrationError (the restore ended without
         holding, the lazy-pages daemon died), CriuError, BundleError."""
         from migrate.bundle import Bundle
-        from migrate.restore import RESTORER, check_pipes
+        from migrate.restore import RESTORER, check_pipes, mark_terminal
         from runtime.image.transfer import register_image
 
         self.phase = DP.RESTORING
@@ -504,6 +504,8 @@ class DestinationSession:
                 "limit_s": limit,  # the restorer's own watchdog (migrate.restorer)
             },
         )
+        assert self.cdir is not None
+        mark_terminal(self.cdir, m["stdio"])  # before "go": the monitor makes its pty
         step("prepare")
         if self.postcopy:
             await self._start_lazy_daemon()

@@ -9,6 +9,7 @@ import os
 import pty
 import select
 import signal
+import termios
 import time
 from pathlib import Path
 from typing import Self
@@ -63,6 +64,17 @@ class Terminal:
         i = self.seen.index(needle) + len(needle)
         out, self.seen = self.seen[:i], self.seen[i:]
         return out
+
+    def wait_raw(self, timeout_s: float = 20.0) -> None:
+        """Wait until the CLI has put its terminal in raw mode (``attach`` and ``run -it``
+        do so once connected): what is typed before that is echoed by this pty itself.
+        The settings of a pty master's are its slave's (tty_ioctl.c, tty_mode_ioctl)."""
+        from runtime.poll import wait_for
+
+        def raw() -> bool:
+            return not termios.tcgetattr(self.fd)[3] & (termios.ECHO | termios.ICANON)
+
+        assert wait_for(raw, timeout_s, 0.01), "the CLI did not put its terminal in raw mode"
 
     def wait(self, timeout_s: float = 30.0) -> int:
         """The CLI's exit code (its terminal's output is drained meanwhile)."""

@@ -10,6 +10,7 @@ import pytest
 
 from runtime.poll import wait_for
 from tests.helpers.jaula import Jaula
+from tests.helpers.skips import needs_criu
 from tests.helpers.terminal import CURSOR_QUERY, CURSOR_REPLY, Terminal
 
 pytestmark = pytest.mark.root
@@ -105,10 +106,72 @@ def test_exec_it_shell(jaula: Jaula) -> None:
     assert d["State"]["Status"] == "running"
 
 
-def test_checkpoint_of_a_terminal_is_refused_before_the_freeze(jaula: Jaula) -> None:
-    jaula.out("run", "-d", "-t", "--name", "term", "busybox", "sh")
+def _running(jaula: Jaula, name: str, comm: str) -> bool:
+    return any(ln.split()[-2:] == comm.split() for ln in jaula.out("exec", name, "ps").splitlines())
+
+
+def set_up_shell(t: Terminal) -> None:
+    """A command and its output, a shell variable, and a line-discipline setting: no echo
+    (busybox's line editor then leaves the line to the kernel and asks no cursor query)."""
+    prompt(t)
+    t.send(b"echo $((6*7))\r")
+    t.expect(b"42\r\n")
+    prompt(t)
+    t.send(b"X=kept; stty -echo\r")
+    t.expect(b"stty -echo\r\n")
+    t.expect(PROMPT)
+    t.send(b"\x10\x11")  # ctrl-p ctrl-q
+    t.expect(b"detached from")
+    assert t.wait() == 0
+
+
+def check_shell_came_back(jaula: Jaula, t: Terminal, name: str) -> None:
+    """Attached to the restored shell: the variable is set, ``-echo`` holds (what is typed
+    is not echoed), ^C reaches its foreground job, and detach still works."""
+    t.wait_raw()  # else this pty's own echo would show what is typed
+    t.send(b"echo v=$X\r")
+    out = t.expect(b"v=kept\r\n")
+    assert b"echo" not in out, out  # not echoed: the terminal's settings came back
+    t.expect(PROMPT)
+    t.send(b"sleep 100\r")
+    assert wait_for(lambda: _running(jaula, name, "sleep 100"), 20), jaula.out("exec", name, "ps")
+    t.send(b"\x03")  # ^C: the restored shell's controlling terminal is the new pty
+    t.expect(PROMPT)
+    assert wait_for(lambda: not _running(jaula, name, "sleep 100"), 20)
+    t.send(b"\x10\x11")
+    t.expect(b"detached from")
+    assert t.wait() == 0
+
+
+@needs_criu
+def test_terminal_survives_checkpoint_and_restore(jaula: Jaula) -> None:
+    with Terminal(jaula.root, "run", "-it", "--name", "crt", "busybox", "sh") as t:
+        set_up_shell(t)
+    jaula.out("checkpoint", "crt")
+    (d,) = json.loads(jaula.out("inspect", "crt"))
+    assert d["State"]["Status"] == "checkpointed"
+    jaula.out("restore", "crt")
+    with Terminal(jaula.root, "attach", "crt") as t:
+        check_shell_came_back(jaula, t, "crt")
+    with Terminal(jaula.root, "attach", "crt") as t:  # and once more: exit through it
+        t.send(b"exit 5\r")
+        assert t.wait() == 5
+    assert jaula.out("wait", "crt").strip() == "5"
+
+
+@needs_criu
+def test_checkpoint_refuses_another_terminal(jaula: Jaula) -> None:
+    """A terminal other than the container's own (here a pty made inside it on a devpts
+    of its own) cannot be carried: refused before the freeze, in one line."""
+    jaula.out(
+        "run", "-d", "-t", "--privileged", "--name", "term", "busybox", "sh", "-c",
+        "mkdir -p /tmp/pts && mount -t devpts -o newinstance,ptmxmode=666 devpts /tmp/pts "
+        "&& exec 7<>/tmp/pts/ptmx && exec sleep 1000",
+    )  # fmt: skip
+    holds = lambda: "ptmx" in jaula.out("exec", "term", "ls", "-l", "/proc/1/fd")
+    assert wait_for(holds, 20), jaula.out("exec", "term", "ls", "-l", "/proc/1/fd")
     p = jaula.run("checkpoint", "term", check=False)
     assert p.returncode == 125 and p.stderr.count("\n") == 1, p.stderr
-    assert "has a terminal" in p.stderr
+    assert "terminal other than the container's own" in p.stderr
     (d,) = json.loads(jaula.out("inspect", "term"))
     assert d["State"]["Status"] == "running"
