@@ -649,6 +649,7 @@ class DumpPlan:
         a terminal its saved state is written into ``images_dir`` too (:data:`TERMINAL_STATE`),
         so that it travels with the images."""
         if self.terminal is not None:
+            images_dir.mkdir(parents=True, exist_ok=True)  # as criu.dump makes it
             atomic_write_json(images_dir / TERMINAL_STATE, self.terminal)
         return criu.DumpOptions(
             pid=self.pid,
