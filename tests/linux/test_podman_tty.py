@@ -5,6 +5,7 @@ attached, and its line discipline (erase, ^C) is the kernel's."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -115,6 +116,22 @@ def test_terminal_survives_checkpoint_and_restore(jaula: Jaula) -> None:
         t.send(b"exit 5\r")
         assert t.wait() == 5
     assert jaula.out("wait", "crt").strip() == "5"
+
+
+@needs_criu
+def test_terminal_comes_back_from_an_exported_bundle(
+    jaula: Jaula, jaula2: Jaula, tmp_path: Path
+) -> None:
+    """Restored on another node (state root) from ``checkpoint --export``: that node's
+    monitor makes the pty, and ``attach`` there reaches the shell."""
+    with Terminal(jaula.root, "run", "-it", "--name", "exp", "busybox", "sh") as t:
+        set_up_shell(t)
+    bundle = tmp_path / "exp.tar"
+    jaula.out("checkpoint", "exp", "--export", str(bundle))
+    jaula2.out("restore", "--import", str(bundle), "--insecure-unsigned")
+    with Terminal(jaula2.root, "attach", "exp") as t:
+        check_shell_came_back(jaula2, t, "exp")
+    jaula2.out("rm", "-f", "exp")
 
 
 @needs_criu
