@@ -16,8 +16,8 @@ restore (criu-recipe.md, "Notes").  The container's stdout/stderr pipes belong t
 and are recorded as CRIU external pipes, handed to the new monitor at restore
 (``inherit_fd``).  So is the slave of a ``run -t`` container's pty (``--external
 tty[RDEV:DEV]``, :func:`terminal_of`), whose settings and window size go into the images
-dir (:data:`migrate.restorer.TERMINAL_STATE`) for the new monitor's pty.  Bind-mounted volumes are declared as external mounts
-(``--external mnt[DEST]:volN``).
+dir (:data:`migrate.restorer.TERMINAL_STATE`) for the new monitor's pty.  Bind-mounted
+volumes are declared as external mounts (``--external mnt[DEST]:volN``).
 """
 
 from __future__ import annotations
@@ -346,8 +346,8 @@ def _check_objects(c: Container, pid: int, comm: str) -> None:
                 )
 
 
-#: the character devices that are terminals but not pty slaves (major, minor or None for
-#: all): /dev/tty, /dev/console, /dev/ptmx, pty masters, virtual consoles, serial ports
+#: character devices that are terminals but not pty slaves, by (major, minor) and by major
+#: alone: /dev/tty, /dev/console, /dev/ptmx; virtual consoles and serial ports, pty masters
 _OTHER_TTYS = {(5, 0): "/dev/tty", (5, 1): "/dev/console", (5, 2): "a pty master (/dev/ptmx)"}
 _TTY_MAJORS = {
     4: "a virtual console or serial port",
@@ -588,7 +588,8 @@ class DumpPlan:
 
     @classmethod
     def of(cls, c: Container) -> DumpPlan:
-        """The plan for ``c`` (running).  Raises OSError when its init is gone."""
+        """The plan for ``c`` (running).  Raises OSError when its init is gone,
+        PreflightError when its terminal cannot be found (:func:`terminal_of`)."""
         stopped = tuple(stopped_tasks(tasks_of(c)))
         if stopped:
             log.info("dump.freeze_by_ptrace", id=c.id[:12], stopped=list(stopped))

@@ -22,6 +22,10 @@ from tests.helpers.terminal import (
 pytestmark = pytest.mark.root
 
 
+#: a loop that counts in /tmp/t and on its terminal, opening no /dev/tty
+TICKER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/t; echo t=$i; sleep 0.1; done"
+
+
 def test_interactive_shell_detach_attach_exit(jaula: Jaula) -> None:
     with Terminal(jaula.root, "run", "-it", "--name", "sh", "busybox", "sh") as t:
         prompt(t)
@@ -132,6 +136,21 @@ def test_terminal_comes_back_from_an_exported_bundle(
     with Terminal(jaula2.root, "attach", "exp") as t:
         check_shell_came_back(jaula2, t, "exp")
     jaula2.out("rm", "-f", "exp")
+
+
+@needs_criu
+def test_terminal_without_a_shell_survives_checkpoint(jaula: Jaula) -> None:
+    """``-t`` for a program that never opens ``/dev/tty`` (the key declared for it goes
+    unused, at the dump and at the restore): it comes back, its output on the new pty."""
+    jaula.out("run", "-d", "-t", "--name", "ticker", "busybox", "sh", "-c", TICKER)
+    assert wait_for(lambda: "t=3" in jaula.out("logs", "ticker"), 20)
+    jaula.out("checkpoint", "ticker")
+    jaula.out("restore", "ticker")
+    with Terminal(jaula.root, "attach", "--no-stdin", "ticker") as t:
+        t.expect(b"t=")  # printed on the new terminal after the restore
+    n = int(jaula.out("exec", "ticker", "cat", "/tmp/t"))
+    assert wait_for(lambda: int(jaula.out("exec", "ticker", "cat", "/tmp/t")) > n, 20)
+    jaula.out("rm", "-f", "ticker")
 
 
 @needs_criu
