@@ -14,12 +14,15 @@ Sequence::
 The upperdir is captured after the freeze because CRIU checks the size of open files at
 restore (criu-recipe.md, "Notes").  The container's stdout/stderr pipes belong to its monitor
 and are recorded as CRIU external pipes, handed to the new monitor at restore
-(``inherit_fd``).  Bind-mounted volumes are declared as external mounts
-(``--external mnt[DEST]:volN``).
+(``inherit_fd``).  So is the slave of a ``run -t`` container's pty (``--external
+tty[RDEV:DEV]``, :func:`terminal_of`), whose settings and window size go into the images
+dir (:data:`migrate.restorer.TERMINAL_STATE`) for the new monitor's pty.  Bind-mounted
+volumes are declared as external mounts (``--external mnt[DEST]:volN``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -35,11 +38,12 @@ from migrate import criu, netmove, portability, rootfs_diff
 from migrate.bundle import Bundle, Manifest, cpu_flags
 from migrate.deadlines import SCALE_ENV, FrozenLimits
 from migrate.errors import MigrationError, PreflightError
-from migrate.restorer import NETNS_KEY, network_lock
+from migrate.restorer import NETNS_KEY, TERMINAL_STATE, network_lock
+from runtime import tty
 from runtime.cgroups import detect_mode
 from runtime.container import Container, Runtime
 from runtime.errors import CgroupError, ContainerError
-from runtime.state import ContainerStatus, Operation, can
+from runtime.state import ContainerStatus, Operation, atomic_write_json, can
 from runtime.store import CHECKPOINT_DIR, CHECKPOINT_NEW_DIR, LOG, TTY_MARK
 from runtime.syscalls import is_alive, statfs_type
 
@@ -162,7 +166,8 @@ def preflight(c: Container) -> None:
       connected to a process outside the container, an inotify or fanotify watch, a UDP
       socket with unsent data (corked) or a TCP listener with connections not yet accepted,
       a task in a nested time namespace or with a SIGTRAP pending (:mod:`migrate.portability`);
-    - a container with a terminal (``run -t``): its pty would have to be declared external;
+    - a container with a terminal (``run -t``) whose monitor holds no pty slave any more, or
+      with a process holding a terminal other than that one (:func:`check_terminals`);
     - a container whose memory is still arriving from a post-copy (its lazy-pages daemon
       runs): the pages not fetched yet would be left out.
 
@@ -183,11 +188,8 @@ def preflight(c: Container) -> None:
             f" (post-copy, session {pc.session}): checkpoint or migrate it once that "
             f"is over{keeps}"
         )
-    if (c.dir / TTY_MARK).exists():  # runtime.tty: the pty's master is the monitor's
-        raise PreflightError(
-            f"container {c.name} has a terminal (run -t): checkpointing one is not supported "
-            f"yet{keeps}"
-        )
+    own_tty = terminal_of(c)
+    tty_fds = 0
     in_cgroup = set(tasks_of(c))
     tree = process_tree(c.state.pid)
     for pid in sorted(in_cgroup - set(tree)):
@@ -249,6 +251,12 @@ def preflight(c: Container) -> None:
                     f"root, or give the node CAP_SYS_RESOURCE){keeps}"
                 )
         _check_objects(c, pid, comm)
+        tty_fds += check_terminals(c, pid, comm, own_tty)
+    if tty_fds > MAX_TERMINAL_FDS:
+        raise PreflightError(
+            f"cannot checkpoint {c.name}: its processes hold {tty_fds} descriptors of its "
+            f"terminal, and CRIU carries {MAX_TERMINAL_FDS} at most: end some of them{keeps}"
+        )
     _check_foreign_locks(c, in_cgroup | set(tree))
     try:
         if c.config.network == "none":
@@ -338,6 +346,105 @@ def _check_objects(c: Container, pid: int, comm: str) -> None:
                 )
 
 
+#: character devices that are terminals but not pty slaves, by (major, minor) and by major
+#: alone: /dev/tty, /dev/console, /dev/ptmx; virtual consoles and serial ports, pty masters
+_OTHER_TTYS = {(5, 0): "/dev/tty", (5, 1): "/dev/console", (5, 2): "a pty master (/dev/ptmx)"}
+_TTY_MAJORS = {
+    4: "a virtual console or serial port",
+    **{m: "a pty master" for m in range(128, 136)},
+}
+
+
+#: how many descriptors of external terminals CRIU dumps at most (tty.c ETTY_INDEX_MAX -
+#: ETTY_INDEX: each open descriptor of one counts)
+MAX_TERMINAL_FDS = 63
+
+
+@dataclass(frozen=True)
+class OwnTerminal:
+    """The container's own terminal (``run -t``), as CRIU is told about it.
+
+    Attributes:
+        key: CRIU's key of the pty slave (``tty[RDEV:DEV]``, :func:`runtime.tty.criu_key`).
+        path: a path that opens that slave (the monitor's descriptor of it).
+        ctty_key: CRIU's key of ``/dev/tty`` in the container's ``/dev`` (busybox's shell
+            keeps it open for job control); declared external too, as CRIU dumps a
+            ``/dev/tty`` only along with the pty pair it stands for.  None when the
+            container has no ``/dev/tty``.
+    """
+
+    key: str
+    path: str
+    ctty_key: str | None
+
+
+def terminal_of(c: Container) -> OwnTerminal | None:
+    """The container's own terminal (``run -t``: the pty its monitor holds, :mod:`runtime.tty`),
+    or None when it has none.  Raises PreflightError when it was started with a terminal but
+    its monitor holds no pty slave (a monitor of an older jaula, or one going away)."""
+    if not (c.dir / TTY_MARK).exists():
+        return None
+    mon = c.state.monitor_pid
+    try:
+        fds = os.listdir(f"/proc/{mon}/fd")
+    except OSError:
+        fds = []
+    ctty = None
+    with contextlib.suppress(OSError):
+        st = os.stat(f"/proc/{c.state.pid}/root/dev/tty")
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(5, 0):
+            ctty = tty.criu_key(st.st_rdev, st.st_dev)
+    for fd in fds:
+        path = f"/proc/{mon}/fd/{fd}"
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in tty.PTS_MAJORS:
+            return OwnTerminal(tty.criu_key(st.st_rdev, st.st_dev), path, ctty)
+    raise PreflightError(
+        f"cannot checkpoint {c.name}: it has a terminal (run -t) but its monitor "
+        f"({mon}) holds no pty slave to carry: restart it first; the container keeps running"
+    )
+
+
+def check_terminals(c: Container, pid: int, comm: str, own: OwnTerminal | None) -> int:
+    """Refuse a process of the container holding a terminal jaula cannot carry: any but the
+    container's own pty slave ``own`` (from :func:`terminal_of`, declared external to CRIU)
+    and its ``/dev/tty``.  Returns how many descriptors of those two it holds."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    keys = {own.key, own.ctty_key} if own is not None else set()
+    held = 0
+    for fd in fds:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if not stat.S_ISCHR(st.st_mode):
+            continue
+        if tty.criu_key(st.st_rdev, st.st_dev) in keys:
+            held += 1
+            continue
+        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        what = _OTHER_TTYS.get((major, minor)) or _TTY_MAJORS.get(major)
+        if major in tty.PTS_MAJORS or (major, minor) == (5, 0):
+            try:
+                what = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                what = "another terminal"
+        if what is None:
+            continue
+        raise PreflightError(
+            f"cannot checkpoint {c.name}: process {pid} ({comm}) holds {what} (fd {fd}), a "
+            "terminal other than the container's own (run -t), which jaula cannot carry: "
+            "close it first; the container keeps running"
+        )
+    return held
+
+
 def _check_foreign_locks(c: Container, pids: set[int]) -> None:
     """A lock on a file also locked by a process outside the container cannot be moved with
     it (shared/cases C08): refuse."""
@@ -401,13 +508,18 @@ def external_netns(c: Container) -> str | None:
 
 
 def dump_externals(
-    volumes: tuple[dict[str, str], ...] | list[dict[str, str]], netns: str | None
+    volumes: tuple[dict[str, str], ...] | list[dict[str, str]],
+    netns: str | None,
+    terminal: str | None = None,
+    ctty: str | None = None,
 ) -> tuple[str, ...]:
-    """Every ``--external`` of a container's dump: its volumes and, when it is one (see
-    :func:`external_netns`), its net namespace."""
+    """Every ``--external`` of a container's dump: its volumes, when it is one (see
+    :func:`external_netns`) its net namespace, and when it has a terminal the CRIU keys
+    (``tty[..]``) of its pty slave and of its ``/dev/tty`` (:class:`OwnTerminal`)."""
     ext = [f"mnt[{v['destination']}]:{v['key']}" for v in volumes]
     if netns:
         ext.append(netns)
+    ext += [key for key in (terminal, ctty) if key]
     return tuple(ext)
 
 
@@ -450,7 +562,9 @@ class DumpPlan:
 
     Attributes:
         pid: the init's host pid (CRIU's ``--tree``).
-        stdio: CRIU keys of the init's stdout/stderr pipes (:func:`_stdio_keys`).
+        stdio: CRIU keys of the init's stdout/stderr pipes (:func:`_stdio_keys`), and
+            with a terminal ``tty`` and ``ctty``: the keys of its pty slave and of its
+            ``/dev/tty`` (:class:`OwnTerminal`).
         netns: ``--external net[...]`` when the net namespace is external, else None.
         volumes: one ``{key, destination, source}`` per bind mount (``--external mnt[]``).
         freezer: the cgroup dir frozen for the dump (``--freeze-cgroup``), or None when
@@ -458,6 +572,9 @@ class DumpPlan:
             with ptrace, and the cgroup is not frozen.
         network_lock: CRIU's network lock method (migrate.restorer.network_lock).
         stopped: the stopped tasks that made ``freezer`` None.
+        terminal: the settings and window size of the container's terminal (JSON of
+            :class:`runtime.tty.TerminalState`), None without one; taken before the
+            freeze (CRIU keeps its own copy, taken frozen, and applies it last).
     """
 
     pid: int
@@ -467,16 +584,27 @@ class DumpPlan:
     freezer: str | None
     network_lock: int
     stopped: tuple[int, ...] = ()
+    terminal: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, c: Container) -> DumpPlan:
-        """The plan for ``c`` (running).  Raises OSError when its init is gone."""
+        """The plan for ``c`` (running).  Raises OSError when its init is gone,
+        PreflightError when its terminal cannot be found (:func:`terminal_of`)."""
         stopped = tuple(stopped_tasks(tasks_of(c)))
         if stopped:
             log.info("dump.freeze_by_ptrace", id=c.id[:12], stopped=list(stopped))
+        stdio = _stdio_keys(c)
+        terminal = None
+        if (own := terminal_of(c)) is not None:
+            stdio["tty"], stdio["ctty"] = own.key, own.ctty_key
+            fd = os.open(own.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                terminal = tty.capture(fd).to_json()
+            finally:
+                os.close(fd)
         return cls(
             pid=c.state.pid,
-            stdio=_stdio_keys(c),
+            stdio=stdio,
             netns=external_netns(c),
             volumes=tuple(
                 {"key": f"vol{i}", "destination": m.destination, "source": m.source}
@@ -485,6 +613,7 @@ class DumpPlan:
             freezer=None if stopped else freezer_path(c),
             network_lock=network_lock(c.config),
             stopped=stopped,
+            terminal=terminal,
         )
 
     def freeze(self, c: Container, limit_s: float) -> DumpPlan:
@@ -517,13 +646,20 @@ class DumpPlan:
 
     def options(self, images_dir: Path, **kw: Any) -> criu.DumpOptions:
         """CRIU's dump options into ``images_dir``; ``kw`` adds the caller's own
-        (``leave_running``, ``page_server``, ``tls``, ``lazy_pages``, ``ps_socket``)."""
+        (``leave_running``, ``page_server``, ``tls``, ``lazy_pages``, ``ps_socket``).  With
+        a terminal its saved state is written into ``images_dir`` too (:data:`TERMINAL_STATE`),
+        so that it travels with the images."""
+        if self.terminal is not None:
+            images_dir.mkdir(parents=True, exist_ok=True)  # as criu.dump makes it
+            atomic_write_json(images_dir / TERMINAL_STATE, self.terminal)
         return criu.DumpOptions(
             pid=self.pid,
             images_dir=images_dir,
             freeze_cgroup=self.freezer,
             network_lock=self.network_lock,
-            external=dump_externals(self.volumes, self.netns),
+            external=dump_externals(
+                self.volumes, self.netns, self.stdio.get("tty"), self.stdio.get("ctty")
+            ),
             **kw,
         )
 

@@ -511,7 +511,7 @@ class DestinationSession:
         """The body of :meth:`on_restore`, up to the hold; sets ``_steps`` and
         ``_restore_t0``."""
         from migrate.bundle import Bundle
-        from migrate.restore import RESTORER, check_pipes
+        from migrate.restore import RESTORER, check_pipes, mark_terminal
         from runtime.image.transfer import register_image
 
         assert self.cfg is not None and self.armed is not None  # checked by on_restore
@@ -542,6 +542,8 @@ class DestinationSession:
                 "limit_s": limit,  # the restorer's own watchdog (migrate.restorer)
             },
         )
+        assert self.cdir is not None
+        mark_terminal(self.cdir, m["stdio"])  # before "go": the monitor makes its pty
         step("prepare")
         if self.postcopy:
             await self._start_lazy_daemon()

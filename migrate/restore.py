@@ -36,7 +36,7 @@ from runtime.container import Container, Runtime, require_root
 from runtime.errors import ContainerError, ContainerExists
 from runtime.spec import ContainerConfig
 from runtime.state import ContainerStatus, State
-from runtime.store import CHECKPOINT_DIR, CONFIG, LOG
+from runtime.store import CHECKPOINT_DIR, CONFIG, LOG, TTY_MARK
 
 log = structlog.get_logger(__name__)
 
@@ -180,6 +180,17 @@ def check_layers(rt: Runtime, m: Manifest) -> None:
             )
 
 
+def mark_terminal(cdir: Path, stdio: dict[str, str | None]) -> None:
+    """Make the container dir say whether the container has a terminal, as its dump does
+    (``stdio["tty"]``, :class:`migrate.checkpoint.DumpPlan`): the file ``tty`` there tells
+    the restoring monitor to make a new pty (:mod:`runtime.monitor`) and lets ``attach``
+    reach it.  Before the monitor is told to go."""
+    if stdio.get("tty"):
+        (cdir / TTY_MARK).touch()
+    else:
+        (cdir / TTY_MARK).unlink(missing_ok=True)
+
+
 def _restorer_arg(bundle: Path) -> str:
     return json.dumps({"bundle": str(bundle)})
 
@@ -243,6 +254,7 @@ def restore(
         if rt.admission is not None:
             rt.admission.claim(c.id)
         _fresh_upper(c.dir, bundle)
+        mark_terminal(c.dir, m.stdio)
     return rt.revive(c.id, RESTORER, _restorer_arg(bundle.path))
 
 
@@ -294,6 +306,7 @@ def _restore_import(
         _fresh_upper(cdir, Bundle(cdir / CHECKPOINT_DIR))
         if (cdir / CHECKPOINT_DIR / LOG).exists():
             shutil.copyfile(cdir / CHECKPOINT_DIR / LOG, cdir / LOG)
+        mark_terminal(cdir, m.stdio)
         return rt.revive(cfg.id, RESTORER, _restorer_arg(cdir / CHECKPOINT_DIR))
     except BaseException:
         shutil.rmtree(cdir, ignore_errors=True)

@@ -60,7 +60,10 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
     pages ``criu lazy-pages`` brings in), whose tasks are held at CRIU's ``pre-resume`` until the
     destination service says ``resume`` or ``abort`` on the unix socket ``hold``.  The
     restored init becomes the monitor's child (``rst_sibling``); its stdout/stderr are the
-    monitor's new pipes (``inherit_fd``)."""
+    monitor's new pipes (``inherit_fd``).  A container with a terminal (``stdio["tty"]``,
+    the old pty slave's CRIU key) gets the monitor's new pty slave in its place, given the
+    saved settings first (:func:`apply_terminal`): ``stdout_w`` and ``stderr_w`` are two
+    descriptors of that slave then, the second one for its ``/dev/tty`` (``stdio["ctty"]``)."""
     a = json.loads(arg)
     bundle = Bundle(Path(a["bundle"]))
     if "params" in a:  # armed ahead of time: the rest was written just before "go"
@@ -77,6 +80,11 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
         inherit.append((out_key, stdout_w))
     if err_key and err_key != out_key:
         inherit.append((err_key, stderr_w))
+    if tty_key := stdio.get("tty"):
+        apply_terminal(bundle.criu_dir, stdout_w)
+        inherit.append((tty_key, stdout_w))
+        if ctty_key := stdio.get("ctty"):  # its /dev/tty: the same terminal, another fd
+            inherit.append((ctty_key, stderr_w))  # (CRIU takes each and closes it)
     prepared = cdir / NETNS  # a bridged container's, made before the freeze
     if netns == "external":
         if bridged(cfg) and not prepared.exists():
@@ -144,6 +152,27 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
         # measures the downtime up to it) would wait for that; set, it kills nothing more
         watching.set()
     return res.pid
+
+
+#: the saved settings of a container's terminal, in the dump's images dir (JSON of
+#: runtime.tty.TerminalState; written by migrate.checkpoint.DumpPlan.options)
+TERMINAL_STATE = "jaula-terminal.json"
+
+
+def apply_terminal(images_dir: Path, slave: int) -> None:
+    """Give the new pty ``slave`` the settings and window size saved with the dump
+    (:data:`TERMINAL_STATE`), before CRIU gets it; CRIU then applies its own copy, taken
+    while the tasks were frozen.  Raises ValueError when ``slave`` is not a terminal or the
+    saved state is missing or malformed, OSError when the kernel refuses it."""
+    from runtime import tty
+
+    if not os.isatty(slave):
+        raise ValueError("the container had a terminal, but its monitor gave the restore none")
+    try:
+        state = tty.TerminalState.from_json(json.loads((images_dir / TERMINAL_STATE).read_text()))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"the saved state of the container's terminal is unusable: {e}") from e
+    tty.apply(slave, state)
 
 
 def _pages_bytes(images_dir: Path) -> int:

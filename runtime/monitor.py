@@ -297,6 +297,11 @@ def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = F
     process's child (CRIU's ``rst_sibling``) and is reaped here like a started one.  The
     runtime does not import the restorer: it lives in a higher layer (``migrate``).
 
+    With a terminal (the file ``tty`` in ``cdir``, looked at once told to go) this monitor
+    makes a fresh pty and ``stdout_w`` and ``stderr_w`` are two descriptors of its slave, which the
+    restorer gives the restored tasks in place of the old one (:mod:`runtime.tty`); else
+    they are the write ends of new stdout/stderr pipes.
+
     ``armed``: start, import the restorer (and call its module's ``warm_up()`` if it has
     one), make the file ``armed`` in ``cdir``, then wait for ``go`` (or anything else: give up)
     on the FIFO ``go.fifo`` before restoring; this takes the interpreter's start-up out of a
@@ -307,8 +312,8 @@ def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = F
         signal.signal(s, signal.SIG_IGN)
     sc.set_process_name("jaula-monitor")
     sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
+    out_r = err_r = out_w = err_w = -1
+    term: _Terminal | None = None
     try:
         module, _, func = hook_name.partition(":")
         mod = importlib.import_module(module)
@@ -326,17 +331,25 @@ def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = F
         cfg = ContainerConfig.from_json(json.loads((cdir / CONFIG).read_text()))
         cgroup = create_manager(cfg.id, parent=cfg.cgroup_parent)
         log = LogWriter(cdir / LOG)
+        if (cdir / TTY_MARK).exists():
+            master, slave = os.openpty()
+            term = _Terminal(master, slave, tty.listen(cdir), tty.Backlog())
+            out_w, err_w = os.dup(slave), os.dup(slave)
+        else:
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
         pid = int(restorer(cdir, out_w, err_w, arg))
     except Exception as e:  # noqa: BLE001 - reported to the caller, which rolls back
         _report(sync_fd, f"error {e}")
         return 1
     finally:
-        os.close(out_w)
-        os.close(err_w)
+        for fd in (out_w, err_w):
+            if fd >= 0:
+                os.close(fd)
     _report(sync_fd, f"ok {pid} {sc.proc_start_time(pid)}")
-    status = _pump(pid, log, out_r, err_r)
+    status = _pump_any(pid, log, out_r, err_r, term)
     # the restart policy holds for a restored container too (a fresh start of its command)
-    status = _restart_loop(cdir, cfg, cgroup, log, status)
+    status = _restart_loop(cdir, cfg, cgroup, log, status, term)
     return _finish(cdir, cgroup, pid, status)
 
 

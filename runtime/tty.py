@@ -15,8 +15,15 @@ for the container's life (across restarts), so a client may come and go::
 ``attach.sock`` is bound and connected through ``/proc/self/fd/DIRFD/attach.sock`` (a
 container directory's path may be longer than the 108 bytes of ``sun_path``).  Everything the
 terminal prints also goes to ``ctr.log`` (stream ``stdout``), so ``logs`` works as without
-``-t``.  Checkpointing a container with a terminal is not supported yet (CRIU needs the pty
-declared as external).
+``-t``.
+
+Checkpoint and restore (:mod:`migrate.checkpoint`, :mod:`migrate.restorer`): the pty's slave
+is declared external to CRIU (``--external tty[RDEV:DEV]``, :func:`criu_key`) and its
+settings are saved with the dump (:class:`TerminalState`, :func:`capture`).  The monitor that
+restores makes a fresh pair, the restorer applies the saved settings to its slave
+(:func:`apply`) and hands it to CRIU (``--inherit-fd fd[N]:tty[RDEV:DEV]``, the old key), and
+CRIU makes it the restored session's controlling terminal again.  What sat unread in the
+old pty's buffers is lost (CRIU does not dump it either).
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ import sys
 import termios
 import time
 import tty as stdlib_tty
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from runtime.store import ATTACH_SOCK
 
@@ -62,6 +70,100 @@ def listen(cdir: Path) -> socket.socket:
         return srv
     finally:
         os.close(dirfd)
+
+
+#: major numbers of Unix98 pty slaves, /dev/pts/N (linux/major.h UNIX98_PTY_SLAVE_MAJOR, and
+#: the 7 majors after it that the kernel may also give them)
+PTS_MAJORS = range(136, 144)
+
+
+def criu_key(rdev: int, dev: int) -> str:
+    """CRIU's name of a terminal (its ``--external`` and ``--inherit-fd`` key):
+    ``tty[RDEV:DEV]`` in hex, ``st_rdev`` and ``st_dev`` of the open device."""
+    return f"tty[{rdev:x}:{dev:x}]"
+
+
+@dataclass(frozen=True)
+class TerminalState:
+    """What a terminal's line discipline keeps of its settings, as :func:`termios.tcgetattr`
+    gives it (flags as ints, ``cc`` the control characters as ints: NCCS of them) and its
+    window size (rows, columns; pixels as the kernel keeps them)."""
+
+    iflag: int
+    oflag: int
+    cflag: int
+    lflag: int
+    ispeed: int
+    ospeed: int
+    cc: tuple[int, ...]
+    rows: int = 0
+    cols: int = 0
+    xpixel: int = 0
+    ypixel: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "termios": [self.iflag, self.oflag, self.cflag, self.lflag, self.ispeed, self.ospeed],
+            "cc": list(self.cc),
+            "winsize": [self.rows, self.cols, self.xpixel, self.ypixel],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TerminalState:
+        """Raises ValueError when ``d`` is not what :meth:`to_json` wrote."""
+        try:
+            flags = [int(x) for x in d["termios"]]
+            rows, cols, xp, yp = (int(x) for x in d["winsize"])
+            cc = tuple(int(x) for x in d["cc"])
+            if len(flags) != 6 or not all(0 <= c < 256 for c in cc):
+                raise ValueError("bad termios")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not a saved terminal state: {e}") from e
+        iflag, oflag, cflag, lflag, ispeed, ospeed = flags
+        return cls(iflag, oflag, cflag, lflag, ispeed, ospeed, cc, rows, cols, xp, yp)
+
+
+def capture(fd: int) -> TerminalState:
+    """The settings and window size of the terminal open at ``fd``.  Raises OSError
+    (ENOTTY: not a terminal)."""
+    iflag, oflag, cflag, lflag, ispeed, ospeed, cc = termios.tcgetattr(fd)
+    rows, cols, xp, yp = struct.unpack(
+        "HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+    )
+    return TerminalState(
+        iflag,
+        oflag,
+        cflag,
+        lflag,
+        ispeed,
+        ospeed,
+        tuple(c if isinstance(c, int) else c[0] for c in cc),
+        rows,
+        cols,
+        xp,
+        yp,
+    )
+
+
+def apply(fd: int, state: TerminalState) -> None:
+    """Give the terminal at ``fd`` (a pty's slave: a pty keeps one window size for both
+    sides) the settings and window size of ``state``, at once.  Raises OSError, and
+    termios.error when the kernel refuses the settings."""
+    attrs: list[Any] = [
+        state.iflag,
+        state.oflag,
+        state.cflag,
+        state.lflag,
+        state.ispeed,
+        state.ospeed,
+        list(state.cc),
+    ]
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+    fcntl.ioctl(
+        fd,
+        termios.TIOCSWINSZ,
+        struct.pack("HHHH", state.rows, state.cols, state.xpixel, state.ypixel),
+    )
 
 
 #: what the terminal printed before its first client came, kept for that client (bytes)

@@ -5,24 +5,25 @@ attached, and its line discipline (erase, ^C) is the kernel's."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from runtime.poll import wait_for
 from tests.helpers.jaula import Jaula
-from tests.helpers.terminal import CURSOR_QUERY, CURSOR_REPLY, Terminal
+from tests.helpers.skips import needs_criu
+from tests.helpers.terminal import (
+    Terminal,
+    check_shell_came_back,
+    prompt,
+    set_up_shell,
+)
 
 pytestmark = pytest.mark.root
 
-PROMPT = b"# "
 
-
-def prompt(t: Terminal) -> None:
-    """Wait for the shell's prompt and answer the cursor query that follows it (busybox's
-    line editor reads nothing else until it has its answer)."""
-    t.expect(PROMPT)
-    t.expect(CURSOR_QUERY)
-    t.send(CURSOR_REPLY)
+#: a loop that counts in /tmp/t and on its terminal, opening no /dev/tty
+TICKER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/t; echo t=$i; sleep 0.1; done"
 
 
 def test_interactive_shell_detach_attach_exit(jaula: Jaula) -> None:
@@ -105,10 +106,66 @@ def test_exec_it_shell(jaula: Jaula) -> None:
     assert d["State"]["Status"] == "running"
 
 
-def test_checkpoint_of_a_terminal_is_refused_before_the_freeze(jaula: Jaula) -> None:
-    jaula.out("run", "-d", "-t", "--name", "term", "busybox", "sh")
+@needs_criu
+def test_terminal_survives_checkpoint_and_restore(jaula: Jaula) -> None:
+    with Terminal(jaula.root, "run", "-it", "--name", "crt", "busybox", "sh") as t:
+        set_up_shell(t)
+    jaula.out("checkpoint", "crt")
+    (d,) = json.loads(jaula.out("inspect", "crt"))
+    assert d["State"]["Status"] == "checkpointed"
+    jaula.out("restore", "crt")
+    with Terminal(jaula.root, "attach", "crt") as t:
+        check_shell_came_back(jaula, t, "crt")
+    with Terminal(jaula.root, "attach", "crt") as t:  # and once more: exit through it
+        t.send(b"exit 5\r")
+        assert t.wait() == 5
+    assert jaula.out("wait", "crt").strip() == "5"
+
+
+@needs_criu
+def test_terminal_comes_back_from_an_exported_bundle(
+    jaula: Jaula, jaula2: Jaula, tmp_path: Path
+) -> None:
+    """Restored on another node (state root) from ``checkpoint --export``: that node's
+    monitor makes the pty, and ``attach`` there reaches the shell."""
+    with Terminal(jaula.root, "run", "-it", "--name", "exp", "busybox", "sh") as t:
+        set_up_shell(t)
+    bundle = tmp_path / "exp.tar"
+    jaula.out("checkpoint", "exp", "--export", str(bundle))
+    jaula2.out("restore", "--import", str(bundle), "--insecure-unsigned")
+    with Terminal(jaula2.root, "attach", "exp") as t:
+        check_shell_came_back(jaula2, t, "exp")
+    jaula2.out("rm", "-f", "exp")
+
+
+@needs_criu
+def test_terminal_without_a_shell_survives_checkpoint(jaula: Jaula) -> None:
+    """``-t`` for a program that never opens ``/dev/tty`` (the key declared for it goes
+    unused, at the dump and at the restore): it comes back, its output on the new pty."""
+    jaula.out("run", "-d", "-t", "--name", "ticker", "busybox", "sh", "-c", TICKER)
+    assert wait_for(lambda: "t=3" in jaula.out("logs", "ticker"), 20)
+    jaula.out("checkpoint", "ticker")
+    jaula.out("restore", "ticker")
+    with Terminal(jaula.root, "attach", "--no-stdin", "ticker") as t:
+        t.expect(b"t=")  # printed on the new terminal after the restore
+    n = int(jaula.out("exec", "ticker", "cat", "/tmp/t"))
+    assert wait_for(lambda: int(jaula.out("exec", "ticker", "cat", "/tmp/t")) > n, 20)
+    jaula.out("rm", "-f", "ticker")
+
+
+@needs_criu
+def test_checkpoint_refuses_another_terminal(jaula: Jaula) -> None:
+    """A terminal other than the container's own (here a pty made inside it on a devpts
+    of its own) cannot be carried: refused before the freeze, in one line."""
+    jaula.out(
+        "run", "-d", "-t", "--privileged", "--name", "term", "busybox", "sh", "-c",
+        "mkdir -p /tmp/pts && mount -t devpts -o newinstance,ptmxmode=666 devpts /tmp/pts "
+        "&& exec 7<>/tmp/pts/ptmx && exec sleep 1000",
+    )  # fmt: skip
+    holds = lambda: "ptmx" in jaula.out("exec", "term", "ls", "-l", "/proc/1/fd")
+    assert wait_for(holds, 20), jaula.out("exec", "term", "ls", "-l", "/proc/1/fd")
     p = jaula.run("checkpoint", "term", check=False)
     assert p.returncode == 125 and p.stderr.count("\n") == 1, p.stderr
-    assert "has a terminal" in p.stderr
+    assert "terminal other than the container's own" in p.stderr
     (d,) = json.loads(jaula.out("inspect", "term"))
     assert d["State"]["Status"] == "running"

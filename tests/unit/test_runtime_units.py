@@ -201,3 +201,35 @@ def test_log_writer_and_reader(tmp_path: Path) -> None:
     assert parse_line(b"garbage") is None
     empty = parse_line(b"2026-01-01T00:00:00Z stdout F ")
     assert empty is not None and empty.data == b"\n"
+
+
+def test_terminal_state_moves_a_ptys_settings_to_another() -> None:
+    """runtime.tty: what a checkpoint saves of a terminal (issue 17) gives a fresh pty the
+    same settings and window size, through JSON."""
+    import fcntl
+    import json
+    import struct
+    import termios
+
+    from runtime import tty
+
+    m1, s1 = os.openpty()
+    m2, s2 = os.openpty()
+    try:
+        attrs = termios.tcgetattr(s1)
+        attrs[3] &= ~termios.ECHO
+        attrs[6][termios.VINTR] = b"\x07"
+        termios.tcsetattr(s1, termios.TCSANOW, attrs)
+        fcntl.ioctl(m1, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+        saved = json.loads(json.dumps(tty.capture(s1).to_json()))
+        assert termios.tcgetattr(s2)[3] & termios.ECHO
+        tty.apply(s2, tty.TerminalState.from_json(saved))
+        got = termios.tcgetattr(s2)
+        assert not got[3] & termios.ECHO and got[6][termios.VINTR] == b"\x07"
+        assert tty.capture(s2).rows == 33 and tty.capture(s2).cols == 101
+    finally:
+        for fd in (m1, s1, m2, s2):
+            os.close(fd)
+    with pytest.raises(ValueError, match="not a saved terminal state"):
+        tty.TerminalState.from_json({"termios": [1, 2], "cc": [], "winsize": [0, 0, 0, 0]})
+    assert tty.criu_key(os.makedev(136, 3), 0x1A) == "tty[8803:1a]"
