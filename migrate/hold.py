@@ -31,6 +31,7 @@ bytes) and named after the node's state root: several nodes may share a host.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
 from pathlib import Path
@@ -40,6 +41,20 @@ from runtime.container import Runtime
 
 #: where held restores talk to their node service
 HOLD_DIR = Path("/run/jaula")
+#: the file in an incoming session's staging dir where the held restorer writes the
+#: decision it was given ("resume" or "abort") before it acts on it: a service that died
+#: right after answering finds it there on restart (the restorer will not ask again)
+HOLD_DECISION = "hold-decision"
+
+
+def given_decision(staging: Path) -> bool | None:
+    """The decision the held restore of ``staging`` was already given (True: resume), or
+    None if it was given none (it is still held, or never was)."""
+    try:
+        word = json.loads((staging / HOLD_DECISION).read_text()).get("decision")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {"resume": True, "abort": False}.get(word)
 
 
 def hold_socket_path(rt: Runtime, session: str) -> Path:

@@ -41,7 +41,7 @@ from migrate.cluster_state import ClusterState, ClusterStateError, StateUnavaila
 from migrate.config import ClientConfig, Cluster, NodeConfig, PeerKind
 from migrate.destination import DestinationSession
 from migrate.errors import MigrationError, NodeConfigError, PeerUnavailable, ProtocolError
-from migrate.hold import HoldServer, hold_socket_path, stale_hold_sockets
+from migrate.hold import HoldServer, given_decision, hold_socket_path, stale_hold_sockets
 from migrate.membership import Membership, NodeOwnership, open_node_state, write_node_file
 from migrate.net_leases import ClusterLeases
 from migrate.protocol import (
@@ -716,18 +716,28 @@ class NodeService:
     async def _recover_held(self, c: Container, source: str, session: str, hold: Path) -> None:
         """A restore held at pre-resume when this service died: ask the source, answer the
         held restorer on its socket, until decided."""
-        while True:
-            committed = await self.ask_outcome(source, session)
-            if committed is not None:
-                break
-            await asyncio.sleep(2.0)
-        server = HoldServer(hold)
-        await server.start()
-        server.decide(committed)
-        try:
-            await server.answered.wait()  # the restorer reconnects every 0.5 s until answered
-        finally:
-            server.close()
+        given = next(
+            (g for d in self._session_dirs(session) if (g := given_decision(d)) is not None),
+            None,
+        )
+        if given is not None:
+            # the previous incarnation answered the restorer and died before it recorded
+            # the result: the restorer asks no more, so its decision is the outcome
+            committed = given
+            hold.unlink(missing_ok=True)  # the dead incarnation's socket
+        else:
+            while True:
+                committed = await self.ask_outcome(source, session)
+                if committed is not None:
+                    break
+                await asyncio.sleep(2.0)
+            server = HoldServer(hold)
+            await server.start()
+            server.decide(committed)
+            try:
+                await server.answered.wait()  # the restorer reconnects every 0.5 s until answered
+            finally:
+                server.close()
         if committed:
             # The service that waited for the monitor's report is gone: record the restored
             # init (the monitor's child) ourselves.

@@ -17,10 +17,12 @@ from pathlib import Path
 from migrate import criu
 from migrate.bundle import Bundle
 from migrate.deadlines import SCALE_ENV, FrozenLimits
+from migrate.hold import HOLD_DECISION
 from migrate.netmove import bridged, go_live
 from runtime.cgroups import CgroupMode, create_manager, detect_mode
 from runtime.poll import wait_for
 from runtime.spec import ContainerConfig
+from runtime.state import atomic_write_json
 from runtime.store import CONFIG, NETNS
 
 #: how long CRIU may take to end by itself once a restored task has started to exit (its
@@ -110,7 +112,7 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
             watching.set()  # held: as long as the decision takes, never on a time limit
             if not handle.disarm():
                 return False  # killed at its limit as it got here: it is ending
-            if hold and not _wait_for_decision(hold):
+            if hold and not _wait_for_decision(hold, bundle.path / HOLD_DECISION):
                 _kill_restored(root[0], cfg)
                 raise criu.StopCriu(
                     "the migration was called off: the restored copy was killed before it ran"
@@ -313,8 +315,10 @@ def fresh_netns() -> int:
         os.close(own)
 
 
-def _wait_for_decision(path: str) -> bool:
-    """Tell the destination service the tasks are held; return its decision (True: resume).
+def _wait_for_decision(path: str, record: Path) -> bool:
+    """Tell the destination service the tasks are held; return its decision (True: resume),
+    written to ``record`` first (migrate.hold.HOLD_DECISION: a service that dies right
+    after answering learns it from there, since this asks no more).
 
     If the service goes away, keep the tasks held and reconnect (a restarted service asks
     the source for the outcome): a held copy is never discarded on a timeout alone."""
@@ -328,6 +332,7 @@ def _wait_for_decision(path: str) -> bool:
                 s.sendall(b"held\n")
                 answer = s.makefile("rb").readline().strip()
             if answer in (b"resume", b"abort"):
+                atomic_write_json(record, {"decision": answer.decode()})
                 return answer == b"resume"
         except OSError:
             pass

@@ -130,3 +130,40 @@ def test_committed_held_postcopy_copy_resumes_after_a_restart(nodes: Cluster2) -
     lengths = set(re.findall(r"^len (\d+)$", n2.out("logs", "pk"), re.MULTILINE))
     assert lengths == {str(BIG)}, lengths
     assert wait_for(lambda: not c.incoming("node2"), 60), c.incoming("node2")
+
+
+def test_a_service_killed_right_after_answering_the_hold_finds_its_copy_resumed(
+    nodes: Cluster2,
+) -> None:
+    """node2's service answers its held restorer ``resume`` and dies before it records the
+    resumed container: the restorer asks no more, so the restarted service, which used to
+    wait on the hold socket for it for ever, left the container ``migrating`` (found by
+    the post-copy test above, rarely).  It now reads the decision the restorer wrote and
+    records the container running.  The kill is aimed at the moment that file appears;
+    it can land a little late, when the service had recorded it already: the outcome must
+    be the same."""
+    from migrate.hold import HOLD_DECISION
+    from migrate.scratch import scratch_dirs
+
+    c = nodes
+    n1 = c.local("node1")
+    n1.run("run", "-d", "--name", "ans", "busybox", "sh", "-c", COUNTER)
+    wait_ticks(n1, "ans", 3)
+    places = scratch_dirs(Runtime(c.state_root("node2")))
+
+    def decided() -> bool:
+        return any(p.is_dir() and any(p.glob(f"incoming-*/{HOLD_DECISION}")) for p in places)
+
+    mig = migrate_async(c, "ans", "node2")
+    try:
+        assert wait_for(decided, 120, 0.0005), "node2's restorer was never answered"
+        c.kill("node2")
+        mig.communicate(timeout=120)
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+            mig.wait()
+    c.start("node2")
+    assert wait_for(lambda: c.where("ans").get("node2") == "running", 60), c.where("ans")
+    continues_on(c, "ans", "node2")
+    assert wait_for(lambda: not c.incoming("node2"), 30), c.incoming("node2")
