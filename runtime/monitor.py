@@ -282,8 +282,15 @@ def _record_exit(cdir: Path, cgroup: CgroupManager, status: int) -> None:
 
 
 def _finish(cdir: Path, cgroup: CgroupManager, pid: int, status: int) -> int:
-    """Record the init's exit in ``exit.json`` and unmount the rootfs."""
+    """Record the init's exit in ``exit.json``, remove its published ports' rules (nobody
+    answers behind them now; ``start`` puts them back) and unmount the rootfs."""
     _record_exit(cdir, cgroup, status)
+    cfg = ContainerConfig.from_json(json.loads((cdir / CONFIG).read_text()))
+    if cfg.ports:
+        from runtime.network import ports
+
+        for err in ports.unpublish(ports.node_tag(cdir.parents[1]), cfg.id):
+            print(f"monitor: {err}", file=sys.stderr)
     try:
         unmount(cdir / "merged")
     except Exception as e:  # noqa: BLE001 - rm retries; say it in the monitor log
