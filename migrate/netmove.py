@@ -20,6 +20,16 @@ restores them into a namespace the destination made before the freeze, with the 
                                                    then the tasks run (restorer)
 
 A frame sent to the container between the two is dropped, and TCP sends it again.
+
+Published ports (``-p``, :mod:`runtime.network.ports`) travel in the container's config; each
+node's DNAT rules carry that node's tag, so both nodes of one host keep theirs apart::
+
+    source                                 destination
+                                           offer: every host port free here (no other
+                                                  container's rule, no bound socket)
+    roll back: its rules were never touched
+    commit: its rules removed (with the port)
+                                           resume: rules installed before the tasks run
 """
 
 from __future__ import annotations
@@ -97,6 +107,10 @@ def remove_source_port(c: Container) -> None:
         link.delete_link(att.host_if)
     except (NetworkError, OSError) as e:
         log.error("network.remove_port", id=c.id[:12], error=str(e))
+    if c.config.ports:  # errors logged there
+        from runtime.network import ports
+
+        ports.unpublish(c.rt.port_tag, c.id)
 
 
 def check_destination(rt: Runtime, cfg: ContainerConfig) -> str | None:
@@ -121,6 +135,10 @@ def check_destination(rt: Runtime, cfg: ContainerConfig) -> str | None:
     held = link.addresses_in_use(att.ip, att.mac)
     if held:
         return f"{att.ip} or {att.mac} is already in use on this node: {held[0]}"
+    if cfg.ports:
+        from runtime.network import ports
+
+        return ports.conflict(cfg.ports, cfg.id)
     return None
 
 
@@ -168,6 +186,26 @@ def discard_destination(cdir: Path, cfg: ContainerConfig) -> None:
     with contextlib.suppress(NetworkError, OSError, JaulaError):
         link.remove_netns(cdir / NETNS)
         link.delete_link(att.host_if)
+    if cfg.ports:  # installed only at the resume; idempotent
+        from runtime.network import ports
+
+        ports.unpublish(ports.node_tag(cdir.parents[1]), cfg.id)
+
+
+def publish_here(cdir: Path, cfg: ContainerConfig) -> None:
+    """At the resume (or a local restore), before the tasks run: install ``cfg``'s
+    published ports on the node whose state root holds ``cdir``.  The source has committed
+    by then, so a failure cannot call the move off: it is logged, and the container runs
+    without them (``jaula stop``/``start`` tries again)."""
+    att = bridged(cfg)
+    if att is None or not cfg.ports:
+        return
+    from runtime.network import ports
+
+    try:
+        ports.publish(ports.node_tag(cdir.parents[1]), cfg.id, att.ip, cfg.ports)
+    except (NetworkError, OSError) as e:
+        log.error("network.ports.publish", id=cfg.id[:12], error=str(e))
 
 
 def go_live(cfg: ContainerConfig, netns: str) -> None:
