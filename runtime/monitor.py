@@ -20,6 +20,7 @@ The container never writes into the state root: it only holds the write ends of 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -289,6 +290,12 @@ def _finish(cdir: Path, cgroup: CgroupManager, pid: int, status: int) -> int:
     if cfg.ports:
         from runtime.network import ports
 
+        with contextlib.suppress(OSError):  # children in our own pid ns: the init's is dead
+            fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                sc.setns(fd, sc.CLONE_NEWPID)
+            finally:
+                os.close(fd)
         for err in ports.unpublish(ports.node_tag(cdir.parents[1]), cfg.id):
             print(f"monitor: {err}", file=sys.stderr)
     try:

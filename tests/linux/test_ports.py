@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from runtime.poll import wait_for
 from tests.helpers import net as tnet
 from tests.helpers.jaula import Jaula
 
@@ -100,3 +101,16 @@ def test_a_taken_host_port_is_refused_before_anything_starts(
         jaula, "--network", "host", "-p", "8080:80"
     )
     assert tnet.port_rules(first) == rules  # the first container's rules untouched
+
+
+def test_a_container_that_exits_takes_its_rules_along(
+    jaula: Jaula, bridged: tnet.BridgeNet
+) -> None:
+    port = tnet.free_port()
+    cid = jaula.out("run", "-d", "--network", "bridge", "-p", f"{port}:80", "busybox",
+                    "sleep", "1").strip()  # fmt: skip
+    assert tnet.port_rules(cid) != []
+    jaula.run("wait", cid)
+    assert wait_for(lambda: tnet.port_rules(cid) == [], 10)  # the monitor removes them
+    jaula.run("start", cid)
+    assert tnet.port_rules(cid) != []
