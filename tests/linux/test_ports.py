@@ -114,3 +114,14 @@ def test_a_container_that_exits_takes_its_rules_along(
     assert wait_for(lambda: tnet.port_rules(cid) == [], 10)  # the monitor removes them
     jaula.run("start", cid)
     assert tnet.port_rules(cid) != []
+
+
+def test_checkpoint_drops_the_rules_and_restore_puts_them_back(
+    jaula: Jaula, bridged: tnet.BridgeNet
+) -> None:
+    port = tnet.free_port()
+    cid = _serve(jaula, "--name", "web", "-p", f"{port}:80")
+    jaula.run("checkpoint", "web")
+    assert wait_for(lambda: tnet.port_rules(cid) == [], 10)  # its monitor removed them
+    jaula.run("restore", "web")
+    assert tnet.http_get("127.0.0.1", port, "/hostname").strip() == cid[:12]
