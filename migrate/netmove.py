@@ -26,10 +26,12 @@ node's DNAT rules carry that node's tag, so both nodes of one host keep theirs a
 
     source                                 destination
                                            offer: every host port free here (no other
-                                                  container's rule, no bound socket)
-    roll back: its rules were never touched
+                                                  container's rule, no bound socket); the
+                                                  rules installed with the prepared netns
+                                                  (out of the downtime: ~10 iptables runs)
+    roll back: its rules were never touched    abort: its rules removed
     commit: its rules removed (with the port)
-                                           resume: rules installed before the tasks run
+                                           resume: the tasks run behind them
 """
 
 from __future__ import annotations
@@ -161,18 +163,23 @@ def for_this_node(rt: Runtime, cfg: ContainerConfig) -> ContainerConfig:
 
 def prepare_destination(rt: Runtime, cdir: Path, cfg: ContainerConfig) -> None:
     """Make the namespace the restore goes into (pinned at ``cdir/netns``), with ``eth0``
-    plugged into the bridge and its host side down.  NetworkError on failure (nothing
-    left)."""
+    plugged into the bridge and its host side down, and install the container's published
+    ports here (checked again under the ports' lock: PortInUse when one was taken since the
+    preflight).  NetworkError on failure (nothing left)."""
     att = bridged(cfg)
     if att is None:
         return
-    from runtime.network import link
+    from runtime.network import link, ports
 
     link.create_netns(cdir / NETNS)
     try:
         link.plug(att, cdir / NETNS, link.ensure_bridge(rt.network), host_up=False)
+        ports.publish(rt.port_tag, cfg.id, att.ip, cfg.ports)
     except BaseException:
         link.remove_netns(cdir / NETNS)
+        with contextlib.suppress(NetworkError, OSError):
+            link.delete_link(att.host_if)
+        ports.unpublish(rt.port_tag, cfg.id)
         raise
 
 
@@ -186,26 +193,10 @@ def discard_destination(cdir: Path, cfg: ContainerConfig) -> None:
     with contextlib.suppress(NetworkError, OSError, JaulaError):
         link.remove_netns(cdir / NETNS)
         link.delete_link(att.host_if)
-    if cfg.ports:  # installed only at the resume; idempotent
+    if cfg.ports:  # idempotent
         from runtime.network import ports
 
         ports.unpublish(ports.node_tag(cdir.parents[1]), cfg.id)
-
-
-def publish_here(cdir: Path, cfg: ContainerConfig) -> None:
-    """At the resume (or a local restore), before the tasks run: install ``cfg``'s
-    published ports on the node whose state root holds ``cdir``.  The source has committed
-    by then, so a failure cannot call the move off: it is logged, and the container runs
-    without them (``jaula stop``/``start`` tries again)."""
-    att = bridged(cfg)
-    if att is None or not cfg.ports:
-        return
-    from runtime.network import ports
-
-    try:
-        ports.publish(ports.node_tag(cdir.parents[1]), cfg.id, att.ip, cfg.ports)
-    except (NetworkError, OSError) as e:
-        log.error("network.ports.publish", id=cfg.id[:12], error=str(e))
 
 
 def go_live(cfg: ContainerConfig, netns: str) -> None:

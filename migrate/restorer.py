@@ -17,7 +17,7 @@ from pathlib import Path
 from migrate import criu
 from migrate.bundle import Bundle
 from migrate.deadlines import SCALE_ENV, FrozenLimits
-from migrate.netmove import bridged, go_live, publish_here
+from migrate.netmove import bridged, go_live
 from runtime.cgroups import CgroupMode, create_manager, detect_mode
 from runtime.poll import wait_for
 from runtime.spec import ContainerConfig
@@ -107,11 +107,8 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
                 raise criu.StopCriu(
                     "the migration was called off: the restored copy was killed before it ran"
                 )
-            if bridged(
-                cfg
-            ):  # its port up and announced, its host ports published, before its tasks run
+            if bridged(cfg):  # its port up and announced before its tasks run
                 go_live(cfg, f"/proc/{root[0]}/ns/net")
-                publish_here(cdir, cfg)
         return True
 
     limit = a.get("limit_s")
