@@ -224,9 +224,16 @@ def _bound(m: PortMapping) -> str | None:
             s.bind((m.host_ip or "0.0.0.0", m.host_port))
         except OSError as e:
             if e.errno == errno.EADDRNOTAVAIL:
-                return f"{m.host_ip} is not an address of this node"
+                return _not_local(m)
             return f"a socket of this node is bound to it ({e.strerror})"
     return None
+
+
+def _not_local(m: PortMapping) -> str:
+    return (
+        f"-p {m.host_ip}:...: {m.host_ip} is not an address of this node: "
+        "publish on one of its addresses or leave HOSTIP out"
+    )
 
 
 def conflict(mappings: Iterable[PortMapping], container_id: str) -> str | None:
@@ -243,7 +250,7 @@ def conflict(mappings: Iterable[PortMapping], container_id: str) -> str | None:
                     f"{p.container_id[:12]}: pick another host port"
                 )
         if why := _bound(m):
-            return f"host port {where} is in use: {why}"
+            return why if why.startswith("-p ") else f"host port {where} is in use: {why}"
     return None
 
 
@@ -263,7 +270,10 @@ def assign_host_ports(mappings: Iterable[PortMapping]) -> tuple[PortMapping, ...
         kind = socket.SOCK_STREAM if m.protocol == "tcp" else socket.SOCK_DGRAM
         for _ in range(64):
             with socket.socket(socket.AF_INET, kind) as s:
-                s.bind((m.host_ip or "0.0.0.0", 0))
+                try:
+                    s.bind((m.host_ip or "0.0.0.0", 0))
+                except OSError as e:
+                    raise NetworkError(_not_local(m)) from e
                 port = int(s.getsockname()[1])
             if (m.protocol, port) not in taken and all(
                 not (o.protocol == m.protocol and o.host_port == port) for o in out

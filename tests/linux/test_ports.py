@@ -95,6 +95,10 @@ def test_a_taken_host_port_is_refused_before_anything_starts(
         busy = s.getsockname()[1]
         msg = _refused(jaula, "--network", "bridge", "-p", f"{busy}:80")
         assert f"host port 0.0.0.0:{busy}/tcp is in use" in msg
+    for spec in ("192.0.2.77:8080:80", "192.0.2.77::80"):
+        assert "192.0.2.77 is not an address of this node" in _refused(
+            jaula, "--network", "bridge", "-p", spec
+        )
     assert "invalid -p '80-90:80'" in _refused(jaula, "--network", "bridge", "-p", "80-90:80")
     assert "-p needs --network bridge (not none)" in _refused(jaula, "-p", "8080:80")
     assert "-p needs --network bridge (not host)" in _refused(
