@@ -25,6 +25,7 @@ from runtime.errors import CommandNotExecutable, CommandNotFound, ConfigError, J
 from runtime.image.store import ImportProgress
 from runtime.logconfig import configure_logging
 from runtime.logs import read_log, write_record
+from runtime.network.ports import parse_publish
 from runtime.quota import parse_storage_opts
 from runtime.restart import parse_restart
 from runtime.seccomp_filter import parse_security_opts
@@ -172,6 +173,15 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     run.add_argument("--mac-address", help="MAC of eth0 (default: derived from the id)")
     run.add_argument("--dns", action="append", default=[], help="nameserver for resolv.conf")
     run.add_argument(
+        "-p",
+        "--publish",
+        action="append",
+        default=[],
+        metavar="[HOSTIP:][HOSTPORT:]CTRPORT[/PROTO]",
+        help="publish a port of a bridged container on this node (iptables DNAT; no "
+        "HOSTPORT: a free one)",
+    )
+    run.add_argument(
         "--add-host", action="append", default=[], metavar="NAME:IP", help="line for /etc/hosts"
     )
     run.add_argument("-v", "--volume", action="append", default=[], help="HOST:CTR[:ro][,shared]")
@@ -210,6 +220,10 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
     ps.add_argument("-a", "--all", action="store_true", help="show stopped containers too")
     ps.add_argument("-q", "--quiet", action="store_true", help="print ids only")
     ps.add_argument("--format", choices=["table", "json"], default="table")
+
+    pt = sub.add_parser("port", help="list a container's published ports (iptables DNAT)")
+    pt.add_argument("container")
+    pt.add_argument("private_port", nargs="?", metavar="PRIVATE_PORT[/PROTO]")
 
     ins = sub.add_parser("inspect", help="show a container's configuration and state (JSON)")
     ins.add_argument("containers", nargs="+")
@@ -357,6 +371,7 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
         mac_address=a.mac_address,
         dns=tuple(a.dns),
         add_hosts=tuple(a.add_host),
+        ports=tuple(parse_publish(v) for v in a.publish),
         seccomp=parse_security_opts(a.security_opt, a.privileged),
         storage_size_bytes=parse_storage_opts(a.storage_opt),
         restart=parse_restart(a.restart),
@@ -380,6 +395,32 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
     finally:
         if a.rm:
             c.delete(force=True)
+
+
+def cmd_port(rt: Runtime, a: argparse.Namespace) -> int:
+    """``podman port CTR [PRIVATE_PORT[/PROTO]]``: one ``80/tcp -> 0.0.0.0:8080`` line per
+    mapping (with PRIVATE_PORT: only ``0.0.0.0:8080`` of that port)."""
+    c = rt.get(a.container)
+    if a.private_port is None:
+        for m in c.config.ports:
+            print(m.podman_line())
+        return 0
+    port, _, proto = a.private_port.partition("/")
+    if not port.isdigit() or proto not in ("", "tcp", "udp"):
+        raise ConfigError(f"invalid port {a.private_port!r}: use PORT or PORT/tcp or PORT/udp")
+    found = [
+        m
+        for m in c.config.ports
+        if m.container_port == int(port) and m.protocol == (proto or "tcp")
+    ]
+    if not found:
+        raise ConfigError(
+            f"no public port {port}/{proto or 'tcp'} published for {c.name}: "
+            f"see `jaula port {c.name}`"
+        )
+    for m in found:
+        print(f"{m.host_ip or '0.0.0.0'}:{m.host_port}")
+    return 0
 
 
 def _attach(c: Container) -> int:
@@ -565,6 +606,8 @@ def dispatch(
             out = [rt.get(ref).inspect() for ref in a.containers]
             print(json.dumps(out, indent=1))
             return 0
+        case "port":
+            return cmd_port(rt, a)
         case "logs":
             return cmd_logs(rt, a)
         case "exec":

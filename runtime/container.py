@@ -37,6 +37,7 @@ from runtime.errors import (
 from runtime.exec_process import exec_in
 from runtime.image import ImageStore
 from runtime.network import LEASES_FILE, Attachment, IpLeases, NetworkConfig
+from runtime.network.ports import PortMapping
 from runtime.poll import wait_for
 from runtime.restart import RestartPolicy, load_init, load_policy, save_policy
 from runtime.rootfs.mounts import secure_join
@@ -108,6 +109,7 @@ class RunOptions:
     mac_address: str | None = None
     dns: tuple[str, ...] = ()
     add_hosts: tuple[str, ...] = ()
+    ports: tuple[PortMapping, ...] = ()
     seccomp: str = "default"
     storage_size_bytes: int | None = None
     restart: RestartPolicy = field(default_factory=RestartPolicy)
@@ -296,6 +298,7 @@ class Container:
                 if att is not None:  # bridged: its address again (given back at stop), a veth
                     self.rt.leases.lease_ip(att.subnet or self.rt.network.subnet, self.id, att.ip)
                     self.rt._plug(self.dir, att)
+                    self.rt._publish(self.id, att, self.config.ports)
                 if not is_mountpoint(layout.merged):
                     mount_overlay(layout)
                 cg.create(self.config.resources)
@@ -648,7 +651,13 @@ def _network_settings(cfg: ContainerConfig) -> dict[str, object]:
     att = cfg.attachment
     if att is None:
         return {}
+    published: dict[str, list[dict[str, str]]] = {}
+    for m in cfg.ports:  # podman inspect's shape: "80/tcp": [{"HostIp": "", "HostPort": "8080"}]
+        published.setdefault(f"{m.container_port}/{m.protocol}", []).append(
+            {"HostIp": m.host_ip, "HostPort": str(m.host_port)}
+        )
     return {
+        "Ports": published,
         "IPAddress": att.ip,
         "IPPrefixLen": att.prefixlen,
         "Gateway": att.gateway,
@@ -656,6 +665,20 @@ def _network_settings(cfg: ContainerConfig) -> dict[str, object]:
         "Bridge": att.bridge,
         "HostInterface": att.host_if,
     }
+
+
+def _check_ports(mappings: tuple[PortMapping, ...]) -> tuple[PortMapping, ...]:
+    """``-p`` checked before anything is made: no host port twice, each free on this node
+    (not published by another container, not bound by a socket); a missing host port gets
+    a free one.  Returns the mappings to record.  NetworkError/PortInUse naming the port."""
+    if not mappings:
+        return ()
+    from runtime.network import ports
+
+    ports.check_unique(mappings)
+    resolved = ports.assign_host_ports(mappings)
+    ports.check_free(resolved)
+    return resolved
 
 
 def _check_network_options(rt: Runtime, opts: RunOptions) -> tuple[str | None, str | None]:
@@ -672,6 +695,7 @@ def _check_network_options(rt: Runtime, opts: RunOptions) -> tuple[str | None, s
                 ("--mac-address", opts.mac_address),
                 ("--dns", opts.dns),
                 ("--add-host", opts.add_hosts),
+                ("-p", opts.ports),
             )
             if v
         ]
@@ -798,6 +822,7 @@ class Runtime:
         if opts.network not in ("none", "host", "bridge"):
             raise ConfigError(f"invalid --network {opts.network!r}: use bridge, none or host")
         want_ip, want_mac = _check_network_options(self, opts)
+        ports = _check_ports(opts.ports)
         if opts.network == "bridge" and opts.restart != RestartPolicy():
             # the monitor restarts the init in place, but the veth dies with the last task
             raise ConfigError(
@@ -849,6 +874,7 @@ class Runtime:
                 cgroup_parent=self.cgroup_parent,
                 created_at=time.time(),
                 labels=opts.labels,
+                ports=ports,
             )
             atomic_write_json(cdir / CONFIG, cfg.to_json())
             atomic_write_json(cdir / STATE, State().to_json())
@@ -884,6 +910,7 @@ class Runtime:
                 return ctr
             if att is not None:
                 self._plug(cdir, att)
+                self._publish(cid, att, cfg.ports)
             cg.create(cfg.resources)
             with ctr.locked():
                 mon_pid, sync_r = _launch_monitor(cdir)
@@ -911,6 +938,21 @@ class Runtime:
             raise
         log.info("container.started", id=cid[:12], name=name, pid=pid)
         return ctr
+
+    @property
+    def port_tag(self) -> str:
+        """This node's name in its published ports' rules (:mod:`runtime.network.ports`)."""
+        from runtime.network.ports import node_tag
+
+        return node_tag(self.root)
+
+    def _publish(self, cid: str, att: Attachment, mappings: tuple[PortMapping, ...]) -> None:
+        """Install the DNAT rules of ``mappings`` towards ``att.ip``.  PortInUse (a host
+        port taken since the run's check), NetworkError."""
+        if mappings:
+            from runtime.network import ports
+
+            ports.publish(self.port_tag, cid, att.ip, mappings)
 
     def _plug(self, cdir: Path, att: Attachment) -> None:
         """Pin a new net namespace at ``cdir``/netns and plug the container's veth into the
@@ -954,6 +996,9 @@ class Runtime:
             link.delete_link(att.host_if if att else host_if_name(cid))
         except (NetworkError, OSError) as e:
             errors.append(str(e))
+        from runtime.network import ports
+
+        errors += ports.unpublish(self.port_tag, cid)
         if att is not None and release:
             try:
                 self.leases.release_ip(att.subnet or self.network.subnet, cid)

@@ -20,6 +20,7 @@ The container never writes into the state root: it only holds the write ends of 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -282,8 +283,21 @@ def _record_exit(cdir: Path, cgroup: CgroupManager, status: int) -> None:
 
 
 def _finish(cdir: Path, cgroup: CgroupManager, pid: int, status: int) -> int:
-    """Record the init's exit in ``exit.json`` and unmount the rootfs."""
+    """Record the init's exit in ``exit.json``, remove its published ports' rules (nobody
+    answers behind them now; ``start`` puts them back) and unmount the rootfs."""
     _record_exit(cdir, cgroup, status)
+    cfg = ContainerConfig.from_json(json.loads((cdir / CONFIG).read_text()))
+    if cfg.ports:
+        from runtime.network import ports
+
+        with contextlib.suppress(OSError):  # children in our own pid ns: the init's is dead
+            fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                sc.setns(fd, sc.CLONE_NEWPID)
+            finally:
+                os.close(fd)
+        for err in ports.unpublish(ports.node_tag(cdir.parents[1]), cfg.id):
+            print(f"monitor: {err}", file=sys.stderr)
     try:
         unmount(cdir / "merged")
     except Exception as e:  # noqa: BLE001 - rm retries; say it in the monitor log

@@ -16,6 +16,7 @@ from typing import Any
 from runtime.cgroups import IO_KINDS, IoLimit, Resources
 from runtime.errors import CgroupError, ConfigError
 from runtime.network import Attachment
+from runtime.network.ports import PortMapping
 
 #: Capabilities a container keeps by default: Podman's default set (containers.conf
 #: ``default_capabilities``), which is runc's minus AUDIT_WRITE, MKNOD and NET_RAW.
@@ -145,6 +146,8 @@ class ContainerConfig:
         hostname: the UTS hostname; network: ``none`` (own net namespace with lo),
             ``host``, or ``bridge`` (a veth into the node's bridge: ``attachment``).
         attachment: a bridged container's address, MAC and bridge (runtime.network).
+        ports: its published ports (``-p``, :mod:`runtime.network.ports`), host ports
+            resolved; they move with it.
         resources: cgroup limits; mounts: bind mounts; capabilities: names kept.
         privileged: keep every capability and mask nothing.
         stop_signal: signal number ``stop`` sends first.
@@ -171,6 +174,7 @@ class ContainerConfig:
     hostname: str = ""
     network: str = "none"
     attachment: Attachment | None = None
+    ports: tuple[PortMapping, ...] = ()
     resources: Resources = field(default_factory=Resources)
     mounts: tuple[Mount, ...] = ()
     capabilities: tuple[str, ...] = DEFAULT_CAPABILITIES
@@ -203,6 +207,7 @@ class ContainerConfig:
         d["labels"] = tuple(d.get("labels", ()))
         att = d.get("attachment")
         d["attachment"] = Attachment.from_json(att) if att else None
+        d["ports"] = tuple(PortMapping.from_json(m) for m in d.get("ports", ()))
         return cls(**d)
 
 

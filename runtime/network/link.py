@@ -205,3 +205,22 @@ def addresses_in_use(ip: str, mac: str) -> list[str]:
             if link.get("IFLA_ADDRESS") == mac:
                 found.append(f"MAC {mac} on {link.get('IFLA_IFNAME')}")
     return found
+
+
+def allow_localnet(ip: str) -> str | None:
+    """Set ``route_localnet=1`` on the bridge through which this node reaches ``ip`` (so that
+    a connection to ``127.0.0.1:HOSTPORT``, DNATed to ``ip``, may leave through it, as
+    Podman does for published ports); the bridge's name, or None when the route does not go
+    through a bridge (nothing is changed).  OSError when the sysctl cannot be written."""
+    with IPRoute() as ipr:
+        try:
+            routes = ipr.route("get", dst=ip)
+        except NetlinkError:
+            return None
+        oif = routes[0].get("RTA_OIF") if routes else None
+        if oif is None or not _is_bridge(ipr, int(oif)):
+            return None
+        (lk,) = ipr.get_links(int(oif))
+        name = str(lk.get("IFLA_IFNAME"))
+    Path(f"/proc/sys/net/ipv4/conf/{name}/route_localnet").write_text("1\n")
+    return name

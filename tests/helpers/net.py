@@ -12,7 +12,10 @@ import contextlib
 import ipaddress
 import json
 import secrets
+import shlex
+import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +126,58 @@ def network_leaks(root: Path, net: BridgeNet, ids: list[str]) -> list[str]:
     return problems
 
 
+def port_rules(cid: str) -> list[str]:
+    """The nat rules (``iptables -S`` lines) of every node of this host for container
+    ``cid`` (:mod:`runtime.network.ports` comments them ``jaula:<node>:<id>``)."""
+    out = subprocess.run(
+        ["iptables", "-w", "10", "-t", "nat", "-S"], capture_output=True, text=True, check=True
+    ).stdout
+    return [line for line in out.splitlines() if f":{cid}" in line and "jaula:" in line]
+
+
+def jaula_chains() -> list[str]:
+    """The jaula chains and jumps left in the nat table (none once no port is published,
+    unless another run of this host publishes one right now)."""
+    out = subprocess.run(
+        ["iptables", "-w", "10", "-t", "nat", "-S"], capture_output=True, text=True, check=True
+    ).stdout
+    return [line for line in out.splitlines() if "JAULA-PORTS" in line and "jaula:" not in line]
+
+
+def port_leaks(ids: list[str]) -> list[str]:
+    """The rules the containers ``ids`` left; each is deleted (then the test fails)."""
+    problems = []
+    for cid in ids:
+        for rule in port_rules(cid):
+            problems.append(f"nat rule left: {rule}")
+            subprocess.run(
+                ["iptables", "-w", "10", "-t", "nat", "-D", *shlex.split(rule)[1:]], check=False
+            )
+    return problems
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 nobody holds right now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(addr: str, port: int, path: str, netns: Path | None = None) -> str:
+    """The body of ``GET path`` from ``addr:port`` (curl-free: python's urllib), from the
+    host or, with ``netns``, from that net namespace."""
+    code = (
+        "import sys, urllib.request; "
+        "print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode(), end='')"
+    )
+    argv = [sys.executable, "-c", code, f"http://{addr}:{port}{path}"]
+    if netns is not None:
+        argv = ["nsenter", f"--net={netns}", *argv]
+    p = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    assert p.returncode == 0, f"GET http://{addr}:{port}{path} failed: {p.stderr.strip()}"
+    return p.stdout
+
+
 @contextlib.contextmanager
 def bridge_network(j: Jaula, net: BridgeNet | None = None) -> Iterator[BridgeNet]:
     """Configure ``j``'s state root with a scratch bridge network; afterwards remove every
@@ -137,6 +192,7 @@ def bridge_network(j: Jaula, net: BridgeNet | None = None) -> Iterator[BridgeNet
         for cid in ids:
             j.run("rm", "-f", cid, check=False)
         problems = network_leaks(j.root, net, ids)
+        problems += port_leaks(ids)
         for cid in ids:  # clean what leaked, then fail
             delete_link(host_if_name(cid))
             delete_link("jm" + cid[:12])

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import functools
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pyroute2 import IPRoute
 
-from runtime.network import host_if_name
+from runtime.network import host_if_name, ports
 from runtime.poll import wait_for
 from tests.helpers import net as tnet
 from tests.helpers.nodes import Cluster2, make_cluster, serving
@@ -129,3 +131,58 @@ def test_an_address_in_use_on_the_destination_is_refused_before_the_freeze(
     assert c.local("node2").container_ids() == []
     assert host_if_name(cid) in tnet.bridge_ports(segment.bridges[0])
     assert tnet.bridge_ports(segment.bridges[1]) == ["jtv2" + segment.wire[3:]]
+
+
+@pytest.fixture
+def routed(segment: tnet.Segment) -> Iterator[str]:
+    """This host reaches the segment: the gateway address on node2's bridge (the
+    destination's side; node1's bridge is reached over the wire); it goes with the bridge
+    when the segment is torn down.
+
+    Not on the wire: with br_netfilter on (bridge-nf-call-iptables=1, as on this host) the
+    one conntrack table of both "hosts" then sees the DNATed flow again in every bridge it
+    crosses, and after the move the replies were not un-NATed (the destination's port was
+    reachable directly, not through the rule).  Two real hosts have a table each."""
+    gateway = tnet.BridgeNet(segment.wire, segment.subnet).gateway
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=segment.bridges[1])[0]
+        prefix = int(segment.subnet.split("/")[1])
+        ipr.addr("add", index=idx, address=gateway, prefixlen=prefix)
+    yield gateway
+
+
+def test_a_published_port_moves_with_the_container(
+    bridged_nodes: Cluster2, segment: tnet.Segment, routed: str
+) -> None:
+    c = bridged_nodes
+    port = tnet.free_port()
+    cid = c.local("node1").out("run", "-d", "--network", "bridge", "--name", "web",
+                               "-p", f"{port}:80", "busybox",
+                               "busybox", "httpd", "-f", "-p", "80", "-h", "/etc").strip()  # fmt: skip
+    c.seen_ids.add(cid)
+    tags = {node: ports.node_tag(c.state_root(node)) for node in ("node1", "node2")}
+
+    def owners() -> set[str]:
+        """The nodes whose rules publish the container's port (a host has both)."""
+        return {n for r in tnet.port_rules(cid) for n, t in tags.items() if f"jaula:{t}:" in r}
+
+    for addr in ("127.0.0.1", routed):
+        assert tnet.http_get(addr, port, "/hostname").strip() == cid[:12], addr
+    assert owners() == {"node1"}
+    with socket.socket() as squatter:  # the host port taken on the destination's side
+        squatter.bind(("0.0.0.0", port))
+        squatter.listen()
+        p = c.op("migrate", "web", "node2", check=False)
+        assert p.returncode == 125
+        assert f"host port 0.0.0.0:{port}/tcp is in use" in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    c.assert_only_on("web", "node1")
+    assert owners() == {"node1"}  # refused before the freeze: the source's rules kept
+    c.op("migrate", "web", "node2")
+    c.assert_only_on("web", "node2")
+    assert owners() == {"node2"}  # the destination's rules, none of the source's
+    assert c.local("node2").out("port", "web") == f"80/tcp -> 0.0.0.0:{port}\n"
+    for addr in ("127.0.0.1", routed):
+        assert tnet.http_get(addr, port, "/hostname").strip() == cid[:12], addr
+    c.local("node2").run("rm", "-f", "web")
+    assert tnet.port_rules(cid) == []
