@@ -720,17 +720,16 @@ class NodeService:
             (g for d in self._session_dirs(session) if (g := given_decision(d)) is not None),
             None,
         )
+        committed: bool
         if given is not None:
             # the previous incarnation answered the restorer and died before it recorded
             # the result: the restorer asks no more, so its decision is the outcome
             committed = given
             hold.unlink(missing_ok=True)  # the dead incarnation's socket
         else:
-            while True:
-                committed = await self.ask_outcome(source, session)
-                if committed is not None:
-                    break
+            while (answer := await self.ask_outcome(source, session)) is None:
                 await asyncio.sleep(2.0)
+            committed = answer
             server = HoldServer(hold)
             await server.start()
             server.decide(committed)
