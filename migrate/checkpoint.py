@@ -158,6 +158,9 @@ def preflight(c: Container) -> None:
     - a FIFO on a volume: the volume is not shipped with the checkpoint, its node could be
       missing where the container is restored (shared/cases C11);
     - a file lock shared with a process outside the container (shared/cases C08);
+    - a SQLite database in rollback-journal mode open from the container's own files (not
+      a volume): SQLite refuses to write it once its inode number changed, and a restore
+      gives every such file a new one (:func:`_sqlite_rollback_db`);
     - an interface other than ``lo`` in the container's own net namespace, a UNIX socket
       connected to a process outside the container, an inotify or fanotify watch, a UDP
       socket with unsent data (corked) or a TCP listener with connections not yet accepted,
@@ -305,10 +308,20 @@ def _check_objects(c: Container, pid: int, comm: str) -> None:
                 f"memory (fd {fd}), which CRIU cannot dump{keeps}"
             )
         try:
-            is_fifo = stat.S_ISFIFO(os.stat(link).st_mode)
+            mode = os.stat(link).st_mode
         except OSError:
             continue
-        if is_fifo:
+        if stat.S_ISREG(mode) and _sqlite_rollback_db(link):
+            mnt, _fstype = _mount_of_fd(pid, fd)
+            if mnt and not any(mnt == v or mnt.startswith(v.rstrip("/") + "/") for v in volumes):
+                raise PreflightError(
+                    f"cannot checkpoint {c.name}: process {pid} ({comm}) has the SQLite "
+                    f"database {target} open (fd {fd}) in rollback-journal mode, which SQLite "
+                    "will not write after a restore (the file gets another inode number: "
+                    "SQLITE_READONLY_DBMOVED): switch it to WAL (PRAGMA journal_mode=WAL) or "
+                    f"put it on a volume{keeps}"
+                )
+        if stat.S_ISFIFO(mode):
             mnt, fstype = _mount_of_fd(pid, fd)
             try:
                 still = os.readlink(link)
@@ -336,6 +349,34 @@ def _check_objects(c: Container, pid: int, comm: str) -> None:
                     f"cannot checkpoint {c.name}: process {pid} ({comm}) maps memfd_secret "
                     f"memory ({area}), which CRIU cannot dump{keeps}"
                 )
+
+
+#: the first 16 bytes of a SQLite 3 database (sqlite.org/fileformat2.html, 1.3.1)
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _sqlite_rollback_db(link: str) -> bool:
+    """Whether the regular file open at ``link`` (``/proc/PID/fd/N``) is a SQLite database
+    in rollback-journal mode: its header's file format write version (byte 18) is 1; a
+    WAL database has 2 (sqlite.org/fileformat2.html, 1.3.3).
+
+    Such a database is not written after a restore: SQLite remembers the inode number of
+    the file it opened and, before each write transaction opens its journal, compares it
+    with the path's (``fileHasMoved`` in os_unix.c); a restored container's files are new
+    inodes (the upperdir is extracted anew, the image layers are another node's), so every
+    write fails with SQLITE_READONLY_DBMOVED.  WAL writes make no such check.  A file that
+    cannot be read is not one: ``False``."""
+    try:
+        fd = os.open(link, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        head = os.pread(fd, 20, 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return len(head) == 20 and head.startswith(_SQLITE_MAGIC) and head[18] == 1
 
 
 def _check_foreign_locks(c: Container, pids: set[int]) -> None:
