@@ -162,7 +162,8 @@ def preflight(c: Container) -> None:
       a volume): SQLite refuses to write it once its inode number changed, and a restore
       gives every such file a new one (:func:`_sqlite_rollback_db`);
     - an interface other than ``lo`` in the container's own net namespace, a UNIX socket
-      connected to a process outside the container, an inotify or fanotify watch, a UDP
+      connected to a process outside the container, an inotify or fanotify watch on a file
+      no name leads to (deleted; the others are dumped by path, DumpPlan.watched), a UDP
       socket with unsent data (corked) or a TCP listener with connections not yet accepted,
       a task in a nested time namespace or with a SIGTRAP pending (:mod:`migrate.portability`);
     - a container with a terminal (``run -t``): its pty would have to be declared external;
@@ -294,12 +295,26 @@ def _check_objects(c: Container, pid: int, comm: str) -> None:
                     f"(fd {fd}), which CRIU cannot dump{keeps}"
                 )
         if target in portability.WATCH_FDS:
-            watched = portability.describe_watches(pid, fd) or ["?"]
-            raise PreflightError(
-                f"cannot checkpoint {c.name}: process {pid} ({comm}) has an "
-                f"{target.split(':')[1].strip('[]')} watch on {', '.join(watched)} (fd {fd}), "
-                f"which CRIU cannot dump on the container's overlay root: stop watching{keeps}"
-            )
+            # dumped by path (DumpPlan.watched): a mark on a file with no name cannot be
+            lost = [
+                f"inode {ino} on device {dev}"
+                for ino, dev, path in portability.watch_targets(pid, fd)
+                if path is None
+            ]
+            whole = portability.filesystem_marks(pid, fd)
+            if whole:
+                raise PreflightError(
+                    f"cannot checkpoint {c.name}: process {pid} ({comm}) has a fanotify mark "
+                    f"on the whole file system of device {', '.join(whole)} (fd {fd}), which "
+                    f"CRIU does not dump (it would be lost): stop watching it{keeps}"
+                )
+            if lost:
+                raise PreflightError(
+                    f"cannot checkpoint {c.name}: process {pid} ({comm}) has an "
+                    f"{target.split(':')[1].strip('[]')} watch on {', '.join(lost)} (fd {fd}), "
+                    "a file no name in the container leads to (deleted?), which CRIU cannot "
+                    f"watch again where it restores: stop watching it{keeps}"
+                )
         if target.startswith(("pipe:", "socket:", "anon_inode:")):
             continue
         if target == "/secretmem (deleted)" and statfs_type(link) == _SECRETMEM_MAGIC:
@@ -483,6 +498,26 @@ def stopped_tasks(pids: list[int]) -> list[int]:
     return found
 
 
+def watched_paths(c: Container) -> tuple[str, ...]:
+    """The paths inside ``c`` (sorted, once each) of the files its processes' inotify and
+    fanotify inode marks watch (:func:`migrate.portability.watch_targets`; a mark no name
+    leads to is left out: preflight refuses it)."""
+    found: set[str] = set()
+    for pid in process_tree(c.state.pid):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target in portability.WATCH_FDS:
+                found |= {p for _, _, p in portability.watch_targets(pid, fd) if p}
+    return tuple(sorted(found))
+
+
 @dataclass(frozen=True)
 class DumpPlan:
     """What one dump of a running container needs from it, taken before the freeze: the
@@ -499,6 +534,8 @@ class DumpPlan:
             with ptrace, and the cgroup is not frozen.
         network_lock: CRIU's network lock method (migrate.restorer.network_lock).
         stopped: the stopped tasks that made ``freezer`` None.
+        watched: the paths inside the container of the files inotify and fanotify marks
+            watch (:func:`watched_paths`), which CRIU dumps the marks by.
     """
 
     pid: int
@@ -508,6 +545,7 @@ class DumpPlan:
     freezer: str | None
     network_lock: int
     stopped: tuple[int, ...] = ()
+    watched: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, c: Container) -> DumpPlan:
@@ -526,6 +564,7 @@ class DumpPlan:
             freezer=None if stopped else freezer_path(c),
             network_lock=network_lock(c.config),
             stopped=stopped,
+            watched=watched_paths(c),
         )
 
     def freeze(self, c: Container, limit_s: float) -> DumpPlan:
@@ -565,6 +604,7 @@ class DumpPlan:
             freeze_cgroup=self.freezer,
             network_lock=self.network_lock,
             external=dump_externals(self.volumes, self.netns),
+            irmap_scan_paths=self.watched,
             **kw,
         )
 
