@@ -126,6 +126,10 @@ def has_cap_sys_resource() -> bool:
 
 #: statfs(2) f_type of the memfd_secret(2) pseudo filesystem (include/uapi/linux/magic.h)
 _SECRETMEM_MAGIC = 0x5345434D
+#: statfs magics of the file systems whose files a restore recreates (the overlay root,
+#: tmpfs mounts CRIU carries): only their files are read for a SQLite header; a file of
+#: /proc, /sys or tracefs is never opened (reading one can consume what it reports)
+_CARRIED_FS_MAGICS = (0x794C7630, 0x01021994)  # OVERLAYFS_SUPER_MAGIC, TMPFS_MAGIC
 
 
 def _mount_of_fd(pid: int, fd: str) -> tuple[str, str]:
@@ -326,7 +330,11 @@ def _check_objects(c: Container, pid: int, comm: str) -> None:
             mode = os.stat(link).st_mode
         except OSError:
             continue
-        if stat.S_ISREG(mode) and _sqlite_rollback_db(link):
+        if (
+            stat.S_ISREG(mode)
+            and statfs_type(link) in _CARRIED_FS_MAGICS
+            and _sqlite_rollback_db(link)
+        ):
             mnt, _fstype = _mount_of_fd(pid, fd)
             if mnt and not any(mnt == v or mnt.startswith(v.rstrip("/") + "/") for v in volumes):
                 raise PreflightError(
