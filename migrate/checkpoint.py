@@ -130,6 +130,10 @@ def has_cap_sys_resource() -> bool:
 
 #: statfs(2) f_type of the memfd_secret(2) pseudo filesystem (include/uapi/linux/magic.h)
 _SECRETMEM_MAGIC = 0x5345434D
+#: statfs magics of the file systems whose files a restore recreates (the overlay root,
+#: tmpfs mounts CRIU carries): only their files are read for a SQLite header; a file of
+#: /proc, /sys or tracefs is never opened (reading one can consume what it reports)
+_CARRIED_FS_MAGICS = (0x794C7630, 0x01021994)  # OVERLAYFS_SUPER_MAGIC, TMPFS_MAGIC
 
 
 def _mount_of_fd(pid: int, fd: str) -> tuple[str, str]:
@@ -162,8 +166,12 @@ def preflight(c: Container) -> None:
     - a FIFO on a volume: the volume is not shipped with the checkpoint, its node could be
       missing where the container is restored (shared/cases C11);
     - a file lock shared with a process outside the container (shared/cases C08);
+    - a SQLite database in rollback-journal mode open from the container's own files (not
+      a volume): SQLite refuses to write it once its inode number changed, and a restore
+      gives every such file a new one (:func:`_sqlite_rollback_db`);
     - an interface other than ``lo`` in the container's own net namespace, a UNIX socket
-      connected to a process outside the container, an inotify or fanotify watch, a UDP
+      connected to a process outside the container, an inotify or fanotify watch on a file
+      no name leads to (deleted; the others are dumped by path, DumpPlan.watched), a UDP
       socket with unsent data (corked) or a TCP listener with connections not yet accepted,
       a task in a nested time namespace or with a SIGTRAP pending (:mod:`migrate.portability`);
     - a container with a terminal (``run -t``) whose monitor holds no pty slave any more, or
@@ -299,12 +307,26 @@ def _check_objects(c: Container, pid: int, comm: str) -> None:
                     f"(fd {fd}), which CRIU cannot dump{keeps}"
                 )
         if target in portability.WATCH_FDS:
-            watched = portability.describe_watches(pid, fd) or ["?"]
-            raise PreflightError(
-                f"cannot checkpoint {c.name}: process {pid} ({comm}) has an "
-                f"{target.split(':')[1].strip('[]')} watch on {', '.join(watched)} (fd {fd}), "
-                f"which CRIU cannot dump on the container's overlay root: stop watching{keeps}"
-            )
+            # dumped by path (DumpPlan.watched): a mark on a file with no name cannot be
+            lost = [
+                f"inode {ino} on device {dev}"
+                for ino, dev, path in portability.watch_targets(pid, fd)
+                if path is None
+            ]
+            whole = portability.filesystem_marks(pid, fd)
+            if whole:
+                raise PreflightError(
+                    f"cannot checkpoint {c.name}: process {pid} ({comm}) has a fanotify mark "
+                    f"on the whole file system of device {', '.join(whole)} (fd {fd}), which "
+                    f"CRIU does not dump (it would be lost): stop watching it{keeps}"
+                )
+            if lost:
+                raise PreflightError(
+                    f"cannot checkpoint {c.name}: process {pid} ({comm}) has an "
+                    f"{target.split(':')[1].strip('[]')} watch on {', '.join(lost)} (fd {fd}), "
+                    "a file no name in the container leads to (deleted?), which CRIU cannot "
+                    f"watch again where it restores: stop watching it{keeps}"
+                )
         if target.startswith(("pipe:", "socket:", "anon_inode:")):
             continue
         if target == "/secretmem (deleted)" and statfs_type(link) == _SECRETMEM_MAGIC:
@@ -313,10 +335,24 @@ def _check_objects(c: Container, pid: int, comm: str) -> None:
                 f"memory (fd {fd}), which CRIU cannot dump{keeps}"
             )
         try:
-            is_fifo = stat.S_ISFIFO(os.stat(link).st_mode)
+            mode = os.stat(link).st_mode
         except OSError:
             continue
-        if is_fifo:
+        if (
+            stat.S_ISREG(mode)
+            and statfs_type(link) in _CARRIED_FS_MAGICS
+            and _sqlite_rollback_db(link)
+        ):
+            mnt, _fstype = _mount_of_fd(pid, fd)
+            if mnt and not any(mnt == v or mnt.startswith(v.rstrip("/") + "/") for v in volumes):
+                raise PreflightError(
+                    f"cannot checkpoint {c.name}: process {pid} ({comm}) has the SQLite "
+                    f"database {target} open (fd {fd}) in rollback-journal mode, which SQLite "
+                    "will not write after a restore (the file gets another inode number: "
+                    "SQLITE_READONLY_DBMOVED): switch it to WAL (PRAGMA journal_mode=WAL) or "
+                    f"put it on a volume{keeps}"
+                )
+        if stat.S_ISFIFO(mode):
             mnt, fstype = _mount_of_fd(pid, fd)
             try:
                 still = os.readlink(link)
@@ -445,6 +481,34 @@ def check_terminals(c: Container, pid: int, comm: str, own: OwnTerminal | None) 
     return held
 
 
+#: the first 16 bytes of a SQLite 3 database (sqlite.org/fileformat2.html, 1.3.1)
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _sqlite_rollback_db(link: str) -> bool:
+    """Whether the regular file open at ``link`` (``/proc/PID/fd/N``) is a SQLite database
+    in rollback-journal mode: its header's file format write version (byte 18) is 1; a
+    WAL database has 2 (sqlite.org/fileformat2.html, 1.3.3).
+
+    Such a database is not written after a restore: SQLite remembers the inode number of
+    the file it opened and, before each write transaction opens its journal, compares it
+    with the path's (``fileHasMoved`` in os_unix.c); a restored container's files are new
+    inodes (the upperdir is extracted anew, the image layers are another node's), so every
+    write fails with SQLITE_READONLY_DBMOVED.  WAL writes make no such check.  A file that
+    cannot be read is not one: ``False``."""
+    try:
+        fd = os.open(link, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        head = os.pread(fd, 20, 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return len(head) == 20 and head.startswith(_SQLITE_MAGIC) and head[18] == 1
+
+
 def _check_foreign_locks(c: Container, pids: set[int]) -> None:
     """A lock on a file also locked by a process outside the container cannot be moved with
     it (shared/cases C08): refuse."""
@@ -554,6 +618,26 @@ def stopped_tasks(pids: list[int]) -> list[int]:
     return found
 
 
+def watched_paths(c: Container) -> tuple[str, ...]:
+    """The paths inside ``c`` (sorted, once each) of the files its processes' inotify and
+    fanotify inode marks watch (:func:`migrate.portability.watch_targets`; a mark no name
+    leads to is left out: preflight refuses it)."""
+    found: set[str] = set()
+    for pid in process_tree(c.state.pid):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target in portability.WATCH_FDS:
+                found |= {p for _, _, p in portability.watch_targets(pid, fd) if p}
+    return tuple(sorted(found))
+
+
 @dataclass(frozen=True)
 class DumpPlan:
     """What one dump of a running container needs from it, taken before the freeze: the
@@ -575,6 +659,8 @@ class DumpPlan:
         terminal: the settings and window size of the container's terminal (JSON of
             :class:`runtime.tty.TerminalState`), None without one; taken before the
             freeze (CRIU keeps its own copy, taken frozen, and applies it last).
+        watched: the paths inside the container of the files inotify and fanotify marks
+            watch (:func:`watched_paths`), which CRIU dumps the marks by.
     """
 
     pid: int
@@ -585,6 +671,7 @@ class DumpPlan:
     network_lock: int
     stopped: tuple[int, ...] = ()
     terminal: dict[str, Any] | None = None
+    watched: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, c: Container) -> DumpPlan:
@@ -614,6 +701,7 @@ class DumpPlan:
             network_lock=network_lock(c.config),
             stopped=stopped,
             terminal=terminal,
+            watched=watched_paths(c),
         )
 
     def freeze(self, c: Container, limit_s: float) -> DumpPlan:
@@ -633,16 +721,6 @@ class DumpPlan:
         cg.thaw()
         log.info("dump.freeze_by_ptrace", id=c.id[:12], stopped=list(stopped))
         return replace(self, freezer=None, stopped=stopped)
-        cg = c.cgroup()
-        cg.freeze(timeout_s=limit_s)
-        stopped = tuple(stopped_tasks(tasks_of(c)))
-        if not stopped:
-            return True
-        cg.thaw()
-        log.info("dump.freeze_by_ptrace", id=c.id[:12], stopped=list(stopped))
-        object.__setattr__(self, "freezer", None)
-        object.__setattr__(self, "stopped", stopped)
-        return False
 
     def options(self, images_dir: Path, **kw: Any) -> criu.DumpOptions:
         """CRIU's dump options into ``images_dir``; ``kw`` adds the caller's own
@@ -660,6 +738,7 @@ class DumpPlan:
             external=dump_externals(
                 self.volumes, self.netns, self.stdio.get("tty"), self.stdio.get("ctty")
             ),
+            irmap_scan_paths=self.watched,
             **kw,
         )
 

@@ -224,6 +224,11 @@ class DumpOptions:
             about 0.1 s of downtime on each side (iptables-restore runs).
         keep_log_dir: where the log of a failed dump is copied for the error to quote
             (:func:`keep_log`; None: the process-wide kept-logs dir).
+        irmap_scan_paths: the paths (inside the tasks' root) of the files that inotify or
+            fanotify marks watch: with any, ``--force-irmap`` and an ``--irmap-scan-path``
+            for each, so that CRIU dumps each mark by path.  It finds none on an overlayfs
+            root otherwise: overlayfs gives no file handle ("fsnotify: Can't dump that
+            handle"), and a handle would name the source's inode anyway.
     """
 
     pid: int
@@ -246,6 +251,7 @@ class DumpOptions:
     tls: TlsFiles | None = None
     ps_socket: int | None = None
     keep_log_dir: Path | None = None
+    irmap_scan_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -958,6 +964,9 @@ def dump(
                 str(opts.tls.key),
             )
         o.external.extend(opts.external)
+        if opts.irmap_scan_paths:
+            o.force_irmap = True
+            o.irmap_scan_paths.extend(opts.irmap_scan_paths)
         fds = (dfd,) if opts.ps_socket is None else (dfd, opts.ps_socket)
         # A lazy dump outlives its caller: once post-dump is answered with success it holds
         # the only copy of the memory.  Before that, a caller that dies closes the RPC

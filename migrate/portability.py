@@ -529,6 +529,30 @@ def describe_watches(pid: int, fd: str) -> list[str]:
     """The files watched through the inotify or fanotify instance at ``fd`` of ``pid``, as
     paths inside the container where they can be found (else ``inode N on device M:m``),
     from ``/proc/PID/fdinfo/FD``."""
+    return [path or f"inode {ino} on device {dev}" for ino, dev, path in watch_targets(pid, fd)]
+
+
+def filesystem_marks(pid: int, fd: str) -> list[str]:
+    """The devices (``major:minor``) that the fanotify instance at ``fd`` of ``pid`` marks
+    as a whole (``FAN_MARK_FILESYSTEM``: the ``fanotify sdev:`` lines of its fdinfo), which
+    CRIU's fdinfo parser skips: such a mark would vanish from a dump without an error.
+    ``[]`` when the fd is gone."""
+    try:
+        info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+    except OSError:
+        return []
+    out = []
+    for m in re.finditer(r"^fanotify sdev:([0-9a-f]+)", info, re.MULTILINE):
+        sdev = int(m[1], 16)
+        out.append(f"{sdev >> 20}:{sdev & 0xFFFFF}")
+    return out
+
+
+def watch_targets(pid: int, fd: str) -> list[tuple[int, str, str | None]]:
+    """The inode marks of the inotify or fanotify instance at ``fd`` of ``pid`` (from
+    ``/proc/PID/fdinfo/FD``): (inode, ``major:minor``, its path inside the container or
+    None when no name leads to it: deleted, or not found within :func:`_find_inode`'s
+    limit).  ``[]`` when the fd is gone."""
     try:
         info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
     except OSError:
@@ -537,7 +561,7 @@ def describe_watches(pid: int, fd: str) -> list[str]:
     for _, ino_hex, sdev_hex in _WATCH.findall(info):
         ino, sdev = int(ino_hex, 16), int(sdev_hex, 16)
         major, minor = sdev >> 20, sdev & 0xFFFFF  # the kernel's dev_t (MINORBITS 20)
-        out.append(_find_inode(pid, major, minor, ino) or f"inode {ino} on device {major}:{minor}")
+        out.append((ino, f"{major}:{minor}", _find_inode(pid, major, minor, ino)))
     return out
 
 

@@ -95,8 +95,15 @@ def validate(tar_path: Path) -> int:
 
     Raises BundleError naming the first unsafe entry, or saying why the tar is not a
     valid, complete tar."""
+    return _validated(tar_path)[0]
+
+
+def _validated(tar_path: Path) -> tuple[int, list[tuple[str, bool]]]:
+    """:func:`validate`, also returning the entries' names (as the tar spells them) and
+    whether each is a directory, in the tar's order."""
     symlinks: set[tuple[str, ...]] = set()
     regular: set[tuple[str, ...]] = set()
+    names: list[tuple[str, bool]] = []
     try:
         with open_tar(tar_path, _LIMITS, f"the rootfs diff {tar_path}") as reader:
             for m in reader:
@@ -130,7 +137,8 @@ def validate(tar_path: Path) -> int:
                     )
                 if not m.issym():
                     symlinks.discard(path)  # replaced by a non-link entry
-            return reader.entries
+                names.append((m.name, m.isdir()))
+            return reader.entries, names
     except ArchiveError as e:  # limits, corrupt or truncated tar (the message names it)
         raise BundleError(str(e)) from e
     except OSError as e:
@@ -248,19 +256,50 @@ def apply_deleted(upperdir: Path, deleted: list[str]) -> None:
 
     root = os.path.realpath(upperdir)
     for rel in sorted(deleted, key=lambda p: -p.count("/")):
-        if not _parts(rel, rel):
-            raise BundleError(f"unsafe deleted path {rel!r}: it names the upperdir itself")
-        full = os.path.join(root, rel)
-        parent = os.path.realpath(os.path.dirname(full))
-        if parent != root and not parent.startswith(root + os.sep):
-            raise BundleError(f"unsafe deleted path {rel!r}: it leaves the upperdir")
+        full = _inside(root, rel, "deleted path")
         if os.path.isdir(full) and not os.path.islink(full):
             shutil.rmtree(full)
         elif os.path.lexists(full):
             os.unlink(full)
 
 
+def _inside(root: str, rel: str, what: str) -> str:
+    """``root/rel`` (``root`` a real path), its parent checked to be ``root`` or under it
+    on this disk.  Raises BundleError naming ``what`` and ``rel`` otherwise."""
+    if not _parts(rel, rel):
+        raise BundleError(f"unsafe {what} {rel!r}: it names the upperdir itself")
+    full = os.path.join(root, rel)
+    parent = os.path.realpath(os.path.dirname(full))
+    if parent != root and not parent.startswith(root + os.sep):
+        raise BundleError(f"unsafe {what} {rel!r}: it leaves the upperdir")
+    return full
+
+
 def extract_over(tar_path: Path, upperdir: Path) -> None:
-    """Validate, then extract a delta tar over an existing ``upperdir``."""
-    validate(tar_path)
+    """Validate, then extract a delta tar over an existing ``upperdir``.
+
+    Every entry's parent must be inside ``upperdir`` on this disk (the base may have put a
+    symlink there, which :func:`validate` cannot see).  Every entry that is not a directory
+    first has its path unlinked where it exists (a directory there is left to the sender's
+    deleted list).  Written in place instead (``--overwrite`` opens an existing file with
+    ``O_TRUNC``), a file would be written through the hardlinks the base gave it: after
+    ``ln A A~`` and then a new ``A`` renamed over the old one (a save that keeps a backup),
+    the old content the delta carries for ``A~`` landed in ``A`` as well.  Every name of a
+    changed inode is in the delta (they share its stamp, :func:`snapshot`), so the tar links
+    them again; a name the source unlinked from it gets an inode of its own.
+
+    Raises BundleError."""
+    _, names = _validated(tar_path)
+    root = os.path.realpath(upperdir)
+    paths = [(_inside(root, rel, "entry"), isdir) for rel, isdir in names]
+    for full, isdir in paths:
+        if isdir or not os.path.lexists(full):
+            continue
+        if not os.path.isdir(full) or os.path.islink(full):
+            try:
+                os.unlink(full)
+            except OSError as e:
+                raise BundleError(
+                    f"cannot replace {full} with the rootfs delta's: {e.strerror or e}"
+                ) from e
     _tar_extract(tar_path, upperdir, "the rootfs delta", "--overwrite", "--no-recursion")

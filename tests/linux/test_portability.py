@@ -1,7 +1,8 @@
 """What a dump cannot carry is refused before the freeze, or carried (issue 11, items 3, 6,
 7): the contents of a ``--network none`` namespace, UNIX sockets connected outside the
-container, inotify watches.  Each refusal names the object, and the container keeps running
-untouched (its counter goes on, every tick once)."""
+container, inotify watches (carried by path; refused on a deleted file).  Each refusal names
+the object, and the container keeps running untouched (its counter goes on, every tick
+once)."""
 
 from __future__ import annotations
 
@@ -145,27 +146,63 @@ def test_a_unix_socket_connected_outside_is_refused_naming_path_and_peer(
     _refused_and_still_running(py, "ux", "/vol/srv.sock", f"process {os.getpid()}")
 
 
-WATCHER = (
-    "import ctypes, os, time\n"
-    "libc = ctypes.CDLL(None, use_errno=True)\n"
-    "os.makedirs('/tmp/watched', exist_ok=True)\n"
-    "fd = libc.inotify_init1(0)\n"
-    "assert libc.inotify_add_watch(fd, b'/tmp/watched', 0x300) > 0\n"
-    "open('/tmp/watching', 'w').close()\n"
-    "while True: time.sleep(1)\n"
-)
+#: watches /srv/watched (IN_CREATE | IN_DELETE) and appends the name of each event to
+#: /srv/events; with argv[1] ``gone`` it also watches /srv/gone, kept open and then
+#: deleted: a watch on a file that no name leads to
+WATCHER = r"""
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+os.makedirs("/srv/watched", exist_ok=True)
+fd = libc.inotify_init1(0)
+assert libc.inotify_add_watch(fd, b"/srv/watched", 0x300) > 0
+if sys.argv[1] == "gone":
+    keep = open("/srv/gone", "w")
+    assert libc.inotify_add_watch(fd, b"/srv/gone", 0x2) > 0
+    os.unlink("/srv/gone")
+open("/srv/watching", "w").close()
+while True:
+    buf = os.read(fd, 4096)
+    while buf:
+        _wd, _mask, _cookie, n = struct.unpack_from("iIII", buf)
+        name = buf[16 : 16 + n].rstrip(b"\0")
+        buf = buf[16 + n :]
+        if name:
+            with open("/srv/events", "ab") as f:
+                f.write(name + b"\n")
+"""
 
 
-def test_an_inotify_watch_is_refused_naming_the_path(py: Jaula) -> None:
-    """Item 7: an inotify watch (CRIU on the overlay root: "fsnotify: Can't dump that
-    handle", after the freeze) is refused before it, naming the watched path."""
-    py.run("run", "-d", "--name", "iw", PY_IMAGE, "sh", "-c", f'python3 -c "{WATCHER}" & {COUNTER}')
-    wait_ticks(py, "iw", 3)
+def _watcher(py: Jaula, name: str, mode: str) -> None:
     from runtime.poll import wait_for
 
-    watching = lambda: py.run("exec", "iw", "test", "-e", "/tmp/watching", check=False)
+    py.run("run", "-d", "--name", name, PY_IMAGE, "sh", "-c",
+           f"python3 -c '{WATCHER}' {mode} & {COUNTER}")  # fmt: skip
+    wait_ticks(py, name, 3)
+    watching = lambda: py.run("exec", name, "test", "-e", "/srv/watching", check=False)
     assert wait_for(lambda: watching().returncode == 0, 15), "the watch was not set up"
-    _refused_and_still_running(py, "iw", "inotify", "/tmp/watched")
+
+
+def test_an_inotify_watch_on_a_path_is_carried_through_a_restore(py: Jaula) -> None:
+    """Item 7: an inotify watch on the overlay root is dumped by its path (CRIU's irmap:
+    overlayfs gives no file handle, "fsnotify: Can't dump that handle" after the freeze
+    before), and after the restore it reports what happens in the watched directory."""
+    from runtime.poll import wait_for
+
+    _watcher(py, "iw", "path")
+    py.run("exec", "iw", "touch", "/srv/watched/before")
+    py.run("checkpoint", "iw")
+    py.run("restore", "iw")
+    py.run("exec", "iw", "touch", "/srv/watched/after")
+    events = lambda: py.run("exec", "iw", "cat", "/srv/events", check=False).stdout.split()
+    assert wait_for(lambda: "after" in events(), 15), events()
+    assert events() == ["before", "after"]
+
+
+def test_an_inotify_watch_on_a_deleted_file_is_refused_naming_it(py: Jaula) -> None:
+    """A watch on a file no name leads to any more (deleted, kept open) has no path to
+    watch again where it restores (zdtm's inotify00): refused, naming its inode."""
+    _watcher(py, "ig", "gone")
+    _refused_and_still_running(py, "ig", "inotify", "(deleted?)", "inode ")
 
 
 #: a child that asks to be traced by its parent (the shell, which never waits for it):
@@ -241,3 +278,30 @@ def test_a_socket_queue_crius_refuses_is_refused_before_the_freeze(
     assert wait_for(lambda: ready().returncode == 0, 15), py.out("logs", "sq")
     wait_ticks(py, "sq", 3)
     _refused_and_still_running(py, "sq", "(python3)", *needles)
+
+
+#: a fanotify mark on the whole file system of / (FAN_MARK_FILESYSTEM), which CRIU's
+#: fdinfo parser skips: the dump would succeed without it
+FS_MARK = (
+    "import ctypes, time\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,"
+    " ctypes.c_char_p]\n"
+    "fd = libc.fanotify_init(0, 0)\n"
+    "assert fd >= 0, ctypes.get_errno()\n"
+    "assert libc.fanotify_mark(fd, 0x101, 0x20, -100, b'/') == 0, ctypes.get_errno()\n"
+    "open('/tmp/marked', 'w').close()\n"
+    "while True: time.sleep(1)\n"
+)
+
+
+def test_a_fanotify_mark_on_a_whole_file_system_is_refused(py: Jaula) -> None:
+    """CRIU would drop a FAN_MARK_FILESYSTEM mark without a word; refused, naming it."""
+    from runtime.poll import wait_for
+
+    py.run("run", "-d", "--privileged", "--name", "fm", PY_IMAGE, "sh", "-c",
+           f'python3 -c "{FS_MARK}" & {COUNTER}')  # fmt: skip
+    wait_ticks(py, "fm", 3)
+    marked = lambda: py.run("exec", "fm", "test", "-e", "/tmp/marked", check=False)
+    assert wait_for(lambda: marked().returncode == 0, 15), "the mark was not set up"
+    _refused_and_still_running(py, "fm", "fanotify mark on the whole file system", "device ")
