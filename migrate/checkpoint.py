@@ -412,7 +412,7 @@ def _device_binds(pid: int) -> tuple[dict[str, str], ...]:
     external mounts ``{key: devN, destination, source: /dev/NODE}``: their file system, the
     host's devtmpfs, has no root in the container, which CRIU refuses to dump ("doesn't
     have a proper root mount"); restored, each is bound again from the node's own node."""
-    out = []
+    out: list[dict[str, str]] = []
     with open(f"/proc/{pid}/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")

@@ -535,13 +535,14 @@ class Container:
                     "first or use `rm -f`",
                     self.id,
                 )
+            migrated_away = self.status is S.MIGRATED
             self._teardown()
         finally:
             lock.__exit__(None, None, None)
         self.rt.store.remove_dir(self.id)
         if self.rt.admission is not None:
             self.rt.admission.release(self.id)
-        if self.config.userns == "auto":
+        if self.config.userns == "auto" and not (migrated_away and self.rt.id_ranges.cluster_wide):
             self.rt.id_ranges.release(self.id)
         log.info("container.removed", id=self.id[:12], name=self.name)
         self._event("remove")

@@ -131,7 +131,10 @@ def parse_userns(value: str) -> str:
 class IdRangeAllocator(Protocol):
     """Hands out disjoint host id ranges, one per container, as IP leases are handed out
     (:class:`runtime.network.IpLeases`).  Cluster-wide backends (etcd) implement the same
-    three calls."""
+    three calls.  ``cluster_wide``: one allocator for every node (a migrated-away copy's
+    removal must then leave the range to the node that runs the container now)."""
+
+    cluster_wide: bool
 
     def reserve(self, container_id: str, size: int = AUTO_SIZE) -> int:
         """The start of a free range of ``size`` ids now held by ``container_id`` (the
@@ -151,7 +154,10 @@ class IdRangeAllocator(Protocol):
 
 class FileIdAllocator:
     """:class:`IdRangeAllocator` on a JSON file under the state root (format in the module
-    docstring), changed under an flock so that concurrent ``run`` calls never share."""
+    docstring), changed under an flock so that concurrent ``run`` calls never share.
+    One per node: a migration's destination reserves the same range in its own."""
+
+    cluster_wide = False
 
     def __init__(self, root: Path) -> None:
         self.path = Path(root) / RANGES_FILE
