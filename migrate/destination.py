@@ -256,6 +256,11 @@ class DestinationSession:
                 quota.check_supported(self.rt.root)
             except ConfigError as e:
                 raise PreflightError(f"the destination cannot keep the disk quota: {e}") from None
+        if cfg.in_userns and o.get("strategy", "cold") != "cold":
+            raise PreflightError(
+                f"{cfg.name} has a user namespace: only --strategy cold moves it (post-copy "
+                "of one is untested)"
+            )
         if cfg.userns == "auto":
             await asyncio.to_thread(self._reserve_ids, cfg)
         for lim in cfg.resources.io_limits:  # resolved by path here, as the cgroup will be
