@@ -151,6 +151,31 @@ def _mount_of_fd(pid: int, fd: str) -> tuple[str, str]:
     return "", ""
 
 
+_NS_GET_OWNER_UID = 0xB704  # _IO(0xb7, 0x4), ioctl_ns(2)
+
+
+def _in_userns_we_own(pid: int) -> bool:
+    """Whether ``pid`` is in a user namespace other than ours whose owner is our euid: the
+    kernel gives the owner every capability in it (user_namespaces(7)), CAP_SYS_RESOURCE
+    too, so CRIU may read its tasks' rlimits whatever uid they run as (``--userns``)."""
+    import fcntl
+    import struct
+
+    try:
+        if os.stat(f"/proc/{pid}/ns/user").st_ino == os.stat("/proc/self/ns/user").st_ino:
+            return False
+        fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        buf = fcntl.ioctl(fd, _NS_GET_OWNER_UID, b"\0" * 4)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return bool(struct.unpack("I", buf)[0] == os.geteuid())
+
+
 def preflight(c: Container) -> None:
     """Refuse, before anything is frozen, what the dump would not bring back intact.
 
@@ -248,7 +273,7 @@ def preflight(c: Container) -> None:
                 "process tree but not in its cgroup (entered from the host?), so the freeze "
                 f"would miss it: stop it{keeps}"
             )
-        if check_ids:
+        if check_ids and not _in_userns_we_own(pid):
             uids, gids = st.get("Uid", "").split()[:3], st.get("Gid", "").split()[:3]
             if any(u != my_uid for u in uids) or any(g != my_gid for g in gids):
                 raise PreflightError(
@@ -552,6 +577,25 @@ def _stdio_keys(c: Container) -> dict[str, str | None]:
     return keys
 
 
+def _device_binds(pid: int) -> tuple[dict[str, str], ...]:
+    """The host device nodes bound into a container in a user namespace (it cannot mknod:
+    :func:`runtime.rootfs.mounts.prepare_rootfs`), and the masks bound from them, as
+    external mounts ``{key: devN, destination, source: /dev/NODE}``: their file system, the
+    host's devtmpfs, has no root in the container, which CRIU refuses to dump ("doesn't
+    have a proper root mount"); restored, each is bound again from the node's own node."""
+    out: list[dict[str, str]] = []
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if right.split()[0] == "devtmpfs":
+                dest = fields[4].encode().decode("unicode_escape")
+                out.append(
+                    {"key": f"dev{len(out)}", "destination": dest, "source": "/dev" + fields[3]}
+                )
+    return tuple(out)
+
+
 def external_netns(c: Container) -> str | None:
     """CRIU ``--external net[INODE]:KEY`` for a container whose net namespace holds nothing
     to save: its own, with no CAP_NET_ADMIN to change routes, addresses, rules or sysctls,
@@ -560,12 +604,14 @@ def external_netns(c: Container) -> str | None:
     neither saves it (ip/iptables-save at dump) nor rebuilds it (ip/iptables-restore at
     restore, about 50 ms of downtime); the restorer hands it a fresh namespace with ``lo``
     up (``inherit_fd``).  None when the namespace must be dumped.  Raises OSError when the
-    init is gone."""
+    init is gone.  None too in a user namespace (``--userns``): CRIU dumps and restores it."""
     cfg = c.config
     if cfg.network == "bridge":  # made by jaula, rebuilt by the destination (migrate.netmove)
         return f"net[{os.stat(f'/proc/{c.state.pid}/ns/net').st_ino}]:{NETNS_KEY}"
     if cfg.network != "none" or cfg.privileged or "CAP_NET_ADMIN" in cfg.capabilities:
         return None
+    if cfg.in_userns:  # its net namespace belongs to its user namespace: a fresh one made
+        return None  # by the restorer would be the host's, and CRIU's setns is refused
     if not portability.netns_contents(c.state.pid).fresh:
         return None
     return f"net[{os.stat(f'/proc/{c.state.pid}/ns/net').st_ino}]:{NETNS_KEY}"
@@ -696,7 +742,8 @@ class DumpPlan:
             volumes=tuple(
                 {"key": f"vol{i}", "destination": m.destination, "source": m.source}
                 for i, m in enumerate(c.config.mounts)
-            ),
+            )
+            + (_device_binds(c.state.pid) if c.config.in_userns else ()),
             freezer=None if stopped else freezer_path(c),
             network_lock=network_lock(c.config),
             stopped=stopped,

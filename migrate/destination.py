@@ -58,7 +58,14 @@ from migrate.scratch import record_lazy_daemon, remove_scratch, scratch_dir
 from migrate.stream import FileReceiver, IncomingFile
 from runtime import quota
 from runtime.container import ArmedRestore, Container, Runtime
-from runtime.errors import CgroupError, ConfigError, ContainerExists, ContainerNotFound, JaulaError
+from runtime.errors import (
+    CgroupError,
+    ConfigError,
+    ContainerError,
+    ContainerExists,
+    ContainerNotFound,
+    JaulaError,
+)
 from runtime.network import link as _netlink  # noqa: F401 - pyroute2 (~0.5 s) at start-up, not in an offer
 from runtime.spec import ContainerConfig
 from runtime.state import (
@@ -130,6 +137,7 @@ class DestinationSession:
         self.cfg: ContainerConfig | None = None
         self.cdir: Path | None = None
         self.armed: ArmedRestore | None = None
+        self.reserved_ids: str | None = None  # a container id whose id range this session holds
         self.monitor: tuple[int, int | None] = (0, None)  # the restoring monitor (pid, start)
         self.revive_task: asyncio.Future[Any] | None = None
         self.hold: HoldServer | None = None
@@ -252,6 +260,13 @@ class DestinationSession:
                 quota.check_supported(self.rt.root)
             except ConfigError as e:
                 raise PreflightError(f"the destination cannot keep the disk quota: {e}") from None
+        if cfg.in_userns and o.get("strategy", "cold") != "cold":
+            raise PreflightError(
+                f"{cfg.name} has a user namespace: only --strategy cold moves it (post-copy "
+                "of one is untested)"
+            )
+        if cfg.userns == "auto":
+            await asyncio.to_thread(self._reserve_ids, cfg)
         for lim in cfg.resources.io_limits:  # resolved by path here, as the cgroup will be
             try:
                 lim.device_numbers()
@@ -287,6 +302,21 @@ class DestinationSession:
         assert self.cdir is not None
         await asyncio.to_thread(netmove.prepare_destination, self.rt, self.cdir, self.cfg)
         await self.send("accept", missing_layers=missing, features=[RESTORING_BEATS], **bulk, **ps)
+
+    def _reserve_ids(self, cfg: ContainerConfig) -> None:
+        """Hold the ``--userns=auto`` container's host id range here (it keeps its range
+        on every node: its upperdir's files carry those ids).  Raises PreflightError
+        naming the holder when another container of this node has any of it."""
+        from runtime.userns import range_of
+
+        start, size = range_of(cfg.uid_map)
+        try:
+            self.rt.id_ranges.reserve_exact(cfg.id, start, size)
+        except ContainerError as e:
+            raise PreflightError(
+                f"the destination cannot give {cfg.name} its user namespace's ids: {e}"
+            ) from None
+        self.reserved_ids = cfg.id
 
     def _check_patches(self, strategy: str) -> None:
         """Raise PreflightError when this node's CRIU or the source's (``offer.criu_patches``;
@@ -752,6 +782,10 @@ class DestinationSession:
         if self.armed is not None:
             armed, self.armed = self.armed, None
             await asyncio.to_thread(self.rt.disarm, armed)
+        if self.reserved_ids is not None:
+            with contextlib.suppress(JaulaError, OSError):
+                await asyncio.to_thread(self.rt.id_ranges.release, self.reserved_ids)
+            self.reserved_ids = None
         if self.cdir is not None:
             try:
                 c = Container(self.rt, self.cdir.name)

@@ -127,6 +127,8 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
     watchdog = threading.Thread(
         target=_watch_restore, args=(handle, watching, float(limit)), daemon=True
     )
+    if cfg.in_userns:
+        _give_images_to(bundle.criu_dir, cfg)
     watchdog.start()
     try:
         res = criu.restore(
@@ -175,6 +177,22 @@ def apply_terminal(images_dir: Path, slave: int) -> None:
     except (OSError, ValueError) as e:
         raise ValueError(f"the saved state of the container's terminal is unusable: {e}") from e
     tty.apply(slave, state)
+
+
+def _give_images_to(images_dir: Path, cfg: ContainerConfig) -> None:
+    """Open a dump's images (0700/0600 root's) to the restored tasks of a container in a
+    user namespace: CRIU's task 1 opens some itself (timens-0.img, tty-info.img) through
+    the images directory's fd, at times before its uid map is written, when its ids are
+    mapped to nothing and only the "other" bits can let it in (so a chown to the
+    container's root is not enough: that failed about one restore in two).  The
+    directory becomes 0711 and the files 0644; nobody else reaches them, as the state
+    root above is 0700.  Only modes change: the manifest's digests hold."""
+    if not cfg.in_userns:
+        return
+    os.chmod(images_dir, 0o711)
+    for p in images_dir.iterdir():
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, p.stat().st_mode | 0o044)
 
 
 def _pages_bytes(images_dir: Path) -> int:

@@ -42,6 +42,7 @@ from runtime.spec import (
 )
 from runtime.state import ContainerStatus
 from runtime.store import LOG, default_root
+from runtime.userns import parse_idmap, parse_userns
 
 EXIT_ERROR = 125
 
@@ -211,6 +212,17 @@ def build_parser(extensions: Sequence[CliExtension] = ()) -> argparse.ArgumentPa
         default=[],
         help="size=SIZE: disk quota of the container's writable layer (project quotas)",
     )
+    run.add_argument(
+        "--userns",
+        default="host",
+        help="host (default: root inside is root on the host) or auto (65536 ids of its own)",
+    )
+    run.add_argument(
+        "--uidmap", action="append", default=[], help="CONTAINER:HOST:SIZE (repeatable)"
+    )
+    run.add_argument(
+        "--gidmap", action="append", default=[], help="CONTAINER:HOST:SIZE (default: --uidmap)"
+    )
     run.add_argument("image", help="image name, id or id prefix")
     run.add_argument(
         "command", nargs=argparse.REMAINDER, help="command and arguments (default: the image's)"
@@ -376,6 +388,9 @@ def cmd_run(rt: Runtime, a: argparse.Namespace) -> int:
         storage_size_bytes=parse_storage_opts(a.storage_opt),
         restart=parse_restart(a.restart),
         tty=a.tty,
+        userns=parse_userns(a.userns),
+        uid_map=tuple(parse_idmap(v, "--uidmap") for v in a.uidmap),
+        gid_map=tuple(parse_idmap(v, "--gidmap") for v in a.gidmap),
     )
     if a.rm and a.detach:
         raise ConfigError("--rm goes with an attached run, not with -d")

@@ -68,6 +68,15 @@ from runtime.store import (
     Store,
     flocked,
 )
+from runtime.userns import (
+    AUTO_SIZE,
+    FileIdAllocator,
+    IdMapping,
+    IdRangeAllocator,
+    check_maps,
+    host_id,
+)
+from runtime.userns import auto_maps as userns_auto_maps
 
 # Configured by the application, not here (runtime.logconfig.configure_logging: the CLI and the monitor)
 log = structlog.get_logger(__name__)
@@ -114,6 +123,9 @@ class RunOptions:
     storage_size_bytes: int | None = None
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     tty: bool = False
+    userns: str = "host"
+    uid_map: tuple[IdMapping, ...] = ()
+    gid_map: tuple[IdMapping, ...] = ()
 
 
 class Container:
@@ -300,7 +312,7 @@ class Container:
                     self.rt._plug(self.dir, att)
                     self.rt._publish(self.id, att, self.config.ports)
                 if not is_mountpoint(layout.merged):
-                    mount_overlay(layout)
+                    mount_overlay(layout, self.config.uid_map, self.config.gid_map)
                 cg.create(self.config.resources)
                 mon_pid, sync_r = _launch_monitor(self.dir)
                 mon_start = sc.proc_start_time(mon_pid)
@@ -363,7 +375,7 @@ class Container:
             )
             mounted_here = not is_mountpoint(layout.merged)
             if mounted_here:
-                mount_overlay(layout)
+                mount_overlay(layout, self.config.uid_map, self.config.gid_map)
             try:
                 yield layout.merged
             finally:
@@ -526,12 +538,15 @@ class Container:
                     "first or use `rm -f`",
                     self.id,
                 )
+            migrated_away = self.status is S.MIGRATED
             self._teardown()
         finally:
             lock.__exit__(None, None, None)
         self.rt.store.remove_dir(self.id)
         if self.rt.admission is not None:
             self.rt.admission.release(self.id)
+        if self.config.userns == "auto" and not (migrated_away and self.rt.id_ranges.cluster_wide):
+            self.rt.id_ranges.release(self.id)
         log.info("container.removed", id=self.id[:12], name=self.name)
         self._event("remove")
 
@@ -764,6 +779,7 @@ class Runtime:
         #: asked before a container starts (``run``) and told when one is removed; None:
         #: every container may run (a runtime outside a cluster)
         self.admission: Admission | None = None
+        self._id_ranges: IdRangeAllocator | None = None
 
     @property
     def network(self) -> NetworkConfig:
@@ -786,6 +802,18 @@ class Runtime:
     @leases.setter
     def leases(self, leases: IpLeases) -> None:
         self._leases = leases
+
+    @property
+    def id_ranges(self) -> IdRangeAllocator:
+        """The ``--userns=auto`` id ranges: as given (a node service's cluster state),
+        else a locked file under the state root (:class:`runtime.userns.FileIdAllocator`)."""
+        if self._id_ranges is None:
+            self._id_ranges = FileIdAllocator(self.root)
+        return self._id_ranges
+
+    @id_ranges.setter
+    def id_ranges(self, allocator: IdRangeAllocator) -> None:
+        self._id_ranges = allocator
 
     def get(self, ref: str) -> Container:
         """The container named ``ref`` or whose id (or unique id prefix) is ``ref``."""
@@ -843,6 +871,7 @@ class Runtime:
         from runtime.spec import DEFAULT_CAPABILITIES
 
         env = parse_env(list(opts.env), tuple(icfg.env))  # may raise: before anything is made
+        userns = _check_userns_options(opts)
         if opts.storage_size_bytes:
             quota.check_supported(self.root)
         with self.store.lock():
@@ -875,6 +904,9 @@ class Runtime:
                 created_at=time.time(),
                 labels=opts.labels,
                 ports=ports,
+                userns=userns,
+                uid_map=opts.uid_map,
+                gid_map=opts.gid_map or opts.uid_map,
             )
             atomic_write_json(cdir / CONFIG, cfg.to_json())
             atomic_write_json(cdir / STATE, State().to_json())
@@ -892,8 +924,12 @@ class Runtime:
                 claimed = self.admission.claim(cid)
             if opts.network == "bridge":
                 att = self._attach(cid, want_ip, want_mac, opts)
+            if userns == "auto":
+                maps = userns_auto_maps(self.id_ranges.reserve(cid, AUTO_SIZE))
+                cfg = replace(cfg, uid_map=maps, gid_map=maps)
+                atomic_write_json(cdir / CONFIG, cfg.to_json())
             quota.prepare_dirs(cdir, cfg.storage_size_bytes)
-            mount_overlay(layout)
+            mount_overlay(layout, cfg.uid_map, cfg.gid_map)
             user = resolve_user(layout.merged, cfg.user_spec) if cfg.user_spec else User()
             check_command(layout.merged, cfg.args[0], cfg.env, cfg.cwd)
             make_workdir(layout.merged, cfg.cwd, user)
@@ -935,6 +971,8 @@ class Runtime:
             _rollback(cdir, layout, cg, mon_pid, mon_start)
             if claimed and self.admission is not None:
                 self.admission.release(cid)
+            if userns == "auto":
+                self.id_ranges.release(cid)
             raise
         log.info("container.started", id=cid[:12], name=name, pid=pid)
         return ctr
@@ -1125,7 +1163,7 @@ class Runtime:
             cg = c.cgroup()
             mon_pid, mon_start = 0, None
             try:
-                mount_overlay(layout)
+                mount_overlay(layout, c.config.uid_map, c.config.gid_map)
                 cg.create(c.config.resources)
                 if armed is not None:
                     mon_pid, mon_start, sync_r = armed.mon_pid, armed.mon_start, armed.sync_r
@@ -1243,6 +1281,34 @@ def _tell_monitor(armed: ArmedRestore, word: bytes, timeout_s: float = 10.0) -> 
         finally:
             os.close(fd)
         return
+
+
+def _check_userns_options(opts: RunOptions) -> str:
+    """The container's user namespace mode (``host``, ``auto``, ``private``) from
+    ``--userns``/``--uidmap``/``--gidmap``.  Raises ConfigError (one line) for maps with
+    ``--userns``, a gid map alone, overlapping maps, a network jaula cannot give a user
+    namespace (``host``, ``bridge``: their net namespace belongs to the host's user
+    namespace, so the container could not mount its /sys)."""
+    if opts.userns not in ("host", "auto"):
+        raise ConfigError(f"--userns {opts.userns!r}: jaula supports host and auto")
+    if opts.gid_map and not opts.uid_map:
+        raise ConfigError("--gidmap needs --uidmap too")
+    if opts.uid_map and opts.userns != "host":
+        raise ConfigError("--uidmap and --userns=auto exclude each other: give one")
+    check_maps(opts.uid_map, "--uidmap")
+    check_maps(opts.gid_map, "--gidmap")
+    mode = "private" if opts.uid_map else opts.userns
+    if mode != "host":
+        if host_id(opts.uid_map, 0) is None and opts.uid_map:
+            raise ConfigError("--uidmap must map container uid 0 (the container's root)")
+        if opts.network != "none":
+            raise ConfigError(
+                f"--network {opts.network} with a user namespace is not supported yet: "
+                "use --network none, or --userns=host"
+            )
+        if opts.privileged:
+            raise ConfigError("--privileged with a user namespace is not supported: drop one")
+    return mode
 
 
 def _stop_signal(value: str | None) -> int:

@@ -37,6 +37,20 @@ from runtime.rootfs.mounts import pivot_into, prepare_rootfs
 from runtime.spec import ContainerConfig
 
 
+def _own_root_mount(rootfs: str) -> None:
+    """In a user namespace: put a copy of the rootfs mount on top of it and move into it.
+    The mounts copied from the host's namespace are locked (MNT_LOCKED), and pivot_root(2)
+    refuses a locked new root (EINVAL); a copy made here is not.  As runc's bind of the
+    rootfs onto itself, but through open_tree(2), whose fd lets the init enter the copy
+    without walking the (0700) state root."""
+    fd = sc.open_tree_clone(rootfs, recursive=True)
+    try:
+        sc.move_mount_to(fd, "")  # onto the working directory: the rootfs
+        os.fchdir(fd)
+    finally:
+        os.close(fd)
+
+
 def run_init(
     cfg: ContainerConfig,
     rootfs: str,
@@ -74,6 +88,9 @@ def run_init(
         sc.unshare(flags)
         step = "make mounts private"
         sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+        if cfg.in_userns:
+            step = "remount the rootfs in the user namespace"
+            _own_root_mount(rootfs)
         step = "set the hostname"
         socket.sethostname(cfg.hostname or cfg.id[:12])
         if cfg.network == "none":

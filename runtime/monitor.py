@@ -35,14 +35,17 @@ from pathlib import Path
 from runtime import events, tty
 from runtime import syscalls as sc
 from runtime.cgroups import CgroupManager, create_manager
+from runtime.errors import ContainerError
 from runtime.init_process import run_init
 from runtime.logconfig import configure_logging
 from runtime.poll import wait_for
+from runtime.process import fail_to_parent
 from runtime.restart import RESET_AFTER_S, InitRecord, backoff_s, load_policy, save_init
 from runtime.rootfs.overlay import unmount
 from runtime.spec import ContainerConfig
 from runtime.state import ExitRecord, atomic_write_json
 from runtime.store import ARMED_MARK, CONFIG, EXIT, GO_FIFO, LOG, NETNS, STOP_MARK, TTY_MARK
+from runtime.userns import make_userns
 
 _PARTIAL_FLUSH = 16 * 1024
 
@@ -111,7 +114,8 @@ def main(argv: list[str]) -> int:
     if (cdir / TTY_MARK).exists():
         master, slave = os.openpty()
         term = _Terminal(master, slave, tty.listen(cdir), tty.Backlog())
-    sc.unshare(sc.CLONE_NEWPID)
+    if not cfg.in_userns:  # else the pid namespace is made inside the user one (_spawn)
+        sc.unshare(sc.CLONE_NEWPID)
     try:
         pid, out_r, err_r = _spawn(cfg, cdir, cgroup, sync_fd, term)
     except _StartFailed as e:
@@ -166,16 +170,34 @@ def _spawn(
         err_r, err_w = os.pipe()
     start_r, start_w = os.pipe2(os.O_CLOEXEC)
     fail_r, fail_w = os.pipe2(os.O_CLOEXEC)
+    userns_fd = -1
+    if cfg.in_userns:
+        try:
+            userns_fd = make_userns(cfg.uid_map, cfg.gid_map)
+        except ContainerError as e:
+            for fd in (out_r, out_w, err_r, err_w, start_r, start_w, fail_r, fail_w):
+                os.close(fd)
+            raise _StartFailed(str(e)) from e
+    rootfs = str(cdir / "merged")
+    pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         if sync_fd is not None:
             os.close(sync_fd)
-        for fd in (out_r, err_r, start_w, fail_r):
+        for fd in (out_r, err_r, start_w, fail_r, pid_r):
             os.close(fd)
+        if userns_fd >= 0:
+            # the state root is 0700 root's: the init, root of its user namespace only,
+            # can walk no path through it; it reaches its rootfs through its cwd, which
+            # unshare(CLONE_NEWNS) moves to the new namespace's copy of the mount
+            os.chdir(rootfs)
+            rootfs = "/proc/self/cwd"
+            _enter_userns(userns_fd, pid_w, fail_w)  # returns in the init only
+        os.close(pid_w)
         netns = str(cdir / NETNS) if cfg.network == "bridge" else None
         run_init(
             cfg,
-            str(cdir / "merged"),
+            rootfs,
             start_r,
             fail_w,
             out_w,
@@ -183,8 +205,18 @@ def _spawn(
             netns,
             tty_fd=None if term is None else out_w,
         )
-    for fd in (out_w, err_w, start_r, fail_w):
+    for fd in (out_w, err_w, start_r, fail_w, pid_w):
         os.close(fd)
+    if userns_fd >= 0:
+        os.close(userns_fd)
+        helper, pid = pid, int(os.read(pid_r, 32) or b"0")
+        os.waitpid(helper, 0)  # the init is the monitor's child now (subreaper)
+    os.close(pid_r)
+    if pid == 0:
+        failure = os.read(fail_r, 4096)
+        for fd in (out_r, err_r, start_w, fail_r):
+            os.close(fd)
+        raise _StartFailed(failure.decode(errors="replace") or "the init was not forked")
     try:
         cgroup.add_process(pid)
     except Exception as e:  # reported to the CLI, then the init is killed
@@ -209,6 +241,28 @@ def _spawn(
         os.close(err_r)
         return pid, -1, -1
     return pid, out_r, err_r
+
+
+def _enter_userns(userns_fd: int, pid_w: int, fail_w: int) -> None:
+    """In the monitor's forked helper: join the container's user namespace, make the pid
+    namespace inside it (so that the init, pid 1 there, may mount its /proc) and fork the
+    init.  Returns in the init; the helper writes the init's host pid on ``pid_w`` and
+    exits, and the init is reparented to the monitor (a child subreaper)."""
+    try:
+        sc.setns(userns_fd, sc.CLONE_NEWUSER)
+        os.close(userns_fd)
+        # setns keeps the host ids, unmapped in there: become its root (kept capabilities)
+        os.setgroups([])
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        sc.unshare(sc.CLONE_NEWPID)
+        init = os.fork()
+    except BaseException as e:  # noqa: BLE001 - the monitor reads the reason
+        fail_to_parent(fail_w, f"enter the user namespace: {e}", 127)
+    if init == 0:
+        return
+    os.write(pid_w, str(init).encode())
+    os._exit(0)
 
 
 def _restart_loop(
@@ -240,12 +294,13 @@ def _restart_loop(
             return status
         # a fresh pid namespace: the last one died with its init.  Back into our own
         # first (a second unshare needs pid_for_children == the active one: EINVAL else)
-        own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            sc.setns(own, sc.CLONE_NEWPID)
-        finally:
-            os.close(own)
-        sc.unshare(sc.CLONE_NEWPID)
+        if not cfg.in_userns:
+            own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                sc.setns(own, sc.CLONE_NEWPID)
+            finally:
+                os.close(own)
+            sc.unshare(sc.CLONE_NEWPID)
         try:
             pid, out_r, err_r = _spawn(cfg, cdir, cgroup, None, term)
         except _StartFailed as e:

@@ -17,6 +17,7 @@ from runtime.cgroups import IO_KINDS, IoLimit, Resources
 from runtime.errors import CgroupError, ConfigError
 from runtime.network import Attachment
 from runtime.network.ports import PortMapping
+from runtime.userns import IdMapping, maps_from_json, maps_json
 
 #: Capabilities a container keeps by default: Podman's default set (containers.conf
 #: ``default_capabilities``), which is runc's minus AUDIT_WRITE, MKNOD and NET_RAW.
@@ -159,6 +160,8 @@ class ContainerConfig:
             (see :mod:`runtime.seccomp_filter`).
         storage_size_bytes: ``--storage-opt size=``, the quota of the writable layer
             (:mod:`runtime.quota`); None: no limit.
+        userns: ``host``, ``auto`` or ``private`` (``--uidmap``), see :mod:`runtime.userns`;
+            uid_map / gid_map: the container's maps (empty with ``host``).
     """
 
     id: str
@@ -185,9 +188,20 @@ class ContainerConfig:
     labels: tuple[str, ...] = ()
     seccomp: str = "default"
     storage_size_bytes: int | None = None
+    userns: str = "host"
+    uid_map: tuple[IdMapping, ...] = ()
+    gid_map: tuple[IdMapping, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["uid_map"] = maps_json(self.uid_map)
+        d["gid_map"] = maps_json(self.gid_map)
+        return d
+
+    @property
+    def in_userns(self) -> bool:
+        """Whether the container has a user namespace of its own."""
+        return bool(self.uid_map)
 
     def label_map(self) -> dict[str, str]:
         """``labels`` as a mapping (a later ``K=`` wins)."""
@@ -208,6 +222,8 @@ class ContainerConfig:
         att = d.get("attachment")
         d["attachment"] = Attachment.from_json(att) if att else None
         d["ports"] = tuple(PortMapping.from_json(m) for m in d.get("ports", ()))
+        d["uid_map"] = maps_from_json(d.get("uid_map"))
+        d["gid_map"] = maps_from_json(d.get("gid_map"))
         return cls(**d)
 
 

@@ -101,11 +101,17 @@ def _mount_volumes(cfg: ContainerConfig, rootfs: str) -> None:
             sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
 
 
-def _mount_dev(rootfs: str) -> None:
+def _mount_dev(rootfs: str, bind_devices: bool = False) -> None:
+    """A tmpfs /dev with the default nodes.  ``bind_devices``: in a user namespace, where
+    mknod(2) is refused (EPERM), bind the host's nodes instead (as runc does)."""
     dev = _mkdir_in(rootfs, "/dev")
     sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_STRICTATIME, "mode=755,size=65536k")
     for name, major, minor in _DEVICES:
         p = os.path.join(dev, name)
+        if bind_devices:
+            open(p, "a").close()
+            sc.mount(os.path.join("/dev", name), p, None, sc.MS_BIND)
+            continue
         os.mknod(p, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
         os.chmod(p, 0o666)
     for name, target in _DEV_LINKS:
@@ -180,7 +186,7 @@ def prepare_rootfs(cfg: ContainerConfig, rootfs: str) -> None:
     _mount_volumes(cfg, rootfs)
     proc = _mkdir_in(rootfs, "/proc")
     sc.mount("proc", proc, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-    _mount_dev(rootfs)
+    _mount_dev(rootfs, bind_devices=cfg.in_userns)
     sys_dir = _mkdir_in(rootfs, "/sys")
     sc.mount("sysfs", sys_dir, "sysfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
     if not cfg.privileged:

@@ -13,11 +13,13 @@ filesystem as upperdir, "index" and "redirect_dir" features).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from runtime import syscalls
 from runtime.errors import MountError
+from runtime.userns import IdMapping, host_id, idmapped_layers
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -82,8 +84,15 @@ def is_mountpoint(path: Path) -> bool:
     return False
 
 
-def mount_overlay(layout: OverlayLayout) -> None:
+def mount_overlay(
+    layout: OverlayLayout,
+    uid_map: Sequence[IdMapping] = (),
+    gid_map: Sequence[IdMapping] = (),
+) -> None:
     """Create upperdir/workdir/merged if needed and mount the overlay at ``merged``.
+
+    With ``uid_map``/``gid_map`` (a container in a user namespace) the layers are id-mapped
+    mounts and the upperdir's root belongs to the container's root (:mod:`runtime.userns`).
 
     Raises MountError naming the mount point and the kernel's reason."""
     if not layout.lowerdirs:
@@ -93,7 +102,17 @@ def mount_overlay(layout: OverlayLayout) -> None:
     if not overlay_supported():
         raise MountError("this kernel has no overlayfs: load it with `modprobe overlay`")
     try:
-        syscalls.mount("overlay", layout.merged, "overlay", 0, layout.options())
+        if not uid_map:
+            syscalls.mount("overlay", layout.merged, "overlay", 0, layout.options())
+            return
+        root_uid = host_id(uid_map, 0)
+        root_gid = host_id(gid_map or uid_map, 0)
+        os.chown(layout.upperdir, -1 if root_uid is None else root_uid,
+                 -1 if root_gid is None else root_gid)  # fmt: skip
+        stage = layout.upperdir.parent / "idmap"
+        with idmapped_layers(layout.lowerdirs, stage, uid_map, gid_map or uid_map) as lowers:
+            mapped = replace(layout, lowerdirs=tuple(lowers))
+            syscalls.mount("overlay", layout.merged, "overlay", 0, mapped.options())
     except OSError as e:
         raise MountError(
             f"cannot mount the container's overlay at {layout.merged}: {e.strerror}"
