@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from migrate.bundle import INSECURE_FLAG, INSECURE_RISK
-from migrate.errors import MigrationError, PeerUnavailable
+from migrate.errors import KeyRefused, MigrationError, PeerUnavailable
 from runtime import cli as runtime_cli
 from runtime.container import Runtime
 from runtime.errors import JaulaError
@@ -509,8 +509,8 @@ class Nodes:
             while True:
                 try:
                     frames = await client.recv(timeout_s=wait_s)
-                except PeerUnavailable:
-                    if on_silence is None:
+                except PeerUnavailable as e:
+                    if on_silence is None or isinstance(e, KeyRefused):
                         raise
                     await on_silence()
                     continue

@@ -70,6 +70,11 @@ class PeerUnavailable(MigrationError):
     """A node did not answer in time, or refused our key."""
 
 
+class KeyRefused(PeerUnavailable):
+    """A node's ZAP handler refused our CURVE key (status 400): final until its cluster
+    file lists the key, so waiting longer is pointless."""
+
+
 class MigrationAborted(MigrationError):
     """A migration was rolled back; ``phase`` says where it stopped."""
 

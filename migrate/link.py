@@ -10,7 +10,13 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from migrate.errors import MigrationError, PeerUnavailable, ProtocolError, TransferError
+from migrate.errors import (
+    KeyRefused,
+    MigrationError,
+    PeerUnavailable,
+    ProtocolError,
+    TransferError,
+)
 from migrate.protocol import SOURCE_TABLE, SourcePhase, decode, encode, next_phase
 from migrate.stream import FileSender
 
@@ -52,6 +58,9 @@ class SourceLink:
         while True:
             try:
                 frames = await self.client.recv(timeout_s=1.0)
+            except KeyRefused as e:
+                self._fail(e)
+                return
             except PeerUnavailable:
                 continue
             try:

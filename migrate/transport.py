@@ -92,7 +92,7 @@ from migrate.config import (
     Peer,
     check_node_in_cluster,
 )
-from migrate.errors import NodeConfigError, PeerUnavailable
+from migrate.errors import KeyRefused, NodeConfigError, PeerUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -103,6 +103,9 @@ HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
 """Close the connection when no traffic arrives this long after a PING."""
 HANDSHAKE_IVL_MS = 5000
+#: seconds between looks at the socket monitor while a client waits for an answer: a key
+#: the node refused (ZAP status 400) ends the wait then, not at its timeout
+REFUSAL_CHECK_S = 0.25
 """Close a connection whose CURVE handshake (and ZAP answer) takes longer than this."""
 HWM_MESSAGES = 1000
 """Send and receive high-water marks, in messages, per connection."""
@@ -470,6 +473,7 @@ class Client:
         self._authenticated = False  # a handshake succeeded and was not lost since
         self._tcp_up = False  # a TCP connection came up since the last retry
         self._problem: str | None = None
+        self._key_refused = False  # the node's ZAP handler said 400: it will not change
 
     @classmethod
     async def connect(
@@ -560,6 +564,7 @@ class Client:
                     self._problem = "the connection was lost"
                 self._authenticated = False
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400:
+                self._key_refused = True
                 self._problem = (
                     f"it refused our key (ZAP status 400): list our public "
                     f"key {self._own_public.decode()} in that node's cluster file"
@@ -617,10 +622,17 @@ class Client:
             PeerUnavailable: nothing arrived in time; the message names the endpoint and what
                 the socket monitor saw (key refused, wrong server key, cannot connect, ...).
         """
-        self._drain_monitor()
-        if not await self._socket.poll(timeout=max(0, int(timeout_s * 1000))):  # POLLIN
-            raise self._unavailable(f"no answer within {timeout_s} s")
-        return list(await self._socket.recv_multipart())
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._drain_monitor()
+            if self._key_refused:  # a refusal of our key is final: say so now, not at the end
+                raise KeyRefused(str(self._unavailable("refused")))
+            left = deadline - time.monotonic()
+            slice_ms = max(0, int(min(left, REFUSAL_CHECK_S) * 1000))
+            if await self._socket.poll(timeout=slice_ms):  # POLLIN
+                return list(await self._socket.recv_multipart())
+            if time.monotonic() >= deadline:
+                raise self._unavailable(f"no answer within {timeout_s} s")
 
     def close(self) -> None:
         """Close the socket and its monitor with linger 0 (unsent messages are dropped) and
