@@ -303,6 +303,7 @@ def preflight(c: Container) -> None:
                     f"remove it first{keeps}"
                 )
         portability.check_unix_peers(c.name, c.state.pid, in_cgroup | set(tree))
+        portability.check_inflight_unix(c.name, c.state.pid, in_cgroup | set(tree))
         portability.check_socket_queues(c.name, c.state.pid, in_cgroup | set(tree))
     except OSError as e:
         raise PreflightError(

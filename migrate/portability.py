@@ -47,6 +47,7 @@ import re
 import socket
 import stat
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -300,6 +301,73 @@ def check_unix_peers(name: str, init: int, pids: Iterable[int]) -> None:
         f" socket connected to {path or 'an unnamed socket'} (socket {peer}), held by {who} "
         f"outside the container, which CRIU cannot take along: close that connection{KEEPS}"
     )
+
+
+def _icons(raw: object) -> list[int]:
+    """The inodes in a UNIX_DIAG_ICONS attribute (pyroute2 gives it as ``aa:bb:..`` hex):
+    one native-endian u32 per connection queued on a listener, the connecting socket's
+    inode, 0 once that socket was closed (linux net/unix/diag.c, sk_diag_dump_icons)."""
+    if not isinstance(raw, str) or not raw:
+        return []
+    data = bytes.fromhex(raw.replace(":", ""))
+    return [int.from_bytes(data[i : i + 4], sys.byteorder) for i in range(0, len(data) - 3, 4)]
+
+
+def check_inflight_unix(name: str, init: int, pids: Iterable[int]) -> None:
+    """Refuse a listening UNIX socket of the container's processes with a connection queued
+    on it (not yet accepted) that CRIU cannot carry: its client already closed, or its
+    client sent data the listener has not accepted yet.  CRIU refuses both only during the
+    dump, with the tasks frozen ("Found a closed in-flight socket", "Non-empty write queue
+    on an in-flight socket", criu/sk-unix.c; zdtm sk-unix-listen02..04).
+
+    Raises PreflightError naming the process, the listener's path and what is queued."""
+    from pyroute2.netlink.diag import (
+        UDIAG_SHOW_ICONS,
+        UDIAG_SHOW_NAME,
+        UDIAG_SHOW_RQLEN,
+        DiagSocket,
+    )
+
+    ours = socket_inodes(pids)
+    if not ours:
+        return
+
+    def look() -> tuple[list[tuple[int, str, list[int]]], dict[int, int]]:
+        listeners, wqueue = [], {}
+        with DiagSocket() as ds:
+            ds.bind()
+            for m in ds.get_sock_stats(
+                family=socket.AF_UNIX, show=UDIAG_SHOW_NAME | UDIAG_SHOW_ICONS | UDIAG_SHOW_RQLEN
+            ):
+                rq = m.get_attr("UNIX_DIAG_RQLEN")
+                if m["udiag_state"] == _UNIX_LISTEN:
+                    if m["udiag_ino"] in ours and (icons := _icons(m.get_attr("UNIX_DIAG_ICONS"))):
+                        path = str(m.get_attr("UNIX_DIAG_NAME") or "")
+                        listeners.append((m["udiag_ino"], path, icons))
+                elif rq is not None:
+                    wqueue[m["udiag_ino"]] = int(rq["udiag_wqueue"])
+        return listeners, wqueue
+
+    listeners, wqueue = in_netns(init, look)
+    for ino, path, icons in listeners:
+        pid, comm = ours[ino]
+        where = f"process {pid} ({comm}) listens on the UNIX socket {path or 'an unnamed socket'}"
+        if 0 in icons:
+            raise PreflightError(
+                f"cannot checkpoint {name}: {where}, and a connection queued on it was closed "
+                "by its client before being accepted (CRIU cannot tell what it sent): let "
+                f"the process accept its pending connections first{KEEPS}"
+            )
+        sent = [i for i in icons if wqueue.get(i, 0)]
+        if sent:
+            raise PreflightError(
+                f"cannot checkpoint {name}: {where}, and a connection queued on it (socket "
+                f"{sent[0]}) holds data sent before it was accepted, which CRIU cannot "
+                f"carry: let the process accept its pending connections first{KEEPS}"
+            )
+
+
+_UNIX_LISTEN = 10  #: TCP_LISTEN, as unix_diag reports a listening UNIX socket's state
 
 
 @dataclass(frozen=True)
