@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from migrate import rootfs_diff
+from migrate.errors import BundleError
 
 
 def _tree(d: Path) -> dict[str, tuple[bytes, frozenset[str]]]:
@@ -126,6 +127,6 @@ def test_the_delta_still_refuses_an_entry_outside_the_upperdir(tmp_path: Path) -
     (dst / "sub" / "f").unlink()
     (dst / "sub").rmdir()
     (dst / "sub").symlink_to(outside)
-    with pytest.raises(rootfs_diff.BundleError, match="leaves the upperdir"):
+    with pytest.raises(BundleError, match="leaves the upperdir"):
         rootfs_diff.extract_over(tmp_path / "delta.tar", dst)
     assert (outside / "f").read_text() == "keep\n"
