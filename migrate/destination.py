@@ -41,7 +41,7 @@ from migrate import criu, image_pack, lazy_conn, netmove, rootfs_diff
 from migrate.addresses import bind_address
 from migrate.deadlines import SCALE_ENV, FrozenLimits
 from migrate.errors import MigrationError, PreflightError, ProtocolError
-from migrate.hold import HoldServer, hold_socket_path
+from migrate.hold import HOLD_DECISION, HoldServer, hold_socket_path
 from migrate.protocol import (
     DESTINATION_TABLE,
     HEARTBEAT_S,
@@ -294,6 +294,7 @@ class DestinationSession:
                 "bundle": str(self.staging),
                 "hold": str(self.hold_path),
                 "params": str(self.staging / "restore.json"),
+                "decision": str(self.staging / HOLD_DECISION),
             }
         )
         self.armed = await asyncio.to_thread(self.rt.arm, self.cfg.id, RESTORER, arg)

@@ -17,7 +17,6 @@ from pathlib import Path
 from migrate import criu
 from migrate.bundle import Bundle
 from migrate.deadlines import SCALE_ENV, FrozenLimits
-from migrate.hold import HOLD_DECISION
 from migrate.netmove import bridged, go_live
 from runtime.cgroups import CgroupMode, create_manager, detect_mode
 from runtime.poll import wait_for
@@ -56,7 +55,8 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
     """Run ``criu restore`` from inside the container's monitor; returns the init's host pid.
 
     ``arg`` is JSON: ``{"bundle": PATH}`` for a checkpoint bundle (stdio and volumes from its
-    manifest), or ``{"bundle": STAGING, "hold": SOCKET, "params": FILE}`` for an incoming
+    manifest), or ``{"bundle": STAGING, "hold": SOCKET, "params": FILE, "decision": FILE2}``
+    (FILE2: where the decision is recorded, migrate.hold.HOLD_DECISION) for an incoming
     migration (FILE holds ``{"stdio": {...}, "volumes": [...], "lazy": BOOL}``, written
     just before the armed monitor is told to go; ``lazy``: a post-copy restore, whose
     pages ``criu lazy-pages`` brings in), whose tasks are held at CRIU's ``pre-resume`` until the
@@ -112,7 +112,7 @@ def criu_restorer(cdir: Path, stdout_w: int, stderr_w: int, arg: str) -> int:
             watching.set()  # held: as long as the decision takes, never on a time limit
             if not handle.disarm():
                 return False  # killed at its limit as it got here: it is ending
-            if hold and not _wait_for_decision(hold, bundle.path / HOLD_DECISION):
+            if hold and not _wait_for_decision(hold, a.get("decision")):
                 _kill_restored(root[0], cfg)
                 raise criu.StopCriu(
                     "the migration was called off: the restored copy was killed before it ran"
@@ -333,10 +333,11 @@ def fresh_netns() -> int:
         os.close(own)
 
 
-def _wait_for_decision(path: str, record: Path) -> bool:
+def _wait_for_decision(path: str, record: str | None) -> bool:
     """Tell the destination service the tasks are held; return its decision (True: resume),
-    written to ``record`` first (migrate.hold.HOLD_DECISION: a service that dies right
-    after answering learns it from there, since this asks no more).
+    written to ``record`` first when given (migrate.hold.HOLD_DECISION in the session's
+    staging dir: a service that dies right after answering learns it from there, since
+    this asks no more; never into a checkpoint bundle, whose files its manifest lists).
 
     If the service goes away, keep the tasks held and reconnect (a restarted service asks
     the source for the outcome): a held copy is never discarded on a timeout alone."""
@@ -350,7 +351,8 @@ def _wait_for_decision(path: str, record: Path) -> bool:
                 s.sendall(b"held\n")
                 answer = s.makefile("rb").readline().strip()
             if answer in (b"resume", b"abort"):
-                atomic_write_json(record, {"decision": answer.decode()})
+                if record:
+                    atomic_write_json(Path(record), {"decision": answer.decode()})
                 return answer == b"resume"
         except OSError:
             pass
