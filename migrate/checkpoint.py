@@ -671,15 +671,7 @@ def watched_paths(c: Container) -> tuple[str, ...]:
     leads to is left out: preflight refuses it)."""
     found: set[str] = set()
     for pid in process_tree(c.state.pid):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
+        for fd, target in portability.fd_targets(pid):
             if target in portability.WATCH_FDS:
                 found |= {p for _, _, p in portability.watch_targets(pid, fd) if p}
     return tuple(sorted(found))

@@ -208,20 +208,28 @@ def check_netns(name: str, contents: NetnsContents) -> None:
 
 
 # -- sockets ------------------------------------------------------------------------------
+def fd_targets(pid: int) -> list[tuple[str, str]]:
+    """(fd, link target) of each open descriptor of ``pid`` (``/proc/PID/fd``, proc(5));
+    empty when the process is gone, a descriptor closed meanwhile left out."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    out = []
+    for fd in fds:
+        try:
+            out.append((fd, os.readlink(f"/proc/{pid}/fd/{fd}")))
+        except OSError:
+            continue
+    return out
+
+
 def socket_inodes(pids: Iterable[int]) -> dict[int, tuple[int, str]]:
     """socket inode -> (pid, comm) of the first of ``pids`` holding it open."""
     found: dict[int, tuple[int, str]] = {}
     for pid in pids:
         comm = _comm(pid)
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
+        for _, target in fd_targets(pid):
             if target.startswith("socket:["):
                 found.setdefault(int(target[8:-1]), (pid, comm))
     return found
