@@ -608,13 +608,7 @@ class EtcdState:
         except StateUnavailable as e:
             if not e.maybe_applied:
                 raise
-            try:  # did it apply after all? (a retry on another member, a slow commit)
-                after = self.owner(container_id)
-            except ClusterStateError:
-                raise e from None
-            if after is not None and after.node == to_node and after.revision > expected_revision:
-                return after
-            raise
+            return self._settle_transfer(container_id, from_node, to_node, expected_revision, e)
         if r.get("succeeded"):
             return Owner(to_node, _rev(r))
         kvs = _kvs(r, 0)
@@ -629,6 +623,75 @@ class EtcdState:
             rev,
             expected_revision,
         )
+
+    def _settle_transfer(
+        self,
+        container_id: str,
+        from_node: str,
+        to_node: str,
+        expected_revision: int,
+        first: StateUnavailable,
+    ) -> Owner:
+        """Decide a transfer whose reply was lost (``first.maybe_applied``): etcd may still
+        apply it later, so the key, not the error, says how the migration ends.
+
+        The rule, until a deadline of twice the client timeout:
+
+        - the key names ``to_node`` above ``expected_revision``: the swap was applied, the
+          migration is committed (returns the new owner; the destination resumes);
+        - the key still names ``from_node`` at ``expected_revision``: the swap may be queued
+          in raft, so we fence it with a compensating write, ``from_node`` put again under
+          the same compare (``mod_revision == expected_revision``).  That write bumps the
+          key's mod_revision, so the late swap's compare can no longer hold: if ours
+          succeeds, the migration is rolled back for certain (raises StaleRevision naming
+          ``from_node`` at its new revision, which the source takes as its rollback); if it
+          fails, the swap came first and the key is read again;
+        - anything else (another owner, no key): StaleRevision, rolled back.
+
+        Raises ``first`` (still ``maybe_applied``) when the store cannot be reached by the
+        deadline: the outcome is then unknown here, and the node's reconciliation against
+        the store (at its next start, or the outcome query) settles which copy lives."""
+        key = PREFIX + f"owners/{container_id}"
+        deadline = time.monotonic() + 2 * self._gw.timeout_s
+        while time.monotonic() < deadline:
+            try:
+                after = self.owner(container_id)
+                if (
+                    after is not None
+                    and after.node == to_node
+                    and after.revision > expected_revision
+                ):
+                    log.info(
+                        "state.transfer.applied_late", id=container_id, revision=after.revision
+                    )
+                    return after
+                if after is None or after.node != from_node or after.revision != expected_revision:
+                    raise StaleRevision(
+                        f"container {container_id}: after a lost reply the owner is "
+                        f"{after.node if after else 'nobody'}, not {to_node}: rolled back",
+                        container_id,
+                        after.node if after else None,
+                        after.revision if after else 0,
+                        expected_revision,
+                    )
+                r = self._gw.txn(
+                    [_cmp(key, "MOD", expected_revision), _cmp(key, "VALUE", from_node)],
+                    [_put(key, from_node)],
+                    [_get(key)],
+                )
+            except StateUnavailable:
+                time.sleep(0.1)
+                continue
+            if r.get("succeeded"):
+                raise StaleRevision(
+                    f"container {container_id}: the move to {to_node} timed out and was "
+                    f"fenced: {from_node} owns it at revision {_rev(r)}; rolled back",
+                    container_id,
+                    from_node,
+                    _rev(r),
+                    expected_revision,
+                )
+        raise first
 
     def owner(self, container_id: str) -> Owner | None:
         check_container_id(container_id)

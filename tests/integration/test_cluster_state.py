@@ -408,3 +408,46 @@ def test_cluster_init_with_etcd_then_provision(tmp_path: Path) -> None:
             open_state(cluster, "node1", load_secret(root / "keys" / "node2.key_secret")[1])
     finally:
         etcd.close()
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["applied", "not-applied"])
+def test_a_transfer_whose_reply_is_lost_is_settled_by_the_key(
+    etcd3: StateCluster, monkeypatch: pytest.MonkeyPatch, applied: bool
+) -> None:
+    """A commit CAS whose reply is lost (a time-out at the client, etcd may apply it later):
+    the key, read back, decides.  The lost reply is injected at the client boundary (the
+    first txn raises ``maybe_applied`` after, or instead of, reaching the real 3-member
+    etcd): applied, the transfer returns the destination; not applied, the source's own
+    compensating write fences the queued swap, so the key names the source at a newer
+    revision and the old token can never move it."""
+    from migrate.cluster_state import StateUnavailable
+    from migrate.cluster_state import etcd as etcd_backend
+
+    s1 = etcd3.open("node1")
+    first = s1.claim("lost", "node1")
+    real = etcd_backend.Gateway.txn
+    calls: list[int] = []
+
+    def lossy(self: Any, *a: Any, **kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            if applied:
+                real(self, *a, **kw)
+            raise StateUnavailable("etcd: request timed out", maybe_applied=True)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(etcd_backend.Gateway, "txn", lossy)
+    if applied:
+        moved = s1.transfer("lost", "node1", "node2", first.revision)
+        assert moved.node == "node2" and moved.revision > first.revision
+        assert s1.owner("lost") == moved
+    else:
+        with pytest.raises(StaleRevision, match="fenced"):
+            s1.transfer("lost", "node1", "node2", first.revision)
+        now = s1.owner("lost")
+        assert now is not None and now.node == "node1" and now.revision > first.revision
+        # the swap, were it applied late, compares on the old revision: it cannot hold
+        monkeypatch.setattr(etcd_backend.Gateway, "txn", real)
+        with pytest.raises(StaleRevision):
+            s1.transfer("lost", "node1", "node2", first.revision)
+        assert s1.owner("lost") == now
