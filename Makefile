@@ -43,6 +43,13 @@ test: setup
 	@$(MAKE) --no-print-directory lint
 	@$(VENV)/bin/pytest -p no:cacheprovider tests
 
+# The whole migration suite (tests/integration) with every cluster made by make_cluster on a
+# real 3-member etcd (JAULA_TEST_STATE=etcd); `make test` runs only the tests marked
+# @both_backends on etcd (a cold and a post-copy round trip, a rollback).
+.PHONY: test-etcd
+test-etcd: setup
+	@JAULA_TEST_STATE=etcd $(VENV)/bin/pytest -p no:cacheprovider tests/integration
+
 # No root needed (tests/unit uses fakes and tmp_path).
 test-unit: setup-venv
 	@$(VENV)/bin/pytest -p no:cacheprovider tests/unit

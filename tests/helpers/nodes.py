@@ -15,9 +15,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.jaula import JAULA, REPO, Jaula
 from tests.helpers.leaks import mounts_under
 from tests.integration.cluster_setup import ClusterFiles, write_cluster
+
+#: the environment variable naming the cluster-state backend of :func:`make_cluster`'s
+#: clusters when a test does not choose (``files`` or ``etcd``)
+STATE_ENV = "JAULA_TEST_STATE"
+#: members of the etcd cluster behind an ``etcd`` cluster (issue 13: a 3-member etcd)
+ETCD_MEMBERS = 3
+#: run a test taking the ``nodes`` fixture once per cluster-state backend (``files``, and
+#: ``etcd`` with 3 members); the tests that carry it are `make test`'s etcd subset
+both_backends = pytest.mark.parametrize("nodes", ["files", "etcd"], indirect=True)
 
 
 @dataclass
@@ -26,6 +37,10 @@ class Cluster2:
     peer_timeout_s: float = 3.0
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     seen_ids: set[str] = field(default_factory=set)
+    #: the cluster-state backend, ``files`` or ``etcd`` (see :func:`make_cluster`)
+    backend: str = "files"
+    #: what stops the backend's etcd members (closed last by :meth:`close`)
+    state_stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def state_root(self, node: str) -> Path:
         return self.files.root / "state" / node
@@ -165,6 +180,8 @@ class Cluster2:
                     parent.rmdir()
                 except OSError:
                     pass
+        # the containers are gone (their ownership released): the etcd members may stop
+        self.state_stack.close()
         return problems
 
 
@@ -188,12 +205,36 @@ def make_cluster(
     import_on: tuple[str, ...] = ("node1", "node2"),
     nodes: tuple[str, ...] = ("node1", "node2"),
     operators: tuple[str, ...] = ("alice",),
+    backend: str | None = None,
 ) -> Cluster2:
     """A cluster of ``nodes`` (two by default; the balancer's tests use three) and
-    ``operators``, busybox imported on ``import_on``; nothing started."""
-    c = Cluster2(write_cluster(root, nodes, operators), peer_timeout_s)
-    for node in import_on:
-        c.local(node).run("image", "import", str(busybox_layout), "--name", "busybox:latest")
+    ``operators``, busybox imported on ``import_on``; no node service started.
+
+    ``backend`` is the cluster-state backend: ``files`` (the cluster file has no
+    ``[state]`` table: the embedded default) or ``etcd``: a real 3-member etcd on loopback
+    (TLS, auth on, provisioned for ``nodes`` and ``operators``; :func:`tests.helpers.etcd.
+    state_for`), started now and stopped by :meth:`Cluster2.close`, after the containers are
+    removed.  None: ``$JAULA_TEST_STATE`` (``make test-etcd`` sets ``etcd``), else ``files``.
+    Skips the test when etcd is wanted and not installed.  Raises ValueError for another
+    name."""
+    backend = backend or os.environ.get(STATE_ENV) or "files"
+    if backend not in ("files", "etcd"):
+        raise ValueError(f"{STATE_ENV}={backend!r}: the cluster-state backend is files or etcd")
+    c = Cluster2(write_cluster(root, nodes, operators), peer_timeout_s, backend=backend)
+    if backend == "etcd":
+        from tests.helpers.etcd import ETCD, state_for
+
+        if not os.access(ETCD, os.X_OK):
+            pytest.skip("etcd not installed (make setup installs etcd-server)")
+        c.state_stack.enter_context(
+            state_for(root, "etcd", nodes, operators, members=ETCD_MEMBERS, ttl_s=2.0)
+        )
+    try:
+        for node in import_on:
+            c.local(node).run("image", "import", str(busybox_layout), "--name", "busybox:latest")
+    except BaseException:
+        c.state_stack.close()
+        raise
     return c
 
 

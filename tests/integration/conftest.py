@@ -56,10 +56,17 @@ def zmq_leak_check() -> Iterator[None]:
 
 
 @pytest.fixture
-def nodes(tmp_path: Path, busybox_image_layout: Path) -> Iterator[Cluster2]:
+def nodes(
+    request: pytest.FixtureRequest, tmp_path: Path, busybox_image_layout: Path
+) -> Iterator[Cluster2]:
     """node1 and node2 serving on 127.0.0.1 with busybox on both; stopped and leak-checked
-    at the end (:func:`tests.helpers.nodes.serving`)."""
-    with serving(make_cluster(tmp_path / "cluster", busybox_image_layout)) as c:
+    at the end (:func:`tests.helpers.nodes.serving`).
+
+    The cluster-state backend is the indirect parameter when a test gives one
+    (``@both_backends``: ``files`` and ``etcd``, a real 3-member etcd), else
+    ``$JAULA_TEST_STATE`` (``make test-etcd``), else ``files``."""
+    backend = getattr(request, "param", None)
+    with serving(make_cluster(tmp_path / "cluster", busybox_image_layout, backend=backend)) as c:
         yield c
 
 

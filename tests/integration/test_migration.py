@@ -14,12 +14,13 @@ import pytest
 
 from tests.helpers.counter import COUNTER, assert_continuous, ticks, wait_ticks
 from tests.helpers.jaula import JAULA, REPO, Jaula
-from tests.helpers.nodes import Cluster2, in_process_node, make_cluster
+from tests.helpers.nodes import Cluster2, both_backends, in_process_node, make_cluster
 from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
 
 
+@both_backends
 def test_migrate_moves_the_running_container_and_back(nodes: Cluster2) -> None:
     n1, n2 = nodes.local("node1"), nodes.local("node2")
     n1.run("run", "-d", "--name", "web", "busybox", "sh", "-c", COUNTER)
@@ -209,6 +210,7 @@ def _continues_on(nodes: Cluster2, name: str, node: str) -> None:
     assert_continuous(ticks(j, name))
 
 
+@both_backends
 def test_destination_killed_during_transfer(nodes: Cluster2) -> None:
     n1 = nodes.local("node1")
     _big_container(n1, "big")

@@ -18,7 +18,7 @@ import pytest
 
 from tests.helpers.counter import assert_continuous, ticks, wait_ticks
 from tests.helpers.jaula import JAULA, REPO
-from tests.helpers.nodes import Cluster2
+from tests.helpers.nodes import Cluster2, both_backends
 from tests.helpers.skips import needs_criu
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, needs_criu]
@@ -36,6 +36,7 @@ def _lengths(c: Cluster2, node: str, name: str) -> set[int]:
     return {int(m) for m in re.findall(r"^len (\d+)$", out, re.MULTILINE)}
 
 
+@both_backends
 def test_postcopy_moves_the_memory_after_the_resume(nodes: Cluster2) -> None:
     c = nodes
     n1, n2 = c.local("node1"), c.local("node2")
