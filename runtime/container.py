@@ -990,7 +990,7 @@ class Runtime:
         if mappings:
             from runtime.network import ports
 
-            ports.publish(self.port_tag, cid, att.ip, mappings)
+            ports.publish(self.port_tag, cid, att, mappings)
 
     def _plug(self, cdir: Path, att: Attachment) -> None:
         """Pin a new net namespace at ``cdir``/netns and plug the container's veth into the
