@@ -157,3 +157,23 @@ def test_a_published_port_is_reached_from_the_bridge_itself(
     assert masq, tnet.port_rules(cid)
     host_if = "jl" + cid[:12]
     assert Path(f"/sys/class/net/{host_if}/brport/hairpin_mode").read_text().strip() == "1"
+
+
+def test_a_restarted_bridged_container_keeps_its_address_and_ports(
+    jaula: Jaula, bridged: tnet.BridgeNet
+) -> None:
+    # the net namespace is pinned at the container's dir, so the restarted init joins the
+    # same one: the same eth0, address and published port (Podman keeps them too)
+    port = tnet.free_port()
+    script = "busybox ip -4 -o addr show eth0 | busybox awk '{print $4}'; exit 3"
+    jaula.out(
+        "run", "-d", "--network", "bridge", "--name", "r", "--restart", "on-failure:2",
+        "-p", f"{port}:80", "busybox", "sh", "-c", script,
+    )  # fmt: skip
+    assert jaula.out("wait", "r").strip() == "3"
+    addrs = jaula.out("logs", "r").splitlines()
+    (d,) = json.loads(jaula.out("inspect", "r"))
+    ip = d["NetworkSettings"]["IPAddress"]
+    assert addrs == [f"{ip}/{bridged.subnet.split('/')[1]}"] * 3, (addrs, ip)
+    assert d["RestartCount"] == 2
+    assert tnet.port_rules(d["Id"]) == []  # the last exit took its rules along
