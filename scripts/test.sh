@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # `make test`: the whole suite as two pytest runs side by side, because most of its time is
-# spent waiting (on CRIU, timeouts, hold windows, node services), not computing: on the
-# 2-core CI machine two shards take about 60 % of one serial run.  Each shard is its own
-# pytest session with its own numbered temp dir, so its leak checks see only its own
-# containers, mounts, cgroups and processes (tests/helpers/leaks.py).  Shard 1 prints as
+# spent waiting (on CRIU, timeouts, hold windows, node services), not computing.  Each shard
+# is its own pytest session with its own numbered temp dir and its own cgroup parents for
+# test nodes, so its leak checks see only its own containers, mounts, cgroups and
+# processes (tests/helpers/leaks.py, tests/integration/cluster_setup.py).  Shard 1 prints as
 # it goes; shard 2's output is kept in .build/test-shard2.log and printed after it.  The
 # exit code is non-zero when either fails.
 #
@@ -16,9 +16,10 @@ read -r -a extra <<<"${PYTEST_ARGS:-}"
 if [ "${JAULA_TEST_SHARDS:-2}" = 1 ]; then
     exec "${pytest[@]}" "${extra[@]}" tests
 fi
-# the shards: node services, migrations and campaigns; single-host root tests and units
-shard1=(tests/integration tests/chaos)
-shard2=(tests/linux tests/unit)
+# the shards, of about the same length (pytest --durations): the node-service suites; the
+# single-host root tests, the units and the two campaign samples
+shard1=(tests/integration --ignore=tests/integration/test_zdtm_sample.py)
+shard2=(tests/linux tests/unit tests/chaos tests/integration/test_zdtm_sample.py)
 mkdir -p .build
 log2=.build/test-shard2.log
 "${pytest[@]}" "${extra[@]}" "${shard2[@]}" >"$log2" 2>&1 &
