@@ -39,9 +39,10 @@ demo: setup
 demo-balance: setup
 	@bash scripts/demo-balance.sh
 
+# Two pytest shards side by side (scripts/test.sh; JAULA_TEST_SHARDS=1 for one serial run).
 test: setup
 	@$(MAKE) --no-print-directory lint
-	@$(VENV)/bin/pytest -p no:cacheprovider tests
+	@bash scripts/test.sh
 
 # The whole migration suite (tests/integration) with every cluster made by make_cluster on a
 # real 3-member etcd (JAULA_TEST_STATE=etcd); `make test` runs only the tests marked

@@ -174,7 +174,7 @@ def prepare_destination(rt: Runtime, cdir: Path, cfg: ContainerConfig) -> None:
     link.create_netns(cdir / NETNS)
     try:
         link.plug(att, cdir / NETNS, link.ensure_bridge(rt.network), host_up=False)
-        ports.publish(rt.port_tag, cfg.id, att.ip, cfg.ports)
+        ports.publish(rt.port_tag, cfg.id, att, cfg.ports)
     except BaseException:
         link.remove_netns(cdir / NETNS)
         with contextlib.suppress(NetworkError, OSError):

@@ -851,12 +851,6 @@ class Runtime:
             raise ConfigError(f"invalid --network {opts.network!r}: use bridge, none or host")
         want_ip, want_mac = _check_network_options(self, opts)
         ports = _check_ports(opts.ports)
-        if opts.network == "bridge" and opts.restart != RestartPolicy():
-            # the monitor restarts the init in place, but the veth dies with the last task
-            raise ConfigError(
-                "--restart with --network bridge is not supported yet: the restarted init "
-                "would have no eth0; use --network none or host, or restart it with `jaula start`"
-            )
         image = self.images.resolve(opts.image)
         layer_dirs = self.images.layer_dirs(image)
         icfg = image.config
@@ -990,7 +984,7 @@ class Runtime:
         if mappings:
             from runtime.network import ports
 
-            ports.publish(self.port_tag, cid, att.ip, mappings)
+            ports.publish(self.port_tag, cid, att, mappings)
 
     def _plug(self, cdir: Path, att: Attachment) -> None:
         """Pin a new net namespace at ``cdir``/netns and plug the container's veth into the

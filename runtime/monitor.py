@@ -40,7 +40,14 @@ from runtime.init_process import run_init
 from runtime.logconfig import configure_logging
 from runtime.poll import wait_for
 from runtime.process import fail_to_parent
-from runtime.restart import RESET_AFTER_S, InitRecord, backoff_s, load_policy, save_init
+from runtime.restart import (
+    RESET_AFTER_S,
+    InitRecord,
+    RestartPolicy,
+    backoff_s,
+    load_policy,
+    save_init,
+)
 from runtime.rootfs.overlay import unmount
 from runtime.spec import ContainerConfig
 from runtime.state import ExitRecord, atomic_write_json
@@ -116,6 +123,7 @@ def main(argv: list[str]) -> int:
         term = _Terminal(master, slave, tty.listen(cdir), tty.Backlog())
     if not cfg.in_userns:  # else the pid namespace is made inside the user one (_spawn)
         sc.unshare(sc.CLONE_NEWPID)
+    netns_fd = _keep_netns(cdir, cfg)
     try:
         pid, out_r, err_r = _spawn(cfg, cdir, cgroup, sync_fd, term)
     except _StartFailed as e:
@@ -124,8 +132,23 @@ def main(argv: list[str]) -> int:
     _report(sync_fd, f"ok {pid} {sc.proc_start_time(pid)}")
     _event(cdir, cfg, "start")  # here, so that it comes before its "died"
     status = _pump_any(pid, log, out_r, err_r, term)
-    status = _restart_loop(cdir, cfg, cgroup, log, status, term)
+    status = _restart_loop(cdir, cfg, cgroup, log, status, term, netns_fd)
     return _finish(cdir, cgroup, pid, status)
+
+
+def _keep_netns(cdir: Path, cfg: ContainerConfig) -> int | None:
+    """An fd of a bridged container's net namespace, opened while its pin (``cdir/netns``)
+    is still there, when its restart policy may start the init again: the runtime removes
+    the pin once the init runs, so that the namespace and its veth die with the last task;
+    this fd keeps them for the next init instead (its same ``eth0``, address and MAC, as a
+    restarted Podman container keeps its network), and goes with this monitor.  None
+    otherwise, or when there is no pin to open."""
+    if cfg.network != "bridge" or load_policy(cdir) == RestartPolicy():
+        return None
+    try:
+        return os.open(cdir / NETNS, os.O_RDONLY | os.O_CLOEXEC)  # the inits see no fd
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -157,9 +180,11 @@ def _spawn(
     cgroup: CgroupManager,
     sync_fd: int | None,
     term: _Terminal | None = None,
+    netns: str | None = None,
 ) -> tuple[int, int, int]:
     """Fork the init into a fresh pid namespace (the caller unshared it), put it in the
-    cgroup and release it.  Returns (pid, stdout read end, stderr read end; -1 and -1 with
+    cgroup and release it; a bridged init joins ``netns`` (a path; default its pin
+    ``cdir/netns``).  Returns (pid, stdout read end, stderr read end; -1 and -1 with
     a terminal, whose slave side is then the init's stdio).  Raises _StartFailed with the
     init's or the cgroup's reason (the init is reaped then)."""
     if term is not None:
@@ -194,7 +219,8 @@ def _spawn(
             rootfs = "/proc/self/cwd"
             _enter_userns(userns_fd, pid_w, fail_w)  # returns in the init only
         os.close(pid_w)
-        netns = str(cdir / NETNS) if cfg.network == "bridge" else None
+        if cfg.network == "bridge" and netns is None:
+            netns = str(cdir / NETNS)
         run_init(
             cfg,
             rootfs,
@@ -272,11 +298,13 @@ def _restart_loop(
     log: LogWriter,
     status: int,
     term: _Terminal | None = None,
+    netns_fd: int | None = None,
 ) -> int:
     """Carry out the container's restart policy (:mod:`runtime.restart`) after its init
     exited with wait status ``status``: start it again, after the backoff, as long as the
     policy says so and nobody asked for a stop.  Each exit is recorded in ``exit.json`` and
-    each new init in ``init.json``.  Returns the wait status of the last init."""
+    each new init in ``init.json``.  A bridged container's new init joins ``netns_fd``
+    (:func:`_keep_netns`).  Returns the wait status of the last init."""
     policy = load_policy(cdir)
     restarts = 0
     started = time.monotonic()
@@ -302,7 +330,8 @@ def _restart_loop(
                 os.close(own)
             sc.unshare(sc.CLONE_NEWPID)
         try:
-            pid, out_r, err_r = _spawn(cfg, cdir, cgroup, None, term)
+            netns = None if netns_fd is None else f"/proc/self/fd/{netns_fd}"
+            pid, out_r, err_r = _spawn(cfg, cdir, cgroup, None, term, netns)
         except _StartFailed as e:
             print(f"monitor: restart failed: {e}", file=sys.stderr)
             return status
@@ -407,6 +436,7 @@ def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = F
         else:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
+        netns_fd = _keep_netns(cdir, cfg)  # before the restorer takes the pin away
         pid = int(restorer(cdir, out_w, err_w, arg))
     except Exception as e:  # noqa: BLE001 - reported to the caller, which rolls back
         _report(sync_fd, f"error {e}")
@@ -418,7 +448,7 @@ def _restore(cdir: Path, sync_fd: int, hook_name: str, arg: str, armed: bool = F
     _report(sync_fd, f"ok {pid} {sc.proc_start_time(pid)}")
     status = _pump_any(pid, log, out_r, err_r, term)
     # the restart policy holds for a restored container too (a fresh start of its command)
-    status = _restart_loop(cdir, cfg, cgroup, log, status, term)
+    status = _restart_loop(cdir, cfg, cgroup, log, status, term, netns_fd)
     return _finish(cdir, cgroup, pid, status)
 
 

@@ -207,11 +207,17 @@ def addresses_in_use(ip: str, mac: str) -> list[str]:
     return found
 
 
-def allow_localnet(ip: str) -> str | None:
-    """Set ``route_localnet=1`` on the bridge through which this node reaches ``ip`` (so that
-    a connection to ``127.0.0.1:HOSTPORT``, DNATed to ``ip``, may leave through it, as
-    Podman does for published ports); the bridge's name, or None when the route does not go
-    through a bridge (nothing is changed).  OSError when the sysctl cannot be written."""
+def open_for_ports(ip: str, localnet: bool, port: str | None = None) -> str | None:
+    """Let DNATed connections reach ``ip`` through the bridge this node reaches it by:
+    ``forwarding=1`` on that bridge (a connection that came in through the bridge itself, a
+    container reaching a published port through the node's address, is forwarded back out
+    of it), and with ``localnet`` also ``route_localnet=1`` (so that ``127.0.0.1:HOSTPORT``
+    may leave through it), as Podman does for published ports (netavark sets the host-wide
+    ``ip_forward``; jaula sets only its bridge's), and ``hairpin_mode`` on the bridge port
+    ``port`` (the container's ``jl<id>``: its own connections to its published ports come
+    back through it).  The bridge's name, or None when the
+    route does not go through a bridge (nothing is changed).  OSError when a sysctl cannot
+    be written (``/proc/sys/net/ipv4/conf/BRIDGE/``, ip-sysctl.rst)."""
     with IPRoute() as ipr:
         try:
             routes = ipr.route("get", dst=ip)
@@ -222,5 +228,10 @@ def allow_localnet(ip: str) -> str | None:
             return None
         (lk,) = ipr.get_links(int(oif))
         name = str(lk.get("IFLA_IFNAME"))
-    Path(f"/proc/sys/net/ipv4/conf/{name}/route_localnet").write_text("1\n")
+    conf = Path(f"/proc/sys/net/ipv4/conf/{name}")
+    (conf / "forwarding").write_text("1\n")
+    if localnet:
+        (conf / "route_localnet").write_text("1\n")
+    if port is not None:
+        Path(f"/sys/class/net/{port}/brport/hairpin_mode").write_text("1\n")
     return name

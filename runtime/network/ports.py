@@ -11,10 +11,28 @@ container becomes, in the host's ``nat`` table::
                      -m comment --comment jaula:<node>:<id> -j DNAT --to-destination IP:CTRPORT
     JAULA-PORTS-MASQ -s 127.0.0.0/8 -d IP/32 -p PROTO --dport CTRPORT
                      -m comment --comment jaula:<node>:<id> -j MASQUERADE
+    JAULA-PORTS-MASQ -s SUBNET -d IP/32 -p PROTO --dport CTRPORT
+                     -m comment --comment jaula:<node>:<id> -m conntrack --ctstate DNAT
+                     -j MASQUERADE
 
-The masquerade rule and ``route_localnet=1`` on the bridge through which this node reaches the
-container make ``127.0.0.1:HOSTPORT`` work from the node itself, as in Podman (netavark does
-the same).  ``<node>`` is 8 hex of the state root's path: several nodes of one host (the
+The first masquerade rule and ``route_localnet=1`` on the bridge through which this node
+reaches the container make ``127.0.0.1:HOSTPORT`` work from the node itself, as in Podman
+(netavark does the same).
+
+The second is the hairpin: a container of the bridge's subnet (the container itself
+included) that reaches a published port through the node's address would get the reply
+straight from the container, from an address it did not talk to.  Masqueraded to the
+gateway, the reply comes back through the node and is translated back, as netavark's
+``NETAVARK-HOSTPORT-SETMARK`` does for the subnet.  Only connections that went through a
+DNAT rule are masqueraded (``--ctstate DNAT``): a neighbour talking to the container's own
+address, bridged and seen by iptables through ``br_netfilter``, keeps its source.  It takes
+two sysctls besides: ``forwarding=1`` on the bridge (the connection leaves by the bridge it
+came in by; netavark sets the host-wide ``ip_forward``) and ``hairpin_mode=1`` on the
+container's own bridge port (with ``br_netfilter`` the DNAT happens while the frame is
+bridged, and a bridge sends a frame back out of the port it came in by only in hairpin
+mode, as Docker sets it without its userland proxy).
+
+``<node>`` is 8 hex of the state root's path: several nodes of one host (the
 tests, ``make demo``) share one ``nat`` table, and each removes only its own rules, so a
 migration's destination can install its rules before the source removes its own.  Every
 change happens under the host-wide flock :data:`LOCK`; the chains and jumps are made by the
@@ -42,7 +60,7 @@ from typing import Any
 
 import structlog
 
-from runtime.network import NetworkError
+from runtime.network import Attachment, NetworkError
 
 log = structlog.get_logger(__name__)
 
@@ -286,7 +304,15 @@ def assign_host_ports(mappings: Iterable[PortMapping]) -> tuple[PortMapping, ...
     return tuple(out)
 
 
-def _rule_specs(tag: str, cid: str, ip: str, m: PortMapping) -> list[tuple[str, list[str]]]:
+def _masquerade(src: str, ip: str, m: PortMapping, cm: list[str]) -> tuple[str, list[str]]:
+    proto = ["-p", m.protocol, "-m", m.protocol]
+    spec = ["-s", src, "-d", f"{ip}/32", *proto, "--dport", str(m.container_port), *cm]
+    return MASQ_CHAIN, [*spec, "-j", "MASQUERADE"]
+
+
+def _rule_specs(
+    tag: str, cid: str, ip: str, m: PortMapping, subnet: str | None = None
+) -> list[tuple[str, list[str]]]:
     cm = ["-m", "comment", "--comment", _comment(tag, cid)]
     dest = ["-d", f"{m.host_ip}/32"] if m.host_ip else []
     proto = ["-p", m.protocol, "-m", m.protocol]
@@ -307,23 +333,9 @@ def _rule_specs(tag: str, cid: str, ip: str, m: PortMapping) -> list[tuple[str, 
         )
     ]
     if m.loopback:
-        specs.append(
-            (
-                MASQ_CHAIN,
-                [
-                    "-s",
-                    "127.0.0.0/8",
-                    "-d",
-                    f"{ip}/32",
-                    *proto,
-                    "--dport",
-                    str(m.container_port),
-                    *cm,
-                    "-j",
-                    "MASQUERADE",
-                ],
-            )
-        )
+        specs.append(_masquerade("127.0.0.0/8", ip, m, cm))
+    if subnet:
+        specs.append(_masquerade(subnet, ip, m, [*cm, "-m", "conntrack", "--ctstate", "DNAT"]))
     return specs
 
 
@@ -368,34 +380,36 @@ def _delete_own(tag: str, cid: str) -> int:
     return n
 
 
-def publish(tag: str, container_id: str, ip: str, mappings: Iterable[PortMapping]) -> None:
-    """Install ``mappings`` of container ``container_id`` (address ``ip``) for node ``tag``,
-    replacing what that node had for it (idempotent: ``start``, a restore).  Checks under the
+def publish(tag: str, container_id: str, att: Attachment, mappings: Iterable[PortMapping]) -> None:
+    """Install ``mappings`` of container ``container_id`` (plugged in as ``att``) for node
+    ``tag``, with the hairpin (the masquerade for its subnet, ``hairpin_mode`` on its bridge
+    port, ``forwarding`` on the bridge), replacing what that node had for it (idempotent: ``start``, a restore).  Checks under the
     lock that no other container has one of the host ports (PortInUse); NetworkError when
     iptables fails, after removing what it added."""
     ms = tuple(mappings)
     if not ms:
         return
+    ip = att.ip
+    subnet = str(ipaddress.ip_interface(f"{att.ip}/{att.prefixlen}").network)
     with _locked():
         check_free(ms, container_id)
         try:
             _delete_own(tag, container_id)
             _ensure_chains()
             for m in ms:
-                for chain, spec in _rule_specs(tag, container_id, ip, m):
+                for chain, spec in _rule_specs(tag, container_id, ip, m, subnet):
                     _iptables("-A", chain, *spec)
         except BaseException:
             with contextlib.suppress(NetworkError):
                 _delete_own(tag, container_id)
                 _drop_chains_if_empty()
             raise
-    if any(m.loopback for m in ms):
-        from runtime.network import link
+    from runtime.network import link
 
-        try:
-            link.allow_localnet(ip)
-        except (NetworkError, OSError) as e:  # the other addresses still work
-            log.warning("network.ports.localnet", ip=ip, error=str(e))
+    try:
+        link.open_for_ports(ip, localnet=any(m.loopback for m in ms), port=att.host_if)
+    except (NetworkError, OSError) as e:  # the other addresses still work
+        log.warning("network.ports.bridge_sysctl", ip=ip, error=str(e))
     log.info("network.ports.published", id=container_id[:12], ports=[m.podman_line() for m in ms])
 
 

@@ -24,7 +24,9 @@ def mounts_under(path: Path) -> list[str]:
     """Mount points at or below ``path`` in this mount namespace."""
     p = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(p)]
+        points = [line.split()[4] for line in f]
+    # p + "/": the other shard's /tmp/pytest-of-root/pytest-70 is not below pytest-7
+    return [m for m in points if m == p or m.startswith(p + "/")]
 
 
 def cgroup_dirs(container_id: str, root: Path | None = None) -> list[Path]:
@@ -80,7 +82,7 @@ def session_leaks(basetemp: Path) -> dict[str, list[str]]:
             cmdline = (d / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if comm in ("jaula-monitor", "criu") and state != "Z" and base in cmdline:
+        if comm in ("jaula-monitor", "criu") and state != "Z" and base + "/" in cmdline:
             procs.append(f"{d.name} {comm}")
     found = {"mounts": mounts, "cgroups": cgroups, "processes": procs}
     return {k: v for k, v in found.items() if v}

@@ -136,12 +136,22 @@ def port_rules(cid: str) -> list[str]:
 
 
 def jaula_chains() -> list[str]:
-    """The jaula chains and jumps left in the nat table (none once no port is published,
-    unless another run of this host publishes one right now)."""
-    out = subprocess.run(
-        ["iptables", "-w", "10", "-t", "nat", "-S"], capture_output=True, text=True, check=True
-    ).stdout
-    return [line for line in out.splitlines() if "JAULA-PORTS" in line and "jaula:" not in line]
+    """The jaula chains and jumps left in the nat table when no rule of any node of this
+    host publishes a port (read under the ports' lock, :data:`runtime.network.ports.LOCK`);
+    ``[]`` also while another run of this host (the other ``make test`` shard) publishes
+    one, since the chains are then rightly there."""
+    from runtime.network import ports
+    from runtime.store import flocked
+
+    ports.LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with flocked(ports.LOCK):
+        out = subprocess.run(
+            ["iptables", "-w", "10", "-t", "nat", "-S"], capture_output=True, text=True, check=True
+        ).stdout
+    lines = out.splitlines()
+    if any("jaula:" in line for line in lines):
+        return []
+    return [line for line in lines if "JAULA-PORTS" in line]
 
 
 def port_leaks(ids: list[str]) -> list[str]:

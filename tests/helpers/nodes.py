@@ -19,7 +19,7 @@ import pytest
 
 from tests.helpers.jaula import JAULA, REPO, Jaula
 from tests.helpers.leaks import mounts_under
-from tests.integration.cluster_setup import ClusterFiles, write_cluster
+from tests.integration.cluster_setup import CGROUP_PREFIX, ClusterFiles, write_cluster
 
 #: the environment variable naming the cluster-state backend of :func:`make_cluster`'s
 #: clusters when a test does not choose (``files`` or ``etcd``)
@@ -157,7 +157,7 @@ class Cluster2:
             problems.append(f"leaked mount {m}")
             subprocess.run(["umount", "-l", m], check=False)
         for cid in self.seen_ids:
-            for d in Path("/sys/fs/cgroup").glob(f"*/jaula-test-node*/{cid}"):
+            for d in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_PREFIX}-*/{cid}"):
                 problems.append(f"leaked cgroup {d}")
         from migrate.hold import stale_hold_sockets
         from runtime.container import Runtime
@@ -175,7 +175,7 @@ class Cluster2:
                         import shutil
 
                         shutil.rmtree(scratch, ignore_errors=True)
-            for parent in Path("/sys/fs/cgroup").glob(f"*/jaula-test-{node}"):
+            for parent in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_PREFIX}-{node}"):
                 try:
                     parent.rmdir()
                 except OSError:

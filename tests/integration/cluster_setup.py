@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from migrate import keys
+
+#: the start of the test nodes' cgroup parents: one per test session (the pytest process),
+#: so that the two ``make test`` shards never remove a parent the other one is filling
+CGROUP_PREFIX = f"jaula-test-{os.getpid()}"
 from migrate.cluster_init import init_cluster, plan_endpoints
 from migrate.config import (
     ClientConfig,
@@ -39,7 +43,7 @@ class ClusterFiles:
         cluster: ``root/cluster.toml``, listing every node (endpoint, key file) and operator.
         nodes: node name -> its config file ``root/NAME.toml`` (listen = its endpoint,
             state_root = ``root/state/NAME`` (created, empty), cgroup_parent
-            ``jaula-test-NAME``, default max_message_bytes).
+            ``jaula-test-PID-NAME``, default max_message_bytes).
         clients: operator name -> its client config ``root/NAME-client.toml``.
         endpoints: node name -> ``tcp://127.0.0.1:PORT`` (free ports when written).
     """
@@ -78,12 +82,13 @@ def write_cluster(
 ) -> ClusterFiles:
     """Generate keys and write the cluster, node and client files under ``root`` with
     :func:`migrate.cluster_init.init_cluster` (what ``jaula cluster init`` does) on free
-    ports of 127.0.0.1, cgroup parents ``jaula-test-NAME``; the state roots are created."""
+    ports of 127.0.0.1, cgroup parents ``jaula-test-PID-NAME`` (:data:`CGROUP_PREFIX`: the
+    two ``make test`` shards never share one); the state roots are created."""
     c = init_cluster(
         root,
         plan_endpoints(nodes, "127.0.0.1", 0),
         operators,
-        cgroup_parent="jaula-test-{node}",
+        cgroup_parent=CGROUP_PREFIX + "-{node}",
         max_message_bytes=max_message_bytes,
     )
     for nf in c.nodes.values():

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
 
 import pytest
 
@@ -49,7 +51,7 @@ def test_a_published_port_is_reached_on_loopback_and_the_bridge_address(
     settings = _inspect(jaula, "web")["NetworkSettings"]
     assert settings["Ports"] == {"80/tcp": [{"HostIp": "", "HostPort": str(port)}]}  # type: ignore[index]
     mine = tnet.port_rules(cid)
-    assert any("DNAT" in r and f"--dport {port}" in r for r in mine), mine
+    assert any("-j DNAT" in r and f"--dport {port}" in r for r in mine), mine
     jaula.run("rm", "-f", "web")
     assert tnet.port_rules(cid) == []
     assert tnet.jaula_chains() == []  # the last rule took the chains and jumps along
@@ -67,7 +69,7 @@ def test_stop_removes_the_rules_and_start_puts_them_back(
     assert tnet.port_rules(cid) == []
     jaula.run("start", "web")
     assert tnet.http_get("127.0.0.1", port, "/hostname").strip() == cid[:12]
-    assert len([r for r in tnet.port_rules(cid) if "DNAT" in r]) == 2
+    assert len([r for r in tnet.port_rules(cid) if "-j DNAT" in r]) == 2
 
 
 def _refused(j: Jaula, *args: str) -> str:
@@ -129,3 +131,49 @@ def test_checkpoint_drops_the_rules_and_restore_puts_them_back(
     assert wait_for(lambda: tnet.port_rules(cid) == [], 10)  # its monitor removed them
     jaula.run("restore", "web")
     assert tnet.http_get("127.0.0.1", port, "/hostname").strip() == cid[:12]
+
+
+def _get_from(j: Jaula, who: str, addr: str, port: int) -> str:
+    """``GET /hostname`` from inside container ``who`` with busybox nc (busybox-static's
+    wget crashes in its name-service code); the response's last line, or ''."""
+    req = f"printf 'GET /hostname HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 5 {addr} {port}"
+    p = j.run("exec", who, "sh", "-c", req, check=False)
+    return p.stdout.strip() if p.returncode == 0 else ""
+
+
+def test_a_published_port_is_reached_from_the_bridge_itself(
+    jaula: Jaula, bridged: tnet.BridgeNet
+) -> None:
+    # the hairpin: the container itself and a neighbour on its bridge reach its published
+    # port through the node's address (the bridge's gateway); without the subnet's
+    # masquerade the reply comes from the container's own address and the request fails
+    port = tnet.free_port()
+    cid = _serve(jaula, "--name", "web", "-p", f"{port}:80")
+    jaula.run("run", "-d", "--network", "bridge", "--name", "peer", "busybox", "sleep", "600")
+    for who in ("web", "peer"):
+        got = wait_for(partial(_get_from, jaula, who, bridged.gateway, port), 30)
+        assert got.endswith(cid[:12]), (who, got)
+    masq = [r for r in tnet.port_rules(cid) if "MASQUERADE" in r and bridged.subnet in r]
+    assert masq, tnet.port_rules(cid)
+    host_if = "jl" + cid[:12]
+    assert Path(f"/sys/class/net/{host_if}/brport/hairpin_mode").read_text().strip() == "1"
+
+
+def test_a_restarted_bridged_container_keeps_its_address_and_ports(
+    jaula: Jaula, bridged: tnet.BridgeNet
+) -> None:
+    # the net namespace is pinned at the container's dir, so the restarted init joins the
+    # same one: the same eth0, address and published port (Podman keeps them too)
+    port = tnet.free_port()
+    script = "busybox ip -4 -o addr show eth0 | busybox awk '{print $4}'; exit 3"
+    jaula.out(
+        "run", "-d", "--network", "bridge", "--name", "r", "--restart", "on-failure:2",
+        "-p", f"{port}:80", "busybox", "sh", "-c", script,
+    )  # fmt: skip
+    assert jaula.out("wait", "r").strip() == "3"
+    addrs = jaula.out("logs", "r").splitlines()
+    (d,) = json.loads(jaula.out("inspect", "r"))
+    ip = d["NetworkSettings"]["IPAddress"]
+    assert addrs == [f"{ip}/{bridged.subnet.split('/')[1]}"] * 3, (addrs, ip)
+    assert d["RestartCount"] == 2
+    assert tnet.port_rules(d["Id"]) == []  # the last exit took its rules along
