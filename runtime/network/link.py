@@ -215,9 +215,9 @@ def open_for_ports(ip: str, localnet: bool, port: str | None = None) -> str | No
     may leave through it), as Podman does for published ports (netavark sets the host-wide
     ``ip_forward``; jaula sets only its bridge's), and ``hairpin_mode`` on the bridge port
     ``port`` (the container's ``jl<id>``: its own connections to its published ports come
-    back through it).  The bridge's name, or None when the
-    route does not go through a bridge (nothing is changed).  OSError when a sysctl cannot
-    be written (``/proc/sys/net/ipv4/conf/BRIDGE/``, ip-sysctl.rst)."""
+    back through it).  The bridge's name, or None when the route does not go through a
+    bridge (nothing is changed).  OSError when a sysctl cannot be written
+    (``/proc/sys/net/ipv4/conf/BRIDGE/``, ip-sysctl.rst)."""
     with IPRoute() as ipr:
         try:
             routes = ipr.route("get", dst=ip)

@@ -304,9 +304,12 @@ def assign_host_ports(mappings: Iterable[PortMapping]) -> tuple[PortMapping, ...
     return tuple(out)
 
 
+def _proto(m: PortMapping) -> list[str]:
+    return ["-p", m.protocol, "-m", m.protocol]
+
+
 def _masquerade(src: str, ip: str, m: PortMapping, cm: list[str]) -> tuple[str, list[str]]:
-    proto = ["-p", m.protocol, "-m", m.protocol]
-    spec = ["-s", src, "-d", f"{ip}/32", *proto, "--dport", str(m.container_port), *cm]
+    spec = ["-s", src, "-d", f"{ip}/32", *_proto(m), "--dport", str(m.container_port), *cm]
     return MASQ_CHAIN, [*spec, "-j", "MASQUERADE"]
 
 
@@ -315,7 +318,7 @@ def _rule_specs(
 ) -> list[tuple[str, list[str]]]:
     cm = ["-m", "comment", "--comment", _comment(tag, cid)]
     dest = ["-d", f"{m.host_ip}/32"] if m.host_ip else []
-    proto = ["-p", m.protocol, "-m", m.protocol]
+    proto = _proto(m)
     specs = [
         (
             CHAIN,
@@ -382,15 +385,17 @@ def _delete_own(tag: str, cid: str) -> int:
 
 def publish(tag: str, container_id: str, att: Attachment, mappings: Iterable[PortMapping]) -> None:
     """Install ``mappings`` of container ``container_id`` (plugged in as ``att``) for node
-    ``tag``, with the hairpin (the masquerade for its subnet, ``hairpin_mode`` on its bridge
-    port, ``forwarding`` on the bridge), replacing what that node had for it (idempotent: ``start``, a restore).  Checks under the
-    lock that no other container has one of the host ports (PortInUse); NetworkError when
-    iptables fails, after removing what it added."""
+    ``tag``, with the hairpin (the masquerade for its subnet, ``hairpin_mode`` on its
+    bridge port, ``forwarding`` on the bridge), replacing what that node had for it
+    (idempotent: ``start``, a restore).  Checks under the lock that no other container has
+    one of the host ports (PortInUse); NetworkError when iptables fails, after removing
+    what it added."""
     ms = tuple(mappings)
     if not ms:
         return
     ip = att.ip
-    subnet = str(ipaddress.ip_interface(f"{att.ip}/{att.prefixlen}").network)
+    # att.subnet is recorded at attach; a config written before it was has "" there
+    subnet = att.subnet or str(ipaddress.ip_interface(f"{ip}/{att.prefixlen}").network)
     with _locked():
         check_free(ms, container_id)
         try:
